@@ -1,0 +1,372 @@
+"""The ``lungcbir`` command: parses arguments, calls the Python API, formats the answers.
+
+Exit status (every command):
+
+* 0: success;
+* 1: some input files could not be read (they are listed; everything else was done);
+* 2: bad usage or no usable input;
+* 3: model weights missing or unusable;
+* 4: database or index problem;
+* 130: interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import LungCBIRError, ReadError
+from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR
+
+EXIT_SOME_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def friendly_errors(command):
+    """Turn our exceptions into one line on stderr and a documented exit status."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LungCBIRError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; everything committed before this point is kept", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+
+    return wrapper
+
+
+def store_options(command):
+    command = click.option("--index-dir", envvar="LUNGCBIR_INDEX_DIR", default=DEFAULT_INDEX_DIR,
+                           show_default=True, help="Folder of the FAISS index (env LUNGCBIR_INDEX_DIR).")(command)
+    command = click.option("--db", "db_url", envvar="LUNGCBIR_DB", default=DEFAULT_DB_URL, show_default=True,
+                           help="SQLAlchemy database URL (env LUNGCBIR_DB).")(command)
+    return command
+
+
+def model_options(command):
+    command = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)(command)
+    command = click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                           help="Model weights file (default: the bundled model).")(command)
+    return command
+
+
+def _retriever(db_url=DEFAULT_DB_URL, index_dir=DEFAULT_INDEX_DIR, weights=None, device="cpu", batch_size=16):
+    from .retrieval import Retriever
+
+    return Retriever(db_url=db_url, index_dir=index_dir, weights=weights, device=device, batch_size=batch_size)
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def _ensure_folder(path: str) -> Path:
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LungCBIRError(f"{folder}: cannot create output folder ({error.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise LungCBIRError(f"{folder}: output folder is not writable")
+    return folder
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lungcbir")
+def main() -> None:
+    """Lung CT image retrieval: segment lungs with a U-Net and find similar stored slices.
+
+    \b
+    Example:
+      lungcbir make-phantom sample/
+      lungcbir index-dataset sample/dicom
+      lungcbir query sample/png/phantom01/phantom01_s005.png --k 3
+    """
+
+
+@main.command("index-dataset")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--labels", type=click.Path(dir_okay=False), help="CSV with a 'path' column plus label columns.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out matching files or folders (repeatable).")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@store_options
+@model_options
+@friendly_errors
+def index_dataset(paths, labels, exclude, batch_size, quiet, db_url, index_dir, weights, device):
+    """Index every CT image under PATHS (folders are walked recursively).
+
+    Files already indexed (same SHA-256) are skipped; unreadable files are reported and
+    indexing goes on. Exit status 1 when some files failed (the rest is stored).
+
+    \b
+    Example:
+      lungcbir index-dataset ../shared/data/kaggle-lungs-2d/images --labels labels.csv
+    """
+    from tqdm import tqdm
+
+    retriever = _retriever(db_url, index_dir, weights, device, batch_size)
+    bar = tqdm(unit="file", disable=not _show_progress(quiet), file=sys.stderr)
+    report = retriever.index_dataset(paths, labels=labels, exclude=exclude,
+                                     on_total=lambda total: setattr(bar, "total", total),
+                                     on_file=lambda _: bar.update())
+    bar.close()
+    for failure in report.failures:
+        click.echo(f"failed: {failure.path}: {failure.reason}", err=True)
+    rate = report.indexed / report.seconds if report.seconds else 0.0
+    click.echo(f"indexed {report.indexed}, skipped {report.skipped} (already indexed), "
+               f"failed {report.failed} in {report.seconds:.1f} s ({rate:.1f} slices/s)")
+    if report.failures:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+def _read_inputs(paths):
+    """Read query/segment inputs; yields (path, slices) and collects failures."""
+    from .io import find_image_files, read_file
+
+    failures = []
+    files = list(find_image_files(paths))
+    if not files:
+        raise LungCBIRError(f"no images found in {', '.join(paths)}")
+    readable = []
+    for path in files:
+        try:
+            readable.append((path, read_file(path)))
+        except ReadError as error:
+            click.echo(f"failed: {error}", err=True)
+            failures.append(path)
+    return readable, failures
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--k", default=5, show_default=True, type=click.IntRange(1, 1000), help="Neighbours per query.")
+@click.option("--out", default="lungcbir-output", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for <name>_mask.png and <name>_overlay.png.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per query slice, one per line.")
+@store_options
+@model_options
+@friendly_errors
+def query(images, k, out, as_json, db_url, index_dir, weights, device):
+    """Find the K stored slices most similar to each query IMAGE.
+
+    Writes the lung mask (0/255, the image's own size) and an overlay of the lung contour
+    for each query to --out, then prints the neighbours.
+
+    \b
+    Example:
+      lungcbir query scan.dcm --k 5 --out results/ --json
+    """
+    from .visualize import mask_png, overlay, write_png
+
+    retriever = _retriever(db_url, index_dir, weights, device)
+    folder = _ensure_folder(out)
+    inputs, failures = _read_inputs(images)
+    for path, slices in inputs:
+        for result in retriever.query_slices(slices, k):
+            name = result.query.name
+            mask_path, overlay_path = folder / f"{name}_mask.png", folder / f"{name}_overlay.png"
+            write_png(str(mask_path), mask_png(result.mask))
+            write_png(str(overlay_path), overlay(result.query, result.mask))
+            if as_json:
+                click.echo(json.dumps({
+                    "query": path, "mask": str(mask_path), "overlay": str(overlay_path),
+                    "lung_fraction": round(result.lung_fraction, 6),
+                    "neighbors": [{"rank": n.rank, "id": n.id, "path": n.path, "score": round(n.score, 6),
+                                   "patient_id": n.patient_id, "series_uid": n.series_uid,
+                                   "slice_index": n.slice_index, "labels": n.labels} for n in result.neighbors]}))
+            else:
+                click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}  mask {mask_path}")
+                click.echo(f"  {'rank':>4}  {'score':>6}  {'patient/series/slice':<32}  path  labels")
+                for n in result.neighbors:
+                    where = "/".join(str(v) if v is not None else "-" for v in
+                                     (n.patient_id, (n.series_uid or "")[-12:] or None, n.slice_index))
+                    labels = ", ".join(f"{key}={value}" for key, value in n.labels.items())
+                    click.echo(f"  {n.rank:>4}  {n.score:6.3f}  {where:<32}  {n.path}  {labels}")
+    if failures:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the masks.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
+@model_options
+@friendly_errors
+def segment(images, out, batch_size, weights, device):
+    """Write lung masks for each IMAGE: PNG (0/255) for 2-D images, NIfTI for NIfTI volumes.
+
+    \b
+    Example:
+      lungcbir segment slice.tif volume.nii.gz --out masks/
+    """
+    import numpy as np
+
+    from .visualize import mask_png, write_png
+
+    retriever = _retriever(weights=weights, device=device, batch_size=batch_size)
+    folder = _ensure_folder(out)
+    inputs, failures = _read_inputs(images)
+    for path, slices in inputs:
+        results = retriever.segment_slices(slices)
+        if slices[0].source_format == "nifti":
+            import nibabel
+
+            source = nibabel.load(path)
+            volume = np.stack([r.mask.T for r in results], axis=2).astype(np.uint8)
+            target = folder / f"{slices[0].name.rsplit('_z', 1)[0]}_mask.nii.gz"
+            nibabel.save(nibabel.Nifti1Image(volume, source.affine), str(target))
+        else:
+            target = folder / f"{slices[0].name}_mask.png"
+            write_png(str(target), mask_png(results[0].mask))
+        click.echo(f"{path} -> {target}")
+    if failures:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@store_options
+@friendly_errors
+def stats(as_json, db_url, index_dir):
+    """Show what is in the database and the index.
+
+    \b
+    Example:
+      lungcbir stats --db postgresql://user@host/lungcbir
+    """
+    from dataclasses import asdict
+
+    from .store import Store
+
+    summary = Store(db_url, index_dir, create=False).stats()
+    if as_json:
+        click.echo(json.dumps(asdict(summary)))
+        return
+    for key, value in asdict(summary).items():
+        click.echo(f"{key:>15}: {value if value is not None else '-'}")
+
+
+@main.command()
+@click.option("--images", multiple=True, required=True, type=click.Path(file_okay=False, exists=True),
+              help="Folder of CT slices (repeatable, paired with --masks in order).")
+@click.option("--masks", multiple=True, required=True, type=click.Path(file_okay=False, exists=True),
+              help="Folder of lung masks with the same file names.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Weights file to write.")
+@click.option("--epochs", default=40, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--learning-rate", default=2e-3, show_default=True)
+@click.option("--val-fraction", default=0.15, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Share of patients/volumes held out for checkpoint choice.")
+@click.option("--group-regex", default=r"^(.+?)_[kzs]_?\d+", show_default=True,
+              help="First group = patient/volume of a file name; files without a match are their own group.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT.state.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True)
+@friendly_errors
+def train(images, masks, out, epochs, batch_size, learning_rate, val_fraction, group_regex, seed, resume,
+          device, quiet):
+    """Train a lung U-Net on pairs of image and mask folders.
+
+    \b
+    Example:
+      lungcbir train --images ct/ --masks lungs/ --images more/ct --masks more/lungs --out my.pt
+    """
+    from tqdm import tqdm
+
+    from .train import TrainConfig, group_of, load_sample, pair_folders, split_by_group
+    from .train import train as run_training
+
+    if len(images) != len(masks):
+        raise click.UsageError("give --images and --masks the same number of times")
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+    samples = []
+    for image_dir, mask_dir in zip(images, masks):
+        for image, mask in pair_folders(image_dir, mask_dir):
+            samples.append(load_sample(image, mask, config.input_size, group_of(image, group_regex)))
+    train_set, val_set = split_by_group(samples, val_fraction, seed)
+    click.echo(f"{len(train_set)} training slices, {len(val_set)} validation slices "
+               f"({len({s.group for s in val_set})} held-out groups)")
+    bar = tqdm(disable=not _show_progress(quiet), file=sys.stderr, unit="batch")
+
+    def on_step(step, steps, loss):
+        bar.total = steps
+        bar.n = step
+        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.refresh()
+
+    def on_epoch(report):
+        bar.reset()
+        click.echo(f"epoch {report.epoch}/{epochs}: loss {report.loss:.4f}, val Dice mean "
+                   f"{report.val_dice_mean:.4f} min {report.val_dice_min:.4f}"
+                   f"{'  (best, saved)' if report.best else ''}")
+
+    run_training(train_set, val_set, out, config, device=device, resume=resume, on_epoch=on_epoch, on_step=on_step)
+    bar.close()
+
+
+@main.command()
+@click.option("--images", multiple=True, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--masks", multiple=True, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary and per-image scores as JSON.")
+@model_options
+@friendly_errors
+def evaluate(images, masks, as_json, weights, device):
+    """Per-image Dice and IoU of the model against ground-truth masks.
+
+    \b
+    Example:
+      lungcbir evaluate --images ct/ --masks lungs/
+    """
+    from .evaluate import evaluate_segmentation
+    from .inference import LungModel
+    from .train import pair_folders
+
+    if len(images) != len(masks):
+        raise click.UsageError("give --images and --masks the same number of times")
+    pairs = [pair for image_dir, mask_dir in zip(images, masks) for pair in pair_folders(image_dir, mask_dir)]
+    evaluation = evaluate_segmentation(LungModel.load(weights, device), pairs)
+    summary = evaluation.summary()
+    if as_json:
+        click.echo(json.dumps({"summary": summary, "images": [vars(s) for s in evaluation.scores]}))
+        return
+    click.echo(f"{summary['images']} images")
+    click.echo(f"Dice  mean {summary['dice_mean']:.4f}  median {summary['dice_median']:.4f}  min {summary['dice_min']:.4f}")
+    click.echo(f"IoU   mean {summary['iou_mean']:.4f}  median {summary['iou_median']:.4f}  min {summary['iou_min']:.4f}")
+    click.echo("worst five:")
+    for score in evaluation.worst(5):
+        click.echo(f"  {score.dice:.4f}  {score.path}")
+
+
+@main.command("make-phantom")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--slices", default=12, show_default=True, type=click.IntRange(2, 500))
+@click.option("--patients", default=2, show_default=True, type=click.IntRange(1, 100))
+@friendly_errors
+def make_phantom(out, slices, patients):
+    """Write SYNTHETIC chest CT phantom series (DICOM + PNG + masks) to OUT, for trying things out.
+
+    \b
+    Example:
+      lungcbir make-phantom sample/ --slices 12 --patients 2
+    """
+    from .phantom import write_phantom
+
+    _ensure_folder(out)
+    for folder in write_phantom(out, slices, patients=patients):
+        click.echo(f"wrote {folder}")
+    click.echo(f"synthetic data (not patient data) in {out}: dicom/, png/, masks/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The exceptions lungcbir raises; the CLI and web layer turn them into one-line messages."""
+
+from __future__ import annotations
+
+
+class LungCBIRError(Exception):
+    """Base class of every error lungcbir raises on purpose."""
+
+    exit_code = 2
+
+
+class ReadError(LungCBIRError):
+    """A file could not be read as a CT image."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class WeightsError(LungCBIRError):
+    """Model weights are missing, unreadable or of the wrong shape."""
+
+    exit_code = 3
+
+
+class StoreError(LungCBIRError):
+    """The database or FAISS index cannot be used as asked."""
+
+    exit_code = 4

@@ -1,0 +1,39 @@
+"""Feature vectors: pool the U-Net encoder bottleneck to a fixed-length, L2-normalised vector."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Pooling methods; the vector length is the bottleneck channel count times the number of parts.
+POOLINGS = ("mean-max", "lung-mean-max")
+
+
+def pool_bottleneck(bottleneck: torch.Tensor, lung_probability: torch.Tensor | None = None,
+                    method: str = "mean-max") -> np.ndarray:
+    """Pool a ``(N, C, h, w)`` bottleneck into ``(N, 2C)`` float32 unit vectors.
+
+    ``"mean-max"`` concatenates global average and global max pooling. ``"lung-mean-max"``
+    weights both by the predicted lung probability (downsampled to the bottleneck grid) so
+    the vector describes the lungs rather than the body outline or the scanner table.
+
+    Example:
+        >>> vectors = pool_bottleneck(torch.rand(2, 8, 4, 4))
+        >>> vectors.shape, np.allclose(np.linalg.norm(vectors, axis=1), 1)
+        ((2, 16), True)
+    """
+    if method not in POOLINGS:
+        raise ValueError(f"unknown pooling {method!r}; choose from {POOLINGS}")
+    features = bottleneck.float()
+    if method == "lung-mean-max" and lung_probability is not None:
+        weights = F.adaptive_avg_pool2d(lung_probability.float(), features.shape[-2:])
+        weights = weights + 1e-3  # keep slices without lungs defined
+        mean = (features * weights).sum((2, 3)) / weights.sum((2, 3))
+        peak = (features * (weights / weights.amax((2, 3), keepdim=True))).amax((2, 3))
+    else:
+        mean = features.mean((2, 3))
+        peak = features.amax((2, 3))
+    vectors = torch.cat([mean, peak], dim=1)
+    vectors = F.normalize(vectors, dim=1)
+    return vectors.cpu().numpy().astype(np.float32)

@@ -1,0 +1,166 @@
+"""Load a trained U-Net and run it: lung masks and feature vectors for slices of any size.
+
+:class:`LungModel` is the one inference class: it owns the network, the preprocessing
+settings saved with the weights and the pooling that turns the bottleneck into a vector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import WeightsError
+from .features import pool_bottleneck
+from .io import CTSlice
+from .model import UNet, UNetConfig
+from .postprocess import clean_mask
+from .preprocess import (PreprocessConfig, normalize_intensity, probabilities_to_original,
+                         to_model_input)
+
+WEIGHTS_FORMAT = "lungcbir-weights/1"
+BUNDLED_WEIGHTS = "lung_unet.pt"
+
+
+@dataclass
+class Segmentation:
+    """The model's answer for one slice."""
+
+    mask: np.ndarray  # bool, at the slice's own resolution
+    lung_fraction: float  # share of the slice's pixels that are lung
+    vector: np.ndarray  # float32, L2-normalised
+
+
+@dataclass
+class ModelSettings:
+    """Everything about a model that is not a weight; saved in the weights file."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    pooling: str = "mean-max"
+    postprocess: bool = True
+    training: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"unet": self.unet.to_dict(), "preprocess": self.preprocess.to_dict(),
+                "pooling": self.pooling, "postprocess": self.postprocess, "training": self.training}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelSettings":
+        return cls(unet=UNetConfig(**values["unet"]),
+                   preprocess=PreprocessConfig.from_dict(values["preprocess"]),
+                   pooling=values.get("pooling", "mean-max"),
+                   postprocess=bool(values.get("postprocess", True)),
+                   training=dict(values.get("training", {})))
+
+
+def bundled_weights_path() -> Path | None:
+    """Path of the weights shipped inside the package, or None when there are none."""
+    path = Path(str(resources.files("lungcbir") / "weights" / BUNDLED_WEIGHTS))
+    return path if path.is_file() else None
+
+
+def save_weights(path: str | os.PathLike, network: UNet, settings: ModelSettings) -> None:
+    """Write weights (as float16, to keep the file small) and settings to one file, atomically."""
+    state = {key: (value.half() if value.is_floating_point() else value)
+             for key, value in network.state_dict().items()}
+    payload = {"format": WEIGHTS_FORMAT, "settings": settings.to_dict(), "state_dict": state}
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def _state_digest(state: dict) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class LungModel:
+    """A trained lung U-Net ready for inference.
+
+    Example:
+        >>> model = LungModel.load()                      # the bundled weights  # doctest: +SKIP
+        >>> result = model.segment([slice_])[0]           # doctest: +SKIP
+        >>> result.mask.shape == slice_.shape             # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, network: UNet, settings: ModelSettings, model_id: str,
+                 device: str = "cpu") -> None:
+        self.network = network.to(device).eval().to(memory_format=torch.channels_last)
+        self.settings = settings
+        self.model_id = model_id
+        self.device = device
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, device: str = "cpu") -> "LungModel":
+        """Load weights from ``path`` or, when None, the weights bundled with the package."""
+        if path is None:
+            path = bundled_weights_path()
+            if path is None:
+                raise WeightsError("no bundled weights in this installation; pass --weights FILE")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise WeightsError("--device cuda asked for, but no CUDA device is available")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise WeightsError(f"{path}: weights file does not exist") from None
+        except Exception as error:
+            raise WeightsError(f"{path}: not a lungcbir weights file ({type(error).__name__})") from None
+        if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
+            raise WeightsError(f"{path}: not a lungcbir weights file")
+        settings = ModelSettings.from_dict(payload["settings"])
+        network = UNet(settings.unet)
+        state = payload["state_dict"]
+        try:
+            network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        except RuntimeError:
+            raise WeightsError(f"{path}: weights do not fit the network described in the file") from None
+        return cls(network, settings, _state_digest(state), device)
+
+    @property
+    def input_size(self) -> int:
+        return self.settings.preprocess.input_size
+
+    @property
+    def dimension(self) -> int:
+        return 2 * self.settings.unet.bottleneck_channels
+
+    def prepare(self, item: CTSlice) -> tuple[np.ndarray, object]:
+        """Normalise and resize one slice; returns the model input and its geometry."""
+        unit = normalize_intensity(item.pixels, item.intensity, self.settings.preprocess.hu_window)
+        return to_model_input(unit, self.input_size)
+
+    @torch.inference_mode()
+    def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Lung probabilities ``(N, S, S)`` and feature vectors ``(N, D)`` for prepared inputs."""
+        batch = torch.from_numpy(np.ascontiguousarray(inputs[:, None])).to(self.device)
+        batch = batch.to(memory_format=torch.channels_last)
+        logits, bottleneck = self.network.forward_with_bottleneck(batch)
+        probabilities = torch.sigmoid(logits.float())
+        vectors = pool_bottleneck(bottleneck, probabilities, self.settings.pooling)
+        return probabilities[:, 0].cpu().numpy(), vectors
+
+    def segment(self, slices: Sequence[CTSlice], batch_size: int = 16) -> list[Segmentation]:
+        """Masks at each slice's own resolution, lung fractions and feature vectors."""
+        results: list[Segmentation] = []
+        for start in range(0, len(slices), batch_size):
+            chunk = slices[start:start + batch_size]
+            prepared = [self.prepare(item) for item in chunk]
+            probabilities, vectors = self.run(np.stack([p[0] for p in prepared]))
+            for (_, geometry), probability, vector in zip(prepared, probabilities, vectors):
+                mask = probabilities_to_original(probability, geometry) > 0.5
+                if self.settings.postprocess:
+                    mask = clean_mask(mask)
+                results.append(Segmentation(mask, float(mask.mean()), vector))
+        return results

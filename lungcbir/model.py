@@ -1,0 +1,104 @@
+"""The U-Net: encoder, bottleneck, decoder; a pure ``nn.Module`` configured by a dataclass.
+
+The architecture follows the original U-Net (Ronneberger et al. 2015): blocks of two 3x3
+convolutions with ReLU (plus batch norm), 2x2 max-pooling on the way down, 2x2 transposed
+convolutions on the way up, skip connections by concatenation and a final 1x1 convolution.
+``UNet.encode`` returns the bottleneck so the feature extractor can read it without running
+the decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Shape of the network.
+
+    Example:
+        >>> UNetConfig(base_channels=16, depth=4).bottleneck_channels
+        256
+    """
+
+    in_channels: int = 1
+    out_channels: int = 1
+    base_channels: int = 16
+    depth: int = 4  # number of 2x2 poolings; the input side must be divisible by 2**depth
+
+    @property
+    def bottleneck_channels(self) -> int:
+        return self.base_channels * 2**self.depth
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DoubleConv(nn.Sequential):
+    """Two 3x3 convolutions, each followed by batch norm and ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net for binary lung segmentation with an exposed encoder bottleneck.
+
+    Example:
+        >>> net = UNet(UNetConfig(base_channels=4, depth=2)).eval()
+        >>> x = torch.zeros(1, 1, 32, 32)
+        >>> net(x).shape, net.encode(x)[-1].shape
+        (torch.Size([1, 1, 32, 32]), torch.Size([1, 16, 8, 8]))
+    """
+
+    def __init__(self, config: UNetConfig = UNetConfig()) -> None:
+        super().__init__()
+        self.config = config
+        widths = [config.base_channels * 2**i for i in range(config.depth + 1)]
+        self.down_blocks = nn.ModuleList()
+        previous = config.in_channels
+        for width in widths[:-1]:
+            self.down_blocks.append(DoubleConv(previous, width))
+            previous = width
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = DoubleConv(widths[-2], widths[-1])
+        self.up_convs = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        for width in reversed(widths[:-1]):
+            self.up_convs.append(nn.ConvTranspose2d(width * 2, width, 2, stride=2))
+            self.up_blocks.append(DoubleConv(width * 2, width))
+        self.head = nn.Conv2d(widths[0], config.out_channels, 1)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Run the encoder; returns the skip tensors followed by the bottleneck (last)."""
+        skips = []
+        for block in self.down_blocks:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        return skips + [self.bottleneck(x)]
+
+    def decode(self, encoded: list[torch.Tensor]) -> torch.Tensor:
+        """Turn the encoder outputs into per-pixel logits."""
+        *skips, x = encoded
+        for up_conv, block, skip in zip(self.up_convs, self.up_blocks, reversed(skips)):
+            x = block(torch.cat([up_conv(x), skip], dim=1))
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def forward_with_bottleneck(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and bottleneck from one pass, so indexing does not run the encoder twice."""
+        encoded = self.encode(x)
+        return self.decode(encoded), encoded[-1]

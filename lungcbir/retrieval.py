@@ -1,0 +1,228 @@
+"""The Python API: index an archive, query a slice, segment a slice.
+
+:class:`Retriever` ties the stages together (read -> model -> store) and is what the command
+line and the web app call; they add nothing but parsing and formatting.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import LungCBIRError, ReadError
+from .inference import LungModel, Segmentation
+from .io import CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file
+from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store
+
+#: Files read before a batch goes through the model and into the database.
+FILES_PER_COMMIT = 64
+
+
+@dataclass
+class IndexReport:
+    """What an indexing run did."""
+
+    indexed: int = 0
+    skipped: int = 0
+    failures: list[ReadFailure] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+
+@dataclass
+class Neighbor:
+    """One stored slice returned for a query."""
+
+    rank: int
+    id: int
+    path: str
+    score: float
+    patient_id: str | None
+    series_uid: str | None
+    slice_index: int | None
+    labels: dict
+
+
+@dataclass
+class QueryResult:
+    """The answer to one query slice."""
+
+    query: CTSlice
+    mask: np.ndarray
+    lung_fraction: float
+    neighbors: list[Neighbor]
+
+
+def read_labels(csv_path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """Labels by absolute file path from a CSV with a ``path`` column (other columns are labels).
+
+    Relative paths are taken relative to the CSV's own folder.
+    """
+    csv_path = str(csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise LungCBIRError(f"{csv_path}: labels CSV needs a 'path' column")
+            base = os.path.dirname(os.path.abspath(csv_path))
+            labels = {}
+            for row in reader:
+                path = row.pop("path")
+                full = path if os.path.isabs(path) else os.path.join(base, path)
+                labels[os.path.abspath(full)] = {k: v for k, v in row.items() if k}
+            return labels
+    except OSError as error:
+        raise LungCBIRError(f"{csv_path}: cannot read labels ({error.strerror})") from None
+
+
+def as_slice(image: str | os.PathLike | CTSlice | np.ndarray) -> CTSlice:
+    """Accept a path, a :class:`CTSlice` or a 2-D array; a multi-slice file gives its first slice."""
+    if isinstance(image, CTSlice):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.ndim != 2:
+            raise ReadError("<array>", f"expected a 2-D array, got shape {image.shape}")
+        return CTSlice(image, classify_intensity(image), "<array>", "array")
+    return read_file(image)[0]
+
+
+class Retriever:
+    """Index CT slices and find the most similar stored ones.
+
+    Example:
+        >>> retriever = Retriever(db_url="sqlite:///db/lungcbir.sqlite", index_dir="index")  # doctest: +SKIP
+        >>> report = retriever.index_dataset(["scans/"])                                    # doctest: +SKIP
+        >>> result = retriever.query("query.png", k=5)                                      # doctest: +SKIP
+        >>> result.neighbors[0].path, result.mask.shape                                     # doctest: +SKIP
+    """
+
+    def __init__(self, db_url: str | None = None, index_dir: str | os.PathLike | None = None,
+                 weights: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 16) -> None:
+        self.db_url = db_url or os.environ.get("LUNGCBIR_DB") or DEFAULT_DB_URL
+        self.index_dir = index_dir or os.environ.get("LUNGCBIR_INDEX_DIR") or DEFAULT_INDEX_DIR
+        self.weights = weights
+        self.device = device
+        self.batch_size = batch_size
+        self._model: LungModel | None = None
+        self._store: Store | None = None
+
+    @property
+    def model(self) -> LungModel:
+        if self._model is None:
+            self._model = LungModel.load(self.weights, self.device)
+        return self._model
+
+    def store(self, create: bool = True) -> Store:
+        if self._store is None:
+            self._store = Store(self.db_url, self.index_dir, create=create)
+        return self._store
+
+    def segment(self, image: str | os.PathLike | CTSlice | np.ndarray) -> np.ndarray:
+        """Boolean lung mask at the image's own resolution."""
+        return self.model.segment([as_slice(image)])[0].mask
+
+    def segment_slices(self, slices: Sequence[CTSlice]) -> list[Segmentation]:
+        """Masks, lung fractions and vectors for many slices (batched)."""
+        return self.model.segment(slices, self.batch_size)
+
+    def index_dataset(self, paths: Iterable[str | os.PathLike], labels: str | os.PathLike | dict | None = None,
+                      exclude: Iterable[str] = (),
+                      on_file: Callable[[str], None] | None = None,
+                      on_total: Callable[[int], None] | None = None) -> IndexReport:
+        """Index every image under ``paths``; already indexed files (same sha256) are skipped.
+
+        Unreadable files are recorded in the report and indexing goes on. Rows are committed
+        every :data:`FILES_PER_COMMIT` files, so an interrupted run keeps what it finished.
+        """
+        began = time.perf_counter()
+        label_map = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else dict(labels or {})
+        label_map = {os.path.abspath(k): v for k, v in label_map.items()}
+        files = list(find_image_files(paths, exclude))
+        if on_total:
+            on_total(len(files))
+        model, store = self.model, self.store()
+        store.check_model(model.model_id, model.dimension)
+        known = store.known_keys(model.model_id)
+        positions = dicom_series_positions(files)
+        report = IndexReport()
+        pending: list[CTSlice] = []
+        for number, path in enumerate(files, 1):
+            try:
+                slices = read_file(path)
+            except ReadError as error:
+                report.failures.append(ReadFailure(path, error.reason))
+                slices = []
+            for item in slices:
+                if (item.sha256, item.frame) in known:
+                    report.skipped += 1
+                    continue
+                known.add((item.sha256, item.frame))
+                if item.slice_index is None:
+                    item.slice_index = positions.get(path)
+                pending.append(item)
+            if on_file:
+                on_file(path)
+            if len(pending) >= FILES_PER_COMMIT or number == len(files):
+                report.indexed += self._store_slices(pending, label_map)
+                pending = []
+        report.indexed += self._store_slices(pending, label_map)
+        store.index()  # make sure the saved index matches what was committed
+        report.seconds = time.perf_counter() - began
+        return report
+
+    def _store_slices(self, slices: list[CTSlice], label_map: dict[str, dict]) -> int:
+        if not slices:
+            return 0
+        results = self.segment_slices(slices)
+        records = [self._record(item, result, label_map.get(os.path.abspath(item.path), {}))
+                   for item, result in zip(slices, results)]
+        self.store().add(records, np.stack([r.vector for r in results]))
+        return len(records)
+
+    def _record(self, item: CTSlice, result: Segmentation, labels: dict) -> ImageRecord:
+        spacing = item.pixel_spacing or (None, None)
+        return ImageRecord(path=os.path.abspath(item.path), sha256=item.sha256, frame=item.frame,
+                           source_format=item.source_format, width=item.shape[1], height=item.shape[0],
+                           patient_id=item.patient_id, study_uid=item.study_uid, series_uid=item.series_uid,
+                           instance_number=item.instance_number, slice_location=item.slice_location,
+                           slice_index=item.slice_index, pixel_spacing_row=spacing[0],
+                           pixel_spacing_col=spacing[1], labels=labels, lung_fraction=result.lung_fraction,
+                           model_id=self.model.model_id)
+
+    def query(self, image: str | os.PathLike | CTSlice | np.ndarray, k: int = 5) -> QueryResult:
+        """Segment one slice and find the ``k`` most similar stored slices."""
+        return self.query_slices([as_slice(image)], k)[0]
+
+    def query_slices(self, slices: Sequence[CTSlice], k: int = 5) -> list[QueryResult]:
+        """:meth:`query` for many slices at once."""
+        if k < 1:
+            raise LungCBIRError("k must be at least 1")
+        store = self.store(create=False)
+        if store.model_id not in (None, self.model.model_id):
+            raise LungCBIRError(f"the database was indexed with model {store.model_id}, "
+                                f"but the model in use is {self.model.model_id}")
+        results = self.segment_slices(slices)
+        scores, ids = store.search(np.stack([r.vector for r in results]), k)
+        rows = store.records(ids[ids >= 0].ravel())
+        answers = []
+        for item, result, row_scores, row_ids in zip(slices, results, scores, ids):
+            neighbors = []
+            for score, identifier in zip(row_scores, row_ids):
+                record = rows.get(int(identifier))
+                if record is None:
+                    continue  # a row removed since the index was read
+                neighbors.append(Neighbor(rank=len(neighbors) + 1, id=record.id, path=record.path,
+                                          score=float(score), patient_id=record.patient_id,
+                                          series_uid=record.series_uid, slice_index=record.slice_index,
+                                          labels=dict(record.labels or {})))
+            answers.append(QueryResult(item, result.mask, result.lung_fraction, neighbors))
+        return answers

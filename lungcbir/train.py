@@ -1,0 +1,305 @@
+"""Training the lung U-Net: paired image/mask folders, augmentation for real archives, Adam.
+
+The augmentation is what makes one model serve HU slices and 8-bit exports from any scanner:
+random lung/mediastinal/bone windows, simulated 8-bit exports (per-slice min-max + CLAHE, as
+many public sets are published), gamma and contrast changes, noise, blur, flips, 90-degree
+turns, rotations, scaling and shifts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import LungCBIRError, ReadError
+from .inference import ModelSettings, save_weights
+from .io import RASTER_SUFFIXES, find_image_files, read_file
+from .model import UNet, UNetConfig
+from .preprocess import PreprocessConfig, geometry_for, mask_to_model, normalize_intensity
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training recipe; saved in the weights file.
+
+    Example:
+        >>> TrainConfig(epochs=2).batch_size
+        16
+    """
+
+    epochs: int = 40
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-5
+    seed: int = 0
+    base_channels: int = 8
+    depth: int = 5
+    input_size: int = 256
+    augment: bool = True
+
+
+@dataclass
+class TrainingSample:
+    """One slice resized to the model input, with its raw intensities kept for window jitter."""
+
+    name: str
+    group: str
+    pixels: np.ndarray  # float32 raw values (HU, 0..255, ...) at input_size x input_size
+    intensity: str
+    mask: np.ndarray  # uint8 {0, 1} at input_size x input_size
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    loss: float
+    val_dice_mean: float
+    val_dice_min: float
+    seconds: float
+    best: bool
+
+
+def pair_folders(images: str, masks: str) -> list[tuple[str, str]]:
+    """Match images to masks by file name (the extension may differ)."""
+    by_stem = {}
+    for path in find_image_files([masks]):
+        by_stem[_stem(path)] = path
+    pairs = []
+    for path in find_image_files([images]):
+        mask = by_stem.get(_stem(path))
+        if mask is None:
+            raise LungCBIRError(f"{path}: no mask with the same name in {masks}")
+        pairs.append((path, mask))
+    if not pairs:
+        raise LungCBIRError(f"{images}: no images found")
+    return pairs
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    return name[:-7] if name.lower().endswith(".nii.gz") else os.path.splitext(name)[0]
+
+
+def load_sample(image_path: str, mask_path: str, input_size: int, group: str | None = None) -> TrainingSample:
+    """Read a 2-D image and its mask, pad to square and resize both to the model input."""
+    item = read_file(image_path)[0]
+    mask = read_file(mask_path)[0].pixels > 0
+    if mask.shape != item.shape:
+        raise ReadError(mask_path, f"mask is {mask.shape}, image is {item.shape}")
+    geometry = geometry_for(item.shape)
+    pixels = item.pixels.astype(np.float32)
+    floor = float(pixels.min())
+    square = np.full((geometry.side, geometry.side), floor, np.float32)
+    square[geometry.top:geometry.top + geometry.height, geometry.left:geometry.left + geometry.width] = pixels
+    square = cv2.resize(square, (input_size, input_size), interpolation=cv2.INTER_LANCZOS4)
+    return TrainingSample(_stem(image_path), group or _stem(image_path), square, item.intensity,
+                          mask_to_model(mask, input_size))
+
+
+def random_unit_image(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, float]) -> np.ndarray:
+    """Map raw values to [0, 1] the way some archive might have: window or 8-bit export."""
+    pixels = sample.pixels
+    if sample.intensity == "hu":
+        choice = rng.random()
+        if choice < 0.45:
+            window = (hu_window[0] + rng.uniform(-250, 200), hu_window[1] + rng.uniform(-300, 300))
+        elif choice < 0.6:
+            window = (rng.uniform(-200, -100), rng.uniform(200, 300))  # mediastinal
+        elif choice < 0.7:
+            window = (rng.uniform(-600, -400), rng.uniform(1200, 2000))  # bone
+        else:  # an 8-bit export: pre-window, per-slice min-max, often CLAHE
+            window = (rng.uniform(-1400, -1000), rng.uniform(150, 400))
+            unit = normalize_intensity(pixels, "hu", window)
+            low, high = float(unit.min()), float(unit.max())
+            unit = (unit - low) / max(high - low, 1e-6)
+            if rng.random() < 0.7:
+                unit = _clahe(unit, rng.uniform(2.0, 8.0))
+            return unit
+        return normalize_intensity(pixels, "hu", window)
+    unit = normalize_intensity(pixels, sample.intensity)
+    if rng.random() < 0.2:
+        unit = _clahe(unit, rng.uniform(1.0, 4.0))
+    return unit
+
+
+def _clahe(unit: np.ndarray, clip: float) -> np.ndarray:
+    image = np.round(np.clip(unit, 0, 1) * 255).astype(np.uint8)
+    return cv2.createCLAHE(clipLimit=clip, tileGridSize=(8, 8)).apply(image).astype(np.float32) / 255.0
+
+
+def augment(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """One random training view of a sample: (image in [0, 1], mask)."""
+    image = random_unit_image(sample, rng, hu_window)
+    mask = sample.mask
+    size = image.shape[0]
+    # geometry: flips and quarter turns (archives store slices in any orientation), then affine
+    if rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    if rng.random() < 0.3:
+        image, mask = image[::-1], mask[::-1]
+    if rng.random() < 0.3:
+        turns = rng.randint(1, 3)
+        image, mask = np.rot90(image, turns), np.rot90(mask, turns)
+    angle = rng.uniform(-15, 15)
+    scale = math.exp(rng.uniform(math.log(0.75), math.log(1.25)))
+    matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
+    matrix[:, 2] += [rng.uniform(-0.08, 0.08) * size, rng.uniform(-0.08, 0.08) * size]
+    image = cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=float(image.min()))
+    mask = cv2.warpAffine(np.ascontiguousarray(mask), matrix, (size, size), flags=cv2.INTER_NEAREST,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    # intensity: gamma, contrast, blur, noise
+    if rng.random() < 0.5:
+        image = np.power(np.clip(image, 0, 1), math.exp(rng.uniform(-0.4, 0.4)))
+    if rng.random() < 0.3:
+        image = (image - 0.5) * rng.uniform(0.7, 1.3) + 0.5 + rng.uniform(-0.1, 0.1)
+    if rng.random() < 0.2:
+        image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.5, 1.5))
+    if rng.random() < 0.3:
+        noise = np.random.default_rng(rng.randrange(2**31)).normal(0, rng.uniform(0.01, 0.06), image.shape)
+        image = image + noise.astype(np.float32)
+    return np.clip(image, 0, 1).astype(np.float32), mask.astype(np.float32)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice (per image, averaged)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    probability = torch.sigmoid(logits)
+    intersection = (probability * target).sum((1, 2, 3))
+    total = probability.sum((1, 2, 3)) + target.sum((1, 2, 3))
+    soft_dice = (2 * intersection + 1) / (total + 1)
+    return bce + (1 - soft_dice).mean()
+
+
+def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary masks; 1.0 when both are empty."""
+    prediction, truth = prediction.astype(bool), truth.astype(bool)
+    total = prediction.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2 * (prediction & truth).sum() / total)
+
+
+def _validate(network: UNet, samples: Sequence[TrainingSample], hu_window, device: str) -> list[float]:
+    network.eval()
+    scores = []
+    with torch.inference_mode():
+        for start in range(0, len(samples), 16):
+            chunk = samples[start:start + 16]
+            batch = np.stack([normalize_intensity(s.pixels, s.intensity, hu_window) for s in chunk])
+            logits = network(torch.from_numpy(batch[:, None]).to(device))
+            predictions = (logits[:, 0] > 0).cpu().numpy()
+            scores.extend(dice_score(p, s.mask) for p, s in zip(predictions, chunk))
+    network.train()
+    return scores
+
+
+def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[TrainingSample], out: str,
+          config: TrainConfig = TrainConfig(), device: str = "cpu", resume: bool = False,
+          on_epoch: Callable[[EpochReport], None] | None = None,
+          on_step: Callable[[int, int, float], None] | None = None) -> list[EpochReport]:
+    """Train and write the best checkpoint (by mean validation Dice) to ``out``.
+
+    A resumable state is kept in ``out + ".state"`` after every epoch; ``resume=True`` continues
+    from it. Returns one report per epoch run.
+    """
+    if not train_samples:
+        raise LungCBIRError("no training samples")
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    preprocess = PreprocessConfig(input_size=config.input_size)
+    unet_config = UNetConfig(base_channels=config.base_channels, depth=config.depth)
+    network = UNet(unet_config).to(device)
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, len(train_samples) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
+                                                    total_steps=config.epochs * steps_per_epoch,
+                                                    pct_start=0.1)
+    state_path = out + ".state"
+    start_epoch, best = 0, -1.0
+    if resume and os.path.exists(state_path):
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scheduler.total_steps = config.epochs * steps_per_epoch  # resuming may extend the run
+        start_epoch, best = state["epoch"], state["best"]
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+    settings = ModelSettings(unet=unet_config, preprocess=preprocess,
+                             training={**asdict(config), "train_samples": len(train_samples),
+                                       "val_samples": len(val_samples)})
+    reports = []
+    network.train()
+    order = list(range(len(train_samples)))
+    for epoch in range(start_epoch, config.epochs):
+        began = time.perf_counter()
+        rng.shuffle(order)
+        losses = []
+        for step in range(steps_per_epoch):
+            chosen = [train_samples[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
+            if config.augment:
+                views = [augment(s, rng, preprocess.hu_window) for s in chosen]
+            else:
+                views = [(normalize_intensity(s.pixels, s.intensity, preprocess.hu_window), s.mask.astype(np.float32))
+                         for s in chosen]
+            images = torch.from_numpy(np.stack([v[0] for v in views])[:, None]).to(device)
+            masks = torch.from_numpy(np.stack([v[1] for v in views])[:, None]).to(device)
+            loss = dice_loss(network(images), masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            if on_step:
+                on_step(step + 1, steps_per_epoch, float(np.mean(losses)))
+        scores = _validate(network, val_samples, preprocess.hu_window, device) if val_samples else [float("nan")]
+        mean_dice = float(np.mean(scores))
+        improved = not val_samples or mean_dice > best
+        if improved:
+            best = mean_dice if val_samples else best
+            settings.training.update(epoch=epoch + 1, val_dice_mean=mean_dice)
+            save_weights(out, network, settings)
+        torch.save({"network": network.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
+                    "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, state_path)
+        report = EpochReport(epoch + 1, float(np.mean(losses)), mean_dice, float(np.min(scores)),
+                             time.perf_counter() - began, improved)
+        reports.append(report)
+        if on_epoch:
+            on_epoch(report)
+    return reports
+
+
+def split_by_group(samples: Sequence[TrainingSample], val_fraction: float, seed: int = 0
+                   ) -> tuple[list[TrainingSample], list[TrainingSample]]:
+    """Hold out whole groups (patients/volumes) until about ``val_fraction`` of the slices."""
+    groups = sorted({s.group for s in samples})
+    random.Random(seed).shuffle(groups)
+    target = val_fraction * len(samples)
+    held: set[str] = set()
+    count = 0
+    for group in groups:
+        if count >= target:
+            break
+        held.add(group)
+        count += sum(1 for s in samples if s.group == group)
+    return [s for s in samples if s.group not in held], [s for s in samples if s.group in held]
+
+
+def group_of(path: str, pattern: str) -> str:
+    """The patient/volume a file belongs to: the first group of ``pattern`` in its name."""
+    match = re.search(pattern, os.path.basename(path))
+    return match.group(1) if match and match.groups() else _stem(path)

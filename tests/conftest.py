@@ -1,0 +1,66 @@
+"""Shared fixtures: small synthetic inputs, tiny random-weight models, the shared real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lungcbir.datasets import data_root
+from lungcbir.inference import ModelSettings, bundled_weights_path, save_weights
+from lungcbir.model import UNet, UNetConfig
+from lungcbir.phantom import write_phantom
+from lungcbir.preprocess import PreprocessConfig
+
+TINY = UNetConfig(base_channels=4, depth=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> str:
+    """A randomly initialised, very small U-Net: fast, and enough to test plumbing."""
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    import torch
+
+    torch.manual_seed(0)
+    save_weights(path, UNet(TINY), ModelSettings(unet=TINY, preprocess=PreprocessConfig(input_size=64)))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_weights(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("weights") / "other.pt"
+    import torch
+
+    torch.manual_seed(1)
+    save_weights(path, UNet(TINY), ModelSettings(unet=TINY, preprocess=PreprocessConfig(input_size=64)))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """Two synthetic series of 6 slices: DICOM, PNG and masks."""
+    out = tmp_path_factory.mktemp("phantom")
+    write_phantom(out, slices=6, size=96, patients=2)
+    return out
+
+
+@pytest.fixture
+def store_paths(tmp_path) -> dict:
+    return {"db_url": f"sqlite:///{tmp_path / 'db' / 'test.sqlite'}", "index_dir": str(tmp_path / "index")}
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    root = data_root()
+    if not root.is_dir():
+        pytest.skip(f"real data folder {root} is missing (set LUNGCBIR_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def bundled_weights() -> str:
+    path = bundled_weights_path()
+    assert path is not None, "the package ships no bundled weights (lungcbir/weights/lung_unet.pt)"
+    return str(path)

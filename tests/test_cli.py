@@ -1,0 +1,107 @@
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lungcbir.cli import main
+
+
+@pytest.fixture
+def run(store_paths, tiny_weights):
+    runner = CliRunner()
+
+    def invoke(*args, store=True, weights=True):
+        extra = []
+        if store:
+            extra += ["--db", store_paths["db_url"], "--index-dir", store_paths["index_dir"]]
+        if weights:
+            extra += ["--weights", tiny_weights]
+        return runner.invoke(main, [*args, *extra], catch_exceptions=False)
+
+    return invoke
+
+
+def test_help_lists_commands():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("index-dataset", "query", "segment", "stats", "train", "evaluate", "make-phantom"):
+        assert command in result.output
+
+
+def test_index_query_stats(run, phantom_dir, tmp_path):
+    result = run("index-dataset", str(phantom_dir / "png"), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "indexed 12, skipped 0" in result.output
+    again = run("index-dataset", str(phantom_dir / "png"), "--quiet")
+    assert "indexed 0, skipped 12" in again.output
+    image = str(phantom_dir / "png" / "phantom02" / "phantom02_s004.png")
+    out = tmp_path / "out"
+    result = run("query", image, "--k", "3", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output.strip().splitlines()[0])
+    assert set(answer) == {"query", "mask", "overlay", "lung_fraction", "neighbors"}
+    assert answer["neighbors"][0]["path"] == os.path.abspath(image)
+    assert set(answer["neighbors"][0]) == {"rank", "id", "path", "score", "patient_id", "series_uid",
+                                           "slice_index", "labels"}
+    mask = cv2.imread(answer["mask"], cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (96, 96) and set(np.unique(mask)) <= {0, 255}
+    assert cv2.imread(answer["overlay"]).shape == (96, 96, 3)
+    table = run("query", image, "--k", "2", "--out", str(out))
+    assert table.exit_code == 0 and "rank" in table.output
+    stats = run("stats", "--json", weights=False)
+    assert json.loads(stats.output)["images"] == 12
+
+
+def test_index_reports_failures_with_status_1(run, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "good.png"), np.full((64, 64), 80, np.uint8))
+    (folder / "bad.png").write_bytes(b"garbage")
+    result = run("index-dataset", str(folder), "--quiet")
+    assert result.exit_code == 1
+    assert "indexed 1" in result.output and "bad.png: not a decodable image" in result.output
+
+
+def test_query_without_database_says_how_to_create(run, phantom_dir, tmp_path):
+    image = str(phantom_dir / "png" / "phantom01" / "phantom01_s000.png")
+    result = run("query", image, "--out", str(tmp_path / "o"))
+    assert result.exit_code == 4
+    assert "lungcbir index-dataset" in result.output and "Traceback" not in result.output
+
+
+def test_missing_weights_status_3(run, phantom_dir, tmp_path):
+    result = CliRunner().invoke(main, ["segment", str(phantom_dir / "png"), "--out", str(tmp_path),
+                                       "--weights", str(tmp_path / "none.pt")])
+    assert result.exit_code == 3 and "does not exist" in result.output
+
+
+def test_segment_png_and_nifti(run, phantom_dir, tmp_path):
+    import nibabel
+
+    volume = tmp_path / "v.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.full((48, 40, 3), -900, np.int16), np.eye(4)), str(volume))
+    image = str(phantom_dir / "png" / "phantom01" / "phantom01_s002.png")
+    result = run("segment", image, str(volume), "--out", str(tmp_path / "masks"), store=False)
+    assert result.exit_code == 0, result.output
+    assert cv2.imread(str(tmp_path / "masks" / "phantom01_s002_mask.png")).shape[:2] == (96, 96)
+    assert nibabel.load(str(tmp_path / "masks" / "v_mask.nii.gz")).shape == (48, 40, 3)
+
+
+def test_segment_unreadable_input(run, tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"")
+    result = run("segment", str(bad), "--out", str(tmp_path / "m"), store=False)
+    assert result.exit_code == 1 and "x.png: file is empty" in result.output
+
+
+def test_make_phantom_and_evaluate(run, tmp_path):
+    result = CliRunner().invoke(main, ["make-phantom", str(tmp_path / "ph"), "--slices", "3", "--patients", "1"])
+    assert result.exit_code == 0 and "synthetic" in result.output
+    result = run("evaluate", "--images", str(tmp_path / "ph" / "png"), "--masks", str(tmp_path / "ph" / "masks"),
+                 "--json", store=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)["summary"]
+    assert summary["images"] == 3 and 0.0 <= summary["dice_min"] <= summary["dice_mean"] <= 1.0

@@ -1,0 +1,49 @@
+import numpy as np
+import torch
+
+from lungcbir.features import pool_bottleneck
+from lungcbir.inference import LungModel, ModelSettings, save_weights
+from lungcbir.io import CTSlice
+from lungcbir.model import UNet, UNetConfig
+
+
+def test_unet_shapes_and_bottleneck():
+    config = UNetConfig(base_channels=4, depth=3)
+    net = UNet(config).eval()
+    x = torch.zeros(2, 1, 64, 64)
+    logits, bottleneck = net.forward_with_bottleneck(x)
+    assert logits.shape == (2, 1, 64, 64)
+    assert bottleneck.shape == (2, config.bottleneck_channels, 8, 8)
+    assert torch.equal(net.encode(x)[-1], bottleneck)
+
+
+def test_pooling_gives_unit_vectors_of_fixed_length():
+    for method in ("mean-max", "lung-mean-max"):
+        vectors = pool_bottleneck(torch.rand(3, 16, 5, 7), torch.rand(3, 1, 40, 56), method)
+        assert vectors.shape == (3, 32) and vectors.dtype == np.float32
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_weights_round_trip_and_model_id(tmp_path, tiny_weights, other_tiny_weights):
+    model = LungModel.load(tiny_weights)
+    again = LungModel.load(tiny_weights)
+    assert model.model_id == again.model_id
+    assert LungModel.load(other_tiny_weights).model_id != model.model_id
+    slices = [CTSlice(np.full((50, 70), -900.0, np.float32), "hu", "x", "tiff"),
+              CTSlice(np.zeros((64, 64), np.uint8), "uint8", "y", "png")]
+    results = model.segment(slices)
+    assert results[0].mask.shape == (50, 70) and results[1].mask.shape == (64, 64)
+    assert results[0].vector.shape == (model.dimension,)
+    assert 0.0 <= results[0].lung_fraction <= 1.0
+
+
+def test_bad_weights_file(tmp_path):
+    from lungcbir.errors import WeightsError
+    import pytest
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(WeightsError, match="not a lungcbir weights file"):
+        LungModel.load(bad)
+    with pytest.raises(WeightsError, match="does not exist"):
+        LungModel.load(tmp_path / "none.pt")

@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from lungcbir.postprocess import clean_mask
+from lungcbir.preprocess import mask_to_model, normalize_intensity, probabilities_to_original, to_model_input
+
+
+def test_hu_window_maps_to_unit_range():
+    out = normalize_intensity(np.array([[-3000.0, -1000.0, 400.0, 3000.0]]), "hu")
+    assert out.tolist() == [[0.0, 0.0, 1.0, 1.0]]
+
+
+def test_uint8_and_minmax():
+    assert normalize_intensity(np.array([[0, 255]], np.uint8), "uint8").tolist() == [[0.0, 1.0]]
+    out = normalize_intensity(np.array([[1000, 3000]], np.uint16), "minmax")
+    assert out.tolist() == [[0.0, 1.0]]
+    assert normalize_intensity(np.full((4, 4), 7.0), "minmax").max() == 0.0
+
+
+@pytest.mark.parametrize("shape", [(100, 60), (60, 100), (64, 64), (300, 301)])
+def test_model_input_round_trip_keeps_geometry(shape):
+    image = np.zeros(shape, np.float32)
+    image[shape[0] // 4:shape[0] // 2, shape[1] // 4:shape[1] // 2] = 1.0
+    resized, geometry = to_model_input(image, 64)
+    assert resized.shape == (64, 64) and 0.0 <= resized.min() and resized.max() <= 1.0
+    back = probabilities_to_original(resized, geometry) > 0.5
+    assert back.shape == shape
+    overlap = (back & (image > 0.5)).sum() / (image > 0.5).sum()
+    assert overlap > 0.8
+
+
+def test_mask_to_model_is_binary():
+    mask = np.zeros((100, 80), np.uint8)
+    mask[10:50, 10:40] = 255
+    small = mask_to_model(mask, 32)
+    assert small.shape == (32, 32) and set(np.unique(small)) <= {0, 1}
+
+
+def test_clean_mask_removes_specks_and_fills_holes():
+    mask = np.zeros((64, 64), bool)
+    mask[10:50, 5:25] = True
+    mask[10:50, 35:60] = True
+    mask[20, 10] = False  # a vessel
+    mask[2, 2] = True  # a speck
+    cleaned = clean_mask(mask)
+    assert cleaned[20, 10] and not cleaned[2, 2] and cleaned[30, 40]

@@ -1,0 +1,69 @@
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+
+from lungcbir.errors import StoreError
+from lungcbir.store import ImageRecord, Store, safe_url
+
+
+def records(count, start=0):
+    return [ImageRecord(path=f"/x/{start + i}.png", sha256=f"{start + i:064d}", frame=0, source_format="png",
+                        width=8, height=8, labels={}, lung_fraction=0.2, model_id="m1") for i in range(count)]
+
+
+def unit(count, dim=8, seed=0):
+    vectors = np.random.default_rng(seed).normal(size=(count, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_index_ids_are_row_keys(store_paths):
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    vectors = unit(5)
+    ids = store.add(records(5), vectors)
+    scores, found = store.search(vectors, 1)
+    assert found[:, 0].tolist() == ids
+    assert np.allclose(scores[:, 0], 1.0, atol=1e-5)
+
+
+def test_missing_or_stale_index_is_rebuilt(store_paths):
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    vectors = unit(6)
+    ids = store.add(records(6), vectors)
+    store.index_path.unlink()
+    fresh = Store(**store_paths)
+    assert fresh.index().ntotal == 6
+    # an index written for fewer rows (as after a crash between commit and index write)
+    fresh.add(records(2, start=10), unit(2, seed=1))
+    fresh.index_meta_path.write_text('{"count": 3}')
+    assert Store(**store_paths).search(vectors[:1], 1)[1][0, 0] == ids[0]
+    assert Store(**store_paths).index().ntotal == 8
+
+
+def test_other_model_is_refused(store_paths):
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    with pytest.raises(StoreError, match="holds vectors of model m1"):
+        store.check_model("m2", 8)
+
+
+def test_missing_database_is_explained(tmp_path):
+    with pytest.raises(StoreError, match="create one with"):
+        Store(f"sqlite:///{tmp_path}/none.sqlite", tmp_path / "i", create=False)
+
+
+def test_password_is_hidden():
+    assert "secret" not in safe_url("postgresql://user:secret@host/db")
+    assert "user" in safe_url("postgresql://user:secret@host/db")
+
+
+def test_stats_and_streaming(store_paths):
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    store.add(records(7), unit(7))
+    chunks = list(store.iter_vectors(chunk=3))
+    assert [len(ids) for ids, _ in chunks] == [3, 3, 1]
+    stats = store.stats()
+    assert stats.images == 7 and stats.index_vectors == 7 and stats.dimension == 8
