@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -194,6 +193,14 @@ def _check_usable(path: str, pixels: np.ndarray) -> None:
         raise ReadError(path, "image holds no finite values")
 
 
+def _pydicom():
+    """pydicom, told not to warn about values that de-identified archives often break (UIDs)."""
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    return pydicom
+
+
 def _dicom_text(dataset, keyword: str) -> str | None:
     value = dataset.get(keyword)
     if value is None or str(value).strip() == "":
@@ -211,13 +218,11 @@ def _dicom_float(dataset, keyword: str) -> float | None:
 
 def read_dicom(path: str) -> CTSlice:
     """Read one DICOM file as Hounsfield units (RescaleSlope/Intercept applied)."""
-    import pydicom
+    pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
 
     try:
-        with warnings.catch_warnings():  # de-identified files often carry invalid UIDs; harmless here
-            warnings.simplefilter("ignore")
-            dataset = pydicom.dcmread(path)
+        dataset = pydicom.dcmread(path)
     except InvalidDicomError:
         raise ReadError(path, "not a DICOM file") from None
     except Exception as error:  # pydicom raises many kinds on truncated files
@@ -370,16 +375,13 @@ def dicom_series_positions(paths: Iterable[str]) -> dict[str, int]:
     Files are grouped by folder and SeriesInstanceUID and ordered by ImagePositionPatient
     (then SliceLocation, then InstanceNumber), whatever their file names.
     """
-    import pydicom
-
+    pydicom = _pydicom()
     series: dict[tuple[str, str], list[tuple[tuple, str]]] = defaultdict(list)
     for path in paths:
         if file_kind(path) != "dicom":
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                header = pydicom.dcmread(path, stop_before_pixels=True)
+            header = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:
             continue  # reported when the file itself is read
         uid = _dicom_text(header, "SeriesInstanceUID")
