@@ -129,6 +129,16 @@ def index_dataset(paths, labels, exclude, batch_size, quiet, db_url, index_dir, 
         sys.exit(EXIT_SOME_FAILED)
 
 
+def parse_where(pairs) -> dict[str, str]:
+    filters = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--where")
+        filters[key.strip()] = value.strip()
+    return filters
+
+
 def _read_inputs(paths):
     """Read query/segment inputs; yields (path, slices) and collects failures."""
     from .io import find_image_files, read_file
@@ -153,10 +163,12 @@ def _read_inputs(paths):
 @click.option("--out", default="lungcbir-output", show_default=True, type=click.Path(file_okay=False),
               help="Folder for <name>_mask.png and <name>_overlay.png.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query slice, one per line.")
+@click.option("--where", multiple=True, metavar="KEY=VALUE",
+              help="Only stored slices whose label or metadata KEY equals VALUE (repeatable).")
 @store_options
 @model_options
 @friendly_errors
-def query(images, k, out, as_json, db_url, index_dir, weights, device):
+def query(images, k, out, as_json, where, db_url, index_dir, weights, device):
     """Find the K stored slices most similar to each query IMAGE.
 
     Writes the lung mask (0/255, the image's own size) and an overlay of the lung contour
@@ -168,11 +180,12 @@ def query(images, k, out, as_json, db_url, index_dir, weights, device):
     """
     from .visualize import mask_png, overlay, write_png
 
+    filters = parse_where(where)
     retriever = _retriever(db_url, index_dir, weights, device)
     folder = _ensure_folder(out)
     inputs, failures = _read_inputs(images)
     for path, slices in inputs:
-        for result in retriever.query_slices(slices, k):
+        for result in retriever.query_slices(slices, k, filters):
             name = result.query.name
             mask_path, overlay_path = folder / f"{name}_mask.png", folder / f"{name}_overlay.png"
             write_png(str(mask_path), mask_png(result.mask))

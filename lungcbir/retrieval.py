@@ -198,11 +198,17 @@ class Retriever:
                            pixel_spacing_col=spacing[1], labels=labels, lung_fraction=result.lung_fraction,
                            model_id=self.model.model_id)
 
-    def query(self, image: str | os.PathLike | CTSlice | np.ndarray, k: int = 5) -> QueryResult:
-        """Segment one slice and find the ``k`` most similar stored slices."""
-        return self.query_slices([as_slice(image)], k)[0]
+    def query(self, image: str | os.PathLike | CTSlice | np.ndarray, k: int = 5,
+              where: dict[str, str] | None = None) -> QueryResult:
+        """Segment one slice and find the ``k`` most similar stored slices.
 
-    def query_slices(self, slices: Sequence[CTSlice], k: int = 5) -> list[QueryResult]:
+        ``where`` keeps only stored slices whose labels or metadata (``patient_id``,
+        ``series_uid``, ``source_format``) equal the given values.
+        """
+        return self.query_slices([as_slice(image)], k, where)[0]
+
+    def query_slices(self, slices: Sequence[CTSlice], k: int = 5,
+                     where: dict[str, str] | None = None) -> list[QueryResult]:
         """:meth:`query` for many slices at once."""
         if k < 1:
             raise LungCBIRError("k must be at least 1")
@@ -211,18 +217,33 @@ class Retriever:
             raise LungCBIRError(f"the database was indexed with model {store.model_id}, "
                                 f"but the model in use is {self.model.model_id}")
         results = self.segment_slices(slices)
-        scores, ids = store.search(np.stack([r.vector for r in results]), k)
+        # a filter is applied to a larger candidate list, then cut to k
+        candidates = k if not where else max(k * 50, 500)
+        scores, ids = store.search(np.stack([r.vector for r in results]), candidates)
         rows = store.records(ids[ids >= 0].ravel())
         answers = []
         for item, result, row_scores, row_ids in zip(slices, results, scores, ids):
             neighbors = []
             for score, identifier in zip(row_scores, row_ids):
                 record = rows.get(int(identifier))
-                if record is None:
-                    continue  # a row removed since the index was read
+                if record is None or not _matches(record, where):
+                    continue  # removed since the index was read, or filtered out
+                if len(neighbors) == k:
+                    break
                 neighbors.append(Neighbor(rank=len(neighbors) + 1, id=record.id, path=record.path,
                                           score=float(score), patient_id=record.patient_id,
                                           series_uid=record.series_uid, slice_index=record.slice_index,
                                           labels=dict(record.labels or {})))
             answers.append(QueryResult(item, result.mask, result.lung_fraction, neighbors))
         return answers
+
+
+def _matches(record: ImageRecord, where: dict[str, str] | None) -> bool:
+    for key, wanted in (where or {}).items():
+        value = (record.labels or {}).get(key, getattr(record, key, None) if key in _FILTERABLE else None)
+        if value is None or str(value) != str(wanted):
+            return False
+    return True
+
+
+_FILTERABLE = {"patient_id", "series_uid", "study_uid", "source_format"}

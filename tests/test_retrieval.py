@@ -55,3 +55,16 @@ def test_query_with_other_model_is_refused(phantom_dir, tiny_weights, other_tiny
 def test_segment_array(tiny_weights):
     mask = Retriever(weights=tiny_weights, db_url="sqlite://").segment(np.zeros((40, 30), np.uint8))
     assert mask.shape == (40, 30)
+
+
+def test_where_filters_on_labels_and_metadata(phantom_dir, tiny_weights, store_paths, tmp_path):
+    png = phantom_dir / "png" / "phantom01"
+    names = sorted(os.listdir(png))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,diagnosis\n" + "".join(f"{png / n},{'a' if i % 2 else 'b'}\n" for i, n in enumerate(names)))
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([png, phantom_dir / "dicom" / "phantom02"], labels=labels)
+    result = retriever.query(png / names[0], k=10, where={"diagnosis": "a"})
+    assert len(result.neighbors) == 3 and all(n.labels["diagnosis"] == "a" for n in result.neighbors)
+    result = retriever.query(png / names[0], k=4, where={"patient_id": "PHANTOM02"})
+    assert len(result.neighbors) == 4 and {n.patient_id for n in result.neighbors} == {"PHANTOM02"}

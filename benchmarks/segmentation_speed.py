@@ -1,0 +1,85 @@
+"""CPU segmentation speed of the lungcbir model, compared in the same run with lungmask's R231.
+
+Prints throughput (slices/s) at the model's input size for batch sizes 1 and 16, the parameter
+count and FLOPs per slice; then times both full pipelines (read arrays -> preprocess -> network
+-> post-processing -> masks at 512x512) on the same 16 real Kaggle slices. lungmask's weights
+cannot be downloaded here, so its R231 architecture runs with random weights: speed does not
+depend on weight values.
+
+Usage: python benchmarks/segmentation_speed.py [--weights W.pt] [--threads 2] [--repeats 3]
+Needs: pip install lungmask (not a lungcbir dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from lungcbir.datasets import kaggle_slices
+from lungcbir.inference import LungModel
+from lungcbir.io import read_file
+
+
+def best_of(repeats: int, work) -> float:
+    timings = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        work()
+        timings.append(time.perf_counter() - began)
+    return min(timings)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--weights")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = LungModel.load(args.weights)
+    size = model.input_size
+    parameters = sum(p.numel() for p in model.network.parameters())
+    with FlopCounterMode(display=False) as counter:
+        with torch.inference_mode():
+            model.network(torch.zeros(1, 1, size, size))
+    print(f"lungcbir model {model.model_id}: {parameters / 1e6:.2f} M parameters, "
+          f"{counter.get_total_flops() / 2 / 1e9:.2f} GMAC ({counter.get_total_flops() / 1e9:.2f} GFLOP) per slice "
+          f"at {size}x{size}, {args.threads} threads")
+    for batch in (1, 16):
+        inputs = np.random.default_rng(0).random((batch, size, size), dtype=np.float32)
+        model.run(inputs)  # warm-up
+        seconds = best_of(args.repeats, lambda: model.run(inputs))
+        print(f"  network, batch {batch:>2}: {batch / seconds:7.1f} slices/s")
+
+    slices = [read_file(s.image)[0] for s in kaggle_slices()["test"][:16]]
+    model.segment(slices[:2])
+    ours = 16 / best_of(args.repeats, lambda: model.segment(slices, batch_size=16))
+    print(f"  full pipeline, 16 Kaggle slices 512x512: {ours:7.1f} slices/s")
+
+    from lungmask import LMInferer
+    from lungmask.resunet import UNet as LungmaskUNet
+
+    torch.manual_seed(0)
+    r231 = LungmaskUNet(n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True, residual=False)
+    lm_parameters = sum(p.numel() for p in r231.parameters())
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "r231_random.pth")
+        torch.save(r231.state_dict(), path)
+        inferer = LMInferer(modelpath=path, force_cpu=True, batch_size=16, tqdm_disable=True)
+    torch.set_num_threads(args.threads)
+    volume = np.stack([np.clip(s.pixels, -1024, 3071) for s in slices]).astype(np.int16)
+    inferer.apply(volume[:2])
+    lungmask_rate = 16 / best_of(max(1, args.repeats - 1), lambda: inferer.apply(volume))
+    print(f"lungmask R231 (random weights, {lm_parameters / 1e6:.1f} M parameters), full pipeline, "
+          f"same 16 slices: {lungmask_rate:7.2f} slices/s")
+    print(f"ratio lungcbir / lungmask (full pipelines): {ours / lungmask_rate:.0f}x")
+
+
+if __name__ == "__main__":
+    main()
