@@ -361,6 +361,29 @@ def evaluate(images, masks, as_json, weights, device):
         click.echo(f"  {score.dice:.4f}  {score.path}")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (localhost only by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@store_options
+@model_options
+@friendly_errors
+def serve(host, port, db_url, index_dir, weights, device):
+    """Serve the web page and the REST API (OpenAPI docs at /docs).
+
+    \b
+    Example:
+      lungcbir serve --port 8000    # then open http://127.0.0.1:8000
+    """
+    import uvicorn
+
+    from .web import create_app
+
+    retriever = _retriever(db_url, index_dir, weights, device)
+    retriever.model  # load once before the first request, and fail early on bad weights
+    retriever.store(create=False)
+    uvicorn.run(create_app(retriever), host=host, port=port, log_level="info")
+
+
 @main.command("make-phantom")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--slices", default=12, show_default=True, type=click.IntRange(2, 500))
