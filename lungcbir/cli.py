@@ -7,6 +7,7 @@ Exit status (every command):
 * 2: bad usage or no usable input;
 * 3: model weights missing or unusable;
 * 4: database or index problem;
+* 5: another indexing run holds the write lock of the index (use ``--wait``);
 * 130: interrupted.
 """
 
@@ -99,10 +100,11 @@ def main() -> None:
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out matching files or folders (repeatable).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--wait", is_flag=True, help="Wait for another indexing run on the same index instead of failing.")
 @store_options
 @model_options
 @friendly_errors
-def index_dataset(paths, labels, exclude, batch_size, quiet, db_url, index_dir, weights, device):
+def index_dataset(paths, labels, exclude, batch_size, quiet, wait, db_url, index_dir, weights, device):
     """Index every CT image under PATHS (folders are walked recursively).
 
     Files already indexed (same SHA-256) are skipped; unreadable files are reported and
@@ -116,7 +118,7 @@ def index_dataset(paths, labels, exclude, batch_size, quiet, db_url, index_dir, 
 
     retriever = _retriever(db_url, index_dir, weights, device, batch_size)
     bar = tqdm(unit="file", disable=not _show_progress(quiet), file=sys.stderr)
-    report = retriever.index_dataset(paths, labels=labels, exclude=exclude,
+    report = retriever.index_dataset(paths, labels=labels, exclude=exclude, wait=wait,
                                      on_total=lambda total: setattr(bar, "total", total),
                                      on_file=lambda _: bar.update())
     bar.close()
@@ -267,6 +269,73 @@ def stats(as_json, db_url, index_dir):
         return
     for key, value in asdict(summary).items():
         click.echo(f"{key:>15}: {value if value is not None else '-'}")
+
+
+@main.command()
+@click.option("--files", "verify_files", is_flag=True, help="Also check that indexed files exist unchanged.")
+@store_options
+@friendly_errors
+def check(verify_files, db_url, index_dir):
+    """Verify that the database and the index agree (ids, count, dimension, model).
+
+    Prints each problem; exit status 4 if there is any.
+
+    \b
+    Example:
+      lungcbir check --files
+    """
+    from .store import Store
+
+    problems = Store(db_url, index_dir, create=False).check(verify_files)
+    for problem in problems:
+        click.echo(f"problem: {problem}")
+    if problems:
+        click.echo(f"{len(problems)} problem(s); `lungcbir rebuild-index` repairs index problems", err=True)
+        sys.exit(4)
+    click.echo("ok: database and index agree")
+
+
+@main.command("rebuild-index")
+@click.option("--wait", is_flag=True, help="Wait for a running indexing run to finish.")
+@store_options
+@friendly_errors
+def rebuild_index(wait, db_url, index_dir):
+    """Rebuild the FAISS index from the vectors stored in the database.
+
+    \b
+    Example:
+      lungcbir rebuild-index --index-dir index/
+    """
+    from .store import Store
+
+    store = Store(db_url, index_dir, create=False)
+    with store.write_lock(wait):
+        index = store.rebuild_index()
+    click.echo(f"rebuilt index: {index.ntotal} vectors of dimension {index.d}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--id", "ids", multiple=True, type=int, help="Row id to remove (repeatable).")
+@click.option("--under", multiple=True, type=click.Path(), help="Remove everything below this folder.")
+@click.option("--wait", is_flag=True, help="Wait for a running indexing run to finish.")
+@store_options
+@friendly_errors
+def remove(paths, ids, under, wait, db_url, index_dir):
+    """Remove images (by file PATH, --id or --under FOLDER) from the database and the index together.
+
+    \b
+    Example:
+      lungcbir remove --under /archive/old-study/
+    """
+    from .store import Store
+
+    if not (paths or ids or under):
+        raise click.UsageError("name what to remove: PATH..., --id N or --under FOLDER")
+    store = Store(db_url, index_dir, create=False)
+    with store.write_lock(wait):
+        removed = store.remove(store.ids_for(paths, ids, under))
+    click.echo(f"removed {removed} image(s)")
 
 
 @main.command()

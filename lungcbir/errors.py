@@ -28,3 +28,9 @@ class StoreError(LungCBIRError):
     """The database or FAISS index cannot be used as asked."""
 
     exit_code = 4
+
+
+class LockedError(StoreError):
+    """Another process holds the write lock of an index folder."""
+
+    exit_code = 5

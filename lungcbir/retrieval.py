@@ -135,14 +135,20 @@ class Retriever:
         return self.model.segment(slices, self.batch_size)
 
     def index_dataset(self, paths: Iterable[str | os.PathLike], labels: str | os.PathLike | dict | None = None,
-                      exclude: Iterable[str] = (),
+                      exclude: Iterable[str] = (), wait: bool = False,
                       on_file: Callable[[str], None] | None = None,
                       on_total: Callable[[int], None] | None = None) -> IndexReport:
         """Index every image under ``paths``; already indexed files (same sha256) are skipped.
 
         Unreadable files are recorded in the report and indexing goes on. Rows are committed
-        every :data:`FILES_PER_COMMIT` files, so an interrupted run keeps what it finished.
+        every :data:`FILES_PER_COMMIT` files, so an interrupted run keeps what it finished and
+        a rerun completes it. One run at a time writes to an index folder: a second raises
+        :class:`~lungcbir.errors.LockedError` or, with ``wait=True``, waits for the first.
         """
+        with self.store().write_lock(wait):
+            return self._index_locked(paths, labels, exclude, on_file, on_total)
+
+    def _index_locked(self, paths, labels, exclude, on_file, on_total) -> IndexReport:
         began = time.perf_counter()
         label_map = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else dict(labels or {})
         label_map = {os.path.abspath(k): v for k, v in label_map.items()}
@@ -172,9 +178,10 @@ class Retriever:
             if on_file:
                 on_file(path)
             if len(pending) >= FILES_PER_COMMIT or number == len(files):
-                report.indexed += self._store_slices(pending, label_map)
+                stored = self._store_slices(pending, label_map)
+                report.indexed += stored
+                report.skipped += len(pending) - stored  # stored meanwhile by a concurrent run
                 pending = []
-        report.indexed += self._store_slices(pending, label_map)
         store.index()  # make sure the saved index matches what was committed
         report.seconds = time.perf_counter() - began
         return report
@@ -185,8 +192,7 @@ class Retriever:
         results = self.segment_slices(slices)
         records = [self._record(item, result, label_map.get(os.path.abspath(item.path), {}))
                    for item, result in zip(slices, results)]
-        self.store().add(records, np.stack([r.vector for r in results]))
-        return len(records)
+        return len(self.store().add(records, np.stack([r.vector for r in results])))
 
     def _record(self, item: CTSlice, result: Segmentation, labels: dict) -> ImageRecord:
         spacing = item.pixel_spacing or (None, None)

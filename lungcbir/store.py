@@ -7,6 +7,8 @@ from the stored vectors whenever it is missing or out of step with the database.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -18,17 +20,18 @@ from typing import Iterable, Iterator, Sequence
 import faiss
 import numpy as np
 from sqlalchemy import (JSON, DateTime, Float, Integer, LargeBinary, String, Text, UniqueConstraint,
-                        create_engine, func, inspect, select)
+                        create_engine, delete, func, inspect, or_, select)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from .errors import StoreError
+from .errors import LockedError, StoreError
 
 DEFAULT_DB_URL = "sqlite:///db/lungcbir.sqlite"
 DEFAULT_INDEX_DIR = "index"
 INDEX_FILE = "lungcbir.faiss"
 INDEX_META_FILE = "lungcbir.faiss.json"
+LOCK_FILE = "write.lock"
 REBUILD_CHUNK = 10_000
 
 
@@ -187,28 +190,81 @@ class Store:
             return {(sha, frame) for sha, frame in rows}
 
     def add(self, records: Sequence[ImageRecord], vectors: np.ndarray) -> list[int]:
-        """Insert rows with their vectors in one transaction, then update the index file."""
+        """Insert rows with their vectors in one transaction, then update the index file.
+
+        A row whose (sha256, frame, model) is already stored, by this or a concurrent run, is
+        left alone (the unique constraint decides, not a check-then-insert). Returns the ids of
+        the rows inserted.
+        """
         if not records:
             return []
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         now = datetime.now(timezone.utc)
+        columns = [c.key for c in ImageRecord.__table__.columns if c.key != "id"]
+        rows = []
         for record, vector in zip(records, vectors):
-            record.vector = vector.tobytes()
-            record.indexed_at = now
+            record.vector, record.indexed_at = vector.tobytes(), now
+            rows.append({key: getattr(record, key) for key in columns})
+        position = {(r["sha256"], r["frame"], r["model_id"]): i for i, r in enumerate(rows)}
         try:
-            with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                session.add_all(records)
-                session.flush()
-                ids = [record.id for record in records]
+            with self.engine.begin() as connection:
+                statement = _insert_ignoring_duplicates(self.engine.dialect.name, rows)
+                inserted = connection.execute(statement.returning(
+                    ImageRecord.id, ImageRecord.sha256, ImageRecord.frame, ImageRecord.model_id)).all()
         except SQLAlchemyError as error:
             raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
-        index = self._load_or_rebuild_index(expected_extra=len(ids))
-        if index.ntotal + len(ids) == self.count():
-            index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
+        inserted = sorted(inserted)
+        ids = [row[0] for row in inserted]
+        new_vectors = vectors[[position[(row[1], row[2], row[3])] for row in inserted]]
+        self._index_after_insert(np.asarray(ids, dtype=np.int64), new_vectors)
+        return ids
+
+    def _index_after_insert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        index = self._index if self._index is not None else self._read_index_file()
+        if index is not None and index.ntotal + len(ids) == self.count():
+            if len(ids):
+                index.add_with_ids(vectors, ids)
             self._save_index(index)
         else:
-            self._index = None  # someone else wrote too; rebuild on next use
-        return ids
+            self.rebuild_index()
+
+    def remove(self, ids: Iterable[int]) -> int:
+        """Delete rows and their vectors together; returns how many rows were deleted."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return 0
+        index = self.index()
+        removed = 0
+        try:
+            with Session(self.engine) as session, session.begin():
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start:start + 500]
+                    removed += session.execute(delete(ImageRecord).where(ImageRecord.id.in_(chunk))).rowcount
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
+        index.remove_ids(np.asarray(ids, dtype=np.int64))
+        if index.ntotal == self.count():
+            self._save_index(index)
+        else:
+            self.rebuild_index()
+        return removed
+
+    def ids_for(self, paths: Iterable[str] = (), ids: Iterable[int] = (), under: Iterable[str] = ()) -> list[int]:
+        """Row ids of images with these exact paths, these ids, or paths below these folders."""
+        conditions = []
+        paths, ids, under = [os.path.abspath(p) for p in paths], list(ids), list(under)
+        if paths:
+            conditions.append(ImageRecord.path.in_(paths))
+        if ids:
+            conditions.append(ImageRecord.id.in_(ids))
+        for folder in under:
+            prefix = os.path.join(os.path.abspath(folder), "")
+            escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            conditions.append(ImageRecord.path.like(escaped + "%", escape="\\"))
+        if not conditions:
+            return []
+        with Session(self.engine) as session:
+            return list(session.scalars(select(ImageRecord.id).where(or_(*conditions)).order_by(ImageRecord.id)))
 
     def count(self) -> int:
         with Session(self.engine) as session:
@@ -251,63 +307,65 @@ class Store:
         return self.index_dir / INDEX_META_FILE
 
     def _index_meta(self) -> dict:
-        return {"model_id": self.model_id, "dimension": self.dimension, "count": self.count(),
-                "max_id": self._max_id()}
-
-    def _max_id(self) -> int:
         with Session(self.engine) as session:
-            return session.scalar(select(func.max(ImageRecord.id))) or 0
+            count, low, high = session.execute(
+                select(func.count(ImageRecord.id), func.min(ImageRecord.id), func.max(ImageRecord.id))).one()
+        return {"model_id": self.model_id, "dimension": self.dimension, "count": count or 0,
+                "min_id": low or 0, "max_id": high or 0}
 
     def _save_index(self, index: faiss.Index) -> None:
+        """Write the index and a note of the database state it matches, each atomically."""
         meta = self._index_meta()
-        meta["count"] = int(index.ntotal)
+        self._index = index
+        if meta["count"] != index.ntotal:
+            return  # the database moved on meanwhile; the next reader rebuilds
         try:
             _write_atomically(self.index_path, lambda path: faiss.write_index(index, path))
             _write_atomically(self.index_meta_path,
                               lambda path: Path(path).write_text(json.dumps(meta, indent=1)))
         except OSError as error:
             raise StoreError(f"cannot write the index in {self.index_dir}: {error.strerror}") from None
-        self._index = index
 
-    def _index_is_current(self) -> bool:
+    def _read_index_file(self) -> faiss.Index | None:
+        """The saved index if it exists, is readable and matches its note; else None."""
         try:
             saved = json.loads(self.index_meta_path.read_text())
-        except (OSError, ValueError):
-            return False
-        return saved == self._index_meta()
-
-    def _load_or_rebuild_index(self, expected_extra: int = 0) -> faiss.Index:
-        """The index matching the database before the last ``expected_extra`` rows were added."""
-        if self._index is not None and self._index.ntotal + expected_extra == self.count():
-            return self._index
-        if expected_extra == 0 and self._index_is_current() and self.index_path.exists():
-            try:
-                index = faiss.read_index(str(self.index_path))
-                if index.ntotal == self.count() and index.d == (self.dimension or index.d):
-                    self._index = index
-                    return index
-            except RuntimeError:
-                pass  # unreadable: rebuilt below
-        return self.rebuild_index(exclude_last=expected_extra)
+            index = faiss.read_index(str(self.index_path))
+        except (OSError, ValueError, RuntimeError):
+            return None
+        dimension = self.dimension
+        if saved.get("model_id") != self.model_id or (dimension and index.d != dimension) \
+                or index.ntotal != saved.get("count"):
+            return None
+        return index
 
     def index(self) -> faiss.Index:
-        """The FAISS index, rebuilt from the database first if it is missing or stale."""
-        return self._load_or_rebuild_index()
+        """The FAISS index, rebuilt from the database first if it is missing or out of step."""
+        meta = self._index_meta()
+        if self._index is not None and self._index.ntotal == meta["count"]:
+            return self._index
+        index = self._read_index_file()
+        if index is not None:
+            try:
+                saved = json.loads(self.index_meta_path.read_text())
+            except (OSError, ValueError):
+                saved = {}
+            if saved == meta:
+                self._index = index
+                return index
+        return self.rebuild_index()
 
-    def rebuild_index(self, exclude_last: int = 0) -> faiss.Index:
-        """Build a fresh exact inner-product index from the stored vectors and save it."""
-        dimension = self.dimension
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension or 1))
-        total = self.count() - exclude_last
-        added = 0
+    def rebuild_index(self) -> faiss.Index:
+        """Build a fresh exact inner-product index from the stored vectors (streamed) and save it."""
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dimension or 1))
         for ids, vectors in self.iter_vectors():
-            take = min(len(ids), total - added)
-            if take <= 0:
-                break
-            index.add_with_ids(vectors[:take], ids[:take])
-            added += take
-        if exclude_last == 0:
+            index.add_with_ids(vectors, ids)
+        try:
             self._save_index(index)
+        except StoreError:
+            if self.index_dir.exists() and os.access(self.index_dir, os.W_OK):
+                raise
+            self._index = index  # a read-only index folder: serve from memory
         return index
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -319,6 +377,87 @@ class Store:
             raise StoreError(f"query vectors have dimension {vectors.shape[1]}, the index {index.d}")
         scores, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, index.ntotal))
         return scores, ids
+
+    # -- writers and checks -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def write_lock(self, wait: bool = False):
+        """Hold the index folder's write lock: one writer at a time per index."""
+        try:
+            self.index_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.index_dir / LOCK_FILE, "a")
+        except OSError as error:
+            raise StoreError(f"cannot use the index folder {self.index_dir}: {error.strerror}") from None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockedError(f"another indexing run holds the lock on {self.index_dir}; "
+                                  f"try again later or pass --wait") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def check(self, verify_files: bool = False) -> list[str]:
+        """Everything wrong with the store, one line each; an empty list means all is well."""
+        problems = []
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as connection:
+                result = connection.exec_driver_sql("PRAGMA quick_check").scalar()
+            if result != "ok":
+                problems.append(f"database integrity check failed: {result}")
+        model_id, dimension = self.model_id, self.dimension
+        with Session(self.engine) as session:
+            others = session.scalar(select(func.count(ImageRecord.id)).where(ImageRecord.model_id != model_id))
+            if others:
+                problems.append(f"{others} rows were made by another model than {model_id}")
+            if dimension:
+                wrong = session.scalar(select(func.count(ImageRecord.id))
+                                       .where(func.length(ImageRecord.vector) != dimension * 4))
+                if wrong:
+                    problems.append(f"{wrong} rows hold vectors of the wrong length (dimension {dimension})")
+            stored_ids = set(session.scalars(select(ImageRecord.id)))
+        if not self.index_path.exists():
+            problems.append(f"index file {self.index_path} is missing")
+        else:
+            try:
+                index = faiss.read_index(str(self.index_path))
+            except RuntimeError:
+                problems.append(f"index file {self.index_path} is unreadable")
+            else:
+                if dimension and index.d != dimension:
+                    problems.append(f"index dimension {index.d} differs from the database's {dimension}")
+                indexed = set(faiss.vector_to_array(index.id_map).tolist()) if hasattr(index, "id_map") else set()
+                if indexed != stored_ids:
+                    problems.append(f"index and database disagree: {len(indexed - stored_ids)} vectors without "
+                                    f"a row, {len(stored_ids - indexed)} rows without a vector")
+                try:
+                    saved = json.loads(self.index_meta_path.read_text())
+                    if saved.get("model_id") != model_id:
+                        problems.append(f"index was built for model {saved.get('model_id')}, database holds {model_id}")
+                except (OSError, ValueError):
+                    problems.append(f"index note {self.index_meta_path} is missing or unreadable")
+        if verify_files:
+            problems.extend(self._check_files())
+        return problems
+
+    def _check_files(self) -> list[str]:
+        from .io import file_sha256
+
+        problems = []
+        with Session(self.engine) as session:
+            rows = session.execute(select(ImageRecord.path, ImageRecord.sha256).distinct()).all()
+        for path, digest in rows:
+            if not os.path.exists(path):
+                problems.append(f"{path}: indexed file no longer exists")
+            else:
+                try:
+                    if file_sha256(path) != digest:
+                        problems.append(f"{path}: file changed since it was indexed")
+                except OSError as error:
+                    problems.append(f"{path}: cannot read ({error.strerror})")
+        return problems
 
     # -- summary ------------------------------------------------------------------------------
 
@@ -342,3 +481,14 @@ def _reason(error: SQLAlchemyError) -> str:
     original = getattr(error, "orig", None) or error
     text = str(original).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
+
+
+def _insert_ignoring_duplicates(dialect: str, rows: list[dict]):
+    """INSERT ... ON CONFLICT DO NOTHING for the backends we support."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise StoreError(f"unsupported database backend {dialect!r}; use SQLite or PostgreSQL")
+    return insert(ImageRecord).values(rows).on_conflict_do_nothing()

@@ -105,3 +105,31 @@ def test_make_phantom_and_evaluate(run, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)["summary"]
     assert summary["images"] == 3 and 0.0 <= summary["dice_min"] <= summary["dice_mean"] <= 1.0
+
+
+def test_check_rebuild_remove(run, phantom_dir, store_paths):
+    assert run("index-dataset", str(phantom_dir / "png"), "--quiet").exit_code == 0
+    result = run("check", "--files", weights=False)
+    assert result.exit_code == 0 and "ok" in result.output
+    index_file = os.path.join(store_paths["index_dir"], "lungcbir.faiss")
+    os.unlink(index_file)
+    result = run("check", weights=False)
+    assert result.exit_code == 4 and "missing" in result.output
+    result = run("rebuild-index", weights=False)
+    assert result.exit_code == 0 and "12 vectors" in result.output
+    assert run("check", weights=False).exit_code == 0
+    one = str(phantom_dir / "png" / "phantom01" / "phantom01_s000.png")
+    assert "removed 1 image" in run("remove", one, weights=False).output
+    assert "removed 5 image" in run("remove", "--under", str(phantom_dir / "png" / "phantom01"), weights=False).output
+    assert run("check", weights=False).exit_code == 0
+    stats = json.loads(run("stats", "--json", weights=False).output)
+    assert stats["images"] == 6 and stats["index_vectors"] == 6
+    assert run("remove", weights=False).exit_code == 2
+
+
+def test_second_writer_is_refused(run, phantom_dir, store_paths):
+    from lungcbir.store import Store
+
+    with Store(**store_paths).write_lock():
+        result = run("index-dataset", str(phantom_dir / "png"), "--quiet")
+    assert result.exit_code == 5 and "holds the lock" in result.output
