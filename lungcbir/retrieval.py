@@ -15,10 +15,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import LungCBIRError, ReadError
+from .errors import LungCBIRError, ReadError, StoreError
 from .inference import LungModel, Segmentation
 from .io import CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file
-from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store
+from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store, safe_url
 
 #: Files read before a batch goes through the model and into the database.
 FILES_PER_COMMIT = 64
@@ -219,6 +219,9 @@ class Retriever:
         if k < 1:
             raise LungCBIRError("k must be at least 1")
         store = self.store(create=False)
+        if store.count() == 0:
+            raise StoreError(f"no images are indexed in {safe_url(self.db_url)}; "
+                             f"add some with `lungcbir index-dataset PATH`")
         if store.model_id not in (None, self.model.model_id):
             raise LungCBIRError(f"the database was indexed with model {store.model_id}, "
                                 f"but the model in use is {self.model.model_id}")

@@ -46,9 +46,35 @@ def phantom_dir(tmp_path_factory) -> Path:
     return out
 
 
+POSTGRES_URL = os.environ.get("LUNGCBIR_TEST_POSTGRES")
+
+
+def postgres_url() -> str:
+    """A PostgreSQL database emptied for one test; CI provides one, elsewhere it may be missing."""
+    if not POSTGRES_URL:
+        if os.environ.get("CI"):
+            pytest.fail("LUNGCBIR_TEST_POSTGRES is not set; .ci/run should start PostgreSQL")
+        pytest.skip("no PostgreSQL server: set LUNGCBIR_TEST_POSTGRES=postgresql+psycopg://user:pw@host/db")
+    from sqlalchemy import create_engine
+
+    from lungcbir.store import Base
+
+    engine = create_engine(POSTGRES_URL)
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+    return POSTGRES_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def store_paths(tmp_path) -> dict:
-    return {"db_url": f"sqlite:///{tmp_path / 'db' / 'test.sqlite'}", "index_dir": str(tmp_path / "index")}
+def store_paths(tmp_path, backend) -> dict:
+    """Database URL and index folder for one test, on SQLite and on PostgreSQL."""
+    url = f"sqlite:///{tmp_path / 'db' / 'test.sqlite'}" if backend == "sqlite" else postgres_url()
+    return {"db_url": url, "index_dir": str(tmp_path / "index")}
 
 
 @pytest.fixture(scope="session")
