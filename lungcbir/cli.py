@@ -60,10 +60,12 @@ def model_options(command):
     return command
 
 
-def _retriever(db_url=DEFAULT_DB_URL, index_dir=DEFAULT_INDEX_DIR, weights=None, device="cpu", batch_size=16):
+def _retriever(db_url=DEFAULT_DB_URL, index_dir=DEFAULT_INDEX_DIR, weights=None, device="cpu", batch_size=16,
+               **options):
     from .retrieval import Retriever
 
-    return Retriever(db_url=db_url, index_dir=index_dir, weights=weights, device=device, batch_size=batch_size)
+    return Retriever(db_url=db_url, index_dir=index_dir, weights=weights, device=device, batch_size=batch_size,
+                     **options)
 
 
 def _show_progress(quiet: bool) -> bool:
@@ -101,10 +103,12 @@ def main() -> None:
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--wait", is_flag=True, help="Wait for another indexing run on the same index instead of failing.")
+@click.option("--commit-every", default=64, show_default=True, type=click.IntRange(1),
+              help="Slices per database transaction; a killed run loses at most this many.")
 @store_options
 @model_options
 @friendly_errors
-def index_dataset(paths, labels, exclude, batch_size, quiet, wait, db_url, index_dir, weights, device):
+def index_dataset(paths, labels, exclude, batch_size, quiet, wait, commit_every, db_url, index_dir, weights, device):
     """Index every CT image under PATHS (folders are walked recursively).
 
     Files already indexed (same SHA-256) are skipped; unreadable files are reported and
@@ -116,7 +120,7 @@ def index_dataset(paths, labels, exclude, batch_size, quiet, wait, db_url, index
     """
     from tqdm import tqdm
 
-    retriever = _retriever(db_url, index_dir, weights, device, batch_size)
+    retriever = _retriever(db_url, index_dir, weights, device, batch_size, files_per_commit=commit_every)
     bar = tqdm(unit="file", disable=not _show_progress(quiet), file=sys.stderr)
     report = retriever.index_dataset(paths, labels=labels, exclude=exclude, wait=wait,
                                      on_total=lambda total: setattr(bar, "total", total),

@@ -106,12 +106,14 @@ class Retriever:
     """
 
     def __init__(self, db_url: str | None = None, index_dir: str | os.PathLike | None = None,
-                 weights: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 16) -> None:
+                 weights: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 16,
+                 files_per_commit: int = FILES_PER_COMMIT) -> None:
         self.db_url = db_url or os.environ.get("LUNGCBIR_DB") or DEFAULT_DB_URL
         self.index_dir = index_dir or os.environ.get("LUNGCBIR_INDEX_DIR") or DEFAULT_INDEX_DIR
         self.weights = weights
         self.device = device
         self.batch_size = batch_size
+        self.files_per_commit = files_per_commit
         self._model: LungModel | None = None
         self._store: Store | None = None
 
@@ -177,7 +179,7 @@ class Retriever:
                 pending.append(item)
             if on_file:
                 on_file(path)
-            if len(pending) >= FILES_PER_COMMIT or number == len(files):
+            if len(pending) >= self.files_per_commit or number == len(files):
                 stored = self._store_slices(pending, label_map)
                 report.indexed += stored
                 report.skipped += len(pending) - stored  # stored meanwhile by a concurrent run
