@@ -14,6 +14,7 @@ Intensity kinds:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections import defaultdict
@@ -142,7 +143,7 @@ def read_raster(path: str) -> CTSlice:
         raise ReadError(path, "not a decodable image (corrupt, truncated or not the format its name says)")
     if pixels.ndim == 3:
         channels = pixels.shape[2]
-        if channels == 1:
+        if channels in (1, 2):  # grey, or grey + alpha
             pixels = pixels[:, :, 0]
         elif channels in (3, 4):
             code = cv2.COLOR_BGRA2GRAY if channels == 4 else cv2.COLOR_BGR2GRAY
@@ -161,14 +162,12 @@ def read_raster(path: str) -> CTSlice:
 
 def _check_raster_size(path: str) -> None:
     """Refuse huge images from the header alone, before any pixel is allocated."""
-    try:
-        import PIL.Image  # optional: Pillow reads only the header here
+    import PIL.Image  # reads only the header here
 
-        PIL.Image.MAX_IMAGE_PIXELS = None
+    PIL.Image.MAX_IMAGE_PIXELS = None  # we apply our own limit below, without decoding
+    try:
         with PIL.Image.open(path) as image:
             width, height = image.size
-    except ImportError:
-        return
     except Exception:
         return  # not something Pillow understands; cv2 decides below
     if width * height > MAX_PIXELS:
@@ -186,11 +185,13 @@ def _replace_non_finite(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def _check_usable(path: str, pixels: np.ndarray) -> None:
+def _check_usable(path: str, pixels: np.ndarray, allow_constant: bool = False) -> None:
     if min(pixels.shape) < 8:
         raise ReadError(path, f"image is {pixels.shape[1]}x{pixels.shape[0]} pixels, too small to be a CT slice")
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).any():
         raise ReadError(path, "image holds no finite values")
+    if not allow_constant and pixels.min() == pixels.max():
+        raise ReadError(path, f"image is constant (every pixel is {pixels.flat[0]}), nothing to segment")
 
 
 def _pydicom():
@@ -299,7 +300,7 @@ def read_nifti(path: str) -> list[CTSlice]:
     for z in range(volume.shape[2]):
         # NIfTI stores (x, y); transpose so rows run anterior-posterior like DICOM display
         pixels = np.ascontiguousarray(volume[:, :, z].T)
-        _check_usable(path, pixels)
+        _check_usable(path, pixels, allow_constant=True)  # blank slices belong to the volume too
         slices.append(CTSlice(pixels=pixels, intensity=intensity, path=path, source_format="nifti",
                               frame=z, slice_index=z,
                               pixel_spacing=(float(zooms[1]), float(zooms[0]))))
@@ -319,8 +320,16 @@ def read_file(path: str | os.PathLike) -> list[CTSlice]:
     path = str(path)
     if not os.path.lexists(path):
         raise ReadError(path, "file does not exist")
-    if not os.path.exists(path):
-        raise ReadError(path, "broken symbolic link")
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ReadError(path, "symbolic link loop") from None
+        raise ReadError(path, "broken symbolic link") from None
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ReadError(printable(path), "file name is not valid UTF-8; rename the file") from None
     if os.path.isdir(path):
         raise ReadError(path, "is a folder, not a file")
     if not os.access(path, os.R_OK):
@@ -398,6 +407,11 @@ def dicom_series_positions(paths: Iterable[str]) -> dict[str, int]:
         for index, (_, path) in enumerate(sorted(members)):
             positions[path] = index
     return positions
+
+
+def printable(path: str) -> str:
+    """A path safe to print and store even when its bytes are not valid UTF-8."""
+    return os.fsencode(path).decode("utf-8", "replace")
 
 
 def _short(error: Exception) -> str:

@@ -155,6 +155,9 @@ class Retriever:
         label_map = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else dict(labels or {})
         label_map = {os.path.abspath(k): v for k, v in label_map.items()}
         files = list(find_image_files(paths, exclude))
+        if not files:
+            raise LungCBIRError(f"no images found in {', '.join(map(str, paths))} "
+                                f"(PNG, JPEG, BMP, TIFF, DICOM or NIfTI files)")
         if on_total:
             on_total(len(files))
         model, store = self.model, self.store()
@@ -167,7 +170,7 @@ class Retriever:
             try:
                 slices = read_file(path)
             except ReadError as error:
-                report.failures.append(ReadFailure(path, error.reason))
+                report.failures.append(ReadFailure(error.path, error.reason))
                 slices = []
             for item in slices:
                 if (item.sha256, item.frame) in known:

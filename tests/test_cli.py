@@ -58,7 +58,7 @@ def test_index_query_stats(run, phantom_dir, tmp_path):
 def test_index_reports_failures_with_status_1(run, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
-    cv2.imwrite(str(folder / "good.png"), np.full((64, 64), 80, np.uint8))
+    cv2.imwrite(str(folder / "good.png"), np.eye(64, dtype=np.uint8) * 200)
     (folder / "bad.png").write_bytes(b"garbage")
     result = run("index-dataset", str(folder), "--quiet")
     assert result.exit_code == 1

@@ -15,7 +15,7 @@ def write(path, pixels):
 
 
 def test_png_8bit_gray_is_uint8(tmp_path):
-    item = read_file(write(tmp_path / "a.png", np.full((32, 40), 100, np.uint8)))[0]
+    item = read_file(write(tmp_path / "a.png", np.arange(32 * 40, dtype=np.uint8).reshape(32, 40)))[0]
     assert item.intensity == "uint8" and item.shape == (32, 40) and item.source_format == "png"
     assert len(item.sha256) == 64
 
@@ -30,13 +30,14 @@ def test_png_16bit_is_minmax(tmp_path):
 def test_colour_png_becomes_gray(tmp_path, channels):
     pixels = np.zeros((16, 16, channels), np.uint8)
     pixels[..., :3] = 120
+    pixels[0, 1, :3] = 0
     item = read_file(write(tmp_path / "c.png", pixels))[0]
     assert item.pixels.ndim == 2 and int(item.pixels[0, 0]) == 120
 
 
 @pytest.mark.parametrize("suffix,name", [(".jpg", "jpeg"), (".bmp", "bmp")])
 def test_jpeg_and_bmp(tmp_path, suffix, name):
-    item = read_file(write(tmp_path / f"a{suffix}", np.full((20, 20), 50, np.uint8)))[0]
+    item = read_file(write(tmp_path / f"a{suffix}", np.tile(np.arange(20, dtype=np.uint8), (20, 1))))[0]
     assert item.source_format == name and item.intensity == "uint8"
 
 
@@ -49,6 +50,7 @@ def test_int16_tiff_with_air_is_hu(tmp_path):
 
 def test_float_tiff_nan_is_replaced(tmp_path):
     pixels = np.full((16, 16), -800.0, np.float32)
+    pixels[5:9] = 40.0
     pixels[0, 0] = np.nan
     pixels[1, 1] = np.inf
     item = read_file(write(tmp_path / "f.tif", pixels))[0]
@@ -129,8 +131,8 @@ def test_dicom_without_pixels(tmp_path):
 
 def test_walk_skips_non_images_and_honours_exclude(tmp_path):
     (tmp_path / "sub").mkdir()
-    write(tmp_path / "sub" / "a.png", np.zeros((16, 16), np.uint8))
-    write(tmp_path / "b.png", np.zeros((16, 16), np.uint8))
+    write(tmp_path / "sub" / "a.png", np.eye(16, dtype=np.uint8))
+    write(tmp_path / "b.png", np.eye(16, dtype=np.uint8))
     (tmp_path / "README.md").write_text("x")
     (tmp_path / "table.csv").write_text("x")
     assert [os.path.basename(p) for p in find_image_files([tmp_path])] == ["b.png", "a.png"]
