@@ -1,0 +1,42 @@
+"""Several real processes on one store: readers during a write, and a second writer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from lungcbir.phantom import write_phantom
+from lungcbir.retrieval import Retriever
+from lungcbir.store import Store
+
+
+def test_queries_during_indexing_and_a_second_writer(tmp_path, tiny_weights, store_paths):
+    write_phantom(tmp_path / "data", slices=20, size=64, patients=3)
+    base = [sys.executable, "-m", "lungcbir.cli", "index-dataset", "--quiet", "--db", store_paths["db_url"],
+            "--index-dir", store_paths["index_dir"], "--weights", tiny_weights]
+    # seed the store so queries have something to find from the start
+    subprocess.run([*base, str(tmp_path / "data" / "png" / "phantom01")], check=True, capture_output=True)
+    writer = subprocess.Popen([*base, "--commit-every", "3", "--batch-size", "3",
+                               str(tmp_path / "data" / "dicom"), str(tmp_path / "data" / "png")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    second = subprocess.run([*base, str(tmp_path / "data" / "png" / "phantom02")], capture_output=True, text=True)
+    probe = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
+    seen = []
+    while writer.poll() is None:
+        retriever = Retriever(weights=tiny_weights, **store_paths)
+        result = retriever.query(probe, k=500)
+        store = retriever.store()
+        ids = [n.id for n in result.neighbors]
+        assert len(ids) == len(set(ids))
+        assert set(store.records(ids)) == set(ids)  # never a vector without its row
+        seen.append(len(ids))
+    assert writer.returncode == 0, writer.stderr
+    if second.returncode != 0:  # it ran while the first held the lock
+        assert second.returncode == 5 and "holds the lock" in second.stderr
+    store = Store(**store_paths)
+    assert store.check() == [] and store.count() == 120
+    assert seen and seen == sorted(seen)  # readers only ever saw the store grow
