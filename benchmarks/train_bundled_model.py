@@ -21,14 +21,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", choices=["kaggle", "covid19"])
     parser.add_argument("--kaggle-repeats", type=int, default=2, help="oversample the smaller HU set")
+    parser.add_argument("--no-infection-head", action="store_true", help="segmentation-only training")
     args = parser.parse_args()
-    config = TrainConfig(epochs=args.epochs)
+    config = TrainConfig(epochs=args.epochs, infection_head=not args.no_infection_head)
     sources = {"kaggle": kaggle_slices(), "covid19": covid_slices()}
     if args.only:
         sources = {args.only: sources[args.only]}
     train_set, val_set = [], []
     for name, parts in sources.items():
-        loaded = [load_sample(s.image, s.mask, config.input_size, s.group) for s in parts["train"]]
+        loaded = [load_sample(s.image, s.mask, config.input_size, s.group,
+                              s.infection if config.infection_head else None) for s in parts["train"]]
         repeats = args.kaggle_repeats if name == "kaggle" and len(sources) > 1 else 1
         train_set += loaded * repeats
         val_set += [load_sample(s.image, s.mask, config.input_size, s.group) for s in parts["val"]]

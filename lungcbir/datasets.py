@@ -33,6 +33,7 @@ class LabelledSlice:
     mask: str
     group: str
     dataset: str
+    infection: str | None = None  # lesion mask, where the dataset has one
 
 
 def data_root() -> Path:
@@ -61,7 +62,7 @@ def covid_slices(root: Path | None = None) -> dict[str, list[LabelledSlice]]:
             patient = row["patient"]
             part = "test" if patient in COVID_TEST_PATIENTS else "val" if patient in COVID_VAL_PATIENTS else "train"
             parts[part].append(LabelledSlice(str(folder / "ct" / row["file"]), str(folder / "lungs" / row["file"]),
-                                             patient, "covid19"))
+                                             patient, "covid19", str(folder / "infection" / row["file"])))
     return parts
 
 

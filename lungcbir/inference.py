@@ -147,7 +147,7 @@ class LungModel:
         batch = torch.from_numpy(np.ascontiguousarray(inputs[:, None])).to(self.device)
         batch = batch.to(memory_format=torch.channels_last)
         logits, bottleneck = self.network.forward_with_bottleneck(batch)
-        probabilities = torch.sigmoid(logits.float())
+        probabilities = torch.sigmoid(logits[:, :1].float())  # channel 0: lungs (1: lesions, if trained)
         vectors = pool_bottleneck(bottleneck, probabilities, self.settings.pooling)
         return probabilities[:, 0].cpu().numpy(), vectors
 

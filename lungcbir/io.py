@@ -347,6 +347,17 @@ def read_file(path: str | os.PathLike) -> list[CTSlice]:
     return slices
 
 
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A ground-truth mask file (PNG/TIFF/...) as a boolean array; empty masks are fine."""
+    path = str(path)
+    pixels = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None
+    if pixels is None:
+        raise ReadError(path, "mask is missing or not a decodable image")
+    if pixels.ndim == 3:
+        pixels = pixels[..., 0]
+    return pixels > 0
+
+
 def find_image_files(paths: Iterable[str | os.PathLike], exclude: Iterable[str] = ()) -> Iterator[str]:
     """Walk files and folders recursively, yielding image files by name, sorted, each once.
 

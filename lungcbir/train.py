@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .errors import LungCBIRError, ReadError
 from .inference import ModelSettings, save_weights
-from .io import RASTER_SUFFIXES, find_image_files, read_file
+from .io import find_image_files, read_file, read_mask
 from .model import UNet, UNetConfig
 from .preprocess import PreprocessConfig, geometry_for, mask_to_model, normalize_intensity
 
@@ -48,6 +48,8 @@ class TrainConfig:
     depth: int = 5
     input_size: int = 256
     augment: bool = True
+    infection_head: bool = True  # second output channel learns lesions where masks exist
+    infection_weight: float = 0.5
 
 
 @dataclass
@@ -59,6 +61,7 @@ class TrainingSample:
     pixels: np.ndarray  # float32 raw values (HU, 0..255, ...) at input_size x input_size
     intensity: str
     mask: np.ndarray  # uint8 {0, 1} at input_size x input_size
+    infection: np.ndarray | None = None  # uint8 {0, 1} lesion mask where one is known
 
 
 @dataclass
@@ -92,12 +95,16 @@ def _stem(path: str) -> str:
     return name[:-7] if name.lower().endswith(".nii.gz") else os.path.splitext(name)[0]
 
 
-def load_sample(image_path: str, mask_path: str, input_size: int, group: str | None = None) -> TrainingSample:
-    """Read a 2-D image and its mask, pad to square and resize both to the model input."""
+def load_sample(image_path: str, mask_path: str, input_size: int, group: str | None = None,
+                infection_path: str | None = None) -> TrainingSample:
+    """Read a 2-D image and its mask (and lesion mask), pad to square and resize to the model input."""
     item = read_file(image_path)[0]
-    mask = read_file(mask_path)[0].pixels > 0
+    mask = read_mask(mask_path)
     if mask.shape != item.shape:
         raise ReadError(mask_path, f"mask is {mask.shape}, image is {item.shape}")
+    infection = None
+    if infection_path is not None:
+        infection = mask_to_model(read_mask(infection_path), input_size)
     geometry = geometry_for(item.shape)
     pixels = item.pixels.astype(np.float32)
     floor = float(pixels.min())
@@ -105,7 +112,7 @@ def load_sample(image_path: str, mask_path: str, input_size: int, group: str | N
     square[geometry.top:geometry.top + geometry.height, geometry.left:geometry.left + geometry.width] = pixels
     square = cv2.resize(square, (input_size, input_size), interpolation=cv2.INTER_LANCZOS4)
     return TrainingSample(_stem(image_path), group or _stem(image_path), square, item.intensity,
-                          mask_to_model(mask, input_size))
+                          mask_to_model(mask, input_size), infection)
 
 
 def random_unit_image(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, float]) -> np.ndarray:
@@ -140,26 +147,27 @@ def _clahe(unit: np.ndarray, clip: float) -> np.ndarray:
 
 
 def augment(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """One random training view of a sample: (image in [0, 1], mask)."""
+    """One random training view: image in [0, 1] and labels ``(2, S, S)`` (lungs, lesions)."""
     image = random_unit_image(sample, rng, hu_window)
-    mask = sample.mask
+    infection = sample.infection if sample.infection is not None else np.zeros_like(sample.mask)
+    labels = np.dstack([sample.mask, infection])
     size = image.shape[0]
     # geometry: flips and quarter turns (archives store slices in any orientation), then affine
     if rng.random() < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
+        image, labels = image[:, ::-1], labels[:, ::-1]
     if rng.random() < 0.3:
-        image, mask = image[::-1], mask[::-1]
+        image, labels = image[::-1], labels[::-1]
     if rng.random() < 0.3:
         turns = rng.randint(1, 3)
-        image, mask = np.rot90(image, turns), np.rot90(mask, turns)
+        image, labels = np.rot90(image, turns), np.rot90(labels, turns)
     angle = rng.uniform(-15, 15)
     scale = math.exp(rng.uniform(math.log(0.75), math.log(1.25)))
     matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
     matrix[:, 2] += [rng.uniform(-0.08, 0.08) * size, rng.uniform(-0.08, 0.08) * size]
     image = cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), flags=cv2.INTER_LINEAR,
                            borderMode=cv2.BORDER_CONSTANT, borderValue=float(image.min()))
-    mask = cv2.warpAffine(np.ascontiguousarray(mask), matrix, (size, size), flags=cv2.INTER_NEAREST,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    labels = cv2.warpAffine(np.ascontiguousarray(labels), matrix, (size, size), flags=cv2.INTER_NEAREST,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     # intensity: gamma, contrast, blur, noise
     if rng.random() < 0.5:
         image = np.power(np.clip(image, 0, 1), math.exp(rng.uniform(-0.4, 0.4)))
@@ -170,7 +178,7 @@ def augment(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, 
     if rng.random() < 0.3:
         noise = np.random.default_rng(rng.randrange(2**31)).normal(0, rng.uniform(0.01, 0.06), image.shape)
         image = image + noise.astype(np.float32)
-    return np.clip(image, 0, 1).astype(np.float32), mask.astype(np.float32)
+    return np.clip(image, 0, 1).astype(np.float32), labels.transpose(2, 0, 1).astype(np.float32)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -198,7 +206,7 @@ def _validate(network: UNet, samples: Sequence[TrainingSample], hu_window, devic
             chunk = samples[start:start + 16]
             batch = np.stack([normalize_intensity(s.pixels, s.intensity, hu_window) for s in chunk])
             logits = network(torch.from_numpy(batch[:, None]).to(device))
-            predictions = (logits[:, 0] > 0).cpu().numpy()
+            predictions = (logits[:, 0] > 0).cpu().numpy()  # channel 0: lungs
             scores.extend(dice_score(p, s.mask) for p, s in zip(predictions, chunk))
     network.train()
     return scores
@@ -220,7 +228,8 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     preprocess = PreprocessConfig(input_size=config.input_size)
-    unet_config = UNetConfig(base_channels=config.base_channels, depth=config.depth)
+    unet_config = UNetConfig(base_channels=config.base_channels, depth=config.depth,
+                             out_channels=2 if config.infection_head else 1)
     network = UNet(unet_config).to(device)
     optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, len(train_samples) // config.batch_size)
@@ -253,11 +262,16 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
             if config.augment:
                 views = [augment(s, rng, preprocess.hu_window) for s in chosen]
             else:
-                views = [(normalize_intensity(s.pixels, s.intensity, preprocess.hu_window), s.mask.astype(np.float32))
-                         for s in chosen]
+                views = [(normalize_intensity(s.pixels, s.intensity, preprocess.hu_window),
+                          np.stack([s.mask, s.infection if s.infection is not None else np.zeros_like(s.mask)])
+                          .astype(np.float32)) for s in chosen]
             images = torch.from_numpy(np.stack([v[0] for v in views])[:, None]).to(device)
-            masks = torch.from_numpy(np.stack([v[1] for v in views])[:, None]).to(device)
-            loss = dice_loss(network(images), masks)
+            labels = torch.from_numpy(np.stack([v[1] for v in views])).to(device)
+            logits = network(images)
+            loss = dice_loss(logits[:, :1], labels[:, :1])
+            known = torch.tensor([s.infection is not None for s in chosen], device=device)
+            if config.infection_head and known.any():
+                loss = loss + config.infection_weight * dice_loss(logits[known][:, 1:2], labels[known][:, 1:2])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

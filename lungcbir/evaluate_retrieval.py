@@ -1,0 +1,280 @@
+"""Retrieval quality on the shared real data: anatomical level, infection, diagnosis, contrast.
+
+Every measure excludes the query itself and every slice of the query's own patient, and every
+database is a single dataset, so a feature cannot score by recognising the source; a separate
+confound measure reports how often neighbours come from the query's own dataset when all
+datasets are mixed. Each number is shown beside its chance level.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from .datasets import data_root
+from .features import pool_bottleneck
+from .inference import LungModel
+from .io import CTSlice, dicom_series_positions, find_image_files, read_file
+from .preprocess import normalize_intensity, to_model_input
+
+#: Slices whose predicted lung fraction is below this are outside the lungs (level measure).
+LUNG_PRESENT = 0.01
+
+
+@dataclass
+class BenchmarkSlice:
+    """One real slice with everything the retrieval measures need to know about it."""
+
+    slice: CTSlice
+    dataset: str
+    patient: str
+    series: str
+    index_in_series: int | None = None
+    level: float | None = None  # 0 = lung apex, 1 = lung base
+    infected: bool | None = None
+    infection_fraction: float | None = None
+    contrast: bool | None = None
+    diagnosis: str | None = None
+
+
+@dataclass
+class Measure:
+    task: str
+    metric: str
+    chance: float
+    values: dict[str, float] = field(default_factory=dict)
+    lower_is_better: bool = False
+
+
+FeatureFunction = Callable[[Sequence[CTSlice]], np.ndarray]
+
+
+def load_benchmark(root: Path | None = None) -> list[BenchmarkSlice]:
+    """Read the shared data used by the retrieval measures (about 900 slices)."""
+    root = root or data_root()
+    items: list[BenchmarkSlice] = []
+    # covid-ct-md: six DICOM series, diagnosis per series, infection labels per slice for four
+    md = root / "covid-ct-md"
+    labels = {}
+    with open(md / "slice_labels.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            labels[row["file"]] = row["infection"] == "1"
+    diagnosis = {"covid": "COVID-19", "cap": "CAP", "normal": "normal"}
+    for folder in sorted(p for p in md.glob("*/*") if p.is_dir() and p.parent.name in diagnosis):
+        files = list(find_image_files([folder]))
+        positions = dicom_series_positions(files)
+        for path in files:
+            item = read_file(path)[0]
+            items.append(BenchmarkSlice(item, "covid-ct-md", folder.name, folder.name, positions[path],
+                                        infected=labels.get(Path(path).name),
+                                        diagnosis=diagnosis[folder.parent.name]))
+    # covid19-ct-lungmask: infection fraction from the lesion masks
+    lungmask = root / "covid19-ct-lungmask"
+    with open(lungmask / "manifest.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            item = read_file(lungmask / "ct" / row["file"])[0]
+            fraction = int(row["infection_px"]) / max(1, int(row["lung_px"]))
+            items.append(BenchmarkSlice(item, "covid19-ct-lungmask", row["patient"], row["volume"], int(row["k"]),
+                                        infected=True, infection_fraction=fraction))
+    # tcga: contrast yes/no; the duplicated pixel pairs keep one member each
+    tcga = root / "tcga-ct-slices"
+    duplicates = {6, 13, 34, 66, 85, 99}
+    with open(tcga / "overview.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if int(row["id"]) in duplicates:
+                continue
+            item = read_file(tcga / "dicom" / row["dicom_name"])[0]
+            items.append(BenchmarkSlice(item, "tcga-ct-slices", item.patient_id or row["id"], item.series_uid or "",
+                                        contrast=row["Contrast"] == "True"))
+    return items
+
+
+def assign_levels(items: list[BenchmarkSlice], lung_fractions: np.ndarray) -> None:
+    """Relative level within the lungs of each covid-ct-md slice, from predicted lung masks."""
+    by_series: dict[str, list[int]] = {}
+    for number, item in enumerate(items):
+        if item.dataset == "covid-ct-md":
+            by_series.setdefault(item.series, []).append(number)
+    for members in by_series.values():
+        members.sort(key=lambda n: items[n].index_in_series)
+        inside = [n for n in members if lung_fractions[n] >= LUNG_PRESENT]
+        if len(inside) < 2:
+            continue
+        first, last = items[inside[0]].index_in_series, items[inside[-1]].index_in_series
+        for n in inside:
+            items[n].level = (items[n].index_in_series - first) / (last - first)
+
+
+# -- features ---------------------------------------------------------------------------------
+
+
+def raw_pixel_features(slices: Sequence[CTSlice], side: int = 32) -> np.ndarray:
+    """Baseline: the lung-windowed slice resized to 32x32, L2-normalised."""
+    vectors = []
+    for item in slices:
+        unit = normalize_intensity(item.pixels, item.intensity)
+        square, _ = to_model_input(unit, side * 8)
+        small = cv2.resize(square, (side, side), interpolation=cv2.INTER_AREA).ravel()
+        vectors.append(small / max(np.linalg.norm(small), 1e-8))
+    return np.asarray(vectors, np.float32)
+
+
+@dataclass
+class Encoded:
+    """Bottlenecks and lung probabilities of a model for a list of slices."""
+
+    bottlenecks: torch.Tensor
+    probabilities: torch.Tensor
+    lung_fractions: np.ndarray
+
+
+def encode(model: LungModel, slices: Sequence[CTSlice], batch_size: int = 32) -> Encoded:
+    bottlenecks, probabilities = [], []
+    with torch.inference_mode():
+        for start in range(0, len(slices), batch_size):
+            inputs = np.stack([model.prepare(s)[0] for s in slices[start:start + batch_size]])
+            batch = torch.from_numpy(inputs[:, None]).to(memory_format=torch.channels_last)
+            logits, bottleneck = model.network.forward_with_bottleneck(batch)
+            bottlenecks.append(bottleneck.float())
+            probabilities.append(torch.sigmoid(logits.float()))
+    probability = torch.cat(probabilities)
+    return Encoded(torch.cat(bottlenecks), probability, (probability[:, 0] > 0.5).float().mean((1, 2)).numpy())
+
+
+def pooled(encoded: Encoded, method: str) -> np.ndarray:
+    return pool_bottleneck(encoded.bottlenecks, encoded.probabilities, method)
+
+
+def whiten(vectors: np.ndarray, groups: np.ndarray, dimension: int = 256) -> np.ndarray:
+    """PCA-whitening fitted on each database (dataset) separately, then L2-normalised."""
+    out = np.zeros((len(vectors), min(dimension, vectors.shape[1])), np.float32)
+    for group in np.unique(groups):
+        rows = groups == group
+        data = vectors[rows] - vectors[rows].mean(0)
+        u, s, vt = np.linalg.svd(data, full_matrices=False)
+        keep = min(dimension, len(s))
+        projected = data @ vt[:keep].T / (s[:keep] / np.sqrt(len(data)) + 1e-6 * s[0])
+        out[rows, :keep] = projected
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-8)
+
+
+# -- measures ---------------------------------------------------------------------------------
+
+
+def _ranked(similarity_row: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    return candidates[np.argsort(-similarity_row[candidates], kind="stable")]
+
+
+def measure(items: list[BenchmarkSlice], vectors: np.ndarray) -> dict[tuple[str, str], tuple[float, float, bool]]:
+    """All measures for one feature: {(task, metric): (value, chance, lower_is_better)}."""
+    similarity = vectors @ vectors.T
+    patients = np.array([i.patient for i in items])
+    datasets = np.array([i.dataset for i in items])
+    results: dict[tuple[str, str], tuple[float, float, bool]] = {}
+
+    # anatomical level: one series as database, every slice of another patient's series as query
+    md = [n for n, i in enumerate(items) if i.dataset == "covid-ct-md" and i.level is not None]
+    series = sorted({items[n].series for n in md})
+    top1, top5, chance = [], [], []
+    for query_series in series:
+        for database_series in series:
+            if query_series == database_series:
+                continue
+            database = np.array([n for n in md if items[n].series == database_series])
+            levels = np.array([items[n].level for n in database])
+            for q in (n for n in md if items[n].series == query_series):
+                order = _ranked(similarity[q], database)
+                found = np.array([items[n].level for n in order])
+                top1.append(abs(found[0] - items[q].level))
+                top5.append(np.abs(found[:5] - items[q].level).mean())
+                chance.append(np.abs(levels - items[q].level).mean())
+    results[("anatomical level (covid-ct-md)", "top-1 level error")] = (float(np.mean(top1)), float(np.mean(chance)), True)
+    results[("anatomical level (covid-ct-md)", "top-5 level error")] = (float(np.mean(top5)), float(np.mean(chance)), True)
+
+    def precision_block(task: str, queries: list[int], pool: np.ndarray, relevant: Callable[[int, int], bool]):
+        p = {1: [], 5: [], 10: []}
+        recall10, average_precisions, chance_values = [], [], []
+        for q in queries:
+            candidates = pool[patients[pool] != patients[q]]
+            order = _ranked(similarity[q], candidates)
+            hits = np.array([relevant(q, n) for n in order])
+            total = hits.sum()
+            chance_values.append(hits.mean())
+            for k in p:
+                p[k].append(hits[:k].mean())
+            recall10.append(hits[:10].sum() / total if total else 0.0)
+            if total:
+                ranks = np.flatnonzero(hits) + 1
+                average_precisions.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+        level = float(np.mean(chance_values))
+        for k, values in p.items():
+            results[(task, f"precision@{k}")] = (float(np.mean(values)), level, False)
+        results[(task, "mAP")] = (float(np.mean(average_precisions)), level, False)
+        chance_recall = float(np.mean([min(10, len(pool)) / len(pool) for _ in queries]))
+        results[(task, "recall@10")] = (float(np.mean(recall10)), chance_recall, False)
+
+    md_all = np.array([n for n, i in enumerate(items) if i.dataset == "covid-ct-md" and i.level is not None])
+    precision_block("diagnosis (covid-ct-md, 3 classes)", list(md_all),
+                    md_all, lambda q, n: items[q].diagnosis == items[n].diagnosis)
+    labelled = np.array([n for n, i in enumerate(items) if i.dataset == "covid-ct-md" and i.infected is not None])
+    precision_block("infected slices (covid-ct-md labels)", [n for n in labelled if items[n].infected],
+                    labelled, lambda q, n: bool(items[n].infected))
+    tcga = np.array([n for n, i in enumerate(items) if i.dataset == "tcga-ct-slices"])
+    precision_block("contrast agent (tcga-ct-slices)", list(tcga), tcga,
+                    lambda q, n: items[q].contrast == items[n].contrast)
+
+    # infection burden: rank correlation between a query's infection fraction and its neighbours'
+    covid = np.array([n for n, i in enumerate(items) if i.dataset == "covid19-ct-lungmask"])
+    fractions = np.array([items[n].infection_fraction for n in range(len(items))], dtype=object)
+    query_values, neighbour_values = [], []
+    for q in covid:
+        candidates = covid[patients[covid] != patients[q]]
+        order = _ranked(similarity[q], candidates)[:5]
+        query_values.append(fractions[q])
+        neighbour_values.append(np.mean([fractions[n] for n in order]))
+    results[("infection burden (covid19-ct-lungmask)", "Spearman rho, top-5")] = (
+        _spearman(np.array(query_values, float), np.array(neighbour_values, float)), 0.0, False)
+
+    # confound: neighbours from the query's own dataset when every dataset is in one database
+    everything = np.arange(len(items))
+    same, expected = [], []
+    for q in everything:
+        candidates = everything[patients != patients[q]]
+        order = _ranked(similarity[q], candidates)[:10]
+        same.append(np.mean(datasets[order] == datasets[q]))
+        expected.append(np.mean(datasets[candidates] == datasets[q]))
+    results[("confound: mixed database", "top-10 from own dataset")] = (float(np.mean(same)), float(np.mean(expected)), True)
+    return results
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks_a = np.argsort(np.argsort(a)).astype(float)
+    ranks_b = np.argsort(np.argsort(b)).astype(float)
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
+def compare(items: list[BenchmarkSlice], features: dict[str, np.ndarray]) -> list[Measure]:
+    """Run every measure for every named feature; one :class:`Measure` per row of the table."""
+    table: dict[tuple[str, str], Measure] = {}
+    for name, vectors in features.items():
+        for (task, metric), (value, chance, lower) in measure(items, vectors).items():
+            row = table.setdefault((task, metric), Measure(task, metric, chance, lower_is_better=lower))
+            row.values[name] = value
+    return list(table.values())
+
+
+def format_table(measures: list[Measure]) -> str:
+    names = list(measures[0].values)
+    width = max(10, *(len(n) for n in names))
+    lines = [f"{'task':<40} {'metric':<24} {'chance':>8} " + " ".join(f"{n:>{width}}" for n in names)]
+    for row in measures:
+        arrow = " (lower is better)" if row.lower_is_better else ""
+        lines.append(f"{row.task:<40} {row.metric + arrow:<24} {row.chance:8.3f} "
+                     + " ".join(f"{row.values[n]:>{width}.3f}" for n in names))
+    return "\n".join(lines)
