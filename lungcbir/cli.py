@@ -171,10 +171,12 @@ def _read_inputs(paths):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query slice, one per line.")
 @click.option("--where", multiple=True, metavar="KEY=VALUE",
               help="Only stored slices whose label or metadata KEY equals VALUE (repeatable).")
+@click.option("--per-patient", default=1, show_default=True, type=click.IntRange(0),
+              help="At most this many results per patient/series (0: no limit), so results are different cases.")
 @store_options
 @model_options
 @friendly_errors
-def query(images, k, out, as_json, where, db_url, index_dir, weights, device):
+def query(images, k, out, as_json, where, per_patient, db_url, index_dir, weights, device):
     """Find the K stored slices most similar to each query IMAGE.
 
     Writes the lung mask (0/255, the image's own size) and an overlay of the lung contour
@@ -191,7 +193,7 @@ def query(images, k, out, as_json, where, db_url, index_dir, weights, device):
     folder = _ensure_folder(out)
     inputs, failures = _read_inputs(images)
     for path, slices in inputs:
-        for result in retriever.query_slices(slices, k, filters):
+        for result in retriever.query_slices(slices, k, filters, per_patient):
             name = result.query.name
             mask_path, overlay_path = folder / f"{name}_mask.png", folder / f"{name}_overlay.png"
             write_png(str(mask_path), mask_png(result.mask))

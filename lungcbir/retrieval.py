@@ -210,16 +210,18 @@ class Retriever:
                            model_id=self.model.model_id)
 
     def query(self, image: str | os.PathLike | CTSlice | np.ndarray, k: int = 5,
-              where: dict[str, str] | None = None) -> QueryResult:
+              where: dict[str, str] | None = None, per_patient: int = 1) -> QueryResult:
         """Segment one slice and find the ``k`` most similar stored slices.
 
         ``where`` keeps only stored slices whose labels or metadata (``patient_id``,
-        ``series_uid``, ``source_format``) equal the given values.
+        ``series_uid``, ``source_format``) equal the given values. ``per_patient`` returns at
+        most that many slices of one patient (or series, or volume), so the top k are k
+        different cases; 0 turns this off.
         """
-        return self.query_slices([as_slice(image)], k, where)[0]
+        return self.query_slices([as_slice(image)], k, where, per_patient)[0]
 
-    def query_slices(self, slices: Sequence[CTSlice], k: int = 5,
-                     where: dict[str, str] | None = None) -> list[QueryResult]:
+    def query_slices(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
+                     per_patient: int = 1) -> list[QueryResult]:
         """:meth:`query` for many slices at once."""
         if k < 1:
             raise LungCBIRError("k must be at least 1")
@@ -231,25 +233,40 @@ class Retriever:
             raise LungCBIRError(f"the database was indexed with model {store.model_id}, "
                                 f"but the model in use is {self.model.model_id}")
         results = self.segment_slices(slices)
-        # a filter is applied to a larger candidate list, then cut to k
-        candidates = k if not where else max(k * 50, 500)
+        # filters and per-patient collapsing work on a larger candidate list, then cut to k
+        candidates = k if not (where or per_patient) else max(k * 50, 500)
         scores, ids = store.search(np.stack([r.vector for r in results]), candidates)
         rows = store.records(ids[ids >= 0].ravel())
         answers = []
         for item, result, row_scores, row_ids in zip(slices, results, scores, ids):
             neighbors = []
+            per_case: dict[str, int] = {}
             for score, identifier in zip(row_scores, row_ids):
                 record = rows.get(int(identifier))
                 if record is None or not _matches(record, where):
                     continue  # removed since the index was read, or filtered out
                 if len(neighbors) == k:
                     break
+                if per_patient:
+                    case = case_key(record)
+                    if per_case.get(case, 0) >= per_patient:
+                        continue
+                    per_case[case] = per_case.get(case, 0) + 1
                 neighbors.append(Neighbor(rank=len(neighbors) + 1, id=record.id, path=record.path,
                                           score=float(score), patient_id=record.patient_id,
                                           series_uid=record.series_uid, slice_index=record.slice_index,
                                           labels=dict(record.labels or {})))
             answers.append(QueryResult(item, result.mask, result.lung_fraction, neighbors))
         return answers
+
+
+def case_key(record: ImageRecord) -> str:
+    """What counts as one case: the patient, else the series, else the volume file, else the file."""
+    if record.patient_id:
+        return f"patient:{record.patient_id}"
+    if record.series_uid:
+        return f"series:{record.series_uid}"
+    return f"file:{record.path}"
 
 
 def _matches(record: ImageRecord, where: dict[str, str] | None) -> bool:

@@ -145,14 +145,15 @@ def create_app(retriever: Retriever) -> FastAPI:
         return {"status": "ok"}
 
     @app.post("/api/query")
-    def api_query(file: UploadFile = File(...), k: int = Form(5), where: str = Form("")) -> dict:
+    def api_query(file: UploadFile = File(...), k: int = Form(5), where: str = Form(""),
+                  per_patient: int = Form(1)) -> dict:
         """Upload a slice; get its lung fraction, mask and overlay URLs and the k nearest stored slices."""
         if not 1 <= k <= 100:
             raise HTTPException(422, "k must be between 1 and 100")
         filters = parse_where(where)
         item = read_upload(file)
         with model_lock:
-            result = retriever.query_slices([item], k, filters)[0]
+            result = retriever.query_slices([item], k, filters, max(0, per_patient))[0]
         token = render(result)
         return {"query": item.path, "mask": f"/api/results/{token}/mask.png",
                 "overlay": f"/api/results/{token}/overlay.png", "lung_fraction": round(result.lung_fraction, 6),

@@ -39,7 +39,7 @@ def test_index_query_stats(run, phantom_dir, tmp_path):
     assert "indexed 0, skipped 12" in again.output
     image = str(phantom_dir / "png" / "phantom02" / "phantom02_s004.png")
     out = tmp_path / "out"
-    result = run("query", image, "--k", "3", "--out", str(out), "--json")
+    result = run("query", image, "--k", "3", "--out", str(out), "--json", "--per-patient", "0")
     assert result.exit_code == 0, result.output
     answer = json.loads(result.output.strip().splitlines()[0])
     assert set(answer) == {"query", "mask", "overlay", "lung_fraction", "neighbors"}

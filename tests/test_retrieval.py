@@ -13,7 +13,7 @@ def test_index_then_query_finds_itself(phantom_dir, tiny_weights, store_paths):
     assert (report.indexed, report.skipped, report.failed) == (24, 0, 0)
     query = phantom_dir / "dicom" / "phantom01"
     probe = sorted(os.listdir(query))[2]
-    result = retriever.query(query / probe, k=3)
+    result = retriever.query(query / probe, k=3, per_patient=0)
     assert result.neighbors[0].path == str((query / probe).resolve())
     assert result.neighbors[0].patient_id == "PHANTOM01"
     assert result.neighbors[0].slice_index is not None
@@ -64,7 +64,18 @@ def test_where_filters_on_labels_and_metadata(phantom_dir, tiny_weights, store_p
     labels.write_text("path,diagnosis\n" + "".join(f"{png / n},{'a' if i % 2 else 'b'}\n" for i, n in enumerate(names)))
     retriever = Retriever(weights=tiny_weights, **store_paths)
     retriever.index_dataset([png, phantom_dir / "dicom" / "phantom02"], labels=labels)
-    result = retriever.query(png / names[0], k=10, where={"diagnosis": "a"})
+    result = retriever.query(png / names[0], k=10, where={"diagnosis": "a"}, per_patient=0)
     assert len(result.neighbors) == 3 and all(n.labels["diagnosis"] == "a" for n in result.neighbors)
-    result = retriever.query(png / names[0], k=4, where={"patient_id": "PHANTOM02"})
+    result = retriever.query(png / names[0], k=4, where={"patient_id": "PHANTOM02"}, per_patient=0)
     assert len(result.neighbors) == 4 and {n.patient_id for n in result.neighbors} == {"PHANTOM02"}
+
+
+def test_per_patient_collapses_cases(phantom_dir, tiny_weights, store_paths):
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "dicom"])
+    probe = sorted((phantom_dir / "dicom" / "phantom01").iterdir())[0]
+    collapsed = retriever.query(probe, k=5)
+    assert [n.patient_id for n in collapsed.neighbors] in (["PHANTOM01", "PHANTOM02"], ["PHANTOM02", "PHANTOM01"])
+    two_each = retriever.query(probe, k=5, per_patient=2)
+    assert len(two_each.neighbors) == 4
+    assert len(retriever.query(probe, k=5, per_patient=0).neighbors) == 5

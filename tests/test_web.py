@@ -42,7 +42,7 @@ def test_health_page_and_openapi(client):
 
 def test_query_returns_cli_structure_plus_urls(client, phantom_dir):
     answer = client.post("/api/query", files={"file": ("q.png", phantom_png(phantom_dir), "image/png")},
-                         data={"k": "4"}).json()
+                         data={"k": "4", "per_patient": "0"}).json()
     assert {"query", "mask", "overlay", "lung_fraction", "neighbors"} <= set(answer)
     assert answer["query"] == "q.png" and len(answer["neighbors"]) == 4
     first = answer["neighbors"][0]
@@ -60,7 +60,7 @@ def test_query_returns_cli_structure_plus_urls(client, phantom_dir):
 
 def test_query_filter(client, phantom_dir):
     answer = client.post("/api/query", files={"file": ("q.png", phantom_png(phantom_dir))},
-                         data={"k": "20", "where": "patient_id=PHANTOM02"}).json()
+                         data={"k": "20", "where": "patient_id=PHANTOM02", "per_patient": "0"}).json()
     assert len(answer["neighbors"]) == 6 and {n["patient_id"] for n in answer["neighbors"]} == {"PHANTOM02"}
     bad = client.post("/api/query", files={"file": ("q.png", phantom_png(phantom_dir))}, data={"where": "nokey"})
     assert bad.status_code == 422

@@ -29,7 +29,10 @@ def server(tmp_path_factory, tiny_weights, shared_data):
     folder = tmp_path_factory.mktemp("live")
     store = ["--db", f"sqlite:///{folder}/db.sqlite", "--index-dir", str(folder / "index"), "--weights", tiny_weights]
     command = [sys.executable, "-m", "lungcbir.cli"]
-    slices = sorted((shared_data / "covid-ct-md" / "covid" / "P002").glob("*.dcm"))[:12]
+    md = shared_data / "covid-ct-md"
+    slices = [path for series in sorted(md.glob("*/*")) if series.is_dir()
+              for path in sorted(series.glob("*.dcm"))[8:10]]
+    slices += sorted((shared_data / "kaggle-lungs-2d" / "images").glob("*.tif"))[:6]
     subprocess.run([*command, "index-dataset", *map(str, slices), "--quiet", *store], check=True,
                    capture_output=True)
     port = free_port()

@@ -81,6 +81,7 @@ $("query-form").addEventListener("submit", async (event) => {
   body.append("file", chosenFile);
   body.append("k", $("k").value);
   body.append("where", $("where").value);
+  body.append("per_patient", $("per-patient").checked ? "1" : "0");
   $("search").disabled = true;
   showMessage("Segmenting and searching…");
   try {
