@@ -173,10 +173,12 @@ def _read_inputs(paths):
               help="Only stored slices whose label or metadata KEY equals VALUE (repeatable).")
 @click.option("--per-patient", default=1, show_default=True, type=click.IntRange(0),
               help="At most this many results per patient/series (0: no limit), so results are different cases.")
+@click.option("--by-series", is_flag=True,
+              help="Treat each IMAGE (a DICOM series folder or a NIfTI volume) as one case and rank stored cases.")
 @store_options
 @model_options
 @friendly_errors
-def query(images, k, out, as_json, where, per_patient, db_url, index_dir, weights, device):
+def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_dir, weights, device):
     """Find the K stored slices most similar to each query IMAGE.
 
     Writes the lung mask (0/255, the image's own size) and an overlay of the lung contour
@@ -190,6 +192,9 @@ def query(images, k, out, as_json, where, per_patient, db_url, index_dir, weight
 
     filters = parse_where(where)
     retriever = _retriever(db_url, index_dir, weights, device)
+    if by_series:
+        _query_series(retriever, images, k, filters, as_json)
+        return
     folder = _ensure_folder(out)
     inputs, failures = _read_inputs(images)
     for path, slices in inputs:
@@ -215,6 +220,31 @@ def query(images, k, out, as_json, where, per_patient, db_url, index_dir, weight
                     click.echo(f"  {n.rank:>4}  {n.score:6.3f}  {where:<32}  {n.path}  {labels}")
     if failures:
         sys.exit(EXIT_SOME_FAILED)
+
+
+def _query_series(retriever, inputs, k, filters, as_json):
+    from .io import dicom_series_positions
+
+    for source in inputs:
+        readable, failures = _read_inputs([source])
+        slices = [item for _, items in readable for item in items]
+        positions = dicom_series_positions([path for path, _ in readable])
+        slices.sort(key=lambda item: (positions.get(item.path, 0), item.frame))
+        matches = retriever.query_series(slices, k, filters)
+        if as_json:
+            click.echo(json.dumps({"query": source, "slices": len(slices), "cases": [
+                {"rank": m.rank, "case": m.case, "patient_id": m.patient_id, "series_uid": m.series_uid,
+                 "score": round(m.score, 6),
+                 "pairs": [{"query_slice": q, "id": n.id, "path": n.path, "slice_index": n.slice_index,
+                            "score": round(n.score, 6)} for q, n in m.pairs]} for m in matches]}))
+            continue
+        click.echo(f"{source}: {len(slices)} slices")
+        for m in matches:
+            click.echo(f"  {m.rank:>3}  {m.score:6.3f}  {m.case}")
+            for q, n in m.pairs:
+                click.echo(f"         query slice {q} ~ {n.path} (slice {n.slice_index}, {n.score:.3f})")
+        if failures:
+            sys.exit(EXIT_SOME_FAILED)
 
 
 @main.command()
@@ -458,6 +488,38 @@ def serve(host, port, db_url, index_dir, weights, device):
     retriever.model  # load once before the first request, and fail early on bad weights
     retriever.store(create=False)
     uvicorn.run(create_app(retriever), host=host, port=port, log_level="info")
+
+
+@main.command("evaluate-retrieval")
+@click.option("--data", type=click.Path(file_okay=False, exists=True), help="Shared data folder (default ../shared/data).")
+@click.option("--segmentation-only", type=click.Path(dir_okay=False, exists=True),
+              help="Weights of a segmentation-only U-Net, shown as a baseline column.")
+@click.option("--variants", is_flag=True, help="Also show pooling alternatives.")
+@click.option("--json", "as_json", is_flag=True)
+@model_options
+@friendly_errors
+def evaluate_retrieval(data, segmentation_only, variants, as_json, weights, device):
+    """Retrieval quality on the shared data (anatomical level, infection, diagnosis, contrast).
+
+    Every number is shown with its chance level; the query's own patient is always excluded.
+
+    \b
+    Example:
+      lungcbir evaluate-retrieval --data ../shared/data
+    """
+    from pathlib import Path
+
+    from .evaluate_retrieval import format_table, standard_comparison
+    from .inference import LungModel
+
+    model = LungModel.load(weights, device)
+    baseline = LungModel.load(segmentation_only, device) if segmentation_only else None
+    count, measures = standard_comparison(model, baseline, variants, Path(data) if data else None)
+    if as_json:
+        click.echo(json.dumps([vars(m) for m in measures]))
+    else:
+        click.echo(f"{count} slices of ../shared/data; own patient excluded from every query")
+        click.echo(format_table(measures))
 
 
 @main.command("make-phantom")

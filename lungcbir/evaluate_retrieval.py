@@ -151,17 +151,13 @@ def pooled(encoded: Encoded, method: str) -> np.ndarray:
     return pool_bottleneck(encoded.bottlenecks, encoded.probabilities, method)
 
 
-def whiten(vectors: np.ndarray, groups: np.ndarray, dimension: int = 256) -> np.ndarray:
-    """PCA-whitening fitted on each database (dataset) separately, then L2-normalised."""
-    out = np.zeros((len(vectors), min(dimension, vectors.shape[1])), np.float32)
-    for group in np.unique(groups):
-        rows = groups == group
-        data = vectors[rows] - vectors[rows].mean(0)
-        u, s, vt = np.linalg.svd(data, full_matrices=False)
-        keep = min(dimension, len(s))
-        projected = data @ vt[:keep].T / (s[:keep] / np.sqrt(len(data)) + 1e-6 * s[0])
-        out[rows, :keep] = projected
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-8)
+def whiten(vectors: np.ndarray, dimension: int = 256) -> np.ndarray:
+    """PCA-whitening fitted on the whole indexed set, then L2-normalised."""
+    data = vectors - vectors.mean(0)
+    _, singular, basis = np.linalg.svd(data, full_matrices=False)
+    keep = min(dimension, len(singular))
+    out = data @ basis[:keep].T / (singular[:keep] / np.sqrt(len(data)) + 1e-3 * singular[0])
+    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-8)).astype(np.float32)
 
 
 # -- measures ---------------------------------------------------------------------------------
@@ -278,3 +274,27 @@ def format_table(measures: list[Measure]) -> str:
         lines.append(f"{row.task:<40} {row.metric + arrow:<24} {row.chance:8.3f} "
                      + " ".join(f"{row.values[n]:>{width}.3f}" for n in names))
     return "\n".join(lines)
+
+
+def standard_comparison(model: LungModel, segmentation_only: LungModel | None = None, variants: bool = False,
+                        root: Path | None = None) -> tuple[int, list[Measure]]:
+    """The issue's table: raw pixels, random-weight U-Net, segmentation-only U-Net, lungcbir.
+
+    Returns the number of slices and the measures. ``variants`` adds pooling alternatives.
+    """
+    items = load_benchmark(root)
+    slices = [i.slice for i in items]
+    trained = encode(model, slices)
+    assign_levels(items, trained.lung_fractions)
+    torch.manual_seed(0)
+    random_model = LungModel(type(model.network)(model.settings.unet), model.settings, "random")
+    features = {"raw pixels": raw_pixel_features(slices),
+                "random U-Net": pooled(encode(random_model, slices), "mean-max")}
+    if segmentation_only is not None:
+        features["seg-only U-Net"] = pooled(encode(segmentation_only, slices), "mean-max")
+    if variants:
+        for method in ("mean-max", "lung-mean-max"):
+            features[f"ours {method}"] = pooled(trained, method)
+            features[f"ours {method} +PCA-white"] = whiten(pooled(trained, method))
+    features["lungcbir"] = pooled(trained, model.settings.pooling)
+    return len(items), compare(items, features)

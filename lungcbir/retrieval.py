@@ -53,6 +53,18 @@ class Neighbor:
 
 
 @dataclass
+class SeriesMatch:
+    """A stored case ranked by how well its slices match a query series."""
+
+    rank: int
+    case: str  # patient, series or volume
+    patient_id: str | None
+    series_uid: str | None
+    score: float  # mean over query slices of the best slice similarity in this case
+    pairs: list[tuple[int, Neighbor]]  # (query slice number, best stored slice), best first
+
+
+@dataclass
 class QueryResult:
     """The answer to one query slice."""
 
@@ -220,6 +232,31 @@ class Retriever:
         """
         return self.query_slices([as_slice(image)], k, where, per_patient)[0]
 
+    def query_series(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
+                     pairs: int = 3) -> list[SeriesMatch]:
+        """Rank stored cases by aggregated slice similarity to a whole query series or volume.
+
+        For every query slice the best-matching slice of each stored case counts; a case's score
+        is the mean of those best similarities over the query slices (0 where none was among
+        the candidates), so cases that match along the whole series rank first.
+        """
+        answers = self.query_slices(slices, k=max(50, 10 * k), where=where, per_patient=0)
+        best: dict[str, dict[int, Neighbor]] = {}
+        for number, answer in enumerate(answers):
+            for neighbor in answer.neighbors:
+                record_case = neighbor_case(neighbor)
+                current = best.setdefault(record_case, {}).get(number)
+                if current is None or neighbor.score > current.score:
+                    best[record_case][number] = neighbor
+        ranked = sorted(best.items(), key=lambda item: -sum(n.score for n in item[1].values()))
+        matches = []
+        for rank, (case, found) in enumerate(ranked[:k], 1):
+            example = next(iter(found.values()))
+            top = sorted(found.items(), key=lambda item: -item[1].score)[:pairs]
+            matches.append(SeriesMatch(rank, case, example.patient_id, example.series_uid,
+                                       sum(n.score for n in found.values()) / len(slices), top))
+        return matches
+
     def query_slices(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
                      per_patient: int = 1) -> list[QueryResult]:
         """:meth:`query` for many slices at once."""
@@ -260,13 +297,16 @@ class Retriever:
         return answers
 
 
-def case_key(record: ImageRecord) -> str:
-    """What counts as one case: the patient, else the series, else the volume file, else the file."""
+def case_key(record: ImageRecord | Neighbor) -> str:
+    """What counts as one case: the patient, else the series, else the file (a NIfTI volume)."""
     if record.patient_id:
         return f"patient:{record.patient_id}"
     if record.series_uid:
         return f"series:{record.series_uid}"
     return f"file:{record.path}"
+
+
+neighbor_case = case_key
 
 
 def _matches(record: ImageRecord, where: dict[str, str] | None) -> bool:

@@ -133,3 +133,13 @@ def test_second_writer_is_refused(run, phantom_dir, store_paths):
     with Store(**store_paths).write_lock():
         result = run("index-dataset", str(phantom_dir / "png"), "--quiet")
     assert result.exit_code == 5 and "holds the lock" in result.output
+
+
+def test_query_by_series(run, phantom_dir):
+    assert run("index-dataset", str(phantom_dir / "dicom"), "--quiet").exit_code == 0
+    result = run("query", str(phantom_dir / "dicom" / "phantom02"), "--by-series", "--json", "--k", "2")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["slices"] == 6 and answer["cases"][0]["patient_id"] == "PHANTOM02"
+    assert answer["cases"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert len(answer["cases"]) == 2 and answer["cases"][0]["pairs"]
