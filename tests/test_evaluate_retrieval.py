@@ -1,0 +1,55 @@
+import numpy as np
+
+from lungcbir.evaluate_retrieval import BenchmarkSlice, compare, measure, whiten
+from lungcbir.io import CTSlice
+
+
+def synthetic_items():
+    """Six covid-ct-md-like series, a covid19-like set and a tcga-like set, with known labels."""
+    items = []
+    blank = CTSlice(np.zeros((8, 8), np.float32), "hu", "x", "dicom")
+    for number, diagnosis in enumerate(["COVID-19", "COVID-19", "CAP", "CAP", "normal", "normal"]):
+        for index in range(11):
+            items.append(BenchmarkSlice(blank, "covid-ct-md", f"p{number}", f"s{number}", index, level=index / 10,
+                                        infected=(index > 5) if diagnosis != "normal" else None, diagnosis=diagnosis))
+    for patient in range(4):
+        for index in range(6):
+            items.append(BenchmarkSlice(blank, "covid19-ct-lungmask", f"c{patient}", f"c{patient}", index,
+                                        infected=True, infection_fraction=index / 10 + patient / 100))
+    for number in range(12):
+        items.append(BenchmarkSlice(blank, "tcga-ct-slices", f"t{number}", f"t{number}", contrast=number % 2 == 0))
+    return items
+
+
+def test_oracle_features_beat_chance_and_random_do_not():
+    items = synthetic_items()
+
+    def one_hot(values):
+        keys = sorted(set(values), key=str)
+        return np.array([[v == k for k in keys] for v in values], np.float32)
+    level = np.array([[np.cos(np.pi / 2 * (i.level or 0)), np.sin(np.pi / 2 * (i.level or 0))] for i in items])
+    perfect = np.hstack([level * 2, one_hot([i.infected for i in items]), one_hot([i.contrast for i in items]),
+                         one_hot([round(i.infection_fraction or 0, 1) for i in items]),
+                         one_hot([i.diagnosis for i in items])])
+    perfect /= np.linalg.norm(perfect, axis=1, keepdims=True)
+    results = measure(items, perfect)
+    error, chance, _ = results[("anatomical level (covid-ct-md)", "top-1 level error")]
+    assert error < 0.05 < chance
+    infected, chance, _ = results[("infected slices (covid-ct-md labels)", "precision@5")]
+    assert infected == 1.0 > chance
+    contrast, chance, _ = results[("contrast agent (tcga-ct-slices)", "precision@1")]
+    assert contrast == 1.0 > chance
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(len(items), 32)).astype(np.float32)
+    noisy = measure(items, noise / np.linalg.norm(noise, axis=1, keepdims=True))
+    error, chance, _ = noisy[("anatomical level (covid-ct-md)", "top-1 level error")]
+    assert abs(error - chance) < 0.15
+
+
+def test_compare_table_and_whitening():
+    items = synthetic_items()
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(len(items), 16)).astype(np.float32)
+    table = compare(items, {"a": vectors, "b": whiten(vectors, 8)})
+    assert all(set(row.values) == {"a", "b"} for row in table)
+    assert np.allclose(np.linalg.norm(whiten(vectors, 8), axis=1), 1.0, atol=1e-5)
