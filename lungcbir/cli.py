@@ -332,22 +332,24 @@ def check(verify_files, db_url, index_dir):
 
 
 @main.command("rebuild-index")
+@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default=None,
+              help="Index type (remembered): auto = exact below 100k vectors, IVF-SQ8 above. Default: as before.")
 @click.option("--wait", is_flag=True, help="Wait for a running indexing run to finish.")
 @store_options
 @friendly_errors
-def rebuild_index(wait, db_url, index_dir):
+def rebuild_index(kind, wait, db_url, index_dir):
     """Rebuild the FAISS index from the vectors stored in the database.
 
     \b
     Example:
-      lungcbir rebuild-index --index-dir index/
+      lungcbir rebuild-index --kind ivf
     """
-    from .store import Store
+    from .store import Store, describe_index
 
     store = Store(db_url, index_dir, create=False)
     with store.write_lock(wait):
-        index = store.rebuild_index()
-    click.echo(f"rebuilt index: {index.ntotal} vectors of dimension {index.d}")
+        index = store.rebuild_index(kind)
+    click.echo(f"rebuilt index: {index.ntotal} vectors of dimension {index.d}, {describe_index(index)}")
 
 
 @main.command()

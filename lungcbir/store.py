@@ -33,6 +33,15 @@ INDEX_FILE = "lungcbir.faiss"
 INDEX_META_FILE = "lungcbir.faiss.json"
 LOCK_FILE = "write.lock"
 REBUILD_CHUNK = 10_000
+#: Vectors are stored as float16 in the database: half the size, and retrieval rankings are
+#: unchanged for unit vectors (relative error about 1e-3).
+VECTOR_DTYPE = np.float16
+VECTOR_BYTES = 2
+INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
+#: ``auto`` switches from exact search to IVF at this many vectors (see docs/scale.md).
+AUTO_IVF_FROM = 100_000
+IVF_NPROBE = 32
+HNSW_EF_SEARCH = 128
 
 
 class Base(DeclarativeBase):
@@ -86,6 +95,7 @@ class StoreStats:
     model_id: str | None
     dimension: int | None
     index_vectors: int
+    index_kind: str
     database: str
     database_bytes: int | None
     index_bytes: int | None
@@ -129,6 +139,7 @@ class Store:
         self.index_dir = Path(index_dir)
         self.engine = self._connect(db_url, create)
         self._index: faiss.Index | None = None
+        self._index_state: dict | None = None
 
     def _connect(self, db_url: str, create: bool) -> Engine:
         try:
@@ -203,7 +214,7 @@ class Store:
         columns = [c.key for c in ImageRecord.__table__.columns if c.key != "id"]
         rows = []
         for record, vector in zip(records, vectors):
-            record.vector, record.indexed_at = vector.tobytes(), now
+            record.vector, record.indexed_at = encode_vector(vector), now
             rows.append({key: getattr(record, key) for key in columns})
         position = {(r["sha256"], r["frame"], r["model_id"]): i for i, r in enumerate(rows)}
         try:
@@ -215,18 +226,24 @@ class Store:
             raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
         inserted = sorted(inserted)
         ids = [row[0] for row in inserted]
+        # the index holds exactly what the database holds, so a rebuild changes nothing
         new_vectors = vectors[[position[(row[1], row[2], row[3])] for row in inserted]]
+        new_vectors = new_vectors.astype(VECTOR_DTYPE).astype(np.float32)
         self._index_after_insert(np.asarray(ids, dtype=np.int64), new_vectors)
         return ids
 
     def _index_after_insert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        index = self._index if self._index is not None else self._read_index_file()
+        if self._index is None:
+            saved = self._read_index_file()
+            if saved is not None:
+                self._index, self._index_state = saved
+        index = self._index
         if index is not None and index.ntotal + len(ids) == self.count():
             if len(ids):
                 index.add_with_ids(vectors, ids)
             self._save_index(index)
         else:
-            self.rebuild_index()
+            self.index()  # catches up or rebuilds
 
     def remove(self, ids: Iterable[int]) -> int:
         """Delete rows and their vectors together; returns how many rows were deleted."""
@@ -242,7 +259,11 @@ class Store:
                     removed += session.execute(delete(ImageRecord).where(ImageRecord.id.in_(chunk))).rowcount
         except SQLAlchemyError as error:
             raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
-        index.remove_ids(np.asarray(ids, dtype=np.int64))
+        try:
+            index.remove_ids(np.asarray(ids, dtype=np.int64))
+        except RuntimeError:  # HNSW cannot remove: rebuild
+            self.rebuild_index()
+            return removed
         if index.ntotal == self.count():
             self._save_index(index)
         else:
@@ -281,9 +302,9 @@ class Store:
                 session.expunge(row)
         return {row.id: row for row in rows}
 
-    def iter_vectors(self, chunk: int = REBUILD_CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream (ids, vectors) from the database in chunks, ordered by id."""
-        last = -1
+    def iter_vectors(self, chunk: int = REBUILD_CHUNK, after: int = -1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream (ids, float32 vectors) from the database in chunks, ordered by id."""
+        last = after
         with Session(self.engine) as session:
             while True:
                 rows = session.execute(select(ImageRecord.id, ImageRecord.vector)
@@ -292,7 +313,7 @@ class Store:
                 if not rows:
                     return
                 ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
-                vectors = np.stack([np.frombuffer(row[1], dtype=np.float32) for row in rows])
+                vectors = np.stack([decode_vector(row[1]) for row in rows])
                 last = int(ids[-1])
                 yield ids, vectors
 
@@ -313,21 +334,24 @@ class Store:
         return {"model_id": self.model_id, "dimension": self.dimension, "count": count or 0,
                 "min_id": low or 0, "max_id": high or 0}
 
-    def _save_index(self, index: faiss.Index) -> None:
-        """Write the index and a note of the database state it matches, each atomically."""
-        meta = self._index_meta()
-        self._index = index
-        if meta["count"] != index.ntotal:
-            return  # the database moved on meanwhile; the next reader rebuilds
+    def _save_index(self, index: faiss.Index, state: dict | None = None) -> None:
+        """Keep ``index`` as the one in use and write it with a note of the database state it
+        matches, each file atomically; nothing is written when the database moved on meanwhile."""
+        state = state or self._index_meta()
+        self._index, self._index_state = index, state
+        if state["count"] != index.ntotal:
+            return
         try:
             _write_atomically(self.index_path, lambda path: faiss.write_index(index, path))
             _write_atomically(self.index_meta_path,
-                              lambda path: Path(path).write_text(json.dumps(meta, indent=1)))
+                              lambda path: Path(path).write_text(json.dumps(state, indent=1)))
         except OSError as error:
+            if self.index_dir.exists() and not os.access(self.index_dir, os.W_OK):
+                return  # a read-only index folder (a query node): serve from memory
             raise StoreError(f"cannot write the index in {self.index_dir}: {error.strerror}") from None
 
-    def _read_index_file(self) -> faiss.Index | None:
-        """The saved index if it exists, is readable and matches its note; else None."""
+    def _read_index_file(self) -> tuple[faiss.Index, dict] | None:
+        """The saved index and its note, if both are readable and agree with each other."""
         try:
             saved = json.loads(self.index_meta_path.read_text())
             index = faiss.read_index(str(self.index_path))
@@ -337,36 +361,77 @@ class Store:
         if saved.get("model_id") != self.model_id or (dimension and index.d != dimension) \
                 or index.ntotal != saved.get("count"):
             return None
-        return index
+        _tune(index)
+        return index, saved
 
     def index(self) -> faiss.Index:
-        """The FAISS index, rebuilt from the database first if it is missing or out of step."""
+        """The FAISS index matching the database now.
+
+        Used as it is when it matches; brought up to date by adding only the rows indexed since
+        (another process or machine may have added them); rebuilt from the stored vectors when
+        it is missing, unreadable, of another model, or rows were removed.
+        """
         meta = self._index_meta()
-        if self._index is not None and self._index.ntotal == meta["count"]:
+        if self._index is not None and self._index_state == meta:
             return self._index
-        index = self._read_index_file()
-        if index is not None:
-            try:
-                saved = json.loads(self.index_meta_path.read_text())
-            except (OSError, ValueError):
-                saved = {}
-            if saved == meta:
-                self._index = index
+        candidates = []
+        if self._index is not None:
+            candidates.append((self._index, self._index_state))
+        saved = self._read_index_file()
+        if saved is not None:
+            candidates.append(saved)
+        for index, state in candidates:
+            if state == meta:
+                self._index, self._index_state = index, state
+                return index
+        for index, state in candidates:
+            if self._catch_up(index, state, meta):
                 return index
         return self.rebuild_index()
 
-    def rebuild_index(self) -> faiss.Index:
-        """Build a fresh exact inner-product index from the stored vectors (streamed) and save it."""
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dimension or 1))
-        for ids, vectors in self.iter_vectors():
+    def _catch_up(self, index: faiss.Index, state: dict, meta: dict) -> bool:
+        """Add the rows with ids above ``state``'s to ``index`` if nothing older changed."""
+        if state.get("model_id") != meta["model_id"] or state.get("min_id") not in (meta["min_id"], 0) \
+                or state.get("max_id", 0) > meta["max_id"]:
+            return False
+        with Session(self.engine) as session:
+            newer = session.scalar(select(func.count(ImageRecord.id)).where(ImageRecord.id > state["max_id"]))
+        if index.ntotal + newer != meta["count"]:
+            return False
+        for ids, vectors in self.iter_vectors(after=state["max_id"]):
             index.add_with_ids(vectors, ids)
-        try:
-            self._save_index(index)
-        except StoreError:
-            if self.index_dir.exists() and os.access(self.index_dir, os.W_OK):
-                raise
-            self._index = index  # a read-only index folder: serve from memory
+        self._save_index(index, meta)
+        return True
+
+    @property
+    def index_kind(self) -> str:
+        with Session(self.engine) as session:
+            return self._setting(session, "index_kind") or "auto"
+
+    def rebuild_index(self, kind: str | None = None) -> faiss.Index:
+        """Build a fresh index from the stored vectors, streamed in chunks, and save it.
+
+        ``kind`` (``auto``, ``flat``, ``ivf`` or ``hnsw``) is remembered for later rebuilds;
+        see :func:`build_index` for what each means.
+        """
+        if kind is not None:
+            if kind not in INDEX_KINDS:
+                raise StoreError(f"unknown index kind {kind!r}; choose from {', '.join(INDEX_KINDS)}")
+            with Session(self.engine) as session, session.begin():
+                session.merge(StoreSetting(key="index_kind", value=kind))
+        meta = self._index_meta()
+        index = build_index(self.index_kind, meta["count"], self.dimension or 1, self.iter_vectors,
+                            self.training_sample)
+        self._save_index(index, meta)
         return index
+
+    def training_sample(self, size: int) -> np.ndarray:
+        """About ``size`` stored vectors spread over the whole id range (for IVF training)."""
+        meta = self._index_meta()
+        step = max(1, meta["count"] // max(size, 1))
+        with Session(self.engine) as session:
+            rows = session.scalars(select(ImageRecord.vector).where(ImageRecord.id % step == 0).limit(size)).all()
+        return np.stack([decode_vector(row) for row in rows]) if rows else np.zeros((0, self.dimension or 1), np.float32)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids of the ``k`` nearest stored vectors for each query vector."""
@@ -414,7 +479,7 @@ class Store:
                 problems.append(f"{others} rows were made by another model than {model_id}")
             if dimension:
                 wrong = session.scalar(select(func.count(ImageRecord.id))
-                                       .where(func.length(ImageRecord.vector) != dimension * 4))
+                                       .where(func.length(ImageRecord.vector) != dimension * VECTOR_BYTES))
                 if wrong:
                     problems.append(f"{wrong} rows hold vectors of the wrong length (dimension {dimension})")
             stored_ids = set(session.scalars(select(ImageRecord.id)))
@@ -428,7 +493,7 @@ class Store:
             else:
                 if dimension and index.d != dimension:
                     problems.append(f"index dimension {index.d} differs from the database's {dimension}")
-                indexed = set(faiss.vector_to_array(index.id_map).tolist()) if hasattr(index, "id_map") else set()
+                indexed = set(index_ids(index).tolist())
                 if indexed != stored_ids:
                     problems.append(f"index and database disagree: {len(indexed - stored_ids)} vectors without "
                                     f"a row, {len(stored_ids - indexed)} rows without a vector")
@@ -473,6 +538,7 @@ class Store:
         index = self.index()
         return StoreStats(images=images, patients=patients, series=series, model_id=self.model_id,
                           dimension=self.dimension, index_vectors=int(index.ntotal),
+                          index_kind=f"{describe_index(index)}; setting {self.index_kind}",
                           database=safe_url(self.db_url), database_bytes=database_bytes,
                           index_bytes=self.index_path.stat().st_size if self.index_path.exists() else None)
 
@@ -492,3 +558,75 @@ def _insert_ignoring_duplicates(dialect: str, rows: list[dict]):
     else:
         raise StoreError(f"unsupported database backend {dialect!r}; use SQLite or PostgreSQL")
     return insert(ImageRecord).values(rows).on_conflict_do_nothing()
+
+
+def encode_vector(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype=VECTOR_DTYPE).tobytes()
+
+
+def decode_vector(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=VECTOR_DTYPE).astype(np.float32)
+
+
+def build_index(kind: str, count: int, dimension: int, stream, sample) -> faiss.Index:
+    """A FAISS inner-product index of the given kind, filled from ``stream()`` chunks.
+
+    * ``flat``: exact search (``IndexIDMap2`` over ``IndexFlatIP``), 4 bytes per dimension;
+    * ``ivf``: inverted lists with 8-bit scalar quantisation (``IVF{n},SQ8``), 1 byte per
+      dimension, trained on a sample of the stored vectors, ``nprobe`` 32;
+    * ``hnsw``: a graph index (``HNSW32,Flat``), fast but as large as flat, no removal;
+    * ``auto``: ``flat`` below :data:`AUTO_IVF_FROM` vectors, ``ivf`` from there on.
+    """
+    if kind == "auto":
+        kind = "flat" if count < AUTO_IVF_FROM else "ivf"
+    if kind == "flat" or count == 0:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
+    elif kind == "ivf":
+        lists = int(min(max(16, 4 * np.sqrt(count)), 65536, max(16, count // 39)))
+        index = faiss.index_factory(dimension, f"IVF{lists},SQ8", faiss.METRIC_INNER_PRODUCT)
+        index.train(sample(min(count, max(50 * lists, 20_000))))
+    elif kind == "hnsw":
+        graph = faiss.IndexHNSWFlat(dimension, 32, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = 80
+        index = faiss.IndexIDMap2(graph)
+    else:
+        raise StoreError(f"unknown index kind {kind!r}")
+    for ids, vectors in stream():
+        index.add_with_ids(vectors, ids)
+    _tune(index)
+    return index
+
+
+def describe_index(index: faiss.Index) -> str:
+    """A short human description of an index: kind and search parameters."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    if isinstance(inner, faiss.IndexHNSWFlat):
+        return f"hnsw (M=32, efSearch={inner.hnsw.efSearch})"
+    try:
+        ivf = faiss.extract_index_ivf(index)
+        return f"ivf (lists={ivf.nlist}, nprobe={ivf.nprobe}, SQ8)"
+    except RuntimeError:
+        return "flat (exact)"
+
+
+def _tune(index: faiss.Index) -> None:
+    """Search-time parameters, which FAISS files do not always keep."""
+    try:
+        faiss.extract_index_ivf(index).nprobe = IVF_NPROBE
+        return
+    except RuntimeError:
+        pass
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
+    if isinstance(inner, faiss.IndexHNSWFlat):
+        inner.hnsw.efSearch = HNSW_EF_SEARCH
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """Every id stored in an index (IDMap or IVF)."""
+    if isinstance(index, faiss.IndexIDMap2) or hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map)
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
+             for n in range(ivf.nlist) if lists.list_size(n)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)

@@ -69,7 +69,7 @@ def test_index_and_query_a_mix_of_real_formats(shared_data, tiny_weights, tmp_pa
     assert len(answers) == len(queries)
     for query, answer in zip(queries, answers):
         assert answer["neighbors"][0]["path"] == os.path.abspath(query)
-        assert answer["neighbors"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+        assert answer["neighbors"][0]["score"] == pytest.approx(1.0, abs=2e-3)
         assert 0.0 <= answer["lung_fraction"] <= 1.0
         shape = read_file(query)[0].shape
         import cv2
