@@ -103,12 +103,15 @@ def main() -> None:
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--wait", is_flag=True, help="Wait for another indexing run on the same index instead of failing.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Processes that read and decode files while the model runs.")
 @click.option("--commit-every", default=64, show_default=True, type=click.IntRange(1),
               help="Slices per database transaction; a killed run loses at most this many.")
 @store_options
 @model_options
 @friendly_errors
-def index_dataset(paths, labels, exclude, batch_size, quiet, wait, commit_every, db_url, index_dir, weights, device):
+def index_dataset(paths, labels, exclude, batch_size, quiet, wait, workers, commit_every, db_url, index_dir,
+                  weights, device):
     """Index every CT image under PATHS (folders are walked recursively).
 
     Files already indexed (same SHA-256) are skipped; unreadable files are reported and
@@ -120,7 +123,8 @@ def index_dataset(paths, labels, exclude, batch_size, quiet, wait, commit_every,
     """
     from tqdm import tqdm
 
-    retriever = _retriever(db_url, index_dir, weights, device, batch_size, files_per_commit=commit_every)
+    retriever = _retriever(db_url, index_dir, weights, device, batch_size, files_per_commit=commit_every,
+                           workers=workers)
     bar = tqdm(unit="file", disable=not _show_progress(quiet), file=sys.stderr)
     report = retriever.index_dataset(paths, labels=labels, exclude=exclude, wait=wait,
                                      on_total=lambda total: setattr(bar, "total", total),

@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -96,6 +97,38 @@ def read_labels(csv_path: str | os.PathLike) -> dict[str, dict[str, str]]:
         raise LungCBIRError(f"{csv_path}: cannot read labels ({error.strerror})") from None
 
 
+def _read_or_error(path: str) -> list[CTSlice] | ReadError:
+    try:
+        return read_file(path)
+    except ReadError as error:
+        return error
+
+
+def read_files(files: Sequence[str], workers: int = 1) -> Iterator[tuple[str, list[CTSlice] | ReadError]]:
+    """Read files in order, in ``workers`` processes when above 1, so decoding overlaps inference.
+
+    At most a few files per worker are read ahead, to keep memory bounded.
+    """
+    if workers <= 1:
+        for path in files:
+            yield path, _read_or_error(path)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    window = workers * 4
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        pending = deque()
+        for path in files:
+            pending.append((path, pool.submit(_read_or_error, path)))
+            if len(pending) >= window:
+                done_path, future = pending.popleft()
+                yield done_path, future.result()
+        while pending:
+            done_path, future = pending.popleft()
+            yield done_path, future.result()
+
+
 def as_slice(image: str | os.PathLike | CTSlice | np.ndarray) -> CTSlice:
     """Accept a path, a :class:`CTSlice` or a 2-D array; a multi-slice file gives its first slice."""
     if isinstance(image, CTSlice):
@@ -119,13 +152,14 @@ class Retriever:
 
     def __init__(self, db_url: str | None = None, index_dir: str | os.PathLike | None = None,
                  weights: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 16,
-                 files_per_commit: int = FILES_PER_COMMIT) -> None:
+                 files_per_commit: int = FILES_PER_COMMIT, workers: int = 1) -> None:
         self.db_url = db_url or os.environ.get("LUNGCBIR_DB") or DEFAULT_DB_URL
         self.index_dir = index_dir or os.environ.get("LUNGCBIR_INDEX_DIR") or DEFAULT_INDEX_DIR
         self.weights = weights
         self.device = device
         self.batch_size = batch_size
         self.files_per_commit = files_per_commit
+        self.workers = workers
         self._model: LungModel | None = None
         self._store: Store | None = None
 
@@ -178,12 +212,12 @@ class Retriever:
         positions = dicom_series_positions(files)
         report = IndexReport()
         pending: list[CTSlice] = []
-        for number, path in enumerate(files, 1):
-            try:
-                slices = read_file(path)
-            except ReadError as error:
-                report.failures.append(ReadFailure(error.path, error.reason))
+        for number, (path, outcome) in enumerate(read_files(files, self.workers), 1):
+            if isinstance(outcome, ReadError):
+                report.failures.append(ReadFailure(outcome.path, outcome.reason))
                 slices = []
+            else:
+                slices = outcome
             for item in slices:
                 if (item.sha256, item.frame) in known:
                     report.skipped += 1
