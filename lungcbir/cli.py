@@ -441,36 +441,60 @@ def train(images, masks, out, epochs, batch_size, learning_rate, val_fraction, g
 
 
 @main.command()
-@click.option("--images", multiple=True, required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--masks", multiple=True, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--images", multiple=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--masks", multiple=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--held-out", is_flag=True,
+              help="Use the bundled model's held-out test slices of ../shared/data, reported per dataset.")
+@click.option("--postprocess/--no-postprocess", default=None,
+              help="Force mask clean-up on or off (default: as saved with the weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary and per-image scores as JSON.")
 @model_options
 @friendly_errors
-def evaluate(images, masks, as_json, weights, device):
-    """Per-image Dice and IoU of the model against ground-truth masks.
+def evaluate(images, masks, held_out, postprocess, as_json, weights, device):
+    """Per-image Dice and IoU of the model against ground-truth masks (at the masks' resolution).
 
     \b
     Example:
       lungcbir evaluate --images ct/ --masks lungs/
+      lungcbir evaluate --held-out
     """
+    from .datasets import covid_slices, kaggle_slices
     from .evaluate import evaluate_segmentation
     from .inference import LungModel
     from .train import pair_folders
 
     if len(images) != len(masks):
         raise click.UsageError("give --images and --masks the same number of times")
-    pairs = [pair for image_dir, mask_dir in zip(images, masks) for pair in pair_folders(image_dir, mask_dir)]
-    evaluation = evaluate_segmentation(LungModel.load(weights, device), pairs)
-    summary = evaluation.summary()
+    if not images and not held_out:
+        raise click.UsageError("give --images DIR --masks DIR, or --held-out")
+    groups = {}
+    if images:
+        groups["given folders"] = [pair for image_dir, mask_dir in zip(images, masks)
+                                   for pair in pair_folders(image_dir, mask_dir)]
+    if held_out:
+        groups["kaggle-lungs-2d test"] = [(s.image, s.mask) for s in kaggle_slices()["test"]]
+        groups["covid19-ct-lungmask test"] = [(s.image, s.mask) for s in covid_slices()["test"]]
+    model = LungModel.load(weights, device)
+    if postprocess is not None:
+        model.settings.postprocess = postprocess
+    report = {}
+    for name, pairs in groups.items():
+        evaluation = evaluate_segmentation(model, pairs)
+        report[name] = evaluation
+        if as_json:
+            continue
+        summary = evaluation.summary()
+        click.echo(f"{name}: {summary['images']} images, model {model.model_id}")
+        click.echo(f"  Dice  mean {summary['dice_mean']:.4f}  median {summary['dice_median']:.4f}  "
+                   f"min {summary['dice_min']:.4f}")
+        click.echo(f"  IoU   mean {summary['iou_mean']:.4f}  median {summary['iou_median']:.4f}  "
+                   f"min {summary['iou_min']:.4f}")
+        click.echo("  worst five:")
+        for score in evaluation.worst(5):
+            click.echo(f"    {score.dice:.4f}  {score.path}")
     if as_json:
-        click.echo(json.dumps({"summary": summary, "images": [vars(s) for s in evaluation.scores]}))
-        return
-    click.echo(f"{summary['images']} images")
-    click.echo(f"Dice  mean {summary['dice_mean']:.4f}  median {summary['dice_median']:.4f}  min {summary['dice_min']:.4f}")
-    click.echo(f"IoU   mean {summary['iou_mean']:.4f}  median {summary['iou_median']:.4f}  min {summary['iou_min']:.4f}")
-    click.echo("worst five:")
-    for score in evaluation.worst(5):
-        click.echo(f"  {score.dice:.4f}  {score.path}")
+        click.echo(json.dumps({name: {"summary": e.summary(), "images": [vars(s) for s in e.scores]}
+                               for name, e in report.items()}))
 
 
 @main.command()

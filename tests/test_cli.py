@@ -103,7 +103,7 @@ def test_make_phantom_and_evaluate(run, tmp_path):
     result = run("evaluate", "--images", str(tmp_path / "ph" / "png"), "--masks", str(tmp_path / "ph" / "masks"),
                  "--json", store=False)
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)["summary"]
+    summary = json.loads(result.output)["given folders"]["summary"]
     assert summary["images"] == 3 and 0.0 <= summary["dice_min"] <= summary["dice_mean"] <= 1.0
 
 
