@@ -20,7 +20,7 @@ from .errors import WeightsError
 from .features import pool_bottleneck
 from .io import CTSlice
 from .model import UNet, UNetConfig
-from .postprocess import clean_mask
+from .postprocess import clean_mask, drop_outside_air
 from .preprocess import (PreprocessConfig, normalize_intensity, probabilities_to_original,
                          to_model_input)
 
@@ -158,7 +158,9 @@ class LungModel:
             chunk = slices[start:start + batch_size]
             prepared = [self.prepare(item) for item in chunk]
             probabilities, vectors = self.run(np.stack([p[0] for p in prepared]))
-            for (_, geometry), probability, vector in zip(prepared, probabilities, vectors):
+            for (image, geometry), probability, vector in zip(prepared, probabilities, vectors):
+                if self.settings.postprocess:  # lungs lie inside the body: drop air around it
+                    probability = probability * drop_outside_air(probability > 0.5, image)
                 mask = probabilities_to_original(probability, geometry) > 0.5
                 if self.settings.postprocess:
                     mask = clean_mask(mask)

@@ -44,3 +44,18 @@ def test_clean_mask_removes_specks_and_fills_holes():
     mask[2, 2] = True  # a speck
     cleaned = clean_mask(mask)
     assert cleaned[20, 10] and not cleaned[2, 2] and cleaned[30, 40]
+
+
+def test_outside_air_is_dropped_but_enclosed_lungs_kept():
+    from lungcbir.phantom import phantom_slice
+    from lungcbir.postprocess import drop_outside_air
+    from lungcbir.preprocess import normalize_intensity
+
+    item = phantom_slice(0.5, size=128)
+    unit = normalize_intensity(item.hu, "hu")
+    prediction = item.mask.astype(bool).copy()
+    prediction[:10, :30] = True  # air above the body, touching the border
+    prediction[2:8, 100:110] = True  # air near the border
+    cleaned = drop_outside_air(prediction, unit)
+    assert not cleaned[:10, :30].any() and not cleaned[2:8, 100:110].any()
+    assert (cleaned == item.mask.astype(bool)).mean() > 0.99
