@@ -161,7 +161,7 @@ def augment(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, 
         turns = rng.randint(1, 3)
         image, labels = np.rot90(image, turns), np.rot90(labels, turns)
     angle = rng.uniform(-15, 15)
-    scale = math.exp(rng.uniform(math.log(0.75), math.log(1.25)))
+    scale = math.exp(rng.uniform(math.log(0.7), math.log(1.3)))
     matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
     matrix[:, 2] += [rng.uniform(-0.08, 0.08) * size, rng.uniform(-0.08, 0.08) * size]
     image = cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), flags=cv2.INTER_LINEAR,
@@ -247,7 +247,7 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
         start_epoch, best = state["epoch"], state["best"]
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
-    settings = ModelSettings(unet=unet_config, preprocess=preprocess,
+    settings = ModelSettings(unet=unet_config, preprocess=preprocess, pooling="lung-mean-max",
                              training={**asdict(config), "train_samples": len(train_samples),
                                        "val_samples": len(val_samples)})
     reports = []
