@@ -17,25 +17,25 @@ from lungcbir.preprocess import PreprocessConfig
 TINY = UNetConfig(base_channels=4, depth=3)
 
 
+def _tiny_weights(folder: Path, seed: int) -> str:
+    import torch
+
+    torch.manual_seed(seed)
+    path = folder / f"tiny{seed}.pt"
+    save_weights(path, UNet(TINY), ModelSettings(unet=TINY, preprocess=PreprocessConfig(input_size=64)))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> str:
     """A randomly initialised, very small U-Net: fast, and enough to test plumbing."""
-    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    import torch
-
-    torch.manual_seed(0)
-    save_weights(path, UNet(TINY), ModelSettings(unet=TINY, preprocess=PreprocessConfig(input_size=64)))
-    return str(path)
+    return _tiny_weights(tmp_path_factory.mktemp("weights"), seed=0)
 
 
 @pytest.fixture(scope="session")
 def other_tiny_weights(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("weights") / "other.pt"
-    import torch
-
-    torch.manual_seed(1)
-    save_weights(path, UNet(TINY), ModelSettings(unet=TINY, preprocess=PreprocessConfig(input_size=64)))
-    return str(path)
+    """Another model (other weights, so another model id)."""
+    return _tiny_weights(tmp_path_factory.mktemp("weights"), seed=1)
 
 
 @pytest.fixture(scope="session")
