@@ -73,11 +73,13 @@ def test_dicom_series_metadata_and_order(phantom_dir):
     assert items[0].pixels.min() >= -1024
 
 
-def test_nifti_volume_gives_one_slice_per_z(tmp_path):
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_nifti_volume_gives_one_slice_per_z(tmp_path, suffix):
     import nibabel
 
     volume = np.full((24, 20, 3), -1000, np.int16)
-    path = str(tmp_path / "v.nii.gz")
+    volume[5:10] = 40
+    path = str(tmp_path / f"v{suffix}")
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), path)
     slices = read_file(path)
     assert [s.frame for s in slices] == [0, 1, 2]
