@@ -1,0 +1,47 @@
+"""The bundled model on real held-out slices: a floor that catches a broken model or preprocessing,
+and robustness to the ways real archives store the same slice (windows, 8-bit exports, flips)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lungcbir.datasets import covid_slices, kaggle_slices
+from lungcbir.inference import LungModel
+from lungcbir.io import CTSlice, read_file, read_mask
+from lungcbir.train import dice_score
+
+pytestmark = pytest.mark.realdata
+
+
+@pytest.fixture(scope="module")
+def model(bundled_weights, shared_data):
+    return LungModel.load(bundled_weights)
+
+
+@pytest.mark.parametrize("split", [kaggle_slices, covid_slices])
+def test_dice_floor_on_held_out_slices(model, split):
+    chosen = split()["test"][::12][:8]
+    slices = [read_file(s.image)[0] for s in chosen]
+    scores = [dice_score(r.mask, read_mask(s.mask)) for s, r in zip(chosen, model.segment(slices))]
+    assert np.mean(scores) > 0.95 and min(scores) > 0.85, scores
+
+
+def test_same_slice_in_other_windows_and_orientations(model):
+    sample = kaggle_slices()["test"][3]
+    item = read_file(sample.image)[0]
+    truth = read_mask(sample.mask)
+    hu = item.pixels.astype(np.float32)
+    views = {
+        "HU": (item, truth),
+        "8-bit lung window export": (CTSlice(np.round(np.clip((hu + 1000) / 1400, 0, 1) * 255).astype(np.uint8),
+                                             "uint8", "x", "png"), truth),
+        "8-bit mediastinal window export": (CTSlice(np.round(np.clip((hu + 160) / 400, 0, 1) * 255).astype(np.uint8),
+                                                    "uint8", "x", "png"), truth),
+        "flipped left-right": (CTSlice(hu[:, ::-1].copy(), "hu", "x", "tiff"), truth[:, ::-1]),
+        "upside down": (CTSlice(hu[::-1].copy(), "hu", "x", "tiff"), truth[::-1]),
+        "rotated 90 degrees": (CTSlice(np.rot90(hu).copy(), "hu", "x", "tiff"), np.rot90(truth)),
+    }
+    results = model.segment([view for view, _ in views.values()])
+    scores = {name: dice_score(result.mask, expected) for (name, (_, expected)), result in zip(views.items(), results)}
+    assert min(scores.values()) > 0.9, scores
