@@ -185,14 +185,15 @@ def _read_inputs(paths):
 def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_dir, weights, device):
     """Find the K stored slices most similar to each query IMAGE.
 
-    Writes the lung mask (0/255, the image's own size) and an overlay of the lung contour
-    for each query to --out, then prints the neighbours.
+    Writes the lung mask (0/255, the image's own size), an overlay of the lung contour and a
+    strip of the query beside its neighbours (<name>_matches.png) for each query to --out,
+    then prints the neighbours.
 
     \b
     Example:
       lungcbir query scan.dcm --k 5 --out results/ --json
     """
-    from .visualize import mask_png, overlay, write_png
+    from .visualize import mask_png, match_strip, overlay, write_png
 
     filters = parse_where(where)
     retriever = _retriever(db_url, index_dir, weights, device)
@@ -206,10 +207,14 @@ def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_
             name = result.query.name
             mask_path, overlay_path = folder / f"{name}_mask.png", folder / f"{name}_overlay.png"
             write_png(str(mask_path), mask_png(result.mask))
-            write_png(str(overlay_path), overlay(result.query, result.mask))
+            query_overlay = overlay(result.query, result.mask)
+            write_png(str(overlay_path), query_overlay)
+            matches_path = folder / f"{name}_matches.png"
+            write_png(str(matches_path), match_strip(query_overlay, _neighbor_pictures(retriever, result)))
             if as_json:
                 click.echo(json.dumps({
                     "query": path, "mask": str(mask_path), "overlay": str(overlay_path),
+                    "matches": str(matches_path),
                     "lung_fraction": round(result.lung_fraction, 6),
                     "neighbors": [{"rank": n.rank, "id": n.id, "path": n.path, "score": round(n.score, 6),
                                    "patient_id": n.patient_id, "series_uid": n.series_uid,
@@ -224,6 +229,21 @@ def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_
                     click.echo(f"  {n.rank:>4}  {n.score:6.3f}  {where:<32}  {n.path}  {labels}")
     if failures:
         sys.exit(EXIT_SOME_FAILED)
+
+
+def _neighbor_pictures(retriever, result) -> list:
+    """Overlays of the neighbours (their own masks) captioned with rank and score."""
+    from .visualize import overlay
+
+    pictures = []
+    for neighbor in result.neighbors:
+        try:
+            item = retriever.stored_slice(neighbor.id)
+        except LungCBIRError:
+            continue  # the stored file is gone; the table still lists it
+        mask = retriever.segment_slices([item])[0].mask
+        pictures.append((overlay(item, mask), f"#{neighbor.rank}  {neighbor.score:.3f}"))
+    return pictures
 
 
 def _query_series(retriever, inputs, k, filters, as_json):

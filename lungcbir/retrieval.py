@@ -266,6 +266,14 @@ class Retriever:
         """
         return self.query_slices([as_slice(image)], k, where, per_patient)[0]
 
+    def stored_slice(self, image_id: int) -> CTSlice:
+        """Read a stored image's slice back from its file (raises ReadError if it is gone)."""
+        record = self.store(create=False).records([image_id]).get(image_id)
+        if record is None:
+            raise LungCBIRError(f"no stored image with id {image_id}")
+        slices = read_file(record.path)
+        return slices[min(record.frame, len(slices) - 1)]
+
     def query_series(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
                      pairs: int = 3) -> list[SeriesMatch]:
         """Rank stored cases by aggregated slice similarity to a whole query series or volume.

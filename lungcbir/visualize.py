@@ -34,3 +34,16 @@ def overlay(item: CTSlice, mask: np.ndarray) -> np.ndarray:
 def write_png(path: str, pixels: np.ndarray) -> None:
     if not cv2.imwrite(path, pixels):
         raise OSError(f"cannot write {path}")
+
+
+def match_strip(query: np.ndarray, matches: list[tuple[np.ndarray, str]], height: int = 256) -> np.ndarray:
+    """Query overlay and neighbour overlays side by side, each captioned (e.g. rank and score)."""
+    tiles = []
+    for picture, caption in [(query, "query"), *matches]:
+        scale = height / picture.shape[0]
+        tile = cv2.resize(picture, (max(1, round(picture.shape[1] * scale)), height), interpolation=cv2.INTER_AREA)
+        cv2.rectangle(tile, (0, 0), (tile.shape[1], 22), (0, 0, 0), -1)
+        cv2.putText(tile, caption, (6, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+        tiles.append(tile)
+        tiles.append(np.full((height, 4, 3), 255, np.uint8))
+    return np.hstack(tiles[:-1])

@@ -186,12 +186,11 @@ def create_app(retriever: Retriever) -> FastAPI:
         return record
 
     def stored_slice(image_id: int) -> CTSlice:
-        record = stored(image_id)
+        stored(image_id)
         try:
-            slices = read_file(record.path)
+            return retriever.stored_slice(image_id)
         except ReadError:
             raise HTTPException(410, f"the file of image {image_id} is no longer readable") from None
-        return slices[min(record.frame, len(slices) - 1)]
 
     @app.get("/api/images/{image_id}")
     def image_metadata(image_id: int) -> dict:
