@@ -78,7 +78,7 @@ class QueryResult:
 def read_labels(csv_path: str | os.PathLike) -> dict[str, dict[str, str]]:
     """Labels by absolute file path from a CSV with a ``path`` column (other columns are labels).
 
-    Relative paths are taken relative to the CSV's own folder.
+    Relative paths are taken relative to the CSV's own folder; empty cells are not labels.
     """
     csv_path = str(csv_path)
     try:
@@ -91,7 +91,7 @@ def read_labels(csv_path: str | os.PathLike) -> dict[str, dict[str, str]]:
             for row in reader:
                 path = row.pop("path")
                 full = path if os.path.isabs(path) else os.path.join(base, path)
-                labels[os.path.abspath(full)] = {k: v for k, v in row.items() if k}
+                labels[os.path.abspath(full)] = {k: v for k, v in row.items() if k and v not in (None, "")}
             return labels
     except OSError as error:
         raise LungCBIRError(f"{csv_path}: cannot read labels ({error.strerror})") from None
