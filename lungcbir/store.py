@@ -582,9 +582,9 @@ def build_index(kind: str, count: int, dimension: int, stream, sample) -> faiss.
     if kind == "flat" or count == 0:
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dimension))
     elif kind == "ivf":
-        lists = int(min(max(16, 4 * np.sqrt(count)), 65536, max(16, count // 39)))
+        lists = int(min(max(16, 2 * np.sqrt(count)), 65536, max(16, count // 39)))
         index = faiss.index_factory(dimension, f"IVF{lists},SQ8", faiss.METRIC_INNER_PRODUCT)
-        index.train(sample(min(count, max(50 * lists, 20_000))))
+        index.train(sample(min(count, max(30 * lists, 20_000))))
     elif kind == "hnsw":
         graph = faiss.IndexHNSWFlat(dimension, 32, faiss.METRIC_INNER_PRODUCT)
         graph.hnsw.efConstruction = 80
