@@ -142,7 +142,7 @@ def encode(model: LungModel, slices: Sequence[CTSlice], batch_size: int = 32) ->
             batch = torch.from_numpy(inputs[:, None]).to(memory_format=torch.channels_last)
             logits, bottleneck = model.network.forward_with_bottleneck(batch)
             bottlenecks.append(bottleneck.float())
-            probabilities.append(torch.sigmoid(logits.float()))
+            probabilities.append(torch.sigmoid(logits[:, :1].float()))  # channel 0: lungs
     probability = torch.cat(probabilities)
     return Encoded(torch.cat(bottlenecks), probability, (probability[:, 0] > 0.5).float().mean((1, 2)).numpy())
 

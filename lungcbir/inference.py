@@ -7,6 +7,7 @@ settings saved with the weights and the pooling that turns the bottleneck into a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -77,8 +78,11 @@ def save_weights(path: str | os.PathLike, network: UNet, settings: ModelSettings
     os.replace(temporary, path)
 
 
-def _state_digest(state: dict) -> str:
+def _model_digest(state: dict, settings: "ModelSettings") -> str:
+    """Hash of the weights and of every setting that changes the vectors (preprocessing, pooling)."""
     digest = hashlib.sha256()
+    digest.update(json.dumps({"preprocess": settings.preprocess.to_dict(), "pooling": settings.pooling},
+                             sort_keys=True).encode())
     for key in sorted(state):
         digest.update(key.encode())
         digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
@@ -126,7 +130,7 @@ class LungModel:
             network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         except RuntimeError:
             raise WeightsError(f"{path}: weights do not fit the network described in the file") from None
-        return cls(network, settings, _state_digest(state), device)
+        return cls(network, settings, _model_digest(state, settings), device)
 
     @property
     def input_size(self) -> int:
