@@ -281,11 +281,14 @@ def standard_comparison(model: LungModel, segmentation_only: LungModel | None = 
     """The issue's table: raw pixels, random-weight U-Net, segmentation-only U-Net, lungcbir.
 
     Returns the number of slices and the measures. ``variants`` adds pooling alternatives.
+    Lung levels come from the bundled model's masks, so every model is measured on the same
+    queries.
     """
     items = load_benchmark(root)
     slices = [i.slice for i in items]
     trained = encode(model, slices)
-    assign_levels(items, trained.lung_fractions)
+    reference = trained if model.model_id == LungModel.load().model_id else encode(LungModel.load(), slices)
+    assign_levels(items, reference.lung_fractions)
     torch.manual_seed(0)
     random_model = LungModel(type(model.network)(model.settings.unet), model.settings, "random")
     features = {"raw pixels": raw_pixel_features(slices),
