@@ -21,9 +21,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", choices=["kaggle", "covid19"])
     parser.add_argument("--kaggle-repeats", type=int, default=2, help="oversample the smaller HU set")
-    parser.add_argument("--no-infection-head", action="store_true", help="segmentation-only training")
+    parser.add_argument("--infection-head", action="store_true",
+                        help="also learn COVID-19 lesions (the variant that was tried and not shipped)")
     args = parser.parse_args()
-    config = TrainConfig(epochs=args.epochs, infection_head=not args.no_infection_head)
+    config = TrainConfig(epochs=args.epochs, infection_head=args.infection_head)
     sources = {"kaggle": kaggle_slices(), "covid19": covid_slices()}
     if args.only:
         sources = {args.only: sources[args.only]}

@@ -433,8 +433,7 @@ def train(images, masks, out, epochs, batch_size, learning_rate, val_fraction, g
 
     if len(images) != len(masks):
         raise click.UsageError("give --images and --masks the same number of times")
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                         infection_head=False)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     samples = []
     for image_dir, mask_dir in zip(images, masks):
         for image, mask in pair_folders(image_dir, mask_dir):

@@ -48,7 +48,7 @@ class TrainConfig:
     depth: int = 5
     input_size: int = 256
     augment: bool = True
-    infection_head: bool = True  # second output channel learns lesions where masks exist
+    infection_head: bool = False  # a second output channel learns lesions where masks exist (tried, not shipped)
     infection_weight: float = 0.5
 
 
@@ -161,7 +161,7 @@ def augment(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, 
         turns = rng.randint(1, 3)
         image, labels = np.rot90(image, turns), np.rot90(labels, turns)
     angle = rng.uniform(-15, 15)
-    scale = math.exp(rng.uniform(math.log(0.7), math.log(1.3)))
+    scale = math.exp(rng.uniform(math.log(0.75), math.log(1.25)))
     matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
     matrix[:, 2] += [rng.uniform(-0.08, 0.08) * size, rng.uniform(-0.08, 0.08) * size]
     image = cv2.warpAffine(np.ascontiguousarray(image), matrix, (size, size), flags=cv2.INTER_LINEAR,
