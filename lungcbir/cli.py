@@ -357,7 +357,7 @@ def check(verify_files, db_url, index_dir):
 
 @main.command("rebuild-index")
 @click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default=None,
-              help="Index type (remembered): auto = exact below 100k vectors, IVF-SQ8 above. Default: as before.")
+              help="Index type (remembered): auto = exact below 100k vectors, IVF (float16) above. Default: as before.")
 @click.option("--wait", is_flag=True, help="Wait for a running indexing run to finish.")
 @store_options
 @friendly_errors
