@@ -11,7 +11,6 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -286,7 +285,7 @@ class Retriever:
         best: dict[str, dict[int, Neighbor]] = {}
         for number, answer in enumerate(answers):
             for neighbor in answer.neighbors:
-                record_case = neighbor_case(neighbor)
+                record_case = case_key(neighbor)
                 current = best.setdefault(record_case, {}).get(number)
                 if current is None or neighbor.score > current.score:
                     best[record_case][number] = neighbor
@@ -347,8 +346,6 @@ def case_key(record: ImageRecord | Neighbor) -> str:
         return f"series:{record.series_uid}"
     return f"file:{record.path}"
 
-
-neighbor_case = case_key
 
 
 def _matches(record: ImageRecord, where: dict[str, str] | None) -> bool:

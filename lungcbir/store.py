@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 import faiss
 import numpy as np
 from sqlalchemy import (JSON, DateTime, Float, Integer, LargeBinary, String, Text, UniqueConstraint,
-                        create_engine, delete, func, inspect, or_, select)
+                        create_engine, delete, func, or_, select)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column

@@ -8,14 +8,12 @@ turns, rotations, scaling and shifts.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 import cv2

@@ -14,7 +14,6 @@ import pytest
 from click.testing import CliRunner
 
 from lungcbir.cli import main
-from lungcbir.phantom import phantom_slice, write_phantom
 from lungcbir.store import Store
 
 GOOD = np.tile(np.arange(64, dtype=np.uint8) * 3, (64, 1))

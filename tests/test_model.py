@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from lungcbir.features import pool_bottleneck
-from lungcbir.inference import LungModel, ModelSettings, save_weights
+from lungcbir.inference import LungModel
 from lungcbir.io import CTSlice
 from lungcbir.model import UNet, UNetConfig
 

@@ -1,5 +1,3 @@
-from datetime import datetime, timezone
-
 import numpy as np
 import pytest
 
