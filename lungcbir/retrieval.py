@@ -197,11 +197,12 @@ class Retriever:
 
     def _index_locked(self, paths, labels, exclude, on_file, on_total) -> IndexReport:
         began = time.perf_counter()
+        paths = [str(path) for path in paths]
         label_map = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else dict(labels or {})
         label_map = {os.path.abspath(k): v for k, v in label_map.items()}
         files = list(find_image_files(paths, exclude))
         if not files:
-            raise LungCBIRError(f"no images found in {', '.join(map(str, paths))} "
+            raise LungCBIRError(f"no images found in {', '.join(paths)} "
                                 f"(PNG, JPEG, BMP, TIFF, DICOM or NIfTI files)")
         if on_total:
             on_total(len(files))
