@@ -216,9 +216,7 @@ def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_
                     "query": path, "mask": str(mask_path), "overlay": str(overlay_path),
                     "matches": str(matches_path),
                     "lung_fraction": round(result.lung_fraction, 6),
-                    "neighbors": [{"rank": n.rank, "id": n.id, "path": n.path, "score": round(n.score, 6),
-                                   "patient_id": n.patient_id, "series_uid": n.series_uid,
-                                   "slice_index": n.slice_index, "labels": n.labels} for n in result.neighbors]}))
+                    "neighbors": [n.to_json() for n in result.neighbors]}))
             else:
                 click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}  mask {mask_path}")
                 click.echo(f"  {'rank':>4}  {'score':>6}  {'patient/series/slice':<32}  path  labels")
@@ -235,15 +233,15 @@ def _neighbor_pictures(retriever, result) -> list:
     """Overlays of the neighbours (their own masks) captioned with rank and score."""
     from .visualize import overlay
 
-    pictures = []
+    found = []
     for neighbor in result.neighbors:
         try:
-            item = retriever.stored_slice(neighbor.id)
+            found.append((neighbor, retriever.stored_slice(neighbor.id)))
         except LungCBIRError:
             continue  # the stored file is gone; the table still lists it
-        mask = retriever.segment_slices([item])[0].mask
-        pictures.append((overlay(item, mask), f"#{neighbor.rank}  {neighbor.score:.3f}"))
-    return pictures
+    segmentations = retriever.segment_slices([item for _, item in found])  # one batched model call
+    return [(overlay(item, segmentation.mask), f"#{neighbor.rank}  {neighbor.score:.3f}")
+            for (neighbor, item), segmentation in zip(found, segmentations)]
 
 
 def _query_series(retriever, inputs, k, filters, as_json):

@@ -287,7 +287,8 @@ def standard_comparison(model: LungModel, segmentation_only: LungModel | None = 
     items = load_benchmark(root)
     slices = [i.slice for i in items]
     trained = encode(model, slices)
-    reference = trained if model.model_id == LungModel.load().model_id else encode(LungModel.load(), slices)
+    bundled = LungModel.load()
+    reference = trained if model.model_id == bundled.model_id else encode(bundled, slices)
     assign_levels(items, reference.lung_fractions)
     torch.manual_seed(0)
     random_model = LungModel(type(model.network)(model.settings.unet), model.settings, "random")

@@ -10,7 +10,7 @@ import csv
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -50,6 +50,10 @@ class Neighbor:
     series_uid: str | None
     slice_index: int | None
     labels: dict
+
+    def to_json(self) -> dict:
+        """The documented JSON object of ``query --json`` and the web API."""
+        return {**asdict(self), "score": round(self.score, 6)}
 
 
 @dataclass

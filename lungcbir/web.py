@@ -125,10 +125,7 @@ def create_app(retriever: Retriever) -> FastAPI:
         return results.put(RenderedResult(_png(mask_png(result.mask)), _png(overlay(result.query, result.mask))))
 
     def neighbor_json(neighbor) -> dict:
-        return {"rank": neighbor.rank, "id": neighbor.id, "path": neighbor.path, "score": round(neighbor.score, 6),
-                "patient_id": neighbor.patient_id, "series_uid": neighbor.series_uid,
-                "slice_index": neighbor.slice_index, "labels": neighbor.labels,
-                "thumbnail_url": f"/api/images/{neighbor.id}/thumbnail",
+        return {**neighbor.to_json(), "thumbnail_url": f"/api/images/{neighbor.id}/thumbnail",
                 "overlay_url": f"/api/images/{neighbor.id}/overlay"}
 
     def parse_where(text: str) -> dict[str, str]:
