@@ -1,17 +1,62 @@
 """Train the model bundled as lungcbir/weights/lung_unet.pt on the shared data's train split.
 
-Usage: python benchmarks/train_bundled_model.py OUT.pt [--epochs N] [--device cpu|cuda] [--only kaggle|covid19]
+Usage: python benchmarks/train_bundled_model.py OUT.pt [--epochs N] [--device cpu|cuda]
+           [--only kaggle|covid19] [--base-channels C] [--contrastive W] [--cache FILE.npz]
 
 Validation (checkpoint choice) uses the val split; the test split is never seen here.
+``--cache`` keeps the slices, already resized to the model input, in one compressed file
+(about 30 MB), so a training machine without ../shared/data can run from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 
+import numpy as np
+
 from lungcbir.datasets import covid_slices, kaggle_slices
-from lungcbir.train import TrainConfig, load_sample, train
+from lungcbir.train import TrainConfig, TrainingSample, load_sample, train
+
+
+def load_split(config: TrainConfig) -> dict[str, dict[str, list[TrainingSample]]]:
+    """Train and val samples of each source, resized to the model input."""
+    split = {}
+    for name, parts in (("kaggle", kaggle_slices()), ("covid19", covid_slices())):
+        split[name] = {part: [dataclasses.replace(load_sample(s.image, s.mask, config.input_size, s.group,
+                                                              s.infection if config.infection_head else None),
+                                                  series=s.series, position=s.position)
+                              for s in parts[part]] for part in ("train", "val")}
+    return split
+
+
+def save_cache(path: str, split: dict) -> None:
+    arrays, rows = {}, []
+    for source, parts in split.items():
+        for part, samples in parts.items():
+            for number, sample in enumerate(samples):
+                key = f"{source}.{part}.{number}"
+                arrays[key + ".pixels"] = sample.pixels.astype(np.float16 if sample.intensity == "hu" else np.float32)
+                arrays[key + ".mask"] = sample.mask
+                if sample.infection is not None:
+                    arrays[key + ".infection"] = sample.infection
+                rows.append([key, source, part, sample.name, sample.group, sample.intensity,
+                             sample.series or "", -1 if sample.position is None else sample.position])
+    np.savez_compressed(path, rows=np.array(rows, dtype=str), **arrays)
+
+
+def load_cache(path: str) -> dict:
+    data = np.load(path)
+    split: dict = {}
+    for key, source, part, name, group, intensity, series, position in data["rows"]:
+        infection = data[key + ".infection"] if key + ".infection" in data else None
+        sample = TrainingSample(str(name), str(group), data[key + ".pixels"].astype(np.float32), str(intensity),
+                                data[key + ".mask"], infection, str(series) or None,
+                                None if int(position) < 0 else int(position))
+        split.setdefault(str(source), {"train": [], "val": []})[str(part)].append(sample)
+    return split
 
 
 def main() -> None:
@@ -21,20 +66,27 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", choices=["kaggle", "covid19"])
     parser.add_argument("--kaggle-repeats", type=int, default=2, help="oversample the smaller HU set")
+    parser.add_argument("--base-channels", type=int, default=TrainConfig.base_channels)
+    parser.add_argument("--contrastive", type=float, default=0.0, help="weight of the contrastive loss")
+    parser.add_argument("--cache", help="read the resized slices from this .npz (written if missing)")
     parser.add_argument("--infection-head", action="store_true",
                         help="also learn COVID-19 lesions (the variant that was tried and not shipped)")
     args = parser.parse_args()
-    config = TrainConfig(epochs=args.epochs, infection_head=args.infection_head)
-    sources = {"kaggle": kaggle_slices(), "covid19": covid_slices()}
+    config = TrainConfig(epochs=args.epochs, infection_head=args.infection_head,
+                         base_channels=args.base_channels, contrastive_weight=args.contrastive)
+    if args.cache and os.path.exists(args.cache):
+        split = load_cache(args.cache)
+    else:
+        split = load_split(config)
+        if args.cache:
+            save_cache(args.cache, split)
     if args.only:
-        sources = {args.only: sources[args.only]}
+        split = {args.only: split[args.only]}
     train_set, val_set = [], []
-    for name, parts in sources.items():
-        loaded = [load_sample(s.image, s.mask, config.input_size, s.group,
-                              s.infection if config.infection_head else None) for s in parts["train"]]
-        repeats = args.kaggle_repeats if name == "kaggle" and len(sources) > 1 else 1
-        train_set += loaded * repeats
-        val_set += [load_sample(s.image, s.mask, config.input_size, s.group) for s in parts["val"]]
+    for name, parts in split.items():
+        repeats = args.kaggle_repeats if name == "kaggle" and len(split) > 1 else 1
+        train_set += parts["train"] * repeats
+        val_set += parts["val"]
     print(f"train {len(train_set)} views, val {len(val_set)} slices", flush=True)
     for report in train(train_set, val_set, args.out, config, device=args.device, resume=True,
                         on_epoch=lambda r: print(r, flush=True)):

@@ -34,6 +34,8 @@ class LabelledSlice:
     group: str
     dataset: str
     infection: str | None = None  # lesion mask, where the dataset has one
+    series: str | None = None  # the volume, where the dataset has several slices of one
+    position: int | None = None  # order within that volume
 
 
 def data_root() -> Path:
@@ -62,7 +64,8 @@ def covid_slices(root: Path | None = None) -> dict[str, list[LabelledSlice]]:
             patient = row["patient"]
             part = "test" if patient in COVID_TEST_PATIENTS else "val" if patient in COVID_VAL_PATIENTS else "train"
             parts[part].append(LabelledSlice(str(folder / "ct" / row["file"]), str(folder / "lungs" / row["file"]),
-                                             patient, "covid19", str(folder / "infection" / row["file"])))
+                                             patient, "covid19", str(folder / "infection" / row["file"]),
+                                             row["volume"], int(row["k"])))
     return parts
 
 

@@ -23,6 +23,12 @@ def pool_bottleneck(bottleneck: torch.Tensor, lung_probability: torch.Tensor | N
         >>> vectors.shape, np.allclose(np.linalg.norm(vectors, axis=1), 1)
         ((2, 16), True)
     """
+    return pooled_vectors(bottleneck, lung_probability, method).cpu().numpy().astype(np.float32)
+
+
+def pooled_vectors(bottleneck: torch.Tensor, lung_probability: torch.Tensor | None = None,
+                   method: str = "mean-max") -> torch.Tensor:
+    """The same pooling as :func:`pool_bottleneck`, kept as a (differentiable) tensor for training."""
     if method not in POOLINGS:
         raise ValueError(f"unknown pooling {method!r}; choose from {POOLINGS}")
     features = bottleneck.float()
@@ -34,6 +40,4 @@ def pool_bottleneck(bottleneck: torch.Tensor, lung_probability: torch.Tensor | N
     else:
         mean = features.mean((2, 3))
         peak = features.amax((2, 3))
-    vectors = torch.cat([mean, peak], dim=1)
-    vectors = F.normalize(vectors, dim=1)
-    return vectors.cpu().numpy().astype(np.float32)
+    return F.normalize(torch.cat([mean, peak], dim=1), dim=1)

@@ -20,7 +20,7 @@ import torch
 from .errors import WeightsError
 from .features import pool_bottleneck
 from .io import CTSlice
-from .model import UNet, UNetConfig
+from .model import UNet, UNetConfig, fuse_batch_norm
 from .postprocess import clean_mask, drop_outside_air
 from .preprocess import (PreprocessConfig, normalize_intensity, probabilities_to_original,
                          to_model_input)
@@ -101,7 +101,7 @@ class LungModel:
 
     def __init__(self, network: UNet, settings: ModelSettings, model_id: str,
                  device: str = "cpu") -> None:
-        self.network = network.to(device).eval().to(memory_format=torch.channels_last)
+        self.network = fuse_batch_norm(network.to(device)).to(memory_format=torch.channels_last)
         self.settings = settings
         self.model_id = model_id
         self.device = device

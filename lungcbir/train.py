@@ -21,7 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from .errors import LungCBIRError, ReadError
+from .features import pooled_vectors
 from .inference import ModelSettings, save_weights
 from .io import find_image_files, read_file, read_mask
 from .model import UNet, UNetConfig
@@ -48,6 +51,11 @@ class TrainConfig:
     augment: bool = True
     infection_head: bool = False  # a second output channel learns lesions where masks exist (tried, not shipped)
     infection_weight: float = 0.5
+    # > 0: also pull together the pooled bottleneck vectors of two views of one slice (or of two
+    # neighbouring slices of one series) and push apart those of other slices (NT-Xent), so the
+    # retrieval vector ignores window, export and orientation and follows anatomy
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
 
 
 @dataclass
@@ -60,6 +68,8 @@ class TrainingSample:
     intensity: str
     mask: np.ndarray  # uint8 {0, 1} at input_size x input_size
     infection: np.ndarray | None = None  # uint8 {0, 1} lesion mask where one is known
+    series: str | None = None  # the scan the slice comes from, where slices of one scan are known
+    position: int | None = None  # the slice's order within that series
 
 
 @dataclass
@@ -179,6 +189,42 @@ def augment(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, 
     return np.clip(image, 0, 1).astype(np.float32), labels.transpose(2, 0, 1).astype(np.float32)
 
 
+class ProjectionHead(nn.Module):
+    """The small MLP the contrastive loss works on; only used in training, never saved."""
+
+    def __init__(self, dimension: int, projection: int = 128) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(dimension, dimension), nn.ReLU(inplace=True),
+                                    nn.Linear(dimension, projection))
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.layers(vectors), dim=1)
+
+
+def contrastive_loss(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (SimCLR): row i of ``first`` and of ``second`` are a pair, every other row a negative."""
+    projections = torch.cat([first, second])
+    similarity = projections @ projections.T / temperature
+    similarity.fill_diagonal_(float("-inf"))
+    count = first.shape[0]
+    partner = torch.cat([torch.arange(count, 2 * count), torch.arange(count)]).to(similarity.device)
+    return F.cross_entropy(similarity, partner)
+
+
+def neighbour_lists(samples: Sequence[TrainingSample], reach: int = 2) -> list[list[int]]:
+    """For each sample, the indices of samples of the same series at most ``reach`` slices away."""
+    by_series: dict[str, list[int]] = {}
+    for index, sample in enumerate(samples):
+        if sample.series is not None and sample.position is not None:
+            by_series.setdefault(sample.series, []).append(index)
+    neighbours: list[list[int]] = [[] for _ in samples]
+    for members in by_series.values():
+        for index in members:
+            neighbours[index] = [other for other in members if other != index and
+                                 abs(samples[other].position - samples[index].position) <= reach]
+    return neighbours
+
+
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy plus soft Dice (per image, averaged)."""
     bce = F.binary_cross_entropy_with_logits(logits, target)
@@ -229,7 +275,10 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
     unet_config = UNetConfig(base_channels=config.base_channels, depth=config.depth,
                              out_channels=2 if config.infection_head else 1)
     network = UNet(unet_config).to(device)
-    optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    head = ProjectionHead(2 * unet_config.bottleneck_channels).to(device)
+    parameters = list(network.parameters()) + (list(head.parameters()) if config.contrastive_weight else [])
+    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    neighbours = neighbour_lists(train_samples)
     steps_per_epoch = max(1, len(train_samples) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
                                                     total_steps=config.epochs * steps_per_epoch,
@@ -239,6 +288,7 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
     if resume and os.path.exists(state_path):
         state = torch.load(state_path, map_location=device, weights_only=False)
         network.load_state_dict(state["network"])
+        head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scheduler.total_steps = config.epochs * steps_per_epoch  # resuming may extend the run
@@ -256,7 +306,11 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
         rng.shuffle(order)
         losses = []
         for step in range(steps_per_epoch):
-            chosen = [train_samples[i] for i in order[step * config.batch_size:(step + 1) * config.batch_size]]
+            picked = order[step * config.batch_size:(step + 1) * config.batch_size]
+            chosen = [train_samples[i] for i in picked]
+            if config.contrastive_weight:  # a second view: the same slice, or half the time a neighbour
+                chosen += [train_samples[rng.choice(neighbours[i])] if neighbours[i] and rng.random() < 0.5
+                           else train_samples[i] for i in picked]
             if config.augment:
                 views = [augment(s, rng, preprocess.hu_window) for s in chosen]
             else:
@@ -265,8 +319,13 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
                           .astype(np.float32)) for s in chosen]
             images = torch.from_numpy(np.stack([v[0] for v in views])[:, None]).to(device)
             labels = torch.from_numpy(np.stack([v[1] for v in views])).to(device)
-            logits = network(images)
+            logits, bottleneck = network.forward_with_bottleneck(images)
             loss = dice_loss(logits[:, :1], labels[:, :1])
+            if config.contrastive_weight:
+                vectors = head(pooled_vectors(bottleneck, torch.sigmoid(logits[:, :1]).detach(), "lung-mean-max"))
+                first, second = vectors.chunk(2)
+                loss = loss + config.contrastive_weight * contrastive_loss(first, second,
+                                                                           config.contrastive_temperature)
             known = torch.tensor([s.infection is not None for s in chosen], device=device)
             if config.infection_head and known.any():
                 loss = loss + config.infection_weight * dice_loss(logits[known][:, 1:2], labels[known][:, 1:2])
@@ -284,7 +343,7 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
             best = mean_dice if val_samples else best
             settings.training.update(epoch=epoch + 1, val_dice_mean=mean_dice)
             save_weights(out, network, settings)
-        torch.save({"network": network.state_dict(), "optimizer": optimizer.state_dict(),
+        torch.save({"network": network.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
                     "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, state_path)
         report = EpochReport(epoch + 1, float(np.mean(losses)), mean_dice, float(np.min(scores)),

@@ -37,3 +37,50 @@ def test_augment_moves_image_and_both_label_channels_together():
         assert np.array_equal(labels[0], labels[1])  # lesions follow the lungs exactly
     unlabelled = TrainingSample("s", "g", pixels, "hu", mask)
     assert augment(unlabelled, rng, (-1000.0, 400.0))[1][1].sum() == 0
+
+
+def test_contrastive_loss_prefers_matching_pairs():
+    import torch
+    import torch.nn.functional as F
+
+    from lungcbir.train import contrastive_loss
+
+    first = F.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    matched = contrastive_loss(first, first.clone(), 0.1)
+    shuffled = contrastive_loss(first, first[torch.arange(7, -1, -1)], 0.1)
+    assert matched < 0.1 < shuffled
+
+
+def test_neighbours_are_nearby_slices_of_the_same_series():
+    import numpy as np
+
+    from lungcbir.train import TrainingSample, neighbour_lists
+
+    blank = np.zeros((8, 8), np.float32), "uint8", np.zeros((8, 8), np.uint8)
+    samples = [TrainingSample(f"a{k}", "p", *blank, series="a", position=k) for k in range(5)]
+    samples += [TrainingSample("b0", "q", *blank, series="b", position=1), TrainingSample("lone", "r", *blank)]
+    neighbours = neighbour_lists(samples, reach=1)
+    assert neighbours[0] == [1] and neighbours[2] == [1, 3]
+    assert neighbours[5] == [] and neighbours[6] == []
+
+
+def test_training_with_the_contrastive_objective_runs_and_resumes(tmp_path):
+    import numpy as np
+
+    from lungcbir.train import TrainConfig, TrainingSample, train
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for k in range(8):
+        pixels = rng.uniform(-1000, -900, (32, 32)).astype(np.float32)
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:24, 4 + k % 3:14] = 1
+        pixels[mask > 0] = -850
+        samples.append(TrainingSample(f"s{k}", "p", pixels, "hu", mask, series="v", position=k))
+    config = TrainConfig(epochs=1, batch_size=4, base_channels=4, depth=2, input_size=32, contrastive_weight=0.5)
+    out = str(tmp_path / "c.pt")
+    reports = train(samples[:6], samples[6:], out, config)
+    assert len(reports) == 1 and np.isfinite(reports[0].loss)
+    longer = TrainConfig(**{**config.__dict__, "epochs": 2})
+    assert [r.epoch for r in train(samples[:6], samples[6:], out, longer, resume=True)] == [2]
+    assert LungModel.load(out).settings.training["contrastive_weight"] == 0.5
