@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lungcbir.datasets import kaggle_slices
 from lungcbir.inference import LungModel
 from lungcbir.io import read_file
+from lungcbir.model import UNet
 
 
 def best_of(repeats: int, work) -> float:
@@ -44,7 +45,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = LungModel.load(args.weights)
     size = model.input_size
-    parameters = sum(p.numel() for p in model.network.parameters())
+    parameters = sum(p.numel() for p in UNet(model.settings.unet).parameters())  # as trained, before folding
     with FlopCounterMode(display=False) as counter:
         with torch.inference_mode():
             model.network(torch.zeros(1, 1, size, size))

@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/train_bundled_model.py OUT.pt [--epochs N] [--device cpu|cuda]
            [--only kaggle|covid19] [--base-channels C] [--contrastive W] [--cache FILE.npz]
+           [--workers N]
 
 Validation (checkpoint choice) uses the val split; the test split is never seen here.
 ``--cache`` keeps the slices, already resized to the model input, in one compressed file
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--kaggle-repeats", type=int, default=2, help="oversample the smaller HU set")
     parser.add_argument("--base-channels", type=int, default=TrainConfig.base_channels)
     parser.add_argument("--contrastive", type=float, default=0.0, help="weight of the contrastive loss")
+    parser.add_argument("--workers", type=int, default=0, help="processes preparing augmented views")
     parser.add_argument("--cache", help="read the resized slices from this .npz (written if missing)")
     parser.add_argument("--infection-head", action="store_true",
                         help="also learn COVID-19 lesions (the variant that was tried and not shipped)")
@@ -89,7 +91,7 @@ def main() -> None:
         val_set += parts["val"]
     print(f"train {len(train_set)} views, val {len(val_set)} slices", flush=True)
     for report in train(train_set, val_set, args.out, config, device=args.device, resume=True,
-                        on_epoch=lambda r: print(r, flush=True)):
+                        on_epoch=lambda r: print(r, flush=True), workers=args.workers):
         pass
     sys.exit(0)
 

@@ -13,6 +13,7 @@ Exit status (every command):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -409,15 +410,22 @@ def remove(paths, ids, under, wait, db_url, index_dir):
 @click.option("--learning-rate", default=2e-3, show_default=True)
 @click.option("--val-fraction", default=0.15, show_default=True, type=click.FloatRange(0, 0.9),
               help="Share of patients/volumes held out for checkpoint choice.")
-@click.option("--group-regex", default=r"^(.+?)_[kzs]_?\d+", show_default=True,
-              help="First group = patient/volume of a file name; files without a match are their own group.")
+@click.option("--group-regex", default=r"^(.+?)_[kzs]_?(\d+)", show_default=True,
+              help="First group = patient/volume of a file name (files without a match are their own "
+                   "group); second group, if any = the slice's number in it.")
+@click.option("--base-channels", default=8, show_default=True, type=click.IntRange(2, 64),
+              help="Width of the first U-Net level (the rest double).")
+@click.option("--contrastive", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Weight of the contrastive objective that shapes the retrieval vector (0: off).")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
+              help="Processes preparing augmented views (use several with --device cuda).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT.state.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--quiet", is_flag=True)
 @friendly_errors
-def train(images, masks, out, epochs, batch_size, learning_rate, val_fraction, group_regex, seed, resume,
-          device, quiet):
+def train(images, masks, out, epochs, batch_size, learning_rate, val_fraction, group_regex, base_channels,
+          contrastive, workers, seed, resume, device, quiet):
     """Train a lung U-Net on pairs of image and mask folders.
 
     \b
@@ -426,16 +434,19 @@ def train(images, masks, out, epochs, batch_size, learning_rate, val_fraction, g
     """
     from tqdm import tqdm
 
-    from .train import TrainConfig, group_of, load_sample, pair_folders, split_by_group
+    from .train import TrainConfig, group_of, load_sample, pair_folders, position_of, split_by_group
     from .train import train as run_training
 
     if len(images) != len(masks):
         raise click.UsageError("give --images and --masks the same number of times")
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                         base_channels=base_channels, contrastive_weight=contrastive)
     samples = []
     for image_dir, mask_dir in zip(images, masks):
         for image, mask in pair_folders(image_dir, mask_dir):
-            samples.append(load_sample(image, mask, config.input_size, group_of(image, group_regex)))
+            group = group_of(image, group_regex)
+            samples.append(dataclasses.replace(load_sample(image, mask, config.input_size, group), series=group,
+                                               position=position_of(image, group_regex)))
     train_set, val_set = split_by_group(samples, val_fraction, seed)
     click.echo(f"{len(train_set)} training slices, {len(val_set)} validation slices "
                f"({len({s.group for s in val_set})} held-out groups)")
@@ -453,7 +464,8 @@ def train(images, masks, out, epochs, batch_size, learning_rate, val_fraction, g
                    f"{report.val_dice_mean:.4f} min {report.val_dice_min:.4f}"
                    f"{'  (best, saved)' if report.best else ''}")
 
-    run_training(train_set, val_set, out, config, device=device, resume=resume, on_epoch=on_epoch, on_step=on_step)
+    run_training(train_set, val_set, out, config, device=device, resume=resume, on_epoch=on_epoch, on_step=on_step,
+                 workers=workers)
     bar.close()
 
 

@@ -21,7 +21,7 @@ from .errors import WeightsError
 from .features import pool_bottleneck
 from .io import CTSlice
 from .model import UNet, UNetConfig, fuse_batch_norm
-from .postprocess import clean_mask, drop_outside_air
+from .postprocess import clean_probability
 from .preprocess import (PreprocessConfig, normalize_intensity, probabilities_to_original,
                          to_model_input)
 
@@ -68,8 +68,9 @@ def bundled_weights_path() -> Path | None:
 
 
 def save_weights(path: str | os.PathLike, network: UNet, settings: ModelSettings) -> None:
-    """Write weights (as float16, to keep the file small) and settings to one file, atomically."""
-    state = {key: (value.half() if value.is_floating_point() else value)
+    """Write weights (as float16 CPU tensors, to keep the file small and loadable anywhere) and
+    settings to one file, atomically."""
+    state = {key: (value.half() if value.is_floating_point() else value).detach().cpu()
              for key, value in network.state_dict().items()}
     payload = {"format": WEIGHTS_FORMAT, "settings": settings.to_dict(), "state_dict": state}
     path = Path(path)
@@ -163,10 +164,8 @@ class LungModel:
             prepared = [self.prepare(item) for item in chunk]
             probabilities, vectors = self.run(np.stack([p[0] for p in prepared]))
             for (image, geometry), probability, vector in zip(prepared, probabilities, vectors):
-                if self.settings.postprocess:  # lungs lie inside the body: drop air around it
-                    probability = probability * drop_outside_air(probability > 0.5, image)
-                mask = probabilities_to_original(probability, geometry) > 0.5
                 if self.settings.postprocess:
-                    mask = clean_mask(mask)
+                    probability = clean_probability(probability, image)
+                mask = probabilities_to_original(probability, geometry) > 0.5
                 results.append(Segmentation(mask, float(mask.mean()), vector))
         return results

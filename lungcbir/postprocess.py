@@ -1,4 +1,8 @@
-"""Light clean-up of predicted lung masks: keep the large components, fill holes."""
+"""Light clean-up of predicted lung masks: drop air outside the body and small islands, fill holes.
+
+It runs on the network's probability map at model resolution (:func:`clean_probability`),
+before the map is resized to the slice, so its cost does not grow with the slice size.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +42,24 @@ def clean_mask(mask: np.ndarray) -> np.ndarray:
     holes = np.flatnonzero(inner & small)
     holes = holes[holes > 0]
     return kept | np.isin(labels, holes)
+
+
+def clean_probability(probability: np.ndarray, unit_image: np.ndarray) -> np.ndarray:
+    """Apply :func:`drop_outside_air` and :func:`clean_mask` to a lung probability map.
+
+    Dropped components get probability 0 and filled holes 1, everything else is unchanged,
+    so resizing the result and thresholding at 0.5 gives the cleaned mask at any resolution.
+
+    Example:
+        >>> unit = np.zeros((64, 64), np.float32); unit[8:56, 8:56] = 0.8; unit[16:48, 12:30] = 0.1
+        >>> p = np.zeros((64, 64), np.float32); p[16:48, 12:30] = 0.9; p[30, 20] = 0.2; p[0:4, 0:4] = 0.9
+        >>> cleaned = clean_probability(p, unit)
+        >>> float(cleaned[30, 20]), float(cleaned[1, 1]), round(float(cleaned[20, 20]), 2)
+        (1.0, 0.0, 0.9)
+    """
+    lungs = probability > 0.5
+    kept = clean_mask(drop_outside_air(lungs, unit_image))
+    return np.where(kept & ~lungs, 1.0, np.where(lungs & ~kept, 0.0, probability)).astype(probability.dtype)
 
 
 def body_mask(unit_image: np.ndarray) -> np.ndarray:
@@ -87,8 +109,9 @@ def drop_outside_air(mask: np.ndarray, unit_image: np.ndarray) -> np.ndarray:
 def body_hull(unit_image: np.ndarray) -> np.ndarray:
     """Convex hull of the patient's body (largest tissue component, table detached)."""
     body = body_mask(unit_image)
-    points = cv2.findNonZero(body.astype(np.uint8))
+    # the hull of the outline is the hull of the whole body, from far fewer points
+    outlines, _ = cv2.findContours(body.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     hull = np.zeros(body.shape, np.uint8)
-    if points is not None:
-        cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
+    if outlines:
+        cv2.fillConvexPoly(hull, cv2.convexHull(np.concatenate(outlines)), 1)
     return hull.astype(bool)

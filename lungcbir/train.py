@@ -225,6 +225,45 @@ def neighbour_lists(samples: Sequence[TrainingSample], reach: int = 2) -> list[l
     return neighbours
 
 
+class _Steps:
+    """The batches of the current epoch, as ``(sample index, seed)`` keys; set before each epoch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[tuple[int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Views(torch.utils.data.Dataset):
+    """Training views by ``(sample index, seed)``: image ``(1, S, S)``, labels ``(2, S, S)``, lesions known."""
+
+    def __init__(self, samples: Sequence[TrainingSample], augmented: bool, hu_window: tuple[float, float]) -> None:
+        self.samples, self.augmented, self.hu_window = samples, augmented, hu_window
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        index, seed = key
+        sample = self.samples[index]
+        if self.augmented:
+            image, labels = augment(sample, random.Random(seed), self.hu_window)
+        else:
+            infection = sample.infection if sample.infection is not None else np.zeros_like(sample.mask)
+            image = normalize_intensity(sample.pixels, sample.intensity, self.hu_window)
+            labels = np.stack([sample.mask, infection]).astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(image)[None]), torch.from_numpy(labels), \
+            sample.infection is not None
+
+
+def _single_threaded(_worker: int) -> None:
+    cv2.setNumThreads(1)  # one core per worker; the workers are the parallelism
+
+
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy plus soft Dice (per image, averaged)."""
     bce = F.binary_cross_entropy_with_logits(logits, target)
@@ -259,8 +298,11 @@ def _validate(network: UNet, samples: Sequence[TrainingSample], hu_window, devic
 def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[TrainingSample], out: str,
           config: TrainConfig = TrainConfig(), device: str = "cpu", resume: bool = False,
           on_epoch: Callable[[EpochReport], None] | None = None,
-          on_step: Callable[[int, int, float], None] | None = None) -> list[EpochReport]:
+          on_step: Callable[[int, int, float], None] | None = None, workers: int = 0) -> list[EpochReport]:
     """Train and write the best checkpoint (by mean validation Dice) to ``out``.
+
+    ``workers`` processes prepare the augmented views (0: in this process); on a GPU the
+    augmentation, not the network, limits the speed.
 
     A resumable state is kept in ``out + ".state"`` after every epoch; ``resume=True`` continues
     from it. Returns one report per epoch run.
@@ -301,24 +343,28 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
     reports = []
     network.train()
     order = list(range(len(train_samples)))
+    # workers are started once ("spawn": forking after OpenCV and torch have started threads can hang)
+    steps = _Steps()
+    loader = torch.utils.data.DataLoader(_Views(train_samples, config.augment, preprocess.hu_window),
+                                         batch_sampler=steps, num_workers=workers, persistent_workers=workers > 0,
+                                         multiprocessing_context="spawn" if workers else None,
+                                         worker_init_fn=_single_threaded if workers else None)
     for epoch in range(start_epoch, config.epochs):
         began = time.perf_counter()
         rng.shuffle(order)
         losses = []
+        # the views of each step, decided here and drawn (in worker processes, if any) from a seed
+        # of their own, so a run gives the same result with any number of workers
+        batches = []
         for step in range(steps_per_epoch):
             picked = order[step * config.batch_size:(step + 1) * config.batch_size]
-            chosen = [train_samples[i] for i in picked]
             if config.contrastive_weight:  # a second view: the same slice, or half the time a neighbour
-                chosen += [train_samples[rng.choice(neighbours[i])] if neighbours[i] and rng.random() < 0.5
-                           else train_samples[i] for i in picked]
-            if config.augment:
-                views = [augment(s, rng, preprocess.hu_window) for s in chosen]
-            else:
-                views = [(normalize_intensity(s.pixels, s.intensity, preprocess.hu_window),
-                          np.stack([s.mask, s.infection if s.infection is not None else np.zeros_like(s.mask)])
-                          .astype(np.float32)) for s in chosen]
-            images = torch.from_numpy(np.stack([v[0] for v in views])[:, None]).to(device)
-            labels = torch.from_numpy(np.stack([v[1] for v in views])).to(device)
+                picked = picked + [rng.choice(neighbours[i]) if neighbours[i] and rng.random() < 0.5 else i
+                                   for i in picked]
+            batches.append([(i, rng.randrange(2**31)) for i in picked])
+        steps.batches = batches
+        for step, (images, labels, known) in enumerate(loader):
+            images, labels, known = images.to(device), labels.to(device), known.to(device)
             logits, bottleneck = network.forward_with_bottleneck(images)
             loss = dice_loss(logits[:, :1], labels[:, :1])
             if config.contrastive_weight:
@@ -326,7 +372,6 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
                 first, second = vectors.chunk(2)
                 loss = loss + config.contrastive_weight * contrastive_loss(first, second,
                                                                            config.contrastive_temperature)
-            known = torch.tensor([s.infection is not None for s in chosen], device=device)
             if config.infection_head and known.any():
                 loss = loss + config.infection_weight * dice_loss(logits[known][:, 1:2], labels[known][:, 1:2])
             optimizer.zero_grad(set_to_none=True)
@@ -374,3 +419,14 @@ def group_of(path: str, pattern: str) -> str:
     """The patient/volume a file belongs to: the first group of ``pattern`` in its name."""
     match = re.search(pattern, os.path.basename(path))
     return match.group(1) if match and match.groups() else _stem(path)
+
+
+def position_of(path: str, pattern: str) -> int | None:
+    """The slice's number within its volume: the second group of ``pattern``, if it has one.
+
+    Example:
+        >>> position_of("case7_k012.png", r"^(.+?)_[kzs]_?(\\d+)")
+        12
+    """
+    match = re.search(pattern, os.path.basename(path))
+    return int(match.group(2)) if match and len(match.groups()) >= 2 and match.group(2) else None

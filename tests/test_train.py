@@ -84,3 +84,27 @@ def test_training_with_the_contrastive_objective_runs_and_resumes(tmp_path):
     longer = TrainConfig(**{**config.__dict__, "epochs": 2})
     assert [r.epoch for r in train(samples[:6], samples[6:], out, longer, resume=True)] == [2]
     assert LungModel.load(out).settings.training["contrastive_weight"] == 0.5
+
+
+def test_workers_give_the_same_training_as_one_process(tmp_path):
+    import numpy as np
+    import torch
+
+    from lungcbir.train import TrainConfig, TrainingSample, train
+
+    rng = np.random.default_rng(1)
+    samples = []
+    for k in range(8):
+        pixels = rng.uniform(-1000, -900, (32, 32)).astype(np.float32)
+        mask = np.zeros((32, 32), np.uint8)
+        mask[6:26, 3 + k % 4:15] = 1
+        pixels[mask > 0] = -850
+        samples.append(TrainingSample(f"s{k}", "p", pixels, "hu", mask))
+    config = TrainConfig(epochs=1, batch_size=4, base_channels=4, depth=2, input_size=32)
+    states = []
+    for workers in (0, 2):
+        out = str(tmp_path / f"w{workers}.pt")
+        losses = [r.loss for r in train(samples, [], out, config, workers=workers)]
+        states.append((losses, torch.load(out, weights_only=True)["state_dict"]))
+    assert states[0][0] == states[1][0]
+    assert all(torch.equal(states[0][1][k], states[1][1][k]) for k in states[0][1])
