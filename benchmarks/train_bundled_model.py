@@ -4,9 +4,10 @@ Usage: python benchmarks/train_bundled_model.py OUT.pt [--epochs N] [--device cp
            [--only kaggle|covid19] [--base-channels C] [--contrastive W] [--cache FILE.npz]
            [--workers N]
 
+The bundled model: --epochs 120 --contrastive 0.5 --device cuda --workers 7 (see MODEL_CARD.md).
 Validation (checkpoint choice) uses the val split; the test split is never seen here.
 ``--cache`` keeps the slices, already resized to the model input, in one compressed file
-(about 30 MB), so a training machine without ../shared/data can run from it.
+(about 40 MB), so a training machine without ../shared/data can run from it.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["kaggle", "covid19"])
     parser.add_argument("--kaggle-repeats", type=int, default=2, help="oversample the smaller HU set")
     parser.add_argument("--base-channels", type=int, default=TrainConfig.base_channels)
-    parser.add_argument("--contrastive", type=float, default=0.0, help="weight of the contrastive loss")
+    parser.add_argument("--contrastive", type=float, default=TrainConfig.contrastive_weight,
+                        help="weight of the contrastive loss (0: segmentation only)")
     parser.add_argument("--workers", type=int, default=0, help="processes preparing augmented views")
     parser.add_argument("--cache", help="read the resized slices from this .npz (written if missing)")
     parser.add_argument("--infection-head", action="store_true",

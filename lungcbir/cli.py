@@ -415,7 +415,7 @@ def remove(paths, ids, under, wait, db_url, index_dir):
                    "group); second group, if any = the slice's number in it.")
 @click.option("--base-channels", default=8, show_default=True, type=click.IntRange(2, 64),
               help="Width of the first U-Net level (the rest double).")
-@click.option("--contrastive", default=0.0, show_default=True, type=click.FloatRange(0),
+@click.option("--contrastive", default=0.5, show_default=True, type=click.FloatRange(0),
               help="Weight of the contrastive objective that shapes the retrieval vector (0: off).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
               help="Processes preparing augmented views (use several with --device cuda).")

@@ -54,7 +54,7 @@ class TrainConfig:
     # > 0: also pull together the pooled bottleneck vectors of two views of one slice (or of two
     # neighbouring slices of one series) and push apart those of other slices (NT-Xent), so the
     # retrieval vector ignores window, export and orientation and follows anatomy
-    contrastive_weight: float = 0.0
+    contrastive_weight: float = 0.5  # the bundled model's recipe; 0 trains segmentation only
     contrastive_temperature: float = 0.1
 
 
