@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/train_bundled_model.py OUT.pt [--epochs N] [--device cpu|cuda]
            [--only kaggle|covid19] [--base-channels C] [--contrastive W] [--cache FILE.npz]
-           [--workers N]
+           [--workers N] [--init W.pt|bundled] [--learning-rate LR]
 
 The bundled model: --epochs 120 --contrastive 0.5 --device cuda --workers 7 (see MODEL_CARD.md).
 Validation (checkpoint choice) uses the val split; the test split is never seen here.
@@ -71,13 +71,16 @@ def main() -> None:
     parser.add_argument("--base-channels", type=int, default=TrainConfig.base_channels)
     parser.add_argument("--contrastive", type=float, default=TrainConfig.contrastive_weight,
                         help="weight of the contrastive loss (0: segmentation only)")
+    parser.add_argument("--init", help='start from these weights ("bundled": the package\'s model)')
+    parser.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
     parser.add_argument("--workers", type=int, default=0, help="processes preparing augmented views")
     parser.add_argument("--cache", help="read the resized slices from this .npz (written if missing)")
     parser.add_argument("--infection-head", action="store_true",
                         help="also learn COVID-19 lesions (the variant that was tried and not shipped)")
     args = parser.parse_args()
     config = TrainConfig(epochs=args.epochs, infection_head=args.infection_head,
-                         base_channels=args.base_channels, contrastive_weight=args.contrastive)
+                         base_channels=args.base_channels, contrastive_weight=args.contrastive,
+                         learning_rate=args.learning_rate)
     if args.cache and os.path.exists(args.cache):
         split = load_cache(args.cache)
     else:
@@ -93,7 +96,8 @@ def main() -> None:
         val_set += parts["val"]
     print(f"train {len(train_set)} views, val {len(val_set)} slices", flush=True)
     for report in train(train_set, val_set, args.out, config, device=args.device, resume=True,
-                        on_epoch=lambda r: print(r, flush=True), workers=args.workers):
+                        on_epoch=lambda r: print(r, flush=True), workers=args.workers,
+                        initial_weights=args.init):
         pass
     sys.exit(0)
 

@@ -419,18 +419,21 @@ def remove(paths, ids, under, wait, db_url, index_dir):
               help="Weight of the contrastive objective that shapes the retrieval vector (0: off).")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
               help="Processes preparing augmented views (use several with --device cuda).")
+@click.option("--init", "initial_weights", metavar="W.pt|bundled",
+              help="Start from trained weights (fine-tuning) instead of random ones.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT.state.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--quiet", is_flag=True)
 @friendly_errors
 def train(images, masks, out, epochs, batch_size, learning_rate, val_fraction, group_regex, base_channels,
-          contrastive, workers, seed, resume, device, quiet):
+          contrastive, workers, initial_weights, seed, resume, device, quiet):
     """Train a lung U-Net on pairs of image and mask folders.
 
     \b
     Example:
       lungcbir train --images ct/ --masks lungs/ --images more/ct --masks more/lungs --out my.pt
+      lungcbir train --images ct/ --masks lungs/ --out tuned.pt --init bundled --learning-rate 4e-4
     """
     from tqdm import tqdm
 
@@ -465,7 +468,7 @@ def train(images, masks, out, epochs, batch_size, learning_rate, val_fraction, g
                    f"{'  (best, saved)' if report.best else ''}")
 
     run_training(train_set, val_set, out, config, device=device, resume=resume, on_epoch=on_epoch, on_step=on_step,
-                 workers=workers)
+                 workers=workers, initial_weights=initial_weights)
     bar.close()
 
 

@@ -79,6 +79,33 @@ def save_weights(path: str | os.PathLike, network: UNet, settings: ModelSettings
     os.replace(temporary, path)
 
 
+def load_network(path: str | os.PathLike | None = None) -> tuple[UNet, ModelSettings, dict]:
+    """The trainable network (float32, batch norm unfolded), its settings and the stored state.
+
+    ``path`` None means the bundled weights. Used to start training from trained weights.
+    """
+    if path is None:
+        path = bundled_weights_path()
+        if path is None:
+            raise WeightsError("no bundled weights in this installation; pass --weights FILE")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: weights file does not exist") from None
+    except Exception as error:
+        raise WeightsError(f"{path}: not a lungcbir weights file ({type(error).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
+        raise WeightsError(f"{path}: not a lungcbir weights file")
+    settings = ModelSettings.from_dict(payload["settings"])
+    network = UNet(settings.unet)
+    state = payload["state_dict"]
+    try:
+        network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    except RuntimeError:
+        raise WeightsError(f"{path}: weights do not fit the network described in the file") from None
+    return network, settings, state
+
+
 def _model_digest(state: dict, settings: "ModelSettings") -> str:
     """Hash of the weights and of every setting that changes the vectors (preprocessing, pooling)."""
     digest = hashlib.sha256()
@@ -110,27 +137,9 @@ class LungModel:
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str = "cpu") -> "LungModel":
         """Load weights from ``path`` or, when None, the weights bundled with the package."""
-        if path is None:
-            path = bundled_weights_path()
-            if path is None:
-                raise WeightsError("no bundled weights in this installation; pass --weights FILE")
         if device == "cuda" and not torch.cuda.is_available():
             raise WeightsError("--device cuda asked for, but no CUDA device is available")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise WeightsError(f"{path}: weights file does not exist") from None
-        except Exception as error:
-            raise WeightsError(f"{path}: not a lungcbir weights file ({type(error).__name__})") from None
-        if not isinstance(payload, dict) or payload.get("format") != WEIGHTS_FORMAT:
-            raise WeightsError(f"{path}: not a lungcbir weights file")
-        settings = ModelSettings.from_dict(payload["settings"])
-        network = UNet(settings.unet)
-        state = payload["state_dict"]
-        try:
-            network.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-        except RuntimeError:
-            raise WeightsError(f"{path}: weights do not fit the network described in the file") from None
+        network, settings, state = load_network(path)
         return cls(network, settings, _model_digest(state, settings), device)
 
     @property

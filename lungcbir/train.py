@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import LungCBIRError, ReadError
 from .features import pooled_vectors
-from .inference import ModelSettings, save_weights
+from .inference import ModelSettings, load_network, save_weights
 from .io import find_image_files, read_file, read_mask
 from .model import UNet, UNetConfig
 from .preprocess import PreprocessConfig, geometry_for, mask_to_model, normalize_intensity
@@ -298,8 +298,12 @@ def _validate(network: UNet, samples: Sequence[TrainingSample], hu_window, devic
 def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[TrainingSample], out: str,
           config: TrainConfig = TrainConfig(), device: str = "cpu", resume: bool = False,
           on_epoch: Callable[[EpochReport], None] | None = None,
-          on_step: Callable[[int, int, float], None] | None = None, workers: int = 0) -> list[EpochReport]:
+          on_step: Callable[[int, int, float], None] | None = None, workers: int = 0,
+          initial_weights: str | None = None) -> list[EpochReport]:
     """Train and write the best checkpoint (by mean validation Dice) to ``out``.
+
+    ``initial_weights`` starts from a weights file ("bundled": the package's model) instead of
+    random weights, to fine-tune a trained model on new data; its network must match ``config``.
 
     ``workers`` processes prepare the augmented views (0: in this process); on a GPU the
     augmentation, not the network, limits the speed.
@@ -316,7 +320,15 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
     preprocess = PreprocessConfig(input_size=config.input_size)
     unet_config = UNetConfig(base_channels=config.base_channels, depth=config.depth,
                              out_channels=2 if config.infection_head else 1)
-    network = UNet(unet_config).to(device)
+    network = UNet(unet_config)
+    if initial_weights is not None:
+        start, start_settings, _ = load_network(None if initial_weights == "bundled" else initial_weights)
+        if start_settings.unet != unet_config or start_settings.preprocess.input_size != config.input_size:
+            raise LungCBIRError(f"{initial_weights}: its network ({start_settings.unet}, input "
+                                f"{start_settings.preprocess.input_size}) does not match the training configuration "
+                                f"({unet_config}, input {config.input_size})")
+        network.load_state_dict(start.state_dict())
+    network = network.to(device)
     head = ProjectionHead(2 * unet_config.bottleneck_channels).to(device)
     parameters = list(network.parameters()) + (list(head.parameters()) if config.contrastive_weight else [])
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -338,7 +350,8 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
     settings = ModelSettings(unet=unet_config, preprocess=preprocess, pooling="lung-mean-max",
-                             training={**asdict(config), "train_samples": len(train_samples),
+                             training={**asdict(config), "initial_weights": initial_weights,
+                                       "train_samples": len(train_samples),
                                        "val_samples": len(val_samples)})
     reports = []
     network.train()

@@ -108,3 +108,30 @@ def test_workers_give_the_same_training_as_one_process(tmp_path):
         states.append((losses, torch.load(out, weights_only=True)["state_dict"]))
     assert states[0][0] == states[1][0]
     assert all(torch.equal(states[0][1][k], states[1][1][k]) for k in states[0][1])
+
+
+def test_training_can_start_from_trained_weights(tmp_path):
+    import numpy as np
+    import pytest
+
+    from lungcbir.errors import LungCBIRError
+    from lungcbir.train import TrainConfig, TrainingSample, train
+
+    pixels = np.full((32, 32), -1000.0, np.float32)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 6:14] = 1
+    pixels[mask > 0] = -850
+    samples = [TrainingSample(f"s{k}", f"p{k}", pixels, "hu", mask) for k in range(4)]
+    config = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=2, input_size=32, contrastive_weight=0)
+    first = str(tmp_path / "first.pt")
+    train(samples, [], first, config)
+    tuned = str(tmp_path / "tuned.pt")
+    train(samples, [], tuned, TrainConfig(**{**config.__dict__, "learning_rate": 0.0}), initial_weights=first)
+    import torch
+
+    before, after = (torch.load(path, weights_only=True)["state_dict"] for path in (first, tuned))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))  # lr 0: unchanged
+    assert LungModel.load(tuned).settings.training["initial_weights"] == first
+    with pytest.raises(LungCBIRError, match="does not match"):
+        train(samples, [], str(tmp_path / "x.pt"), TrainConfig(**{**config.__dict__, "base_channels": 6}),
+              initial_weights=first)
