@@ -342,7 +342,8 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
     if resume and os.path.exists(state_path):
         state = torch.load(state_path, map_location=device, weights_only=False)
         network.load_state_dict(state["network"])
-        head.load_state_dict(state["head"])
+        if "head" in state:  # states written before the contrastive objective existed have none
+            head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scheduler.total_steps = config.epochs * steps_per_epoch  # resuming may extend the run
@@ -381,7 +382,7 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
             logits, bottleneck = network.forward_with_bottleneck(images)
             loss = dice_loss(logits[:, :1], labels[:, :1])
             if config.contrastive_weight:
-                vectors = head(pooled_vectors(bottleneck, torch.sigmoid(logits[:, :1]).detach(), "lung-mean-max"))
+                vectors = head(pooled_vectors(bottleneck, torch.sigmoid(logits[:, :1]).detach(), settings.pooling))
                 first, second = vectors.chunk(2)
                 loss = loss + config.contrastive_weight * contrastive_loss(first, second,
                                                                            config.contrastive_temperature)

@@ -64,19 +64,30 @@ def test_neighbours_are_nearby_slices_of_the_same_series():
     assert neighbours[5] == [] and neighbours[6] == []
 
 
-def test_training_with_the_contrastive_objective_runs_and_resumes(tmp_path):
+def _noisy_slices(seed: int, series: str | None = None) -> list:
+    """Eight 32 x 32 HU slices of one patient with a lung-like block each, numbered along ``series``."""
     import numpy as np
 
-    from lungcbir.train import TrainConfig, TrainingSample, train
+    from lungcbir.train import TrainingSample
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     samples = []
     for k in range(8):
         pixels = rng.uniform(-1000, -900, (32, 32)).astype(np.float32)
         mask = np.zeros((32, 32), np.uint8)
         mask[8:24, 4 + k % 3:14] = 1
         pixels[mask > 0] = -850
-        samples.append(TrainingSample(f"s{k}", "p", pixels, "hu", mask, series="v", position=k))
+        samples.append(TrainingSample(f"s{k}", "p", pixels, "hu", mask, series=series,
+                                      position=k if series else None))
+    return samples
+
+
+def test_training_with_the_contrastive_objective_runs_and_resumes(tmp_path):
+    import numpy as np
+
+    from lungcbir.train import TrainConfig, train
+
+    samples = _noisy_slices(seed=0, series="v")
     config = TrainConfig(epochs=1, batch_size=4, base_channels=4, depth=2, input_size=32, contrastive_weight=0.5)
     out = str(tmp_path / "c.pt")
     reports = train(samples[:6], samples[6:], out, config)
@@ -87,19 +98,11 @@ def test_training_with_the_contrastive_objective_runs_and_resumes(tmp_path):
 
 
 def test_workers_give_the_same_training_as_one_process(tmp_path):
-    import numpy as np
     import torch
 
-    from lungcbir.train import TrainConfig, TrainingSample, train
+    from lungcbir.train import TrainConfig, train
 
-    rng = np.random.default_rng(1)
-    samples = []
-    for k in range(8):
-        pixels = rng.uniform(-1000, -900, (32, 32)).astype(np.float32)
-        mask = np.zeros((32, 32), np.uint8)
-        mask[6:26, 3 + k % 4:15] = 1
-        pixels[mask > 0] = -850
-        samples.append(TrainingSample(f"s{k}", "p", pixels, "hu", mask))
+    samples = _noisy_slices(seed=1)
     config = TrainConfig(epochs=1, batch_size=4, base_channels=4, depth=2, input_size=32)
     states = []
     for workers in (0, 2):
