@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/train_bundled_model.py OUT.pt [--epochs N] [--device cpu|cuda]
            [--only kaggle|covid19] [--base-channels C] [--contrastive W] [--cache FILE.npz]
-           [--workers N] [--init W.pt|bundled] [--learning-rate LR]
+           [--workers N] [--init W.pt|bundled] [--learning-rate LR] [--seed S]
 
 The bundled model: --epochs 120 --contrastive 0.5 --device cuda --workers 7 (see MODEL_CARD.md).
 Validation (checkpoint choice) uses the val split; the test split is never seen here.
@@ -73,6 +73,7 @@ def main() -> None:
                         help="weight of the contrastive loss (0: segmentation only)")
     parser.add_argument("--init", help='start from these weights ("bundled": the package\'s model)')
     parser.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--workers", type=int, default=0, help="processes preparing augmented views")
     parser.add_argument("--cache", help="read the resized slices from this .npz (written if missing)")
     parser.add_argument("--infection-head", action="store_true",
@@ -80,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     config = TrainConfig(epochs=args.epochs, infection_head=args.infection_head,
                          base_channels=args.base_channels, contrastive_weight=args.contrastive,
-                         learning_rate=args.learning_rate)
+                         learning_rate=args.learning_rate, seed=args.seed)
     if args.cache and os.path.exists(args.cache):
         split = load_cache(args.cache)
     else:

@@ -329,6 +329,9 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
                                 f"({unet_config}, input {config.input_size})")
         network.load_state_dict(start.state_dict())
     network = network.to(device)
+    if device.startswith("cuda"):
+        # the small early convolutions are far from cuDNN's default algorithms' sweet spot
+        torch.backends.cudnn.benchmark = True
     head = ProjectionHead(2 * unet_config.bottleneck_channels).to(device)
     parameters = list(network.parameters()) + (list(head.parameters()) if config.contrastive_weight else [])
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -392,9 +395,9 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())  # no .item() here: on a GPU it would wait for every step
             if on_step:
-                on_step(step + 1, steps_per_epoch, float(np.mean(losses)))
+                on_step(step + 1, steps_per_epoch, float(torch.stack(losses).mean()))
         scores = _validate(network, val_samples, preprocess.hu_window, device) if val_samples else [float("nan")]
         mean_dice = float(np.mean(scores))
         improved = not val_samples or mean_dice > best
@@ -405,7 +408,7 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
         torch.save({"network": network.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
                     "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, state_path)
-        report = EpochReport(epoch + 1, float(np.mean(losses)), mean_dice, float(np.min(scores)),
+        report = EpochReport(epoch + 1, float(torch.stack(losses).mean()), mean_dice, float(np.min(scores)),
                              time.perf_counter() - began, improved)
         reports.append(report)
         if on_epoch:
