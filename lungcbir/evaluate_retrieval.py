@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .datasets import data_root
-from .features import pool_bottleneck
+from .features import POOLINGS, pool_bottleneck
 from .inference import LungModel
 from .io import CTSlice, dicom_series_positions, find_image_files, read_file
 from .preprocess import normalize_intensity, to_model_input
@@ -268,11 +268,11 @@ def compare(items: list[BenchmarkSlice], features: dict[str, np.ndarray]) -> lis
 def format_table(measures: list[Measure]) -> str:
     names = list(measures[0].values)
     width = max(10, *(len(n) for n in names))
-    lines = [f"{'task':<40} {'metric':<24} {'chance':>8} " + " ".join(f"{n:>{width}}" for n in names)]
+    lines = [f"{'task':<40} {'metric':<24} {'chance':>8} " + "  ".join(f"{n:>{width}}" for n in names)]
     for row in measures:
         arrow = " (lower is better)" if row.lower_is_better else ""
         lines.append(f"{row.task:<40} {row.metric + arrow:<24} {row.chance:8.3f} "
-                     + " ".join(f"{row.values[n]:>{width}.3f}" for n in names))
+                     + "  ".join(f"{row.values[n]:>{width}.3f}" for n in names))
     return "\n".join(lines)
 
 
@@ -292,13 +292,19 @@ def standard_comparison(model: LungModel, segmentation_only: LungModel | None = 
     assign_levels(items, reference.lung_fractions)
     torch.manual_seed(0)
     random_model = LungModel(type(model.network)(model.settings.unet), model.settings, "random")
+    # the random network's lung map is noise, so it is pooled without one; the segmentation-only
+    # network is pooled like ours, so that the difference is the training
     features = {"raw pixels": raw_pixel_features(slices),
                 "random U-Net": pooled(encode(random_model, slices), "mean-max")}
+    others = [method for method in POOLINGS if method != model.settings.pooling] if variants else []
     if segmentation_only is not None:
-        features["seg-only U-Net"] = pooled(encode(segmentation_only, slices), "mean-max")
+        baseline = encode(segmentation_only, slices)
+        features["seg-only U-Net"] = pooled(baseline, model.settings.pooling)
+        for method in others:
+            features[f"seg-only {method}"] = pooled(baseline, method)
+    for method in others:
+        features[f"ours {method}"] = pooled(trained, method)
     if variants:
-        for method in ("mean-max", "lung-mean-max"):
-            features[f"ours {method}"] = pooled(trained, method)
-            features[f"ours {method} +PCA-white"] = whiten(pooled(trained, method))
+        features["lungcbir +PCA-white"] = whiten(pooled(trained, model.settings.pooling))
     features["lungcbir"] = pooled(trained, model.settings.pooling)
     return len(items), compare(items, features)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 #: Pooling methods; the vector length is the bottleneck channel count times the number of parts.
-POOLINGS = ("mean-max", "lung-mean-max")
+POOLINGS = ("mean-max", "lung-mean-max", "lung-mean+global-max")
 
 
 def pool_bottleneck(bottleneck: torch.Tensor, lung_probability: torch.Tensor | None = None,
@@ -17,6 +17,9 @@ def pool_bottleneck(bottleneck: torch.Tensor, lung_probability: torch.Tensor | N
     ``"mean-max"`` concatenates global average and global max pooling. ``"lung-mean-max"``
     weights both by the predicted lung probability (downsampled to the bottleneck grid) so
     the vector describes the lungs rather than the body outline or the scanner table.
+    ``"lung-mean+global-max"`` (the bundled model's) joins the lung-weighted mean (what the
+    parenchyma looks like: lesions, texture) with the global max (the strongest responses
+    anywhere, the body's shape among them: a cue to the anatomical level).
 
     Example:
         >>> vectors = pool_bottleneck(torch.rand(2, 8, 4, 4))
@@ -32,12 +35,11 @@ def pooled_vectors(bottleneck: torch.Tensor, lung_probability: torch.Tensor | No
     if method not in POOLINGS:
         raise ValueError(f"unknown pooling {method!r}; choose from {POOLINGS}")
     features = bottleneck.float()
-    if method == "lung-mean-max" and lung_probability is not None:
+    mean, peak = features.mean((2, 3)), features.amax((2, 3))
+    if method != "mean-max" and lung_probability is not None:
         weights = F.adaptive_avg_pool2d(lung_probability.float(), features.shape[-2:])
         weights = weights + 1e-3  # keep slices without lungs defined
         mean = (features * weights).sum((2, 3)) / weights.sum((2, 3))
-        peak = (features * (weights / weights.amax((2, 3), keepdim=True))).amax((2, 3))
-    else:
-        mean = features.mean((2, 3))
-        peak = features.amax((2, 3))
+        if method == "lung-mean-max":
+            peak = (features * (weights / weights.amax((2, 3), keepdim=True))).amax((2, 3))
     return F.normalize(torch.cat([mean, peak], dim=1), dim=1)

@@ -31,6 +31,13 @@ from .model import UNet, UNetConfig
 from .preprocess import PreprocessConfig, geometry_for, mask_to_model, normalize_intensity
 
 
+#: The pooling the contrastive loss sees in training, and the one saved for retrieval. They differ
+#: because the bundled model was trained with the first, and the second then gave its bottleneck
+#: the best retrieval of the poolings compared in docs/retrieval.md; no run trained with the second.
+CONTRASTIVE_POOLING = "lung-mean-max"
+RETRIEVAL_POOLING = "lung-mean+global-max"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Training recipe; saved in the weights file.
@@ -353,7 +360,7 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
         start_epoch, best = state["epoch"], state["best"]
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
-    settings = ModelSettings(unet=unet_config, preprocess=preprocess, pooling="lung-mean-max",
+    settings = ModelSettings(unet=unet_config, preprocess=preprocess, pooling=RETRIEVAL_POOLING,
                              training={**asdict(config), "initial_weights": initial_weights,
                                        "train_samples": len(train_samples),
                                        "val_samples": len(val_samples)})
@@ -385,7 +392,7 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
             logits, bottleneck = network.forward_with_bottleneck(images)
             loss = dice_loss(logits[:, :1], labels[:, :1])
             if config.contrastive_weight:
-                vectors = head(pooled_vectors(bottleneck, torch.sigmoid(logits[:, :1]).detach(), settings.pooling))
+                vectors = head(pooled_vectors(bottleneck, torch.sigmoid(logits[:, :1]).detach(), CONTRASTIVE_POOLING))
                 first, second = vectors.chunk(2)
                 loss = loss + config.contrastive_weight * contrastive_loss(first, second,
                                                                            config.contrastive_temperature)

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from lungcbir.features import pool_bottleneck
+from lungcbir.features import POOLINGS, pool_bottleneck, pooled_vectors
 from lungcbir.inference import LungModel
 from lungcbir.io import CTSlice
 from lungcbir.model import UNet, UNetConfig
@@ -18,10 +18,24 @@ def test_unet_shapes_and_bottleneck():
 
 
 def test_pooling_gives_unit_vectors_of_fixed_length():
-    for method in ("mean-max", "lung-mean-max"):
+    for method in POOLINGS:
         vectors = pool_bottleneck(torch.rand(3, 16, 5, 7), torch.rand(3, 1, 40, 56), method)
         assert vectors.shape == (3, 32) and vectors.dtype == np.float32
         assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_lung_mean_global_max_pooling_reads_the_lungs_for_the_mean_and_everything_for_the_max():
+    bottleneck = torch.zeros(1, 2, 4, 4)
+    bottleneck[0, 0, :2] = 1.0  # channel 0 is on only where the lungs are
+    bottleneck[0, 1, 3, 3] = 5.0  # channel 1 peaks outside the lungs
+    lungs = torch.zeros(1, 1, 4, 4)
+    lungs[0, 0, :2] = 1.0
+    vector = pooled_vectors(bottleneck, lungs, "lung-mean+global-max")[0]
+    # lung-weighted mean (1, ~0), then global max (1, 5), normalised
+    expected = torch.tensor([1.0, 0.0, 1.0, 5.0]) / 27 ** 0.5
+    assert torch.allclose(vector, expected, atol=0.01)
+    lung_max = pooled_vectors(bottleneck, lungs, "lung-mean-max")[0]
+    assert lung_max[3] < 0.01  # where the max too is lung-weighted, the outside peak is gone
 
 
 def test_weights_round_trip_and_model_id(tmp_path, tiny_weights, other_tiny_weights):
