@@ -337,7 +337,7 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
         network.load_state_dict(start.state_dict())
     network = network.to(device)
     if device.startswith("cuda"):
-        # the small early convolutions are far from cuDNN's default algorithms' sweet spot
+        # input shapes never change, so let cuDNN time its algorithms once and keep the fastest
         torch.backends.cudnn.benchmark = True
     head = ProjectionHead(2 * unet_config.bottleneck_channels).to(device)
     parameters = list(network.parameters()) + (list(head.parameters()) if config.contrastive_weight else [])
