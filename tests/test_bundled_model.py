@@ -45,3 +45,19 @@ def test_same_slice_in_other_windows_and_orientations(model):
     results = model.segment([view for view, _ in views.values()])
     scores = {name: dice_score(result.mask, expected) for (name, (_, expected)), result in zip(views.items(), results)}
     assert min(scores.values()) > 0.9, scores
+
+
+def test_same_slice_exported_or_turned_finds_itself_among_other_real_slices(model):
+    """A stored HU slice must come back first when it is queried as an 8-bit export in any
+    window, flipped or turned (a guard; docs/retrieval.md measures this on more slices)."""
+    stored = ([read_file(s.image)[0] for s in kaggle_slices()["test"][::4]]
+              + [read_file(s.image)[0] for s in covid_slices()["test"][::40]])
+    vectors = np.stack([r.vector for r in model.segment(stored)])
+    for index in (0, 3, 6):
+        hu = stored[index].pixels.astype(np.float32)
+        exports = [CTSlice(np.round(np.clip((hu - low) / (high - low), 0, 1) * 255).astype(np.uint8), "uint8", "x", "png")
+                   for low, high in ((-1000, 400), (-160, 240), (-500, 1500))]  # lung, mediastinal, bone
+        turned = [CTSlice(np.ascontiguousarray(view), "hu", "x", "tiff")
+                  for view in (hu[:, ::-1], hu[::-1], np.rot90(hu), np.rot90(hu, 2), np.rot90(hu, 3))]
+        for result in model.segment(exports + turned):
+            assert int(np.argmax(vectors @ result.vector)) == index
