@@ -3,8 +3,8 @@
 Usage: python benchmarks/retrieval.py [--weights W.pt] [--segmentation-only S.pt] [--variants]
 
 Columns: raw pixels (32x32), the same U-Net with random weights, a segmentation-only U-Net's
-pooled bottleneck (mean+max, when --segmentation-only is given), and the lungcbir feature of
-the model in use; --variants adds pooling alternatives of that model.
+pooled bottleneck (pooled like ours, when --segmentation-only is given), and the lungcbir
+feature of the model in use; --variants adds the other poolings of both and PCA-whitening.
 """
 
 from __future__ import annotations
