@@ -9,9 +9,8 @@ the decoder.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import copy
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn

@@ -352,7 +352,6 @@ def case_key(record: ImageRecord | Neighbor) -> str:
     return f"file:{record.path}"
 
 
-
 def _matches(record: ImageRecord, where: dict[str, str] | None) -> bool:
     for key, wanted in (where or {}).items():
         value = (record.labels or {}).get(key, getattr(record, key, None) if key in _FILTERABLE else None)

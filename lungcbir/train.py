@@ -164,8 +164,7 @@ def _clahe(unit: np.ndarray, clip: float) -> np.ndarray:
 def augment(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """One random training view: image in [0, 1] and labels ``(2, S, S)`` (lungs, lesions)."""
     image = random_unit_image(sample, rng, hu_window)
-    infection = sample.infection if sample.infection is not None else np.zeros_like(sample.mask)
-    labels = np.dstack([sample.mask, infection])
+    labels = _labels(sample).transpose(1, 2, 0)  # channels last, as OpenCV warps them
     size = image.shape[0]
     # geometry: flips and quarter turns (archives store slices in any orientation), then affine
     if rng.random() < 0.5:
@@ -194,6 +193,12 @@ def augment(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, 
         noise = np.random.default_rng(rng.randrange(2**31)).normal(0, rng.uniform(0.01, 0.06), image.shape)
         image = image + noise.astype(np.float32)
     return np.clip(image, 0, 1).astype(np.float32), labels.transpose(2, 0, 1).astype(np.float32)
+
+
+def _labels(sample: TrainingSample) -> np.ndarray:
+    """``(2, S, S)`` uint8: lungs, and lesions (all zero where the lesions are not known)."""
+    infection = sample.infection if sample.infection is not None else np.zeros_like(sample.mask)
+    return np.stack([sample.mask, infection])
 
 
 class ProjectionHead(nn.Module):
@@ -260,9 +265,8 @@ class _Views(torch.utils.data.Dataset):
         if self.augmented:
             image, labels = augment(sample, random.Random(seed), self.hu_window)
         else:
-            infection = sample.infection if sample.infection is not None else np.zeros_like(sample.mask)
             image = normalize_intensity(sample.pixels, sample.intensity, self.hu_window)
-            labels = np.stack([sample.mask, infection]).astype(np.float32)
+            labels = _labels(sample).astype(np.float32)
         return torch.from_numpy(np.ascontiguousarray(image)[None]), torch.from_numpy(labels), \
             sample.infection is not None
 
@@ -376,7 +380,7 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
     for epoch in range(start_epoch, config.epochs):
         began = time.perf_counter()
         rng.shuffle(order)
-        losses = []
+        loss_sum = torch.zeros((), device=device)  # summed on the device: .item() per step would wait for the GPU
         # the views of each step, decided here and drawn (in worker processes, if any) from a seed
         # of their own, so a run gives the same result with any number of workers
         batches = []
@@ -402,9 +406,9 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
             loss.backward()
             optimizer.step()
             scheduler.step()
-            losses.append(loss.detach())  # no .item() here: on a GPU it would wait for every step
+            loss_sum += loss.detach()
             if on_step:
-                on_step(step + 1, steps_per_epoch, float(torch.stack(losses).mean()))
+                on_step(step + 1, steps_per_epoch, float(loss_sum) / (step + 1))
         scores = _validate(network, val_samples, preprocess.hu_window, device) if val_samples else [float("nan")]
         mean_dice = float(np.mean(scores))
         improved = not val_samples or mean_dice > best
@@ -415,7 +419,7 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
         torch.save({"network": network.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
                     "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, state_path)
-        report = EpochReport(epoch + 1, float(torch.stack(losses).mean()), mean_dice, float(np.min(scores)),
+        report = EpochReport(epoch + 1, float(loss_sum) / steps_per_epoch, mean_dice, float(np.min(scores)),
                              time.perf_counter() - began, improved)
         reports.append(report)
         if on_epoch:
