@@ -149,6 +149,18 @@ def test_nifti_format_needs_a_volume(phantom_dir, tiny_weights, tmp_path):
     assert result.exit_code == 1 and f"failed: {png}: nifti output needs a NIfTI volume input" in result.output
 
 
+def test_png_format_of_a_volume_writes_a_png_per_slice(tiny_weights, tmp_path):
+    import nibabel
+
+    volume = tmp_path / "v.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.full((48, 40, 3), -900, np.int16), np.eye(4)), str(volume))
+    result = invoke("segment", volume, "--format", "png", "--out", tmp_path / "m", "--weights", tiny_weights)
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert written == [f"v_z{z:03d}_mask.png" for z in range(3)]
+    assert cv2.imread(str(tmp_path / "m" / written[0]), cv2.IMREAD_UNCHANGED).shape == (40, 48)
+
+
 def messy_copy(series: Path, out: Path) -> list[Path]:
     """The phantom series as de-identified archives leave it (like covid-ct-md's P002)."""
     out.mkdir(parents=True)
