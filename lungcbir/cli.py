@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from .errors import LungCBIRError, ReadError
+from .errors import LungCBIRError, ReadError, SegError
 from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR
 
 EXIT_SOME_FAILED = 1
@@ -172,7 +172,7 @@ def _read_inputs(paths):
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--k", default=5, show_default=True, type=click.IntRange(1, 1000), help="Neighbours per query.")
 @click.option("--out", default="lungcbir-output", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for <name>_mask.png and <name>_overlay.png.")
+              help="Folder for <name>_mask.png, <name>_overlay.png and, for DICOM queries, <name>_seg.dcm.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per query slice, one per line.")
 @click.option("--where", multiple=True, metavar="KEY=VALUE",
               help="Only stored slices whose label or metadata KEY equals VALUE (repeatable).")
@@ -188,7 +188,7 @@ def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_
 
     Writes the lung mask (0/255, the image's own size), an overlay of the lung contour and a
     strip of the query beside its neighbours (<name>_matches.png) for each query to --out,
-    then prints the neighbours.
+    plus, for a DICOM query, the mask as a DICOM SEG (<name>_seg.dcm); then prints the neighbours.
 
     \b
     Example:
@@ -212,14 +212,23 @@ def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_
             write_png(str(overlay_path), query_overlay)
             matches_path = folder / f"{name}_matches.png"
             write_png(str(matches_path), match_strip(query_overlay, _neighbor_pictures(retriever, result)))
+            written = {}
+            if result.query.source_format == "dicom":
+                try:
+                    seg = retriever.write_dicom_seg([result.query], folder / f"{name}_seg.dcm", [result.mask])
+                    written["seg"] = str(seg.path)
+                except (ReadError, SegError) as error:  # the rest of the answer still stands
+                    click.echo(f"failed: {error}", err=True)
+                    failures.append(error.path)
             if as_json:
                 click.echo(json.dumps({
                     "query": path, "mask": str(mask_path), "overlay": str(overlay_path),
-                    "matches": str(matches_path),
+                    "matches": str(matches_path), **written,
                     "lung_fraction": round(result.lung_fraction, 6),
                     "neighbors": [n.to_json() for n in result.neighbors]}))
             else:
-                click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}  mask {mask_path}")
+                seg_note = f"  seg {written['seg']}" if "seg" in written else ""
+                click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}  mask {mask_path}{seg_note}")
                 click.echo(f"  {'rank':>4}  {'score':>6}  {'patient/series/slice':<32}  path  labels")
                 for n in result.neighbors:
                     where = "/".join(str(v) if v is not None else "-" for v in
@@ -273,26 +282,47 @@ def _query_series(retriever, inputs, k, filters, as_json):
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the masks.")
+@click.option("--format", "output_format", type=click.Choice(["png", "nifti", "dicom-seg"]), default=None,
+              help="png: one 0/255 PNG per slice; nifti: one volume per NIfTI input; dicom-seg: one DICOM "
+                   "Segmentation per DICOM series (<folder or file stem>_seg.dcm). "
+                   "Default: PNG for 2-D inputs, NIfTI for NIfTI volumes.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 @model_options
 @friendly_errors
-def segment(images, out, batch_size, weights, device):
-    """Write lung masks for each IMAGE: PNG (0/255) for 2-D images, NIfTI for NIfTI volumes.
+def segment(images, out, output_format, batch_size, weights, device):
+    """Write lung masks for each IMAGE: PNG (0/255) for 2-D images, NIfTI for NIfTI volumes,
+    or a DICOM SEG per DICOM series with --format dicom-seg.
 
     \b
     Example:
       lungcbir segment slice.tif volume.nii.gz --out masks/
+      lungcbir segment ../shared/data/covid-ct-md/covid/P001 --format dicom-seg --out segs/
     """
+    retriever = _retriever(weights=weights, device=device, batch_size=batch_size)
+    folder = _ensure_folder(out)
+    inputs, failures = _read_inputs(images)
+    if output_format == "dicom-seg":
+        failures += _segment_to_seg(retriever, inputs, images, folder)
+    else:
+        failures += _segment_to_masks(retriever, inputs, output_format, folder)
+    if failures:
+        sys.exit(EXIT_SOME_FAILED)
+
+
+def _segment_to_masks(retriever, inputs, output_format, folder) -> list[str]:
     import numpy as np
 
     from .visualize import mask_png, write_png
 
-    retriever = _retriever(weights=weights, device=device, batch_size=batch_size)
-    folder = _ensure_folder(out)
-    inputs, failures = _read_inputs(images)
+    failures = []
     for path, slices in inputs:
+        volume_input = slices[0].source_format == "nifti"
+        if output_format == "nifti" and not volume_input:
+            click.echo(f"failed: {path}: nifti output needs a NIfTI volume input", err=True)
+            failures.append(path)
+            continue
         results = retriever.segment_slices(slices)
-        if slices[0].source_format == "nifti":
+        if volume_input and output_format != "png":
             import nibabel
 
             source = nibabel.load(path)
@@ -300,11 +330,32 @@ def segment(images, out, batch_size, weights, device):
             target = folder / f"{slices[0].name.rsplit('_z', 1)[0]}_mask.nii.gz"
             nibabel.save(nibabel.Nifti1Image(volume, source.affine), str(target))
         else:
-            target = folder / f"{slices[0].name}_mask.png"
-            write_png(str(target), mask_png(results[0].mask))
+            targets = [folder / f"{item.name}_mask.png" for item in slices]
+            for target, result in zip(targets, results):
+                write_png(str(target), mask_png(result.mask))
+            target = targets[0] if len(targets) == 1 else f"{folder} ({len(targets)} PNG masks)"
         click.echo(f"{path} -> {target}")
-    if failures:
-        sys.exit(EXIT_SOME_FAILED)
+    return failures
+
+
+def _segment_to_seg(retriever, inputs, images, folder) -> list[str]:
+    from .dicom_seg import group_series
+
+    series, refused = group_series(inputs, named=images)
+    for failure in refused:
+        click.echo(f"failed: {failure.path}: {failure.reason}", err=True)
+    failures = [failure.path for failure in refused]
+    for item in series:
+        try:
+            written = retriever.write_dicom_seg(item.slices, folder / f"{item.name}_seg.dcm")
+        except (ReadError, SegError) as error:
+            click.echo(f"failed: {error}", err=True)
+            failures.append(error.path)
+            continue
+        derived = (f", identifiers derived for {written.sources_with_derived} of {len(item.slices)} source files"
+                   if written.derived else "")
+        click.echo(f"{item.source} -> {written.path} ({written.frames} frames{derived})")
+    return failures
 
 
 @main.command()

@@ -34,3 +34,12 @@ class LockedError(StoreError):
     """Another process holds the write lock of an index folder."""
 
     exit_code = 5
+
+
+class SegError(LungCBIRError):
+    """A DICOM Segmentation could not be made from these sources (mixed series, no geometry...)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason

@@ -70,7 +70,7 @@ def write_phantom(out: str | os.PathLike, slices: int = 12, size: int = 256, pat
         dicom_dir, png_dir, mask_dir = out / "dicom" / name, out / "png" / name, out / "masks" / name
         for folder in (dicom_dir, png_dir, mask_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        study, series = generate_uid(), generate_uid()
+        study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
         for index in range(slices):
             level = index / max(1, slices - 1)
             item = phantom_slice(level, size, seed=patient * 1000 + index)
@@ -82,6 +82,11 @@ def write_phantom(out: str | os.PathLike, slices: int = 12, size: int = 256, pat
             ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
             ds.Modality, ds.PatientID, ds.PatientName = "CT", name.upper(), "SYNTHETIC^PHANTOM"
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_of_reference, ""
+            # the Type 2 patient and study attributes a real CT carries (empty where unknown)
+            ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName = "", "O", ""
+            ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20000101", "120000", "1", ""
+            ds.SeriesNumber = 1
             ds.SeriesDescription = "SYNTHETIC PHANTOM - NOT PATIENT DATA"
             ds.InstanceNumber = index + 1
             ds.ImagePositionPatient = [0.0, 0.0, -10.0 * index]

@@ -11,7 +11,7 @@ import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from .errors import LungCBIRError, ReadError, StoreError
 from .inference import LungModel, Segmentation
 from .io import CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file
 from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store, safe_url
+
+if TYPE_CHECKING:
+    from .dicom_seg import SegWritten
 
 #: Files read before a batch goes through the model and into the database.
 FILES_PER_COMMIT = 64
@@ -184,6 +187,18 @@ class Retriever:
     def segment_slices(self, slices: Sequence[CTSlice]) -> list[Segmentation]:
         """Masks, lung fractions and vectors for many slices (batched)."""
         return self.model.segment(slices, self.batch_size)
+
+    def write_dicom_seg(self, slices: Sequence[CTSlice], out_path: str | os.PathLike,
+                        masks: Sequence[np.ndarray] | None = None) -> SegWritten:
+        """Write one DICOM series' masks as a DICOM SEG (segmenting it unless ``masks`` are given).
+
+        See :func:`lungcbir.dicom_seg.write_dicom_seg`; raises ReadError or SegError.
+        """
+        from .dicom_seg import write_dicom_seg
+
+        if masks is None:
+            masks = [result.mask for result in self.segment_slices(slices)]
+        return write_dicom_seg(slices, masks, out_path, self.model.model_id)
 
     def index_dataset(self, paths: Iterable[str | os.PathLike], labels: str | os.PathLike | dict | None = None,
                       exclude: Iterable[str] = (), wait: bool = False,
