@@ -18,7 +18,6 @@ assigned above every id ever used).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import glob
 import hashlib
@@ -647,7 +646,7 @@ class Store:
                 meta = self._db_state()
                 # rows added meanwhile get higher ids: leave them out, to hold exactly ``meta``
                 index = build_index(self.index_kind, meta["count"], meta["dimension"] or 1,
-                                    lambda: self.iter_vectors(up_to=meta["max_id"]), self.training_sample)
+                                    lambda last=meta["max_id"]: self.iter_vectors(up_to=last), self.training_sample)
                 if index.ntotal == meta["count"]:
                     self._save_index(index, meta)
                     return index
@@ -754,12 +753,12 @@ class Store:
                             f"a row, {len(stored_ids - indexed)} rows without a vector")
         try:
             note = json.loads(self.index_meta_path.read_text())
-            if not isinstance(note, dict):
-                raise ValueError("not an object")
         except (OSError, ValueError):
-            problems.append(f"index note {self.index_meta_path} is missing or unreadable")
-        else:
+            note = None
+        if isinstance(note, dict):
             problems.extend(self._check_note(note, state))
+        else:
+            problems.append(f"index note {self.index_meta_path} is missing or unreadable")
         if verify_files:
             problems.extend(self._check_files())
         return problems
