@@ -373,7 +373,7 @@ def stats(as_json, db_url, index_dir):
 
     from .store import Store
 
-    summary = Store(db_url, index_dir, create=False).stats()
+    summary = Store(db_url, index_dir, create=False, read_only=True).stats()
     if as_json:
         click.echo(json.dumps(asdict(summary)))
         return
@@ -396,7 +396,7 @@ def check(verify_files, db_url, index_dir):
     """
     from .store import Store
 
-    problems = Store(db_url, index_dir, create=False).check(verify_files)
+    problems = Store(db_url, index_dir, create=False, read_only=True).check(verify_files)
     for problem in problems:
         click.echo(f"problem: {problem}")
     if problems:
@@ -599,7 +599,7 @@ def serve(host, port, db_url, index_dir, weights, device):
 
     retriever = _retriever(db_url, index_dir, weights, device)
     retriever.model  # load once before the first request, and fail early on bad weights
-    retriever.store(create=False)
+    retriever.store(create=False, read_only=False)  # saves its index folder when it catches up
     uvicorn.run(create_app(retriever), host=host, port=port, log_level="info")
 
 

@@ -175,9 +175,13 @@ class Retriever:
             self._model = LungModel.load(self.weights, self.device)
         return self._model
 
-    def store(self, create: bool = True) -> Store:
-        if self._store is None:
-            self._store = Store(self.db_url, self.index_dir, create=create)
+    def store(self, create: bool = True, read_only: bool | None = None) -> Store:
+        """The store. ``create=False``: for reading; the database must exist, and the store is
+        read-only (writes no index file) unless ``read_only=False`` (a server keeping its own
+        index folder up to date). A writer asked for after a read-only store replaces it."""
+        read_only = not create if read_only is None else read_only
+        if self._store is None or (self._store.read_only and not read_only):
+            self._store = Store(self.db_url, self.index_dir, create=create, read_only=read_only)
         return self._store
 
     def segment(self, image: str | os.PathLike | CTSlice | np.ndarray) -> np.ndarray:

@@ -2,16 +2,32 @@
 
 The database is the source of truth: every row holds its vector. The FAISS index is a cache
 whose ids are the rows' primary keys; it is written atomically after each commit and rebuilt
-from the stored vectors whenever it is missing or out of step with the database.
+from the stored vectors whenever it is missing, corrupt or out of step with the database.
+
+How an index is tied to the exact rows it holds: every transaction that adds or removes rows
+first takes the next *generation* of the database (a counter in ``store_settings``, whose row
+lock also serialises writers, so generations follow commit order) and logs what it did in
+``store_changes``. The note beside an index file records the generation (plus count, lowest
+and highest id, model) it holds and the file's SHA-256. An index is used as it is only at the
+database's current generation; it is caught up by adding rows only when every change since
+its generation was an addition, and rebuilt otherwise. Row ids are never reused (SQLite
+``AUTOINCREMENT``; for SQLite databases made by earlier versions, which lack it, new ids are
+assigned above every id ever used).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
+import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,8 +35,8 @@ from typing import Iterable, Iterator, Sequence
 
 import faiss
 import numpy as np
-from sqlalchemy import (JSON, DateTime, Float, Integer, LargeBinary, String, Text, UniqueConstraint,
-                        create_engine, delete, func, or_, select)
+from sqlalchemy import (JSON, DateTime, Float, Integer, LargeBinary, String, Text, UniqueConstraint, cast,
+                        create_engine, delete, func, insert, inspect, or_, select, update)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -42,6 +58,21 @@ INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 AUTO_IVF_FROM = 100_000
 IVF_NPROBE = 32
 HNSW_EF_SEARCH = 128
+#: Backends lungcbir supports (SQLAlchemy backend names).
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+#: Version of the note written beside the index file; notes of other versions are not trusted.
+INDEX_NOTE_FORMAT = 2
+#: Stored vectors are unit vectors, so a similarity beyond the query's norm, give or take
+#: float16 rounding (about 1e-3), means a corrupt index or vector.
+SCORE_TOLERANCE = 1e-2
+#: A temporary index file whose writer is gone (same machine), or unchanged for this long
+#: (a writer elsewhere, or of an earlier version), is abandoned and removed by the next write.
+STALE_TEMPORARY_SECONDS = 3600
+#: Rebuilds tried while rows are removed meanwhile, before using an index not tied to a state.
+REBUILD_ATTEMPTS = 3
+GENERATION_KEY = "generation"
+#: What the note records of the database state an index holds.
+STATE_KEYS = ("model_id", "dimension", "generation", "count", "min_id", "max_id")
 
 
 class Base(DeclarativeBase):
@@ -52,7 +83,9 @@ class ImageRecord(Base):
     """One indexed slice."""
 
     __tablename__ = "images"
-    __table_args__ = (UniqueConstraint("sha256", "frame", "model_id", name="uq_image_content_model"),)
+    # AUTOINCREMENT: SQLite would otherwise give the highest id again after it was deleted
+    __table_args__ = (UniqueConstraint("sha256", "frame", "model_id", name="uq_image_content_model"),
+                      {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     path: Mapped[str] = mapped_column(Text)
@@ -85,6 +118,23 @@ class StoreSetting(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class StoreChange(Base):
+    """One committed change of the image rows, numbered by the database generation it made."""
+
+    __tablename__ = "store_changes"
+
+    generation: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(8))  # "add" or "remove"
+    rows: Mapped[int] = mapped_column(Integer)
+    first_id: Mapped[int] = mapped_column(Integer)
+    last_id: Mapped[int] = mapped_column(Integer)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class _Unchanged(Exception):
+    """Raised inside a change transaction that changed no row: it is rolled back, not logged."""
+
+
 @dataclass
 class StoreStats:
     """What is in a store."""
@@ -109,23 +159,83 @@ def safe_url(url: str) -> str:
         return "<unparseable database URL>"
 
 
-def _write_atomically(path: Path, write: callable) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
+def _write_atomically(path: Path, write: callable) -> str:
+    """Write through a temporary file in the same folder, fsync, then rename over ``path``.
+
+    Returns the SHA-256 of what was written. The temporary file is named after this machine
+    and process, so the next write anywhere can tell an abandoned one (its writer was killed)
+    from one another process is writing right now, and remove only the abandoned ones.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    _remove_abandoned_temporaries(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{_host_tag()}.{os.getpid()}.",
+                                         suffix=".tmp")
     os.close(handle)
     try:
         write(temporary)
         with open(temporary, "rb") as written:
+            digest = _sha256_of(written)
             os.fsync(written.fileno())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+    return digest
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+_TEMPORARY_NAME = re.compile(r"(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]+\.tmp")
+
+
+def _remove_abandoned_temporaries(path: Path) -> None:
+    """Remove temporary files of ``path`` left by killed writers (see :func:`_write_atomically`)."""
+    host = _host_tag()
+    for candidate in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
+        match = _TEMPORARY_NAME.fullmatch(candidate.name[len(path.name) + 1:])
+        try:
+            age = time.time() - candidate.stat().st_mtime
+        except OSError:
+            continue  # finished or removed meanwhile
+        gone = match is not None and match["host"] == host and not _process_alive(int(match["pid"]))
+        if gone or age > STALE_TEMPORARY_SECONDS:
+            with contextlib.suppress(OSError):
+                candidate.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _sha256_of(handle) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_state(one: dict | None, other: dict | None) -> bool:
+    return one is not None and other is not None and all(one.get(key) == other.get(key) for key in STATE_KEYS)
 
 
 class Store:
     """The database and the FAISS index, kept in agreement.
+
+    ``create=False``: the database must exist already (else :class:`StoreError`, "no
+    database"). ``read_only=True`` (for ``stats``, ``check``, ``query``): no table is created
+    and no index file written; an index out of step with the database is brought up to date
+    in memory only; adding and removing rows is refused. One Store may be used from many
+    threads (a web server's request pool): catch-up, rebuild and search are serialised.
 
     Example:
         >>> store = Store("sqlite://", index_dir=tempfile.mkdtemp())
@@ -134,19 +244,26 @@ class Store:
     """
 
     def __init__(self, db_url: str = DEFAULT_DB_URL, index_dir: str | os.PathLike = DEFAULT_INDEX_DIR,
-                 create: bool = True) -> None:
+                 create: bool = True, read_only: bool = False) -> None:
         self.db_url = db_url
         self.index_dir = Path(index_dir)
-        self.engine = self._connect(db_url, create)
+        self.read_only = read_only
+        self._assign_ids = False  # set by _connect for SQLite tables without AUTOINCREMENT
+        self.engine = self._connect(db_url, create and not read_only)
         self._index: faiss.Index | None = None
-        self._index_state: dict | None = None
+        self._index_state: dict | None = None  # the database state self._index holds exactly
+        self._lock = threading.RLock()
 
     def _connect(self, db_url: str, create: bool) -> Engine:
         try:
             url = make_url(db_url)
         except Exception:
             raise StoreError(f"not a valid database URL: {safe_url(db_url)}") from None
-        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        backend = url.get_backend_name()
+        if backend not in SUPPORTED_BACKENDS:
+            raise StoreError(f"unsupported database backend {backend!r} ({safe_url(db_url)}): SQLite and PostgreSQL "
+                             f"are supported (sqlite:///PATH, postgresql+psycopg://USER@HOST/DB)")
+        if backend == "sqlite" and url.database not in (None, "", ":memory:"):
             database = Path(url.database)
             if not database.exists():
                 if not create:
@@ -157,8 +274,24 @@ class Store:
                     raise StoreError(f"cannot create the database folder {database.parent}: {error.strerror}") from None
         try:
             engine = create_engine(url)
+        except ImportError as error:
+            raise StoreError(f"cannot use {safe_url(db_url)}: its driver ({error.name or url.get_driver_name()}) is "
+                             f"not installed; SQLite and PostgreSQL are supported "
+                             f"(postgresql+psycopg://: pip install 'lungcbir[postgres]')") from None
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot open database {safe_url(db_url)}: {_reason(error)}") from None
+        try:
             with engine.begin() as connection:
-                Base.metadata.create_all(connection)
+                tables = set(inspect(connection).get_table_names())
+                if ImageRecord.__tablename__ not in tables and not create:
+                    raise StoreError(f"no lungcbir database in {safe_url(db_url)}; "
+                                     f"create one with `lungcbir index-dataset PATH`")
+                if not self.read_only:
+                    Base.metadata.create_all(connection)  # also adds tables new in this version
+                if backend == "sqlite" and ImageRecord.__tablename__ in tables:
+                    schema = connection.exec_driver_sql(
+                        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'images'").scalar()
+                    self._assign_ids = "AUTOINCREMENT" not in (schema or "").upper()
         except SQLAlchemyError as error:
             raise StoreError(f"cannot open database {safe_url(db_url)}: {_reason(error)}") from None
         return engine
@@ -185,11 +318,16 @@ class Store:
         with Session(self.engine) as session, session.begin():
             stored = self._setting(session, "model_id")
             if stored is None:
+                self._refuse_if_read_only()
                 session.merge(StoreSetting(key="model_id", value=model_id))
                 session.merge(StoreSetting(key="dimension", value=str(dimension)))
             elif stored != model_id:
                 raise StoreError(f"this database holds vectors of model {stored}, not of the model in use "
                                  f"({model_id}); use another --db/--index-dir or the same weights")
+
+    def _refuse_if_read_only(self) -> None:
+        if self.read_only:
+            raise StoreError(f"the store {safe_url(self.db_url)} was opened read-only")
 
     # -- rows -----------------------------------------------------------------------------------
 
@@ -199,6 +337,29 @@ class Store:
             rows = session.execute(select(ImageRecord.sha256, ImageRecord.frame)
                                    .where(ImageRecord.model_id == model_id))
             return {(sha, frame) for sha, frame in rows}
+
+    @contextlib.contextmanager
+    def _change(self):
+        """A write transaction numbered by the next database generation, taken first.
+
+        Taking the generation locks its row until commit, so writers (on any machine) change
+        rows one after the other and generations, ids and commits come in the same order.
+        Raise :class:`_Unchanged` inside to roll back a transaction that changed nothing.
+        """
+        self._refuse_if_read_only()
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(_insert_ignoring_duplicates(
+                    self.engine.dialect.name, StoreSetting, [{"key": GENERATION_KEY, "value": "0"}]))
+                generation = int(connection.execute(
+                    update(StoreSetting).where(StoreSetting.key == GENERATION_KEY)
+                    .values(value=cast(cast(StoreSetting.value, Integer) + 1, String))
+                    .returning(StoreSetting.value)).scalar_one())
+                yield connection, generation
+        except _Unchanged:
+            pass
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
 
     def add(self, records: Sequence[ImageRecord], vectors: np.ndarray) -> list[int]:
         """Insert rows with their vectors in one transaction, then update the index file.
@@ -217,32 +378,54 @@ class Store:
             record.vector, record.indexed_at = encode_vector(vector), now
             rows.append({key: getattr(record, key) for key in columns})
         position = {(r["sha256"], r["frame"], r["model_id"]): i for i, r in enumerate(rows)}
-        try:
-            with self.engine.begin() as connection:
-                statement = _insert_ignoring_duplicates(self.engine.dialect.name, rows)
-                inserted = connection.execute(statement.returning(
-                    ImageRecord.id, ImageRecord.sha256, ImageRecord.frame, ImageRecord.model_id)).all()
-        except SQLAlchemyError as error:
-            raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
-        inserted = sorted(inserted)
+        inserted = []
+        with self._change() as (connection, generation):
+            if self._assign_ids:  # an old SQLite table without AUTOINCREMENT: never give an id twice
+                highest = max(connection.scalar(select(func.max(ImageRecord.id))) or 0,
+                              connection.scalar(select(func.max(StoreChange.last_id))) or 0)
+                for number, row in enumerate(rows, highest + 1):
+                    row["id"] = number
+            inserted = sorted(connection.execute(_insert_ignoring_duplicates(
+                self.engine.dialect.name, ImageRecord, rows).returning(
+                ImageRecord.id, ImageRecord.sha256, ImageRecord.frame, ImageRecord.model_id)).all())
+            if not inserted:
+                raise _Unchanged
+            self._log_change(connection, generation, "add", [row[0] for row in inserted])
+            state = self._db_state(connection)
+        if not inserted:
+            return []
         ids = [row[0] for row in inserted]
         # the index holds exactly what the database holds, so a rebuild changes nothing
         new_vectors = vectors[[position[(row[1], row[2], row[3])] for row in inserted]]
         new_vectors = new_vectors.astype(VECTOR_DTYPE).astype(np.float32)
-        self._index_after_insert(np.asarray(ids, dtype=np.int64), new_vectors)
+        id_array = np.asarray(ids, dtype=np.int64)
+        self._apply_own_change(generation, state, lambda index: index.add_with_ids(new_vectors, id_array))
         return ids
 
-    def _index_after_insert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        if self._index is None:
-            saved = self._read_index_file()
-            if saved is not None:
-                self._index, self._index_state = saved
-        index = self._index
-        if index is not None and index.ntotal + len(ids) == self.count():
-            if len(ids):
-                index.add_with_ids(vectors, ids)
-            self._save_index(index)
-        else:
+    def _log_change(self, connection, generation: int, kind: str, ids: list[int]) -> None:
+        connection.execute(insert(StoreChange).values(generation=generation, kind=kind, rows=len(ids),
+                                                      first_id=min(ids), last_id=max(ids),
+                                                      changed_at=datetime.now(timezone.utc)))
+
+    def _apply_own_change(self, generation: int, state: dict, change) -> None:
+        """Apply a change this store just committed (as ``generation``) to the index in use when
+        that index holds the generation before; otherwise catch up or rebuild."""
+        with self._lock:
+            if self._index is None:
+                saved = self._read_index_file()
+                if saved is not None:
+                    self._index, self._index_state = saved
+            index, held = self._index, self._index_state
+            if index is not None and held is not None and held.get("generation") == generation - 1 \
+                    and all(held.get(key) == state[key] for key in ("model_id", "dimension")):
+                self._index, self._index_state = None, None  # untrusted until the change is applied
+                try:
+                    change(index)
+                except RuntimeError:  # HNSW cannot remove
+                    index = None
+                if index is not None and index.ntotal == state["count"]:
+                    self._save_index(index, state)
+                    return
             self.index()  # catches up or rebuilds
 
     def remove(self, ids: Iterable[int]) -> int:
@@ -250,25 +433,22 @@ class Store:
         ids = [int(i) for i in ids]
         if not ids:
             return 0
-        index = self.index()
-        removed = 0
-        try:
-            with Session(self.engine) as session, session.begin():
-                for start in range(0, len(ids), 500):
-                    chunk = ids[start:start + 500]
-                    removed += session.execute(delete(ImageRecord).where(ImageRecord.id.in_(chunk))).rowcount
-        except SQLAlchemyError as error:
-            raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
-        try:
-            index.remove_ids(np.asarray(ids, dtype=np.int64))
-        except RuntimeError:  # HNSW cannot remove: rebuild
-            self.rebuild_index()
-            return removed
-        if index.ntotal == self.count():
-            self._save_index(index)
-        else:
-            self.rebuild_index()
-        return removed
+        self._refuse_if_read_only()
+        self.index()  # up to date first, so that this change can be applied to it in place
+        removed: list[int] = []
+        with self._change() as (connection, generation):
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                removed += connection.execute(delete(ImageRecord).where(ImageRecord.id.in_(chunk))
+                                              .returning(ImageRecord.id)).scalars().all()
+            if not removed:
+                raise _Unchanged
+            self._log_change(connection, generation, "remove", removed)
+            state = self._db_state(connection)
+        if removed:
+            gone = np.asarray(removed, dtype=np.int64)
+            self._apply_own_change(generation, state, lambda index: index.remove_ids(gone))
+        return len(removed)
 
     def ids_for(self, paths: Iterable[str] = (), ids: Iterable[int] = (), under: Iterable[str] = ()) -> list[int]:
         """Row ids of images with these exact paths, these ids, or paths below these folders."""
@@ -302,14 +482,17 @@ class Store:
                 session.expunge(row)
         return {row.id: row for row in rows}
 
-    def iter_vectors(self, chunk: int = REBUILD_CHUNK, after: int = -1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Stream (ids, float32 vectors) from the database in chunks, ordered by id."""
+    def iter_vectors(self, chunk: int = REBUILD_CHUNK, after: int = -1,
+                     up_to: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream (ids, float32 vectors) from the database in chunks, ordered by id, for ids
+        above ``after`` and, if given, not above ``up_to``."""
         last = after
         with Session(self.engine) as session:
             while True:
-                rows = session.execute(select(ImageRecord.id, ImageRecord.vector)
-                                       .where(ImageRecord.id > last).order_by(ImageRecord.id)
-                                       .limit(chunk)).all()
+                query = select(ImageRecord.id, ImageRecord.vector).where(ImageRecord.id > last)
+                if up_to is not None:
+                    query = query.where(ImageRecord.id <= up_to)
+                rows = session.execute(query.order_by(ImageRecord.id).limit(chunk)).all()
                 if not rows:
                     return
                 ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
@@ -327,79 +510,114 @@ class Store:
     def index_meta_path(self) -> Path:
         return self.index_dir / INDEX_META_FILE
 
-    def _index_meta(self) -> dict:
-        with Session(self.engine) as session:
-            count, low, high = session.execute(
-                select(func.count(ImageRecord.id), func.min(ImageRecord.id), func.max(ImageRecord.id))).one()
-        return {"model_id": self.model_id, "dimension": self.dimension, "count": count or 0,
-                "min_id": low or 0, "max_id": high or 0}
+    def _db_state(self, connection=None) -> dict:
+        """Generation, count, lowest and highest id, model and dimension, read in one statement
+        (so from one snapshot of the database)."""
+        def setting(key: str):
+            return select(StoreSetting.value).where(StoreSetting.key == key).scalar_subquery()
 
-    def _save_index(self, index: faiss.Index, state: dict | None = None) -> None:
-        """Keep ``index`` as the one in use and write it with a note of the database state it
-        matches, each file atomically; nothing is written when the database moved on meanwhile."""
-        state = state or self._index_meta()
+        statement = select(func.count(ImageRecord.id), func.min(ImageRecord.id), func.max(ImageRecord.id),
+                           setting(GENERATION_KEY), setting("model_id"), setting("dimension"))
+        if connection is None:
+            with self.engine.connect() as own:
+                count, low, high, generation, model_id, dimension = own.execute(statement).one()
+        else:
+            count, low, high, generation, model_id, dimension = connection.execute(statement).one()
+        return {"model_id": model_id, "dimension": int(dimension) if dimension else None,
+                "generation": int(generation or 0), "count": count or 0, "min_id": low or 0, "max_id": high or 0}
+
+    def _save_index(self, index: faiss.Index, state: dict) -> None:
+        """Keep ``index`` as the one in use, holding exactly ``state``, and (unless read-only)
+        write it with a note of that state and the file's checksum, each file atomically."""
         self._index, self._index_state = index, state
-        if state["count"] != index.ntotal:
+        if self.read_only or state["count"] != index.ntotal:
             return
         try:
-            _write_atomically(self.index_path, lambda path: faiss.write_index(index, path))
-            _write_atomically(self.index_meta_path,
-                              lambda path: Path(path).write_text(json.dumps(state, indent=1)))
+            digest = _write_atomically(self.index_path, lambda path: faiss.write_index(index, path))
+            note = dict(state, sha256=digest, format=INDEX_NOTE_FORMAT)
+            _write_atomically(self.index_meta_path, lambda path: Path(path).write_text(json.dumps(note, indent=1)))
         except OSError as error:
             if self.index_dir.exists() and not os.access(self.index_dir, os.W_OK):
                 return  # a read-only index folder (a query node): serve from memory
             raise StoreError(f"cannot write the index in {self.index_dir}: {error.strerror}") from None
 
     def _read_index_file(self) -> tuple[faiss.Index, dict] | None:
-        """The saved index and its note, if both are readable and agree with each other."""
+        """The saved index and the state its note records, if the file is the one the note
+        describes (same SHA-256) and agrees with it; None otherwise (then it is rebuilt)."""
         try:
-            saved = json.loads(self.index_meta_path.read_text())
-            index = faiss.read_index(str(self.index_path))
+            note = json.loads(self.index_meta_path.read_text())
+            if not isinstance(note, dict) or note.get("format") != INDEX_NOTE_FORMAT:
+                return None
+            with open(self.index_path, "rb") as handle:
+                inode = os.fstat(handle.fileno()).st_ino
+                if _sha256_of(handle) != note.get("sha256"):
+                    return None  # corrupt, or replaced by another writer after the note was read
+                index = faiss.read_index(str(self.index_path))
+                if os.stat(self.index_path).st_ino != inode:
+                    return None  # replaced while it was read
         except (OSError, ValueError, RuntimeError):
             return None
+        state = {key: note.get(key) for key in STATE_KEYS}
         dimension = self.dimension
-        if saved.get("model_id") != self.model_id or (dimension and index.d != dimension) \
-                or index.ntotal != saved.get("count"):
+        if state["model_id"] != self.model_id or (dimension and index.d != dimension) \
+                or index.ntotal != state["count"]:
             return None
         _tune(index)
-        return index, saved
+        return index, state
 
     def index(self) -> faiss.Index:
         """The FAISS index matching the database now.
 
-        Used as it is when it matches; brought up to date by adding only the rows indexed since
-        (another process or machine may have added them); rebuilt from the stored vectors when
-        it is missing, unreadable, of another model, or rows were removed.
+        Used as it is when it holds the database's current generation; brought up to date by
+        adding only the rows indexed since when every change since was an addition (another
+        process or machine may have added them); rebuilt from the stored vectors when it is
+        missing, corrupt, of another model, or rows were removed.
         """
-        meta = self._index_meta()
-        if self._index is not None and self._index_state == meta:
-            return self._index
-        candidates = []
-        if self._index is not None:
-            candidates.append((self._index, self._index_state))
-        saved = self._read_index_file()
-        if saved is not None:
-            candidates.append(saved)
-        for index, state in candidates:
-            if state == meta:
-                self._index, self._index_state = index, state
-                return index
-        for index, state in candidates:
-            if self._catch_up(index, state, meta):
-                return index
-        return self.rebuild_index()
+        with self._lock:
+            meta = self._db_state()
+            if self._index is not None and _same_state(self._index_state, meta):
+                return self._index
+            candidates = []
+            if self._index is not None and self._index_state is not None:
+                candidates.append((self._index, self._index_state))
+            saved = self._read_index_file()
+            if saved is not None:
+                candidates.append(saved)
+            for index, state in candidates:
+                if _same_state(state, meta):
+                    self._index, self._index_state = index, state
+                    return index
+            for index, state in candidates:
+                if self._catch_up(index, state, meta):
+                    return index
+            return self._rebuild()
 
     def _catch_up(self, index: faiss.Index, state: dict, meta: dict) -> bool:
-        """Add the rows with ids above ``state``'s to ``index`` if nothing older changed."""
-        if state.get("model_id") != meta["model_id"] or state.get("min_id") not in (meta["min_id"], 0) \
-                or state.get("max_id", 0) > meta["max_id"]:
+        """Add the rows added since ``state`` to ``index`` if every change since was an addition."""
+        first, last = state.get("generation"), meta["generation"]
+        if any(state.get(key) != meta[key] for key in ("model_id", "dimension")) or first is None \
+                or first >= last or index.ntotal != state.get("count"):
+            return False  # same generation but other rows: changed by a version without the log
+        try:
+            with Session(self.engine) as session:
+                changes = session.execute(select(StoreChange.kind, StoreChange.rows)
+                                          .where(StoreChange.generation > first, StoreChange.generation <= last)).all()
+        except SQLAlchemyError:
+            return False  # no change log (a database of an earlier version)
+        expected = sum(rows for _, rows in changes)
+        if len(changes) != last - first or any(kind != "add" for kind, _ in changes) \
+                or state["count"] + expected != meta["count"]:
             return False
-        with Session(self.engine) as session:
-            newer = session.scalar(select(func.count(ImageRecord.id)).where(ImageRecord.id > state["max_id"]))
-        if index.ntotal + newer != meta["count"]:
-            return False
-        for ids, vectors in self.iter_vectors(after=state["max_id"]):
+        if self._index is index:
+            self._index, self._index_state = None, None  # untrusted until caught up
+        added = 0
+        # ids grow with generations (writers take the generation first), so the rows added
+        # since ``state`` are those between its highest id and the current one
+        for ids, vectors in self.iter_vectors(after=state["max_id"], up_to=meta["max_id"]):
             index.add_with_ids(vectors, ids)
+            added += len(ids)
+        if added != expected:
+            return False  # rows removed meanwhile: the index is dropped and rebuilt
         self._save_index(index, meta)
         return True
 
@@ -417,31 +635,57 @@ class Store:
         if kind is not None:
             if kind not in INDEX_KINDS:
                 raise StoreError(f"unknown index kind {kind!r}; choose from {', '.join(INDEX_KINDS)}")
+            self._refuse_if_read_only()
             with Session(self.engine) as session, session.begin():
                 session.merge(StoreSetting(key="index_kind", value=kind))
-        meta = self._index_meta()
-        index = build_index(self.index_kind, meta["count"], self.dimension or 1, self.iter_vectors,
-                            self.training_sample)
-        self._save_index(index, meta)
-        return index
+        return self._rebuild()
+
+    def _rebuild(self) -> faiss.Index:
+        with self._lock:
+            for _ in range(REBUILD_ATTEMPTS):
+                meta = self._db_state()
+                # rows added meanwhile get higher ids: leave them out, to hold exactly ``meta``
+                index = build_index(self.index_kind, meta["count"], meta["dimension"] or 1,
+                                    lambda last=meta["max_id"]: self.iter_vectors(up_to=last), self.training_sample)
+                if index.ntotal == meta["count"]:
+                    self._save_index(index, meta)
+                    return index
+            # rows kept being removed while they were read: use it, but tie it to no state
+            self._index, self._index_state = index, None
+            return index
 
     def training_sample(self, size: int) -> np.ndarray:
         """About ``size`` stored vectors spread over the whole id range (for IVF training)."""
-        meta = self._index_meta()
-        step = max(1, meta["count"] // max(size, 1))
+        step = max(1, self.count() // max(size, 1))
         with Session(self.engine) as session:
             rows = session.scalars(select(ImageRecord.vector).where(ImageRecord.id % step == 0).limit(size)).all()
         return np.stack([decode_vector(row) for row in rows]) if rows else np.zeros((0, self.dimension or 1), np.float32)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ids of the ``k`` nearest stored vectors for each query vector."""
-        index = self.index()
-        if index.ntotal == 0:
-            return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
-        if vectors.shape[1] != index.d:
-            raise StoreError(f"query vectors have dimension {vectors.shape[1]}, the index {index.d}")
-        scores, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, index.ntotal))
-        return scores, ids
+        """Scores and ids of the ``k`` nearest stored vectors for each query vector.
+
+        No id comes twice in a row of the answer (where one was dropped, the row ends in id -1,
+        score -inf). Similarities beyond the query vector's norm (stored vectors are unit
+        vectors) mean a corrupt index: it is rebuilt from the database once, automatically;
+        if the rebuilt one answers such scores too, the stored vectors themselves are corrupt
+        and :class:`StoreError` says so.
+        """
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        limit = np.linalg.norm(vectors, axis=1, keepdims=True) * (1 + SCORE_TOLERANCE) + SCORE_TOLERANCE
+        with self._lock:
+            for attempt in range(2):
+                index = self.index() if attempt == 0 else self._rebuild()
+                if index.ntotal == 0:
+                    return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
+                if vectors.shape[1] != index.d:
+                    raise StoreError(f"query vectors have dimension {vectors.shape[1]}, the index {index.d}")
+                scores, ids = index.search(vectors, min(k, index.ntotal))
+                wrong = (ids >= 0) & ~(np.abs(scores) <= limit)  # NaN counts as wrong
+                if not wrong.any():
+                    return _unique_per_row(scores, ids)
+        raise StoreError(f"similarity {scores[wrong][0]:.3g} outside [-1, 1] from an index rebuilt from the "
+                         f"database: some stored vectors are corrupt; `lungcbir check` counts them "
+                         f"(remove and index their files again, then `lungcbir rebuild-index`)")
 
     # -- writers and checks -------------------------------------------------------------------
 
@@ -465,14 +709,18 @@ class Store:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def check(self, verify_files: bool = False) -> list[str]:
-        """Everything wrong with the store, one line each; an empty list means all is well."""
+        """Everything wrong with the store, one line each; an empty list means all is well.
+
+        Reads only: nothing is written, not even an index out of date (that is a problem).
+        """
         problems = []
         if self.engine.dialect.name == "sqlite":
             with self.engine.connect() as connection:
                 result = connection.exec_driver_sql("PRAGMA quick_check").scalar()
             if result != "ok":
                 problems.append(f"database integrity check failed: {result}")
-        model_id, dimension = self.model_id, self.dimension
+        state = self._db_state()
+        model_id, dimension = state["model_id"], state["dimension"]
         with Session(self.engine) as session:
             others = session.scalar(select(func.count(ImageRecord.id)).where(ImageRecord.model_id != model_id))
             if others:
@@ -483,28 +731,55 @@ class Store:
                 if wrong:
                     problems.append(f"{wrong} rows hold vectors of the wrong length (dimension {dimension})")
             stored_ids = set(session.scalars(select(ImageRecord.id)))
+        if dimension and not problems:  # what would give similarities outside [-1, 1]
+            corrupt = sum(int((~(np.linalg.norm(vectors, axis=1) <= 1 + SCORE_TOLERANCE)).sum())
+                          for _, vectors in self.iter_vectors())
+            if corrupt:
+                problems.append(f"{corrupt} rows hold vectors longer than unit length or not finite (corrupt); "
+                                f"remove them and index their files again")
         if not self.index_path.exists():
             problems.append(f"index file {self.index_path} is missing")
+            return problems + (self._check_files() if verify_files else [])
+        try:
+            index = faiss.read_index(str(self.index_path))
+        except RuntimeError:
+            problems.append(f"index file {self.index_path} is unreadable")
+            return problems + (self._check_files() if verify_files else [])
+        if dimension and index.d != dimension:
+            problems.append(f"index dimension {index.d} differs from the database's {dimension}")
+        indexed = set(index_ids(index).tolist())
+        if indexed != stored_ids:
+            problems.append(f"index and database disagree: {len(indexed - stored_ids)} vectors without "
+                            f"a row, {len(stored_ids - indexed)} rows without a vector")
+        try:
+            note = json.loads(self.index_meta_path.read_text())
+        except (OSError, ValueError):
+            note = None
+        if isinstance(note, dict):
+            problems.extend(self._check_note(note, state))
         else:
-            try:
-                index = faiss.read_index(str(self.index_path))
-            except RuntimeError:
-                problems.append(f"index file {self.index_path} is unreadable")
-            else:
-                if dimension and index.d != dimension:
-                    problems.append(f"index dimension {index.d} differs from the database's {dimension}")
-                indexed = set(index_ids(index).tolist())
-                if indexed != stored_ids:
-                    problems.append(f"index and database disagree: {len(indexed - stored_ids)} vectors without "
-                                    f"a row, {len(stored_ids - indexed)} rows without a vector")
-                try:
-                    saved = json.loads(self.index_meta_path.read_text())
-                    if saved.get("model_id") != model_id:
-                        problems.append(f"index was built for model {saved.get('model_id')}, database holds {model_id}")
-                except (OSError, ValueError):
-                    problems.append(f"index note {self.index_meta_path} is missing or unreadable")
+            problems.append(f"index note {self.index_meta_path} is missing or unreadable")
         if verify_files:
             problems.extend(self._check_files())
+        return problems
+
+    def _check_note(self, note: dict, state: dict) -> list[str]:
+        """What is wrong between the index note, the index file and the database state."""
+        if note.get("format") != INDEX_NOTE_FORMAT or not note.get("sha256"):
+            return [f"index note {self.index_meta_path} has no checksum (written by an earlier version)"]
+        problems = []
+        try:
+            with open(self.index_path, "rb") as handle:
+                if _sha256_of(handle) != note["sha256"]:
+                    problems.append(f"index file {self.index_path} does not match the checksum in its note: "
+                                    f"it is corrupt (searches rebuild it from the database)")
+        except OSError as error:
+            problems.append(f"index file {self.index_path} cannot be read: {error.strerror}")
+        if note.get("model_id") != state["model_id"]:
+            problems.append(f"index was built for model {note.get('model_id')}, database holds {state['model_id']}")
+        elif not _same_state(note, state):
+            problems.append(f"index is out of date: it holds the rows of database generation {note.get('generation')}"
+                            f", the database is at generation {state['generation']}")
         return problems
 
     def _check_files(self) -> list[str]:
@@ -549,7 +824,7 @@ def _reason(error: SQLAlchemyError) -> str:
     return text[0][:200] if text else type(error).__name__
 
 
-def _insert_ignoring_duplicates(dialect: str, rows: list[dict]):
+def _insert_ignoring_duplicates(dialect: str, table: type[Base], rows: list[dict]):
     """INSERT ... ON CONFLICT DO NOTHING for the backends we support."""
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -557,7 +832,17 @@ def _insert_ignoring_duplicates(dialect: str, rows: list[dict]):
         from sqlalchemy.dialects.sqlite import insert
     else:
         raise StoreError(f"unsupported database backend {dialect!r}; use SQLite or PostgreSQL")
-    return insert(ImageRecord).values(rows).on_conflict_do_nothing()
+    return insert(table).values(rows).on_conflict_do_nothing()
+
+
+def _unique_per_row(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first (best) hit of every id; the rest of the row is id -1, score -inf."""
+    unique_scores, unique_ids = np.full_like(scores, -np.inf), np.full_like(ids, -1)
+    for row, (row_scores, row_ids) in enumerate(zip(scores, ids)):
+        _, first = np.unique(row_ids, return_index=True)
+        keep = np.sort(first[row_ids[first] >= 0])
+        unique_scores[row, :len(keep)], unique_ids[row, :len(keep)] = row_scores[keep], row_ids[keep]
+    return unique_scores, unique_ids
 
 
 def encode_vector(vector: np.ndarray) -> bytes:

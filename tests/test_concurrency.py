@@ -43,3 +43,39 @@ def test_queries_during_indexing_and_a_second_writer(tmp_path, tiny_weights, sto
     store = Store(**store_paths)
     assert store.check() == [] and store.count() == 120
     assert len(seen) >= 2 and seen == sorted(seen)  # readers only ever saw the store grow
+
+
+def test_simultaneous_catch_up_from_threads(store_paths, tmp_path):
+    """A server (own index folder, requests in a thread pool) while another process added rows."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_store import records, unit
+
+    writer = Store(**store_paths)
+    writer.check_model("m1", 8)
+    writer.add(records(20), unit(20))
+    server = Store(store_paths["db_url"], tmp_path / "server-index")
+    server.index()
+    writer.add(records(400, start=100), unit(400, seed=2))
+    stream = server.iter_vectors
+
+    def slow_stream(*args, **kwargs):  # a slow database widens the window between check and add
+        for chunk in stream(*args, **kwargs):
+            time.sleep(0.05)
+            yield chunk
+
+    server.iter_vectors = slow_stream
+    start = threading.Barrier(30)
+
+    def request(number: int) -> int:
+        start.wait()
+        return server.stats().index_vectors if number % 2 else server.index().ntotal
+
+    with ThreadPoolExecutor(30) as pool:
+        answers = list(pool.map(request, range(30)))
+    assert answers == [420] * 30  # every request saw the index of exactly the rows stored
+    assert server.index().ntotal == server.count() == 420
+    ids = server.search(unit(10, seed=3), 420)[1]
+    assert all(len(set(row.tolist())) == len(row) for row in ids)
+    assert Store(store_paths["db_url"], tmp_path / "server-index").check() == []

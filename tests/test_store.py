@@ -98,3 +98,187 @@ def test_vectors_are_stored_as_float16(store_paths):
     store.check_model("m1", 8)
     store.add(records(1), unit(1))
     assert len(store.records([1])[1].vector) == 8 * 2
+
+
+# -- hardening (issue 15) ---------------------------------------------------------------------
+
+
+def legacy_database(store_paths):
+    """The tables as the previous version created them: ids without AUTOINCREMENT (SQLite
+    reuses the highest id after it is deleted) and no change log."""
+    import os
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.schema import CreateTable
+
+    from lungcbir.store import Base
+
+    url = store_paths["db_url"]
+    if url.startswith("sqlite"):
+        os.makedirs(os.path.dirname(url.split("///", 1)[1]), exist_ok=True)
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        for name in ("images", "store_settings"):
+            table = Base.metadata.tables[name]
+            connection.exec_driver_sql(str(CreateTable(table).compile(engine)).replace("AUTOINCREMENT", ""))
+            for index in table.indexes:
+                index.create(connection)
+    engine.dispose()
+
+
+@pytest.mark.parametrize("schema", ["current", "previous version"])
+def test_remove_then_add_never_leaves_another_index_stale(store_paths, tmp_path, schema):
+    if schema == "previous version":
+        legacy_database(store_paths)
+    writer = Store(**store_paths)
+    writer.check_model("m1", 8)
+    vectors = unit(6)
+    ids = writer.add(records(6), vectors)
+    server = Store(store_paths["db_url"], tmp_path / "server-index")  # a running server's own folder
+    assert server.search(vectors[-1:], 1)[1][0, 0] == ids[-1]
+    other = Store(store_paths["db_url"], tmp_path / "other-index")
+    other.index()  # written once, then left alone
+    writer.remove([ids[-1]])
+    fresh = unit(1, seed=5)
+    new_id = writer.add(records(1, start=100), fresh)[0]
+    assert new_id not in ids  # ids are never reused
+    scores, found = server.search(vectors[-1:], 6)
+    assert ids[-1] not in found[0].tolist() and scores[0, 0] < 0.99  # the removed slice is gone
+    scores, found = server.search(fresh, 1)
+    assert found[0, 0] == new_id and scores[0, 0] == pytest.approx(1.0, abs=1e-3)
+    problems = Store(store_paths["db_url"], tmp_path / "other-index", create=False, read_only=True).check()
+    assert problems and any("out of date" in p for p in problems)
+
+
+def test_search_never_returns_an_id_twice(store_paths):
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    vectors = unit(5)
+    ids = store.add(records(5), vectors)
+    store.index().add_with_ids(vectors, np.asarray(ids, dtype=np.int64))  # as a lost race would leave it
+    found = store.search(vectors, 10)[1]
+    for row in found:
+        kept = row[row >= 0].tolist()
+        assert len(kept) == len(set(kept)) == 5
+
+
+def test_flipped_bit_in_the_index_file_is_noticed(store_paths):
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    vectors = unit(50, seed=4)
+    ids = store.add(records(50), vectors)
+    data = bytearray(store.index_path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    store.index_path.write_bytes(bytes(data))
+    problems = Store(**store_paths).check()
+    assert any("checksum" in p for p in problems), problems
+    scores, found = Store(**store_paths).search(vectors, 1)  # rebuilt from the database
+    assert found[:, 0].tolist() == ids and np.all(np.abs(scores) <= 1.0 + 1e-2)
+    assert Store(**store_paths).check() == []
+
+
+def test_scores_outside_minus_one_to_one_are_refused(store_paths):
+    import faiss
+    from sqlalchemy import create_engine, update
+
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    vectors = unit(5)
+    ids = store.add(records(5), vectors)
+    index = store.index()  # corrupted in memory: the next search notices and rebuilds from the database
+    flat = faiss.downcast_index(index.index)
+    faiss.rev_swig_ptr(flat.get_xb(), index.ntotal * index.d)[:] *= 1e30
+    scores, found = store.search(vectors, 1)
+    assert found[:, 0].tolist() == ids and np.all(np.abs(scores) <= 1.0 + 1e-2)
+    engine = create_engine(store_paths["db_url"])  # a vector in the database itself is wrong
+    with engine.begin() as connection:
+        connection.execute(update(ImageRecord).where(ImageRecord.id == ids[0])
+                           .values(vector=(np.ones(8, np.float16) * 100).tobytes()))
+    engine.dispose()
+    store.rebuild_index()
+    with pytest.raises(StoreError, match="rebuild-index"):
+        store.search(np.ones((1, 8), np.float32) / np.sqrt(8), 1)
+
+
+def test_abandoned_temporary_files_are_removed(store_paths, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    store.add(records(3), unit(3))
+
+    def writer(finish: str) -> str:
+        return textwrap.dedent(f"""
+            import os, signal, sys, time
+            from pathlib import Path
+            from lungcbir.store import _write_atomically
+            def write(path):
+                Path(path).write_bytes(b"x" * 100000)
+                {finish}
+            _write_atomically(Path({str(store.index_path)!r}), write)
+        """)
+
+    # a writer still busy writing its own temporary file, and one killed in the middle of writing
+    busy = subprocess.Popen([sys.executable, "-c", writer("print('ready', flush=True); time.sleep(60)")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert busy.stdout.readline().strip() == "ready"
+        kept = set(store.index_dir.glob("*.tmp"))
+        subprocess.run([sys.executable, "-c", writer("os.kill(os.getpid(), signal.SIGKILL)")], check=False)
+        assert len(kept) == 1 and len(set(store.index_dir.glob("*.tmp"))) == 2
+        store.add(records(2, start=10), unit(2, seed=1))  # the next write
+        assert set(store.index_dir.glob("*.tmp")) == kept  # the killed writer's is gone, the busy one's kept
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_unsupported_database_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from lungcbir.cli import main
+
+    with pytest.raises(StoreError, match="mysql.*SQLite and PostgreSQL"):
+        Store("mysql://x@y/z", tmp_path / "i")
+    result = CliRunner().invoke(main, ["stats", "--db", "mysql://x@y/z", "--index-dir", str(tmp_path / "i")])
+    assert result.exit_code == 4 and "SQLite and PostgreSQL" in result.output
+    assert "Traceback" not in result.output and result.output.count("\n") == 1
+
+
+def test_read_only_commands_write_nothing(store_paths, tmp_path):
+    import os
+
+    from click.testing import CliRunner
+    from sqlalchemy import create_engine, inspect
+
+    from lungcbir.cli import main
+
+    url, index_dir = store_paths["db_url"], store_paths["index_dir"]
+    if url.startswith("sqlite"):  # a database file without tables, as PostgreSQL's empty database
+        path = url.split("///", 1)[1]
+        os.makedirs(os.path.dirname(path))
+        open(path, "w").close()
+    options = ["--db", url, "--index-dir", index_dir]
+    for command in ("stats", "check"):
+        result = CliRunner().invoke(main, [command, *options])
+        assert result.exit_code == 4 and "create one with" in result.output, result.output
+    engine = create_engine(url)
+    assert inspect(engine).get_table_names() == []
+    engine.dispose()
+    assert not os.path.exists(index_dir)
+    # a filled database whose index folder is out of date: stats and check read, never write
+    writer = Store(url, tmp_path / "writer-index")
+    writer.check_model("m1", 8)
+    writer.add(records(4), unit(4))
+    Store(url, index_dir).index()
+    writer.add(records(2, start=10), unit(2, seed=1))
+    before = {name: os.stat(os.path.join(index_dir, name)).st_mtime_ns for name in os.listdir(index_dir)}
+    result = CliRunner().invoke(main, ["stats", "--json", *options])
+    assert result.exit_code == 0 and '"images": 6' in result.output and '"index_vectors": 6' in result.output
+    assert CliRunner().invoke(main, ["check", *options]).exit_code == 4  # out of date, and says so
+    reader = Store(url, index_dir, create=False, read_only=True)
+    assert reader.search(unit(1), 6)[1].shape == (1, 6)
+    after = {name: os.stat(os.path.join(index_dir, name)).st_mtime_ns for name in os.listdir(index_dir)}
+    assert after == before
