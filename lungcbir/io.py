@@ -25,6 +25,7 @@ import errno
 import hashlib
 import io
 import logging
+import math
 import os
 import stat
 import struct
@@ -357,21 +358,27 @@ def quiet_decoding():
         was_disabled, logger.disabled = logger.disabled, True
         saved = None
         try:
-            if sys.stderr is not None:
-                sys.stderr.flush()
-            saved = os.dup(2)
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, 2)
-            os.close(null)
-        except (OSError, ValueError):
-            saved = None  # no usable descriptor 2 (a daemon): nothing to silence
-        try:
+            saved = _point_stderr_at_null()
             yield
         finally:
             if saved is not None:
                 os.dup2(saved, 2)
                 os.close(saved)
             logger.disabled = was_disabled
+
+
+def _point_stderr_at_null() -> int | None:
+    """Point descriptor 2 at /dev/null; returns a copy of the old one, or None if there is none."""
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()  # what Python wrote before belongs to the real stderr
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        return None  # no usable descriptor 2 (a daemon): nothing to silence
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    return saved
 
 
 def classify_intensity(pixels: np.ndarray) -> str:
@@ -608,14 +615,17 @@ def _nifti_layout(path: str, head: bytes) -> tuple[int, tuple[int, ...], int]:
     if header_bytes == 348:
         dims = struct.unpack(order + "8h", head[40:56])
         bitpix = struct.unpack(order + "h", head[72:74])[0]
-        offset = int(struct.unpack(order + "f", head[108:112])[0])
+        offset = struct.unpack(order + "f", head[108:112])[0]
+        offset = int(offset) if math.isfinite(offset) else 0
     else:
         bitpix = struct.unpack(order + "h", head[14:16])[0]
         dims = struct.unpack(order + "8q", head[16:80])
         offset = struct.unpack(order + "q", head[168:176])[0]
     count = dims[0]
-    if not 1 <= count <= 7 or any(d < 1 for d in dims[1:count + 1]) or bitpix < 1:
+    if not 1 <= count <= 7 or any(d < 1 for d in dims[1:count + 1]):
         raise ReadError(path, f"unreadable NIfTI (bad dimensions {dims[1:count + 1] if 1 <= count <= 7 else dims})")
+    if not 1 <= bitpix <= 128:  # 128 bits: the widest real type (float128); complex types cannot be read anyway
+        raise ReadError(path, f"unreadable NIfTI (unsupported {bitpix} bits per voxel)")
     shape = tuple(int(d) for d in dims[1:count + 1])
     voxels = int(np.prod(shape, dtype=object))
     return header_bytes, shape, max(offset, header_bytes + 4) + voxels * -(-bitpix // 8)
@@ -633,13 +643,16 @@ def read_nifti(path: str, data: bytes | None = None, max_voxels: int | None = No
     limit = voxel_limit(max_voxels)
     compressed = path.lower().endswith(".gz")
     if compressed and not data.startswith(b"\x1f\x8b"):
-        raise ReadError(path, f"unreadable NIfTI (not gzip-compressed; the content looks like {describe_content(data)})")
+        raise ReadError(path, "unreadable NIfTI (not gzip-compressed; "
+                              f"the content looks like {describe_content(data)})")
     head = _gunzip(path, data, max(_NIFTI_HEADER_BYTES)) if compressed else data[:max(_NIFTI_HEADER_BYTES)]
     header_bytes, shape, needed = _nifti_layout(path, head)
     voxels = int(np.prod(shape, dtype=object))
     if voxels > limit:
         raise ReadError(path, f"volume is {'x'.join(map(str, shape))} = {voxels} voxels, above the limit of "
                               f"{limit} (set {MAX_VOXELS_ENV} to change it)")
+    if needed > MAX_FILE_BYTES:  # a .nii.gz expands to no more than a .nii may hold
+        raise ReadError(path, f"volume takes {needed} bytes uncompressed, above the limit of {MAX_FILE_BYTES} bytes")
     content = _gunzip(path, data, needed) if compressed else data
     image_class = nibabel.Nifti1Image if header_bytes == 348 else nibabel.Nifti2Image
     try:

@@ -1,14 +1,14 @@
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from lungcbir.errors import ReadError
-from lungcbir.io import (classify_intensity, dicom_series_positions, file_kind, find_image_files,
-                         read_file)
+from lungcbir.io import classify_intensity, dicom_series_positions, file_kind, find_image_files, read_file
 
 
 def write(path, pixels):
@@ -180,10 +180,10 @@ def test_hash_and_pixels_come_from_the_same_bytes(tmp_path, phantom_dir, monkeyp
         module, names = cv2, ("imread", "imdecode")
     else:
         path = _dicom(tmp_path, phantom_dir)
-        replacement = open(_dicom(tmp_path, phantom_dir, "other.dcm", raw={"PatientID": ("LO", b"OTHER ")}),
-                           "rb").read()
+        other = _dicom(tmp_path, phantom_dir, "other.dcm", raw={"PatientID": ("LO", b"OTHER ")})
+        replacement = Path(other).read_bytes()
         module, names = pydicom, ("dcmread",)
-    original = open(path, "rb").read()
+    original = Path(path).read_bytes()
 
     def swapping(decode):
         def wrapper(*args, **kwargs):
