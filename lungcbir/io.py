@@ -10,14 +10,31 @@ Intensity kinds:
 * ``"uint8"``: 8-bit exports, scaled by 1/255;
 * ``"unit"``: float images already in [0, 1];
 * ``"minmax"``: anything else (16-bit unsigned PNG/TIFF, odd float ranges), min-max scaled.
+
+Bad input: every file is read once into memory (at most :data:`MAX_FILE_BYTES`), hashed, and
+decoded from those same bytes; sizes are checked from the header before anything is decoded
+(:data:`MAX_PIXELS` per slice, :func:`voxel_limit` per volume); a raster file is decoded only
+if its content is PNG, JPEG, BMP or TIFF; anything that is not a regular file (a named pipe,
+a device) is refused without being opened for a blocking read; and whatever the decoding
+libraries print about a broken file is silenced, so each failure is one :class:`ReadError`.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
+import logging
+import math
 import os
+import stat
+import struct
+import sys
+import threading
+import warnings
+import zlib
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
@@ -26,7 +43,7 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
-from .errors import ReadError
+from .errors import LungCBIRError, ReadError
 
 RASTER_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".bmp": "bmp",
                    ".tif": "tiff", ".tiff": "tiff"}
@@ -35,6 +52,19 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 #: Images with more pixels than this are refused before their pixels are decoded.
 MAX_PIXELS = 8192 * 8192
+
+#: Files larger than this are refused before they are read. Every file is read into memory
+#: once (so that its hash and its pixels come from the same bytes); 1 GiB holds any single
+#: slice within MAX_PIXELS and an uncompressed chest volume within the default voxel limit.
+MAX_FILE_BYTES = 1 << 30
+
+#: Volumes (NIfTI) with more voxels than this are refused from their header, before anything
+#: is decompressed or decoded. 512 x 512 x 768 admits a chest CT at 0.625 mm over 48 cm
+#: (about 600-770 slices; 0.8 GB as float32) and refuses a 512 x 512 x 1000 volume, which a
+#: 0.5 MB .nii.gz of zeros can claim. Change it per call (``max_voxels``) or with the
+#: environment variable named by MAX_VOXELS_ENV.
+DEFAULT_MAX_VOXELS = 512 * 512 * 768
+MAX_VOXELS_ENV = "LUNGCBIR_MAX_VOXELS"
 
 #: Values below this in a signed or float image mean the image is in Hounsfield units.
 HU_DETECTION_THRESHOLD = -200.0
@@ -96,6 +126,81 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def voxel_limit(max_voxels: int | None = None) -> int:
+    """The voxel limit for volumes: ``max_voxels`` if given, else $LUNGCBIR_MAX_VOXELS, else the default.
+
+    This is the one place the environment variable is read.
+
+    Example:
+        >>> voxel_limit(1000)
+        1000
+    """
+    if max_voxels is not None:
+        return int(max_voxels)
+    text = os.environ.get(MAX_VOXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_VOXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise LungCBIRError(f"{MAX_VOXELS_ENV}={text!r}: expected a positive whole number of voxels")
+    return value
+
+
+def _file_type(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _open_regular(path: str):
+    """Open ``path`` for reading only if it is a regular file, without ever blocking.
+
+    O_NONBLOCK makes opening a named pipe return at once instead of waiting for a writer; the
+    type is then checked on the open descriptor, so a file swapped for a pipe is caught too.
+    """
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise ReadError(path, f"not a regular file ({_file_type(mode)})")
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def read_bytes(path: str, max_bytes: int | None = None) -> bytes:
+    """The whole content of a regular file, refused when empty or above ``max_bytes`` (:data:`MAX_FILE_BYTES`)."""
+    max_bytes = MAX_FILE_BYTES if max_bytes is None else max_bytes
+    try:
+        handle = _open_regular(path)
+    except OSError as error:
+        raise ReadError(path, f"cannot open ({error.strerror})") from None
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > max_bytes:
+            raise ReadError(path, f"file is {size} bytes, above the limit of {max_bytes} bytes")
+        parts = [handle.read(size)]
+        total = len(parts[0])
+        while True:  # a file that grew since fstat: read on, in pieces, up to the limit
+            part = handle.read(min(1 << 20, max_bytes + 1 - total))
+            if not part:
+                break
+            parts.append(part)
+            total += len(part)
+            if total > max_bytes:
+                raise ReadError(path, f"file is above the limit of {max_bytes} bytes")
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    if not data:
+        raise ReadError(path, "file is empty")
+    return data
+
+
 def file_kind(path: str | os.PathLike) -> str | None:
     """``"raster"``, ``"dicom"``, ``"nifti"`` or ``None`` for files that are not images by name."""
     name = str(path).lower()
@@ -113,11 +218,167 @@ def file_kind(path: str | os.PathLike) -> str | None:
 
 def _has_dicom_preamble(path: str | os.PathLike) -> bool:
     try:
-        with open(path, "rb") as handle:
+        with _open_regular(str(path)) as handle:  # never opens a pipe for a blocking read
             handle.seek(128)
             return handle.read(4) == b"DICM"
-    except OSError:
+    except (OSError, ReadError):
         return False
+
+
+def describe_content(data: bytes) -> str:
+    """What a file's first bytes look like, for messages about files whose name lies.
+
+    Example:
+        >>> describe_content(b"#?RADIANCE\\nFORMAT=32-bit_rle_rgbe\\n")
+        'Radiance HDR'
+    """
+    head = data[:16]
+    signatures = [(b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"),
+                  (b"II+\0", "BigTIFF"), (b"MM\0+", "BigTIFF"), (b"BM", "BMP"), (b"#?RADIANCE", "Radiance HDR"),
+                  (b"#?RGBE", "Radiance HDR"), (b"GIF8", "GIF"), (b"\x1f\x8b", "gzip-compressed data"),
+                  (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
+                  (b"v/1\x01", "OpenEXR"), (b"%PDF", "PDF"), (b"PK\x03\x04", "ZIP"), (b"\x01\xda", "SGI image")]
+    for signature, name in signatures:
+        if head.startswith(signature):
+            return name
+    if data[128:132] == b"DICM":
+        return "DICOM"
+    if head[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if len(head) >= 2 and head[0] == ord("P") and chr(head[1]) in "1234567":
+        return "PNM"
+    if len(head) >= 4 and _NIFTI_HEADER_BYTES.count(struct.unpack("<i", head[:4])[0]) + \
+            _NIFTI_HEADER_BYTES.count(struct.unpack(">i", head[:4])[0]):
+        return "NIfTI"
+    sample = data[:512]
+    if sample and all(32 <= byte < 127 or byte in b"\t\r\n" for byte in sample):
+        return "text"
+    return "unknown binary data"
+
+
+_RASTER_SIGNATURES = {"png": (b"\x89PNG\r\n\x1a\n",), "jpeg": (b"\xff\xd8\xff",), "bmp": (b"BM",),
+                      "tiff": (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")}
+
+
+def _raster_format(data: bytes) -> str | None:
+    """The raster format the content really is (png, jpeg, bmp, tiff), else None."""
+    for name, signatures in _RASTER_SIGNATURES.items():
+        if data.startswith(signatures):
+            return name
+    return None
+
+
+def _raster_size(data: bytes, kind: str) -> tuple[int, int] | None:
+    """(width, height) from the header of a PNG/JPEG/BMP/TIFF, without decoding; None if unreadable."""
+    try:
+        if kind == "png":
+            if data[12:16] != b"IHDR":
+                return None
+            return struct.unpack(">II", data[16:24])
+        if kind == "bmp":
+            header_size = struct.unpack("<I", data[14:18])[0]
+            if header_size == 12:  # OS/2 BITMAPCOREHEADER
+                return struct.unpack("<HH", data[18:22])
+            width, height = struct.unpack("<ii", data[18:26])
+            return abs(width), abs(height)  # a negative height means top-down rows
+        if kind == "jpeg":
+            return _jpeg_size(data)
+        return _tiff_size(data)
+    except (struct.error, IndexError, ValueError):
+        return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Walk the JPEG markers to the first frame header (SOFn)."""
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+            continue
+        length = struct.unpack(">H", data[position + 2:position + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            height, width = struct.unpack(">HH", data[position + 5:position + 9])
+            return width, height
+        if marker == 0xDA or length < 2:  # scan data before any frame header: broken
+            return None
+        position += 2 + length
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """ImageWidth and ImageLength of the first IFD (the page OpenCV decodes), classic or BigTIFF."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = struct.unpack(order + "H", data[2:4])[0] == 43
+    if big:
+        offset = struct.unpack(order + "Q", data[8:16])[0]
+        count = struct.unpack(order + "Q", data[offset:offset + 8])[0]
+        start, entry_size = offset + 8, 20
+    else:
+        offset = struct.unpack(order + "I", data[4:8])[0]
+        count = struct.unpack(order + "H", data[offset:offset + 2])[0]
+        start, entry_size = offset + 2, 12
+    found = {}
+    for number in range(min(count, 4096)):
+        entry = data[start + number * entry_size:start + (number + 1) * entry_size]
+        tag, kind = struct.unpack(order + "HH", entry[:4])
+        if tag not in (256, 257):
+            continue
+        value = entry[12:] if big else entry[8:]
+        codes = {3: "H", 4: "I", 16: "Q"}
+        if kind not in codes:
+            return None
+        found[tag] = struct.unpack(order + codes[kind], value[:struct.calcsize(codes[kind])])[0]
+    if 256 not in found or 257 not in found:
+        return None
+    return found[256], found[257]
+
+
+#: File descriptor 2 belongs to the whole process: one silenced decode at a time, so two
+#: threads never save and restore it out of order.
+_QUIET_LOCK = threading.Lock()
+
+
+@contextmanager
+def quiet_decoding():
+    """Silence what decoding libraries print about a broken file; the caller reports it in one line.
+
+    Python warnings (Pillow, pydicom, nibabel) are ignored, pydicom's logger is muted, and file
+    descriptor 2 points at /dev/null while C code runs (libpng, libjpeg, libtiff and OpenCV's
+    log write there directly). Other threads' stderr is silenced for that moment too.
+    """
+    with _QUIET_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger = logging.getLogger("pydicom")
+        was_disabled, logger.disabled = logger.disabled, True
+        saved = None
+        try:
+            saved = _point_stderr_at_null()
+            yield
+        finally:
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
+            logger.disabled = was_disabled
+
+
+def _point_stderr_at_null() -> int | None:
+    """Point descriptor 2 at /dev/null; returns a copy of the old one, or None if there is none."""
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()  # what Python wrote before belongs to the real stderr
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        return None  # no usable descriptor 2 (a daemon): nothing to silence
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    return saved
 
 
 def classify_intensity(pixels: np.ndarray) -> str:
@@ -135,10 +396,27 @@ def classify_intensity(pixels: np.ndarray) -> str:
     return "minmax"
 
 
-def read_raster(path: str) -> CTSlice:
-    """Read a PNG, JPEG, BMP or TIFF slice; colour is converted to grey."""
-    _check_raster_size(path)
-    pixels = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+def read_raster(path: str, data: bytes | None = None) -> CTSlice:
+    """Read a PNG, JPEG, BMP or TIFF slice from ``data`` (the file's bytes); colour becomes grey.
+
+    The content must be one of those four formats (whatever the suffix says among them), and
+    its header's size within :data:`MAX_PIXELS`, before OpenCV decodes anything.
+    """
+    data = read_bytes(path) if data is None else data
+    suffix = os.path.splitext(path.lower())[1]
+    claimed = RASTER_SUFFIXES.get(suffix, "raster")
+    kind = _raster_format(data)
+    if kind is None:
+        raise ReadError(path, f"not a decodable image (not a {claimed.upper()} file; "
+                              f"the content looks like {describe_content(data)})")
+    size = _raster_size(data, kind)
+    if size is None:
+        raise ReadError(path, f"not a decodable image (corrupt or truncated {kind.upper()} header)")
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise ReadError(path, f"image is {width}x{height}, above the limit of {MAX_PIXELS} pixels")
+    with quiet_decoding():
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise ReadError(path, "not a decodable image (corrupt, truncated or not the format its name says)")
     if pixels.ndim == 3:
@@ -146,8 +424,7 @@ def read_raster(path: str) -> CTSlice:
         if channels in (1, 2):  # grey, or grey + alpha
             pixels = pixels[:, :, 0]
         elif channels in (3, 4):
-            code = cv2.COLOR_BGRA2GRAY if channels == 4 else cv2.COLOR_BGR2GRAY
-            pixels = cv2.cvtColor(pixels, code)
+            pixels = _bgr_to_grey(pixels)
         else:
             raise ReadError(path, f"unsupported number of channels ({channels})")
     if pixels.ndim != 2:
@@ -155,23 +432,19 @@ def read_raster(path: str) -> CTSlice:
     if pixels.dtype.kind == "f":
         pixels = _replace_non_finite(pixels)
     _check_usable(path, pixels)
-    suffix = os.path.splitext(path.lower())[1]
-    return CTSlice(pixels=pixels, intensity=classify_intensity(pixels), path=path,
-                   source_format=RASTER_SUFFIXES.get(suffix, "raster"))
+    return CTSlice(pixels=pixels, intensity=classify_intensity(pixels), path=path, source_format=claimed)
 
 
-def _check_raster_size(path: str) -> None:
-    """Refuse huge images from the header alone, before any pixel is allocated."""
-    import PIL.Image  # reads only the header here
-
-    PIL.Image.MAX_IMAGE_PIXELS = None  # we apply our own limit below, without decoding
-    try:
-        with PIL.Image.open(path) as image:
-            width, height = image.size
-    except Exception:
-        return  # not something Pillow understands; cv2 decides below
-    if width * height > MAX_PIXELS:
-        raise ReadError(path, f"image is {width}x{height}, above the limit of {MAX_PIXELS} pixels")
+def _bgr_to_grey(pixels: np.ndarray) -> np.ndarray:
+    """BGR(A) to grey with OpenCV's weights; OpenCV itself only takes 8/16-bit unsigned and float32."""
+    if pixels.dtype in (np.uint8, np.uint16, np.float32):
+        return cv2.cvtColor(pixels, cv2.COLOR_BGRA2GRAY if pixels.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
+    blue, green, red = (pixels[:, :, i].astype(np.float64) for i in range(3))
+    grey = 0.114 * blue + 0.587 * green + 0.299 * red
+    if pixels.dtype.kind == "f":
+        return grey.astype(pixels.dtype)
+    info = np.iinfo(pixels.dtype)  # a weighted mean stays within the type's range; clip guards rounding
+    return np.clip(np.rint(grey), info.min, info.max).astype(pixels.dtype)
 
 
 def _replace_non_finite(pixels: np.ndarray) -> np.ndarray:
@@ -202,90 +475,198 @@ def _pydicom():
     return pydicom
 
 
+def _dicom_value(dataset, keyword: str):
+    """A tag's value, or None when it is missing or malformed (an optional tag never stops a read)."""
+    try:
+        return dataset.get(keyword)
+    except Exception:  # pydicom converts values lazily and raises many kinds on bad ones
+        return None
+
+
 def _dicom_text(dataset, keyword: str) -> str | None:
-    value = dataset.get(keyword)
+    value = _dicom_value(dataset, keyword)
     if value is None or str(value).strip() == "":
         return None
     return str(value).strip()
 
 
 def _dicom_float(dataset, keyword: str) -> float | None:
+    value = _dicom_value(dataset, keyword)
     try:
-        value = dataset.get(keyword)
         return None if value in (None, "") else float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
-def read_dicom(path: str) -> CTSlice:
-    """Read one DICOM file as Hounsfield units (RescaleSlope/Intercept applied)."""
+def _dicom_int(dataset, keyword: str) -> int | None:
+    value = _dicom_value(dataset, keyword)
+    try:
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _dicom_spacing(dataset) -> tuple[float, float] | None:
+    value = _dicom_value(dataset, "PixelSpacing")
+    try:
+        return (float(value[0]), float(value[1])) if value else None
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None  # "x\\y" and the like: spacing unknown, the image is still usable
+
+
+def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
+    """Read one DICOM file from ``data`` (its bytes) as Hounsfield units (RescaleSlope/Intercept applied).
+
+    Multi-frame files and images above :data:`MAX_PIXELS` are refused from the header, before
+    the pixel data is decoded; malformed optional tags (InstanceNumber, PixelSpacing, ...) are
+    treated as unknown.
+    """
+    data = read_bytes(path) if data is None else data
     pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
 
-    try:
-        dataset = pydicom.dcmread(path)
-    except InvalidDicomError:
-        raise ReadError(path, "not a DICOM file") from None
-    except Exception as error:  # pydicom raises many kinds on truncated files
-        raise ReadError(path, f"unreadable DICOM ({_short(error)})") from None
+    with quiet_decoding():
+        try:
+            dataset = pydicom.dcmread(io.BytesIO(data))
+        except InvalidDicomError:
+            raise ReadError(path, "not a DICOM file") from None
+        except Exception as error:  # pydicom raises many kinds on truncated files
+            raise ReadError(path, f"unreadable DICOM ({_short(error)})") from None
     if "PixelData" not in dataset:
         raise ReadError(path, "DICOM file has no pixel data (not an image)")
-    rows, columns = int(dataset.get("Rows", 0)), int(dataset.get("Columns", 0))
+    frames = _dicom_int(dataset, "NumberOfFrames") or 1
+    if frames > 1:
+        raise ReadError(path, f"multi-frame DICOM ({frames} frames) is not supported; export single slices")
+    rows, columns = _dicom_int(dataset, "Rows") or 0, _dicom_int(dataset, "Columns") or 0
     if rows * columns > MAX_PIXELS:
         raise ReadError(path, f"image is {columns}x{rows}, above the limit of {MAX_PIXELS} pixels")
-    try:
-        raw = dataset.pixel_array
-    except Exception as error:
-        raise ReadError(path, f"cannot decode DICOM pixel data ({_short(error)})") from None
-    if raw.ndim == 3 and int(dataset.get("NumberOfFrames", 1) or 1) > 1:
-        raise ReadError(path, "multi-frame DICOM is not supported; export single slices")
-    if raw.ndim == 3:  # colour (secondary capture)
+    with quiet_decoding():
+        try:
+            raw = dataset.pixel_array
+        except Exception as error:
+            raise ReadError(path, f"cannot decode DICOM pixel data ({_short(error)})") from None
+    if raw.ndim == 3 and raw.shape[2] == 3:  # colour (secondary capture)
         raw = cv2.cvtColor(raw.astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    if raw.ndim != 2:
+        raise ReadError(path, f"unsupported DICOM pixel layout (shape {raw.shape}); export single grey slices")
     pixels = raw.astype(np.float32)
     intensity = "minmax"
-    if "RescaleSlope" in dataset or "RescaleIntercept" in dataset or dataset.get("Modality") == "CT":
+    if "RescaleSlope" in dataset or "RescaleIntercept" in dataset or _dicom_value(dataset, "Modality") == "CT":
         slope = _dicom_float(dataset, "RescaleSlope") or 1.0
         intercept = _dicom_float(dataset, "RescaleIntercept") or 0.0
         pixels = pixels * slope + intercept
         intensity = "hu"
     _check_usable(path, pixels)
-    spacing = dataset.get("PixelSpacing")
-    instance = dataset.get("InstanceNumber")
     return CTSlice(
         pixels=pixels, intensity=intensity, path=path, source_format="dicom",
         patient_id=_dicom_text(dataset, "PatientID"),
         study_uid=_dicom_text(dataset, "StudyInstanceUID"),
         series_uid=_dicom_text(dataset, "SeriesInstanceUID"),
-        instance_number=int(instance) if instance not in (None, "") else None,
+        instance_number=_dicom_int(dataset, "InstanceNumber"),
         slice_location=_dicom_float(dataset, "SliceLocation"),
-        pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,
+        pixel_spacing=_dicom_spacing(dataset),
         position_z=_dicom_position_z(dataset),
     )
 
 
 def _dicom_position_z(dataset) -> float | None:
-    position = dataset.get("ImagePositionPatient")
+    position = _dicom_value(dataset, "ImagePositionPatient")
     try:
         return float(position[2]) if position is not None and len(position) == 3 else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
 
 
-def read_nifti(path: str) -> list[CTSlice]:
-    """Read a NIfTI volume; every axial slice (last axis) becomes one :class:`CTSlice`."""
+#: Bytes of a NIfTI-1 and a NIfTI-2 header; the first field (sizeof_hdr) says which.
+_NIFTI_HEADER_BYTES = (348, 540)
+
+
+def _gunzip(path: str, data: bytes, limit: int) -> bytes:
+    """At most ``limit`` bytes of gzip-compressed ``data`` (several members allowed).
+
+    Decompression stops at the limit, so a small file of zeros cannot expand past what its
+    header was allowed to claim.
+    """
+    parts, total = [], 0
+    while data and total < limit:
+        decompressor = zlib.decompressobj(wbits=31)
+        try:
+            part = decompressor.decompress(data, limit - total)
+        except zlib.error as error:
+            raise ReadError(path, f"unreadable NIfTI (not valid gzip data: {_short(error)})") from None
+        parts.append(part)
+        total += len(part)
+        if total >= limit or not decompressor.eof:
+            break  # at the limit, or the stream is truncated: what is there is returned
+        data = decompressor.unused_data.lstrip(b"\0")  # padding after the last member is allowed
+    return b"".join(parts)
+
+
+def _nifti_layout(path: str, head: bytes) -> tuple[int, tuple[int, ...], int]:
+    """(header size, shape, bytes up to the end of the voxel data) from a NIfTI header alone."""
+    for order in "<>":
+        if len(head) >= 4 and struct.unpack(order + "i", head[:4])[0] in _NIFTI_HEADER_BYTES:
+            break
+    else:
+        raise ReadError(path, f"unreadable NIfTI (no NIfTI header; the content looks like {describe_content(head)})")
+    header_bytes = struct.unpack(order + "i", head[:4])[0]
+    if len(head) < header_bytes:
+        raise ReadError(path, "unreadable NIfTI (truncated header)")
+    if header_bytes == 348:
+        dims = struct.unpack(order + "8h", head[40:56])
+        bitpix = struct.unpack(order + "h", head[72:74])[0]
+        offset = struct.unpack(order + "f", head[108:112])[0]
+        offset = int(offset) if math.isfinite(offset) else 0
+    else:
+        bitpix = struct.unpack(order + "h", head[14:16])[0]
+        dims = struct.unpack(order + "8q", head[16:80])
+        offset = struct.unpack(order + "q", head[168:176])[0]
+    count = dims[0]
+    if not 1 <= count <= 7 or any(d < 1 for d in dims[1:count + 1]):
+        raise ReadError(path, f"unreadable NIfTI (bad dimensions {dims[1:count + 1] if 1 <= count <= 7 else dims})")
+    if not 1 <= bitpix <= 128:  # 128 bits: the widest real type (float128); complex types cannot be read anyway
+        raise ReadError(path, f"unreadable NIfTI (unsupported {bitpix} bits per voxel)")
+    shape = tuple(int(d) for d in dims[1:count + 1])
+    voxels = int(np.prod(shape, dtype=object))
+    return header_bytes, shape, max(offset, header_bytes + 4) + voxels * -(-bitpix // 8)
+
+
+def read_nifti(path: str, data: bytes | None = None, max_voxels: int | None = None) -> list[CTSlice]:
+    """Read a NIfTI volume from ``data`` (the file's bytes); every axial slice (last axis) becomes one slice.
+
+    The voxel count is checked against :func:`voxel_limit` from the header, before anything
+    is decompressed (``.nii.gz``) or decoded.
+    """
     import nibabel
 
+    data = read_bytes(path) if data is None else data
+    limit = voxel_limit(max_voxels)
+    compressed = path.lower().endswith(".gz")
+    if compressed and not data.startswith(b"\x1f\x8b"):
+        raise ReadError(path, "unreadable NIfTI (not gzip-compressed; "
+                              f"the content looks like {describe_content(data)})")
+    head = _gunzip(path, data, max(_NIFTI_HEADER_BYTES)) if compressed else data[:max(_NIFTI_HEADER_BYTES)]
+    header_bytes, shape, needed = _nifti_layout(path, head)
+    voxels = int(np.prod(shape, dtype=object))
+    if voxels > limit:
+        raise ReadError(path, f"volume is {'x'.join(map(str, shape))} = {voxels} voxels, above the limit of "
+                              f"{limit} (set {MAX_VOXELS_ENV} to change it)")
+    if needed > MAX_FILE_BYTES:  # a .nii.gz expands to no more than a .nii may hold
+        raise ReadError(path, f"volume takes {needed} bytes uncompressed, above the limit of {MAX_FILE_BYTES} bytes")
+    content = _gunzip(path, data, needed) if compressed else data
+    image_class = nibabel.Nifti1Image if header_bytes == 348 else nibabel.Nifti2Image
     try:
-        image = nibabel.load(path)
-        shape = image.shape
-        if len(shape) == 4 and shape[3] == 1:
-            shape = shape[:3]
-        if len(shape) not in (2, 3):
-            raise ReadError(path, f"expected a 3-D volume, got shape {image.shape}")
-        if shape[0] * shape[1] > MAX_PIXELS:
-            raise ReadError(path, f"slices are {shape[0]}x{shape[1]}, above the limit of {MAX_PIXELS} pixels")
-        volume = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
-        zooms = image.header.get_zooms()
+        with quiet_decoding():
+            image = image_class.from_bytes(content)
+            shape = image.shape
+            if len(shape) == 4 and shape[3] == 1:
+                shape = shape[:3]
+            if len(shape) not in (2, 3):
+                raise ReadError(path, f"expected a 3-D volume, got shape {image.shape}")
+            if shape[0] * shape[1] > MAX_PIXELS:
+                raise ReadError(path, f"slices are {shape[0]}x{shape[1]}, above the limit of {MAX_PIXELS} pixels")
+            volume = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
+            zooms = image.header.get_zooms()
     except ReadError:
         raise
     except Exception as error:
@@ -307,9 +688,11 @@ def read_nifti(path: str) -> list[CTSlice]:
     return slices
 
 
-def read_file(path: str | os.PathLike) -> list[CTSlice]:
+def read_file(path: str | os.PathLike, max_voxels: int | None = None) -> list[CTSlice]:
     """Read any supported file; returns its slices (one for 2-D files).
 
+    The file is read once: its SHA-256 and its pixels come from the same bytes, even if the
+    file is replaced meanwhile. ``max_voxels`` bounds volumes (see :func:`voxel_limit`).
     Raises :class:`ReadError` with a one-line reason for anything that is not a usable image.
 
     Example:
@@ -321,7 +704,7 @@ def read_file(path: str | os.PathLike) -> list[CTSlice]:
     if not os.path.lexists(path):
         raise ReadError(path, "file does not exist")
     try:
-        os.stat(path)
+        mode = os.stat(path).st_mode
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise ReadError(path, "symbolic link loop") from None
@@ -330,8 +713,10 @@ def read_file(path: str | os.PathLike) -> list[CTSlice]:
         path.encode("utf-8")
     except UnicodeEncodeError:
         raise ReadError(printable(path), "file name is not valid UTF-8; rename the file") from None
-    if os.path.isdir(path):
+    if stat.S_ISDIR(mode):
         raise ReadError(path, "is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        raise ReadError(path, f"not a regular file ({_file_type(mode)})")
     if not os.access(path, os.R_OK):
         raise ReadError(path, "permission denied")
     if os.path.getsize(path) == 0:
@@ -339,9 +724,21 @@ def read_file(path: str | os.PathLike) -> list[CTSlice]:
     kind = file_kind(path)
     if kind is None:
         raise ReadError(path, "not a supported image type (PNG, JPEG, BMP, TIFF, DICOM, NIfTI)")
-    slices = {"raster": lambda: [read_raster(path)], "dicom": lambda: [read_dicom(path)],
-              "nifti": lambda: read_nifti(path)}[kind]()
-    digest = file_sha256(path)
+    data = read_bytes(path)
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        if kind == "raster":
+            slices = [read_raster(path, data)]
+        elif kind == "dicom":
+            slices = [read_dicom(path, data)]
+        else:
+            slices = read_nifti(path, data, max_voxels)
+    except (ReadError, LungCBIRError):
+        raise
+    except MemoryError:
+        raise ReadError(path, "not enough memory to decode this file") from None
+    except Exception as error:  # a decoder's own error on a malformed file: one line, never a traceback
+        raise ReadError(path, f"cannot decode ({type(error).__name__}: {_short(error)})") from None
     for item in slices:
         item.sha256 = digest
     return slices
@@ -401,7 +798,8 @@ def dicom_series_positions(paths: Iterable[str]) -> dict[str, int]:
         if file_kind(path) != "dicom":
             continue
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+            with _open_regular(path) as handle, quiet_decoding():  # a pipe named .dcm must not hang us
+                header = pydicom.dcmread(handle, stop_before_pixels=True)
         except Exception:
             continue  # reported when the file itself is read
         uid = _dicom_text(header, "SeriesInstanceUID")
@@ -410,8 +808,8 @@ def dicom_series_positions(paths: Iterable[str]) -> dict[str, int]:
         position = _dicom_position_z(header)
         if position is None:
             position = _dicom_float(header, "SliceLocation")
-        instance = header.get("InstanceNumber")
-        key = (0, -position) if position is not None else (1, int(instance or 0))
+        # a malformed InstanceNumber counts as unknown (0), like a missing one
+        key = (0, -position) if position is not None else (1, _dicom_int(header, "InstanceNumber") or 0)
         series[(os.path.dirname(path), uid)].append((key, path))
     positions = {}
     for members in series.values():

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
+import threading
 import time
 from collections import deque
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
@@ -113,7 +116,9 @@ def _read_or_error(path: str) -> list[CTSlice] | ReadError:
 def read_files(files: Sequence[str], workers: int = 1) -> Iterator[tuple[str, list[CTSlice] | ReadError]]:
     """Read files in order, in ``workers`` processes when above 1, so decoding overlaps inference.
 
-    At most a few files per worker are read ahead, to keep memory bounded.
+    At most a few files per worker are read ahead, to keep memory bounded. Workers ignore
+    Ctrl-C (it reaches the whole process group): only this process reports the interrupt,
+    and closing the generator cancels what was queued.
     """
     if workers <= 1:
         for path in files:
@@ -123,16 +128,43 @@ def read_files(files: Sequence[str], workers: int = 1) -> Iterator[tuple[str, li
     from multiprocessing import get_context
 
     window = workers * 4
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_ignore_interrupts)
+    try:
         pending = deque()
         for path in files:
-            pending.append((path, pool.submit(_read_or_error, path)))
+            with _interrupts_inherited_as_ignored():
+                pending.append((path, pool.submit(_read_or_error, path)))  # may start a worker
             if len(pending) >= window:
                 done_path, future = pending.popleft()
                 yield done_path, future.result()
         while pending:
             done_path, future = pending.popleft()
             yield done_path, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ignore_interrupts() -> None:
+    """Worker initializer: Ctrl-C is the parent's to report, in one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def _interrupts_inherited_as_ignored():
+    """Ignore SIGINT while a worker may be started, so it starts with SIGINT ignored.
+
+    An ignored signal stays ignored across exec, and Python then installs no KeyboardInterrupt
+    handler, so a Ctrl-C while a worker imports (before its initializer runs) cannot print a
+    traceback. Signal handlers can only be changed from the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def as_slice(image: str | os.PathLike | CTSlice | np.ndarray) -> CTSlice:
@@ -235,27 +267,28 @@ class Retriever:
         positions = dicom_series_positions(files)
         report = IndexReport()
         pending: list[CTSlice] = []
-        for number, (path, outcome) in enumerate(read_files(files, self.workers), 1):
-            if isinstance(outcome, ReadError):
-                report.failures.append(ReadFailure(outcome.path, outcome.reason))
-                slices = []
-            else:
-                slices = outcome
-            for item in slices:
-                if (item.sha256, item.frame) in known:
-                    report.skipped += 1
-                    continue
-                known.add((item.sha256, item.frame))
-                if item.slice_index is None:
-                    item.slice_index = positions.get(path)
-                pending.append(item)
-            if on_file:
-                on_file(path)
-            if len(pending) >= self.files_per_commit or number == len(files):
-                stored = self._store_slices(pending, label_map)
-                report.indexed += stored
-                report.skipped += len(pending) - stored  # stored meanwhile by a concurrent run
-                pending = []
+        with closing(read_files(files, self.workers)) as outcomes:  # an interrupt stops the readers too
+            for number, (path, outcome) in enumerate(outcomes, 1):
+                if isinstance(outcome, ReadError):
+                    report.failures.append(ReadFailure(outcome.path, outcome.reason))
+                    slices = []
+                else:
+                    slices = outcome
+                for item in slices:
+                    if (item.sha256, item.frame) in known:
+                        report.skipped += 1
+                        continue
+                    known.add((item.sha256, item.frame))
+                    if item.slice_index is None:
+                        item.slice_index = positions.get(path)
+                    pending.append(item)
+                if on_file:
+                    on_file(path)
+                if len(pending) >= self.files_per_commit or number == len(files):
+                    stored = self._store_slices(pending, label_map)
+                    report.indexed += stored
+                    report.skipped += len(pending) - stored  # stored meanwhile by a concurrent run
+                    pending = []
         store.index()  # make sure the saved index matches what was committed
         report.seconds = time.perf_counter() - began
         return report

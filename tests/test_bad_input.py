@@ -226,3 +226,188 @@ def test_labels_csv_problems(tmp_path, tiny_weights, phantom_dir, store_paths):
     result = CliRunner().invoke(main, ["index-dataset", str(phantom_dir / "png"), "--labels",
                                        str(tmp_path / "none.csv"), *store])
     assert result.exit_code == 2 and "cannot read labels" in result.output
+
+
+# --- hardening (issue 15): bad tags, odd files, library noise, interrupts ---------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bad_dicom(phantom_dir, index=0, raw=None, remove=()) -> bytes:
+    """A phantom slice with tags replaced by raw, possibly invalid, bytes (pydicom refuses to set them)."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    dataset = pydicom.dcmread(sorted((phantom_dir / "dicom" / "phantom02").iterdir())[index])
+    for keyword, (vr, value) in (raw or {}).items():
+        tag = Tag(keyword)
+        dataset._dict[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+    for keyword in remove:
+        delattr(dataset, keyword)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def radiance_hdr(width: int, height: int) -> bytes:
+    """A small, valid Radiance HDR picture (OpenCV decodes it; Pillow cannot)."""
+    rows = np.linspace(0, 255, width, dtype=np.uint8)
+    line = b"\x02\x02" + struct.pack(">H", width) + b"".join(
+        bytes([width]) + bytes(channel) for channel in (rows, rows, rows, np.full(width, 128, np.uint8)))
+    return b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n" + f"-Y {height} +X {width}\n".encode() + line * height
+
+
+def colour_tiff(dtype) -> bytes:
+    bgr = np.zeros((48, 48, 3), np.float64)
+    bgr[..., 1] = np.arange(48) * 20 - 400
+    bgr[..., 2] = -1000
+    return encoded(".tif", bgr.astype(dtype))
+
+
+def store_args(store_paths, weights):
+    return ["--db", store_paths["db_url"], "--index-dir", store_paths["index_dir"], "--weights", weights]
+
+
+def test_bad_dicom_tags_and_colour_tiffs_do_not_stop_index_dataset(tmp_path, phantom_dir, tiny_weights, store_paths):
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for source in sorted((phantom_dir / "dicom" / "phantom01").iterdir()):
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "bad_instance.dcm").write_bytes(bad_dicom(phantom_dir, 1, {"InstanceNumber": ("IS", b"ab")},
+                                                        remove=("ImagePositionPatient", "SliceLocation")))
+    (folder / "bad_spacing.dcm").write_bytes(bad_dicom(phantom_dir, 2, {"PixelSpacing": ("DS", b"x\\y ")}))
+    for dtype in (np.int16, np.int32, np.float64):
+        (folder / f"rgb_{np.dtype(dtype).name}.tif").write_bytes(colour_tiff(dtype))
+    result = CliRunner().invoke(main, ["index-dataset", str(folder), "--quiet", *store_args(store_paths, tiny_weights)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 0, result.output
+    assert "indexed 11, skipped 0 (already indexed), failed 0" in result.output
+    assert Store(store_paths["db_url"], store_paths["index_dir"]).stats().images == 11
+
+
+def test_query_and_segment_read_bad_tags_and_report_bad_files(tmp_path, phantom_dir, tiny_weights, store_paths):
+    store = store_args(store_paths, tiny_weights)
+    assert CliRunner().invoke(main, ["index-dataset", str(phantom_dir / "png"), "--quiet", *store]).exit_code == 0
+    bad_tags = tmp_path / "bad_tags.dcm"
+    bad_tags.write_bytes(bad_dicom(phantom_dir, 3, {"InstanceNumber": ("IS", b"ab"), "PixelSpacing": ("DS", b"x\\y ")},
+                                   remove=("ImagePositionPatient", "SliceLocation")))
+    hdr = tmp_path / "picture.png"
+    hdr.write_bytes(radiance_hdr(64, 64))
+    series = tmp_path / "series"
+    series.mkdir()
+    for source in sorted((phantom_dir / "dicom" / "phantom02").iterdir())[1:]:
+        (series / source.name).write_bytes(source.read_bytes())
+    (series / "no_position.dcm").write_bytes(bad_tags.read_bytes())
+    commands = {
+        "query": ["query", str(bad_tags), str(hdr), "--out", str(tmp_path / "q"), *store],
+        "segment": ["segment", str(bad_tags), str(hdr), "--out", str(tmp_path / "s"), "--weights", tiny_weights],
+        "query --by-series": ["query", "--by-series", str(series), *store],
+    }
+    for name, args in commands.items():
+        result = CliRunner().invoke(main, args)
+        assert result.exception is None or isinstance(result.exception, SystemExit), f"{name}: {result.exception!r}"
+        assert "Traceback" not in result.output
+        failed = [line for line in result.output.splitlines() if line.startswith("failed: ")]
+        if name == "query --by-series":
+            assert result.exit_code == 0 and not failed, result.output
+            assert f"{series}: 6 slices" in result.output
+            continue
+        assert result.exit_code == 1, f"{name}: {result.output}"
+        expected = f"failed: {hdr}: not a decodable image (not a PNG file; the content looks like Radiance HDR)"
+        assert failed == [expected], f"{name}: {result.output}"
+        assert str(bad_tags) in result.output.replace(f"failed: {hdr}", "")  # the bad-tag file was answered
+    assert (tmp_path / "s" / "bad_tags_mask.png").exists()
+
+
+def run_cli(args, timeout, **options):
+    """``lungcbir ARGS`` in its own process: C libraries' stderr and signals are only seen there."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lungcbir.cli", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **options)
+
+
+def finish(process, timeout):
+    import subprocess
+
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(f"lungcbir did not finish within {timeout} s")
+
+
+def test_named_pipe_does_not_hang_index_dataset(tmp_path, tiny_weights):
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    os.mkfifo(folder / "x.dcm")
+    os.mkfifo(folder / "dicom_without_suffix")
+    (folder / "good.png").write_bytes(encoded(".png", GOOD))
+    process = run_cli(["index-dataset", str(folder), "--quiet", "--db", f"sqlite:///{tmp_path / 'db.sqlite'}",
+                       "--index-dir", str(tmp_path / "index"), "--weights", tiny_weights], timeout=60)
+    out, err = finish(process, 60)
+    assert process.returncode == 1, err
+    assert err.splitlines() == [f"failed: {folder / 'x.dcm'}: not a regular file (named pipe)"]
+    assert "indexed 1, skipped 0 (already indexed), failed 1" in out
+
+
+def test_each_failure_is_one_line_on_stderr(tmp_path, phantom_dir, tiny_weights):
+    png = encoded(".png", GOOD)
+    crc = bytearray(png)
+    crc[png.index(b"IDAT") + 8] ^= 0xFF  # the data no longer matches its checksum: libpng complains
+    jpeg = encoded(".jpg", np.dstack([GOOD, GOOD.T, GOOD]))
+    dicom = dicom_bytes(phantom_dir)
+    bad = {"crc.png": bytes(crc), "truncated.png": png[: len(png) // 2], "truncated.jpg": jpeg[: len(jpeg) // 2],
+           "truncated.bmp": encoded(".bmp", GOOD)[:300], "truncated.tif": encoded(".tif", GOOD)[:100],
+           "truncated.dcm": dicom[: len(dicom) // 3], "bad_pixels.dcm": dicom[:-200],
+           "text.png": b"hello\n" * 50}
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for name, content in bad.items():
+        (folder / name).write_bytes(content)
+    (folder / "good.png").write_bytes(png)
+    process = run_cli(["index-dataset", str(folder), "--quiet", "--db", f"sqlite:///{tmp_path / 'db.sqlite'}",
+                       "--index-dir", str(tmp_path / "index"), "--weights", tiny_weights], timeout=120)
+    out, err = finish(process, 120)
+    assert process.returncode == 1, err
+    lines = err.splitlines()
+    assert len(lines) == len(bad) and all(line.startswith("failed: ") for line in lines), err
+    assert {line.split(": ")[1] for line in lines} == {str(folder / name) for name in bad}
+    assert out.splitlines()[0].startswith(f"indexed 1, skipped 0 (already indexed), failed {len(bad)}")
+
+
+def test_interrupt_with_workers_prints_one_line(tmp_path, tiny_weights):
+    import signal
+    import sqlite3
+    import time
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for number in range(300):
+        (folder / f"s{number:04d}.png").write_bytes(encoded(".png", rng.integers(0, 255, (96, 96), dtype=np.uint8)))
+    database = tmp_path / "db.sqlite"
+    process = run_cli(["index-dataset", str(folder), "--quiet", "--workers", "2", "--commit-every", "4",
+                       "--batch-size", "1", "--db", f"sqlite:///{database}", "--index-dir", str(tmp_path / "index"),
+                       "--weights", tiny_weights], timeout=120, start_new_session=True)
+
+    def stored() -> int:
+        try:
+            with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as connection:
+                return connection.execute("SELECT count(*) FROM images").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    deadline = time.monotonic() + 90
+    while stored() < 8 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # the workers are reading and the model runs: now press Ctrl-C
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    os.killpg(process.pid, signal.SIGINT)  # like Ctrl-C in a terminal: to the parent and its workers
+    _, err = finish(process, 90)
+    assert process.returncode == 130, err
+    assert err.splitlines() == ["interrupted; everything committed before this point is kept"]

@@ -1,12 +1,14 @@
 import os
+import struct
+import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from lungcbir.errors import ReadError
-from lungcbir.io import (classify_intensity, dicom_series_positions, file_kind, find_image_files,
-                         read_file)
+from lungcbir.io import classify_intensity, dicom_series_positions, file_kind, find_image_files, read_file
 
 
 def write(path, pixels):
@@ -140,3 +142,251 @@ def test_walk_skips_non_images_and_honours_exclude(tmp_path):
     assert [os.path.basename(p) for p in find_image_files([tmp_path])] == ["b.png", "a.png"]
     assert [os.path.basename(p) for p in find_image_files([tmp_path], exclude=["sub"])] == ["b.png"]
     assert file_kind("x.nii.gz") == "nifti" and file_kind("x.csv") is None
+
+
+# --- hardening (issue 15): one read, bounded decoding, bad tags, odd files -------------------
+
+def _dicom(tmp_path, phantom_dir, name="x.dcm", raw=None, remove=(), frames=None):
+    """A phantom DICOM, with tags replaced by raw (possibly invalid) bytes or removed."""
+    import pydicom
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    dataset = pydicom.dcmread(sorted((phantom_dir / "dicom" / "phantom01").iterdir())[0])
+    for keyword, (vr, value) in (raw or {}).items():
+        tag = Tag(keyword)
+        dataset._dict[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+    for keyword in remove:
+        delattr(dataset, keyword)
+    if frames:
+        dataset.NumberOfFrames = frames
+        dataset.PixelData = dataset.PixelData * frames
+    path = tmp_path / name
+    dataset.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["png", "dicom"])
+def test_hash_and_pixels_come_from_the_same_bytes(tmp_path, phantom_dir, monkeypatch, kind):
+    """A file replaced while it is read is stored with the hash of the content it was decoded from."""
+    import hashlib
+
+    import pydicom
+
+    first = np.tile(np.arange(64, dtype=np.uint8) * 3, (64, 1))
+    if kind == "png":
+        path = write(tmp_path / "a.png", first)
+        replacement = cv2.imencode(".png", first.T.copy())[1].tobytes()
+        module, names = cv2, ("imread", "imdecode")
+    else:
+        path = _dicom(tmp_path, phantom_dir)
+        other = _dicom(tmp_path, phantom_dir, "other.dcm", raw={"PatientID": ("LO", b"OTHER ")})
+        replacement = Path(other).read_bytes()
+        module, names = pydicom, ("dcmread",)
+    original = Path(path).read_bytes()
+
+    def swapping(decode):
+        def wrapper(*args, **kwargs):
+            result = decode(*args, **kwargs)
+            with open(path, "wb") as handle:  # the file changes right after it was decoded
+                handle.write(replacement)
+            return result
+        return wrapper
+
+    for name in names:
+        monkeypatch.setattr(module, name, swapping(getattr(module, name)))
+    item = read_file(path)[0]
+    assert item.sha256 == hashlib.sha256(original).hexdigest()
+    if kind == "png":
+        assert np.array_equal(item.pixels, first)
+    else:
+        assert item.patient_id == "PHANTOM01"
+
+
+def test_file_size_limit(tmp_path, monkeypatch):
+    import lungcbir.io
+
+    path = write(tmp_path / "a.png", np.tile(np.arange(64, dtype=np.uint8), (64, 1)))
+    monkeypatch.setattr(lungcbir.io, "MAX_FILE_BYTES", os.path.getsize(path) - 1)
+    with pytest.raises(ReadError, match="above the limit of"):
+        read_file(path)
+
+
+def _gzip_nifti_of_zeros(path, shape):
+    """A .nii.gz of zeros with the given shape, written in pieces: tiny on disk, huge when decoded."""
+    import nibabel
+
+    header = nibabel.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.int16)
+    header["vox_offset"] = 352
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    remaining = int(np.prod(shape)) * 2
+    with open(path, "wb") as handle:
+        handle.write(compressor.compress(header.binaryblock + b"\0" * 4))
+        block = b"\0" * (1 << 22)
+        while remaining:
+            piece = block[:min(remaining, len(block))]
+            handle.write(compressor.compress(piece))
+            remaining -= len(piece)
+        handle.write(compressor.flush())
+    return str(path)
+
+
+def test_nifti_bomb_is_refused_from_its_header(tmp_path):
+    import tracemalloc
+
+    path = _gzip_nifti_of_zeros(tmp_path / "bomb.nii.gz", (512, 512, 1000))
+    assert os.path.getsize(path) < 2 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ReadError, match="512x512x1000 = 262144000 voxels, above the limit"):
+            read_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * os.path.getsize(path) + (8 << 20), f"refusing the bomb allocated {peak} bytes"
+
+
+def test_voxel_limit_admits_a_chest_ct_and_is_configurable(tmp_path, monkeypatch):
+    from lungcbir.errors import LungCBIRError
+    from lungcbir.io import DEFAULT_MAX_VOXELS, voxel_limit
+
+    assert 512 * 512 * 600 <= DEFAULT_MAX_VOXELS < 512 * 512 * 1000
+    import nibabel
+
+    volume = np.full((24, 20, 3), -1000, np.int16)
+    volume[5:10] = 40
+    path = str(tmp_path / "v.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), path)
+    assert len(read_file(path)) == 3
+    with pytest.raises(ReadError, match="1440 voxels, above the limit of 1000"):
+        read_file(path, max_voxels=1000)
+    monkeypatch.setenv("LUNGCBIR_MAX_VOXELS", "1439")
+    assert voxel_limit() == 1439
+    with pytest.raises(ReadError, match="above the limit of 1439"):
+        read_file(path)
+    monkeypatch.setenv("LUNGCBIR_MAX_VOXELS", "lots")
+    with pytest.raises(LungCBIRError, match="LUNGCBIR_MAX_VOXELS"):
+        read_file(path)
+
+
+def _radiance_hdr(width, height) -> bytes:
+    """A Radiance HDR image (flat, run-length encoded scanlines): small on disk for any size."""
+    line = b"\x02\x02" + struct.pack(">H", width)
+    for _ in range(4):  # R, G, B, E: runs of at most 127
+        left = width
+        while left:
+            run = min(127, left)
+            line += bytes([128 + run, 128])
+            left -= run
+    return b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n" + f"-Y {height} +X {width}\n".encode() + line * height
+
+
+@pytest.mark.parametrize("name,content,looks_like", [
+    ("hdr.png", _radiance_hdr(12000, 12000), "Radiance HDR"),
+    ("gif.tif", b"GIF89a\x10\x00\x10\x00\x00\x00\x00;", "GIF"),
+    ("pnm.jpg", b"P5\n64 64\n255\n" + bytes(range(64)) * 64, "PNM"),
+])
+def test_raster_content_of_another_format_is_never_decoded(tmp_path, monkeypatch, name, content, looks_like):
+    def must_not_decode(*args, **kwargs):
+        pytest.fail("an image of an unsupported format reached the decoder")
+
+    monkeypatch.setattr(cv2, "imread", must_not_decode)
+    monkeypatch.setattr(cv2, "imdecode", must_not_decode)
+    path = tmp_path / name
+    path.write_bytes(content)
+    claimed = {".png": "PNG", ".tif": "TIFF", ".jpg": "JPEG"}[os.path.splitext(name)[1]]
+    with pytest.raises(ReadError, match=f"not a {claimed} file; the content looks like {looks_like}"):
+        read_file(path)
+
+
+def test_huge_size_in_a_tiff_or_jpeg_header_is_refused_before_decoding(tmp_path, monkeypatch):
+    tiff = bytearray(cv2.imencode(".tif", np.eye(16, dtype=np.uint8))[1].tobytes())
+    jpeg = bytearray(cv2.imencode(".jpg", np.eye(16, dtype=np.uint8) * 200)[1].tobytes())
+    # patch the width/height fields in place: TIFF tags 256/257, the JPEG frame header
+    offset = struct.unpack("<I", tiff[4:8])[0]
+    for entry in range(struct.unpack("<H", tiff[offset:offset + 2])[0]):
+        at = offset + 2 + 12 * entry
+        tag, kind = struct.unpack("<HH", tiff[at:at + 4])
+        if tag in (256, 257):
+            tiff[at + 8:at + 12] = struct.pack("<H", 60000) + b"\0\0" if kind == 3 else struct.pack("<I", 60000)
+    frame = jpeg.index(b"\xff\xc0")
+    jpeg[frame + 5:frame + 9] = struct.pack(">HH", 60000, 60000)
+    monkeypatch.setattr(cv2, "imdecode", lambda *a, **k: pytest.fail("decoded despite the header's size"))
+    for name, content in (("big.tif", tiff), ("big.jpg", jpeg)):
+        (tmp_path / name).write_bytes(bytes(content))
+        with pytest.raises(ReadError, match="60000x60000, above the limit"):
+            read_file(tmp_path / name)
+
+
+def test_multi_frame_dicom_is_refused_before_its_pixels_are_decoded(tmp_path, phantom_dir, monkeypatch):
+    import pydicom
+
+    path = _dicom(tmp_path, phantom_dir, frames=20)
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array",
+                        property(lambda self: pytest.fail("multi-frame pixel data was decoded")))
+    with pytest.raises(ReadError, match="multi-frame DICOM"):
+        read_file(path)
+
+
+def test_malformed_optional_dicom_tags_count_as_unknown(tmp_path, phantom_dir):
+    bad = _dicom(tmp_path, phantom_dir, "bad.dcm", raw={"InstanceNumber": ("IS", b"ab"),
+                                                         "PixelSpacing": ("DS", b"x\\y ")},
+                 remove=("ImagePositionPatient", "SliceLocation"))
+    good = _dicom(tmp_path, phantom_dir, "good.dcm")
+    item = read_file(bad)[0]
+    assert item.instance_number is None and item.pixel_spacing is None and item.position_z is None
+    assert np.array_equal(item.pixels, read_file(good)[0].pixels)
+    assert set(dicom_series_positions([bad, good])) == {bad, good}
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.float64])
+def test_colour_tiff_of_any_sample_type_becomes_grey(tmp_path, dtype):
+    bgr = np.zeros((32, 32, 3), np.float64)
+    bgr[..., 0], bgr[..., 1], bgr[..., 2] = 10, np.arange(32) - 16, 100  # B, G, R
+    item = read_file(write(tmp_path / "c.tif", bgr.astype(dtype)))[0]
+    expected = 0.114 * bgr[..., 0] + 0.587 * bgr[..., 1] + 0.299 * bgr[..., 2]
+    assert item.pixels.shape == (32, 32) and item.pixels.dtype == dtype
+    assert np.abs(item.pixels.astype(np.float64) - expected).max() <= (0.5 if dtype != np.float64 else 1e-9)
+
+
+def _unblock(fifo):
+    """Let a reader stuck opening ``fifo`` go on (it then reads end-of-file)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+def test_named_pipes_are_refused_without_blocking(tmp_path):
+    import threading
+
+    pipes = [tmp_path / "x.dcm", tmp_path / "noext"]
+    for pipe in pipes:
+        os.mkfifo(pipe)
+    good = write(tmp_path / "good.png", np.tile(np.arange(32, dtype=np.uint8), (32, 1)))
+    outcome = {}
+
+    def work():
+        outcome["files"] = list(find_image_files([tmp_path]))
+        outcome["positions"] = dicom_series_positions([str(p) for p in pipes])
+        outcome["errors"] = []
+        for pipe in pipes:
+            try:
+                read_file(pipe)
+            except ReadError as error:
+                outcome["errors"].append(error.reason)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(20)
+    stuck = thread.is_alive()
+    while thread.is_alive():
+        for pipe in pipes:
+            _unblock(pipe)
+        thread.join(0.2)
+    assert not stuck, "reading a named pipe blocked"
+    assert outcome["files"] == [good, str(pipes[0])]  # the pipe named like an image is reported when read
+    assert outcome["positions"] == {}
+    assert outcome["errors"] == ["not a regular file (named pipe)"] * 2
