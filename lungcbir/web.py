@@ -162,7 +162,8 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
         return results.put(RenderedResult(_png(mask_png(result.mask)), _png(overlay(result.query, result.mask))))
 
     def neighbor_json(neighbor) -> dict:
-        return {**neighbor.to_json(), "path": public_name(neighbor.path), "thumbnail_url": f"/api/images/{neighbor.id}/thumbnail",
+        return {**neighbor.to_json(), "path": public_name(neighbor.path),
+                "thumbnail_url": f"/api/images/{neighbor.id}/thumbnail",
                 "overlay_url": f"/api/images/{neighbor.id}/overlay"}
 
     def parse_where(text: str) -> dict[str, str]:
