@@ -24,6 +24,8 @@ import click
 
 from .errors import LungCBIRError, ReadError, SegError
 from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR
+from .websecurity import (WebSettings, check_exposure, default_allowed_hosts, is_loopback, load_token,
+                          token_file_warning)
 
 EXIT_SOME_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -581,26 +583,49 @@ def evaluate(images, masks, held_out, postprocess, as_json, weights, device):
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (localhost only by default).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (localhost only by default; any other needs a token or --insecure).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding the access token (chmod 600); else env LUNGCBIR_TOKEN. Clients send "
+                   "'Authorization: Bearer <token>'; the page asks for it once.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Host header name clients use to reach the server (repeatable; default: localhost, "
+                   "127.0.0.1, ::1 and --host). Other names get 400.")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
+@click.option("--max-decodes", default=WebSettings.max_decodes, show_default=True, type=click.IntRange(1, 64),
+              help="Uploads decoded at the same time (each may take hundreds of MB while decoded).")
 @store_options
 @model_options
 @friendly_errors
-def serve(host, port, db_url, index_dir, weights, device):
+def serve(host, port, token_file, allowed_hosts, insecure, max_decodes, db_url, index_dir, weights, device):
     """Serve the web page and the REST API (OpenAPI docs at /docs).
+
+    Without a token the server listens on loopback addresses only; see docs/deployment.md,
+    "Exposing the server securely".
 
     \b
     Example:
       lungcbir serve --port 8000    # then open http://127.0.0.1:8000
+      lungcbir serve --host 0.0.0.0 --token-file /etc/lungcbir/token --allowed-host cbir.example.org
     """
     import uvicorn
 
     from .web import create_app
 
+    token = load_token(token_file)
+    check_exposure(host, token, insecure)
+    warning = token_file_warning(token_file)
+    if warning:
+        click.echo(warning, err=True)
+    if token is None and insecure and not is_loopback(host):
+        click.echo(f"warning: serving on {host} without authentication (--insecure)", err=True)
+    settings = WebSettings(token=token, allowed_hosts=default_allowed_hosts(host, allowed_hosts),
+                           max_decodes=max_decodes)
     retriever = _retriever(db_url, index_dir, weights, device)
     retriever.model  # load once before the first request, and fail early on bad weights
     retriever.store(create=False, read_only=False)  # saves its index folder when it catches up
-    uvicorn.run(create_app(retriever), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(retriever, settings), host=host, port=port, log_level="info", server_header=False)
 
 
 @main.command("evaluate-retrieval")

@@ -2,7 +2,9 @@
 
 Route handlers only parse requests and format answers; the work is done by
 :class:`lungcbir.retrieval.Retriever`. Stored images are served by database id only, never by
-a path taken from the request; error answers never contain tracebacks or file system paths.
+a path taken from the request; answers and error messages never contain tracebacks, server
+paths (stored files are named by file name only; the CLI's JSON keeps full paths) or database
+URLs. Token, Host header and body size checks are in :mod:`lungcbir.websecurity`.
 """
 
 from __future__ import annotations
@@ -19,17 +21,22 @@ from pathlib import Path
 import cv2
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from .errors import LungCBIRError, ReadError, StoreError
 from .io import CTSlice, RASTER_SUFFIXES, read_file
 from .retrieval import QueryResult, Retriever
 from .visualize import display_image, mask_png, overlay
+from .websecurity import BearerAuth, BodySizeLimit, HostCheck, WebSettings, scrub_paths
 
 log = logging.getLogger("lungcbir.web")
 STATIC = Path(__file__).parent / "web_static"
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+#: Largest image id asked for (SQL BIGINT); larger ids are unknown (404), not a database error.
+MAX_IMAGE_ID = 2**63 - 1
 UPLOAD_SUFFIXES = {*RASTER_SUFFIXES, ".dcm", ".dicom", ".ima", ".nii", ".gz"}
 THUMBNAIL_SIDE = 192
 KEPT_RESULTS = 256
@@ -74,16 +81,30 @@ def _suffix(filename: str) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
 
 
-def create_app(retriever: Retriever) -> FastAPI:
+def public_name(path: str | None) -> str | None:
+    """What the web API shows of a stored file's path: its file name, never server folders."""
+    return os.path.basename(path) if path else path
+
+
+def create_app(retriever: Retriever, settings: WebSettings | None = None) -> FastAPI:
     """The FastAPI application around one shared :class:`Retriever`.
 
+    ``settings`` (default: no token, loopback host names only, 64 MiB uploads, 2 decodes at
+    a time) says how the app protects itself; see :class:`lungcbir.websecurity.WebSettings`.
+
     Example:
-        >>> app = create_app(Retriever())   # doctest: +SKIP
-        >>> uvicorn.run(app)                # doctest: +SKIP
+        >>> app = create_app(Retriever(), WebSettings(token="..."))   # doctest: +SKIP
+        >>> uvicorn.run(app)                                          # doctest: +SKIP
     """
-    app = FastAPI(title="lungcbir", version="0.1.0",
-                  description="Lung CT retrieval: upload a slice, get its lung mask and the most similar cases.")
+    settings = settings or WebSettings()
+    # Swagger UI and ReDoc from files shipped with fastapi-offline: a hospital network blocks CDNs
+    app = FastAPIOffline(title="lungcbir", version="0.1.0", static_url="/static-docs",
+                         swagger_ui_parameters={"validatorUrl": None},
+                         description="Lung CT retrieval: upload a slice, get its lung mask and the most similar cases.")
     model_lock = threading.Lock()  # one inference at a time: torch's CPU kernels already use every core
+    # Decoding runs outside the model lock, and one upload may take hundreds of MB while it is
+    # decoded: bound how many are decoded at once.
+    decode_slots = threading.BoundedSemaphore(settings.max_decodes)
     results = ResultCache()
 
     @app.exception_handler(LungCBIRError)
@@ -93,31 +114,47 @@ def create_app(retriever: Retriever) -> FastAPI:
             return JSONResponse({"detail": "the image database is not available; see the server log"},
                                 status_code=503)
         message = error.reason if isinstance(error, ReadError) else str(error)
-        return JSONResponse({"detail": message}, status_code=422 if isinstance(error, ReadError) else 400)
+        return JSONResponse({"detail": scrub_paths(message)}, status_code=422 if isinstance(error, ReadError) else 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        detail = scrub_paths(error.detail) if isinstance(error.detail, str) else error.detail
+        return JSONResponse({"detail": detail}, status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception) -> JSONResponse:
         log.exception("unexpected error")
         return JSONResponse({"detail": "internal error; see the server log"}, status_code=500)
 
+    def decoding():
+        """A decoding slot, or 503 when none came free in time."""
+        if not decode_slots.acquire(timeout=settings.decode_wait_seconds):
+            raise HTTPException(503, "the server is busy decoding other images; try again shortly")
+        return _Release(decode_slots)
+
     def read_upload(upload: UploadFile) -> CTSlice:
-        filename = os.path.basename(upload.filename or "upload")
+        filename = os.path.basename((upload.filename or "upload").replace("\\", "/")) or "upload"
         suffix = _suffix(filename)
         if suffix not in UPLOAD_SUFFIXES and suffix != ".nii.gz":
             raise HTTPException(415, f"{filename}: unsupported file type; send PNG, JPEG, BMP, TIFF, DICOM or NIfTI")
-        data = upload.file.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"{filename}: file is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
-        if not data:
-            raise HTTPException(422, f"{filename}: file is empty")
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, "upload" + suffix)
-            with open(path, "wb") as handle:
-                handle.write(data)
-            try:
-                item = read_file(path)[0]
-            except ReadError as error:
-                raise HTTPException(422, f"{filename}: {error.reason}") from None
+        limit = settings.max_upload_bytes
+        with decoding():  # the bytes too: a waiting request keeps its upload on disk, not in memory
+            data = upload.file.read(limit + 1)
+            if len(data) > limit:
+                raise HTTPException(413, f"{filename}: file is larger than {limit // 2**20} MiB")
+            if not data:
+                raise HTTPException(422, f"{filename}: file is empty")
+            with tempfile.TemporaryDirectory() as folder:
+                path = os.path.join(folder, "upload" + suffix)
+                with open(path, "wb") as handle:
+                    handle.write(data)
+                del data
+                try:
+                    item = read_file(path)[0]
+                except ReadError as error:
+                    # readers quote the file they failed on: that is our temporary file, not the client's
+                    reason = scrub_paths(error.reason, {path: filename, folder: "", tempfile.gettempdir(): ""})
+                    raise HTTPException(422, f"{filename}: {reason}") from None
         item.path = filename
         return item
 
@@ -125,7 +162,8 @@ def create_app(retriever: Retriever) -> FastAPI:
         return results.put(RenderedResult(_png(mask_png(result.mask)), _png(overlay(result.query, result.mask))))
 
     def neighbor_json(neighbor) -> dict:
-        return {**neighbor.to_json(), "thumbnail_url": f"/api/images/{neighbor.id}/thumbnail",
+        return {**neighbor.to_json(), "path": public_name(neighbor.path),
+                "thumbnail_url": f"/api/images/{neighbor.id}/thumbnail",
                 "overlay_url": f"/api/images/{neighbor.id}/overlay"}
 
     def parse_where(text: str) -> dict[str, str]:
@@ -177,7 +215,9 @@ def create_app(retriever: Retriever) -> FastAPI:
         return Response(getattr(rendered, kind), media_type="image/png")
 
     def stored(image_id: int):
-        record = retriever.store(create=False).records([image_id]).get(image_id)
+        # an id beyond SQL BIGINT cannot be stored: unknown, not a database error
+        record = retriever.store(create=False).records([image_id]).get(image_id) \
+            if 1 <= image_id <= MAX_IMAGE_ID else None
         if record is None:
             raise HTTPException(404, f"no stored image with id {image_id}")
         return record
@@ -185,7 +225,8 @@ def create_app(retriever: Retriever) -> FastAPI:
     def stored_slice(image_id: int) -> CTSlice:
         stored(image_id)
         try:
-            return retriever.stored_slice(image_id)
+            with decoding():
+                return retriever.stored_slice(image_id)
         except ReadError:
             raise HTTPException(410, f"the file of image {image_id} is no longer readable") from None
 
@@ -193,7 +234,7 @@ def create_app(retriever: Retriever) -> FastAPI:
     def image_metadata(image_id: int) -> dict:
         """Metadata of one stored slice."""
         record = stored(image_id)
-        return {"id": record.id, "path": record.path, "source_format": record.source_format,
+        return {"id": record.id, "path": public_name(record.path), "source_format": record.source_format,
                 "width": record.width, "height": record.height, "patient_id": record.patient_id,
                 "study_uid": record.study_uid, "series_uid": record.series_uid,
                 "instance_number": record.instance_number, "slice_location": record.slice_location,
@@ -222,14 +263,55 @@ def create_app(retriever: Retriever) -> FastAPI:
 
     @app.get("/api/stats")
     def stats() -> dict:
-        """What is in the database and the index."""
+        """What is in the database and the index (the database by kind only, never its URL)."""
         from dataclasses import asdict
 
-        return asdict(retriever.store(create=False).stats())
+        answer = asdict(retriever.store(create=False).stats())
+        answer["database"] = str(answer.get("database") or "").split(":", 1)[0].split("+", 1)[0] or None
+        return answer
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if settings.token:
+        _document_bearer(app)
+    # added innermost first: the Host check runs first, then the token, then the body limit,
+    # so a refused request is answered before a byte of its body is read
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.token:
+        app.add_middleware(BearerAuth, token=settings.token)
+    app.add_middleware(HostCheck, allowed_hosts=settings.allowed_hosts)
     return app
+
+
+class _Release:
+    """Releases a semaphore already acquired, as a ``with`` block."""
+
+    def __init__(self, semaphore: threading.BoundedSemaphore) -> None:
+        self._semaphore = semaphore
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_) -> None:
+        self._semaphore.release()
+
+
+def _document_bearer(app: FastAPI) -> None:
+    """Declare the bearer token in the OpenAPI description, so /docs has an Authorize button."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema.get("paths", {}).items():
+                if path.startswith("/api/"):
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

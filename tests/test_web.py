@@ -10,12 +10,19 @@ from fastapi.testclient import TestClient
 from lungcbir.retrieval import Retriever
 from lungcbir.web import create_app
 
+LOCAL = "http://localhost"  # the test client's default Host, "testserver", is not an allowed name
+
 
 @pytest.fixture
-def client(phantom_dir, tiny_weights, store_paths):
+def retriever(phantom_dir, tiny_weights, store_paths):
     retriever = Retriever(weights=tiny_weights, **store_paths)
     retriever.index_dataset([phantom_dir / "dicom"])
-    return TestClient(create_app(retriever), raise_server_exceptions=False)
+    return retriever
+
+
+@pytest.fixture
+def client(retriever):
+    return TestClient(create_app(retriever), base_url=LOCAL, raise_server_exceptions=False)
 
 
 def png_bytes(pixels=None) -> bytes:
@@ -90,10 +97,10 @@ def test_bad_uploads_get_clear_4xx(client, name, content, status, words):
     assert words in detail and "/tmp" not in detail and "Traceback" not in response.text
 
 
-def test_upload_too_large(client, monkeypatch):
-    import lungcbir.web
+def test_upload_too_large(retriever):
+    from lungcbir.websecurity import WebSettings
 
-    monkeypatch.setattr(lungcbir.web, "MAX_UPLOAD_BYTES", 100)
+    client = TestClient(create_app(retriever, WebSettings(max_upload_bytes=100)), base_url=LOCAL)
     response = client.post("/api/query", files={"file": ("big.png", png_bytes())})
     assert response.status_code == 413
 
@@ -111,7 +118,405 @@ def test_bad_k_and_unknown_ids(client, phantom_dir):
 def test_internal_errors_do_not_leak(phantom_dir, tiny_weights, tmp_path):
     # a database that does not exist: the stats call fails inside the store
     retriever = Retriever(weights=tiny_weights, db_url=f"sqlite:///{tmp_path}/none.sqlite", index_dir=tmp_path)
-    client = TestClient(create_app(retriever), raise_server_exceptions=False)
+    client = TestClient(create_app(retriever), base_url=LOCAL, raise_server_exceptions=False)
     response = client.get("/api/stats")
     assert response.status_code == 503 and "not available" in response.json()["detail"]
     assert str(tmp_path) not in response.text
+
+
+# ---------------------------------------------------------------------------------------------
+# hardening (issue 15): memory, body size, ids, authentication, Host header, paths, /docs
+
+import asyncio  # noqa: E402
+import gzip  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+TOKEN = "s3cret-token-0123456789abcdef"
+
+
+def asgi_call(app, path: str, headers: list[tuple[bytes, bytes]], chunks, method: str = "POST") -> tuple[int, int]:
+    """Drive the ASGI app by hand, feeding the body chunk by chunk: (status, chunks the app pulled)."""
+    pulled = 0
+    status = None
+    chunks = iter(chunks)
+
+    async def receive():
+        nonlocal pulled
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        pulled += 1
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"localhost"), *headers], "client": ("127.0.0.1", 1), "server": ("localhost", 80)}
+    asyncio.run(app(scope, receive, send))
+    return status, pulled
+
+
+MULTIPART = [(b"content-type", b"multipart/form-data; boundary=XyZ")]
+PART_HEAD = b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\nContent-Type: image/png\r\n\r\n'
+
+
+# item 5: bounded decoding --------------------------------------------------------------------
+
+def test_concurrent_uploads_are_decoded_two_at_a_time(retriever, monkeypatch):
+    import lungcbir.web
+
+    real_read = lungcbir.web.read_file
+    lock = threading.Lock()
+    running = peak = 0
+
+    def slow_read(path, *args, **kwargs):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            time.sleep(0.3)  # a slow decode: overlapping uploads would all be decoding now
+            return real_read(path, *args, **kwargs)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(lungcbir.web, "read_file", slow_read)
+    client = TestClient(create_app(retriever), base_url=LOCAL)
+    with ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(lambda _: client.post("/api/segment", files={"file": ("s.png", png_bytes())})
+                                 .status_code, range(6)))
+    assert statuses == [200] * 6
+    assert 1 <= peak <= 2
+
+
+def test_decode_slots_are_configurable_and_busy_answers_503(retriever, monkeypatch):
+    import lungcbir.web
+    from lungcbir.websecurity import WebSettings
+
+    started = threading.Event()
+    release = threading.Event()
+    real_read = lungcbir.web.read_file
+
+    def blocking_read(path, *args, **kwargs):
+        started.set()
+        release.wait(10)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(lungcbir.web, "read_file", blocking_read)
+    client = TestClient(create_app(retriever, WebSettings(max_decodes=1, decode_wait_seconds=0.2)), base_url=LOCAL)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/api/segment", files={"file": ("a.png", png_bytes())})
+        assert started.wait(10)
+        second = client.post("/api/segment", files={"file": ("b.png", png_bytes())})
+        release.set()
+        assert first.result().status_code == 200
+    assert second.status_code == 503 and "busy" in second.json()["detail"]
+
+
+# item 6: body size limit before the body is read ---------------------------------------------
+
+def test_large_content_length_is_refused_before_reading(retriever):
+    status, pulled = asgi_call(create_app(retriever), "/api/query",
+                               [*MULTIPART, (b"content-length", str(1500 * 2**20).encode())],
+                               [PART_HEAD] + [b"\0" * 2**20] * 80)
+    assert status == 413 and pulled == 0
+
+
+def test_streamed_body_without_length_is_cut_off_at_the_limit(retriever):
+    # 200 MiB in 1 MiB chunks, no Content-Length: refused once past 64 MiB + form overhead,
+    # before the rest is read (and spooled to a temporary file by the multipart parser)
+    status, pulled = asgi_call(create_app(retriever), "/api/query", MULTIPART,
+                               [PART_HEAD] + [b"\0" * 2**20] * 200)
+    assert status == 413 and pulled <= 64 + 1 + 2
+
+
+def test_body_limit_middleware_with_a_small_limit():
+    from lungcbir.websecurity import BodySizeLimit
+
+    seen = []
+
+    async def inner(scope, receive, send):  # reads the whole body, then answers 200
+        while True:
+            message = await receive()
+            seen.append(len(message.get("body", b"")))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    limited = BodySizeLimit(inner, max_bytes=1000)
+    status, pulled = asgi_call(limited, "/api/query", [], [b"x" * 100] * 50)
+    assert status == 413 and pulled == 11 and sum(seen) <= 1000
+    seen.clear()
+    assert asgi_call(limited, "/api/query", [], [b"x" * 100] * 10)[0] == 200 and sum(seen) == 1000
+    seen.clear()
+    assert asgi_call(limited, "/api/query", [(b"content-length", b"1001")], [b"x" * 1001]) == (413, 0)
+    assert seen == []  # refused without calling the app at all
+    # through a real HTTP client: a chunked body (a generator, so no Content-Length)
+    client = TestClient(limited, base_url=LOCAL)
+    response = client.post("/api/query", content=(b"x" * 100 for _ in range(50)))
+    assert response.status_code == 413 and "larger than 1000 bytes" in response.json()["detail"]
+
+
+# item 11: ids out of range -------------------------------------------------------------------
+
+@pytest.mark.parametrize("image_id", ["9223372036854775808", "99999999999999999999999999", "-9223372036854775809",
+                                      "0"])
+def test_out_of_range_ids_are_404_not_500(client, image_id):
+    for suffix in ("", "/thumbnail", "/overlay"):
+        response = client.get(f"/api/images/{image_id}{suffix}")
+        assert response.status_code == 404, (suffix, response.text)
+        assert "internal error" not in response.text
+
+
+# item 12: authentication ---------------------------------------------------------------------
+
+@pytest.fixture
+def secured(retriever):
+    from lungcbir.websecurity import WebSettings
+
+    return TestClient(create_app(retriever, WebSettings(token=TOKEN)), base_url=LOCAL, raise_server_exceptions=False)
+
+
+def bearer(token: str = TOKEN) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_api_needs_the_token(secured, phantom_dir):
+    for path in ("/api/stats", "/api/images/1", "/api/images/1/thumbnail", "/api/images/1/overlay",
+                 "/api/results/abc/mask.png", "/api/nothing-here"):
+        for headers in ({}, bearer("wrong-token-0123456789abcdef"), {"Authorization": TOKEN},
+                        {"Authorization": f"Basic {TOKEN}"}, bearer(TOKEN + "x"), bearer(TOKEN[:-1])):
+            response = secured.get(path, headers=headers)
+            assert response.status_code == 401, (path, headers)
+            assert response.headers["www-authenticate"] == "Bearer" and TOKEN not in response.text
+    assert secured.get("/api/stats", headers=bearer()).json()["images"] == 12
+    upload = {"file": ("q.png", phantom_png(phantom_dir))}
+    assert secured.post("/api/query", files=upload).status_code == 401
+    answer = secured.post("/api/query", files=upload, data={"k": "2"}, headers=bearer()).json()
+    assert secured.get(answer["mask"]).status_code == 401
+    assert secured.get(answer["mask"], headers=bearer()).status_code == 200
+    assert secured.get(answer["neighbors"][0]["thumbnail_url"], headers=bearer()).status_code == 200
+
+
+def test_open_paths_without_token(secured):
+    assert secured.get("/healthz").json() == {"status": "ok"}
+    assert "Find similar cases" in secured.get("/").text  # the page itself asks for the token
+    assert secured.get("/static/app.js").status_code == 200
+    schema = secured.get("/openapi.json").json()
+    assert schema["paths"]["/api/stats"]["get"]["security"] == [{"bearer": []}]
+
+
+def test_unauthenticated_upload_is_refused_unread(retriever):
+    from lungcbir.websecurity import WebSettings
+
+    status, pulled = asgi_call(create_app(retriever, WebSettings(token=TOKEN)), "/api/query", MULTIPART,
+                               [PART_HEAD] + [b"\0" * 2**20] * 10)
+    assert status == 401 and pulled == 0
+
+
+def test_token_is_compared_in_constant_time(secured, monkeypatch):
+    import hmac
+
+    import lungcbir.websecurity
+
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(lungcbir.websecurity.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    assert secured.get("/api/stats", headers=bearer()).status_code == 200
+    assert calls and calls[-1] == (TOKEN.encode(), TOKEN.encode())
+
+
+@pytest.fixture
+def cli_store(phantom_dir, tiny_weights, tmp_path):
+    """``serve`` arguments for a small indexed store, and uvicorn.run replaced by a recorder."""
+    store = ["--db", f"sqlite:///{tmp_path}/db.sqlite", "--index-dir", str(tmp_path / "index"),
+             "--weights", tiny_weights]
+    Retriever(weights=tiny_weights, db_url=store[1], index_dir=store[3]).index_dataset([phantom_dir / "png"])
+    return store
+
+
+@pytest.fixture
+def uvicorn_runs(monkeypatch):
+    import uvicorn
+
+    runs = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: runs.append((app, options)))
+    monkeypatch.delenv("LUNGCBIR_TOKEN", raising=False)
+    return runs
+
+
+def serve(*args, env=None):
+    from click.testing import CliRunner
+
+    from lungcbir.cli import main
+
+    return CliRunner().invoke(main, ["serve", *args], env=env)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "cbir.example.org"])
+def test_serve_refuses_exposed_host_without_token(cli_store, uvicorn_runs, host):
+    result = serve("--host", host, *cli_store)
+    assert result.exit_code == 2 and not uvicorn_runs
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "--token-file" in lines[0] and "--insecure" in lines[0] and "Traceback" not in lines[0]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_serve_on_loopback_needs_no_token(cli_store, uvicorn_runs, host):
+    assert serve("--host", host, *cli_store).exit_code == 0 and uvicorn_runs[0][1]["host"] == host
+
+
+def test_serve_insecure_warns(cli_store, uvicorn_runs):
+    result = serve("--host", "0.0.0.0", "--insecure", *cli_store)
+    assert result.exit_code == 0 and len(uvicorn_runs) == 1 and "without authentication" in result.output
+
+
+def test_serve_with_token_file_and_env(cli_store, uvicorn_runs, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    result = serve("--host", "0.0.0.0", "--token-file", str(token_file), "--allowed-host", "cbir.example.org",
+                   *cli_store)
+    assert result.exit_code == 0, result.output
+    assert TOKEN not in result.output
+    app, options = uvicorn_runs[-1]
+    assert options["host"] == "0.0.0.0" and TOKEN not in repr(options)
+    client = TestClient(app, base_url="http://cbir.example.org")
+    assert client.get("/api/stats").status_code == 401
+    assert client.get("/api/stats", headers=bearer()).status_code == 200
+    assert TestClient(app, base_url=LOCAL).get("/healthz").status_code == 400  # only the names given
+    # the environment variable, when no file is given
+    result = serve("--host", "0.0.0.0", *cli_store, env={"LUNGCBIR_TOKEN": TOKEN})
+    assert result.exit_code == 0 and TOKEN not in result.output
+    client = TestClient(uvicorn_runs[-1][0], base_url=LOCAL)
+    assert client.get("/api/stats", headers=bearer()).status_code == 200
+
+
+def test_serve_rejects_bad_token_files(cli_store, uvicorn_runs, tmp_path):
+    short = tmp_path / "short"
+    short.write_text("abc123")
+    result = serve("--host", "0.0.0.0", "--token-file", str(short), *cli_store)
+    assert result.exit_code == 2 and "at least 16 characters" in result.output and "abc123" not in result.output
+    spaced = tmp_path / "spaced"
+    spaced.write_text("two words " + TOKEN)
+    assert serve("--token-file", str(spaced), *cli_store).exit_code == 2
+    result = serve("--token-file", str(tmp_path / "missing"), *cli_store)
+    assert result.exit_code == 2 and "cannot read the token file" in result.output
+    loose = tmp_path / "loose"
+    loose.write_text(TOKEN)
+    loose.chmod(0o644)
+    result = serve("--token-file", str(loose), *cli_store)
+    assert result.exit_code == 0 and "chmod 600" in result.output and TOKEN not in result.output
+    assert len(uvicorn_runs) == 1  # only the last one started
+
+
+def test_settings_never_show_the_token():
+    from lungcbir.websecurity import WebSettings
+
+    assert TOKEN not in repr(WebSettings(token=TOKEN)) and TOKEN not in str(WebSettings(token=TOKEN))
+
+
+# item 13: Host header, paths in answers and errors -------------------------------------------
+
+@pytest.mark.parametrize("host,status", [("localhost", 200), ("localhost:8000", 200), ("127.0.0.1:8000", 200),
+                                         ("[::1]:8000", 200), ("LOCALHOST", 200), ("evil.example", 400),
+                                         ("evil.example:8000", 400), ("localhost.evil.example", 400),
+                                         ("127.0.0.1.nip.io", 400), ("", 400), ("[::1", 400)])
+def test_host_header_is_checked(client, host, status):
+    response = client.get("/healthz", headers={"host": host})
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert "Host" in response.json()["detail"]
+        assert client.get("/api/stats", headers={"host": host}).status_code == 400
+
+
+def test_allowed_hosts_are_configurable(retriever):
+    from lungcbir.websecurity import WebSettings, default_allowed_hosts
+
+    app = create_app(retriever, WebSettings(allowed_hosts=("cbir.example.org", "*.ward.example.org")))
+    client = TestClient(app, base_url="http://cbir.example.org")
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/healthz", headers={"host": "a.ward.example.org:443"}).status_code == 200
+    assert client.get("/healthz", headers={"host": "localhost"}).status_code == 400
+    assert default_allowed_hosts("0.0.0.0") == ("localhost", "127.0.0.1", "::1")
+    assert default_allowed_hosts("cbir.local") == ("localhost", "127.0.0.1", "::1", "cbir.local")
+    assert default_allowed_hosts("0.0.0.0", ["CBIR.example.org"]) == ("cbir.example.org",)
+
+
+ROOTED = re.compile(r"(^|[\s\"'(=:])/\w")
+
+
+def nifti_header_only() -> bytes:
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.zeros((4, 4, 2), np.int16), np.eye(4))
+    return image.to_bytes()[:400]  # the header, the voxels cut off
+
+
+@pytest.mark.parametrize("name,content", [
+    ("scan.nii.gz", b"garbage " * 100),
+    ("scan.nii.gz", gzip.compress(b"garbage " * 100)),
+    ("scan.nii", b"garbage " * 100),
+    ("scan.nii", None),
+    ("scan.nii.gz", b"\x1f\x8b\x08\x00truncated"),
+    ("slice.dcm", b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\x04\x00abcd" + b"\xff" * 40),
+    ("slice.tif", b"II*\x00garbage"),
+    ("slice.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40),
+    ("slice.jpg", b"\xff\xd8\xff\xe0" + b"\0" * 40),
+    ("../../etc/slice.bmp", b"BM" + b"\0" * 40),
+])
+def test_broken_uploads_never_show_server_paths(client, name, content):
+    if content is None:
+        content = nifti_header_only()
+    response = client.post("/api/segment", files={"file": (name, content)})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    base = name.rsplit("/", 1)[-1]
+    assert detail.startswith(base + ":")
+    assert tempfile.gettempdir() not in response.text and "upload." not in detail
+    assert not ROOTED.search(detail), detail
+
+
+def test_answers_name_stored_files_without_server_paths(client, phantom_dir, store_paths):
+    meta = client.get("/api/images/1").json()
+    assert meta["path"].endswith(".dcm") and "/" not in meta["path"]
+    answer = client.post("/api/query", files={"file": ("q.png", phantom_png(phantom_dir))},
+                         data={"k": "3", "per_patient": "0"}).json()
+    assert all("/" not in n["path"] and n["path"].endswith(".dcm") for n in answer["neighbors"])
+    stats = client.get("/api/stats")
+    assert stats.json()["database"] in ("sqlite", "postgresql")
+    assert str(phantom_dir) not in stats.text + str(meta) + str(answer)
+    assert store_paths["index_dir"] not in stats.text and "://" not in stats.text
+
+
+def test_scrub_paths():
+    from lungcbir.websecurity import scrub_paths
+
+    assert scrub_paths('File "/tmp/a b/upload.nii.gz" is bad', {"/tmp/a b/upload.nii.gz": "x.nii.gz"}) == \
+        'File "x.nii.gz" is bad'
+    assert scrub_paths("cannot open /var/lib/lungcbir/index/x.faiss (denied)") == "cannot open <path> (denied)"
+    assert scrub_paths("expected KEY=VALUE, 64 MiB/s, a/b") == "expected KEY=VALUE, 64 MiB/s, a/b"
+
+
+# item 14: no CDN -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_nothing_from_other_hosts(client, page):
+    html = client.get(page)
+    assert html.status_code == 200
+    references = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html.text)
+    assert references
+    assert not re.search(r"(https?:)?//", html.text.replace("window.location.origin", "")), html.text
+    for reference in references:
+        assert reference.startswith("/") and client.get(reference).status_code == 200, reference

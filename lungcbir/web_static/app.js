@@ -1,8 +1,57 @@
 // The lungcbir page: upload a slice, call /api/query, show the overlay and result cards.
+// When the server wants an access token, the page asks for it once and keeps it in
+// sessionStorage (gone when the tab closes). It goes only into the Authorization header of
+// fetch calls, never into a URL: pictures are fetched with the header and shown as blob URLs.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "lungcbir-token";
 let chosenFile = null;
+let blobUrls = [];  // pictures of the shown answer, freed when the next one arrives
+
+class NeedsToken extends Error {}
+
+async function api(url, options = {}) {
+  const headers = new Headers(options.headers || {});
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.set("Authorization", "Bearer " + token);
+  const response = await fetch(url, { ...options, headers });
+  if (response.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    askToken(token ? "The access token was not accepted." : "");
+    throw new NeedsToken("this server needs an access token");
+  }
+  return response;
+}
+
+async function picture(url) {
+  const response = await api(url);
+  if (!response.ok) throw new Error(`${url}: ${response.status}`);
+  const blobUrl = URL.createObjectURL(await response.blob());
+  blobUrls.push(blobUrl);
+  return blobUrl;
+}
+
+async function showPicture(image, url) {
+  try { image.src = await picture(url); } catch (error) { image.alt = "picture not available"; }
+}
+
+function askToken(reason) {
+  $("login-message").textContent = reason;
+  if (!$("login").open) $("login").showModal();
+  $("token").focus();
+}
+
+$("login-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const token = $("token").value.trim();
+  if (!token) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("token").value = "";
+  $("login").close();
+  refreshStats();
+});
+$("login").addEventListener("cancel", (event) => event.preventDefault());  // no way round it
 
 function showMessage(text, isError = false) {
   $("message").textContent = text;
@@ -32,7 +81,7 @@ function card(neighbor) {
   element.className = "card";
   element.dataset.id = neighbor.id;
   const image = document.createElement("img");
-  image.src = neighbor.thumbnail_url;
+  showPicture(image, neighbor.thumbnail_url);
   image.alt = "stored slice " + neighbor.id;
   const info = document.createElement("div");
   info.className = "info";
@@ -50,11 +99,12 @@ function card(neighbor) {
 }
 
 async function openDetail(id) {
-  const response = await fetch(`/api/images/${id}`);
-  const meta = await response.json();
-  $("detail-overlay").src = meta.overlay_url;
+  let meta;
+  try { meta = await (await api(`/api/images/${id}`)).json(); } catch (error) { return; }
+  $("detail-overlay").removeAttribute("src");
+  showPicture($("detail-overlay"), meta.overlay_url);
   const rows = ["path", "patient_id", "series_uid", "slice_index", "instance_number", "slice_location",
-    "source_format", "width", "height", "lung_fraction"].map((key) => [key, meta[key]]);
+    "source_format", "width", "height", "lung_fraction"].map((key) => [key === "path" ? "file" : key, meta[key]]);
   Object.entries(meta.labels || {}).forEach(([k, v]) => rows.push([k, v]));
   const table = $("detail-meta");
   table.replaceChildren(...rows.map(([k, v]) => {
@@ -69,7 +119,7 @@ async function openDetail(id) {
 
 async function refreshStats() {
   try {
-    const stats = await (await fetch("/api/stats")).json();
+    const stats = await (await api("/api/stats")).json();
     $("stats").textContent = `${stats.images} slices · ${stats.patients} patients indexed`;
   } catch (error) { $("stats").textContent = ""; }
 }
@@ -85,18 +135,22 @@ $("query-form").addEventListener("submit", async (event) => {
   $("search").disabled = true;
   showMessage("Segmenting and searching…");
   try {
-    const response = await fetch("/api/query", { method: "POST", body });
+    const response = await api("/api/query", { method: "POST", body });
     const answer = await response.json();
     if (!response.ok) throw new Error(answer.detail || response.statusText);
-    $("query-overlay").src = answer.overlay;
+    blobUrls.forEach((url) => URL.revokeObjectURL(url));
+    blobUrls = [];
+    $("query-overlay").src = await picture(answer.overlay);
     $("query-name").textContent = answer.query;
     $("lung-fraction").textContent = (100 * answer.lung_fraction).toFixed(1) + " %";
-    $("mask-link").href = answer.mask;
+    $("mask-link").href = await picture(answer.mask);
+    $("mask-link").download = answer.query.replace(/(\.nii)?\.[^.]*$/, "") + "_mask.png";
     $("results").replaceChildren(...answer.neighbors.map(card));
     $("answer").classList.remove("hidden");
     showMessage(answer.neighbors.length ? "" : "No stored slice matches the filter.");
   } catch (error) {
-    showMessage(String(error.message || error), true);
+    showMessage(error instanceof NeedsToken ? "Enter the access token, then search again."
+      : String(error.message || error), true);
   } finally {
     $("search").disabled = !chosenFile;
   }

@@ -1,0 +1,310 @@
+"""What stands between the web app and the network: token, Host check, body limit, path scrubbing.
+
+Everything here is plain ASGI middleware or a plain function, so it is independent of the
+FastAPI version and can be tested without a model. :func:`lungcbir.web.create_app` puts the
+middleware around the app in this order (outermost first): Host check, token check, body
+size limit; a refused request is answered before any of its body is read.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable, Iterable, Mapping
+
+from .errors import LungCBIRError
+
+Scope = dict
+Message = dict
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Environment variable holding the access token (``--token-file`` takes precedence).
+TOKEN_ENV = "LUNGCBIR_TOKEN"
+#: Shortest token accepted: a guessable token is no protection.
+MIN_TOKEN_LENGTH = 16
+#: Host names a local server answers to when no ``--allowed-host`` is given.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+#: Paths anyone may fetch without a token: the page itself (it asks for the token), its static
+#: files, the API description and the health check. Everything else, ``/api/...`` included,
+#: needs the token, so a route added later is protected by default.
+OPEN_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+                        "/favicon.ico"})
+OPEN_PREFIXES = ("/static/", "/static-docs/")
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """How the server protects itself; the defaults suit a server on the loopback interface.
+
+    ``token``: required as ``Authorization: Bearer <token>`` on every non-open path (None: no
+    authentication). ``allowed_hosts``: accepted ``Host`` header names (``*.example.org``
+    matches sub-domains). ``max_upload_bytes``: largest uploaded file; the whole request body
+    may be ``form_overhead_bytes`` larger (multipart boundaries and form fields).
+    ``max_decodes``: uploads or stored files decoded at the same time (each may take a few
+    hundred MB while it is decoded). ``decode_wait_seconds``: how long a request waits for a
+    decoding slot before it is answered 503.
+    """
+
+    token: str | None = field(default=None, repr=False)  # never shown in a log or traceback
+    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES
+    max_upload_bytes: int = 64 * 1024 * 1024
+    form_overhead_bytes: int = 1024 * 1024
+    max_decodes: int = 2
+    decode_wait_seconds: float = 120.0
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_upload_bytes + self.form_overhead_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration checks, used by ``lungcbir serve``
+
+
+def load_token(token_file: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+    """The access token from ``token_file`` or else ``$LUNGCBIR_TOKEN``; None when neither is set.
+
+    The one place the token is read. Raises :class:`LungCBIRError` (exit status 2) for an
+    unreadable file or a token that is too short or not a single printable word; the
+    message never contains the token.
+    """
+    if token_file:
+        try:
+            text = Path(token_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            raise LungCBIRError(f"{token_file}: cannot read the token file ({reason})") from None
+        source = token_file
+    elif environ.get(TOKEN_ENV):
+        text, source = environ[TOKEN_ENV], TOKEN_ENV
+    else:
+        return None
+    token = text.strip()
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise LungCBIRError(f"{source}: the token must be at least {MIN_TOKEN_LENGTH} characters "
+                            "(make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise LungCBIRError(f"{source}: the token must be one word of printable ASCII characters")
+    return token
+
+
+def token_file_warning(token_file: str | None) -> str | None:
+    """A one-line warning when the token file may be read by other users (it should be chmod 600)."""
+    if not token_file or os.name != "posix":
+        return None
+    mode = os.stat(token_file).st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"warning: {token_file} can be read by other users; chmod 600 it"
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, token: str | None, insecure: bool) -> None:
+    """Refuse to listen beyond the loopback interface without a token (unless ``insecure``)."""
+    if token is None and not insecure and not is_loopback(host):
+        raise LungCBIRError(f"refusing to serve on {host} without authentication: give --token-file FILE "
+                            f"(or ${TOKEN_ENV}), or --insecure to serve without it")
+
+
+def default_allowed_hosts(host: str, extra: Iterable[str] = ()) -> tuple[str, ...]:
+    """Host header names to accept: ``extra`` if given, else the loopback names plus ``host``.
+
+    ``host`` is added unless it is a wildcard address (0.0.0.0, ::): the names clients use
+    for such a server are not known here and must be given with ``--allowed-host``.
+    """
+    extra = tuple(name.strip().strip("[]").lower() for name in extra if name.strip())
+    if extra:
+        return extra
+    names = list(LOOPBACK_NAMES)
+    own = host.strip().strip("[]").lower()
+    if own and own not in ("0.0.0.0", "::") and own not in names:
+        names.append(own)
+    return tuple(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# middleware
+
+
+async def send_json(send: Send, status: int, detail: str, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """Answer with ``{"detail": ...}`` like every other error of the API."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def host_name(header: str | None) -> str | None:
+    """The name of a ``Host`` header without port and IPv6 brackets, lowercased; None if malformed."""
+    if not header:
+        return None
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        rest = header[end + 1:] if end > 0 else "x"
+        if end < 0 or (rest and not re.fullmatch(r":\d{1,5}", rest)):
+            return None
+        return header[1:end]
+    name, _, port = header.partition(":")
+    if port and not port.isdigit() or not re.fullmatch(r"[a-z0-9._-]+", name):
+        return None
+    return name
+
+
+class HostCheck:
+    """Answer 400 unless the ``Host`` header names this server (defeats DNS rebinding)."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str]) -> None:
+        self.app = app
+        self.allowed = [name.strip().strip("[]").lower() for name in allowed_hosts]
+
+    def allows(self, name: str | None) -> bool:
+        if name is None:
+            return False
+        return any(name == pattern or (pattern.startswith("*.") and name.endswith(pattern[1:]))
+                   for pattern in self.allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and not self.allows(host_name(_header(scope, b"host"))):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await send_json(send, 400, "invalid Host header: this server answers only to its configured "
+                                       "names (see --allowed-host)")
+            return
+        await self.app(scope, receive, send)
+
+
+class BearerAuth:
+    """Answer 401 unless ``Authorization: Bearer <token>`` matches (compared in constant time)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    @staticmethod
+    def is_open(path: str) -> bool:
+        return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+    def authorized(self, header: str | None) -> bool:
+        scheme, _, given = (header or "").strip().partition(" ")
+        # compare_digest on bytes of any length: its time does not depend on where they differ
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"), self.token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and not self.is_open(scope["path"]) \
+                and not self.authorized(_header(scope, b"authorization")):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await send_json(send, 401, "missing or wrong access token: send 'Authorization: Bearer <token>'",
+                            [(b"www-authenticate", b"Bearer")])
+            return
+        await self.app(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """Answer 413 for a request body over ``max_bytes``, before it is parsed or spooled to disk.
+
+    A ``Content-Length`` over the limit is refused before a byte of the body is read. A body
+    without one (chunked) is counted as it arrives; once past the limit the app gets no more
+    of it (its parser fails), whatever the app answers is dropped and the client gets 413.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def message(self) -> str:
+        return f"request body is larger than {self.max_bytes // 2**20} MiB" if self.max_bytes >= 2**20 \
+            else f"request body is larger than {self.max_bytes} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _header(scope, b"content-length")
+        if length is not None and (not length.strip().isdigit() or int(length) > self.max_bytes):
+            await send_json(send, 413 if length.strip().isdigit() else 400,
+                            self.message() if length.strip().isdigit() else "malformed Content-Length")
+            return
+        received = 0
+        exceeded = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            if exceeded:
+                raise _BodyTooLarge
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:  # the app's answer to a body it could not read: ours goes out instead
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not exceeded or started:
+                raise
+        if exceeded and not started:
+            await send_json(send, 413, self.message())
+
+
+# ---------------------------------------------------------------------------------------------
+# answers
+
+_ROOTED_PATH = re.compile(r"(?<![\w.~/-])/[^\s\"'<>()\[\]{},;]+")
+
+
+def scrub_paths(text: str, replacements: Mapping[str, str] | None = None) -> str:
+    """``text`` without server paths: each key of ``replacements`` (longest first) becomes its
+    value, then any remaining '/'-rooted path becomes ``<path>``."""
+    for key in sorted(replacements or {}, key=len, reverse=True):
+        if key:
+            text = text.replace(key, replacements[key])
+    return _ROOTED_PATH.sub("<path>", text)
+
+
+__all__ = ["WebSettings", "load_token", "token_file_warning", "is_loopback", "check_exposure",
+           "default_allowed_hosts", "HostCheck", "BearerAuth", "BodySizeLimit", "scrub_paths", "host_name"]
