@@ -199,7 +199,8 @@ def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_
     filters = parse_where(where)
     retriever = _retriever(db_url, index_dir, weights, device)
     if by_series:
-        _query_series(retriever, images, k, filters, as_json)
+        if _query_series(retriever, images, k, filters, as_json):
+            sys.exit(EXIT_SOME_FAILED)
         return
     folder = _ensure_folder(out)
     inputs, failures = _read_inputs(images)
@@ -245,11 +246,16 @@ def _neighbor_pictures(retriever, result) -> list:
             for (neighbor, item), segmentation in zip(found, segmentations)]
 
 
-def _query_series(retriever, inputs, k, filters, as_json):
+def _query_series(retriever, inputs, k, filters, as_json) -> bool:
+    """Answer every source (a series folder or a volume); True when any file of any source failed."""
     from .io import dicom_series_positions
 
+    any_failed = False
     for source in inputs:
         readable, failures = _read_inputs([source])
+        any_failed = any_failed or bool(failures)
+        if not readable:
+            continue  # every file of this source failed; each was listed
         slices = [item for _, items in readable for item in items]
         positions = dicom_series_positions([path for path, _ in readable])
         slices.sort(key=lambda item: (positions.get(item.path, 0), item.frame))
@@ -266,8 +272,7 @@ def _query_series(retriever, inputs, k, filters, as_json):
             click.echo(f"  {m.rank:>3}  {m.score:6.3f}  {m.case}")
             for q, n in m.pairs:
                 click.echo(f"         query slice {q} ~ {n.path} (slice {n.slice_index}, {n.score:.3f})")
-        if failures:
-            sys.exit(EXIT_SOME_FAILED)
+    return any_failed
 
 
 @main.command()

@@ -144,3 +144,38 @@ def test_query_by_series(run, phantom_dir):
     assert answer["slices"] == 6 and answer["cases"][0]["patient_id"] == "PHANTOM02"
     assert answer["cases"][0]["score"] == pytest.approx(1.0, abs=2e-3)
     assert len(answer["cases"]) == 2 and answer["cases"][0]["pairs"]
+
+
+def _series_with_broken_file(source, folder):
+    import shutil
+
+    shutil.copytree(source, folder)
+    (folder / "broken.dcm").write_bytes(b"DICM but not really")
+    return folder
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_query_by_series_failed_file_gives_status_1_after_every_source(run, phantom_dir, tmp_path, as_json):
+    assert run("index-dataset", str(phantom_dir / "dicom"), "--quiet").exit_code == 0
+    damaged = _series_with_broken_file(phantom_dir / "dicom" / "phantom01", tmp_path / "damaged")
+    clean = phantom_dir / "dicom" / "phantom02"
+    result = run("query", str(damaged), str(clean), "--by-series", "--k", "2", *(["--json"] if as_json else []))
+    assert result.exit_code == 1, result.output
+    assert "broken.dcm" in result.output and "failed:" in result.output
+    # the failure of the first source neither stops nor hides the answer to the second
+    if as_json:
+        answers = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+        assert [a["query"] for a in answers] == [str(damaged), str(clean)]
+    else:
+        assert f"{damaged}: 6 slices" in result.output and f"{clean}: 6 slices" in result.output
+
+
+def test_query_by_series_source_without_readable_files(run, phantom_dir, tmp_path):
+    assert run("index-dataset", str(phantom_dir / "dicom"), "--quiet").exit_code == 0
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "only.dcm").write_bytes(b"not a DICOM file")
+    result = run("query", str(broken), str(phantom_dir / "dicom" / "phantom02"), "--by-series", "--json")
+    assert result.exit_code == 1 and "only.dcm" in result.output and "Traceback" not in result.output
+    answers = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [a["query"] for a in answers] == [str(phantom_dir / "dicom" / "phantom02")]
