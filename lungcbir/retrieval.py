@@ -22,6 +22,10 @@ from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store, safe_u
 
 #: Files read before a batch goes through the model and into the database.
 FILES_PER_COMMIT = 64
+#: Per-patient collapsing first looks at this many candidates per result (at least
+#: MIN_CANDIDATES), four times more on each round until k cases are found or none are left.
+CANDIDATES_PER_RESULT = 50
+MIN_CANDIDATES = 500
 
 
 @dataclass
@@ -316,31 +320,53 @@ class Retriever:
             raise LungCBIRError(f"the database was indexed with model {store.model_id}, "
                                 f"but the model in use is {self.model.model_id}")
         results = self.segment_slices(slices)
-        # filters and per-patient collapsing work on a larger candidate list, then cut to k
-        candidates = k if not (where or per_patient) else max(k * 50, 500)
-        scores, ids = store.search(np.stack([r.vector for r in results]), candidates)
-        rows = store.records(ids[ids >= 0].ravel())
-        answers = []
-        for item, result, row_scores, row_ids in zip(slices, results, scores, ids):
-            neighbors = []
-            per_case: dict[str, int] = {}
-            for score, identifier in zip(row_scores, row_ids):
-                record = rows.get(int(identifier))
-                if record is None or not _matches(record, where):
-                    continue  # removed since the index was read, or filtered out
-                if len(neighbors) == k:
-                    break
-                if per_patient:
-                    case = case_key(record)
-                    if per_case.get(case, 0) >= per_patient:
-                        continue
-                    per_case[case] = per_case.get(case, 0) + 1
-                neighbors.append(Neighbor(rank=len(neighbors) + 1, id=record.id, path=record.path,
-                                          score=float(score), patient_id=record.patient_id,
-                                          series_uid=record.series_uid, slice_index=record.slice_index,
-                                          labels=dict(record.labels or {})))
-            answers.append(QueryResult(item, result.mask, result.lung_fraction, neighbors))
-        return answers
+        allowed = store.ids_matching(where) if where else None  # the filter is decided in the database
+        found = self._nearest(store, np.stack([r.vector for r in results]), k, allowed, per_patient)
+        return [QueryResult(item, result.mask, result.lung_fraction, neighbors)
+                for item, result, neighbors in zip(slices, results, found)]
+
+    def _nearest(self, store: Store, vectors: np.ndarray, k: int, allowed: np.ndarray | None,
+                 per_patient: int) -> list[list[Neighbor]]:
+        """The k best neighbours of each vector among ``allowed`` rows, at most ``per_patient``
+        of one case: the candidate list grows until k are found or the store is exhausted."""
+        fetch = max(k * CANDIDATES_PER_RESULT, MIN_CANDIDATES) if per_patient else k
+        answers: list[list[Neighbor] | None] = [None] * len(vectors)
+        pending = list(range(len(vectors)))
+        while pending:
+            scores, ids = store.search(vectors[pending], fetch, restrict_to=allowed)
+            rows = store.records(np.unique(ids[ids >= 0]))
+            exhausted = ids.shape[1] < fetch  # every (allowed) stored vector was a candidate
+            still = []
+            for number, row_scores, row_ids in zip(pending, scores, ids):
+                neighbors = _collapse(row_scores, row_ids, rows, k, per_patient)
+                if len(neighbors) == k or exhausted:
+                    answers[number] = neighbors
+                else:
+                    still.append(number)
+            pending, fetch = still, fetch * 4
+        return answers  # type: ignore[return-value]
+
+
+def _collapse(scores: np.ndarray, ids: np.ndarray, rows: dict[int, ImageRecord], k: int,
+              per_patient: int) -> list[Neighbor]:
+    """The first k candidates (best first) with at most ``per_patient`` of one case (0: any)."""
+    neighbors: list[Neighbor] = []
+    per_case: dict[str, int] = {}
+    for score, identifier in zip(scores, ids):
+        record = rows.get(int(identifier))
+        if record is None:
+            continue  # removed since the index was read
+        if len(neighbors) == k:
+            break
+        if per_patient:
+            case = case_key(record)
+            if per_case.get(case, 0) >= per_patient:
+                continue
+            per_case[case] = per_case.get(case, 0) + 1
+        neighbors.append(Neighbor(rank=len(neighbors) + 1, id=record.id, path=record.path, score=float(score),
+                                  patient_id=record.patient_id, series_uid=record.series_uid,
+                                  slice_index=record.slice_index, labels=dict(record.labels or {})))
+    return neighbors
 
 
 def case_key(record: ImageRecord | Neighbor) -> str:
@@ -350,14 +376,3 @@ def case_key(record: ImageRecord | Neighbor) -> str:
     if record.series_uid:
         return f"series:{record.series_uid}"
     return f"file:{record.path}"
-
-
-def _matches(record: ImageRecord, where: dict[str, str] | None) -> bool:
-    for key, wanted in (where or {}).items():
-        value = (record.labels or {}).get(key, getattr(record, key, None) if key in _FILTERABLE else None)
-        if value is None or str(value) != str(wanted):
-            return False
-    return True
-
-
-_FILTERABLE = {"patient_id", "series_uid", "study_uid", "source_format"}

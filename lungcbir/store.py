@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -42,6 +42,13 @@ INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 AUTO_IVF_FROM = 100_000
 IVF_NPROBE = 32
 HNSW_EF_SEARCH = 128
+#: A search restricted to at most this many rows (a ``--where`` filter) is exact, over their
+#: vectors read from the database (about 1 KB each, so at most ~20 MB read): simpler than the
+#: index and exact for every index kind. Larger sets go through the FAISS index with an id
+#: selector, and fall back to the exact search where an approximate index found too few.
+EXACT_RESTRICTED_SEARCH_MAX = 20_000
+#: Metadata columns a filter may name; a label of the same name takes precedence.
+FILTER_COLUMNS = ("patient_id", "series_uid", "study_uid", "source_format")
 
 
 class Base(DeclarativeBase):
@@ -296,11 +303,31 @@ class Store:
         ids = [int(i) for i in ids]
         if not ids:
             return {}
+        rows = []
         with Session(self.engine, expire_on_commit=False) as session:
-            rows = session.scalars(select(ImageRecord).where(ImageRecord.id.in_(ids))).all()
+            for start in range(0, len(ids), 5000):  # bound the statement's parameter count
+                rows += session.scalars(select(ImageRecord).where(ImageRecord.id.in_(ids[start:start + 5000]))).all()
             for row in rows:
                 session.expunge(row)
         return {row.id: row for row in rows}
+
+    def ids_matching(self, where: Mapping[str, str]) -> np.ndarray:
+        """Sorted ids of the rows matching every ``KEY=VALUE`` of ``where``, decided in SQL.
+
+        KEY is a label, or one of :data:`FILTER_COLUMNS` when the row has no label of that
+        name; values are compared as text (a label stored as the number 3 matches "3").
+        """
+        conditions = []
+        for key, value in where.items():
+            label = ImageRecord.labels[key].as_string()  # json_extract / ->>: text or NULL
+            column = getattr(ImageRecord, key) if key in FILTER_COLUMNS else None
+            conditions.append((label if column is None else func.coalesce(label, column)) == str(value))
+        try:
+            with Session(self.engine) as session:
+                found = session.scalars(select(ImageRecord.id).where(*conditions).order_by(ImageRecord.id))
+                return np.fromiter(found, dtype=np.int64)
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot read {safe_url(self.db_url)}: {_reason(error)}") from None
 
     def iter_vectors(self, chunk: int = REBUILD_CHUNK, after: int = -1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream (ids, float32 vectors) from the database in chunks, ordered by id."""
@@ -433,15 +460,59 @@ class Store:
             rows = session.scalars(select(ImageRecord.vector).where(ImageRecord.id % step == 0).limit(size)).all()
         return np.stack([decode_vector(row) for row in rows]) if rows else np.zeros((0, self.dimension or 1), np.float32)
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ids of the ``k`` nearest stored vectors for each query vector."""
+    def search(self, vectors: np.ndarray, k: int,
+               restrict_to: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids of the ``k`` nearest stored vectors for each query vector, best first.
+
+        ``restrict_to`` (row ids, e.g. from :meth:`ids_matching`) searches among those rows
+        only, so k of them come back however many other rows are nearer (see
+        :data:`EXACT_RESTRICTED_SEARCH_MAX`). Missing places are id -1.
+        """
         index = self.index()
-        if index.ntotal == 0:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if index.ntotal == 0 or (restrict_to is not None and len(restrict_to) == 0):
             return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
         if vectors.shape[1] != index.d:
             raise StoreError(f"query vectors have dimension {vectors.shape[1]}, the index {index.d}")
-        scores, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), min(k, index.ntotal))
+        if restrict_to is None:
+            return index.search(vectors, min(k, index.ntotal))
+        restrict_to = np.unique(np.asarray(restrict_to, dtype=np.int64))
+        k = min(k, len(restrict_to))
+        if len(restrict_to) <= EXACT_RESTRICTED_SEARCH_MAX:
+            return self._exact_search(vectors, k, restrict_to)
+        selector = faiss.IDSelectorBatch(restrict_to)
+        scores, ids = index.search(vectors, k, params=_search_parameters(index, selector))
+        short = (ids >= 0).sum(axis=1) < k  # an approximate index may miss some of a small subset
+        if short.any():
+            scores[short], ids[short] = self._exact_search(vectors[short], k, restrict_to)
         return scores, ids
+
+    def _exact_search(self, vectors: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Brute-force top ``k`` among rows ``ids``, their vectors streamed from the database."""
+        best_scores = np.full((len(vectors), 0), -np.inf, np.float32)
+        best_ids = np.zeros((len(vectors), 0), np.int64)
+        with Session(self.engine) as session:
+            for start in range(0, len(ids), 1000):
+                rows = session.execute(select(ImageRecord.id, ImageRecord.vector)
+                                       .where(ImageRecord.id.in_(ids[start:start + 1000].tolist()))).all()
+                if not rows:
+                    continue
+                chunk_ids = np.array([row[0] for row in rows], np.int64)
+                chunk_scores = vectors @ np.stack([decode_vector(row[1]) for row in rows]).T
+                best_scores = np.hstack([best_scores, chunk_scores])
+                best_ids = np.hstack([best_ids, np.broadcast_to(chunk_ids, chunk_scores.shape)])
+                if best_scores.shape[1] > k:  # keep the running top k only
+                    keep = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
+                    best_scores = np.take_along_axis(best_scores, keep, 1)
+                    best_ids = np.take_along_axis(best_ids, keep, 1)
+        order = np.argsort(-best_scores, axis=1, kind="stable")
+        scores = np.take_along_axis(best_scores, order, 1)
+        found = np.take_along_axis(best_ids, order, 1)
+        missing = k - found.shape[1]  # rows removed since their ids were read
+        if missing > 0:
+            scores = np.hstack([scores, np.full((len(vectors), missing), -np.inf, np.float32)])
+            found = np.hstack([found, np.full((len(vectors), missing), -1, np.int64)])
+        return scores.astype(np.float32), found
 
     # -- writers and checks -------------------------------------------------------------------
 
@@ -608,6 +679,18 @@ def describe_index(index: faiss.Index) -> str:
         return f"ivf (lists={ivf.nlist}, nprobe={ivf.nprobe}, float16)"
     except RuntimeError:
         return "flat (exact)"
+
+
+def _search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """Search parameters that keep the index's own tuning and search only ``selector``'s ids."""
+    try:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(index).nprobe)
+    except RuntimeError:
+        pass
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
+    if isinstance(inner, faiss.IndexHNSWFlat):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+    return faiss.SearchParameters(sel=selector)
 
 
 def _tune(index: faiss.Index) -> None:

@@ -98,3 +98,55 @@ def test_vectors_are_stored_as_float16(store_paths):
     store.check_model("m1", 8)
     store.add(records(1), unit(1))
     assert len(store.records([1])[1].vector) == 8 * 2
+
+
+def labelled(labels_and_patients, start=0):
+    rows = records(len(labels_and_patients), start)
+    for row, (labels, patient) in zip(rows, labels_and_patients):
+        row.labels, row.patient_id = labels, patient
+    return rows
+
+
+def test_ids_matching_filters_labels_and_metadata_in_the_database(store_paths):
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    ids = store.add(labelled([({"diagnosis": "a", "site": "x"}, "P1"), ({"diagnosis": "b"}, "P1"),
+                              ({"diagnosis": "a", "site": "y"}, "P2"), ({}, None),
+                              ({"patient_id": "label wins"}, "P3")]), unit(5))
+    assert store.ids_matching({"diagnosis": "a"}).tolist() == [ids[0], ids[2]]
+    assert store.ids_matching({"diagnosis": "a", "site": "y"}).tolist() == [ids[2]]
+    assert store.ids_matching({"patient_id": "P1"}).tolist() == [ids[0], ids[1]]
+    assert store.ids_matching({"patient_id": "label wins"}).tolist() == [ids[4]]
+    assert store.ids_matching({"source_format": "png", "diagnosis": "b"}).tolist() == [ids[1]]
+    assert store.ids_matching({"diagnosis": "c"}).tolist() == []
+    assert store.ids_matching({'odd "key".x': "1"}).tolist() == []
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("exact_up_to", [0, 10_000])  # 0: through the FAISS index with an id selector
+def test_restricted_search_returns_k_matches_behind_nearer_others(store_paths, kind, exact_up_to, monkeypatch):
+    import lungcbir.store
+
+    monkeypatch.setattr(lungcbir.store, "EXACT_RESTRICTED_SEARCH_MAX", exact_up_to)
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    query = unit(1, seed=5)
+    rng = np.random.default_rng(6)
+    near = query + rng.normal(scale=0.05, size=(700, 8)).astype(np.float32)  # nearer, not wanted
+    far = query + rng.normal(scale=0.8, size=(30, 8)).astype(np.float32)  # wanted
+    vectors = np.vstack([near, far])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.array(store.add(records(730), vectors))
+    index = store.rebuild_index(kind)
+    if kind == "ivf":  # one list searched: the selector alone finds too few, the exact fallback must step in
+        import faiss
+
+        faiss.extract_index_ivf(index).nprobe = 1
+    wanted = ids[700:]
+    scores, found = store.search(query, 12, restrict_to=wanted)
+    assert found.shape == (1, 12) and set(found[0].tolist()) <= set(wanted.tolist())
+    best = wanted[np.argsort(-(vectors[700:] @ query[0]))[:12]]
+    assert (np.isin(found[0], best)).mean() >= 0.9  # exact or nearly (IVF, HNSW)
+    assert np.all(np.diff(scores[0]) <= 1e-6)
+    assert store.search(query, 50, restrict_to=wanted)[1].shape == (1, 30)
+    assert store.search(query, 5, restrict_to=np.zeros(0, np.int64))[1].shape == (1, 0)
