@@ -27,6 +27,8 @@ from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR
 
 EXIT_SOME_FAILED = 1
 EXIT_INTERRUPTED = 130
+#: Neighbours drawn in ``<name>_matches.png`` (the best ones); the table and JSON list all k.
+MATCH_PICTURE_NEIGHBORS = 8
 
 
 def friendly_errors(command):
@@ -180,15 +182,16 @@ def _read_inputs(paths):
               help="At most this many results per patient/series (0: no limit), so results are different cases.")
 @click.option("--by-series", is_flag=True,
               help="Treat each IMAGE (a DICOM series folder or a NIfTI volume) as one case and rank stored cases.")
+@click.option("--no-pictures", is_flag=True, help="Write no mask, overlay or matches files (nothing in --out).")
 @store_options
 @model_options
 @friendly_errors
-def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_dir, weights, device):
+def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, db_url, index_dir, weights, device):
     """Find the K stored slices most similar to each query IMAGE.
 
     Writes the lung mask (0/255, the image's own size), an overlay of the lung contour and a
-    strip of the query beside its neighbours (<name>_matches.png) for each query to --out,
-    then prints the neighbours.
+    strip of the query beside its best 8 neighbours (<name>_matches.png) for each query to
+    --out (unless --no-pictures), then prints the neighbours.
 
     \b
     Example:
@@ -202,25 +205,30 @@ def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_
         if _query_series(retriever, images, k, filters, as_json):
             sys.exit(EXIT_SOME_FAILED)
         return
-    folder = _ensure_folder(out)
+    folder = None if no_pictures else _ensure_folder(out)
     inputs, failures = _read_inputs(images)
     for path, slices in inputs:
         for result in retriever.query_slices(slices, k, filters, per_patient):
-            name = result.query.name
-            mask_path, overlay_path = folder / f"{name}_mask.png", folder / f"{name}_overlay.png"
-            write_png(str(mask_path), mask_png(result.mask))
-            query_overlay = overlay(result.query, result.mask)
-            write_png(str(overlay_path), query_overlay)
-            matches_path = folder / f"{name}_matches.png"
-            write_png(str(matches_path), match_strip(query_overlay, _neighbor_pictures(retriever, result)))
+            mask_path = overlay_path = matches_path = None
+            if folder is not None:
+                name = result.query.name
+                mask_path, overlay_path = folder / f"{name}_mask.png", folder / f"{name}_overlay.png"
+                write_png(str(mask_path), mask_png(result.mask))
+                query_overlay = overlay(result.query, result.mask)
+                write_png(str(overlay_path), query_overlay)
+                matches_path = folder / f"{name}_matches.png"
+                pictures = [(overlay(item, mask), f"#{neighbor.rank}  {neighbor.score:.3f}") for neighbor, item, mask
+                            in retriever.neighbor_slices(result.neighbors[:MATCH_PICTURE_NEIGHBORS])]
+                write_png(str(matches_path), match_strip(query_overlay, pictures))
             if as_json:
                 click.echo(json.dumps({
-                    "query": path, "mask": str(mask_path), "overlay": str(overlay_path),
-                    "matches": str(matches_path),
+                    "query": path, "mask": _text(mask_path), "overlay": _text(overlay_path),
+                    "matches": _text(matches_path),
                     "lung_fraction": round(result.lung_fraction, 6),
                     "neighbors": [n.to_json() for n in result.neighbors]}))
             else:
-                click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}  mask {mask_path}")
+                shown = f"  mask {mask_path}" if mask_path else ""
+                click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}{shown}")
                 click.echo(f"  {'rank':>4}  {'score':>6}  {'patient/series/slice':<32}  path  labels")
                 for n in result.neighbors:
                     where = "/".join(str(v) if v is not None else "-" for v in
@@ -231,19 +239,8 @@ def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_
         sys.exit(EXIT_SOME_FAILED)
 
 
-def _neighbor_pictures(retriever, result) -> list:
-    """Overlays of the neighbours (their own masks) captioned with rank and score."""
-    from .visualize import overlay
-
-    found = []
-    for neighbor in result.neighbors:
-        try:
-            found.append((neighbor, retriever.stored_slice(neighbor.id)))
-        except LungCBIRError:
-            continue  # the stored file is gone; the table still lists it
-    segmentations = retriever.segment_slices([item for _, item in found])  # one batched model call
-    return [(overlay(item, segmentation.mask), f"#{neighbor.rank}  {neighbor.score:.3f}")
-            for (neighbor, item), segmentation in zip(found, segmentations)]
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _query_series(retriever, inputs, k, filters, as_json) -> bool:

@@ -18,7 +18,7 @@ import numpy as np
 from .errors import LungCBIRError, ReadError, StoreError
 from .inference import LungModel, Segmentation
 from .io import CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file
-from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store, safe_url
+from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store, encode_mask, safe_url
 
 #: Files read before a batch goes through the model and into the database.
 FILES_PER_COMMIT = 64
@@ -261,7 +261,7 @@ class Retriever:
                            instance_number=item.instance_number, slice_location=item.slice_location,
                            slice_index=item.slice_index, pixel_spacing_row=spacing[0],
                            pixel_spacing_col=spacing[1], labels=labels, lung_fraction=result.lung_fraction,
-                           model_id=self.model.model_id)
+                           model_id=self.model.model_id, mask_png=encode_mask(result.mask))
 
     def query(self, image: str | os.PathLike | CTSlice | np.ndarray, k: int = 5,
               where: dict[str, str] | None = None, per_patient: int = 1) -> QueryResult:
@@ -281,6 +281,31 @@ class Retriever:
             raise LungCBIRError(f"no stored image with id {image_id}")
         slices = read_file(record.path)
         return slices[min(record.frame, len(slices) - 1)]
+
+    def stored_masks(self, stored: Sequence[tuple[int, CTSlice]]) -> list[np.ndarray]:
+        """Lung masks of stored slices, given as (row id, slice read back from its file).
+
+        The mask kept in the row is used; the model runs (once, batched) only for rows without
+        one (indexed before masks were kept) or whose file no longer has the stored size.
+        """
+        kept = self.store(create=False).masks([image_id for image_id, _ in stored])
+        masks = [kept.get(image_id) for image_id, _ in stored]
+        redo = [n for n, ((_, item), mask) in enumerate(zip(stored, masks)) if mask is None or mask.shape != item.shape]
+        for n, segmentation in zip(redo, self.segment_slices([stored[n][1] for n in redo]) if redo else []):
+            masks[n] = segmentation.mask
+        return masks  # type: ignore[return-value]
+
+    def neighbor_slices(self, neighbors: Sequence[Neighbor]) -> list[tuple[Neighbor, CTSlice, np.ndarray]]:
+        """Each neighbour with its stored slice, read back from its file, and its lung mask
+        (:meth:`stored_masks`); neighbours whose file is gone are left out."""
+        found = []
+        for neighbor in neighbors:
+            try:
+                found.append((neighbor, self.stored_slice(neighbor.id)))
+            except LungCBIRError:
+                continue  # the stored file is gone; the table still lists it
+        masks = self.stored_masks([(neighbor.id, item) for neighbor, item in found])
+        return [(neighbor, item, mask) for (neighbor, item), mask in zip(found, masks)]
 
     def query_series(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
                      pairs: int = 3) -> list[SeriesMatch]:

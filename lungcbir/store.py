@@ -17,10 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
+import cv2
 import faiss
 import numpy as np
 from sqlalchemy import (JSON, DateTime, Float, Integer, LargeBinary, String, Text, UniqueConstraint,
-                        create_engine, delete, func, or_, select)
+                        create_engine, delete, func, inspect, or_, select)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -81,6 +82,10 @@ class ImageRecord(Base):
     model_id: Mapped[str] = mapped_column(String(32), index=True)
     indexed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     vector: Mapped[bytes] = mapped_column(LargeBinary)
+    #: the lung mask at the slice's own size (:func:`encode_mask`), so pictures of a stored
+    #: slice need no model run; NULL in rows indexed before masks were kept. Deferred: loaded
+    #: only by :meth:`Store.masks`.
+    mask_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
 
 class StoreSetting(Base):
@@ -166,6 +171,7 @@ class Store:
             engine = create_engine(url)
             with engine.begin() as connection:
                 Base.metadata.create_all(connection)
+            _add_missing_columns(engine)
         except SQLAlchemyError as error:
             raise StoreError(f"cannot open database {safe_url(db_url)}: {_reason(error)}") from None
         return engine
@@ -310,6 +316,22 @@ class Store:
             for row in rows:
                 session.expunge(row)
         return {row.id: row for row in rows}
+
+    def masks(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """The lung masks kept in these rows, by id (rows without one are left out)."""
+        ids = [int(i) for i in ids]
+        found: dict[int, np.ndarray] = {}
+        try:
+            with Session(self.engine) as session:
+                for start in range(0, len(ids), 5000):
+                    rows = session.execute(select(ImageRecord.id, ImageRecord.mask_png).where(
+                        ImageRecord.id.in_(ids[start:start + 5000]), ImageRecord.mask_png.is_not(None)))
+                    for row_id, data in rows:
+                        with contextlib.suppress(StoreError):  # a damaged mask is made again
+                            found[row_id] = decode_mask(data)
+        except SQLAlchemyError:
+            return {}  # a database that could not be given the column: masks are made again
+        return found
 
     def ids_matching(self, where: Mapping[str, str]) -> np.ndarray:
         """Sorted ids of the rows matching every ``KEY=VALUE`` of ``where``, decided in SQL.
@@ -629,6 +651,42 @@ def _insert_ignoring_duplicates(dialect: str, rows: list[dict]):
     else:
         raise StoreError(f"unsupported database backend {dialect!r}; use SQLite or PostgreSQL")
     return insert(ImageRecord).values(rows).on_conflict_do_nothing()
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the columns newer than a database (``images.mask_png``), so older ones keep working.
+
+    A database that cannot be altered (read-only) is used as it is: its rows have no masks.
+    """
+    table = ImageRecord.__table__
+    present = {column["name"] for column in inspect(engine).get_columns(table.name)}
+    for column in table.columns:
+        if column.name in present or not column.nullable:
+            continue
+        kind = column.type.compile(dialect=engine.dialect)
+        # IF NOT EXISTS: another process may add it at the same moment (SQLite serialises writers)
+        guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""
+        try:
+            with engine.begin() as connection:
+                connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {guard}{column.name} {kind}")
+        except SQLAlchemyError:
+            pass  # added meanwhile by another process, or read-only; Store.masks copes with both
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """A boolean mask as a 1-bit PNG: about 1.2 KB for a 512 x 512 lung mask (zlib level 6)."""
+    ok, data = cv2.imencode(".png", mask.astype(np.uint8),
+                            [cv2.IMWRITE_PNG_BILEVEL, 1, cv2.IMWRITE_PNG_COMPRESSION, 6])
+    if not ok:
+        raise StoreError("cannot encode a lung mask")
+    return data.tobytes()
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if pixels is None:
+        raise StoreError("a stored lung mask is not a readable PNG")
+    return pixels > 0
 
 
 def encode_vector(vector: np.ndarray) -> bytes:

@@ -179,3 +179,45 @@ def test_query_by_series_source_without_readable_files(run, phantom_dir, tmp_pat
     assert result.exit_code == 1 and "only.dcm" in result.output and "Traceback" not in result.output
     answers = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
     assert [a["query"] for a in answers] == [str(phantom_dir / "dicom" / "phantom02")]
+
+
+@pytest.fixture
+def segment_calls(monkeypatch):
+    """Counts the slices each call of the model's segment is given."""
+    from lungcbir.inference import LungModel
+
+    calls = []
+    original = LungModel.segment
+
+    def counting(self, slices, batch_size=16):
+        calls.append(len(slices))
+        return original(self, slices, batch_size)
+
+    monkeypatch.setattr(LungModel, "segment", counting)
+    return calls
+
+
+def test_query_k60_runs_the_model_for_the_query_only(run, phantom_dir, tmp_path, segment_calls):
+    assert run("index-dataset", str(phantom_dir / "png"), str(phantom_dir / "dicom"), "--quiet").exit_code == 0
+    image = str(phantom_dir / "png" / "phantom01" / "phantom01_s002.png")
+    segment_calls.clear()
+    result = run("query", image, "--k", "60", "--per-patient", "0", "--out", str(tmp_path / "out"), "--json")
+    assert result.exit_code == 0, result.output
+    assert segment_calls == [1]  # the stored neighbours' masks come from their rows
+    answer = json.loads(result.output)
+    assert len(answer["neighbors"]) == 24
+    strip, single = cv2.imread(answer["matches"]), cv2.imread(answer["overlay"])
+    assert strip.shape[0] == 256 and strip.shape[1] < 10 * (256 + 4)  # the query and at most 8 neighbours
+
+
+def test_query_no_pictures_writes_no_files(run, phantom_dir, tmp_path, segment_calls):
+    assert run("index-dataset", str(phantom_dir / "png"), "--quiet").exit_code == 0
+    image = str(phantom_dir / "png" / "phantom01" / "phantom01_s002.png")
+    out = tmp_path / "out"
+    result = run("query", image, "--k", "5", "--out", str(out), "--json", "--no-pictures")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["mask"] is None and answer["overlay"] is None and answer["matches"] is None
+    assert answer["neighbors"] and not out.exists()
+    table = run("query", image, "--k", "5", "--out", str(out), "--no-pictures")
+    assert table.exit_code == 0 and "rank" in table.output and not out.exists()

@@ -125,3 +125,27 @@ def retriever_probe():
     pixels = np.full((64, 64), -900.0, np.float32)
     pixels[16:48, 8:28] = 40.0
     return CTSlice(pixels, "hu", "probe", "array")
+
+
+def test_stored_masks_come_from_the_rows_and_old_rows_fall_back_to_the_model(phantom_dir, tiny_weights,
+                                                                              store_paths, monkeypatch):
+    from sqlalchemy import text
+
+    from lungcbir.inference import LungModel
+
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "png" / "phantom01"])
+    stored = [(n.id, retriever.stored_slice(n.id))
+              for n in retriever.query(phantom_dir / "png" / "phantom01" / "phantom01_s001.png", k=4,
+                                       per_patient=0).neighbors]
+    made = [s.mask for s in retriever.segment_slices([item for _, item in stored])]
+    calls = []
+    original = LungModel.segment
+    monkeypatch.setattr(LungModel, "segment", lambda self, slices, batch_size=16: calls.append(len(slices))
+                        or original(self, slices, batch_size))
+    kept = retriever.stored_masks(stored)
+    assert calls == [] and all(np.array_equal(a, b) for a, b in zip(kept, made))
+    with retriever.store().engine.begin() as connection:  # rows indexed before masks were kept
+        connection.execute(text("UPDATE images SET mask_png = NULL WHERE id = :id"), {"id": stored[1][0]})
+    again = retriever.stored_masks(stored)
+    assert calls == [1] and all(np.array_equal(a, b) for a, b in zip(again, made))

@@ -150,3 +150,33 @@ def test_restricted_search_returns_k_matches_behind_nearer_others(store_paths, k
     assert np.all(np.diff(scores[0]) <= 1e-6)
     assert store.search(query, 50, restrict_to=wanted)[1].shape == (1, 30)
     assert store.search(query, 5, restrict_to=np.zeros(0, np.int64))[1].shape == (1, 0)
+
+
+def test_masks_are_kept_compressed_in_their_rows(store_paths):
+    from lungcbir.store import encode_mask
+
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    mask = np.zeros((30, 40), bool)
+    mask[5:20, 3:15] = True
+    rows = records(2)
+    rows[0].mask_png = encode_mask(mask)
+    ids = store.add(rows, unit(2))
+    kept = Store(**store_paths).masks(ids)
+    assert list(kept) == [ids[0]] and np.array_equal(kept[ids[0]], mask)  # none kept for the second
+
+
+def test_database_without_the_mask_column_gets_it_on_open(store_paths):
+    from sqlalchemy import inspect, text
+
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    ids = store.add(records(3), unit(3))
+    with store.engine.begin() as connection:  # as a database made before masks were kept
+        connection.execute(text("ALTER TABLE images DROP COLUMN mask_png"))
+    store.engine.dispose()
+    reopened = Store(**store_paths)
+    assert "mask_png" in {c["name"] for c in inspect(reopened.engine).get_columns("images")}
+    assert reopened.masks(ids) == {} and sorted(reopened.records(ids)) == ids
+    assert reopened.search(unit(1), 2)[1].shape == (1, 2)
+    Store(**store_paths)  # opening again (the column is there now) is fine

@@ -115,3 +115,14 @@ def test_internal_errors_do_not_leak(phantom_dir, tiny_weights, tmp_path):
     response = client.get("/api/stats")
     assert response.status_code == 503 and "not available" in response.json()["detail"]
     assert str(tmp_path) not in response.text
+
+
+def test_stored_overlay_uses_the_mask_kept_in_the_row(client, monkeypatch):
+    from lungcbir.inference import LungModel
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model ran for a stored slice whose mask is kept")
+
+    monkeypatch.setattr(LungModel, "segment", no_model)
+    picture = client.get("/api/images/1/overlay")
+    assert picture.status_code == 200 and picture.content[:4] == b"\x89PNG"
