@@ -206,7 +206,7 @@ def test_query_k60_runs_the_model_for_the_query_only(run, phantom_dir, tmp_path,
     assert segment_calls == [1]  # the stored neighbours' masks come from their rows
     answer = json.loads(result.output)
     assert len(answer["neighbors"]) == 24
-    strip, single = cv2.imread(answer["matches"]), cv2.imread(answer["overlay"])
+    strip = cv2.imread(answer["matches"])
     assert strip.shape[0] == 256 and strip.shape[1] < 10 * (256 + 4)  # the query and at most 8 neighbours
 
 
