@@ -112,13 +112,14 @@ def test_ids_matching_filters_labels_and_metadata_in_the_database(store_paths):
     store.check_model("m1", 8)
     ids = store.add(labelled([({"diagnosis": "a", "site": "x"}, "P1"), ({"diagnosis": "b"}, "P1"),
                               ({"diagnosis": "a", "site": "y"}, "P2"), ({}, None),
-                              ({"patient_id": "label wins"}, "P3")]), unit(5))
+                              ({"patient_id": "label wins"}, "P3"), ({"grade": 3}, "P4")]), unit(6))
     assert store.ids_matching({"diagnosis": "a"}).tolist() == [ids[0], ids[2]]
     assert store.ids_matching({"diagnosis": "a", "site": "y"}).tolist() == [ids[2]]
     assert store.ids_matching({"patient_id": "P1"}).tolist() == [ids[0], ids[1]]
     assert store.ids_matching({"patient_id": "label wins"}).tolist() == [ids[4]]
     assert store.ids_matching({"source_format": "png", "diagnosis": "b"}).tolist() == [ids[1]]
     assert store.ids_matching({"diagnosis": "c"}).tolist() == []
+    assert store.ids_matching({"grade": "3"}).tolist() == [ids[5]]  # compared as text
     assert store.ids_matching({'odd "key".x': "1"}).tolist() == []
 
 
