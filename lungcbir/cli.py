@@ -29,6 +29,8 @@ from .websecurity import (WebSettings, check_exposure, default_allowed_hosts, is
 
 EXIT_SOME_FAILED = 1
 EXIT_INTERRUPTED = 130
+#: Neighbours drawn in ``<name>_matches.png`` (the best ones); the table and JSON list all k.
+MATCH_PICTURE_NEIGHBORS = 8
 
 
 def friendly_errors(command):
@@ -182,15 +184,17 @@ def _read_inputs(paths):
               help="At most this many results per patient/series (0: no limit), so results are different cases.")
 @click.option("--by-series", is_flag=True,
               help="Treat each IMAGE (a DICOM series folder or a NIfTI volume) as one case and rank stored cases.")
+@click.option("--no-pictures", is_flag=True, help="Write no mask, overlay or matches files (nothing in --out).")
 @store_options
 @model_options
 @friendly_errors
-def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_dir, weights, device):
+def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, db_url, index_dir, weights, device):
     """Find the K stored slices most similar to each query IMAGE.
 
     Writes the lung mask (0/255, the image's own size), an overlay of the lung contour and a
-    strip of the query beside its neighbours (<name>_matches.png) for each query to --out,
-    plus, for a DICOM query, the mask as a DICOM SEG (<name>_seg.dcm); then prints the neighbours.
+    strip of the query beside its best 8 neighbours (<name>_matches.png) and, for a DICOM
+    query, the mask as a DICOM SEG (<name>_seg.dcm) for each query to --out (unless
+    --no-pictures), then prints the neighbours.
 
     \b
     Example:
@@ -201,36 +205,42 @@ def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_
     filters = parse_where(where)
     retriever = _retriever(db_url, index_dir, weights, device)
     if by_series:
-        _query_series(retriever, images, k, filters, as_json)
+        if _query_series(retriever, images, k, filters, as_json):
+            sys.exit(EXIT_SOME_FAILED)
         return
-    folder = _ensure_folder(out)
+    folder = None if no_pictures else _ensure_folder(out)
     inputs, failures = _read_inputs(images)
     for path, slices in inputs:
         for result in retriever.query_slices(slices, k, filters, per_patient):
-            name = result.query.name
-            mask_path, overlay_path = folder / f"{name}_mask.png", folder / f"{name}_overlay.png"
-            write_png(str(mask_path), mask_png(result.mask))
-            query_overlay = overlay(result.query, result.mask)
-            write_png(str(overlay_path), query_overlay)
-            matches_path = folder / f"{name}_matches.png"
-            write_png(str(matches_path), match_strip(query_overlay, _neighbor_pictures(retriever, result)))
+            mask_path = overlay_path = matches_path = None
             written = {}
-            if result.query.source_format == "dicom":
-                try:
-                    seg = retriever.write_dicom_seg([result.query], folder / f"{name}_seg.dcm", [result.mask])
-                    written["seg"] = str(seg.path)
-                except (ReadError, SegError) as error:  # the rest of the answer still stands
-                    click.echo(f"failed: {error}", err=True)
-                    failures.append(error.path)
+            if folder is not None:
+                name = result.query.name
+                mask_path, overlay_path = folder / f"{name}_mask.png", folder / f"{name}_overlay.png"
+                write_png(str(mask_path), mask_png(result.mask))
+                query_overlay = overlay(result.query, result.mask)
+                write_png(str(overlay_path), query_overlay)
+                matches_path = folder / f"{name}_matches.png"
+                pictures = [(overlay(item, mask), f"#{neighbor.rank}  {neighbor.score:.3f}") for neighbor, item, mask
+                            in retriever.neighbor_slices(result.neighbors[:MATCH_PICTURE_NEIGHBORS])]
+                write_png(str(matches_path), match_strip(query_overlay, pictures))
+                if result.query.source_format == "dicom":
+                    try:
+                        seg = retriever.write_dicom_seg([result.query], folder / f"{name}_seg.dcm", [result.mask])
+                        written["seg"] = str(seg.path)
+                    except (ReadError, SegError) as error:  # the rest of the answer still stands
+                        click.echo(f"failed: {error}", err=True)
+                        failures.append(error.path)
             if as_json:
                 click.echo(json.dumps({
-                    "query": path, "mask": str(mask_path), "overlay": str(overlay_path),
-                    "matches": str(matches_path), **written,
+                    "query": path, "mask": _text(mask_path), "overlay": _text(overlay_path),
+                    "matches": _text(matches_path), **written,
                     "lung_fraction": round(result.lung_fraction, 6),
                     "neighbors": [n.to_json() for n in result.neighbors]}))
             else:
+                shown = f"  mask {mask_path}" if mask_path else ""
                 seg_note = f"  seg {written['seg']}" if "seg" in written else ""
-                click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}  mask {mask_path}{seg_note}")
+                click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}{shown}{seg_note}")
                 click.echo(f"  {'rank':>4}  {'score':>6}  {'patient/series/slice':<32}  path  labels")
                 for n in result.neighbors:
                     where = "/".join(str(v) if v is not None else "-" for v in
@@ -241,26 +251,20 @@ def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_
         sys.exit(EXIT_SOME_FAILED)
 
 
-def _neighbor_pictures(retriever, result) -> list:
-    """Overlays of the neighbours (their own masks) captioned with rank and score."""
-    from .visualize import overlay
-
-    found = []
-    for neighbor in result.neighbors:
-        try:
-            found.append((neighbor, retriever.stored_slice(neighbor.id)))
-        except LungCBIRError:
-            continue  # the stored file is gone; the table still lists it
-    segmentations = retriever.segment_slices([item for _, item in found])  # one batched model call
-    return [(overlay(item, segmentation.mask), f"#{neighbor.rank}  {neighbor.score:.3f}")
-            for (neighbor, item), segmentation in zip(found, segmentations)]
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
-def _query_series(retriever, inputs, k, filters, as_json):
+def _query_series(retriever, inputs, k, filters, as_json) -> bool:
+    """Answer every source (a series folder or a volume); True when any file of any source failed."""
     from .io import dicom_series_positions
 
+    any_failed = False
     for source in inputs:
         readable, failures = _read_inputs([source])
+        any_failed = any_failed or bool(failures)
+        if not readable:
+            continue  # every file of this source failed; each was listed
         slices = [item for _, items in readable for item in items]
         positions = dicom_series_positions([path for path, _ in readable])
         slices.sort(key=lambda item: (positions.get(item.path, 0), item.frame))
@@ -277,8 +281,7 @@ def _query_series(retriever, inputs, k, filters, as_json):
             click.echo(f"  {m.rank:>3}  {m.score:6.3f}  {m.case}")
             for q, n in m.pairs:
                 click.echo(f"         query slice {q} ~ {n.path} (slice {n.slice_index}, {n.score:.3f})")
-        if failures:
-            sys.exit(EXIT_SOME_FAILED)
+    return any_failed
 
 
 @main.command()

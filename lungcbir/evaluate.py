@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from .inference import LungModel
-from .io import read_file
+from .io import read_file, read_mask
 from .train import dice_score
 
 
@@ -48,6 +48,10 @@ def evaluate_segmentation(model: LungModel, pairs: Sequence[tuple[str, str]],
                           batch_size: int = 16) -> SegmentationEvaluation:
     """Score the model on (image, mask) file pairs; masks compared at the truth's resolution.
 
+    Masks are read as masks (:func:`~lungcbir.io.read_mask`), so a ground truth without lungs
+    (a slice above or below them) is scored like any other: with an empty prediction it counts
+    as Dice and IoU 1, with any predicted lung pixel as 0.
+
     Example:
         >>> evaluation = evaluate_segmentation(LungModel.load(), [("ct.png", "mask.png")])  # doctest: +SKIP
         >>> evaluation.summary()["dice_mean"]                                                # doctest: +SKIP
@@ -56,7 +60,7 @@ def evaluate_segmentation(model: LungModel, pairs: Sequence[tuple[str, str]],
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         slices = [read_file(image)[0] for image, _ in chunk]
-        truths = [read_file(mask)[0].pixels > 0 for _, mask in chunk]
+        truths = [read_mask(mask) for _, mask in chunk]  # not read_file: it refuses constant images
         for (image, _), truth, result in zip(chunk, truths, model.segment(slices, batch_size)):
             scores.append(ImageScore(image, dice_score(result.mask, truth), iou_score(result.mask, truth)))
     return SegmentationEvaluation(scores)

@@ -135,14 +135,16 @@ class Encoded:
 
 
 def encode(model: LungModel, slices: Sequence[CTSlice], batch_size: int = 32) -> Encoded:
+    """Run the network on the model's device; the results are gathered on the CPU."""
     bottlenecks, probabilities = [], []
     with torch.inference_mode():
         for start in range(0, len(slices), batch_size):
             inputs = np.stack([model.prepare(s)[0] for s in slices[start:start + batch_size]])
-            batch = torch.from_numpy(inputs[:, None]).to(memory_format=torch.channels_last)
+            batch = torch.from_numpy(inputs[:, None]).to(model.device).to(memory_format=torch.channels_last)
             logits, bottleneck = model.network.forward_with_bottleneck(batch)
-            bottlenecks.append(bottleneck.float())
-            probabilities.append(torch.sigmoid(logits[:, :1].float()))  # channel 0: lungs
+            # to the CPU batch by batch: device memory stays bounded and numpy can read them
+            bottlenecks.append(bottleneck.float().cpu())
+            probabilities.append(torch.sigmoid(logits[:, :1].float()).cpu())  # channel 0: lungs
     probability = torch.cat(probabilities)
     return Encoded(torch.cat(bottlenecks), probability, (probability[:, 0] > 0.5).float().mean((1, 2)).numpy())
 
@@ -287,11 +289,11 @@ def standard_comparison(model: LungModel, segmentation_only: LungModel | None = 
     items = load_benchmark(root)
     slices = [i.slice for i in items]
     trained = encode(model, slices)
-    bundled = LungModel.load()
+    bundled = LungModel.load(device=model.device)
     reference = trained if model.model_id == bundled.model_id else encode(bundled, slices)
     assign_levels(items, reference.lung_fractions)
     torch.manual_seed(0)
-    random_model = LungModel(type(model.network)(model.settings.unet), model.settings, "random")
+    random_model = LungModel(type(model.network)(model.settings.unet), model.settings, "random", model.device)
     # the random network's lung map is noise, so it is pooled without one; the segmentation-only
     # network is pooled like ours, so that the difference is the training
     features = {"raw pixels": raw_pixel_features(slices),

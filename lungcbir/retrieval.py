@@ -21,13 +21,17 @@ import numpy as np
 from .errors import LungCBIRError, ReadError, StoreError
 from .inference import LungModel, Segmentation
 from .io import CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file
-from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store, safe_url
+from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store, encode_mask, safe_url
 
 if TYPE_CHECKING:
     from .dicom_seg import SegWritten
 
 #: Files read before a batch goes through the model and into the database.
 FILES_PER_COMMIT = 64
+#: Per-patient collapsing first looks at this many candidates per result (at least
+#: MIN_CANDIDATES), four times more on each round until k cases are found or none are left.
+CANDIDATES_PER_RESULT = 50
+MIN_CANDIDATES = 500
 
 
 @dataclass
@@ -309,7 +313,7 @@ class Retriever:
                            instance_number=item.instance_number, slice_location=item.slice_location,
                            slice_index=item.slice_index, pixel_spacing_row=spacing[0],
                            pixel_spacing_col=spacing[1], labels=labels, lung_fraction=result.lung_fraction,
-                           model_id=self.model.model_id)
+                           model_id=self.model.model_id, mask_png=encode_mask(result.mask))
 
     def query(self, image: str | os.PathLike | CTSlice | np.ndarray, k: int = 5,
               where: dict[str, str] | None = None, per_patient: int = 1) -> QueryResult:
@@ -329,6 +333,31 @@ class Retriever:
             raise LungCBIRError(f"no stored image with id {image_id}")
         slices = read_file(record.path)
         return slices[min(record.frame, len(slices) - 1)]
+
+    def stored_masks(self, stored: Sequence[tuple[int, CTSlice]]) -> list[np.ndarray]:
+        """Lung masks of stored slices, given as (row id, slice read back from its file).
+
+        The mask kept in the row is used; the model runs (once, batched) only for rows without
+        one (indexed before masks were kept) or whose file no longer has the stored size.
+        """
+        kept = self.store(create=False).masks([image_id for image_id, _ in stored])
+        masks = [kept.get(image_id) for image_id, _ in stored]
+        redo = [n for n, ((_, item), mask) in enumerate(zip(stored, masks)) if mask is None or mask.shape != item.shape]
+        for n, segmentation in zip(redo, self.segment_slices([stored[n][1] for n in redo]) if redo else []):
+            masks[n] = segmentation.mask
+        return masks  # type: ignore[return-value]
+
+    def neighbor_slices(self, neighbors: Sequence[Neighbor]) -> list[tuple[Neighbor, CTSlice, np.ndarray]]:
+        """Each neighbour with its stored slice, read back from its file, and its lung mask
+        (:meth:`stored_masks`); neighbours whose file is gone are left out."""
+        found = []
+        for neighbor in neighbors:
+            try:
+                found.append((neighbor, self.stored_slice(neighbor.id)))
+            except LungCBIRError:
+                continue  # the stored file is gone; the table still lists it
+        masks = self.stored_masks([(neighbor.id, item) for neighbor, item in found])
+        return [(neighbor, item, mask) for (neighbor, item), mask in zip(found, masks)]
 
     def query_series(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
                      pairs: int = 3) -> list[SeriesMatch]:
@@ -368,31 +397,53 @@ class Retriever:
             raise LungCBIRError(f"the database was indexed with model {store.model_id}, "
                                 f"but the model in use is {self.model.model_id}")
         results = self.segment_slices(slices)
-        # filters and per-patient collapsing work on a larger candidate list, then cut to k
-        candidates = k if not (where or per_patient) else max(k * 50, 500)
-        scores, ids = store.search(np.stack([r.vector for r in results]), candidates)
-        rows = store.records(ids[ids >= 0].ravel())
-        answers = []
-        for item, result, row_scores, row_ids in zip(slices, results, scores, ids):
-            neighbors = []
-            per_case: dict[str, int] = {}
-            for score, identifier in zip(row_scores, row_ids):
-                record = rows.get(int(identifier))
-                if record is None or not _matches(record, where):
-                    continue  # removed since the index was read, or filtered out
-                if len(neighbors) == k:
-                    break
-                if per_patient:
-                    case = case_key(record)
-                    if per_case.get(case, 0) >= per_patient:
-                        continue
-                    per_case[case] = per_case.get(case, 0) + 1
-                neighbors.append(Neighbor(rank=len(neighbors) + 1, id=record.id, path=record.path,
-                                          score=float(score), patient_id=record.patient_id,
-                                          series_uid=record.series_uid, slice_index=record.slice_index,
-                                          labels=dict(record.labels or {})))
-            answers.append(QueryResult(item, result.mask, result.lung_fraction, neighbors))
-        return answers
+        allowed = store.ids_matching(where) if where else None  # the filter is decided in the database
+        found = self._nearest(store, np.stack([r.vector for r in results]), k, allowed, per_patient)
+        return [QueryResult(item, result.mask, result.lung_fraction, neighbors)
+                for item, result, neighbors in zip(slices, results, found)]
+
+    def _nearest(self, store: Store, vectors: np.ndarray, k: int, allowed: np.ndarray | None,
+                 per_patient: int) -> list[list[Neighbor]]:
+        """The k best neighbours of each vector among ``allowed`` rows, at most ``per_patient``
+        of one case: the candidate list grows until k are found or the store is exhausted."""
+        fetch = max(k * CANDIDATES_PER_RESULT, MIN_CANDIDATES) if per_patient else k
+        answers: list[list[Neighbor] | None] = [None] * len(vectors)
+        pending = list(range(len(vectors)))
+        while pending:
+            scores, ids = store.search(vectors[pending], fetch, restrict_to=allowed)
+            rows = store.records(np.unique(ids[ids >= 0]))
+            exhausted = ids.shape[1] < fetch  # every (allowed) stored vector was a candidate
+            still = []
+            for number, row_scores, row_ids in zip(pending, scores, ids):
+                neighbors = _collapse(row_scores, row_ids, rows, k, per_patient)
+                if len(neighbors) == k or exhausted:
+                    answers[number] = neighbors
+                else:
+                    still.append(number)
+            pending, fetch = still, fetch * 4
+        return answers  # type: ignore[return-value]
+
+
+def _collapse(scores: np.ndarray, ids: np.ndarray, rows: dict[int, ImageRecord], k: int,
+              per_patient: int) -> list[Neighbor]:
+    """The first k candidates (best first) with at most ``per_patient`` of one case (0: any)."""
+    neighbors: list[Neighbor] = []
+    per_case: dict[str, int] = {}
+    for score, identifier in zip(scores, ids):
+        record = rows.get(int(identifier))
+        if record is None:
+            continue  # removed since the index was read
+        if len(neighbors) == k:
+            break
+        if per_patient:
+            case = case_key(record)
+            if per_case.get(case, 0) >= per_patient:
+                continue
+            per_case[case] = per_case.get(case, 0) + 1
+        neighbors.append(Neighbor(rank=len(neighbors) + 1, id=record.id, path=record.path, score=float(score),
+                                  patient_id=record.patient_id, series_uid=record.series_uid,
+                                  slice_index=record.slice_index, labels=dict(record.labels or {})))
+    return neighbors
 
 
 def case_key(record: ImageRecord | Neighbor) -> str:
@@ -402,14 +453,3 @@ def case_key(record: ImageRecord | Neighbor) -> str:
     if record.series_uid:
         return f"series:{record.series_uid}"
     return f"file:{record.path}"
-
-
-def _matches(record: ImageRecord, where: dict[str, str] | None) -> bool:
-    for key, wanted in (where or {}).items():
-        value = (record.labels or {}).get(key, getattr(record, key, None) if key in _FILTERABLE else None)
-        if value is None or str(value) != str(wanted):
-            return False
-    return True
-
-
-_FILTERABLE = {"patient_id", "series_uid", "study_uid", "source_format"}

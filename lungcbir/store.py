@@ -31,8 +31,9 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
+import cv2
 import faiss
 import numpy as np
 from sqlalchemy import (JSON, DateTime, Float, Integer, LargeBinary, String, Text, UniqueConstraint, cast,
@@ -73,6 +74,13 @@ REBUILD_ATTEMPTS = 3
 GENERATION_KEY = "generation"
 #: What the note records of the database state an index holds.
 STATE_KEYS = ("model_id", "dimension", "generation", "count", "min_id", "max_id")
+#: A search restricted to at most this many rows (a ``--where`` filter) is exact, over their
+#: vectors read from the database (about 1 KB each, so at most ~20 MB read): simpler than the
+#: index and exact for every index kind. Larger sets go through the FAISS index with an id
+#: selector, and fall back to the exact search where an approximate index found too few.
+EXACT_RESTRICTED_SEARCH_MAX = 20_000
+#: Metadata columns a filter may name; a label of the same name takes precedence.
+FILTER_COLUMNS = ("patient_id", "series_uid", "study_uid", "source_format")
 
 
 class Base(DeclarativeBase):
@@ -107,6 +115,10 @@ class ImageRecord(Base):
     model_id: Mapped[str] = mapped_column(String(32), index=True)
     indexed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     vector: Mapped[bytes] = mapped_column(LargeBinary)
+    #: the lung mask at the slice's own size (:func:`encode_mask`), so pictures of a stored
+    #: slice need no model run; NULL in rows indexed before masks were kept. Deferred: loaded
+    #: only by :meth:`Store.masks`.
+    mask_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
 
 class StoreSetting(Base):
@@ -292,6 +304,8 @@ class Store:
                     schema = connection.exec_driver_sql(
                         "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'images'").scalar()
                     self._assign_ids = "AUTOINCREMENT" not in (schema or "").upper()
+            if not self.read_only:
+                _add_missing_columns(engine)
         except SQLAlchemyError as error:
             raise StoreError(f"cannot open database {safe_url(db_url)}: {_reason(error)}") from None
         return engine
@@ -476,11 +490,47 @@ class Store:
         ids = [int(i) for i in ids]
         if not ids:
             return {}
+        rows = []
         with Session(self.engine, expire_on_commit=False) as session:
-            rows = session.scalars(select(ImageRecord).where(ImageRecord.id.in_(ids))).all()
+            for start in range(0, len(ids), 5000):  # bound the statement's parameter count
+                rows += session.scalars(select(ImageRecord).where(ImageRecord.id.in_(ids[start:start + 5000]))).all()
             for row in rows:
                 session.expunge(row)
         return {row.id: row for row in rows}
+
+    def masks(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """The lung masks kept in these rows, by id (rows without one are left out)."""
+        ids = [int(i) for i in ids]
+        found: dict[int, np.ndarray] = {}
+        try:
+            with Session(self.engine) as session:
+                for start in range(0, len(ids), 5000):
+                    rows = session.execute(select(ImageRecord.id, ImageRecord.mask_png).where(
+                        ImageRecord.id.in_(ids[start:start + 5000]), ImageRecord.mask_png.is_not(None)))
+                    for row_id, data in rows:
+                        with contextlib.suppress(StoreError):  # a damaged mask is made again
+                            found[row_id] = decode_mask(data)
+        except SQLAlchemyError:
+            return {}  # a database that could not be given the column: masks are made again
+        return found
+
+    def ids_matching(self, where: Mapping[str, str]) -> np.ndarray:
+        """Sorted ids of the rows matching every ``KEY=VALUE`` of ``where``, decided in SQL.
+
+        KEY is a label, or one of :data:`FILTER_COLUMNS` when the row has no label of that
+        name; values are compared as text (a label stored as the number 3 matches "3").
+        """
+        conditions = []
+        for key, value in where.items():
+            label = ImageRecord.labels[key].as_string()  # json_extract / ->>: text or NULL
+            column = getattr(ImageRecord, key) if key in FILTER_COLUMNS else None
+            conditions.append((label if column is None else func.coalesce(label, column)) == str(value))
+        try:
+            with Session(self.engine) as session:
+                found = session.scalars(select(ImageRecord.id).where(*conditions).order_by(ImageRecord.id))
+                return np.fromiter(found, dtype=np.int64)
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot read {safe_url(self.db_url)}: {_reason(error)}") from None
 
     def iter_vectors(self, chunk: int = REBUILD_CHUNK, after: int = -1,
                      up_to: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -661,16 +711,24 @@ class Store:
             rows = session.scalars(select(ImageRecord.vector).where(ImageRecord.id % step == 0).limit(size)).all()
         return np.stack([decode_vector(row) for row in rows]) if rows else np.zeros((0, self.dimension or 1), np.float32)
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Scores and ids of the ``k`` nearest stored vectors for each query vector.
+    def search(self, vectors: np.ndarray, k: int,
+               restrict_to: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids of the ``k`` nearest stored vectors for each query vector, best first.
 
-        No id comes twice in a row of the answer (where one was dropped, the row ends in id -1,
-        score -inf). Similarities beyond the query vector's norm (stored vectors are unit
-        vectors) mean a corrupt index: it is rebuilt from the database once, automatically;
-        if the rebuilt one answers such scores too, the stored vectors themselves are corrupt
-        and :class:`StoreError` says so.
+        ``restrict_to`` (row ids, e.g. from :meth:`ids_matching`) searches among those rows
+        only, so k of them come back however many other rows are nearer (see
+        :data:`EXACT_RESTRICTED_SEARCH_MAX`). No id comes twice in a row of the answer; missing
+        places are id -1, score -inf. Similarities beyond the query vector's norm (stored
+        vectors are unit vectors) mean a corrupt index: it is rebuilt from the database once,
+        automatically; if the rebuilt one answers such scores too, the stored vectors themselves
+        are corrupt and :class:`StoreError` says so.
         """
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if restrict_to is not None:
+            restrict_to = np.unique(np.asarray(restrict_to, dtype=np.int64))
+            if len(restrict_to) == 0:
+                return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
+            k = min(k, len(restrict_to))
         limit = np.linalg.norm(vectors, axis=1, keepdims=True) * (1 + SCORE_TOLERANCE) + SCORE_TOLERANCE
         with self._lock:
             for attempt in range(2):
@@ -679,13 +737,53 @@ class Store:
                     return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
                 if vectors.shape[1] != index.d:
                     raise StoreError(f"query vectors have dimension {vectors.shape[1]}, the index {index.d}")
-                scores, ids = index.search(vectors, min(k, index.ntotal))
+                scores, ids = self._search_index(index, vectors, k, restrict_to)
                 wrong = (ids >= 0) & ~(np.abs(scores) <= limit)  # NaN counts as wrong
                 if not wrong.any():
                     return _unique_per_row(scores, ids)
         raise StoreError(f"similarity {scores[wrong][0]:.3g} outside [-1, 1] from an index rebuilt from the "
                          f"database: some stored vectors are corrupt; `lungcbir check` counts them "
                          f"(remove and index their files again, then `lungcbir rebuild-index`)")
+
+    def _search_index(self, index: faiss.Index, vectors: np.ndarray, k: int,
+                      restrict_to: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if restrict_to is None:
+            return index.search(vectors, min(k, index.ntotal))
+        if len(restrict_to) <= EXACT_RESTRICTED_SEARCH_MAX:
+            return self._exact_search(vectors, k, restrict_to)
+        selector = faiss.IDSelectorBatch(restrict_to)
+        scores, ids = index.search(vectors, k, params=_search_parameters(index, selector))
+        short = (ids >= 0).sum(axis=1) < k  # an approximate index may miss some of a small subset
+        if short.any():
+            scores[short], ids[short] = self._exact_search(vectors[short], k, restrict_to)
+        return scores, ids
+
+    def _exact_search(self, vectors: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Brute-force top ``k`` among rows ``ids``, their vectors streamed from the database."""
+        best_scores = np.full((len(vectors), 0), -np.inf, np.float32)
+        best_ids = np.zeros((len(vectors), 0), np.int64)
+        with Session(self.engine) as session:
+            for start in range(0, len(ids), 1000):
+                rows = session.execute(select(ImageRecord.id, ImageRecord.vector)
+                                       .where(ImageRecord.id.in_(ids[start:start + 1000].tolist()))).all()
+                if not rows:
+                    continue
+                chunk_ids = np.array([row[0] for row in rows], np.int64)
+                chunk_scores = vectors @ np.stack([decode_vector(row[1]) for row in rows]).T
+                best_scores = np.hstack([best_scores, chunk_scores])
+                best_ids = np.hstack([best_ids, np.broadcast_to(chunk_ids, chunk_scores.shape)])
+                if best_scores.shape[1] > k:  # keep the running top k only
+                    keep = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
+                    best_scores = np.take_along_axis(best_scores, keep, 1)
+                    best_ids = np.take_along_axis(best_ids, keep, 1)
+        order = np.argsort(-best_scores, axis=1, kind="stable")
+        scores = np.take_along_axis(best_scores, order, 1)
+        found = np.take_along_axis(best_ids, order, 1)
+        missing = k - found.shape[1]  # rows removed since their ids were read
+        if missing > 0:
+            scores = np.hstack([scores, np.full((len(vectors), missing), -np.inf, np.float32)])
+            found = np.hstack([found, np.full((len(vectors), missing), -1, np.int64)])
+        return scores.astype(np.float32), found
 
     # -- writers and checks -------------------------------------------------------------------
 
@@ -845,6 +943,42 @@ def _unique_per_row(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np
     return unique_scores, unique_ids
 
 
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the columns newer than a database (``images.mask_png``), so older ones keep working.
+
+    A database that cannot be altered (read-only) is used as it is: its rows have no masks.
+    """
+    table = ImageRecord.__table__
+    present = {column["name"] for column in inspect(engine).get_columns(table.name)}
+    for column in table.columns:
+        if column.name in present or not column.nullable:
+            continue
+        kind = column.type.compile(dialect=engine.dialect)
+        # IF NOT EXISTS: another process may add it at the same moment (SQLite serialises writers)
+        guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""
+        try:
+            with engine.begin() as connection:
+                connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {guard}{column.name} {kind}")
+        except SQLAlchemyError:
+            pass  # added meanwhile by another process, or read-only; Store.masks copes with both
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """A boolean mask as a 1-bit PNG: about 1.2 KB for a 512 x 512 lung mask (zlib level 6)."""
+    ok, data = cv2.imencode(".png", mask.astype(np.uint8),
+                            [cv2.IMWRITE_PNG_BILEVEL, 1, cv2.IMWRITE_PNG_COMPRESSION, 6])
+    if not ok:
+        raise StoreError("cannot encode a lung mask")
+    return data.tobytes()
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if pixels is None:
+        raise StoreError("a stored lung mask is not a readable PNG")
+    return pixels > 0
+
+
 def encode_vector(vector: np.ndarray) -> bytes:
     return np.asarray(vector, dtype=VECTOR_DTYPE).tobytes()
 
@@ -893,6 +1027,18 @@ def describe_index(index: faiss.Index) -> str:
         return f"ivf (lists={ivf.nlist}, nprobe={ivf.nprobe}, float16)"
     except RuntimeError:
         return "flat (exact)"
+
+
+def _search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """Search parameters that keep the index's own tuning and search only ``selector``'s ids."""
+    try:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(index).nprobe)
+    except RuntimeError:
+        pass
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
+    if isinstance(inner, faiss.IndexHNSWFlat):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+    return faiss.SearchParameters(sel=selector)
 
 
 def _tune(index: faiss.Index) -> None:

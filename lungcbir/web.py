@@ -258,7 +258,7 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
         """The stored slice with its own lung contour."""
         item = stored_slice(image_id)
         with model_lock:
-            mask = retriever.segment_slices([item])[0].mask
+            mask = retriever.stored_masks([(image_id, item)])[0]  # kept in the row; the model only for old rows
         return Response(_png(overlay(item, mask)), media_type="image/png")
 
     @app.get("/api/stats")

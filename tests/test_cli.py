@@ -144,3 +144,80 @@ def test_query_by_series(run, phantom_dir):
     assert answer["slices"] == 6 and answer["cases"][0]["patient_id"] == "PHANTOM02"
     assert answer["cases"][0]["score"] == pytest.approx(1.0, abs=2e-3)
     assert len(answer["cases"]) == 2 and answer["cases"][0]["pairs"]
+
+
+def _series_with_broken_file(source, folder):
+    import shutil
+
+    shutil.copytree(source, folder)
+    (folder / "broken.dcm").write_bytes(b"DICM but not really")
+    return folder
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_query_by_series_failed_file_gives_status_1_after_every_source(run, phantom_dir, tmp_path, as_json):
+    assert run("index-dataset", str(phantom_dir / "dicom"), "--quiet").exit_code == 0
+    damaged = _series_with_broken_file(phantom_dir / "dicom" / "phantom01", tmp_path / "damaged")
+    clean = phantom_dir / "dicom" / "phantom02"
+    result = run("query", str(damaged), str(clean), "--by-series", "--k", "2", *(["--json"] if as_json else []))
+    assert result.exit_code == 1, result.output
+    assert "broken.dcm" in result.output and "failed:" in result.output
+    # the failure of the first source neither stops nor hides the answer to the second
+    if as_json:
+        answers = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+        assert [a["query"] for a in answers] == [str(damaged), str(clean)]
+    else:
+        assert f"{damaged}: 6 slices" in result.output and f"{clean}: 6 slices" in result.output
+
+
+def test_query_by_series_source_without_readable_files(run, phantom_dir, tmp_path):
+    assert run("index-dataset", str(phantom_dir / "dicom"), "--quiet").exit_code == 0
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "only.dcm").write_bytes(b"not a DICOM file")
+    result = run("query", str(broken), str(phantom_dir / "dicom" / "phantom02"), "--by-series", "--json")
+    assert result.exit_code == 1 and "only.dcm" in result.output and "Traceback" not in result.output
+    answers = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [a["query"] for a in answers] == [str(phantom_dir / "dicom" / "phantom02")]
+
+
+@pytest.fixture
+def segment_calls(monkeypatch):
+    """Counts the slices each call of the model's segment is given."""
+    from lungcbir.inference import LungModel
+
+    calls = []
+    original = LungModel.segment
+
+    def counting(self, slices, batch_size=16):
+        calls.append(len(slices))
+        return original(self, slices, batch_size)
+
+    monkeypatch.setattr(LungModel, "segment", counting)
+    return calls
+
+
+def test_query_k60_runs_the_model_for_the_query_only(run, phantom_dir, tmp_path, segment_calls):
+    assert run("index-dataset", str(phantom_dir / "png"), str(phantom_dir / "dicom"), "--quiet").exit_code == 0
+    image = str(phantom_dir / "png" / "phantom01" / "phantom01_s002.png")
+    segment_calls.clear()
+    result = run("query", image, "--k", "60", "--per-patient", "0", "--out", str(tmp_path / "out"), "--json")
+    assert result.exit_code == 0, result.output
+    assert segment_calls == [1]  # the stored neighbours' masks come from their rows
+    answer = json.loads(result.output)
+    assert len(answer["neighbors"]) == 24
+    strip = cv2.imread(answer["matches"])
+    assert strip.shape[0] == 256 and strip.shape[1] < 10 * (256 + 4)  # the query and at most 8 neighbours
+
+
+def test_query_no_pictures_writes_no_files(run, phantom_dir, tmp_path, segment_calls):
+    assert run("index-dataset", str(phantom_dir / "png"), "--quiet").exit_code == 0
+    image = str(phantom_dir / "png" / "phantom01" / "phantom01_s002.png")
+    out = tmp_path / "out"
+    result = run("query", image, "--k", "5", "--out", str(out), "--json", "--no-pictures")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["mask"] is None and answer["overlay"] is None and answer["matches"] is None
+    assert answer["neighbors"] and not out.exists()
+    table = run("query", image, "--k", "5", "--out", str(out), "--no-pictures")
+    assert table.exit_code == 0 and "rank" in table.output and not out.exists()

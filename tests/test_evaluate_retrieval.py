@@ -53,3 +53,31 @@ def test_compare_table_and_whitening():
     table = compare(items, {"a": vectors, "b": whiten(vectors, 8)})
     assert all(set(row.values) == {"a", "b"} for row in table)
     assert np.allclose(np.linalg.norm(whiten(vectors, 8), axis=1), 1.0, atol=1e-5)
+
+
+def test_encode_sends_batches_to_the_model_device(tiny_weights):
+    """`evaluate-retrieval --device cuda` must feed the network on its device, not on the CPU."""
+    import torch
+
+    from lungcbir.evaluate_retrieval import encode
+    from lungcbir.inference import LungModel
+
+    model = LungModel.load(tiny_weights)
+    channels = model.settings.unet.bottleneck_channels
+    seen = []
+
+    class RecordingNetwork:
+        """Records where its inputs live; answers with CPU tensors of the right shapes."""
+
+        def forward_with_bottleneck(self, batch):
+            seen.append(batch.device)
+            count, _, side, _ = batch.shape
+            return torch.zeros(count, 1, side, side), torch.ones(count, channels, side // 8, side // 8)
+
+    model.network = RecordingNetwork()
+    model.device = torch.device("meta")  # stands in for a GPU: any device other than the CPU's
+    slices = [CTSlice(np.random.default_rng(n).normal(size=(40, 40)).astype(np.float32), "unit", "x", "png")
+              for n in range(3)]
+    encoded = encode(model, slices, batch_size=2)
+    assert seen == [torch.device("meta")] * 2
+    assert encoded.bottlenecks.shape[0] == 3 and encoded.lung_fractions.shape == (3,)

@@ -79,3 +79,73 @@ def test_per_patient_collapses_cases(phantom_dir, tiny_weights, store_paths):
     two_each = retriever.query(probe, k=5, per_patient=2)
     assert len(two_each.neighbors) == 4
     assert len(retriever.query(probe, k=5, per_patient=0).neighbors) == 5
+
+
+def _store_around(retriever, probe, rows):
+    """Stored rows with vectors at chosen distances from ``probe``'s vector: (labels, patient, noise)."""
+    from lungcbir.store import ImageRecord
+
+    model, store = retriever.model, retriever.store()
+    store.check_model(model.model_id, model.dimension)
+    centre = model.segment([probe])[0].vector
+    rng = np.random.default_rng(0)
+    vectors = np.stack([centre + rng.normal(scale=noise, size=centre.shape) for _, _, noise in rows])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return store.add([ImageRecord(path=f"/archive/{n}.png", sha256=f"{n:064d}", frame=0, source_format="png",
+                                  width=8, height=8, labels=labels, patient_id=patient, lung_fraction=0.2,
+                                  model_id=model.model_id) for n, (labels, patient, _) in enumerate(rows)],
+                     vectors.astype(np.float32))
+
+
+def test_where_returns_k_matches_behind_many_nearer_others(tiny_weights, store_paths):
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    probe = retriever_probe()
+    ids = _store_around(retriever, probe, [({"group": "near"}, f"N{n}", 0.001) for n in range(700)]
+                        + [({"group": "far"}, f"F{n}", 0.05) for n in range(25)])
+    result = retriever.query(probe, k=8, where={"group": "far"}, per_patient=0)
+    assert len(result.neighbors) == 8 and {n.labels["group"] for n in result.neighbors} == {"far"}
+    assert {n.id for n in result.neighbors} <= set(ids[700:])
+    collapsed = retriever.query(probe, k=8, where={"group": "far"})  # per patient: 25 patients
+    assert len(collapsed.neighbors) == 8
+
+
+def test_per_patient_returns_k_cases_behind_one_patients_many_slices(tiny_weights, store_paths):
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    probe = retriever_probe()
+    _store_around(retriever, probe, [({}, "SAME", 0.001) for _ in range(700)]
+                  + [({}, f"P{n}", 0.05) for n in range(12)])
+    result = retriever.query(probe, k=10, per_patient=1)
+    assert len(result.neighbors) == 10 and len({n.patient_id for n in result.neighbors}) == 10
+    assert len(retriever.query(probe, k=30, per_patient=1).neighbors) == 13  # every case, no more
+
+
+def retriever_probe():
+    from lungcbir.io import CTSlice
+
+    pixels = np.full((64, 64), -900.0, np.float32)
+    pixels[16:48, 8:28] = 40.0
+    return CTSlice(pixels, "hu", "probe", "array")
+
+
+def test_stored_masks_come_from_the_rows_and_old_rows_fall_back_to_the_model(phantom_dir, tiny_weights,
+                                                                              store_paths, monkeypatch):
+    from sqlalchemy import text
+
+    from lungcbir.inference import LungModel
+
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "png" / "phantom01"])
+    stored = [(n.id, retriever.stored_slice(n.id))
+              for n in retriever.query(phantom_dir / "png" / "phantom01" / "phantom01_s001.png", k=4,
+                                       per_patient=0).neighbors]
+    made = [s.mask for s in retriever.segment_slices([item for _, item in stored])]
+    calls = []
+    original = LungModel.segment
+    monkeypatch.setattr(LungModel, "segment", lambda self, slices, batch_size=16: calls.append(len(slices))
+                        or original(self, slices, batch_size))
+    kept = retriever.stored_masks(stored)
+    assert calls == [] and all(np.array_equal(a, b) for a, b in zip(kept, made))
+    with retriever.store().engine.begin() as connection:  # rows indexed before masks were kept
+        connection.execute(text("UPDATE images SET mask_png = NULL WHERE id = :id"), {"id": stored[1][0]})
+    again = retriever.stored_masks(stored)
+    assert calls == [1] and all(np.array_equal(a, b) for a, b in zip(again, made))

@@ -282,3 +282,84 @@ def test_read_only_commands_write_nothing(store_paths, tmp_path):
     assert reader.search(unit(1), 6)[1].shape == (1, 6)
     after = {name: os.stat(os.path.join(index_dir, name)).st_mtime_ns for name in os.listdir(index_dir)}
     assert after == before
+def labelled(labels_and_patients, start=0):
+    rows = records(len(labels_and_patients), start)
+    for row, (labels, patient) in zip(rows, labels_and_patients):
+        row.labels, row.patient_id = labels, patient
+    return rows
+
+
+def test_ids_matching_filters_labels_and_metadata_in_the_database(store_paths):
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    ids = store.add(labelled([({"diagnosis": "a", "site": "x"}, "P1"), ({"diagnosis": "b"}, "P1"),
+                              ({"diagnosis": "a", "site": "y"}, "P2"), ({}, None),
+                              ({"patient_id": "label wins"}, "P3"), ({"grade": 3}, "P4")]), unit(6))
+    assert store.ids_matching({"diagnosis": "a"}).tolist() == [ids[0], ids[2]]
+    assert store.ids_matching({"diagnosis": "a", "site": "y"}).tolist() == [ids[2]]
+    assert store.ids_matching({"patient_id": "P1"}).tolist() == [ids[0], ids[1]]
+    assert store.ids_matching({"patient_id": "label wins"}).tolist() == [ids[4]]
+    assert store.ids_matching({"source_format": "png", "diagnosis": "b"}).tolist() == [ids[1]]
+    assert store.ids_matching({"diagnosis": "c"}).tolist() == []
+    assert store.ids_matching({"grade": "3"}).tolist() == [ids[5]]  # compared as text
+    assert store.ids_matching({'odd "key".x': "1"}).tolist() == []
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("exact_up_to", [0, 10_000])  # 0: through the FAISS index with an id selector
+def test_restricted_search_returns_k_matches_behind_nearer_others(store_paths, kind, exact_up_to, monkeypatch):
+    import lungcbir.store
+
+    monkeypatch.setattr(lungcbir.store, "EXACT_RESTRICTED_SEARCH_MAX", exact_up_to)
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    query = unit(1, seed=5)
+    rng = np.random.default_rng(6)
+    near = query + rng.normal(scale=0.05, size=(700, 8)).astype(np.float32)  # nearer, not wanted
+    far = query + rng.normal(scale=0.8, size=(30, 8)).astype(np.float32)  # wanted
+    vectors = np.vstack([near, far])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.array(store.add(records(730), vectors))
+    index = store.rebuild_index(kind)
+    if kind == "ivf":  # one list searched: the selector alone finds too few, the exact fallback must step in
+        import faiss
+
+        faiss.extract_index_ivf(index).nprobe = 1
+    wanted = ids[700:]
+    scores, found = store.search(query, 12, restrict_to=wanted)
+    assert found.shape == (1, 12) and set(found[0].tolist()) <= set(wanted.tolist())
+    best = wanted[np.argsort(-(vectors[700:] @ query[0]))[:12]]
+    assert (np.isin(found[0], best)).mean() >= 0.9  # exact or nearly (IVF, HNSW)
+    assert np.all(np.diff(scores[0]) <= 1e-6)
+    assert store.search(query, 50, restrict_to=wanted)[1].shape == (1, 30)
+    assert store.search(query, 5, restrict_to=np.zeros(0, np.int64))[1].shape == (1, 0)
+
+
+def test_masks_are_kept_compressed_in_their_rows(store_paths):
+    from lungcbir.store import encode_mask
+
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    mask = np.zeros((30, 40), bool)
+    mask[5:20, 3:15] = True
+    rows = records(2)
+    rows[0].mask_png = encode_mask(mask)
+    ids = store.add(rows, unit(2))
+    kept = Store(**store_paths).masks(ids)
+    assert list(kept) == [ids[0]] and np.array_equal(kept[ids[0]], mask)  # none kept for the second
+
+
+def test_database_without_the_mask_column_gets_it_on_open(store_paths):
+    from sqlalchemy import inspect, text
+
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    ids = store.add(records(3), unit(3))
+    with store.engine.begin() as connection:  # as a database made before masks were kept
+        connection.execute(text("ALTER TABLE images DROP COLUMN mask_png"))
+    store.engine.dispose()
+    reopened = Store(**store_paths)
+    assert "mask_png" in {c["name"] for c in inspect(reopened.engine).get_columns("images")}
+    assert reopened.masks(ids) == {} and sorted(reopened.records(ids)) == ids
+    assert reopened.search(unit(1), 2)[1].shape == (1, 2)
+    Store(**store_paths)  # opening again (the column is there now) is fine

@@ -520,3 +520,12 @@ def test_api_docs_load_nothing_from_other_hosts(client, page):
     assert not re.search(r"(https?:)?//", html.text.replace("window.location.origin", "")), html.text
     for reference in references:
         assert reference.startswith("/") and client.get(reference).status_code == 200, reference
+def test_stored_overlay_uses_the_mask_kept_in_the_row(client, monkeypatch):
+    from lungcbir.inference import LungModel
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model ran for a stored slice whose mask is kept")
+
+    monkeypatch.setattr(LungModel, "segment", no_model)
+    picture = client.get("/api/images/1/overlay")
+    assert picture.status_code == 200 and picture.content[:4] == b"\x89PNG"
