@@ -59,6 +59,7 @@ class CTSlice:
     patient_id: str | None = None
     study_uid: str | None = None
     series_uid: str | None = None
+    sop_uid: str | None = None  # DICOM SOP Instance UID, None when absent or empty
     instance_number: int | None = None
     slice_location: float | None = None
     pixel_spacing: tuple[float, float] | None = None
@@ -219,11 +220,25 @@ def _dicom_float(dataset, keyword: str) -> float | None:
 
 def read_dicom(path: str) -> CTSlice:
     """Read one DICOM file as Hounsfield units (RescaleSlope/Intercept applied)."""
+    return _read_dicom_from(path, path)
+
+
+def read_dicom_bytes(data: bytes, path: str) -> CTSlice:
+    """:func:`read_dicom` for a DICOM file held in memory (fetched from an archive, say);
+    ``path`` names it in the slice and in errors. The slice's ``sha256`` is that of ``data``."""
+    import io
+
+    item = _read_dicom_from(io.BytesIO(data), path)
+    item.sha256 = hashlib.sha256(data).hexdigest()
+    return item
+
+
+def _read_dicom_from(source, path: str) -> CTSlice:
     pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
 
     try:
-        dataset = pydicom.dcmread(path)
+        dataset = pydicom.dcmread(source)
     except InvalidDicomError:
         raise ReadError(path, "not a DICOM file") from None
     except Exception as error:  # pydicom raises many kinds on truncated files
@@ -256,6 +271,7 @@ def read_dicom(path: str) -> CTSlice:
         patient_id=_dicom_text(dataset, "PatientID"),
         study_uid=_dicom_text(dataset, "StudyInstanceUID"),
         series_uid=_dicom_text(dataset, "SeriesInstanceUID"),
+        sop_uid=_dicom_text(dataset, "SOPInstanceUID"),
         instance_number=int(instance) if instance not in (None, "") else None,
         slice_location=_dicom_float(dataset, "SliceLocation"),
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,

@@ -64,6 +64,7 @@ class ImageRecord(Base):
     patient_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     study_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
     series_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    sop_uid: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     slice_location: Mapped[float | None] = mapped_column(Float, nullable=True)
     slice_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -159,6 +160,7 @@ class Store:
             engine = create_engine(url)
             with engine.begin() as connection:
                 Base.metadata.create_all(connection)
+                _add_missing_columns(connection)
         except SQLAlchemyError as error:
             raise StoreError(f"cannot open database {safe_url(db_url)}: {_reason(error)}") from None
         return engine
@@ -199,6 +201,13 @@ class Store:
             rows = session.execute(select(ImageRecord.sha256, ImageRecord.frame)
                                    .where(ImageRecord.model_id == model_id))
             return {(sha, frame) for sha, frame in rows}
+
+    def known_sop_uids(self, model_id: str) -> set[str]:
+        """SOP Instance UIDs of every DICOM slice already indexed with this model."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(ImageRecord.sop_uid).where(
+                ImageRecord.model_id == model_id, ImageRecord.sop_uid.is_not(None)))
+            return set(rows)
 
     def add(self, records: Sequence[ImageRecord], vectors: np.ndarray) -> list[int]:
         """Insert rows with their vectors in one transaction, then update the index file.
@@ -514,6 +523,8 @@ class Store:
         with Session(self.engine) as session:
             rows = session.execute(select(ImageRecord.path, ImageRecord.sha256).distinct()).all()
         for path, digest in rows:
+            if path.startswith(("http://", "https://")):
+                continue  # indexed from a DICOMweb archive: not a local file, not fetched here
             if not os.path.exists(path):
                 problems.append(f"{path}: indexed file no longer exists")
             else:
@@ -541,6 +552,22 @@ class Store:
                           index_kind=f"{describe_index(index)}; setting {self.index_kind}",
                           database=safe_url(self.db_url), database_bytes=database_bytes,
                           index_bytes=self.index_path.stat().st_size if self.index_path.exists() else None)
+
+
+def _add_missing_columns(connection) -> None:
+    """Bring a database made by an older release up to date: add the nullable columns of
+    :class:`ImageRecord` that its ``images`` table lacks (existing rows get NULL there)."""
+    from sqlalchemy import inspect
+
+    present = {column["name"] for column in inspect(connection).get_columns(ImageRecord.__tablename__)}
+    for column in ImageRecord.__table__.columns:
+        if column.name in present or not column.nullable:
+            continue
+        kind = column.type.compile(dialect=connection.dialect)
+        connection.exec_driver_sql(f"ALTER TABLE {ImageRecord.__tablename__} ADD COLUMN {column.name} {kind}")
+        if column.index:
+            connection.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS ix_{ImageRecord.__tablename__}_{column.name} "
+                                       f"ON {ImageRecord.__tablename__} ({column.name})")
 
 
 def _reason(error: SQLAlchemyError) -> str:
