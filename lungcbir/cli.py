@@ -400,7 +400,8 @@ def _segment_to_seg(retriever, inputs, images, folder, shown=None) -> tuple[list
         written_all.append(written)
         derived = (f", identifiers derived for {written.sources_with_derived} of {len(item.slices)} source files"
                    if written.derived else "")
-        click.echo(f"{(shown or {}).get(item.source, item.source)} -> {written.path} ({written.frames} frames{derived})")
+        source = (shown or {}).get(item.source, item.source)
+        click.echo(f"{source} -> {written.path} ({written.frames} frames{derived})")
     return failures, written_all
 
 

@@ -26,6 +26,7 @@ from lungcbir.io import read_dicom, read_dicom_bytes
 from lungcbir.retrieval import Retriever
 from lungcbir.store import ImageRecord, Store
 from lungcbir.web import create_app
+from test_dicom_seg import dciodvfy
 
 
 def invoke(*args, env=None):
@@ -129,7 +130,8 @@ def test_an_older_database_gets_the_new_columns(tmp_path, phantom_dir, tiny_weig
 
 
 def test_query_json_neighbours_carry_study_and_sop_uids(phantom_dir, tiny_weights, tmp_path):
-    assert invoke("index-dataset", phantom_dir / "dicom", "--weights", tiny_weights, *store_args(tmp_path)).exit_code == 0
+    indexed = invoke("index-dataset", phantom_dir / "dicom", "--weights", tiny_weights, *store_args(tmp_path))
+    assert indexed.exit_code == 0, indexed.output
     query = next((phantom_dir / "dicom" / "phantom02").glob("*.dcm"))
     result = invoke("query", query, "--json", "--out", tmp_path / "out", "--weights", tiny_weights,
                     *store_args(tmp_path))
@@ -139,7 +141,30 @@ def test_query_json_neighbours_carry_study_and_sop_uids(phantom_dir, tiny_weight
     assert "url" not in first  # a local file, not a DICOMweb source
 
 
+def test_segment_from_a_url_needs_a_study_and_stow_needs_a_seg(tmp_path, tiny_weights):
+    no_study = invoke("segment", "http://127.0.0.1:9/dicom-web", "--out", tmp_path, "--weights", tiny_weights)
+    assert no_study.exit_code == 2 and "a DICOMweb URL input needs --study UID" in no_study.output
+    png_stow = invoke("segment", "http://127.0.0.1:9/dicom-web", "--study", "1.2", "--stow", "--out", tmp_path,
+                      "--weights", tiny_weights)
+    assert png_stow.exit_code == 2 and "--stow needs --format dicom-seg" in png_stow.output
+
+
 # -- against a real archive (Orthanc) --------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_cache_keeps_a_copy_and_rows_still_point_at_the_archive(dicomweb_archive, tiny_weights, tmp_path):
+    study = next(iter(dicomweb_archive["studies"]))
+    local = {sop: path for path, sop in dicomweb_archive["files"].items()
+             if dicomweb_archive["study_of"][path] == study}
+    result = invoke("index-dataset", dicomweb_archive["url"], "--study", study, "--cache", tmp_path / "cache",
+                    "--weights", tiny_weights, *store_args(tmp_path))
+    assert result.exit_code == 0, result.output
+    cached = {path.stem: path for path in (tmp_path / "cache").rglob("*.dcm")}
+    assert set(cached) == set(local)
+    for sop, path in cached.items():
+        assert np.array_equal(read_dicom(str(path)).pixels, read_dicom(local[sop]).pixels)
+    assert all(is_dicomweb_url(row.path) for row in rows(tmp_path))
 
 
 def archive_rows(tmp_path) -> list[ImageRecord]:
@@ -290,6 +315,8 @@ def test_round_trip_index_query_seg_stow_fetch_back(dicomweb_archive, bundled_we
         png = cv2.imread(str(tmp_path / "png" / f"{Path(path).stem}_mask.png"), cv2.IMREAD_UNCHANGED)
         assert np.array_equal(by_sop[files[path]].astype(bool), png > 0), path
     assert any(frame.any() for frame in frames)
+    fetched.save_as(tmp_path / "fetched_seg.dcm", enforce_file_format=True)
+    dciodvfy(tmp_path / "fetched_seg.dcm")  # what the archive gives back is still a valid SEG
 
     again = invoke("index-dataset", url, "--study", study, "--weights", bundled_weights, *db)
     assert again.exit_code == 0 and f"indexed 0, skipped {len(local)}" in again.output, again.output
