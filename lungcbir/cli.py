@@ -112,19 +112,29 @@ def main() -> None:
               help="Processes that read and decode files while the model runs.")
 @click.option("--commit-every", default=64, show_default=True, type=click.IntRange(1),
               help="Slices per database transaction; a killed run loses at most this many.")
+@click.option("--study", metavar="UID", help="DICOMweb sources: only this study.")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d"]), metavar="YYYY-MM-DD",
+              help="DICOMweb sources: only studies dated on or after this day.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
+              help="DICOMweb sources: keep a copy of every fetched instance in this folder.")
 @store_options
 @model_options
 @friendly_errors
-def index_dataset(paths, labels, exclude, batch_size, quiet, wait, workers, commit_every, db_url, index_dir,
-                  weights, device):
+def index_dataset(paths, labels, exclude, batch_size, quiet, wait, workers, commit_every, study, since, cache_dir,
+                  db_url, index_dir, weights, device):
     """Index every CT image under PATHS (folders are walked recursively).
 
-    Files already indexed (same SHA-256) are skipped; unreadable files are reported and
-    indexing goes on. Exit status 1 when some files failed (the rest is stored).
+    A PATH starting with http:// or https:// is a DICOMweb service root (a PACS): its CT
+    series are found with QIDO-RS and fetched with WADO-RS; credentials come from
+    LUNGCBIR_DICOMWEB_TOKEN or LUNGCBIR_DICOMWEB_USER/_PASSWORD.
+    Files already indexed (same SHA-256, or same SOP Instance UID) are skipped; unreadable
+    files are reported and indexing goes on. Exit status 1 when some files failed (the rest
+    is stored).
 
     \b
     Example:
       lungcbir index-dataset ../shared/data/kaggle-lungs-2d/images --labels labels.csv
+      lungcbir index-dataset http://localhost:8042/dicom-web --since 2024-01-01
     """
     from tqdm import tqdm
 
@@ -133,7 +143,8 @@ def index_dataset(paths, labels, exclude, batch_size, quiet, wait, workers, comm
     bar = tqdm(unit="file", disable=not _show_progress(quiet), file=sys.stderr)
     report = retriever.index_dataset(paths, labels=labels, exclude=exclude, wait=wait,
                                      on_total=lambda total: setattr(bar, "total", total),
-                                     on_file=lambda _: bar.update())
+                                     on_file=lambda _: bar.update(), study=study,
+                                     since=since.date() if since else None, cache_dir=cache_dir)
     bar.close()
     for failure in report.failures:
         click.echo(f"failed: {failure.path}: {failure.reason}", err=True)
@@ -292,24 +303,56 @@ def _query_series(retriever, inputs, k, filters, as_json) -> bool:
                    "Segmentation per DICOM series (<folder or file stem>_seg.dcm). "
                    "Default: PNG for 2-D inputs, NIfTI for NIfTI volumes.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--study", metavar="UID", help="For a DICOMweb URL input: the study whose CT series to segment.")
+@click.option("--stow", is_flag=True,
+              help="With --format dicom-seg and a DICOMweb URL input: also store each SEG in that archive (STOW-RS).")
 @model_options
 @friendly_errors
-def segment(images, out, output_format, batch_size, weights, device):
+def segment(images, out, output_format, batch_size, study, stow, weights, device):
     """Write lung masks for each IMAGE: PNG (0/255) for 2-D images, NIfTI for NIfTI volumes,
     or a DICOM SEG per DICOM series with --format dicom-seg.
+
+    An IMAGE starting with http:// or https:// is a DICOMweb service root: the CT series of
+    --study are fetched from it (a SEG is then named <series UID>_seg.dcm).
 
     \b
     Example:
       lungcbir segment slice.tif volume.nii.gz --out masks/
       lungcbir segment ../shared/data/covid-ct-md/covid/P001 --format dicom-seg --out segs/
+      lungcbir segment http://localhost:8042/dicom-web --study 1.2.3 --format dicom-seg --stow --out segs/
     """
+    import tempfile
+
+    from .dicomweb import DicomwebSource, is_dicomweb_url
+
+    urls = [image for image in images if is_dicomweb_url(image)]
+    if urls and not study:
+        raise click.UsageError("a DICOMweb URL input needs --study UID")
+    if stow and (output_format != "dicom-seg" or len(urls) != 1):
+        raise click.UsageError("--stow needs --format dicom-seg and one DICOMweb URL input")
     retriever = _retriever(weights=weights, device=device, batch_size=batch_size)
     folder = _ensure_folder(out)
-    inputs, failures = _read_inputs(images)
-    if output_format == "dicom-seg":
-        failures += _segment_to_seg(retriever, inputs, images, folder)
-    else:
-        failures += _segment_to_masks(retriever, inputs, output_format, folder)
+    with tempfile.TemporaryDirectory(prefix="lungcbir-dicomweb-") as download:
+        sources, shown, failures = [], {}, []
+        for url in urls:  # fetched to a temporary folder, then read like local series
+            source = DicomwebSource(url, cache_dir=Path(download) / str(len(sources)))
+            series_folders, fetch_failures = source.download(study)
+            for failure in fetch_failures:
+                click.echo(f"failed: {failure}", err=True)
+                failures.append(failure.path)
+            sources.append(source)
+            shown.update(series_folders)
+        local = [image for image in images if not is_dicomweb_url(image)] + sorted(shown)
+        inputs, unreadable = _read_inputs(local)
+        failures += unreadable
+        if output_format == "dicom-seg":
+            refused, written = _segment_to_seg(retriever, inputs, local, folder, shown)
+            failures += refused
+            if stow and written:
+                sources[0].store([seg.path for seg in written])
+                click.echo(f"stored {len(written)} SEG(s) in {sources[0].root}")
+        else:
+            failures += _segment_to_masks(retriever, inputs, output_format, folder)
     if failures:
         sys.exit(EXIT_SOME_FAILED)
 
@@ -343,13 +386,15 @@ def _segment_to_masks(retriever, inputs, output_format, folder) -> list[str]:
     return failures
 
 
-def _segment_to_seg(retriever, inputs, images, folder) -> list[str]:
+def _segment_to_seg(retriever, inputs, images, folder, shown=None) -> tuple[list[str], list]:
+    """Write one SEG per series; returns the failed paths and what was written. ``shown``
+    names fetched series folders by their DICOMweb URL in messages."""
     from .dicom_seg import group_series
 
     series, refused = group_series(inputs, named=images)
     for failure in refused:
         click.echo(f"failed: {failure.path}: {failure.reason}", err=True)
-    failures = [failure.path for failure in refused]
+    failures, written_all = [failure.path for failure in refused], []
     for item in series:
         try:
             written = retriever.write_dicom_seg(item.slices, folder / f"{item.name}_seg.dcm")
@@ -357,10 +402,12 @@ def _segment_to_seg(retriever, inputs, images, folder) -> list[str]:
             click.echo(f"failed: {error}", err=True)
             failures.append(error.path)
             continue
+        written_all.append(written)
         derived = (f", identifiers derived for {written.sources_with_derived} of {len(item.slices)} source files"
                    if written.derived else "")
-        click.echo(f"{item.source} -> {written.path} ({written.frames} frames{derived})")
-    return failures
+        source = (shown or {}).get(item.source, item.source)
+        click.echo(f"{source} -> {written.path} ({written.frames} frames{derived})")
+    return failures, written_all
 
 
 @main.command()

@@ -43,3 +43,7 @@ class SegError(LungCBIRError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+class DicomwebError(LungCBIRError):
+    """A DICOMweb archive cannot be searched or refuses what we store (unreachable, HTTP error)."""

@@ -89,6 +89,7 @@ class CTSlice:
     patient_id: str | None = None
     study_uid: str | None = None
     series_uid: str | None = None
+    sop_uid: str | None = None  # DICOM SOP Instance UID, None when absent or empty
     instance_number: int | None = None
     slice_location: float | None = None
     pixel_spacing: tuple[float, float] | None = None
@@ -562,11 +563,20 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
         patient_id=_dicom_text(dataset, "PatientID"),
         study_uid=_dicom_text(dataset, "StudyInstanceUID"),
         series_uid=_dicom_text(dataset, "SeriesInstanceUID"),
+        sop_uid=_dicom_text(dataset, "SOPInstanceUID"),
         instance_number=_dicom_int(dataset, "InstanceNumber"),
         slice_location=_dicom_float(dataset, "SliceLocation"),
         pixel_spacing=_dicom_spacing(dataset),
         position_z=_dicom_position_z(dataset),
     )
+
+
+def read_dicom_bytes(data: bytes, path: str) -> CTSlice:
+    """:func:`read_dicom` for a DICOM file held in memory (fetched from an archive, say);
+    ``path`` names it in the slice and in errors. The slice's ``sha256`` is that of ``data``."""
+    item = read_dicom(path, data)
+    item.sha256 = hashlib.sha256(data).hexdigest()
+    return item
 
 
 def _dicom_position_z(dataset) -> float | None:

@@ -7,6 +7,7 @@ line and the web app call; they add nothing but parsing and formatting.
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import signal
 import threading
@@ -14,6 +15,7 @@ import time
 from collections import deque
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import date
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -60,10 +62,21 @@ class Neighbor:
     series_uid: str | None
     slice_index: int | None
     labels: dict
+    study_uid: str | None = None
+    sop_uid: str | None = None  # DICOM SOP Instance UID, when known
+
+    @property
+    def url(self) -> str | None:
+        """The WADO-RS URL of a slice indexed from a DICOMweb archive (its path), else None."""
+        from .dicomweb import is_dicomweb_url
+
+        return self.path if is_dicomweb_url(self.path) else None
 
     def to_json(self) -> dict:
-        """The documented JSON object of ``query --json`` and the web API."""
-        return {**asdict(self), "score": round(self.score, 6)}
+        """The documented JSON object of ``query --json`` and the web API (``url`` only for
+        slices indexed from a DICOMweb archive)."""
+        url = {"url": self.url} if self.url else {}
+        return {**asdict(self), "score": round(self.score, 6), **url}
 
 
 @dataclass
@@ -171,6 +184,13 @@ def _interrupts_inherited_as_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+def _read_instances(instances) -> Iterator[tuple[str, list[CTSlice] | ReadError]]:
+    """Fetch (source, instance) pairs from their archives, as :func:`read_files` reads files."""
+    for source, refs in itertools.groupby(instances, key=lambda pair: pair[0]):
+        for ref, outcome in source.read_many([ref for _, ref in refs]):
+            yield ref.url, outcome if isinstance(outcome, ReadError) else [outcome]
+
+
 def as_slice(image: str | os.PathLike | CTSlice | np.ndarray) -> CTSlice:
     """Accept a path, a :class:`CTSlice` or a 2-D array; a multi-slice file gives its first slice."""
     if isinstance(image, CTSlice):
@@ -243,8 +263,15 @@ class Retriever:
     def index_dataset(self, paths: Iterable[str | os.PathLike], labels: str | os.PathLike | dict | None = None,
                       exclude: Iterable[str] = (), wait: bool = False,
                       on_file: Callable[[str], None] | None = None,
-                      on_total: Callable[[int], None] | None = None) -> IndexReport:
+                      on_total: Callable[[int], None] | None = None, study: str | None = None,
+                      since: date | None = None, cache_dir: str | os.PathLike | None = None) -> IndexReport:
         """Index every image under ``paths``; already indexed files (same sha256) are skipped.
+
+        A path starting with ``http://`` or ``https://`` is a DICOMweb service root: its CT
+        series (of ``study`` only, or of studies dated ``since`` or later, when given) are
+        fetched instance by instance (see :mod:`lungcbir.dicomweb`); instances whose SOP
+        Instance UID is indexed with this model are not fetched at all, and each row's path is
+        the instance's WADO-RS URL (``cache_dir`` keeps a local copy of what is fetched).
 
         Unreadable files are recorded in the report and indexing goes on. Rows are committed
         every :data:`FILES_PER_COMMIT` files, so an interrupted run keeps what it finished and
@@ -252,26 +279,38 @@ class Retriever:
         :class:`~lungcbir.errors.LockedError` or, with ``wait=True``, waits for the first.
         """
         with self.store().write_lock(wait):
-            return self._index_locked(paths, labels, exclude, on_file, on_total)
+            return self._index_locked(paths, labels, exclude, on_file, on_total, study, since, cache_dir)
 
-    def _index_locked(self, paths, labels, exclude, on_file, on_total) -> IndexReport:
+    def _index_locked(self, paths, labels, exclude, on_file, on_total, study=None, since=None,
+                      cache_dir=None) -> IndexReport:
+        from .dicomweb import is_dicomweb_url
+
         began = time.perf_counter()
         paths = [str(path) for path in paths]
+        urls, folders = [p for p in paths if is_dicomweb_url(p)], [p for p in paths if not is_dicomweb_url(p)]
         label_map = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else dict(labels or {})
         label_map = {os.path.abspath(k): v for k, v in label_map.items()}
-        files = list(find_image_files(paths, exclude))
-        if not files:
-            raise LungCBIRError(f"no images found in {', '.join(paths)} "
+        files = list(find_image_files(folders, exclude)) if folders else []
+        if folders and not files:
+            raise LungCBIRError(f"no images found in {', '.join(folders)} "
                                 f"(PNG, JPEG, BMP, TIFF, DICOM or NIfTI files)")
-        if on_total:
-            on_total(len(files))
+        archives = [self._archive_instances(url, study, since, cache_dir) for url in urls]
+        instances = [(source, ref) for source, refs in archives for ref in refs]
         model, store = self.model, self.store()
         store.check_model(model.model_id, model.dimension)
         known = store.known_keys(model.model_id)
-        positions = dicom_series_positions(files)
         report = IndexReport()
+        if instances:
+            known_sops = store.known_sop_uids(model.model_id)
+            report.skipped += sum(1 for _, ref in instances if ref.sop_uid in known_sops)
+            instances = [(source, ref) for source, ref in instances if ref.sop_uid not in known_sops]
+        if on_total:
+            on_total(len(files) + len(instances))
+        positions = dicom_series_positions(files)
         pending: list[CTSlice] = []
-        with closing(read_files(files, self.workers)) as outcomes:  # an interrupt stops the readers too
+        total = len(files) + len(instances)
+        with closing(read_files(files, self.workers)) as file_outcomes:  # an interrupt stops the readers too
+            outcomes = itertools.chain(file_outcomes, _read_instances(instances))
             for number, (path, outcome) in enumerate(outcomes, 1):
                 if isinstance(outcome, ReadError):
                     report.failures.append(ReadFailure(outcome.path, outcome.reason))
@@ -288,7 +327,7 @@ class Retriever:
                     pending.append(item)
                 if on_file:
                     on_file(path)
-                if len(pending) >= self.files_per_commit or number == len(files):
+                if len(pending) >= self.files_per_commit or number == total:
                     stored = self._store_slices(pending, label_map)
                     report.indexed += stored
                     report.skipped += len(pending) - stored  # stored meanwhile by a concurrent run
@@ -296,6 +335,13 @@ class Retriever:
         store.index()  # make sure the saved index matches what was committed
         report.seconds = time.perf_counter() - began
         return report
+
+    def _archive_instances(self, url: str, study: str | None, since: date | None, cache_dir):
+        """A DICOMweb source and the instances of its CT series (raises DicomwebError)."""
+        from .dicomweb import DicomwebSource
+
+        source = DicomwebSource(url, cache_dir=cache_dir)
+        return source, [ref for series in source.find_series(study, since) for ref in source.instances(series)]
 
     def _store_slices(self, slices: list[CTSlice], label_map: dict[str, dict]) -> int:
         if not slices:
@@ -307,7 +353,10 @@ class Retriever:
 
     def _record(self, item: CTSlice, result: Segmentation, labels: dict) -> ImageRecord:
         spacing = item.pixel_spacing or (None, None)
-        return ImageRecord(path=os.path.abspath(item.path), sha256=item.sha256, frame=item.frame,
+        from .dicomweb import is_dicomweb_url
+
+        path = item.path if is_dicomweb_url(item.path) else os.path.abspath(item.path)
+        return ImageRecord(path=path, sha256=item.sha256, frame=item.frame, sop_uid=item.sop_uid,
                            source_format=item.source_format, width=item.shape[1], height=item.shape[0],
                            patient_id=item.patient_id, study_uid=item.study_uid, series_uid=item.series_uid,
                            instance_number=item.instance_number, slice_location=item.slice_location,
@@ -331,6 +380,10 @@ class Retriever:
         record = self.store(create=False).records([image_id]).get(image_id)
         if record is None:
             raise LungCBIRError(f"no stored image with id {image_id}")
+        from .dicomweb import fetch_slice, is_dicomweb_url
+
+        if is_dicomweb_url(record.path):  # indexed from a DICOMweb archive: fetch it from there
+            return fetch_slice(record.path)
         slices = read_file(record.path)
         return slices[min(record.frame, len(slices) - 1)]
 
@@ -442,7 +495,8 @@ def _collapse(scores: np.ndarray, ids: np.ndarray, rows: dict[int, ImageRecord],
             per_case[case] = per_case.get(case, 0) + 1
         neighbors.append(Neighbor(rank=len(neighbors) + 1, id=record.id, path=record.path, score=float(score),
                                   patient_id=record.patient_id, series_uid=record.series_uid,
-                                  slice_index=record.slice_index, labels=dict(record.labels or {})))
+                                  slice_index=record.slice_index, labels=dict(record.labels or {}),
+                                  study_uid=record.study_uid, sop_uid=record.sop_uid))
     return neighbors
 
 

@@ -105,6 +105,7 @@ class ImageRecord(Base):
     patient_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     study_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
     series_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    sop_uid: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     slice_location: Mapped[float | None] = mapped_column(Float, nullable=True)
     slice_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -306,6 +307,9 @@ class Store:
                     self._assign_ids = "AUTOINCREMENT" not in (schema or "").upper()
             if not self.read_only:
                 _add_missing_columns(engine)
+            elif ImageRecord.__tablename__ in tables and _missing_columns(engine):
+                raise StoreError(f"the database {safe_url(db_url)} was made by an older lungcbir; open it "
+                                 f"once with a writing command (`lungcbir rebuild-index`) to upgrade it")
         except SQLAlchemyError as error:
             raise StoreError(f"cannot open database {safe_url(db_url)}: {_reason(error)}") from None
         return engine
@@ -374,6 +378,12 @@ class Store:
             pass
         except SQLAlchemyError as error:
             raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
+    def known_sop_uids(self, model_id: str) -> set[str]:
+        """SOP Instance UIDs of every DICOM slice already indexed with this model."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(ImageRecord.sop_uid).where(
+                ImageRecord.model_id == model_id, ImageRecord.sop_uid.is_not(None)))
+            return set(rows)
 
     def add(self, records: Sequence[ImageRecord], vectors: np.ndarray) -> list[int]:
         """Insert rows with their vectors in one transaction, then update the index file.
@@ -887,6 +897,8 @@ class Store:
         with Session(self.engine) as session:
             rows = session.execute(select(ImageRecord.path, ImageRecord.sha256).distinct()).all()
         for path, digest in rows:
+            if path.startswith(("http://", "https://")):
+                continue  # indexed from a DICOMweb archive: not a local file, not fetched here
             if not os.path.exists(path):
                 problems.append(f"{path}: indexed file no longer exists")
             else:
@@ -943,24 +955,32 @@ def _unique_per_row(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np
     return unique_scores, unique_ids
 
 
-def _add_missing_columns(engine: Engine) -> None:
-    """Add the columns newer than a database (``images.mask_png``), so older ones keep working.
-
-    A database that cannot be altered (read-only) is used as it is: its rows have no masks.
-    """
+def _missing_columns(engine: Engine) -> list:
+    """The nullable columns of :class:`ImageRecord` that a database made by an older release lacks."""
     table = ImageRecord.__table__
     present = {column["name"] for column in inspect(engine).get_columns(table.name)}
-    for column in table.columns:
-        if column.name in present or not column.nullable:
-            continue
+    return [column for column in table.columns if column.name not in present and column.nullable]
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the columns newer than a database (``mask_png``, ``sop_uid``), so older ones keep working.
+
+    Existing rows get NULL there. A database that cannot be altered (a role without the right)
+    is used as it is where it can be: rows without masks get them made again.
+    """
+    table = ImageRecord.__table__
+    # IF NOT EXISTS: another process may add it at the same moment (SQLite serialises writers)
+    guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""
+    for column in _missing_columns(engine):
         kind = column.type.compile(dialect=engine.dialect)
-        # IF NOT EXISTS: another process may add it at the same moment (SQLite serialises writers)
-        guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""
         try:
             with engine.begin() as connection:
                 connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {guard}{column.name} {kind}")
+                if column.index:
+                    connection.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS ix_{table.name}_{column.name} "
+                                               f"ON {table.name} ({column.name})")
         except SQLAlchemyError:
-            pass  # added meanwhile by another process, or read-only; Store.masks copes with both
+            pass  # added meanwhile by another process, or not allowed; Store.masks copes with both
 
 
 def encode_mask(mask: np.ndarray) -> bytes:

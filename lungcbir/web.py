@@ -27,6 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
+from .dicomweb import is_dicomweb_url
 from .errors import LungCBIRError, ReadError, StoreError
 from .io import CTSlice, RASTER_SUFFIXES, read_file
 from .retrieval import QueryResult, Retriever
@@ -236,7 +237,8 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
         record = stored(image_id)
         return {"id": record.id, "path": public_name(record.path), "source_format": record.source_format,
                 "width": record.width, "height": record.height, "patient_id": record.patient_id,
-                "study_uid": record.study_uid, "series_uid": record.series_uid,
+                "study_uid": record.study_uid, "series_uid": record.series_uid, "sop_uid": record.sop_uid,
+                "url": record.path if is_dicomweb_url(record.path) else None,
                 "instance_number": record.instance_number, "slice_location": record.slice_location,
                 "slice_index": record.slice_index, "frame": record.frame, "labels": record.labels,
                 "lung_fraction": record.lung_fraction, "model_id": record.model_id,

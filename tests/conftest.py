@@ -89,3 +89,66 @@ def bundled_weights() -> str:
     path = bundled_weights_path()
     assert path is not None, "the package ships no bundled weights (lungcbir/weights/lung_unet.pt)"
     return str(path)
+
+
+DICOMWEB_URL = os.environ.get("LUNGCBIR_TEST_DICOMWEB")
+
+
+def load_test_archive_file(path: Path, root: Path):
+    """One shared covid-ct-md file as a pydicom dataset ready for an archive (in memory only).
+
+    Archives refuse files with an empty SOP Instance UID or UUID-text study/series UIDs (Orthanc
+    answers HTTP 400), as 73 of the 152 files have: those get valid UIDs by the rules of
+    :mod:`lungcbir.dicom_ids` (``2.25.<UUID as integer>``; an empty SOP Instance UID derived from
+    the file's SHA-256), the same every time the file is loaded.
+    """
+    import hashlib
+
+    import pydicom
+
+    from lungcbir.dicom_ids import repair_identifiers
+
+    data = path.read_bytes()
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    dataset = pydicom.dcmread(path)
+    repair_identifiers(dataset, hashlib.sha256(data).hexdigest(), str(path.parent.relative_to(root)))
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID  # some files hold "1.2.3"
+    return dataset
+
+
+@pytest.fixture(scope="session")
+def dicomweb_archive(shared_data) -> dict:
+    """A real DICOMweb archive (Orthanc, started by .ci/run) holding the covid-ct-md series.
+
+    Emptied first (it is a throw-away test server), then loaded by STOW-RS. Returns
+    ``{"url": service root, "files": {local path: SOP Instance UID as stored}, "study_of": {local
+    path: Study Instance UID as stored}, "studies": {study UID: StudyDate or ""}}``. Skips
+    outside CI when no archive is configured; fails in CI.
+    """
+    import requests
+
+    from lungcbir.dicomweb import DicomwebSource
+
+    if not DICOMWEB_URL:
+        if os.environ.get("CI"):
+            pytest.fail("LUNGCBIR_TEST_DICOMWEB is not set; .ci/run should start Orthanc")
+        pytest.skip("no DICOMweb archive: run Orthanc (.ci/orthanc start DIR) and set "
+                    "LUNGCBIR_TEST_DICOMWEB=http://127.0.0.1:PORT/dicom-web")
+    base = DICOMWEB_URL.rstrip("/").rsplit("/dicom-web", 1)[0]  # Orthanc's own REST API
+    for study in requests.get(f"{base}/studies", timeout=30).json():
+        requests.delete(f"{base}/studies/{study}", timeout=30).raise_for_status()
+    root = shared_data / "covid-ct-md"
+    files, study_of, studies, datasets = {}, {}, {}, []
+    for path in sorted(root.rglob("*.dcm")):
+        dataset = load_test_archive_file(path, root)
+        files[str(path)] = str(dataset.SOPInstanceUID)
+        study_of[str(path)] = str(dataset.StudyInstanceUID)
+        studies[str(dataset.StudyInstanceUID)] = str(dataset.get("StudyDate") or "")
+        datasets.append(dataset)
+    if not files:
+        pytest.skip(f"{root} holds no DICOM files")
+    source = DicomwebSource(DICOMWEB_URL)
+    for start in range(0, len(datasets), 32):
+        answer = source.client.store_instances(datasets[start:start + 32])
+        assert not answer.get("FailedSOPSequence"), f"the archive refused files: {answer}"
+    return {"url": DICOMWEB_URL, "files": files, "study_of": study_of, "studies": studies}

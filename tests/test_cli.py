@@ -45,8 +45,8 @@ def test_index_query_stats(run, phantom_dir, tmp_path):
     assert set(answer) == {"query", "mask", "overlay", "matches", "lung_fraction", "neighbors"}
     assert cv2.imread(answer["matches"]).shape[0] == 256
     assert answer["neighbors"][0]["path"] == os.path.abspath(image)
-    assert set(answer["neighbors"][0]) == {"rank", "id", "path", "score", "patient_id", "series_uid",
-                                           "slice_index", "labels"}
+    assert set(answer["neighbors"][0]) == {"rank", "id", "path", "score", "patient_id", "study_uid", "series_uid",
+                                           "sop_uid", "slice_index", "labels"}
     mask = cv2.imread(answer["mask"], cv2.IMREAD_UNCHANGED)
     assert mask.shape == (96, 96) and set(np.unique(mask)) <= {0, 255}
     assert cv2.imread(answer["overlay"]).shape == (96, 96, 3)

@@ -1,0 +1,323 @@
+"""DICOMweb: index from an archive, point results back into it, store SEGs in it.
+
+The archive tests run against a real Orthanc (``.ci/run`` starts one and sets
+LUNGCBIR_TEST_DICOMWEB; see the ``dicomweb_archive`` fixture), loaded with the shared
+covid-ct-md series. The others need no archive: credentials, URLs, the schema migration.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from lungcbir.cli import main
+from lungcbir.dicomweb import DicomwebSource, display_url, is_dicomweb_url, parse_instance_url
+from lungcbir.io import read_dicom, read_dicom_bytes
+from lungcbir.retrieval import Retriever
+from lungcbir.store import ImageRecord, Store
+from lungcbir.web import create_app
+from test_dicom_seg import dciodvfy
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, env=env)
+
+
+def store_args(tmp_path) -> list[str]:
+    return ["--db", f"sqlite:///{tmp_path / 'db.sqlite'}", "--index-dir", str(tmp_path / "index")]
+
+
+def rows(tmp_path) -> list[ImageRecord]:
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index", create=False)
+    return list(store.records(range(1, store.count() + 1000)).values())
+
+
+# -- no archive needed ---------------------------------------------------------------------------
+
+
+def test_urls_are_shown_without_credentials():
+    assert display_url("https://ann:secret@pacs.example:8443/dicom-web/?token=x#y") == \
+        "https://pacs.example:8443/dicom-web"
+    assert is_dicomweb_url("HTTPS://pacs/dicom-web") and not is_dicomweb_url("/data/http/scan.dcm")
+    ref = parse_instance_url("http://u:p@h:1/dicom-web/studies/1.2/series/1.3/instances/1.4")
+    assert (ref.root, ref.study_uid, ref.series_uid, ref.sop_uid) == ("http://h:1/dicom-web", "1.2", "1.3", "1.4")
+    assert ref.url == "http://h:1/dicom-web/studies/1.2/series/1.3/instances/1.4"
+    source = DicomwebSource("https://ann:secret@pacs.example/dicom-web", environ={})
+    assert "secret" not in repr(source) and source.root == "https://pacs.example/dicom-web"
+    assert source.client._session.auth == ("ann", "secret")  # taken as basic auth
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """An archive that refuses everyone, and notes the Authorization headers it was sent."""
+
+    seen: list[str] = []
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.seen.append(self.headers.get("Authorization", ""))
+        self.send_response(401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def refusing_archive():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Recorder.seen = []
+    yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("variables, header", [
+    ({"LUNGCBIR_DICOMWEB_TOKEN": "tok-123"}, "Bearer tok-123"),
+    ({"LUNGCBIR_DICOMWEB_USER": "ann", "LUNGCBIR_DICOMWEB_PASSWORD": "pw-456"}, "Basic YW5uOnB3LTQ1Ng=="),
+])
+def test_credentials_come_from_the_environment_and_are_never_printed(refusing_archive, tmp_path, tiny_weights,
+                                                                     variables, header):
+    result = invoke("index-dataset", refusing_archive, "--weights", tiny_weights, *store_args(tmp_path),
+                    env=variables)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {refusing_archive}: cannot search the archive (HTTP 401 Unauthorized)"
+    assert _Recorder.seen and set(_Recorder.seen) == {header}
+    for secret in variables.values():
+        if secret != "ann":
+            assert secret not in result.output
+
+
+def test_unreachable_archive_is_one_line(tmp_path, tiny_weights):
+    result = invoke("index-dataset", "http://127.0.0.1:9/dicom-web", "--weights", tiny_weights, *store_args(tmp_path))
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: http://127.0.0.1:9/dicom-web: cannot search the archive (cannot connect)"
+
+
+def test_read_dicom_bytes_reads_like_read_dicom(phantom_dir):
+    path = next((phantom_dir / "dicom" / "phantom01").glob("*.dcm"))
+    from_file, from_bytes = read_dicom(str(path)), read_dicom_bytes(path.read_bytes(), "http://x/instances/1")
+    assert np.array_equal(from_file.pixels, from_bytes.pixels) and from_bytes.path == "http://x/instances/1"
+    assert (from_bytes.sop_uid, from_bytes.study_uid, from_bytes.series_uid) == \
+        (from_file.sop_uid, from_file.study_uid, from_file.series_uid)
+    assert from_file.sop_uid == str(pydicom.dcmread(path).SOPInstanceUID)
+    from lungcbir.io import file_sha256
+
+    assert from_bytes.sha256 == file_sha256(path)
+
+
+def test_an_older_database_gets_the_new_columns(tmp_path, phantom_dir, tiny_weights):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    Retriever(url, tmp_path / "index", weights=tiny_weights).index_dataset([phantom_dir / "png"])
+    with sqlite3.connect(tmp_path / "db.sqlite") as connection:  # as an older release made it
+        connection.execute("DROP INDEX ix_images_sop_uid")
+        connection.execute("ALTER TABLE images DROP COLUMN sop_uid")
+    retriever = Retriever(url, tmp_path / "index", weights=tiny_weights)
+    report = retriever.index_dataset([phantom_dir / "dicom"])
+    assert report.indexed == 12 and report.failed == 0
+    records = retriever.store().records(range(1, 100)).values()
+    assert sorted(r.sop_uid is None for r in records) == [False] * 12 + [True] * 12  # PNG rows have none
+
+
+def test_query_json_neighbours_carry_study_and_sop_uids(phantom_dir, tiny_weights, tmp_path):
+    indexed = invoke("index-dataset", phantom_dir / "dicom", "--weights", tiny_weights, *store_args(tmp_path))
+    assert indexed.exit_code == 0, indexed.output
+    query = next((phantom_dir / "dicom" / "phantom02").glob("*.dcm"))
+    result = invoke("query", query, "--json", "--out", tmp_path / "out", "--weights", tiny_weights,
+                    *store_args(tmp_path))
+    first = json.loads(result.output.splitlines()[0])["neighbors"][0]
+    header = pydicom.dcmread(query, stop_before_pixels=True)
+    assert (first["sop_uid"], first["study_uid"]) == (str(header.SOPInstanceUID), str(header.StudyInstanceUID))
+    assert "url" not in first  # a local file, not a DICOMweb source
+
+
+def test_segment_from_a_url_needs_a_study_and_stow_needs_a_seg(tmp_path, tiny_weights):
+    no_study = invoke("segment", "http://127.0.0.1:9/dicom-web", "--out", tmp_path, "--weights", tiny_weights)
+    assert no_study.exit_code == 2 and "a DICOMweb URL input needs --study UID" in no_study.output
+    png_stow = invoke("segment", "http://127.0.0.1:9/dicom-web", "--study", "1.2", "--stow", "--out", tmp_path,
+                      "--weights", tiny_weights)
+    assert png_stow.exit_code == 2 and "--stow needs --format dicom-seg" in png_stow.output
+
+
+# -- against a real archive (Orthanc) --------------------------------------------------------------
+
+
+@pytest.mark.realdata
+def test_cache_keeps_a_copy_and_rows_still_point_at_the_archive(dicomweb_archive, tiny_weights, tmp_path):
+    study = next(iter(dicomweb_archive["studies"]))
+    local = {sop: path for path, sop in dicomweb_archive["files"].items()
+             if dicomweb_archive["study_of"][path] == study}
+    result = invoke("index-dataset", dicomweb_archive["url"], "--study", study, "--cache", tmp_path / "cache",
+                    "--weights", tiny_weights, *store_args(tmp_path))
+    assert result.exit_code == 0, result.output
+    cached = {path.stem: path for path in (tmp_path / "cache").rglob("*.dcm")}
+    assert set(cached) == set(local)
+    for sop, path in cached.items():
+        assert np.array_equal(read_dicom(str(path)).pixels, read_dicom(local[sop]).pixels)
+    assert all(is_dicomweb_url(row.path) for row in rows(tmp_path))
+
+
+def archive_rows(tmp_path) -> list[ImageRecord]:
+    return [row for row in rows(tmp_path) if is_dicomweb_url(row.path)]
+
+
+@pytest.mark.realdata
+def test_index_from_orthanc_then_again_finds_nothing_new(dicomweb_archive, tiny_weights, tmp_path):
+    url, expected = dicomweb_archive["url"], set(dicomweb_archive["files"].values())
+    result = invoke("index-dataset", url, "--weights", tiny_weights, *store_args(tmp_path), "--commit-every", "40")
+    assert result.exit_code == 0, result.output
+    assert f"indexed {len(expected)}, skipped 0 (already indexed), failed 0" in result.output
+    stored = archive_rows(tmp_path)
+    assert {row.sop_uid for row in stored} == expected and len(stored) == len(expected)
+    for row in stored:
+        assert row.path == f"{url}/studies/{row.study_uid}/series/{row.series_uid}/instances/{row.sop_uid}"
+        assert row.source_format == "dicom" and row.slice_index is not None
+    again = invoke("index-dataset", url, "--weights", tiny_weights, *store_args(tmp_path))
+    assert again.exit_code == 0 and f"indexed 0, skipped {len(expected)} (already indexed)" in again.output
+
+
+@pytest.mark.realdata
+def test_study_and_since_select_what_is_indexed(dicomweb_archive, tiny_weights, tmp_path):
+    url, files, studies = dicomweb_archive["url"], dicomweb_archive["files"], dicomweb_archive["studies"]
+    study_of = dicomweb_archive["study_of"]
+    dated = sorted(date for date in studies.values() if date)
+    since = dated[len(dated) // 2]  # a day that splits the dated studies
+    newer = {files[path] for path in files if studies[study_of[path]] >= since}
+    assert 0 < len(newer) < len(files)
+    result = invoke("index-dataset", url, "--since", f"{since[:4]}-{since[4:6]}-{since[6:]}",
+                    "--weights", tiny_weights, *store_args(tmp_path / "since"))
+    assert result.exit_code == 0, result.output
+    assert {row.sop_uid for row in archive_rows(tmp_path / "since")} == newer
+    study = next(uid for uid in studies if not studies[uid])  # an undated, messy one
+    in_study = {files[path] for path in files if study_of[path] == study}
+    result = invoke("index-dataset", url, "--study", study, "--weights", tiny_weights, *store_args(tmp_path / "one"))
+    assert result.exit_code == 0, result.output
+    assert {row.sop_uid for row in archive_rows(tmp_path / "one")} == in_study
+
+
+@pytest.mark.realdata
+def test_a_killed_archive_run_resumes(dicomweb_archive, tiny_weights, tmp_path):
+    url, expected = dicomweb_archive["url"], set(dicomweb_archive["files"].values())
+    retriever = Retriever(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index", weights=tiny_weights,
+                          files_per_commit=10)
+    seen = []
+
+    def killed_after_25(path):
+        seen.append(path)
+        if len(seen) == 25:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        retriever.index_dataset([url], on_file=killed_after_25)
+    kept = len(archive_rows(tmp_path))
+    assert 0 < kept < len(expected)
+    report = Retriever(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index",
+                       weights=tiny_weights).index_dataset([url])
+    assert (report.indexed, report.skipped, report.failed) == (len(expected) - kept, kept, 0)
+    assert sorted(row.sop_uid for row in archive_rows(tmp_path)) == sorted(expected)  # each once
+    # archive rows are not local files: `check --files` must not call them missing
+    assert Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index").check(verify_files=True) == []
+
+
+@pytest.mark.realdata
+def test_an_instance_that_cannot_be_read_is_listed(dicomweb_archive, tiny_weights, tmp_path):
+    """A CT instance without pixel data in its own study: one `failed: URL: reason`, exit 1."""
+    import requests
+
+    clean = next(path for path in dicomweb_archive["files"] if "P001" in path)  # valid identifiers
+    dataset = pydicom.dcmread(clean)
+    del dataset.PixelData
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        setattr(dataset, keyword, pydicom.uid.generate_uid())
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    source = DicomwebSource(dicomweb_archive["url"])
+    assert not source.client.store_instances([dataset]).get("FailedSOPSequence")
+    try:
+        result = invoke("index-dataset", dicomweb_archive["url"], "--study", dataset.StudyInstanceUID,
+                        "--weights", tiny_weights, *store_args(tmp_path))
+        ref = f"{dicomweb_archive['url']}/studies/{dataset.StudyInstanceUID}/series/" \
+              f"{dataset.SeriesInstanceUID}/instances/{dataset.SOPInstanceUID}"
+        assert result.exit_code == 1, result.output
+        assert f"failed: {ref}: DICOM file has no pixel data (not an image)" in result.output
+        assert "indexed 0, skipped 0 (already indexed), failed 1" in result.output
+    finally:
+        base = dicomweb_archive["url"].rsplit("/dicom-web", 1)[0]
+        found = requests.post(f"{base}/tools/lookup", data=dataset.StudyInstanceUID, timeout=30).json()
+        for item in found:
+            requests.delete(f"{base}{item['Path']}", timeout=30)
+
+
+@pytest.mark.realdata
+def test_thumbnail_of_an_archive_row_is_fetched_from_the_archive(dicomweb_archive, tiny_weights, tmp_path):
+    url = dicomweb_archive["url"]
+    study = next(iter(dicomweb_archive["studies"]))
+    retriever = Retriever(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index", weights=tiny_weights)
+    retriever.index_dataset([url], study=study)
+    row = archive_rows(tmp_path)[0]
+    client = TestClient(create_app(retriever), raise_server_exceptions=False)
+    metadata = client.get(f"/api/images/{row.id}").json()
+    assert metadata["sop_uid"] == row.sop_uid and metadata["url"] == row.path
+    picture = client.get(f"/api/images/{row.id}/thumbnail")
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    local = next(p for p, sop in dicomweb_archive["files"].items() if sop == row.sop_uid)
+    from lungcbir.visualize import display_image
+
+    expected = display_image(read_dicom(local))
+    shown = cv2.imdecode(np.frombuffer(picture.content, np.uint8), cv2.IMREAD_UNCHANGED)
+    scale = 192 / max(expected.shape)
+    assert np.array_equal(shown, cv2.resize(expected, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
+
+
+@pytest.mark.realdata
+def test_round_trip_index_query_seg_stow_fetch_back(dicomweb_archive, bundled_weights, tmp_path):
+    """The whole loop against the archive with the bundled model: index a messy study (its UIDs
+    were derived when it was loaded), query it, segment it to a SEG stored by STOW-RS, fetch the
+    SEG back by DICOMweb, compare its frames with the PNG masks, and index again: nothing new."""
+    url, files = dicomweb_archive["url"], dicomweb_archive["files"]
+    study = next(uid for uid, date in dicomweb_archive["studies"].items() if not date)  # messy: derived UIDs
+    local = sorted(path for path in files if dicomweb_archive["study_of"][path] == study)
+    assert local
+    db = store_args(tmp_path)
+    indexed = invoke("index-dataset", url, "--study", study, "--weights", bundled_weights, *db)
+    assert indexed.exit_code == 0 and f"indexed {len(local)}, skipped 0" in indexed.output, indexed.output
+
+    answer = invoke("query", local[0], "--json", "--k", "1", "--out", tmp_path / "q", "--weights", bundled_weights, *db)
+    neighbour = json.loads(answer.output.splitlines()[0])["neighbors"][0]
+    assert neighbour["sop_uid"] == files[local[0]] and neighbour["study_uid"] == study
+    assert neighbour["url"].startswith(f"{url}/studies/{study}/series/") and neighbour["url"].endswith(files[local[0]])
+
+    segged = invoke("segment", url, "--study", study, "--format", "dicom-seg", "--stow", "--out", tmp_path / "seg",
+                    "--weights", bundled_weights)
+    assert segged.exit_code == 0, segged.output
+    assert f"stored 1 SEG(s) in {url}" in segged.output
+    written = pydicom.dcmread(next((tmp_path / "seg").glob("*_seg.dcm")))
+    source = DicomwebSource(url)
+    seg_series = source.client.search_for_series(study, search_filters={"Modality": "SEG"})
+    assert [s["0020000E"]["Value"][0] for s in seg_series] == [written.SeriesInstanceUID]
+    fetched = source.client.retrieve_instance(study, written.SeriesInstanceUID, written.SOPInstanceUID)
+    assert invoke("segment", *local, "--format", "png", "--out", tmp_path / "png",
+                  "--weights", bundled_weights).exit_code == 0
+    frames = fetched.pixel_array.reshape(int(fetched.NumberOfFrames), int(fetched.Rows), int(fetched.Columns))
+    by_sop = {str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID): frame
+              for item, frame in zip(fetched.PerFrameFunctionalGroupsSequence, frames)}
+    assert set(by_sop) == {files[path] for path in local}
+    for path in local:
+        png = cv2.imread(str(tmp_path / "png" / f"{Path(path).stem}_mask.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(by_sop[files[path]].astype(bool), png > 0), path
+    assert any(frame.any() for frame in frames)
+    fetched.save_as(tmp_path / "fetched_seg.dcm", enforce_file_format=True)
+    dciodvfy(tmp_path / "fetched_seg.dcm")  # what the archive gives back is still a valid SEG
+
+    again = invoke("index-dataset", url, "--study", study, "--weights", bundled_weights, *db)
+    assert again.exit_code == 0 and f"indexed 0, skipped {len(local)}" in again.output, again.output
+
