@@ -333,7 +333,9 @@ class Retriever:
                              f"add some with `lungcbir index-dataset PATH`")
         if store.model_id not in (None, self.model.model_id):
             raise LungCBIRError(f"the database was indexed with model {store.model_id}, "
-                                f"but the model in use is {self.model.model_id}")
+                                f"but the model in use is {self.model.model_id}: re-index the images with "
+                                f"this model (`lungcbir index-dataset PATH` into a new --db and --index-dir), "
+                                f"or query with the weights the database was indexed with (--weights)")
         results = self.segment_slices(slices)
         # filters and per-patient collapsing work on a larger candidate list, then cut to k
         candidates = k if not (where or per_patient) else max(k * 50, 500)

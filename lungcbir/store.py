@@ -323,7 +323,8 @@ class Store:
                 session.merge(StoreSetting(key="dimension", value=str(dimension)))
             elif stored != model_id:
                 raise StoreError(f"this database holds vectors of model {stored}, not of the model in use "
-                                 f"({model_id}); use another --db/--index-dir or the same weights")
+                                 f"({model_id}); re-index into a new --db and --index-dir with this model, "
+                                 f"or use the weights the database was indexed with")
 
     def _refuse_if_read_only(self) -> None:
         if self.read_only:
