@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import LungCBIRError, ReadError, StoreError
+from .identity import Identity, IdentityResolver, compile_case_pattern
 from .inference import LungModel, Segmentation
 from .io import CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file
 from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store, safe_url
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
 
 #: Files read before a batch goes through the model and into the database.
 FILES_PER_COMMIT = 64
+#: ``query_together``: how much the mean of the ``unlike`` examples is subtracted from the
+#: (unit) mean of the examples, before renormalising. 0.5: "less like that" steers the
+#: answer without turning it into "the opposite of that".
+UNLIKE_WEIGHT = 0.5
 
 
 @dataclass
@@ -78,6 +83,15 @@ class QueryResult:
     query: CTSlice
     mask: np.ndarray
     lung_fraction: float
+    neighbors: list[Neighbor]
+
+
+@dataclass
+class TogetherResult:
+    """The answer to several examples searched together ("more like these, less like that")."""
+
+    queries: list[CTSlice]
+    unlike: list[CTSlice]
     neighbors: list[Neighbor]
 
 
@@ -207,18 +221,25 @@ class Retriever:
     def index_dataset(self, paths: Iterable[str | os.PathLike], labels: str | os.PathLike | dict | None = None,
                       exclude: Iterable[str] = (), wait: bool = False,
                       on_file: Callable[[str], None] | None = None,
-                      on_total: Callable[[int], None] | None = None) -> IndexReport:
+                      on_total: Callable[[int], None] | None = None,
+                      case_pattern: str | None = None) -> IndexReport:
         """Index every image under ``paths``; already indexed files (same sha256) are skipped.
+
+        Each slice's patient and series come from DICOM, else the labels' ``patient_id`` /
+        ``series_uid`` columns, else ``case_pattern`` (a regex whose first group is the
+        patient, searched in the path relative to the indexed folder), else its folder when
+        that holds the slices of one scan; see :mod:`lungcbir.identity`.
 
         Unreadable files are recorded in the report and indexing goes on. Rows are committed
         every :data:`FILES_PER_COMMIT` files, so an interrupted run keeps what it finished and
         a rerun completes it. One run at a time writes to an index folder: a second raises
         :class:`~lungcbir.errors.LockedError` or, with ``wait=True``, waits for the first.
         """
+        pattern = compile_case_pattern(case_pattern)  # a bad pattern fails before anything is read
         with self.store().write_lock(wait):
-            return self._index_locked(paths, labels, exclude, on_file, on_total)
+            return self._index_locked(paths, labels, exclude, on_file, on_total, pattern)
 
-    def _index_locked(self, paths, labels, exclude, on_file, on_total) -> IndexReport:
+    def _index_locked(self, paths, labels, exclude, on_file, on_total, pattern) -> IndexReport:
         began = time.perf_counter()
         paths = [str(path) for path in paths]
         label_map = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else dict(labels or {})
@@ -233,6 +254,7 @@ class Retriever:
         store.check_model(model.model_id, model.dimension)
         known = store.known_keys(model.model_id)
         positions = dicom_series_positions(files)
+        identities = IdentityResolver(paths, files, pattern)
         report = IndexReport()
         pending: list[CTSlice] = []
         for number, (path, outcome) in enumerate(read_files(files, self.workers), 1):
@@ -252,7 +274,7 @@ class Retriever:
             if on_file:
                 on_file(path)
             if len(pending) >= self.files_per_commit or number == len(files):
-                stored = self._store_slices(pending, label_map)
+                stored = self._store_slices(pending, label_map, identities)
                 report.indexed += stored
                 report.skipped += len(pending) - stored  # stored meanwhile by a concurrent run
                 pending = []
@@ -260,34 +282,63 @@ class Retriever:
         report.seconds = time.perf_counter() - began
         return report
 
-    def _store_slices(self, slices: list[CTSlice], label_map: dict[str, dict]) -> int:
+    def _store_slices(self, slices: list[CTSlice], label_map: dict[str, dict], identities: IdentityResolver) -> int:
         if not slices:
             return 0
         results = self.segment_slices(slices)
-        records = [self._record(item, result, label_map.get(os.path.abspath(item.path), {}))
+        records = [self._record(item, result, *identities.resolve(item, label_map.get(os.path.abspath(item.path), {})))
                    for item, result in zip(slices, results)]
         return len(self.store().add(records, np.stack([r.vector for r in results])))
 
-    def _record(self, item: CTSlice, result: Segmentation, labels: dict) -> ImageRecord:
+    def _record(self, item: CTSlice, result: Segmentation, identity: Identity, labels: dict) -> ImageRecord:
         spacing = item.pixel_spacing or (None, None)
         return ImageRecord(path=os.path.abspath(item.path), sha256=item.sha256, frame=item.frame,
                            source_format=item.source_format, width=item.shape[1], height=item.shape[0],
-                           patient_id=item.patient_id, study_uid=item.study_uid, series_uid=item.series_uid,
+                           patient_id=identity.patient_id, study_uid=item.study_uid, series_uid=identity.series_uid,
+                           identity_source=identity.source.value,
                            instance_number=item.instance_number, slice_location=item.slice_location,
                            slice_index=item.slice_index, pixel_spacing_row=spacing[0],
                            pixel_spacing_col=spacing[1], labels=labels, lung_fraction=result.lung_fraction,
                            model_id=self.model.model_id)
 
     def query(self, image: str | os.PathLike | CTSlice | np.ndarray, k: int = 5,
-              where: dict[str, str] | None = None, per_patient: int = 1) -> QueryResult:
+              where: dict[str, str] | None = None, per_patient: int = 1,
+              other_patients: bool = False) -> QueryResult:
         """Segment one slice and find the ``k`` most similar stored slices.
 
         ``where`` keeps only stored slices whose labels or metadata (``patient_id``,
         ``series_uid``, ``source_format``) equal the given values. ``per_patient`` returns at
         most that many slices of one patient (or series, or volume), so the top k are k
-        different cases; 0 turns this off.
+        different cases; 0 turns this off. ``other_patients`` drops every slice of the
+        query's own patient: the patient of the stored copy of the query (same SHA-256),
+        else the query's own patient id (DICOM); a query with neither drops nothing.
         """
-        return self.query_slices([as_slice(image)], k, where, per_patient)[0]
+        return self.query_slices([as_slice(image)], k, where, per_patient, other_patients)[0]
+
+    def query_together(self, examples: Sequence[str | os.PathLike | CTSlice | np.ndarray],
+                       unlike: Sequence[str | os.PathLike | CTSlice | np.ndarray] = (), k: int = 5,
+                       where: dict[str, str] | None = None, per_patient: int = 1, other_patients: bool = False,
+                       unlike_weight: float = UNLIKE_WEIGHT) -> TogetherResult:
+        """"More like these, less like that": one search with several examples.
+
+        The query vector is the L2-normalised mean of the examples' vectors, minus
+        ``unlike_weight`` times the L2-normalised mean of the ``unlike`` vectors, normalised
+        again (:func:`together_vector`). The examples and the unlike slices themselves (when
+        stored) are never returned; ``other_patients`` drops the patients of every example.
+        """
+        if not examples:
+            raise LungCBIRError("give at least one example to search with")
+        liked, disliked = [as_slice(item) for item in examples], [as_slice(item) for item in unlike]
+        store = self._searchable_store()
+        vectors = np.stack([r.vector for r in self.segment_slices(liked + disliked)])
+        vector = together_vector(vectors[:len(liked)], vectors[len(liked):], unlike_weight)
+        stored = store.records_with_content([(item.sha256, item.frame) for item in liked + disliked])
+        excluded = {f"id:{record.id}" for records in stored.values() for record in records}
+        if other_patients:
+            for item in liked:
+                excluded |= _own_cases(item, stored)
+        neighbors = self._neighbors(store, vector[None], k, where, per_patient, [excluded])[0]
+        return TogetherResult(liked, disliked, neighbors)
 
     def stored_slice(self, image_id: int) -> CTSlice:
         """Read a stored image's slice back from its file (raises ReadError if it is gone)."""
@@ -323,10 +374,19 @@ class Retriever:
         return matches
 
     def query_slices(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
-                     per_patient: int = 1) -> list[QueryResult]:
+                     per_patient: int = 1, other_patients: bool = False) -> list[QueryResult]:
         """:meth:`query` for many slices at once."""
-        if k < 1:
-            raise LungCBIRError("k must be at least 1")
+        store = self._searchable_store()
+        results = self.segment_slices(slices)
+        excluded = [set() for _ in slices]
+        if other_patients:
+            stored = store.records_with_content([(item.sha256, item.frame) for item in slices])
+            excluded = [_own_cases(item, stored) for item in slices]
+        found = self._neighbors(store, np.stack([r.vector for r in results]), k, where, per_patient, excluded)
+        return [QueryResult(item, result.mask, result.lung_fraction, neighbors)
+                for item, result, neighbors in zip(slices, results, found)]
+
+    def _searchable_store(self) -> Store:
         store = self.store(create=False)
         if store.count() == 0:
             raise StoreError(f"no images are indexed in {safe_url(self.db_url)}; "
@@ -336,19 +396,28 @@ class Retriever:
                                 f"but the model in use is {self.model.model_id}: re-index the images with "
                                 f"this model (`lungcbir index-dataset PATH` into a new --db and --index-dir), "
                                 f"or query with the weights the database was indexed with (--weights)")
-        results = self.segment_slices(slices)
+        return store
+
+    def _neighbors(self, store: Store, vectors: np.ndarray, k: int, where: dict[str, str] | None,
+                   per_patient: int, excluded: Sequence[set[str]]) -> list[list[Neighbor]]:
+        """The k best stored slices per query vector, filtered, collapsed per case, and without
+        the rows and cases in ``excluded`` (``id:N`` and :func:`case_key` strings)."""
+        if k < 1:
+            raise LungCBIRError("k must be at least 1")
         # filters and per-patient collapsing work on a larger candidate list, then cut to k
-        candidates = k if not (where or per_patient) else max(k * 50, 500)
-        scores, ids = store.search(np.stack([r.vector for r in results]), candidates)
+        candidates = k if not (where or per_patient or any(excluded)) else max(k * 50, 500)
+        scores, ids = store.search(vectors, candidates)
         rows = store.records(ids[ids >= 0].ravel())
         answers = []
-        for item, result, row_scores, row_ids in zip(slices, results, scores, ids):
+        for row_scores, row_ids, leave_out in zip(scores, ids, excluded):
             neighbors = []
             per_case: dict[str, int] = {}
             for score, identifier in zip(row_scores, row_ids):
                 record = rows.get(int(identifier))
                 if record is None or not _matches(record, where):
                     continue  # removed since the index was read, or filtered out
+                if leave_out and (f"id:{record.id}" in leave_out or case_key(record) in leave_out):
+                    continue
                 if len(neighbors) == k:
                     break
                 if per_patient:
@@ -360,8 +429,36 @@ class Retriever:
                                           score=float(score), patient_id=record.patient_id,
                                           series_uid=record.series_uid, slice_index=record.slice_index,
                                           labels=dict(record.labels or {})))
-            answers.append(QueryResult(item, result.mask, result.lung_fraction, neighbors))
+            answers.append(neighbors)
         return answers
+
+
+def together_vector(examples: np.ndarray, unlike: np.ndarray | None = None,
+                    unlike_weight: float = UNLIKE_WEIGHT) -> np.ndarray:
+    """normalise(normalise(mean(examples)) - unlike_weight * normalise(mean(unlike))).
+
+    Example:
+        >>> together_vector(np.array([[1.0, 0.0], [0.0, 1.0]])).round(3).tolist()
+        [0.707, 0.707]
+        >>> together_vector(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[0.0, 1.0]]), 0.5).round(3).tolist()
+        [0.894, 0.447]
+    """
+    def unit(vector: np.ndarray) -> np.ndarray:
+        return vector / max(float(np.linalg.norm(vector)), 1e-8)
+
+    vector = unit(np.asarray(examples, np.float32).mean(0))
+    if unlike is not None and len(unlike):
+        vector = unit(vector - unlike_weight * unit(np.asarray(unlike, np.float32).mean(0)))
+    return vector.astype(np.float32)
+
+
+def _own_cases(item: CTSlice, stored: dict[tuple[str, int], list[ImageRecord]]) -> set[str]:
+    """The cases (:func:`case_key`) a query slice belongs to: those of its stored copies, else
+    its own patient id; empty when neither is known."""
+    copies = stored.get((item.sha256, item.frame), [])
+    if copies:
+        return {case_key(record) for record in copies}
+    return {f"patient:{item.patient_id}"} if item.patient_id else set()
 
 
 def case_key(record: ImageRecord | Neighbor) -> str:

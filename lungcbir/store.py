@@ -107,6 +107,9 @@ class ImageRecord(Base):
     model_id: Mapped[str] = mapped_column(String(32), index=True)
     indexed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     vector: Mapped[bytes] = mapped_column(LargeBinary)
+    #: where patient_id / series_uid came from (:class:`lungcbir.identity.IdentitySource`
+    #: value); NULL in rows indexed before it was recorded
+    identity_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class StoreSetting(Base):
@@ -142,6 +145,8 @@ class StoreStats:
     images: int
     patients: int
     series: int
+    #: how identity was found: {source: {"patients": distinct patients, "slices": rows}}
+    identity: dict
     model_id: str | None
     dimension: int | None
     index_vectors: int
@@ -288,6 +293,8 @@ class Store:
                                      f"create one with `lungcbir index-dataset PATH`")
                 if not self.read_only:
                     Base.metadata.create_all(connection)  # also adds tables new in this version
+                if ImageRecord.__tablename__ in tables:
+                    _add_missing_columns(connection, self.read_only, db_url)
                 if backend == "sqlite" and ImageRecord.__tablename__ in tables:
                     schema = connection.exec_driver_sql(
                         "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'images'").scalar()
@@ -482,6 +489,21 @@ class Store:
             for row in rows:
                 session.expunge(row)
         return {row.id: row for row in rows}
+
+    def records_with_content(self, keys: Iterable[tuple[str | None, int]]) -> dict[tuple[str, int], list[ImageRecord]]:
+        """Stored rows by (sha256, frame): where a query slice is itself stored."""
+        wanted = {(sha, frame) for sha, frame in keys if sha}
+        if not wanted:
+            return {}
+        found: dict[tuple[str, int], list[ImageRecord]] = {}
+        with Session(self.engine, expire_on_commit=False) as session:
+            rows = session.scalars(select(ImageRecord).where(
+                ImageRecord.sha256.in_(sorted({sha for sha, _ in wanted})))).all()
+            for row in rows:
+                session.expunge(row)
+                if (row.sha256, row.frame) in wanted:
+                    found.setdefault((row.sha256, row.frame), []).append(row)
+        return found
 
     def iter_vectors(self, chunk: int = REBUILD_CHUNK, after: int = -1,
                      up_to: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -807,12 +829,18 @@ class Store:
             images = session.scalar(select(func.count(ImageRecord.id))) or 0
             patients = session.scalar(select(func.count(func.distinct(ImageRecord.patient_id)))) or 0
             series = session.scalar(select(func.count(func.distinct(ImageRecord.series_uid)))) or 0
+            identity = {}
+            for source, patients_found, slices in session.execute(
+                    select(func.coalesce(ImageRecord.identity_source, "unrecorded"),
+                           func.count(func.distinct(ImageRecord.patient_id)), func.count(ImageRecord.id))
+                    .group_by(func.coalesce(ImageRecord.identity_source, "unrecorded"))):
+                identity[source] = {"patients": patients_found, "slices": slices}
         url = make_url(self.db_url)
         database_bytes = None
         if url.get_backend_name() == "sqlite" and url.database and os.path.exists(url.database):
             database_bytes = os.path.getsize(url.database)
         index = self.index()
-        return StoreStats(images=images, patients=patients, series=series, model_id=self.model_id,
+        return StoreStats(images=images, patients=patients, series=series, identity=identity, model_id=self.model_id,
                           dimension=self.dimension, index_vectors=int(index.ntotal),
                           index_kind=f"{describe_index(index)}; setting {self.index_kind}",
                           database=safe_url(self.db_url), database_bytes=database_bytes,
@@ -823,6 +851,24 @@ def _reason(error: SQLAlchemyError) -> str:
     original = getattr(error, "orig", None) or error
     text = str(original).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
+
+
+def _add_missing_columns(connection, read_only: bool, db_url: str) -> None:
+    """Add the nullable columns newer than an existing ``images`` table (e.g. ``identity_source``).
+
+    A read-only store writes nothing, so an old table there is refused with a way out.
+    """
+    table = ImageRecord.__table__
+    present = {column["name"] for column in inspect(connection).get_columns(table.name)}
+    missing = [column for column in table.columns if column.name not in present and column.nullable]
+    if missing and read_only:
+        raise StoreError(f"the database {safe_url(db_url)} was made by an earlier lungcbir version (no column "
+                         f"{', '.join(c.name for c in missing)}); upgrade it by running a writing command "
+                         f"on it once (`lungcbir index-dataset PATH` or `lungcbir rebuild-index`)")
+    guard = "IF NOT EXISTS " if connection.dialect.name == "postgresql" else ""  # a concurrent opener
+    for column in missing:
+        kind = column.type.compile(dialect=connection.dialect)
+        connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {guard}{column.name} {kind}")
 
 
 def _insert_ignoring_duplicates(dialect: str, table: type[Base], rows: list[dict]):
