@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import argparse
 
-from lungcbir.evaluate_retrieval import (assign_levels, encode, load_benchmark, mixed_store_measures, pooled,
-                                         raw_pixel_features)
+from lungcbir.evaluate_retrieval import (
+    assign_levels,
+    encode,
+    load_benchmark,
+    mixed_store_measures,
+    pooled,
+    raw_pixel_features,
+)
 from lungcbir.features import centre_vectors
 from lungcbir.inference import LungModel
 

@@ -13,8 +13,8 @@ saved in the weights file's settings, so it travels with the model and changes i
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

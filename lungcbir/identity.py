@@ -22,9 +22,9 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable
 
 from .errors import LungCBIRError
 from .io import CTSlice, file_kind
@@ -98,9 +98,9 @@ class IdentityResolver:
     def _root_for(self, path: str) -> str:
         best = None
         for root in self.roots:
-            if path == root or path.startswith(os.path.join(root, "")):
-                if best is None or len(root) > len(best):
-                    best = root
+            inside = path == root or path.startswith(os.path.join(root, ""))
+            if inside and (best is None or len(root) > len(best)):  # the innermost given folder
+                best = root
         return best or os.path.dirname(path)
 
     def _folder_name(self, folder: str, member: str) -> str:

@@ -868,7 +868,11 @@ def _add_missing_columns(connection, read_only: bool, db_url: str) -> None:
     guard = "IF NOT EXISTS " if connection.dialect.name == "postgresql" else ""  # a concurrent opener
     for column in missing:
         kind = column.type.compile(dialect=connection.dialect)
-        connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {guard}{column.name} {kind}")
+        try:
+            connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {guard}{column.name} {kind}")
+        except SQLAlchemyError:  # SQLite: another process added it first
+            if column.name not in {c["name"] for c in inspect(connection).get_columns(table.name)}:
+                raise
 
 
 def _insert_ignoring_duplicates(dialect: str, table: type[Base], rows: list[dict]):

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from lungcbir.centring import add_training_centre, training_centre, training_images, uncentred_vectors, write_centre
+from lungcbir.centring import (
+    add_training_centre,
+    training_centre,
+    training_images,
+    uncentred_vectors,
+    write_centre,
+)
 from lungcbir.datasets import covid_slices, kaggle_slices
 from lungcbir.errors import LungCBIRError
 from lungcbir.features import centre_vectors
