@@ -3,6 +3,12 @@
 Usage: python benchmarks/train_bundled_model.py OUT.pt [--epochs N] [--device cpu|cuda]
            [--only kaggle|covid19] [--base-channels C] [--contrastive W] [--cache FILE.npz]
            [--workers N] [--init W.pt|bundled] [--learning-rate LR] [--seed S]
+       python benchmarks/train_bundled_model.py W.pt --centre-only
+
+After training, the centre (mean vector of the train split's slices, lungcbir.centring) is
+computed and saved in OUT.pt's settings; ``--centre-only`` does only that, in place, for weights
+trained before (how the bundled model got its centre). Both read the train split's files from
+../shared/data.
 
 The bundled model: --epochs 140 --contrastive 0.5 --seed 1 --device cuda --workers 4, stopped by
 the time limit at epoch 137 (see MODEL_CARD.md).
@@ -20,6 +26,7 @@ import sys
 
 import numpy as np
 
+from lungcbir.centring import add_training_centre
 from lungcbir.datasets import covid_slices, kaggle_slices
 from lungcbir.train import TrainConfig, TrainingSample, load_sample, train
 
@@ -79,7 +86,13 @@ def main() -> None:
     parser.add_argument("--cache", help="read the resized slices from this .npz (written if missing)")
     parser.add_argument("--infection-head", action="store_true",
                         help="also learn COVID-19 lesions (the variant that was tried and not shipped)")
+    parser.add_argument("--centre-only", action="store_true",
+                        help="only compute the training centre and save it in OUT (no training)")
     args = parser.parse_args()
+    if args.centre_only:
+        add_training_centre(args.out)
+        print(f"centre saved in {args.out}", flush=True)
+        return
     config = TrainConfig(epochs=args.epochs, infection_head=args.infection_head,
                          base_channels=args.base_channels, contrastive_weight=args.contrastive,
                          learning_rate=args.learning_rate, seed=args.seed)
@@ -101,6 +114,8 @@ def main() -> None:
                         on_epoch=lambda r: print(r, flush=True), workers=args.workers,
                         initial_weights=args.init):
         pass
+    add_training_centre(args.out)  # the mean vector of the train split, so scores spread over [-1, 1]
+    print(f"centre saved in {args.out}", flush=True)
     sys.exit(0)
 
 

@@ -103,7 +103,11 @@ def main() -> None:
 
 @main.command("index-dataset")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--labels", type=click.Path(dir_okay=False), help="CSV with a 'path' column plus label columns.")
+@click.option("--labels", type=click.Path(dir_okay=False),
+              help="CSV with a 'path' column plus label columns (patient_id, series_uid: the slice's identity).")
+@click.option("--case-pattern", metavar="REGEX",
+              help="For files without DICOM or labels identity: a regex searched in the path relative to the "
+                   "indexed folder; group 1 = patient, group 2 (optional) = series.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out matching files or folders (repeatable).")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -120,8 +124,8 @@ def main() -> None:
 @store_options
 @model_options
 @friendly_errors
-def index_dataset(paths, labels, exclude, batch_size, quiet, wait, workers, commit_every, study, since, cache_dir,
-                  db_url, index_dir, weights, device):
+def index_dataset(paths, labels, case_pattern, exclude, batch_size, quiet, wait, workers, commit_every, study,
+                  since, cache_dir, db_url, index_dir, weights, device):
     """Index every CT image under PATHS (folders are walked recursively).
 
     A PATH starting with http:// or https:// is a DICOMweb service root (a PACS): its CT
@@ -135,6 +139,7 @@ def index_dataset(paths, labels, exclude, batch_size, quiet, wait, workers, comm
     Example:
       lungcbir index-dataset ../shared/data/kaggle-lungs-2d/images --labels labels.csv
       lungcbir index-dataset http://localhost:8042/dicom-web --since 2024-01-01
+      lungcbir index-dataset exports/ --case-pattern '^(ID_[0-9]+)_Z'
     """
     from tqdm import tqdm
 
@@ -144,7 +149,8 @@ def index_dataset(paths, labels, exclude, batch_size, quiet, wait, workers, comm
     report = retriever.index_dataset(paths, labels=labels, exclude=exclude, wait=wait,
                                      on_total=lambda total: setattr(bar, "total", total),
                                      on_file=lambda _: bar.update(), study=study,
-                                     since=since.date() if since else None, cache_dir=cache_dir)
+                                     since=since.date() if since else None, cache_dir=cache_dir,
+                                     case_pattern=case_pattern)
     bar.close()
     for failure in report.failures:
         click.echo(f"failed: {failure.path}: {failure.reason}", err=True)
@@ -196,10 +202,17 @@ def _read_inputs(paths):
 @click.option("--by-series", is_flag=True,
               help="Treat each IMAGE (a DICOM series folder or a NIfTI volume) as one case and rank stored cases.")
 @click.option("--no-pictures", is_flag=True, help="Write no mask, overlay or matches files (nothing in --out).")
+@click.option("--other-patients", is_flag=True,
+              help="Leave out every slice of the query's own patient (of its stored copy, or its DICOM PatientID).")
+@click.option("--together", is_flag=True,
+              help="Search once with all IMAGEs together (the mean of their vectors): more like these.")
+@click.option("--unlike", multiple=True, type=click.Path(), metavar="IMAGE",
+              help="With --together: less like this (repeatable; the mean of these is subtracted).")
 @store_options
 @model_options
 @friendly_errors
-def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, db_url, index_dir, weights, device):
+def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, other_patients, together, unlike,
+          db_url, index_dir, weights, device):
     """Find the K stored slices most similar to each query IMAGE.
 
     Writes the lung mask (0/255, the image's own size), an overlay of the lung contour and a
@@ -214,7 +227,12 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, d
     from .visualize import mask_png, match_strip, overlay, write_png
 
     filters = parse_where(where)
+    if unlike and not together:
+        raise click.UsageError("--unlike goes with --together")
     retriever = _retriever(db_url, index_dir, weights, device)
+    if together:
+        _query_together(retriever, images, unlike, k, filters, per_patient, other_patients, as_json)
+        return
     if by_series:
         if _query_series(retriever, images, k, filters, as_json):
             sys.exit(EXIT_SOME_FAILED)
@@ -222,7 +240,7 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, d
     folder = None if no_pictures else _ensure_folder(out)
     inputs, failures = _read_inputs(images)
     for path, slices in inputs:
-        for result in retriever.query_slices(slices, k, filters, per_patient):
+        for result in retriever.query_slices(slices, k, filters, per_patient, other_patients):
             mask_path = overlay_path = matches_path = None
             written = {}
             if folder is not None:
@@ -252,18 +270,42 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, d
                 shown = f"  mask {mask_path}" if mask_path else ""
                 seg_note = f"  seg {written['seg']}" if "seg" in written else ""
                 click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}{shown}{seg_note}")
-                click.echo(f"  {'rank':>4}  {'score':>6}  {'patient/series/slice':<32}  path  labels")
-                for n in result.neighbors:
-                    where = "/".join(str(v) if v is not None else "-" for v in
-                                     (n.patient_id, (n.series_uid or "")[-12:] or None, n.slice_index))
-                    labels = ", ".join(f"{key}={value}" for key, value in n.labels.items())
-                    click.echo(f"  {n.rank:>4}  {n.score:6.3f}  {where:<32}  {n.path}  {labels}")
+                _print_neighbors(result.neighbors)
     if failures:
         sys.exit(EXIT_SOME_FAILED)
 
 
 def _text(path: Path | None) -> str | None:
     return None if path is None else str(path)
+
+
+def _print_neighbors(neighbors) -> None:
+    click.echo(f"  {'rank':>4}  {'score':>6}  {'patient/series/slice':<32}  path  labels")
+    for n in neighbors:
+        where = "/".join(str(v) if v is not None else "-" for v in
+                         (n.patient_id, (n.series_uid or "")[-12:] or None, n.slice_index))
+        labels = ", ".join(f"{key}={value}" for key, value in n.labels.items())
+        click.echo(f"  {n.rank:>4}  {n.score:6.3f}  {where:<32}  {n.path}  {labels}")
+
+
+def _query_together(retriever, images, unlike, k, filters, per_patient, other_patients, as_json) -> None:
+    """One search with every slice of IMAGES together, less like UNLIKE; one result printed."""
+    liked, failures = _read_inputs(images)
+    disliked, unlike_failures = _read_inputs(unlike) if unlike else ([], [])
+    examples = [item for _, items in liked for item in items]
+    if not examples:
+        raise LungCBIRError("no readable example to search with")
+    result = retriever.query_together(examples, [item for _, items in disliked for item in items], k, filters,
+                                      per_patient, other_patients)
+    if as_json:
+        click.echo(json.dumps({"queries": [path for path, _ in liked], "unlike": [path for path, _ in disliked],
+                               "neighbors": [n.to_json() for n in result.neighbors]}))
+    else:
+        unlike_note = f", less like {len(result.unlike)}" if result.unlike else ""
+        click.echo(f"together: {len(result.queries)} example slice(s){unlike_note}")
+        _print_neighbors(result.neighbors)
+    if failures or unlike_failures:
+        sys.exit(EXIT_SOME_FAILED)
 
 
 def _query_series(retriever, inputs, k, filters, as_json) -> bool:
@@ -430,6 +472,9 @@ def stats(as_json, db_url, index_dir):
         click.echo(json.dumps(asdict(summary)))
         return
     for key, value in asdict(summary).items():
+        if key == "identity":  # how the patients were found: one line per source
+            value = ", ".join(f"{source} {found['patients']} patient(s) in {found['slices']} slice(s)"
+                              for source, found in sorted(value.items())) or None
         click.echo(f"{key:>15}: {value if value is not None else '-'}")
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .datasets import data_root
-from .features import POOLINGS, pool_bottleneck
+from .features import POOLINGS, centre_vectors, pool_bottleneck
 from .inference import LungModel
 from .io import CTSlice, dicom_series_positions, find_image_files, read_file
 from .preprocess import normalize_intensity, to_model_input
@@ -308,5 +308,44 @@ def standard_comparison(model: LungModel, segmentation_only: LungModel | None = 
         features[f"ours {method}"] = pooled(trained, method)
     if variants:
         features["lungcbir +PCA-white"] = whiten(pooled(trained, model.settings.pooling))
-    features["lungcbir"] = pooled(trained, model.settings.pooling)
+    features["lungcbir"] = centre_vectors(pooled(trained, model.settings.pooling), model.settings.centre)
     return len(items), compare(items, features)
+
+
+# -- the mixed store (issue 14): every covid-ct-md series, normals included, in one store ------
+
+#: The neighbour whose score the mixed-store measure reports (median over all queries).
+SCORE_RANK = 50
+
+
+def mixed_store_measures(items: list[BenchmarkSlice], vectors: np.ndarray) -> dict[str, tuple[float, float]]:
+    """The mixed-store task: all six covid-ct-md series in one store, every slice queried,
+    neighbours from other patients only. {measure: (value, chance)}.
+
+    * level top-1 error: |level of the best other-patient slice - query level| over queries
+      inside the lungs, candidates inside the lungs (chance: mean over all such candidates);
+    * infected share in the top 5: for infected query slices, the share of infected slices
+      among the 5 best other-patient slices (normal patients' slices count as clean);
+    * median score of the 50th neighbour over all queries (chance column: not applicable, NaN).
+    """
+    md = np.array([n for n, i in enumerate(items) if i.dataset == "covid-ct-md"])
+    similarity = vectors[md] @ vectors[md].T
+    patients = np.array([items[n].patient for n in md])
+    levels = np.array([np.nan if items[n].level is None else items[n].level for n in md])
+    infected = np.array([bool(items[n].infected) for n in md])
+    level_errors, level_chance, share, share_chance, fiftieth = [], [], [], [], []
+    for q in range(len(md)):
+        others = np.flatnonzero(patients != patients[q])
+        order = _ranked(similarity[q], others)
+        if len(order) >= SCORE_RANK:
+            fiftieth.append(similarity[q, order[SCORE_RANK - 1]])
+        if not np.isnan(levels[q]):
+            inside = order[~np.isnan(levels[order])]
+            level_errors.append(abs(levels[inside[0]] - levels[q]))
+            level_chance.append(np.abs(levels[inside] - levels[q]).mean())
+        if infected[q]:
+            share.append(infected[order[:5]].mean())
+            share_chance.append(infected[others].mean())
+    return {"level top-1 error (lower is better)": (float(np.mean(level_errors)), float(np.mean(level_chance))),
+            "infected share in top 5": (float(np.mean(share)), float(np.mean(share_chance))),
+            f"median score of neighbour {SCORE_RANK}": (float(np.median(fiftieth)), float("nan"))}

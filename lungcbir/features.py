@@ -43,3 +43,22 @@ def pooled_vectors(bottleneck: torch.Tensor, lung_probability: torch.Tensor | No
         if method == "lung-mean-max":
             peak = (features * (weights / weights.amax((2, 3), keepdim=True))).amax((2, 3))
     return F.normalize(torch.cat([mean, peak], dim=1), dim=1)
+
+
+def centre_vectors(vectors: np.ndarray, centre: np.ndarray | list[float] | None) -> np.ndarray:
+    """Subtract ``centre`` (the mean unit vector of the training slices) and L2-normalise again.
+
+    Every pooled bottleneck points in nearly the same direction (all activations are
+    positive), so uncentred cosines sit between 0.9 and 1 for any two slices; after centring,
+    unrelated slices score near 0 and near-duplicates near 1. ``None`` returns ``vectors``.
+
+    Example:
+        >>> v = centre_vectors(np.array([[0.6, 0.8], [0.8, 0.6]], np.float32), [0.7, 0.7])
+        >>> np.round(v @ v.T, 3).tolist()
+        [[1.0, -1.0], [-1.0, 1.0]]
+    """
+    if centre is None:
+        return vectors
+    centred = np.asarray(vectors, np.float32) - np.asarray(centre, np.float32)[None]
+    norms = np.linalg.norm(centred, axis=1, keepdims=True)
+    return (centred / np.maximum(norms, 1e-8)).astype(np.float32)

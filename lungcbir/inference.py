@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import WeightsError
-from .features import pool_bottleneck
+from .features import centre_vectors, pool_bottleneck
 from .io import CTSlice
 from .model import UNet, UNetConfig, fuse_batch_norm
 from .postprocess import clean_probability
@@ -47,10 +47,16 @@ class ModelSettings:
     pooling: str = "mean-max"
     postprocess: bool = True
     training: dict = field(default_factory=dict)
+    #: Mean pooled vector of the training slices (see :mod:`lungcbir.centring`), subtracted
+    #: before the final L2 normalisation so that scores spread over [-1, 1]; None: not centred.
+    centre: list[float] | None = None
 
     def to_dict(self) -> dict:
-        return {"unet": self.unet.to_dict(), "preprocess": self.preprocess.to_dict(),
-                "pooling": self.pooling, "postprocess": self.postprocess, "training": self.training}
+        values = {"unet": self.unet.to_dict(), "preprocess": self.preprocess.to_dict(),
+                  "pooling": self.pooling, "postprocess": self.postprocess, "training": self.training}
+        if self.centre is not None:
+            values["centre"] = list(self.centre)
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelSettings":
@@ -58,7 +64,8 @@ class ModelSettings:
                    preprocess=PreprocessConfig.from_dict(values["preprocess"]),
                    pooling=values.get("pooling", "mean-max"),
                    postprocess=bool(values.get("postprocess", True)),
-                   training=dict(values.get("training", {})))
+                   training=dict(values.get("training", {})),
+                   centre=[float(v) for v in values["centre"]] if values.get("centre") is not None else None)
 
 
 def bundled_weights_path() -> Path | None:
@@ -107,10 +114,13 @@ def load_network(path: str | os.PathLike | None = None) -> tuple[UNet, ModelSett
 
 
 def _model_digest(state: dict, settings: "ModelSettings") -> str:
-    """Hash of the weights and of every setting that changes the vectors (preprocessing, pooling)."""
+    """Hash of the weights and of every setting that changes the vectors (preprocessing, pooling,
+    centre). Models without a centre keep the ids they had before centring existed."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"preprocess": settings.preprocess.to_dict(), "pooling": settings.pooling},
-                             sort_keys=True).encode())
+    changing = {"preprocess": settings.preprocess.to_dict(), "pooling": settings.pooling}
+    if settings.centre is not None:
+        changing["centre"] = np.asarray(settings.centre, np.float32).tobytes().hex()
+    digest.update(json.dumps(changing, sort_keys=True).encode())
     for key in sorted(state):
         digest.update(key.encode())
         digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
@@ -162,7 +172,8 @@ class LungModel:
         batch = batch.to(memory_format=torch.channels_last)
         logits, bottleneck = self.network.forward_with_bottleneck(batch)
         probabilities = torch.sigmoid(logits[:, :1].float())  # channel 0: lungs (1: lesions, if trained)
-        vectors = pool_bottleneck(bottleneck, probabilities, self.settings.pooling)
+        vectors = centre_vectors(pool_bottleneck(bottleneck, probabilities, self.settings.pooling),
+                                 self.settings.centre)
         return probabilities[:, 0].cpu().numpy(), vectors
 
     def segment(self, slices: Sequence[CTSlice], batch_size: int = 16) -> list[Segmentation]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import LungCBIRError, ReadError, StoreError
+from .identity import Identity, IdentityResolver, compile_case_pattern
 from .inference import LungModel, Segmentation
 from .io import CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file
 from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store, encode_mask, safe_url
@@ -34,6 +35,10 @@ FILES_PER_COMMIT = 64
 #: MIN_CANDIDATES), four times more on each round until k cases are found or none are left.
 CANDIDATES_PER_RESULT = 50
 MIN_CANDIDATES = 500
+#: ``query_together``: how much the mean of the ``unlike`` examples is subtracted from the
+#: (unit) mean of the examples, before renormalising. 0.5: "less like that" steers the
+#: answer without turning it into "the opposite of that".
+UNLIKE_WEIGHT = 0.5
 
 
 @dataclass
@@ -98,6 +103,15 @@ class QueryResult:
     query: CTSlice
     mask: np.ndarray
     lung_fraction: float
+    neighbors: list[Neighbor]
+
+
+@dataclass
+class TogetherResult:
+    """The answer to several examples searched together ("more like these, less like that")."""
+
+    queries: list[CTSlice]
+    unlike: list[CTSlice]
     neighbors: list[Neighbor]
 
 
@@ -264,7 +278,8 @@ class Retriever:
                       exclude: Iterable[str] = (), wait: bool = False,
                       on_file: Callable[[str], None] | None = None,
                       on_total: Callable[[int], None] | None = None, study: str | None = None,
-                      since: date | None = None, cache_dir: str | os.PathLike | None = None) -> IndexReport:
+                      since: date | None = None, cache_dir: str | os.PathLike | None = None,
+                      case_pattern: str | None = None) -> IndexReport:
         """Index every image under ``paths``; already indexed files (same sha256) are skipped.
 
         A path starting with ``http://`` or ``https://`` is a DICOMweb service root: its CT
@@ -273,15 +288,21 @@ class Retriever:
         Instance UID is indexed with this model are not fetched at all, and each row's path is
         the instance's WADO-RS URL (``cache_dir`` keeps a local copy of what is fetched).
 
+        Each slice's patient and series come from DICOM, else the labels' ``patient_id`` /
+        ``series_uid`` columns, else ``case_pattern`` (a regex whose first group is the
+        patient, searched in the path relative to the indexed folder), else its folder when
+        that holds the slices of one scan; see :mod:`lungcbir.identity`.
+
         Unreadable files are recorded in the report and indexing goes on. Rows are committed
         every :data:`FILES_PER_COMMIT` files, so an interrupted run keeps what it finished and
         a rerun completes it. One run at a time writes to an index folder: a second raises
         :class:`~lungcbir.errors.LockedError` or, with ``wait=True``, waits for the first.
         """
+        pattern = compile_case_pattern(case_pattern)  # a bad pattern fails before anything is read
         with self.store().write_lock(wait):
-            return self._index_locked(paths, labels, exclude, on_file, on_total, study, since, cache_dir)
+            return self._index_locked(paths, labels, exclude, on_file, on_total, pattern, study, since, cache_dir)
 
-    def _index_locked(self, paths, labels, exclude, on_file, on_total, study=None, since=None,
+    def _index_locked(self, paths, labels, exclude, on_file, on_total, pattern, study=None, since=None,
                       cache_dir=None) -> IndexReport:
         from .dicomweb import is_dicomweb_url
 
@@ -299,6 +320,7 @@ class Retriever:
         model, store = self.model, self.store()
         store.check_model(model.model_id, model.dimension)
         known = store.known_keys(model.model_id)
+        identities = IdentityResolver(folders, files, pattern)
         report = IndexReport()
         if instances:
             known_sops = store.known_sop_uids(model.model_id)
@@ -328,7 +350,7 @@ class Retriever:
                 if on_file:
                     on_file(path)
                 if len(pending) >= self.files_per_commit or number == total:
-                    stored = self._store_slices(pending, label_map)
+                    stored = self._store_slices(pending, label_map, identities)
                     report.indexed += stored
                     report.skipped += len(pending) - stored  # stored meanwhile by a concurrent run
                     pending = []
@@ -343,37 +365,66 @@ class Retriever:
         source = DicomwebSource(url, cache_dir=cache_dir)
         return source, [ref for series in source.find_series(study, since) for ref in source.instances(series)]
 
-    def _store_slices(self, slices: list[CTSlice], label_map: dict[str, dict]) -> int:
+    def _store_slices(self, slices: list[CTSlice], label_map: dict[str, dict], identities: IdentityResolver) -> int:
         if not slices:
             return 0
         results = self.segment_slices(slices)
-        records = [self._record(item, result, label_map.get(os.path.abspath(item.path), {}))
+        records = [self._record(item, result, *identities.resolve(item, label_map.get(os.path.abspath(item.path), {})))
                    for item, result in zip(slices, results)]
         return len(self.store().add(records, np.stack([r.vector for r in results])))
 
-    def _record(self, item: CTSlice, result: Segmentation, labels: dict) -> ImageRecord:
+    def _record(self, item: CTSlice, result: Segmentation, identity: Identity, labels: dict) -> ImageRecord:
         spacing = item.pixel_spacing or (None, None)
         from .dicomweb import is_dicomweb_url
 
         path = item.path if is_dicomweb_url(item.path) else os.path.abspath(item.path)
         return ImageRecord(path=path, sha256=item.sha256, frame=item.frame, sop_uid=item.sop_uid,
                            source_format=item.source_format, width=item.shape[1], height=item.shape[0],
-                           patient_id=item.patient_id, study_uid=item.study_uid, series_uid=item.series_uid,
+                           patient_id=identity.patient_id, study_uid=item.study_uid, series_uid=identity.series_uid,
+                           identity_source=identity.source.value,
                            instance_number=item.instance_number, slice_location=item.slice_location,
                            slice_index=item.slice_index, pixel_spacing_row=spacing[0],
                            pixel_spacing_col=spacing[1], labels=labels, lung_fraction=result.lung_fraction,
                            model_id=self.model.model_id, mask_png=encode_mask(result.mask))
 
     def query(self, image: str | os.PathLike | CTSlice | np.ndarray, k: int = 5,
-              where: dict[str, str] | None = None, per_patient: int = 1) -> QueryResult:
+              where: dict[str, str] | None = None, per_patient: int = 1,
+              other_patients: bool = False) -> QueryResult:
         """Segment one slice and find the ``k`` most similar stored slices.
 
         ``where`` keeps only stored slices whose labels or metadata (``patient_id``,
         ``series_uid``, ``source_format``) equal the given values. ``per_patient`` returns at
         most that many slices of one patient (or series, or volume), so the top k are k
-        different cases; 0 turns this off.
+        different cases; 0 turns this off. ``other_patients`` drops every slice of the
+        query's own patient: the patient of the stored copy of the query (same SHA-256),
+        else the query's own patient id (DICOM); a query with neither drops nothing.
         """
-        return self.query_slices([as_slice(image)], k, where, per_patient)[0]
+        return self.query_slices([as_slice(image)], k, where, per_patient, other_patients)[0]
+
+    def query_together(self, examples: Sequence[str | os.PathLike | CTSlice | np.ndarray],
+                       unlike: Sequence[str | os.PathLike | CTSlice | np.ndarray] = (), k: int = 5,
+                       where: dict[str, str] | None = None, per_patient: int = 1, other_patients: bool = False,
+                       unlike_weight: float = UNLIKE_WEIGHT) -> TogetherResult:
+        """"More like these, less like that": one search with several examples.
+
+        The query vector is the L2-normalised mean of the examples' vectors, minus
+        ``unlike_weight`` times the L2-normalised mean of the ``unlike`` vectors, normalised
+        again (:func:`together_vector`). The examples and the unlike slices themselves (when
+        stored) are never returned; ``other_patients`` drops the patients of every example.
+        """
+        if not examples:
+            raise LungCBIRError("give at least one example to search with")
+        liked, disliked = [as_slice(item) for item in examples], [as_slice(item) for item in unlike]
+        store = self._searchable_store()
+        vectors = np.stack([r.vector for r in self.segment_slices(liked + disliked)])
+        vector = together_vector(vectors[:len(liked)], vectors[len(liked):], unlike_weight)
+        stored = store.records_with_content([(item.sha256, item.frame) for item in liked + disliked])
+        excluded = {f"id:{record.id}" for records in stored.values() for record in records}
+        if other_patients:
+            for item in liked:
+                excluded |= _own_cases(item, stored)
+        neighbors = self._neighbors(store, vector[None], k, where, per_patient, [excluded])[0]
+        return TogetherResult(liked, disliked, neighbors)
 
     def stored_slice(self, image_id: int) -> CTSlice:
         """Read a stored image's slice back from its file (raises ReadError if it is gone)."""
@@ -438,28 +489,41 @@ class Retriever:
         return matches
 
     def query_slices(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
-                     per_patient: int = 1) -> list[QueryResult]:
+                     per_patient: int = 1, other_patients: bool = False) -> list[QueryResult]:
         """:meth:`query` for many slices at once."""
-        if k < 1:
-            raise LungCBIRError("k must be at least 1")
+        store = self._searchable_store()
+        results = self.segment_slices(slices)
+        excluded = [set() for _ in slices]
+        if other_patients:
+            stored = store.records_with_content([(item.sha256, item.frame) for item in slices])
+            excluded = [_own_cases(item, stored) for item in slices]
+        found = self._neighbors(store, np.stack([r.vector for r in results]), k, where, per_patient, excluded)
+        return [QueryResult(item, result.mask, result.lung_fraction, neighbors)
+                for item, result, neighbors in zip(slices, results, found)]
+
+    def _searchable_store(self) -> Store:
         store = self.store(create=False)
         if store.count() == 0:
             raise StoreError(f"no images are indexed in {safe_url(self.db_url)}; "
                              f"add some with `lungcbir index-dataset PATH`")
         if store.model_id not in (None, self.model.model_id):
             raise LungCBIRError(f"the database was indexed with model {store.model_id}, "
-                                f"but the model in use is {self.model.model_id}")
-        results = self.segment_slices(slices)
-        allowed = store.ids_matching(where) if where else None  # the filter is decided in the database
-        found = self._nearest(store, np.stack([r.vector for r in results]), k, allowed, per_patient)
-        return [QueryResult(item, result.mask, result.lung_fraction, neighbors)
-                for item, result, neighbors in zip(slices, results, found)]
+                                f"but the model in use is {self.model.model_id}: re-index the images with "
+                                f"this model (`lungcbir index-dataset PATH` into a new --db and --index-dir), "
+                                f"or query with the weights the database was indexed with (--weights)")
+        return store
 
-    def _nearest(self, store: Store, vectors: np.ndarray, k: int, allowed: np.ndarray | None,
-                 per_patient: int) -> list[list[Neighbor]]:
-        """The k best neighbours of each vector among ``allowed`` rows, at most ``per_patient``
-        of one case: the candidate list grows until k are found or the store is exhausted."""
-        fetch = max(k * CANDIDATES_PER_RESULT, MIN_CANDIDATES) if per_patient else k
+    def _neighbors(self, store: Store, vectors: np.ndarray, k: int, where: dict[str, str] | None,
+                   per_patient: int, excluded: Sequence[set[str]]) -> list[list[Neighbor]]:
+        """The k best stored slices per query vector among the rows matching ``where`` (decided
+        in the database), at most ``per_patient`` of one case, and without the rows and cases in
+        ``excluded`` (``id:N`` and :func:`case_key` strings): the candidate list grows until k
+        are found or the store is exhausted."""
+        if k < 1:
+            raise LungCBIRError("k must be at least 1")
+        allowed = store.ids_matching(where) if where else None
+        collapsing = per_patient or any(excluded)
+        fetch = max(k * CANDIDATES_PER_RESULT, MIN_CANDIDATES) if collapsing else k
         answers: list[list[Neighbor] | None] = [None] * len(vectors)
         pending = list(range(len(vectors)))
         while pending:
@@ -468,7 +532,7 @@ class Retriever:
             exhausted = ids.shape[1] < fetch  # every (allowed) stored vector was a candidate
             still = []
             for number, row_scores, row_ids in zip(pending, scores, ids):
-                neighbors = _collapse(row_scores, row_ids, rows, k, per_patient)
+                neighbors = _collapse(row_scores, row_ids, rows, k, per_patient, excluded[number])
                 if len(neighbors) == k or exhausted:
                     answers[number] = neighbors
                 else:
@@ -478,14 +542,17 @@ class Retriever:
 
 
 def _collapse(scores: np.ndarray, ids: np.ndarray, rows: dict[int, ImageRecord], k: int,
-              per_patient: int) -> list[Neighbor]:
-    """The first k candidates (best first) with at most ``per_patient`` of one case (0: any)."""
+              per_patient: int, leave_out: set[str]) -> list[Neighbor]:
+    """The first k candidates (best first) with at most ``per_patient`` of one case (0: any),
+    none of the rows or cases in ``leave_out``."""
     neighbors: list[Neighbor] = []
     per_case: dict[str, int] = {}
     for score, identifier in zip(scores, ids):
         record = rows.get(int(identifier))
         if record is None:
             continue  # removed since the index was read
+        if leave_out and (f"id:{record.id}" in leave_out or case_key(record) in leave_out):
+            continue
         if len(neighbors) == k:
             break
         if per_patient:
@@ -498,6 +565,34 @@ def _collapse(scores: np.ndarray, ids: np.ndarray, rows: dict[int, ImageRecord],
                                   slice_index=record.slice_index, labels=dict(record.labels or {}),
                                   study_uid=record.study_uid, sop_uid=record.sop_uid))
     return neighbors
+
+
+def together_vector(examples: np.ndarray, unlike: np.ndarray | None = None,
+                    unlike_weight: float = UNLIKE_WEIGHT) -> np.ndarray:
+    """normalise(normalise(mean(examples)) - unlike_weight * normalise(mean(unlike))).
+
+    Example:
+        >>> together_vector(np.array([[1.0, 0.0], [0.0, 1.0]])).round(3).tolist()
+        [0.707, 0.707]
+        >>> together_vector(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[0.0, 1.0]]), 0.5).round(3).tolist()
+        [0.894, 0.447]
+    """
+    def unit(vector: np.ndarray) -> np.ndarray:
+        return vector / max(float(np.linalg.norm(vector)), 1e-8)
+
+    vector = unit(np.asarray(examples, np.float32).mean(0))
+    if unlike is not None and len(unlike):
+        vector = unit(vector - unlike_weight * unit(np.asarray(unlike, np.float32).mean(0)))
+    return vector.astype(np.float32)
+
+
+def _own_cases(item: CTSlice, stored: dict[tuple[str, int], list[ImageRecord]]) -> set[str]:
+    """The cases (:func:`case_key`) a query slice belongs to: those of its stored copies, else
+    its own patient id; empty when neither is known."""
+    copies = stored.get((item.sha256, item.frame), [])
+    if copies:
+        return {case_key(record) for record in copies}
+    return {f"patient:{item.patient_id}"} if item.patient_id else set()
 
 
 def case_key(record: ImageRecord | Neighbor) -> str:

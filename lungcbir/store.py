@@ -120,6 +120,9 @@ class ImageRecord(Base):
     #: slice need no model run; NULL in rows indexed before masks were kept. Deferred: loaded
     #: only by :meth:`Store.masks`.
     mask_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    #: where patient_id / series_uid came from (:class:`lungcbir.identity.IdentitySource`
+    #: value); NULL in rows indexed before it was recorded
+    identity_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class StoreSetting(Base):
@@ -155,6 +158,8 @@ class StoreStats:
     images: int
     patients: int
     series: int
+    #: how identity was found: {source: {"patients": distinct patients, "slices": rows}}
+    identity: dict
     model_id: str | None
     dimension: int | None
     index_vectors: int
@@ -307,9 +312,11 @@ class Store:
                     self._assign_ids = "AUTOINCREMENT" not in (schema or "").upper()
             if not self.read_only:
                 _add_missing_columns(engine)
-            elif ImageRecord.__tablename__ in tables and _missing_columns(engine):
-                raise StoreError(f"the database {safe_url(db_url)} was made by an older lungcbir; open it "
-                                 f"once with a writing command (`lungcbir rebuild-index`) to upgrade it")
+            elif ImageRecord.__tablename__ in tables and (missing := _missing_columns(engine)):
+                # a read-only store writes nothing, so an old table is refused with a way out
+                raise StoreError(f"the database {safe_url(db_url)} was made by an earlier lungcbir version (no "
+                                 f"column {', '.join(c.name for c in missing)}); upgrade it by running a writing "
+                                 f"command on it once (`lungcbir index-dataset PATH` or `lungcbir rebuild-index`)")
         except SQLAlchemyError as error:
             raise StoreError(f"cannot open database {safe_url(db_url)}: {_reason(error)}") from None
         return engine
@@ -341,7 +348,8 @@ class Store:
                 session.merge(StoreSetting(key="dimension", value=str(dimension)))
             elif stored != model_id:
                 raise StoreError(f"this database holds vectors of model {stored}, not of the model in use "
-                                 f"({model_id}); use another --db/--index-dir or the same weights")
+                                 f"({model_id}); re-index into a new --db and --index-dir with this model, "
+                                 f"or use the weights the database was indexed with")
 
     def _refuse_if_read_only(self) -> None:
         if self.read_only:
@@ -541,6 +549,21 @@ class Store:
                 return np.fromiter(found, dtype=np.int64)
         except SQLAlchemyError as error:
             raise StoreError(f"cannot read {safe_url(self.db_url)}: {_reason(error)}") from None
+
+    def records_with_content(self, keys: Iterable[tuple[str | None, int]]) -> dict[tuple[str, int], list[ImageRecord]]:
+        """Stored rows by (sha256, frame): where a query slice is itself stored."""
+        wanted = {(sha, frame) for sha, frame in keys if sha}
+        if not wanted:
+            return {}
+        found: dict[tuple[str, int], list[ImageRecord]] = {}
+        with Session(self.engine, expire_on_commit=False) as session:
+            rows = session.scalars(select(ImageRecord).where(
+                ImageRecord.sha256.in_(sorted({sha for sha, _ in wanted})))).all()
+            for row in rows:
+                session.expunge(row)
+                if (row.sha256, row.frame) in wanted:
+                    found.setdefault((row.sha256, row.frame), []).append(row)
+        return found
 
     def iter_vectors(self, chunk: int = REBUILD_CHUNK, after: int = -1,
                      up_to: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -916,12 +939,18 @@ class Store:
             images = session.scalar(select(func.count(ImageRecord.id))) or 0
             patients = session.scalar(select(func.count(func.distinct(ImageRecord.patient_id)))) or 0
             series = session.scalar(select(func.count(func.distinct(ImageRecord.series_uid)))) or 0
+            identity = {}
+            for source, patients_found, slices in session.execute(
+                    select(func.coalesce(ImageRecord.identity_source, "unrecorded"),
+                           func.count(func.distinct(ImageRecord.patient_id)), func.count(ImageRecord.id))
+                    .group_by(func.coalesce(ImageRecord.identity_source, "unrecorded"))):
+                identity[source] = {"patients": patients_found, "slices": slices}
         url = make_url(self.db_url)
         database_bytes = None
         if url.get_backend_name() == "sqlite" and url.database and os.path.exists(url.database):
             database_bytes = os.path.getsize(url.database)
         index = self.index()
-        return StoreStats(images=images, patients=patients, series=series, model_id=self.model_id,
+        return StoreStats(images=images, patients=patients, series=series, identity=identity, model_id=self.model_id,
                           dimension=self.dimension, index_vectors=int(index.ntotal),
                           index_kind=f"{describe_index(index)}; setting {self.index_kind}",
                           database=safe_url(self.db_url), database_bytes=database_bytes,

@@ -182,18 +182,35 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
 
     @app.post("/api/query")
     def api_query(file: UploadFile = File(...), k: int = Form(5), where: str = Form(""),
-                  per_patient: int = Form(1)) -> dict:
-        """Upload a slice; get its lung fraction, mask and overlay URLs and the k nearest stored slices."""
+                  per_patient: int = Form(1), other_patients: bool = Form(False)) -> dict:
+        """Upload a slice; get its lung fraction, mask and overlay URLs and the k nearest stored slices.
+
+        ``other_patients``: leave out the query's own patient (of its stored copy, or its DICOM PatientID)."""
         if not 1 <= k <= 100:
             raise HTTPException(422, "k must be between 1 and 100")
         filters = parse_where(where)
         item = read_upload(file)
         with model_lock:
-            result = retriever.query_slices([item], k, filters, max(0, per_patient))[0]
+            result = retriever.query_slices([item], k, filters, max(0, per_patient), other_patients)[0]
         token = render(result)
         return {"query": item.path, "mask": f"/api/results/{token}/mask.png",
                 "overlay": f"/api/results/{token}/overlay.png", "lung_fraction": round(result.lung_fraction, 6),
                 "width": item.shape[1], "height": item.shape[0],
+                "neighbors": [neighbor_json(n) for n in result.neighbors]}
+
+    @app.post("/api/query-together")
+    def api_query_together(files: list[UploadFile] = File(...), unlike: list[UploadFile] = File([]),
+                           k: int = Form(5), where: str = Form(""), per_patient: int = Form(1),
+                           other_patients: bool = Form(False)) -> dict:
+        """Upload several slices (``files``) and optionally ``unlike`` ones; one search with the mean
+        of their vectors ("more like these, less like that"). The examples themselves are never returned."""
+        if not 1 <= k <= 100:
+            raise HTTPException(422, "k must be between 1 and 100")
+        filters = parse_where(where)
+        examples, disliked = [read_upload(f) for f in files], [read_upload(f) for f in unlike]
+        with model_lock:
+            result = retriever.query_together(examples, disliked, k, filters, max(0, per_patient), other_patients)
+        return {"queries": [item.path for item in examples], "unlike": [item.path for item in disliked],
                 "neighbors": [neighbor_json(n) for n in result.neighbors]}
 
     @app.post("/api/segment")
