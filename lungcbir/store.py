@@ -462,6 +462,10 @@ class Store:
         self._refuse_if_read_only()
         try:
             with self.engine.begin() as connection:
+                if self.engine.dialect.name == "sqlite":
+                    # take the write lock before reading: two deferred transactions that both read
+                    # and then want to write get "database is locked" at once, without waiting
+                    connection.exec_driver_sql("BEGIN IMMEDIATE")
                 result = connection.execute(statement)
                 return (result.all() if result.returns_rows else []), result.rowcount
         except SQLAlchemyError as error:
