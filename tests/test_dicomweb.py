@@ -264,7 +264,7 @@ def test_thumbnail_of_an_archive_row_is_fetched_from_the_archive(dicomweb_archiv
     retriever = Retriever(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index", weights=tiny_weights)
     retriever.index_dataset([url], study=study)
     row = archive_rows(tmp_path)[0]
-    client = TestClient(create_app(retriever), raise_server_exceptions=False)
+    client = TestClient(create_app(retriever), base_url="http://127.0.0.1", raise_server_exceptions=False)  # an allowed host
     metadata = client.get(f"/api/images/{row.id}").json()
     assert metadata["sop_uid"] == row.sop_uid and metadata["url"] == row.path
     picture = client.get(f"/api/images/{row.id}/thumbnail")
