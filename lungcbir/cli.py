@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from .errors import LungCBIRError, ReadError, SegError
-from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR
+from .store import DEFAULT_CLAIM_TIMEOUT_S, DEFAULT_DB_URL, DEFAULT_INDEX_DIR
 from .websecurity import (WebSettings, check_exposure, default_allowed_hosts, is_loopback, load_token,
                           token_file_warning)
 
@@ -121,16 +121,21 @@ def main() -> None:
               help="DICOMweb sources: only studies dated on or after this day.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False),
               help="DICOMweb sources: keep a copy of every fetched instance in this folder.")
+@click.option("--claim-timeout", default=DEFAULT_CLAIM_TIMEOUT_S, show_default=True, type=click.FloatRange(min=1),
+              metavar="SECONDS", help="DICOMweb sources: a series claimed by a run that stopped renewing its "
+                                      "claim for this long (it was killed) is taken over by another run.")
 @store_options
 @model_options
 @friendly_errors
 def index_dataset(paths, labels, case_pattern, exclude, batch_size, quiet, wait, workers, commit_every, study,
-                  since, cache_dir, db_url, index_dir, weights, device):
+                  since, cache_dir, claim_timeout, db_url, index_dir, weights, device):
     """Index every CT image under PATHS (folders are walked recursively).
 
     A PATH starting with http:// or https:// is a DICOMweb service root (a PACS): its CT
     series are found with QIDO-RS and fetched with WADO-RS; credentials come from
-    LUNGCBIR_DICOMWEB_TOKEN or LUNGCBIR_DICOMWEB_USER/_PASSWORD.
+    LUNGCBIR_DICOMWEB_TOKEN or LUNGCBIR_DICOMWEB_USER/_PASSWORD. The series go into a queue
+    in the database, and each run claims one series at a time: runs on several machines
+    against one PostgreSQL database share the work.
     Files already indexed (same SHA-256, or same SOP Instance UID) are skipped; unreadable
     files are reported and indexing goes on. Exit status 1 when some files failed (the rest
     is stored).
@@ -150,7 +155,7 @@ def index_dataset(paths, labels, case_pattern, exclude, batch_size, quiet, wait,
                                      on_total=lambda total: setattr(bar, "total", total),
                                      on_file=lambda _: bar.update(), study=study,
                                      since=since.date() if since else None, cache_dir=cache_dir,
-                                     case_pattern=case_pattern)
+                                     case_pattern=case_pattern, claim_timeout=claim_timeout)
     bar.close()
     for failure in report.failures:
         click.echo(f"failed: {failure.path}: {failure.reason}", err=True)

@@ -7,27 +7,28 @@ line and the web app call; they add nothing but parsing and formatting.
 from __future__ import annotations
 
 import csv
-import itertools
 import os
 import signal
 import threading
 import time
 from collections import deque
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import LungCBIRError, ReadError, StoreError
+from .errors import DicomwebError, LungCBIRError, ReadError, StoreError
 from .identity import Identity, IdentityResolver, compile_case_pattern
 from .inference import LungModel, Segmentation
 from .io import CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file
-from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store, encode_mask, safe_url
+from .store import (DEFAULT_CLAIM_TIMEOUT_S, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, SeriesClaim, Store,
+                    claimer_name, encode_mask, safe_url)
 
 if TYPE_CHECKING:
     from .dicom_seg import SegWritten
+    from .dicomweb import DicomwebSource, SeriesRef
 
 #: Files read before a batch goes through the model and into the database.
 FILES_PER_COMMIT = 64
@@ -39,6 +40,9 @@ MIN_CANDIDATES = 500
 #: (unit) mean of the examples, before renormalising. 0.5: "less like that" steers the
 #: answer without turning it into "the opposite of that".
 UNLIKE_WEIGHT = 0.5
+#: A run renews its claim on the series it is indexing this many times per claim timeout,
+#: so a slow batch does not let the claim expire while the run is still working on it.
+CLAIM_RENEWALS_PER_TIMEOUT = 4
 
 
 @dataclass
@@ -198,13 +202,6 @@ def _interrupts_inherited_as_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
-def _read_instances(instances) -> Iterator[tuple[str, list[CTSlice] | ReadError]]:
-    """Fetch (source, instance) pairs from their archives, as :func:`read_files` reads files."""
-    for source, refs in itertools.groupby(instances, key=lambda pair: pair[0]):
-        for ref, outcome in source.read_many([ref for _, ref in refs]):
-            yield ref.url, outcome if isinstance(outcome, ReadError) else [outcome]
-
-
 def as_slice(image: str | os.PathLike | CTSlice | np.ndarray) -> CTSlice:
     """Accept a path, a :class:`CTSlice` or a 2-D array; a multi-slice file gives its first slice."""
     if isinstance(image, CTSlice):
@@ -214,6 +211,62 @@ def as_slice(image: str | os.PathLike | CTSlice | np.ndarray) -> CTSlice:
             raise ReadError("<array>", f"expected a 2-D array, got shape {image.shape}")
         return CTSlice(image, classify_intensity(image), "<array>", "array")
     return read_file(image)[0]
+
+
+_LOST = object()  # _index_claimed's answer when its claim was taken over
+
+
+class _Batch:
+    """Slices read but not yet stored: they go through the model and into the database every
+    ``files_per_commit`` slices, so a killed run loses at most that many."""
+
+    def __init__(self, retriever: Retriever, known: set[tuple[str, int]], label_map: dict,
+                 identities: IdentityResolver, report: IndexReport):
+        self.retriever, self.known, self.label_map, self.report = retriever, known, label_map, report
+        self.identities = identities
+        self.pending: list[CTSlice] = []
+
+    def take(self, outcome: list[CTSlice] | ReadError, slice_index: int | None = None) -> None:
+        """One file's or instance's slices (or why it could not be read)."""
+        if isinstance(outcome, ReadError):
+            self.report.failures.append(ReadFailure(outcome.path, outcome.reason))
+            return
+        for item in outcome:
+            if (item.sha256, item.frame) in self.known:
+                self.report.skipped += 1
+                continue
+            self.known.add((item.sha256, item.frame))
+            if item.slice_index is None:
+                item.slice_index = slice_index
+            self.pending.append(item)
+        if len(self.pending) >= self.retriever.files_per_commit:
+            self.commit()
+
+    def commit(self) -> None:
+        """Store what is pending (a row stored meanwhile by a concurrent run counts as skipped)."""
+        stored = self.retriever._store_slices(self.pending, self.label_map, self.identities)
+        self.report.indexed += stored
+        self.report.skipped += len(self.pending) - stored
+        self.pending = []
+
+
+class _Progress:
+    """The ``on_file`` / ``on_total`` callbacks of an indexing run; the total grows as archive
+    series are claimed."""
+
+    def __init__(self, on_file: Callable[[str], None] | None, on_total: Callable[[int], None] | None, total: int):
+        self.on_file, self.on_total, self.total = on_file, on_total, total
+        if on_total:
+            on_total(total)
+
+    def add(self, count: int) -> None:
+        self.total += count
+        if self.on_total and count:
+            self.on_total(self.total)
+
+    def done(self, path: str) -> None:
+        if self.on_file:
+            self.on_file(path)
 
 
 class Retriever:
@@ -279,14 +332,18 @@ class Retriever:
                       on_file: Callable[[str], None] | None = None,
                       on_total: Callable[[int], None] | None = None, study: str | None = None,
                       since: date | None = None, cache_dir: str | os.PathLike | None = None,
-                      case_pattern: str | None = None) -> IndexReport:
+                      case_pattern: str | None = None,
+                      claim_timeout: float = DEFAULT_CLAIM_TIMEOUT_S) -> IndexReport:
         """Index every image under ``paths``; already indexed files (same sha256) are skipped.
 
         A path starting with ``http://`` or ``https://`` is a DICOMweb service root: its CT
-        series (of ``study`` only, or of studies dated ``since`` or later, when given) are
-        fetched instance by instance (see :mod:`lungcbir.dicomweb`); instances whose SOP
-        Instance UID is indexed with this model are not fetched at all, and each row's path is
-        the instance's WADO-RS URL (``cache_dir`` keeps a local copy of what is fetched).
+        series (of ``study`` only, or of studies dated ``since`` or later, when given) go into
+        the database's indexing queue, and this run claims them one at a time, so runs on
+        several machines against one database share the work (see :meth:`_index_archive`).
+        A claimed series' instances whose SOP Instance UID is indexed with this model are not
+        fetched at all; each row's path is the instance's WADO-RS URL (``cache_dir`` keeps a
+        local copy of what is fetched). A series claimed by a run that stopped renewing its
+        claim for ``claim_timeout`` seconds (it was killed) is taken over by another run.
 
         Each slice's patient and series come from DICOM, else the labels' ``patient_id`` /
         ``series_uid`` columns, else ``case_pattern`` (a regex whose first group is the
@@ -297,14 +354,16 @@ class Retriever:
         every :data:`FILES_PER_COMMIT` files, so an interrupted run keeps what it finished and
         a rerun completes it. One run at a time writes to an index folder: a second raises
         :class:`~lungcbir.errors.LockedError` or, with ``wait=True``, waits for the first.
+        ``on_total`` may be called more than once: the total grows as series are claimed.
         """
         pattern = compile_case_pattern(case_pattern)  # a bad pattern fails before anything is read
         with self.store().write_lock(wait):
-            return self._index_locked(paths, labels, exclude, on_file, on_total, pattern, study, since, cache_dir)
+            return self._index_locked(paths, labels, exclude, on_file, on_total, pattern, study, since, cache_dir,
+                                      claim_timeout)
 
     def _index_locked(self, paths, labels, exclude, on_file, on_total, pattern, study=None, since=None,
-                      cache_dir=None) -> IndexReport:
-        from .dicomweb import is_dicomweb_url
+                      cache_dir=None, claim_timeout: float = DEFAULT_CLAIM_TIMEOUT_S) -> IndexReport:
+        from .dicomweb import DicomwebSource, is_dicomweb_url
 
         began = time.perf_counter()
         paths = [str(path) for path in paths]
@@ -315,55 +374,81 @@ class Retriever:
         if folders and not files:
             raise LungCBIRError(f"no images found in {', '.join(folders)} "
                                 f"(PNG, JPEG, BMP, TIFF, DICOM or NIfTI files)")
-        archives = [self._archive_instances(url, study, since, cache_dir) for url in urls]
-        instances = [(source, ref) for source, refs in archives for ref in refs]
+        archives = []
+        for url in urls:  # every archive is asked before anything is written: one unreachable fails the run
+            source = DicomwebSource(url, cache_dir=cache_dir)
+            archives.append((source, source.find_series(study, since)))
         model, store = self.model, self.store()
         store.check_model(model.model_id, model.dimension)
-        known = store.known_keys(model.model_id)
         identities = IdentityResolver(folders, files, pattern)
         report = IndexReport()
-        if instances:
-            known_sops = store.known_sop_uids(model.model_id)
-            report.skipped += sum(1 for _, ref in instances if ref.sop_uid in known_sops)
-            instances = [(source, ref) for source, ref in instances if ref.sop_uid not in known_sops]
-        if on_total:
-            on_total(len(files) + len(instances))
+        batch = _Batch(self, store.known_keys(model.model_id), label_map, identities, report)
+        progress = _Progress(on_file, on_total, len(files))
         positions = dicom_series_positions(files)
-        pending: list[CTSlice] = []
-        total = len(files) + len(instances)
         with closing(read_files(files, self.workers)) as file_outcomes:  # an interrupt stops the readers too
-            outcomes = itertools.chain(file_outcomes, _read_instances(instances))
-            for number, (path, outcome) in enumerate(outcomes, 1):
-                if isinstance(outcome, ReadError):
-                    report.failures.append(ReadFailure(outcome.path, outcome.reason))
-                    slices = []
-                else:
-                    slices = outcome
-                for item in slices:
-                    if (item.sha256, item.frame) in known:
-                        report.skipped += 1
-                        continue
-                    known.add((item.sha256, item.frame))
-                    if item.slice_index is None:
-                        item.slice_index = positions.get(path)
-                    pending.append(item)
-                if on_file:
-                    on_file(path)
-                if len(pending) >= self.files_per_commit or number == total:
-                    stored = self._store_slices(pending, label_map, identities)
-                    report.indexed += stored
-                    report.skipped += len(pending) - stored  # stored meanwhile by a concurrent run
-                    pending = []
+            for path, outcome in file_outcomes:
+                batch.take(outcome, positions.get(path))
+                progress.done(path)
+        batch.commit()
+        for source, series in archives:
+            self._index_archive(source, series, study, claim_timeout, batch, progress)
         store.index()  # make sure the saved index matches what was committed
         report.seconds = time.perf_counter() - began
         return report
 
-    def _archive_instances(self, url: str, study: str | None, since: date | None, cache_dir):
-        """A DICOMweb source and the instances of its CT series (raises DicomwebError)."""
-        from .dicomweb import DicomwebSource
+    def _index_archive(self, source: DicomwebSource, series: Sequence[SeriesRef], study: str | None,
+                       claim_timeout: float, batch: _Batch, progress: _Progress) -> None:
+        """Enqueue the series found in an archive, then claim and index series until none is left.
 
-        source = DicomwebSource(url, cache_dir=cache_dir)
-        return source, [ref for series in source.find_series(study, since) for ref in source.instances(series)]
+        The queue lives in the database (:meth:`Store.claim_series`), so concurrent runs, on
+        this machine or others, each take different series; this run also finishes series of
+        the same archive and model that earlier runs left pending or whose claims expired
+        (of ``study`` only, when given). An interrupted run gives its series back at once.
+        """
+        store, model_id = self.store(), self.model.model_id
+        store.enqueue_series(source.root, [(s.study_uid, s.series_uid) for s in series], model_id)
+        claimer = claimer_name()
+        while (claim := store.claim_series(source.root, model_id, claimer, claim_timeout, study)) is not None:
+            try:
+                error = self._index_claimed(source, claim, claim_timeout, batch, progress)
+            except BaseException:
+                with suppress(LungCBIRError):  # the claim expires anyway if this cannot be written
+                    store.release_claim(claim)
+                raise
+            if error is not _LOST:
+                store.finish_claim(claim, error)
+
+    def _index_claimed(self, source: DicomwebSource, claim: SeriesClaim, claim_timeout: float, batch: _Batch,
+                       progress: _Progress):
+        """Index one claimed series; returns None (done), an error text (failed) or ``_LOST``
+        (the claim expired and another run took the series over: this run stops on it)."""
+        from .dicomweb import SeriesRef
+
+        store, report = self.store(), batch.report
+        series_url = f"{source.root}/studies/{claim.study_uid}/series/{claim.series_uid}"
+        try:
+            refs = source.instances(SeriesRef(claim.study_uid, claim.series_uid))
+        except DicomwebError as error:
+            reason = str(error).removeprefix(f"{source.root}: ")
+            report.failures.append(ReadFailure(series_url, reason))
+            return reason
+        known = store.known_sop_uids(claim.model_id, claim.series_uid)
+        report.skipped += sum(1 for ref in refs if ref.sop_uid in known)
+        todo = [ref for ref in refs if ref.sop_uid not in known]
+        progress.add(len(todo))
+        failed_before = len(report.failures)
+        renewed = time.monotonic()
+        for ref, outcome in source.read_many(todo):
+            batch.take(outcome if isinstance(outcome, ReadError) else [outcome])
+            progress.done(ref.url)
+            if time.monotonic() - renewed > claim_timeout / CLAIM_RENEWALS_PER_TIMEOUT:
+                if not store.renew_claim(claim):
+                    batch.commit()
+                    return _LOST
+                renewed = time.monotonic()
+        batch.commit()  # the rows are in before the series is marked done
+        failed = len(report.failures) - failed_before
+        return f"{failed} of {len(todo)} instances could not be read" if failed else None
 
     def _store_slices(self, slices: list[CTSlice], label_map: dict[str, dict], identities: IdentityResolver) -> int:
         if not slices:
