@@ -135,7 +135,7 @@ function card(neighbor, open) {
   element.tabIndex = 0;
   element.setAttribute("role", "button");
   const place = [`patient ${text(neighbor.patient_id)}`, sliceText(neighbor)].filter(Boolean).join(" · ");
-  element.setAttribute("aria-label", `rank ${neighbor.rank}, score ${neighbor.score.toFixed(3)}, ${place}: open comparison`);
+  element.title = "open the comparison (Enter)";  // its visible text is its accessible name
   const image = document.createElement("img");
   showPicture(image, neighbor.thumbnail_url);
   image.alt = "";  // the card's label says what it is
@@ -548,7 +548,8 @@ function metaRows(meta, neighbor) {
   };
   const rowsShown = [];
   if (neighbor) rowsShown.push(["Rank", `#${neighbor.rank}`], ["Score", neighbor.score.toFixed(3)]);
-  LABELS.forEach(([key, label]) => { if (known(value[key])) rowsShown.push([label, value[key]]); });
+  // the patient always: "–" says it is not known (a PNG export), rather than hiding the row
+  LABELS.forEach(([key, label]) => { if (known(value[key]) || key === "patient_id") rowsShown.push([label, value[key]]); });
   Object.entries(meta.labels || {}).forEach(([k, v]) => rowsShown.push([k, v]));
   if (meta.url) rowsShown.push(["Archive URL", meta.url]);
   return rowsShown;
