@@ -12,6 +12,7 @@ const TOKEN_KEY = "lungcbir-token";
 const HU_OFFSET = 1024;
 const PRESETS = { lung: [1500, -600], mediastinum: [400, 40], bone: [1800, 400] };
 const SCORE_HELP = "cosine similarity of the feature vectors: 1 = same slice, near 0 = unrelated";
+const MAX_DROP_DOWN_VALUES = 12;  // more values (ids, positions) are better typed in the free-text filter
 const SERIES_SUFFIXES = [".zip", ".nii", ".nii.gz"];
 let chosenFiles = [];
 let blobUrls = [];  // pictures of the shown answer, freed when the next one arrives
@@ -645,7 +646,7 @@ async function refreshStats() {
   try {
     const answer = await (await api("/api/labels")).json();
     $("label-filters").replaceChildren(...Object.entries(answer.labels || {})
-      .filter(([, values]) => values.length > 1 && values.length <= 50)
+      .filter(([, values]) => values.length > 1 && values.length <= MAX_DROP_DOWN_VALUES)
       .map(([key, values]) => {
         const label = document.createElement("label");
         label.textContent = key;
