@@ -264,8 +264,16 @@ def tab_to(page, predicate: str, limit: int = 40) -> int:
 def test_keyboard_only_upload_results_and_detail(page, shared_data):
     timings = []
     tab_to(page, "e.id === 'choose'")
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Enter")  # the picker opens from the keyboard
+    page.wait_for_load_state("networkidle")  # label drop-downs in place: the focus order is final
+    for attempt in range(3):  # Playwright's file-chooser interception is sometimes armed late
+        try:
+            with page.expect_file_chooser(timeout=10_000) as chooser:
+                page.keyboard.press("Enter")  # the picker opens from the keyboard
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+    assert focused(page) == "choose"
     chooser.value.set_files(str(query_file(shared_data)))
     tab_to(page, "e.id === 'search'")
     page.keyboard.press("Enter")
