@@ -1,4 +1,5 @@
-"""Regenerate docs/web.png: serve an indexed store, upload a slice in Chromium, screenshot.
+"""Regenerate docs/web.png and docs/web_detail.png: serve an indexed store, upload a slice in
+Chromium, screenshot the answer, then open the best neighbour side by side and screenshot that.
 
 Usage: python docs/make_screenshot.py --db URL --index-dir DIR QUERY_IMAGE
 Needs Debian's chromium and the playwright package (both installed by .ci/run).
@@ -21,6 +22,7 @@ def main() -> None:
     parser.add_argument("--db", required=True)
     parser.add_argument("--index-dir", required=True)
     parser.add_argument("--out", default="docs/web.png")
+    parser.add_argument("--detail-out", default="docs/web_detail.png")
     parser.add_argument("query")
     args = parser.parse_args()
     with socket.socket() as sock:
@@ -38,7 +40,8 @@ def main() -> None:
                 time.sleep(0.1)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(url)
             page.set_input_files("#file", args.query)
@@ -47,11 +50,16 @@ def main() -> None:
             page.wait_for_selector("#results .card")
             page.wait_for_function("[...document.querySelectorAll('img')].every(i => !i.src || i.naturalWidth > 0)")
             page.screenshot(path=args.out, full_page=True)
+            page.locator("#results .card").first.click()
+            page.wait_for_selector("#detail[open]")
+            page.wait_for_function("document.getElementById('detail').dataset.neighborId")
+            page.wait_for_timeout(300)
+            page.screenshot(path=args.detail_out)
             browser.close()
     finally:
         server.terminate()
         server.wait(10)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {args.detail_out}")
 
 
 if __name__ == "__main__":

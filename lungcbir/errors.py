@@ -47,3 +47,7 @@ class SegError(LungCBIRError):
 
 class DicomwebError(LungCBIRError):
     """A DICOMweb archive cannot be searched or refuses what we store (unreachable, HTTP error)."""
+
+
+class UploadRefused(LungCBIRError):
+    """An uploaded series is over its limits (files, bytes, a ZIP bomb) or holds no readable slice."""

@@ -92,6 +92,8 @@ DEFAULT_CLAIM_TIMEOUT_S = 600.0
 #: A series claimed this many times without being finished (every run that took it died on
 #: it) is marked failed instead of being handed out again; a later run's enqueue retries it.
 MAX_CLAIM_ATTEMPTS = 3
+#: Most distinct values listed per label key by :meth:`Store.label_values`.
+MAX_LABEL_VALUES = 200
 
 
 class Base(DeclarativeBase):
@@ -722,17 +724,22 @@ class Store:
             return {}  # a database that could not be given the column: masks are made again
         return found
 
-    def ids_matching(self, where: Mapping[str, str]) -> np.ndarray:
+    def ids_matching(self, where: Mapping[str, str | Sequence[str]]) -> np.ndarray:
         """Sorted ids of the rows matching every ``KEY=VALUE`` of ``where``, decided in SQL.
 
         KEY is a label, or one of :data:`FILTER_COLUMNS` when the row has no label of that
-        name; values are compared as text (a label stored as the number 3 matches "3").
+        name; values are compared as text (a label stored as the number 3 matches "3"). A
+        list or tuple of values matches any of them.
         """
         conditions = []
         for key, value in where.items():
             label = ImageRecord.labels[key].as_string()  # json_extract / ->>: text or NULL
             column = getattr(ImageRecord, key) if key in FILTER_COLUMNS else None
-            conditions.append((label if column is None else func.coalesce(label, column)) == str(value))
+            field = label if column is None else func.coalesce(label, column)
+            if isinstance(value, (list, tuple)):
+                conditions.append(field.in_([str(v) for v in value]))
+            else:
+                conditions.append(field == str(value))
         try:
             with Session(self.engine) as session:
                 found = session.scalars(select(ImageRecord.id).where(*conditions).order_by(ImageRecord.id))
@@ -754,6 +761,46 @@ class Store:
                 if (row.sha256, row.frame) in wanted:
                     found.setdefault((row.sha256, row.frame), []).append(row)
         return found
+    def label_values(self, max_values: int = MAX_LABEL_VALUES) -> dict[str, list[str]]:
+        """Every stored label key with its distinct values as text (sorted; at most
+        ``max_values`` per key), for filter drop-downs.
+
+        Distinct label sets are read (as text: PostgreSQL's ``json`` has no equality), so the
+        cost follows the number of different label combinations, not of rows.
+        """
+        values: dict[str, set[str]] = {}
+        try:
+            with Session(self.engine) as session:
+                for text in session.scalars(select(cast(ImageRecord.labels, Text)).distinct()):
+                    try:
+                        labels = json.loads(text) if text else {}
+                    except ValueError:
+                        continue
+                    for key, value in (labels.items() if isinstance(labels, dict) else ()):
+                        if value is not None:
+                            values.setdefault(str(key), set()).add(str(value))
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot read {safe_url(self.db_url)}: {_reason(error)}") from None
+        return {key: sorted(found)[:max_values] for key, found in sorted(values.items())}
+
+    def series_members(self, image_id: int) -> list[int]:
+        """Ids of the stored slices of ``image_id``'s series (same model), in slice order.
+
+        The series is the DICOM series (SeriesInstanceUID), else the file (the frames of a
+        NIfTI volume); ordered by slice_index, then frame, then id. Empty for an unknown id.
+        """
+        try:
+            with Session(self.engine) as session:
+                row = session.get(ImageRecord, int(image_id))
+                if row is None:
+                    return []
+                same = ImageRecord.series_uid == row.series_uid if row.series_uid else ImageRecord.path == row.path
+                found = session.execute(select(ImageRecord.id, ImageRecord.slice_index, ImageRecord.frame).where(
+                    same, ImageRecord.model_id == row.model_id))
+                ordered = sorted(found, key=lambda r: (r.slice_index is None, r.slice_index or 0, r.frame, r.id))
+                return [r.id for r in ordered]
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot read {safe_url(self.db_url)}: {_reason(error)}") from None
 
     def iter_vectors(self, chunk: int = REBUILD_CHUNK, after: int = -1,
                      up_to: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -529,3 +529,188 @@ def test_stored_overlay_uses_the_mask_kept_in_the_row(client, monkeypatch):
     monkeypatch.setattr(LungModel, "segment", no_model)
     picture = client.get("/api/images/1/overlay")
     assert picture.status_code == 200 and picture.content[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 16: what the page needs from the API (pixels, masks, files, series, labels, series query)
+
+import io  # noqa: E402
+import json  # noqa: E402
+import zipfile  # noqa: E402
+
+
+def decode(content: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
+def test_stored_pixels_are_raw_hu_for_windowing(client, retriever):
+    response = client.get("/api/images/1/pixels")
+    assert response.status_code == 200 and response.headers["x-pixel-kind"] == "hu"
+    values = decode(response.content)
+    item = retriever.stored_slice(1)
+    assert values.dtype == np.uint16 and values.shape == item.shape  # full resolution, 16 bits
+    assert np.array_equal(values.astype(np.int32) - 1024, np.clip(np.round(item.pixels), -1024, None).astype(np.int32))
+
+
+def test_query_pixels_of_an_8_bit_export_are_as_stored(client):
+    pixels = np.tile(np.arange(80, dtype=np.uint8) * 3, (80, 1))
+    answer = client.post("/api/query", files={"file": ("q.png", png_bytes(pixels))}, data={"k": "2"}).json()
+    response = client.get(answer["pixels"])
+    assert response.headers["x-pixel-kind"] == "display"
+    assert np.array_equal(decode(response.content), pixels.astype(np.uint16))
+
+
+def test_neighbours_identify_the_slice_as_pacs_does(client, phantom_dir, retriever):
+    answer = client.post("/api/query", files={"file": ("q.png", phantom_png(phantom_dir))},
+                         data={"k": "3", "per_patient": "0"}).json()
+    records = retriever.store(create=False).records([n["id"] for n in answer["neighbors"]])
+    for neighbor in answer["neighbors"]:
+        record = records[neighbor["id"]]
+        assert neighbor["instance_number"] == record.instance_number is not None
+        assert neighbor["slice_location"] == record.slice_location
+        assert neighbor["file_name"] == neighbor["path"] and "/" not in neighbor["file_name"]
+        for key in ("pixels_url", "mask_url", "file_url", "series_url"):
+            assert client.get(neighbor[key]).status_code == 200, key
+    assert answer["query_tags"]["source_format"] == "png" and answer["slices_in_file"] == 1 and "note" not in answer
+
+
+def test_stored_mask_file_and_series(client, retriever, phantom_dir):
+    item = retriever.stored_slice(3)
+    mask = decode(client.get("/api/images/3/mask.png").content)
+    assert mask.shape == item.shape and set(np.unique(mask)) <= {0, 255}
+    record = retriever.store(create=False).records([3])[3]
+    original = client.get("/api/images/3/file")
+    assert original.status_code == 200 and original.content == open(record.path, "rb").read()
+    disposition = original.headers["content-disposition"]
+    assert record.path.rsplit("/", 1)[-1] in disposition and str(phantom_dir) not in disposition
+    series = client.get("/api/images/3/series").json()
+    rows = retriever.store(create=False).records(series["ids"])
+    assert len(series["ids"]) == 6 and {r.series_uid for r in rows.values()} == {record.series_uid}
+    assert [rows[i].slice_index for i in series["ids"]] == sorted(r.slice_index for r in rows.values())
+    assert series["ids"][series["position"]] == 3
+    assert client.get("/api/images/999/series").status_code == 404
+    assert client.get("/api/images/999/file").status_code == 404
+
+
+def test_file_download_needs_the_token(secured):
+    assert secured.get("/api/images/1/file").status_code == 401
+    assert secured.get("/api/images/1/pixels").status_code == 401
+    assert secured.get("/api/images/1/file", headers=bearer()).status_code == 200
+
+
+def test_file_of_a_removed_file_is_410(client, retriever):
+    import os
+
+    record = retriever.store(create=False).records([2])[2]
+    moved = record.path + ".gone"  # the file belongs to a fixture other tests share: put it back
+    os.rename(record.path, moved)
+    try:
+        assert client.get("/api/images/2/file").status_code == 410
+    finally:
+        os.rename(moved, record.path)
+
+
+@pytest.fixture
+def labelled(phantom_dir, tiny_weights, store_paths, tmp_path):
+    csv = tmp_path / "labels.csv"
+    lines = ["path,diagnosis"]
+    for n, path in enumerate(sorted((phantom_dir / "dicom").glob("*/*.dcm"))):
+        lines.append(f"{path},{['COVID-19', 'Normal', 'CAP'][n % 3]}")
+    csv.write_text("\n".join(lines) + "\n")
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "dicom"], labels=str(csv))
+    return TestClient(create_app(retriever), base_url=LOCAL, raise_server_exceptions=False)
+
+
+def test_labels_listing_and_filters(labelled, phantom_dir):
+    listing = labelled.get("/api/labels").json()
+    assert listing["labels"] == {"diagnosis": ["CAP", "COVID-19", "Normal"]}
+    assert "patient_id" in listing["columns"]
+
+    def diagnoses(**data):
+        answer = labelled.post("/api/query", files={"file": ("q.png", phantom_png(phantom_dir))},
+                               data={"k": "20", "per_patient": "0", **data})
+        assert answer.status_code == 200, answer.text
+        return sorted({n["labels"]["diagnosis"] for n in answer.json()["neighbors"]})
+
+    assert diagnoses(labels=json.dumps({"diagnosis": ["covid-19", "NORMAL"]})) == ["COVID-19", "Normal"]
+    assert diagnoses(where="Diagnosis=cap") == ["CAP"]
+    unknown = labelled.post("/api/query", files={"file": ("q.png", phantom_png(phantom_dir))},
+                            data={"where": "diagnosys=CAP"})
+    assert unknown.status_code == 422 and "unknown label key 'diagnosys'" in unknown.json()["detail"]
+    assert "diagnosis" in unknown.json()["detail"]
+    bad = labelled.post("/api/query", files={"file": ("q.png", phantom_png(phantom_dir))}, data={"labels": "[1"})
+    assert bad.status_code == 422
+
+
+def nifti_volume(frames: int = 5) -> bytes:
+    import nibabel as nib
+
+    volume = np.full((64, 64, frames), -1000, np.int16)
+    volume[16:48, 8:28, :] = -850
+    volume[16:48, 36:56, :] = -850
+    for z in range(frames):
+        volume[30:34, 30:34, z] = z * 100  # each slice its own
+    return nib.Nifti1Image(volume, np.eye(4)).to_bytes()
+
+
+def test_volume_query_says_which_slice_was_used(client):
+    answer = client.post("/api/query", files={"file": ("scan.nii", nifti_volume(5))}, data={"k": "2"}).json()
+    assert answer["slices_in_file"] == 5 and answer["frame"] == 2
+    assert "5 slices" in answer["note"] and "slice 3" in answer["note"] and "whole series" in answer["note"]
+
+
+def test_series_query_of_files_zip_and_volume(client, phantom_dir):
+    files = sorted((phantom_dir / "dicom" / "phantom01").glob("*.dcm"))
+    answer = client.post("/api/query-series", files=[("files", (p.name, p.read_bytes())) for p in files[:4]],
+                         data={"k": "2"})
+    assert answer.status_code == 200, answer.text
+    answer = answer.json()
+    assert answer["slices"] == 4 and answer["failed"] == [] and len(answer["cases"]) == 2
+    best = answer["cases"][0]
+    assert best["patient_id"] == "PHANTOM01" and best["rank"] == 1 and best["score"] >= answer["cases"][1]["score"]
+    pair = best["pairs"][0]
+    assert client.get(pair["query"]["pixels"]).status_code == 200 and client.get(pair["query"]["mask"]).status_code == 200
+    assert pair["neighbor"]["patient_id"] == "PHANTOM01" and "pixels_url" in pair["neighbor"]
+    # the same files in a ZIP (with a folder inside, a README and a name trying to leave the folder)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for p in files[:3]:
+            archive.writestr(f"series/{p.name}", p.read_bytes())
+        archive.writestr("../../outside.dcm", files[3].read_bytes())
+        archive.writestr("README.txt", "not an image")
+    zipped = client.post("/api/query-series", files=[("files", ("series.zip", buffer.getvalue()))], data={"k": "2"})
+    assert zipped.status_code == 200, zipped.text
+    assert zipped.json()["slices"] == 4 and zipped.json()["cases"][0]["patient_id"] == "PHANTOM01"
+    volume = client.post("/api/query-series", files=[("files", ("scan.nii", nifti_volume(4)))], data={"k": "1"})
+    assert volume.status_code == 200 and volume.json()["slices"] == 4
+
+
+def test_series_query_refuses_zip_bombs_and_too_many_files(client, monkeypatch):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("bomb.dcm", b"\0" * (50 * 2**20))  # 50 MiB of zeros: about 50 KB compressed
+    response = client.post("/api/query-series", files=[("files", ("bomb.zip", buffer.getvalue()))])
+    assert response.status_code == 422 and "ZIP bomb" in response.json()["detail"]
+    import lungcbir.uploads
+
+    read = []
+    monkeypatch.setattr(lungcbir.uploads.zipfile.ZipExtFile, "read", lambda *a, **k: read.append(1) or b"")
+    response = client.post("/api/query-series", files=[("files", ("bomb.zip", buffer.getvalue()))])
+    assert response.status_code == 422 and not read  # refused from the directory, nothing unpacked
+    monkeypatch.undo()
+    many = io.BytesIO()
+    with zipfile.ZipFile(many, "w") as archive:
+        for n in range(1001):
+            archive.writestr(f"{n}.dcm", b"x")
+    response = client.post("/api/query-series", files=[("files", ("many.zip", many.getvalue()))])
+    assert response.status_code == 422 and "at most 1000" in response.json()["detail"]
+    broken = client.post("/api/query-series", files=[("files", ("a.dcm", b"nothing")), ("files", ("b.png", b"no"))])
+    assert broken.status_code == 422 and "no readable slice" in broken.json()["detail"]
+    assert client.post("/api/query-series", files=[("files", ("a.dcm", b"x"))], data={"k": "21"}).status_code == 422
+
+
+def test_favicon_is_served(secured):
+    response = secured.get("/favicon.ico")  # an open path: the browser asks without the token
+    assert response.status_code == 200 and response.headers["content-type"] == "image/x-icon"
+    assert response.content[:4] == b"\0\0\1\0"

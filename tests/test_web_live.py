@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import socket
@@ -44,8 +45,8 @@ def server(tmp_path_factory, tiny_weights, shared_data, server_log):
     slices = [path for series in sorted(md.glob("*/*")) if series.is_dir()
               for path in sorted(series.glob("*.dcm"))[8:10]]
     slices += sorted((shared_data / "kaggle-lungs-2d" / "images").glob("*.tif"))[:6]
-    subprocess.run([*command, "index-dataset", *map(str, slices), "--quiet", *store], check=True,
-                   capture_output=True)
+    subprocess.run([*command, "index-dataset", *map(str, slices), "--quiet", "--labels", str(md / "slice_labels.csv"),
+                    *store], check=True, capture_output=True)
     port = free_port()
     log = open(server_log, "wb")
     process = subprocess.Popen([*command, "serve", "--port", str(port), "--token-file", str(token_file), *store],
@@ -112,8 +113,8 @@ def test_browser_upload_click_and_results(server, shared_data, tmp_path):
         page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.naturalWidth > 0)")
         page.locator("#results .card").first.click()
         page.wait_for_selector("#detail[open]")
-        assert "patient_id" in page.inner_text("#detail-meta")
-        page.wait_for_function("document.getElementById('detail-overlay').naturalWidth > 0")
+        assert "Patient" in page.inner_text("#detail-meta")
+        page.wait_for_function("document.getElementById('neighbor-canvas').width > 0")
         assert page.evaluate("sessionStorage.getItem('lungcbir-token')") == TOKEN
         # every call went to this server, with the token in a header and never in a URL
         assert requests and all(r.url.startswith(server) or r.url.startswith("blob:") for r in requests)
@@ -208,3 +209,270 @@ def test_server_log_never_shows_the_token(server, server_log):
     text = server_log.read_text()
     assert "/api/stats" in text  # the access log is there...
     assert TOKEN not in text and TOKEN[::-1] not in text  # ...without any token
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 16: keyboard, errors, identification, window/level, side by side, series, filters,
+# downloads, accessibility, and how long a click takes to answer
+
+
+def dicom_query(shared_data) -> Path:
+    """A covid-ct-md slice that is not indexed, of a series that is (its neighbours there)."""
+    series = sorted(p for p in (shared_data / "covid-ct-md").glob("*/*") if p.is_dir())[0]
+    return sorted(series.glob("*.dcm"))[12]
+
+
+@pytest.fixture
+def page(server):
+    """A Chromium page on the server, signed in (the token in sessionStorage, as the login does)."""
+    need_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        context.add_init_script(f"sessionStorage.setItem('lungcbir-token', {TOKEN!r})")
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(server)
+        page.wait_for_function("document.getElementById('stats').textContent.includes('slices')")
+        yield page
+        assert not errors, errors  # no script error on the way
+        browser.close()
+
+
+def search(page, path, k="6"):
+    page.set_input_files("#file", str(path))
+    page.fill("#k", k)
+    page.click("#search")
+    page.wait_for_selector("#results .card", timeout=60_000)
+
+
+def focused(page) -> str:
+    return page.evaluate("document.activeElement.id || document.activeElement.className")
+
+
+def tab_to(page, predicate: str, limit: int = 40) -> int:
+    for presses in range(1, limit + 1):
+        page.keyboard.press("Tab")
+        if page.evaluate(f"(e => {predicate})(document.activeElement)"):
+            return presses
+    raise AssertionError(f"Tab never reached {predicate}; last focus {focused(page)}")
+
+
+def test_keyboard_only_upload_results_and_detail(page, shared_data):
+    timings = []
+    tab_to(page, "e.id === 'choose'")
+    page.wait_for_load_state("networkidle")  # label drop-downs in place: the focus order is final
+    for attempt in range(3):  # Playwright's file-chooser interception is sometimes armed late
+        try:
+            with page.expect_file_chooser(timeout=10_000) as chooser:
+                page.keyboard.press("Enter")  # the picker opens from the keyboard
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+    assert focused(page) == "choose"
+    chooser.value.set_files(str(query_file(shared_data)))
+    tab_to(page, "e.id === 'search'")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#results .card", timeout=60_000)
+    page.wait_for_function("window.lungcbirTiming.clickToThumbnails !== null")
+    timings.append(page.evaluate("window.lungcbirTiming"))
+    tab_to(page, "e.classList.contains('card')")
+    card_id = page.evaluate("document.activeElement.dataset.id")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#detail[open]")
+    page.wait_for_function(f"document.getElementById('detail').dataset.neighborId === '{card_id}'")
+    page.keyboard.press("Escape")
+    page.wait_for_function("!document.getElementById('detail').open")
+    assert page.evaluate("document.activeElement.dataset.id") == card_id  # back on the card
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.classList.contains('card')")
+    page.keyboard.press(" ")  # Space opens it too
+    page.wait_for_selector("#detail[open]")
+    print(f"\nclick-to-answer {timings[0]['clickToAnswer']:.0f} ms, "
+          f"click-to-thumbnails {timings[0]['clickToThumbnails']:.0f} ms")
+
+
+def test_an_error_clears_the_previous_results(page, shared_data, tmp_path):
+    search(page, query_file(shared_data))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    page.set_input_files("#file", str(broken))
+    page.click("#search")
+    page.wait_for_function("document.getElementById('message').classList.contains('error')")
+    assert "broken.png" in page.inner_text("#message")
+    assert page.locator("#results .card").count() == 0
+    assert not page.locator("#answer").is_visible()
+
+
+def test_a_422_list_detail_is_readable_text(page, shared_data):
+    page.set_input_files("#file", str(query_file(shared_data)))
+    page.fill("#k", "1e1")
+    page.click("#search")
+    page.wait_for_function("document.getElementById('message').classList.contains('error')")
+    message = page.inner_text("#message")
+    assert "[object Object]" not in message and "k" in message and "integer" in message, message
+
+
+def test_a_volume_is_queried_as_a_series_or_says_which_slice(page, tmp_path, server):
+    import nibabel as nib
+    import numpy as np
+
+    volume = np.full((128, 128, 6), -1000, np.int16)
+    volume[30:100, 15:58, :] = -850
+    volume[30:100, 70:113, :] = -850
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(path))
+    page.set_input_files("#file", str(path))
+    assert page.is_checked("#as-series")  # a volume goes to the series query by default
+    page.click("#search")
+    page.wait_for_selector("#cases .case", timeout=60_000)
+    assert "6 slices queried as one series" in page.inner_text("#series-summary")
+    page.uncheck("#as-series")  # asked as one slice: the answer says which one
+    page.click("#search")
+    page.wait_for_selector("#query-note:not(.hidden)", timeout=60_000)
+    assert "slice 4" in page.inner_text("#query-note") and "6 slices" in page.inner_text("#query-note")
+
+
+def test_cards_and_detail_identify_slices_as_pacs_does(page, shared_data, server):
+    search(page, dicom_query(shared_data), k="12")
+    answer = httpx.post(f"{server}/api/query", headers=AUTH, data={"k": "12"},
+                        files={"file": (dicom_query(shared_data).name, dicom_query(shared_data).read_bytes())}).json()
+    dicom = next(n for n in answer["neighbors"] if n["source_format"] == "dicom")
+    raster = next(n for n in answer["neighbors"] if n["source_format"] != "dicom")
+    card = page.locator(f"#results .card[data-id='{dicom['id']}']")
+    assert f"image {dicom['instance_number']}" in card.inner_text()
+    assert raster["file_name"] in page.locator(f"#results .card[data-id='{raster['id']}']").inner_text()
+    assert page.get_attribute("#mask-link", "download") == dicom_query(shared_data).stem + "_mask.png"
+    card.click()
+    page.wait_for_function(f"document.getElementById('detail').dataset.neighborId === '{dicom['id']}'")
+    meta = page.inner_text("#detail-meta")
+    assert "Patient" in meta and "Image (InstanceNumber)" in meta and "patient_id" not in meta
+    assert f"#{dicom['rank']}" in meta and f"{dicom['score']:.3f}" in meta
+    fraction = httpx.get(f"{server}/api/images/{dicom['id']}", headers=AUTH).json()["lung_fraction"]
+    assert re.search(r"^Lung fraction\t\d+\.\d %$", meta, re.M) and f"{100 * fraction:.1f} %" in meta
+    assert "cosine similarity" in page.inner_text("#detail-score")
+    assert "cosine similarity" in page.inner_text("#answer")
+    assert httpx.get(f"{server}/favicon.ico").status_code == 200
+
+
+def canvas_pixel(page, canvas: str, x: int, y: int) -> int:
+    return page.evaluate(f"document.getElementById('{canvas}').getContext('2d').getImageData({x}, {y}, 1, 1).data[0]")
+
+
+def test_window_level_presets_drag_zoom_and_slice_steps(page, shared_data, server):
+    import cv2
+    import numpy as np
+
+    search(page, dicom_query(shared_data), k="12")
+    dicom_id = page.evaluate("""(async () => {
+        for (const card of document.querySelectorAll('#results .card')) {
+            const meta = await (await fetch('/api/images/' + card.dataset.id,
+                {headers: {Authorization: 'Bearer ' + sessionStorage.getItem('lungcbir-token')}})).json();
+            if (meta.source_format === 'dicom') return card.dataset.id;
+        }
+    })()""")
+    page.click(f"#results .card[data-id='{dicom_id}']")
+    page.wait_for_function(f"document.getElementById('detail').dataset.neighborId === '{dicom_id}'")
+    page.uncheck("#contours")
+    raw = cv2.imdecode(np.frombuffer(httpx.get(f"{server}/api/images/{dicom_id}/pixels", headers=AUTH).content,
+                                     np.uint8), cv2.IMREAD_UNCHANGED).astype(float) - 1024
+    assert page.evaluate("document.getElementById('neighbor-canvas').width") == raw.shape[1]  # full resolution
+    y, x = raw.shape[0] // 2, raw.shape[1] // 2
+    for preset, (width, level) in {"lung": (1500, -600), "mediastinum": (400, 40), "bone": (1800, 400)}.items():
+        page.select_option("#preset", preset)
+        expected = np.clip((raw[y, x] - (level - width / 2)) * 255 / width, 0, 255)
+        assert abs(canvas_pixel(page, "neighbor-canvas", x, y) - expected) <= 1, preset
+    # the query is windowed alike: both images in Hounsfield units here
+    before = page.get_attribute("#detail", "data-window")
+    box = page.locator("#query-canvas").bounding_box()
+    page.mouse.move(box["x"] + 100, box["y"] + 100)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 160, box["y"] + 130, steps=4)
+    page.mouse.up()
+    assert page.get_attribute("#detail", "data-window") != before
+    page.click("#zoom-in")
+    assert float(page.get_attribute("#detail", "data-zoom")) > 1  # one zoom for both images
+    # the neighbour's series is stored: step to its adjacent slice and back
+    series = httpx.get(f"{server}/api/images/{dicom_id}/series", headers=AUTH).json()["ids"]
+    assert len(series) > 1
+    page.focus("#neighbor-canvas")
+    key = "ArrowDown" if series.index(int(dicom_id)) + 1 < len(series) else "ArrowUp"
+    page.keyboard.press(key)
+    page.wait_for_function(f"document.getElementById('detail').dataset.neighborId !== '{dicom_id}'")
+    other = int(page.get_attribute("#detail", "data-neighbor-id"))
+    assert other in series and "not ranked" in page.inner_text("#detail-score")
+    page.keyboard.press("ArrowUp" if key == "ArrowDown" else "ArrowDown")
+    page.wait_for_function(f"document.getElementById('detail').dataset.neighborId === '{dicom_id}'")
+
+
+def test_whole_series_upload_ranks_cases(page, shared_data):
+    series = sorted(p for p in (shared_data / "covid-ct-md").glob("*/*") if p.is_dir())[1]
+    files = [str(p) for p in sorted(series.glob("*.dcm"))[11:15]]
+    page.set_input_files("#file", files)
+    assert page.is_checked("#as-series")
+    page.click("#search")
+    page.wait_for_selector("#cases .case .card", timeout=60_000)
+    assert "4 slices queried as one series" in page.inner_text("#series-summary")
+    assert page.locator("#cases .case").first.locator("h3").inner_text().startswith("#1")
+    page.locator("#cases .card").first.click()
+    page.wait_for_selector("#detail[open]")
+    page.wait_for_function("document.getElementById('query-canvas').width > 0")
+
+
+def test_label_drop_downs_downloads_and_flags(page, shared_data, server):
+    # the drop-downs are built when /api/labels answers, which may come after the stats line
+    page.wait_for_selector("#label-diagnosis option[value='CAP']", state="attached", timeout=30_000)
+    options = page.eval_on_selector_all("#label-diagnosis option", "o => o.map(x => x.value)")
+    assert set(options) >= {"COVID-19", "CAP"}  # what slice_labels.csv has
+    page.select_option("#label-diagnosis", ["CAP"])
+    search(page, dicom_query(shared_data), k="4")
+    assert all("diagnosis: CAP" in text for text in page.locator("#results .card .labels").all_inner_texts())
+    with page.expect_download() as download:
+        page.click("#download-csv")
+    lines = Path(download.value.path()).read_text().splitlines()
+    assert lines[0].startswith("query,rank,score,id") and len(lines) == 1 + page.locator("#results .card").count()
+    with page.expect_download() as download:
+        page.click("#download-json")
+    assert len(__import__("json").loads(Path(download.value.path()).read_text())["neighbors"]) == len(lines) - 1
+    # an unknown label key is reported, not answered with nothing
+    page.select_option("#label-diagnosis", [])
+    page.fill("#where", "diagnosys=CAP")
+    page.click("#search")
+    page.wait_for_function("document.getElementById('message').textContent.includes('unknown label key')")
+    # quality and warning are shown when the answer has them (hidden otherwise)
+    page.fill("#where", "")
+    search(page, query_file(shared_data), k="2")
+    assert not page.is_visible("#quality") and not page.is_visible("#warning")
+
+    answer = page.evaluate("lastAnswer")  # the real answer, as if the server had flagged it
+
+    def flagged(route):
+        route.fulfill(json={**answer, "quality": "no-lungs", "quality_score": 0.05, "neighbors": [],
+                            "warning": "no lungs found in this picture: no similar cases shown"})
+
+    page.route("**/api/query", flagged)
+    page.click("#search")
+    page.wait_for_selector("#warning:not(.hidden)")
+    assert "no-lungs" in page.inner_text("#quality") and page.locator("#results .card").count() == 0
+    assert "no lungs found" in page.inner_text("#message")
+
+
+def test_accessibility_axe_finds_no_serious_violations(page, shared_data, server):
+    search(page, dicom_query(shared_data), k="4")
+    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.naturalWidth > 0)")
+    page.add_script_tag(url=f"{server}/static/vendor/axe.min.js")  # the project's own copy, no CDN
+
+    def violations() -> list:
+        found = page.evaluate("axe.run(document, {resultTypes: ['violations']}).then(r => r.violations)")
+        return [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3]) for v in found
+                if v["impact"] in ("serious", "critical")]
+
+    assert violations() == []
+    page.locator("#results .card").first.click()
+    page.wait_for_selector("#detail[open]")
+    page.wait_for_function("document.getElementById('neighbor-canvas').width > 0")
+    assert violations() == []

@@ -1,13 +1,25 @@
-// The lungcbir page: upload a slice, call /api/query, show the overlay and result cards.
+// The lungcbir page: upload a slice (or a whole series), call the API, show the answer, compare.
 // When the server wants an access token, the page asks for it once and keeps it in
 // sessionStorage (gone when the tab closes). It goes only into the Authorization header of
 // fetch calls, never into a URL: pictures are fetched with the header and shown as blob URLs.
+// Window/level is done here: the server sends raw values (16-bit PNG, HU + 1024 or 8-bit
+// display values) and the page maps them to grey on a canvas, for the query and neighbour alike.
+// Keys the API may add later (quality, warning, identity_source) are shown when present.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "lungcbir-token";
-let chosenFile = null;
+const HU_OFFSET = 1024;
+const PRESETS = { lung: [1500, -600], mediastinum: [400, 40], bone: [1800, 400] };
+const SCORE_HELP = "cosine similarity of the feature vectors: 1 = same slice, near 0 = unrelated";
+const MAX_DROP_DOWN_VALUES = 12;  // more values (ids, positions) are better typed in the free-text filter
+const SERIES_SUFFIXES = [".zip", ".nii", ".nii.gz"];
+let chosenFiles = [];
 let blobUrls = [];  // pictures of the shown answer, freed when the next one arrives
+let lastAnswer = null;  // what the CSV/JSON downloads hold
+let features = { otherPatients: false };
+const timing = { clickToAnswer: null, clickToThumbnails: null };
+window.lungcbirTiming = timing;  // read by the browser tests (click-to-answer figures)
 
 class NeedsToken extends Error {}
 
@@ -22,6 +34,20 @@ async function api(url, options = {}) {
     throw new NeedsToken("this server needs an access token");
   }
   return response;
+}
+
+// FastAPI answers {"detail": "text"} or, for a malformed field, {"detail": [{loc, msg}, ...]}
+function describeDetail(detail, fallback) {
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail.map((item) => {
+      if (typeof item === "string") return item;
+      const where = (item.loc || []).filter((part) => part !== "body" && part !== "query").join(".");
+      return (where ? where + ": " : "") + (item.msg || JSON.stringify(item));
+    }).join("; ");
+  }
+  if (detail && typeof detail === "object") return detail.msg || JSON.stringify(detail);
+  return fallback;
 }
 
 async function picture(url) {
@@ -58,13 +84,24 @@ function showMessage(text, isError = false) {
   $("message").classList.toggle("error", isError);
 }
 
-function choose(file) {
-  chosenFile = file;
-  $("drop-text").textContent = file ? file.name : "Drop a CT slice here or click to choose";
-  $("search").disabled = !file;
+// ---------------------------------------------------------------------------------------------
+// choosing files
+
+function isSeriesUpload(files) {
+  return files.length > 1 || files.some((file) => SERIES_SUFFIXES.some((s) => file.name.toLowerCase().endsWith(s)));
 }
 
-$("file").addEventListener("change", (event) => choose(event.target.files[0] || null));
+function choose(files) {
+  chosenFiles = [...files];
+  const names = chosenFiles.map((file) => file.name);
+  $("drop-text").textContent = !names.length ? "or drop a CT slice here (PNG, JPEG, TIFF, DICOM), several slices of one series, a ZIP or a NIfTI volume"
+    : names.length === 1 ? names[0] : `${names.length} files (${names[0]}, …)`;
+  if (chosenFiles.length) $("as-series").checked = isSeriesUpload(chosenFiles);
+  $("search").disabled = !chosenFiles.length;
+}
+
+$("choose").addEventListener("click", () => $("file").click());  // Enter and Space click a button
+$("file").addEventListener("change", (event) => choose(event.target.files || []));
 const drop = $("drop");
 ["dragenter", "dragover"].forEach((name) => drop.addEventListener(name, (event) => {
   event.preventDefault(); drop.classList.add("over");
@@ -72,88 +109,566 @@ const drop = $("drop");
 ["dragleave", "drop"].forEach((name) => drop.addEventListener(name, (event) => {
   event.preventDefault(); drop.classList.remove("over");
 }));
-drop.addEventListener("drop", (event) => choose(event.dataTransfer.files[0] || null));
+drop.addEventListener("drop", (event) => choose(event.dataTransfer.files || []));
+
+// ---------------------------------------------------------------------------------------------
+// results
 
 function text(value) { return value === null || value === undefined || value === "" ? "–" : String(value); }
+function percent(fraction) { return typeof fraction === "number" ? (100 * fraction).toFixed(1) + " %" : "–"; }
+function known(value) { return value !== null && value !== undefined && value !== ""; }
 
-function card(neighbor) {
+// what PACS shows: InstanceNumber ("image 91"), else the position in the stored series
+function sliceText(item) {
+  if (known(item.instance_number)) return `image ${item.instance_number}`;
+  if (known(item.slice_index)) return `slice ${item.slice_index + 1} of its series`;
+  return "";
+}
+
+function labelText(labels) {
+  return Object.entries(labels || {}).map(([k, v]) => `${k}: ${v}`).join(", ");
+}
+
+function card(neighbor, open) {
   const element = document.createElement("div");
   element.className = "card";
   element.dataset.id = neighbor.id;
+  element.tabIndex = 0;
+  element.setAttribute("role", "button");
+  const place = [`patient ${text(neighbor.patient_id)}`, sliceText(neighbor)].filter(Boolean).join(" · ");
+  element.title = "open the comparison (Enter)";  // its visible text is its accessible name
   const image = document.createElement("img");
   showPicture(image, neighbor.thumbnail_url);
-  image.alt = "stored slice " + neighbor.id;
+  image.alt = "";  // the card's label says what it is
   const info = document.createElement("div");
   info.className = "info";
-  const labels = Object.entries(neighbor.labels || {}).map(([k, v]) => `${k}: ${v}`).join(", ");
-  info.innerHTML = "<div><span class='score'></span> · #<span class='rank'></span></div>" +
-    "<div class='where'></div><div class='labels'></div>";
-  info.querySelector(".score").textContent = neighbor.score.toFixed(3);
-  info.querySelector(".rank").textContent = neighbor.rank;
-  info.querySelector(".where").textContent =
-    `patient ${text(neighbor.patient_id)} · slice ${text(neighbor.slice_index)}`;
-  info.querySelector(".labels").textContent = labels;
+  const line = (cls, value) => { const div = document.createElement("div"); div.className = cls; div.textContent = value; return div; };
+  const head = document.createElement("div");
+  const score = document.createElement("span"); score.className = "score"; score.textContent = neighbor.score.toFixed(3);
+  score.title = "score: " + SCORE_HELP;
+  head.append(score, ` · #${neighbor.rank}`);
+  info.append(head, line("where", place));
+  if (known(neighbor.slice_location)) info.append(line("location", `location ${Number(neighbor.slice_location).toFixed(1)} mm`));
+  if (neighbor.source_format !== "dicom" && neighbor.file_name) info.append(line("file", neighbor.file_name));
+  if (known(neighbor.identity_source)) info.append(line("identity", `patient from ${neighbor.identity_source}`));
+  info.append(line("labels", labelText(neighbor.labels)));
   element.append(image, info);
-  element.addEventListener("click", () => openDetail(neighbor.id));
+  element.addEventListener("click", () => open(element));
+  element.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") { event.preventDefault(); open(element); }
+  });
   return element;
 }
 
-async function openDetail(id) {
-  let meta;
-  try { meta = await (await api(`/api/images/${id}`)).json(); } catch (error) { return; }
-  $("detail-overlay").removeAttribute("src");
-  showPicture($("detail-overlay"), meta.overlay_url);
-  const rows = ["path", "patient_id", "series_uid", "slice_index", "instance_number", "slice_location",
-    "source_format", "width", "height", "lung_fraction"].map((key) => [key === "path" ? "file" : key, meta[key]]);
-  Object.entries(meta.labels || {}).forEach(([k, v]) => rows.push([k, v]));
-  const table = $("detail-meta");
-  table.replaceChildren(...rows.map(([k, v]) => {
+function clearAnswer() {
+  blobUrls.forEach((url) => URL.revokeObjectURL(url));
+  blobUrls = [];
+  lastAnswer = null;
+  $("results").replaceChildren();
+  $("cases").replaceChildren();
+  $("answer").classList.add("hidden");
+  $("series-answer").classList.add("hidden");
+  $("query-overlay").removeAttribute("src");
+}
+
+function show(element, value) {
+  element.classList.toggle("hidden", !known(value));
+  element.textContent = known(value) ? value : "";
+}
+
+function queryTags(tags) {
+  if (!tags) return "";
+  return [tags.patient_id && `patient ${tags.patient_id}`, sliceText(tags),
+    known(tags.slice_location) && `location ${Number(tags.slice_location).toFixed(1)} mm`,
+    tags.source_format].filter(Boolean).join(" · ");
+}
+
+function qualityText(answer) {
+  if (!known(answer.quality)) return null;
+  const score = typeof answer.quality_score === "number" ? ` (score ${answer.quality_score.toFixed(2)})` : "";
+  const lesion = typeof answer.lesion_fraction === "number" ? ` · lesion fraction ${percent(answer.lesion_fraction)}` : "";
+  return `Image quality: ${answer.quality}${score}${lesion}`;
+}
+
+async function showSliceAnswer(answer) {
+  $("query-overlay").src = await picture(answer.overlay);
+  $("query-name").textContent = answer.query;
+  $("lung-fraction").textContent = percent(answer.lung_fraction);
+  show($("query-note"), answer.note);
+  show($("quality"), qualityText(answer));
+  show($("warning"), answer.warning);
+  $("query-tags").textContent = queryTags(answer.query_tags);
+  $("mask-link").href = await picture(answer.mask);
+  $("mask-link").download = stem(answer.query) + "_mask.png";
+  const query = { name: answer.query, pixels: answer.pixels, mask: answer.mask };
+  $("results").replaceChildren(...answer.neighbors.map((neighbor) => {
+    const element = card(neighbor, (from) => openDetail(query, neighbor, from));
+    element.setAttribute("role", "button");
+    const item = document.createElement("div"); item.setAttribute("role", "listitem"); item.append(element);
+    return item;
+  }));
+  $("answer").classList.remove("hidden");
+  const none = answer.warning || (answer.neighbors.length ? "" : "No stored slice matches the filter.");
+  showMessage(none);
+}
+
+function showSeriesAnswer(answer) {
+  const failed = (answer.failed || []).length ? ` · ${answer.failed.length} files could not be read: ` +
+    answer.failed.slice(0, 3).map((f) => `${f.file} (${f.reason})`).join("; ") : "";
+  $("series-summary").textContent = `${answer.query}: ${answer.slices} slices queried as one series${failed}`;
+  $("cases").replaceChildren(...answer.cases.map((match) => {
+    const item = document.createElement("li");
+    item.className = "case";
+    const head = document.createElement("h3");
+    head.textContent = `#${match.rank} · score ${match.score.toFixed(3)} · patient ${text(match.patient_id)}`;
+    const pairs = document.createElement("div");
+    pairs.className = "grid";
+    match.pairs.forEach((pair) => {
+      const neighbor = { ...pair.neighbor };
+      const element = card(neighbor, (from) => openDetail({ name: pair.query.name, pixels: pair.query.pixels,
+        mask: pair.query.mask, slice: pair.query.query_slice }, neighbor, from));
+      const caption = document.createElement("div");
+      caption.className = "pair-query";
+      caption.textContent = `query slice ${pair.query.query_slice + 1} (${pair.query.name})`;
+      element.querySelector(".info").prepend(caption);
+      pairs.append(element);
+    });
+    item.append(head, pairs);
+    return item;
+  }));
+  $("series-answer").classList.remove("hidden");
+  showMessage(answer.cases.length ? "" : "No stored case matches the filter.");
+}
+
+function stem(name) { return String(name || "query").replace(/(\.nii)?\.[^.]*$/, ""); }
+
+function filterFields(body) {
+  body.append("k", $("k").value);
+  body.append("where", $("where").value);
+  const chosen = {};
+  document.querySelectorAll("#label-filters select").forEach((select) => {
+    const values = [...select.selectedOptions].map((option) => option.value);
+    if (values.length) chosen[select.dataset.key] = values;
+  });
+  body.append("labels", Object.keys(chosen).length ? JSON.stringify(chosen) : "");
+}
+
+$("query-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  if (!chosenFiles.length) return;
+  const started = performance.now();
+  timing.clickToAnswer = timing.clickToThumbnails = null;
+  const series = $("as-series").checked;
+  const body = new FormData();
+  if (series) chosenFiles.forEach((file) => body.append("files", file));
+  else body.append("file", chosenFiles[0]);
+  filterFields(body);
+  if (!series) body.append("per_patient", $("per-patient").checked ? "1" : "0");
+  if (features.otherPatients) body.append("other_patients", $("other-patients").checked ? "1" : "0");
+  $("search").disabled = true;
+  showMessage(series ? "Segmenting the series and searching…" : "Segmenting and searching…");
+  try {
+    const response = await api(series ? "/api/query-series" : "/api/query", { method: "POST", body });
+    let answer;
+    try { answer = await response.json(); } catch (error) { answer = {}; }
+    if (!response.ok) throw new Error(describeDetail(answer.detail, `${response.status} ${response.statusText}`));
+    clearAnswer();
+    lastAnswer = answer;
+    if (series) showSeriesAnswer(answer); else await showSliceAnswer(answer);
+    timing.clickToAnswer = performance.now() - started;
+    const images = [...document.querySelectorAll("#results img, #cases img")];
+    Promise.all(images.map((image) => image.decode().catch(() => null))).then(() => {
+      timing.clickToThumbnails = performance.now() - started;
+    });
+  } catch (error) {
+    clearAnswer();  // never leave the previous query's results under the new file's name
+    showMessage(error instanceof NeedsToken ? "Enter the access token, then search again."
+      : String(error.message || error), true);
+  } finally {
+    $("search").disabled = !chosenFiles.length;
+  }
+});
+
+// the result list, client-side from the answer shown
+function rows() {
+  if (!lastAnswer) return [];
+  if (lastAnswer.neighbors) return lastAnswer.neighbors.map((n) => ({ ...n, query: lastAnswer.query }));
+  return lastAnswer.cases.flatMap((match) => match.pairs.map((pair) => ({ case_rank: match.rank, case_score: match.score,
+    query: pair.query.name, query_slice: pair.query.query_slice, ...pair.neighbor })));
+}
+
+function save(content, name, type) {
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(new Blob([content], { type }));
+  link.download = name;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}
+
+function csvCell(value) {
+  const textValue = value === null || value === undefined ? "" : typeof value === "object" ? labelText(value) : String(value);
+  return /[",\n]/.test(textValue) ? `"${textValue.replace(/"/g, '""')}"` : textValue;
+}
+
+$("download-csv").addEventListener("click", () => {
+  const columns = ["query", "case_rank", "case_score", "query_slice", "rank", "score", "id", "patient_id", "study_uid",
+    "series_uid", "instance_number", "slice_index", "slice_location", "file_name", "labels"];
+  const list = rows();
+  const used = columns.filter((column) => list.some((row) => column in row));
+  save([used.join(","), ...list.map((row) => used.map((c) => csvCell(row[c])).join(","))].join("\n") + "\n",
+    stem(lastAnswer && lastAnswer.query) + "_results.csv", "text/csv");
+});
+$("download-json").addEventListener("click", () => {
+  save(JSON.stringify(lastAnswer, null, 2), stem(lastAnswer && lastAnswer.query) + "_results.json", "application/json");
+});
+
+// ---------------------------------------------------------------------------------------------
+// pixels: a 16-bit grey PNG decoded here (a canvas would keep only 8 bits of it)
+
+function paeth(a, b, c) {
+  const p = a + b - c, pa = Math.abs(p - a), pb = Math.abs(p - b), pc = Math.abs(p - c);
+  return pa <= pb && pa <= pc ? a : pb <= pc ? b : c;
+}
+
+async function decodeGreyPng(buffer) {
+  const bytes = new Uint8Array(buffer);
+  const view = new DataView(buffer);
+  let width = 0, height = 0, depth = 8, colour = 0;
+  const chunks = [];
+  for (let at = 8; at + 8 <= bytes.length;) {
+    const length = view.getUint32(at);
+    const type = String.fromCharCode(...bytes.subarray(at + 4, at + 8));
+    if (type === "IHDR") {
+      width = view.getUint32(at + 8); height = view.getUint32(at + 12); depth = bytes[at + 16]; colour = bytes[at + 17];
+    } else if (type === "IDAT") chunks.push(bytes.subarray(at + 8, at + 8 + length));
+    else if (type === "IEND") break;
+    at += 12 + length;
+  }
+  if (colour !== 0 || (depth !== 8 && depth !== 16)) throw new Error("not a grey PNG");
+  const stream = new Blob(chunks).stream().pipeThrough(new DecompressionStream("deflate"));
+  const raw = new Uint8Array(await new Response(stream).arrayBuffer());
+  const bpp = depth / 8, stride = width * bpp;
+  const out = new Uint8Array(stride * height);
+  for (let y = 0; y < height; y++) {
+    const filter = raw[y * (stride + 1)];
+    const line = raw.subarray(y * (stride + 1) + 1, (y + 1) * (stride + 1));
+    const row = y * stride;
+    for (let x = 0; x < stride; x++) {
+      const left = x >= bpp ? out[row + x - bpp] : 0;
+      const up = y ? out[row - stride + x] : 0;
+      const upLeft = y && x >= bpp ? out[row - stride + x - bpp] : 0;
+      const value = line[x];
+      out[row + x] = (filter === 0 ? value : filter === 1 ? value + left : filter === 2 ? value + up
+        : filter === 3 ? value + ((left + up) >> 1) : value + paeth(left, up, upLeft)) & 255;
+    }
+  }
+  const values = new Uint16Array(width * height);
+  for (let i = 0; i < values.length; i++) values[i] = depth === 16 ? (out[2 * i] << 8) | out[2 * i + 1] : out[i];
+  return { width, height, values };
+}
+
+async function loadPixels(url) {
+  const response = await api(url);
+  if (!response.ok) throw new Error(`${url}: ${response.status}`);
+  const kind = response.headers.get("X-Pixel-Kind") || "display";
+  return { ...(await decodeGreyPng(await response.arrayBuffer())), kind };
+}
+
+async function loadContour(url) {
+  const response = await api(url);
+  if (!response.ok) throw new Error(`${url}: ${response.status}`);
+  const bitmap = await createImageBitmap(await response.blob());
+  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+  const context = canvas.getContext("2d");
+  context.drawImage(bitmap, 0, 0);
+  const mask = context.getImageData(0, 0, bitmap.width, bitmap.height);
+  const { width, height, data } = mask;
+  const inside = (x, y) => x >= 0 && y >= 0 && x < width && y < height && data[4 * (y * width + x)] > 127;
+  const edge = context.createImageData(width, height);
+  const thick = Math.max(1, Math.round(Math.max(width, height) / 512));
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      if (!inside(x, y)) continue;
+      let border = false;
+      for (let d = 1; d <= thick && !border; d++) {
+        border = !inside(x - d, y) || !inside(x + d, y) || !inside(x, y - d) || !inside(x, y + d);
+      }
+      if (border) { const i = 4 * (y * width + x); edge.data.set([255, 200, 0, 255], i); }
+    }
+  }
+  context.clearRect(0, 0, width, height);
+  context.putImageData(edge, 0, 0);
+  return canvas;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the comparison view: two canvases, one zoom/pan, window/level per image kind
+
+const viewState = { zoom: 1, panX: 0, panY: 0, preset: "lung", width: 1500, level: -600, contours: true };
+
+class Viewer {
+  constructor(canvas) {
+    this.canvas = canvas;
+    this.image = null;
+    this.contour = null;
+    this.grey = null;  // the image in the current window, native size
+  }
+
+  set(image, contour) {
+    this.image = image; this.contour = contour; this.grey = null;
+    if (image) { this.canvas.width = image.width; this.canvas.height = image.height; }
+  }
+
+  // HU images follow the shared window; 8-bit images are shown as stored unless dragged
+  windowFor() {
+    if (this.image.kind === "hu") return [viewState.width, viewState.level + HU_OFFSET];
+    return [256 * viewState.storedWidth, 127.5 + 256 * viewState.storedShift];
+  }
+
+  render() {
+    if (!this.image) return;
+    const { width, height, values } = this.image;
+    const [windowWidth, centre] = this.windowFor();
+    if (!this.grey || this.grey.key !== `${windowWidth}/${centre}`) {
+      const canvas = new OffscreenCanvas(width, height);
+      const context = canvas.getContext("2d");
+      const data = context.createImageData(width, height);
+      const low = centre - windowWidth / 2, scale = 255 / Math.max(windowWidth, 1e-6);
+      for (let i = 0; i < values.length; i++) {
+        const grey = Math.max(0, Math.min(255, (values[i] - low) * scale));
+        data.data[4 * i] = data.data[4 * i + 1] = data.data[4 * i + 2] = grey;
+        data.data[4 * i + 3] = 255;
+      }
+      context.putImageData(data, 0, 0);
+      this.grey = { key: `${windowWidth}/${centre}`, canvas };
+    }
+    const context = this.canvas.getContext("2d");
+    context.setTransform(1, 0, 0, 1, 0, 0);
+    context.fillStyle = "#000";
+    context.fillRect(0, 0, width, height);
+    // zoom about the centre, pan in image pixels: the same numbers for both viewers
+    context.setTransform(viewState.zoom, 0, 0, viewState.zoom,
+      width / 2 * (1 - viewState.zoom) + viewState.panX * viewState.zoom,
+      height / 2 * (1 - viewState.zoom) + viewState.panY * viewState.zoom);
+    context.imageSmoothingEnabled = viewState.zoom < 2;
+    context.drawImage(this.grey.canvas, 0, 0);
+    if (viewState.contours && this.contour) context.drawImage(this.contour, 0, 0, width, height);
+  }
+}
+
+viewState.storedWidth = 1; viewState.storedShift = 0;
+const viewers = { query: new Viewer($("query-canvas")), neighbor: new Viewer($("neighbor-canvas")) };
+const detail = { opener: null, series: [], position: null, neighbor: null, query: null, loading: 0 };
+
+function renderAll() {
+  viewers.query.render(); viewers.neighbor.render();
+  const anyHu = [viewers.query, viewers.neighbor].some((v) => v.image && v.image.kind === "hu");
+  $("wl").textContent = anyHu ? `W ${Math.round(viewState.width)} L ${Math.round(viewState.level)}` : "as stored";
+  $("detail").dataset.zoom = viewState.zoom.toFixed(3);
+  $("detail").dataset.window = `${Math.round(viewState.width)}/${Math.round(viewState.level)}`;
+}
+
+function applyPreset(name) {
+  viewState.preset = name;
+  if (name in PRESETS) [viewState.width, viewState.level] = PRESETS[name];
+  viewState.storedWidth = 1; viewState.storedShift = 0;
+  $("preset").value = name;
+  renderAll();
+}
+
+function zoomBy(factor) {
+  viewState.zoom = Math.max(0.5, Math.min(16, viewState.zoom * factor));
+  renderAll();
+}
+
+$("preset").addEventListener("change", () => applyPreset($("preset").value));
+$("zoom-in").addEventListener("click", () => zoomBy(1.25));
+$("zoom-out").addEventListener("click", () => zoomBy(0.8));
+$("zoom-reset").addEventListener("click", () => { viewState.zoom = 1; viewState.panX = viewState.panY = 0; renderAll(); });
+$("contours").addEventListener("change", () => { viewState.contours = $("contours").checked; renderAll(); });
+$("slice-prev").addEventListener("click", () => step(-1));
+$("slice-next").addEventListener("click", () => step(1));
+
+Object.values(viewers).forEach((viewer) => {
+  let drag = null;
+  viewer.canvas.addEventListener("pointerdown", (event) => {
+    drag = { x: event.clientX, y: event.clientY, pan: event.shiftKey || event.button === 1 };
+    viewer.canvas.setPointerCapture(event.pointerId);
+  });
+  viewer.canvas.addEventListener("pointermove", (event) => {
+    if (!drag) return;
+    const dx = event.clientX - drag.x, dy = event.clientY - drag.y;
+    drag.x = event.clientX; drag.y = event.clientY;
+    const scale = viewer.canvas.width / viewer.canvas.getBoundingClientRect().width;
+    if (drag.pan) {
+      viewState.panX += dx * scale / viewState.zoom; viewState.panY += dy * scale / viewState.zoom;
+    } else {  // right: wider window, down: higher level (as in PACS viewers)
+      viewState.width = Math.max(1, viewState.width + 4 * dx);
+      viewState.level += 4 * dy;
+      viewState.storedWidth = Math.max(0.02, viewState.storedWidth + dx / 200);
+      viewState.storedShift += dy / 200;
+      viewState.preset = "custom";
+    }
+    renderAll();
+  });
+  viewer.canvas.addEventListener("pointerup", () => { drag = null; });
+  viewer.canvas.addEventListener("wheel", (event) => {
+    event.preventDefault();
+    if (event.ctrlKey) zoomBy(event.deltaY < 0 ? 1.15 : 1 / 1.15);
+    else step(event.deltaY > 0 ? 1 : -1);
+  }, { passive: false });
+});
+
+$("detail").addEventListener("keydown", (event) => {
+  if (event.target.tagName === "SELECT" || event.target.tagName === "INPUT") return;
+  if (event.key === "ArrowDown" || event.key === "PageDown") { event.preventDefault(); step(1); }
+  else if (event.key === "ArrowUp" || event.key === "PageUp") { event.preventDefault(); step(-1); }
+  else if (event.key === "+" || event.key === "=") zoomBy(1.25);
+  else if (event.key === "-") zoomBy(0.8);
+  else if (event.key === "0") $("zoom-reset").click();
+});
+$("detail").addEventListener("close", () => {
+  if (detail.opener && detail.opener.isConnected) detail.opener.focus();  // back where the reader was
+});
+
+const LABELS = [["file_name", "File"], ["patient_id", "Patient"], ["identity_source", "Patient from"],
+  ["study_uid", "Study"], ["series_uid", "Series"], ["instance_number", "Image (InstanceNumber)"],
+  ["slice_index", "Position in stored series"], ["slice_location", "Slice location"], ["source_format", "Format"],
+  ["size", "Size"], ["lung_fraction", "Lung fraction"]];
+
+function metaRows(meta, neighbor) {
+  const value = {
+    ...meta,
+    size: known(meta.width) ? `${meta.width} × ${meta.height} px` : null,
+    slice_index: known(meta.slice_index) ? meta.slice_index + 1 : null,
+    slice_location: known(meta.slice_location) ? `${Number(meta.slice_location).toFixed(1)} mm` : null,
+    lung_fraction: percent(meta.lung_fraction),
+    identity_source: neighbor && neighbor.identity_source,
+  };
+  const rowsShown = [];
+  if (neighbor) rowsShown.push(["Rank", `#${neighbor.rank}`], ["Score", neighbor.score.toFixed(3)]);
+  // the patient always: "–" says it is not known (a PNG export), rather than hiding the row
+  LABELS.forEach(([key, label]) => { if (known(value[key]) || key === "patient_id") rowsShown.push([label, value[key]]); });
+  Object.entries(meta.labels || {}).forEach(([k, v]) => rowsShown.push([k, v]));
+  if (meta.url) rowsShown.push(["Archive URL", meta.url]);
+  return rowsShown;
+}
+
+async function showNeighbor(id, neighbor) {
+  const ticket = ++detail.loading;
+  const meta = await (await api(`/api/images/${id}`)).json();
+  const [pixels, contour] = await Promise.all([loadPixels(meta.pixels_url), loadContour(meta.mask_url).catch(() => null)]);
+  if (ticket !== detail.loading) return;  // a later step won
+  viewers.neighbor.set(pixels, contour);
+  const ranked = neighbor && neighbor.id === id ? neighbor : null;
+  $("detail-meta").replaceChildren(...metaRows(meta, ranked).map(([k, v]) => {
     const row = document.createElement("tr");
-    const key = document.createElement("td"); key.textContent = k;
-    const value = document.createElement("td"); value.textContent = text(v);
-    row.append(key, value);
+    const key = document.createElement("th"); key.scope = "row"; key.textContent = k;
+    const cell = document.createElement("td"); cell.textContent = text(v);
+    row.append(key, cell);
     return row;
   }));
-  $("detail").showModal();
+  $("detail-score").textContent = ranked ? `Score ${ranked.score.toFixed(3)}: ${SCORE_HELP}.`
+    : "An adjacent slice of the stored series (not ranked).";
+  $("neighbor-caption").textContent = `Stored: patient ${text(meta.patient_id)}${sliceText(meta) ? " · " + sliceText(meta) : ""}`;
+  $("detail").dataset.neighborId = id;
+  const fileLink = $("file-link");
+  fileLink.download = meta.file_name || "";
+  fileLink.dataset.url = meta.file_url;
+  fileLink.href = "#";
+  $("neighbor-mask-link").download = stem(meta.file_name) + "_mask.png";
+  $("neighbor-mask-link").dataset.url = meta.mask_url;
+  $("neighbor-mask-link").href = "#";
+  detail.position = detail.series.indexOf(id);
+  $("slice-position").textContent = detail.series.length > 1 && detail.position >= 0
+    ? `slice ${detail.position + 1} of ${detail.series.length} stored` : "no other stored slice";
+  $("slice-prev").disabled = !(detail.position > 0);
+  $("slice-next").disabled = !(detail.position >= 0 && detail.position < detail.series.length - 1);
+  renderAll();
 }
+
+// downloads behind the token: fetched with the header, handed over as a blob
+["file-link", "neighbor-mask-link"].forEach((id) => $(id).addEventListener("click", async (event) => {
+  const link = event.currentTarget;
+  if (link.href.startsWith("blob:")) return;
+  event.preventDefault();
+  try {
+    const response = await api(link.dataset.url);
+    if (!response.ok) {
+      const answer = await response.json().catch(() => ({}));
+      throw new Error(describeDetail(answer.detail, String(response.status)));
+    }
+    link.href = URL.createObjectURL(await response.blob());
+    link.click();
+  } catch (error) { $("detail-score").textContent = "Download failed: " + (error.message || error); }
+}));
+
+async function step(direction) {
+  if (detail.position === null || detail.position < 0) return;
+  const next = detail.position + direction;
+  if (next < 0 || next >= detail.series.length) return;
+  detail.position = next;
+  await showNeighbor(detail.series[next], detail.neighbor);
+}
+
+async function openDetail(query, neighbor, opener) {
+  detail.opener = opener; detail.neighbor = neighbor; detail.query = query;
+  detail.series = [];
+  try {
+    const [queryPixels, queryContour, series] = await Promise.all([
+      loadPixels(query.pixels), loadContour(query.mask).catch(() => null),
+      api(`/api/images/${neighbor.id}/series`).then((r) => r.json()).catch(() => ({ ids: [] }))]);
+    detail.series = series.ids || [];
+    viewers.query.set(queryPixels, queryContour);
+    $("query-caption").textContent = `Query: ${query.name}${known(query.slice) ? " · slice " + (query.slice + 1) : ""}`;
+    viewState.zoom = 1; viewState.panX = viewState.panY = 0;
+    $("detail-title").textContent = `Query and #${neighbor.rank} side by side`;
+    await showNeighbor(neighbor.id, neighbor);
+    applyPreset(queryPixels.kind === "hu" || viewers.neighbor.image.kind === "hu" ? "lung" : "stored");
+  } catch (error) {
+    if (!(error instanceof NeedsToken)) showMessage("Cannot open the comparison: " + (error.message || error), true);
+    return;
+  }
+  if (!$("detail").open) $("detail").showModal();
+  $("detail-close").focus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// what the server offers: stats, label drop-downs, optional form fields
 
 async function refreshStats() {
   try {
     const stats = await (await api("/api/stats")).json();
     $("stats").textContent = `${stats.images} slices · ${stats.patients} patients indexed`;
-  } catch (error) { $("stats").textContent = ""; }
+  } catch (error) { $("stats").textContent = ""; return; }
+  try {
+    const answer = await (await api("/api/labels")).json();
+    $("label-filters").replaceChildren(...Object.entries(answer.labels || {})
+      .filter(([, values]) => values.length > 1 && values.length <= MAX_DROP_DOWN_VALUES)
+      .map(([key, values]) => {
+        const label = document.createElement("label");
+        label.textContent = key;
+        const select = document.createElement("select");
+        select.multiple = true;
+        select.size = Math.min(4, values.length);
+        select.dataset.key = key;
+        select.id = "label-" + key.replace(/[^A-Za-z0-9_-]/g, "_");
+        select.append(...values.map((value) => new Option(value, value)));
+        label.append(select);
+        return label;
+      }));
+  } catch (error) { /* no drop-downs: the free-text filter still works */ }
 }
 
-$("query-form").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  if (!chosenFile) return;
-  const body = new FormData();
-  body.append("file", chosenFile);
-  body.append("k", $("k").value);
-  body.append("where", $("where").value);
-  body.append("per_patient", $("per-patient").checked ? "1" : "0");
-  $("search").disabled = true;
-  showMessage("Segmenting and searching…");
-  try {
-    const response = await api("/api/query", { method: "POST", body });
-    const answer = await response.json();
-    if (!response.ok) throw new Error(answer.detail || response.statusText);
-    blobUrls.forEach((url) => URL.revokeObjectURL(url));
-    blobUrls = [];
-    $("query-overlay").src = await picture(answer.overlay);
-    $("query-name").textContent = answer.query;
-    $("lung-fraction").textContent = (100 * answer.lung_fraction).toFixed(1) + " %";
-    $("mask-link").href = await picture(answer.mask);
-    $("mask-link").download = answer.query.replace(/(\.nii)?\.[^.]*$/, "") + "_mask.png";
-    $("results").replaceChildren(...answer.neighbors.map(card));
-    $("answer").classList.remove("hidden");
-    showMessage(answer.neighbors.length ? "" : "No stored slice matches the filter.");
-  } catch (error) {
-    showMessage(error instanceof NeedsToken ? "Enter the access token, then search again."
-      : String(error.message || error), true);
-  } finally {
-    $("search").disabled = !chosenFile;
-  }
-});
+async function detectFeatures() {
+  try {  // the API description says which optional fields this server's /api/query takes
+    const schema = await (await fetch("/openapi.json")).json();
+    features.otherPatients = JSON.stringify(schema.components || {}).includes('"other_patients"');
+  } catch (error) { features.otherPatients = false; }
+  $("other-patients-box").classList.toggle("hidden", !features.otherPatients);
+}
 
+detectFeatures();
 refreshStats();
