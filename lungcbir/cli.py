@@ -215,11 +215,14 @@ def query(images, k, out, as_json, where, per_patient, by_series, db_url, index_
             if as_json:
                 click.echo(json.dumps({
                     "query": path, "mask": str(mask_path), "overlay": str(overlay_path),
-                    "matches": str(matches_path),
-                    "lung_fraction": round(result.lung_fraction, 6),
+                    "matches": str(matches_path), **result.summary_json(),
                     "neighbors": [n.to_json() for n in result.neighbors]}))
             else:
-                click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}  mask {mask_path}")
+                click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}  quality {result.quality.value} "
+                           f"({result.quality_score:.2f})  mask {mask_path}")
+                if result.warning:
+                    click.echo(f"  warning: {result.warning}")
+                    continue
                 click.echo(f"  {'rank':>4}  {'score':>6}  {'patient/series/slice':<32}  path  labels")
                 for n in result.neighbors:
                     where = "/".join(str(v) if v is not None else "-" for v in
@@ -274,14 +277,20 @@ def _query_series(retriever, inputs, k, filters, as_json):
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the masks.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per input image (per slice of a NIfTI volume), one per line.")
 @model_options
 @friendly_errors
-def segment(images, out, batch_size, weights, device):
+def segment(images, out, batch_size, as_json, weights, device):
     """Write lung masks for each IMAGE: PNG (0/255) for 2-D images, NIfTI for NIfTI volumes.
+
+    Each mask comes with a quality verdict: ok, doubtful (check the mask by eye) or no-lungs
+    (not a CT slice, or no lungs in view). With --json, one object per 2-D image, and one per
+    slice of a NIfTI volume (all naming the volume's one mask file, with "slice": its index).
 
     \b
     Example:
-      lungcbir segment slice.tif volume.nii.gz --out masks/
+      lungcbir segment slice.tif volume.nii.gz --out masks/ --json
     """
     import numpy as np
 
@@ -299,10 +308,22 @@ def segment(images, out, batch_size, weights, device):
             volume = np.stack([r.mask.T for r in results], axis=2).astype(np.uint8)
             target = folder / f"{slices[0].name.rsplit('_z', 1)[0]}_mask.nii.gz"
             nibabel.save(nibabel.Nifti1Image(volume, source.affine), str(target))
+            if as_json:
+                for item, result in zip(slices, results):
+                    click.echo(json.dumps({"image": path, "slice": item.frame, "mask": str(target),
+                                           **result.summary_json()}))
         else:
             target = folder / f"{slices[0].name}_mask.png"
             write_png(str(target), mask_png(results[0].mask))
-        click.echo(f"{path} -> {target}")
+            if as_json:
+                click.echo(json.dumps({"image": path, "mask": str(target), **results[0].summary_json()}))
+        if not as_json:
+            counts = {}
+            for result in results:
+                counts[result.quality.value] = counts.get(result.quality.value, 0) + 1
+            verdict = (results[0].quality.value if len(results) == 1
+                       else ", ".join(f"{count} {name}" for name, count in counts.items()))
+            click.echo(f"{path} -> {target}  quality {verdict}")
     if failures:
         sys.exit(EXIT_SOME_FAILED)
 

@@ -64,6 +64,7 @@ class CTSlice:
     pixel_spacing: tuple[float, float] | None = None
     position_z: float | None = None  # ImagePositionPatient[2], for ordering a series
     sha256: str | None = None
+    colour_share: float = 0.0  # share of strongly coloured pixels before grey conversion (not CT if high)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -141,8 +142,13 @@ def read_raster(path: str) -> CTSlice:
     pixels = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise ReadError(path, "not a decodable image (corrupt, truncated or not the format its name says)")
+    colour = 0.0
     if pixels.ndim == 3:
         channels = pixels.shape[2]
+        if channels in (3, 4) and pixels.dtype == np.uint8:
+            from .quality import colour_share
+
+            colour = colour_share(pixels)
         if channels in (1, 2):  # grey, or grey + alpha
             pixels = pixels[:, :, 0]
         elif channels in (3, 4):
@@ -157,7 +163,7 @@ def read_raster(path: str) -> CTSlice:
     _check_usable(path, pixels)
     suffix = os.path.splitext(path.lower())[1]
     return CTSlice(pixels=pixels, intensity=classify_intensity(pixels), path=path,
-                   source_format=RASTER_SUFFIXES.get(suffix, "raster"))
+                   source_format=RASTER_SUFFIXES.get(suffix, "raster"), colour_share=colour)
 
 
 def _check_raster_size(path: str) -> None:

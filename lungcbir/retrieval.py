@@ -17,11 +17,16 @@ import numpy as np
 
 from .errors import LungCBIRError, ReadError, StoreError
 from .inference import LungModel, Segmentation
+from .quality import Quality
 from .io import CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file
 from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store, safe_url
 
 #: Files read before a batch goes through the model and into the database.
 FILES_PER_COMMIT = 64
+
+#: What a query answers instead of neighbours when its slice has no lungs or is not CT.
+NO_LUNGS_WARNING = ("no lungs found in this picture (not a CT slice, or no lungs in view): "
+                    "not searched")
 
 
 @dataclass
@@ -76,6 +81,16 @@ class QueryResult:
     mask: np.ndarray
     lung_fraction: float
     neighbors: list[Neighbor]
+    quality: Quality = Quality.OK  # of the query's own segmentation (lungcbir.quality)
+    quality_score: float = 1.0
+    lesion_fraction: float | None = None  # None until the model has a lesion output
+    warning: str | None = None  # set when the query was not searched (quality no-lungs)
+
+    def summary_json(self) -> dict:
+        """The per-query fields of ``query --json`` and the web API (``warning`` only when set)."""
+        fields = {"lung_fraction": round(self.lung_fraction, 6), "lesion_fraction": self.lesion_fraction,
+                  "quality": self.quality.value, "quality_score": round(self.quality_score, 4)}
+        return {**fields, "warning": self.warning} if self.warning else fields
 
 
 def read_labels(csv_path: str | os.PathLike) -> dict[str, dict[str, str]]:
@@ -305,7 +320,12 @@ class Retriever:
 
     def query_slices(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
                      per_patient: int = 1) -> list[QueryResult]:
-        """:meth:`query` for many slices at once."""
+        """:meth:`query` for many slices at once.
+
+        A slice whose segmentation is ``no-lungs`` (not CT, or no lungs in view) is not
+        searched: its result has no neighbours and a ``warning``; a confident list of
+        "similar" lung slices for a screenshot would mislead.
+        """
         if k < 1:
             raise LungCBIRError("k must be at least 1")
         store = self.store(create=False)
@@ -316,12 +336,24 @@ class Retriever:
             raise LungCBIRError(f"the database was indexed with model {store.model_id}, "
                                 f"but the model in use is {self.model.model_id}")
         results = self.segment_slices(slices)
+        searched = [number for number, r in enumerate(results) if r.quality != Quality.NO_LUNGS]
         # filters and per-patient collapsing work on a larger candidate list, then cut to k
         candidates = k if not (where or per_patient) else max(k * 50, 500)
-        scores, ids = store.search(np.stack([r.vector for r in results]), candidates)
-        rows = store.records(ids[ids >= 0].ravel())
+        found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        rows = {}
+        if searched:
+            scores, ids = store.search(np.stack([results[n].vector for n in searched]), candidates)
+            found = {n: (row_scores, row_ids) for n, row_scores, row_ids in zip(searched, scores, ids)}
+            rows = store.records(ids[ids >= 0].ravel())
         answers = []
-        for item, result, row_scores, row_ids in zip(slices, results, scores, ids):
+        for number, (item, result) in enumerate(zip(slices, results)):
+            extra = {"quality": result.quality, "quality_score": result.quality_score,
+                     "lesion_fraction": result.lesion_fraction}
+            if number not in found:
+                answers.append(QueryResult(item, result.mask, result.lung_fraction, [], **extra,
+                                           warning=NO_LUNGS_WARNING))
+                continue
+            row_scores, row_ids = found[number]
             neighbors = []
             per_case: dict[str, int] = {}
             for score, identifier in zip(row_scores, row_ids):
@@ -339,7 +371,7 @@ class Retriever:
                                           score=float(score), patient_id=record.patient_id,
                                           series_uid=record.series_uid, slice_index=record.slice_index,
                                           labels=dict(record.labels or {})))
-            answers.append(QueryResult(item, result.mask, result.lung_fraction, neighbors))
+            answers.append(QueryResult(item, result.mask, result.lung_fraction, neighbors, **extra))
         return answers
 
 

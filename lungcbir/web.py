@@ -153,7 +153,7 @@ def create_app(retriever: Retriever) -> FastAPI:
             result = retriever.query_slices([item], k, filters, max(0, per_patient))[0]
         token = render(result)
         return {"query": item.path, "mask": f"/api/results/{token}/mask.png",
-                "overlay": f"/api/results/{token}/overlay.png", "lung_fraction": round(result.lung_fraction, 6),
+                "overlay": f"/api/results/{token}/overlay.png", **result.summary_json(),
                 "width": item.shape[1], "height": item.shape[0],
                 "neighbors": [neighbor_json(n) for n in result.neighbors]}
 
@@ -166,7 +166,7 @@ def create_app(retriever: Retriever) -> FastAPI:
         token = render(QueryResult(item, segmentation.mask, segmentation.lung_fraction, []))
         return {"query": item.path, "mask": f"/api/results/{token}/mask.png",
                 "overlay": f"/api/results/{token}/overlay.png",
-                "lung_fraction": round(segmentation.lung_fraction, 6),
+                **segmentation.summary_json(),
                 "width": item.shape[1], "height": item.shape[0]}
 
     @app.get("/api/results/{token}/{kind}.png", include_in_schema=False)
