@@ -27,7 +27,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os
@@ -66,7 +65,7 @@ def _export(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
-    ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    _, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, quality])
     return cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
 
 

@@ -162,7 +162,7 @@ def drop_outside_air(mask: np.ndarray, unit_image: np.ndarray) -> np.ndarray:
     return parts.select(keep)
 
 
-def _share_in(region: np.ndarray, parts: "_Components") -> np.ndarray:
+def _share_in(region: np.ndarray, parts: _Components) -> np.ndarray:
     """Per component: the share of its pixels inside ``region``."""
     return np.bincount(parts.labels[region], minlength=parts.count) / np.maximum(parts.areas, 1)
 

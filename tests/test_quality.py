@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lungcbir.quality import (Quality, QualitySignals, assess, colour_share, judge, measure)
+from lungcbir.quality import Quality, QualitySignals, assess, colour_share, judge, measure
 
 
 def _chest() -> tuple[np.ndarray, np.ndarray]:
@@ -20,8 +20,9 @@ def _chest() -> tuple[np.ndarray, np.ndarray]:
     for centre in (80, 176):
         cv2.ellipse(unit, (centre, 120), (32, 55), 0, 0, 360, 0.1, -1)
         cv2.ellipse(probability, (centre, 120), (32, 55), 0, 0, 360, 1.0, -1)
-    # one pixel of soft edge, as a trained network gives
-    probability = cv2.GaussianBlur(probability, (3, 3), 0)
+    # a soft edge on part of the boundary, as a confident network gives (held-out median: 0.4
+    # uncertain pixels per boundary pixel)
+    probability[:, :100] = cv2.GaussianBlur(probability, (3, 3), 0)[:, :100]
     return unit, probability
 
 
