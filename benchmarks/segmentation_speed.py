@@ -62,6 +62,19 @@ def main() -> None:
     model.segment(slices[:2])
     ours = 16 / best_of(args.repeats, lambda: model.segment(slices, batch_size=16))
     print(f"  full pipeline, 16 Kaggle slices 512x512: {ours:7.1f} slices/s")
+    # the quality verdict's cost: the same pipeline with the verdict replaced by a constant, interleaved
+    import lungcbir.inference as inference
+
+    judge, verdict = inference.judge, inference.judge(*(np.zeros((size, size), np.float32),) * 3)
+    timings = {"with": [], "without": []}
+    for _ in range(args.repeats):
+        for name in timings:
+            inference.judge = judge if name == "with" else (lambda *_, **__: verdict)
+            timings[name].append(best_of(1, lambda: model.segment(slices, batch_size=16)))
+    inference.judge = judge
+    with_quality, without = 16 / min(timings["with"]), 16 / min(timings["without"])
+    print(f"  full pipeline without the quality verdict: {without:7.1f} slices/s; with it {with_quality:7.1f} "
+          f"(ratio {with_quality / without:.3f})")
 
     from lungmask import LMInferer
     from lungmask.resunet import UNet as LungmaskUNet

@@ -268,13 +268,16 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
             if as_json:
                 click.echo(json.dumps({
                     "query": path, "mask": _text(mask_path), "overlay": _text(overlay_path),
-                    "matches": _text(matches_path), **written,
-                    "lung_fraction": round(result.lung_fraction, 6),
+                    "matches": _text(matches_path), **written, **result.summary_json(),
                     "neighbors": [n.to_json() for n in result.neighbors]}))
             else:
                 shown = f"  mask {mask_path}" if mask_path else ""
                 seg_note = f"  seg {written['seg']}" if "seg" in written else ""
-                click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}{shown}{seg_note}")
+                click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}  quality {result.quality.value} "
+                           f"({result.quality_score:.2f}){shown}{seg_note}")
+                if result.warning:
+                    click.echo(f"  warning: {result.warning}")
+                    continue
                 _print_neighbors(result.neighbors)
     if failures:
         sys.exit(EXIT_SOME_FAILED)
@@ -353,18 +356,24 @@ def _query_series(retriever, inputs, k, filters, as_json) -> bool:
 @click.option("--study", metavar="UID", help="For a DICOMweb URL input: the study whose CT series to segment.")
 @click.option("--stow", is_flag=True,
               help="With --format dicom-seg and a DICOMweb URL input: also store each SEG in that archive (STOW-RS).")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per input image (per slice of a NIfTI volume), one per line.")
 @model_options
 @friendly_errors
-def segment(images, out, output_format, batch_size, study, stow, weights, device):
+def segment(images, out, output_format, batch_size, study, stow, as_json, weights, device):
     """Write lung masks for each IMAGE: PNG (0/255) for 2-D images, NIfTI for NIfTI volumes,
     or a DICOM SEG per DICOM series with --format dicom-seg.
 
     An IMAGE starting with http:// or https:// is a DICOMweb service root: the CT series of
     --study are fetched from it (a SEG is then named <series UID>_seg.dcm).
 
+    Each mask comes with a quality verdict: ok, doubtful (check the mask by eye) or no-lungs
+    (not a CT slice, or no lungs in view). With --json, one object per 2-D image, and one per
+    slice of a NIfTI volume (all naming the volume's one mask file, with "slice": its index).
+
     \b
     Example:
-      lungcbir segment slice.tif volume.nii.gz --out masks/
+      lungcbir segment slice.tif volume.nii.gz --out masks/ --json
       lungcbir segment ../shared/data/covid-ct-md/covid/P001 --format dicom-seg --out segs/
       lungcbir segment http://localhost:8042/dicom-web --study 1.2.3 --format dicom-seg --stow --out segs/
     """
@@ -399,12 +408,12 @@ def segment(images, out, output_format, batch_size, study, stow, weights, device
                 sources[0].store([seg.path for seg in written])
                 click.echo(f"stored {len(written)} SEG(s) in {sources[0].root}")
         else:
-            failures += _segment_to_masks(retriever, inputs, output_format, folder)
+            failures += _segment_to_masks(retriever, inputs, output_format, folder, as_json)
     if failures:
         sys.exit(EXIT_SOME_FAILED)
 
 
-def _segment_to_masks(retriever, inputs, output_format, folder) -> list[str]:
+def _segment_to_masks(retriever, inputs, output_format, folder, as_json=False) -> list[str]:
     import numpy as np
 
     from .visualize import mask_png, write_png
@@ -424,12 +433,26 @@ def _segment_to_masks(retriever, inputs, output_format, folder) -> list[str]:
             volume = np.stack([r.mask.T for r in results], axis=2).astype(np.uint8)
             target = folder / f"{slices[0].name.rsplit('_z', 1)[0]}_mask.nii.gz"
             nibabel.save(nibabel.Nifti1Image(volume, source.affine), str(target))
+            if as_json:
+                for item, result in zip(slices, results):
+                    click.echo(json.dumps({"image": path, "slice": item.frame, "mask": str(target),
+                                           **result.summary_json()}))
         else:
             targets = [folder / f"{item.name}_mask.png" for item in slices]
             for target, result in zip(targets, results):
                 write_png(str(target), mask_png(result.mask))
+            if as_json:
+                for item, target, result in zip(slices, targets, results):
+                    frame = {"slice": item.frame} if volume_input else {}
+                    click.echo(json.dumps({"image": path, **frame, "mask": str(target), **result.summary_json()}))
             target = targets[0] if len(targets) == 1 else f"{folder} ({len(targets)} PNG masks)"
-        click.echo(f"{path} -> {target}")
+        if not as_json:
+            counts: dict[str, int] = {}
+            for result in results:
+                counts[result.quality.value] = counts.get(result.quality.value, 0) + 1
+            verdict = (results[0].quality.value if len(results) == 1
+                       else ", ".join(f"{count} {name}" for name, count in counts.items()))
+            click.echo(f"{path} -> {target}  quality {verdict}")
     return failures
 
 

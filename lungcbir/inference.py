@@ -22,6 +22,7 @@ from .features import centre_vectors, pool_bottleneck
 from .io import CTSlice
 from .model import UNet, UNetConfig, fuse_batch_norm
 from .postprocess import clean_probability
+from .quality import Quality, QualitySignals, judge
 from .preprocess import (PreprocessConfig, normalize_intensity, probabilities_to_original,
                          to_model_input)
 
@@ -36,6 +37,15 @@ class Segmentation:
     mask: np.ndarray  # bool, at the slice's own resolution
     lung_fraction: float  # share of the slice's pixels that are lung
     vector: np.ndarray  # float32, L2-normalised
+    quality: Quality = Quality.OK  # how far to trust the mask (lungcbir.quality)
+    quality_score: float = 1.0  # 1 = confident, 0 = not at all
+    lesion_fraction: float | None = None  # share of the lung that is abnormal; None: no lesion output
+    signals: QualitySignals | None = None  # what the quality verdict was computed from
+
+    def summary_json(self) -> dict:
+        """The per-slice fields of ``segment --json``, ``query --json`` and the web API."""
+        return {"lung_fraction": round(self.lung_fraction, 6), "lesion_fraction": self.lesion_fraction,
+                "quality": self.quality.value, "quality_score": round(self.quality_score, 4)}
 
 
 @dataclass
@@ -50,10 +60,14 @@ class ModelSettings:
     #: Mean pooled vector of the training slices (see :mod:`lungcbir.centring`), subtracted
     #: before the final L2 normalisation so that scores spread over [-1, 1]; None: not centred.
     centre: list[float] | None = None
+    #: judge masks with lungcbir.quality's mask signals (calibrated on the bundled model); when
+    #: False only the input signals count (not CT -> no-lungs), e.g. for untrained test networks
+    quality: bool = True
 
     def to_dict(self) -> dict:
         values = {"unet": self.unet.to_dict(), "preprocess": self.preprocess.to_dict(),
-                  "pooling": self.pooling, "postprocess": self.postprocess, "training": self.training}
+                  "pooling": self.pooling, "postprocess": self.postprocess, "training": self.training,
+                  "quality": self.quality}
         if self.centre is not None:
             values["centre"] = list(self.centre)
         return values
@@ -65,7 +79,8 @@ class ModelSettings:
                    pooling=values.get("pooling", "mean-max"),
                    postprocess=bool(values.get("postprocess", True)),
                    training=dict(values.get("training", {})),
-                   centre=[float(v) for v in values["centre"]] if values.get("centre") is not None else None)
+                   centre=[float(v) for v in values["centre"]] if values.get("centre") is not None else None,
+                   quality=bool(values.get("quality", True)))
 
 
 def bundled_weights_path() -> Path | None:
@@ -183,9 +198,10 @@ class LungModel:
             chunk = slices[start:start + batch_size]
             prepared = [self.prepare(item) for item in chunk]
             probabilities, vectors = self.run(np.stack([p[0] for p in prepared]))
-            for (image, geometry), probability, vector in zip(prepared, probabilities, vectors):
-                if self.settings.postprocess:
-                    probability = clean_probability(probability, image)
+            for item, (image, geometry), raw, vector in zip(chunk, prepared, probabilities, vectors):
+                probability = clean_probability(raw, image) if self.settings.postprocess else raw
                 mask = probabilities_to_original(probability, geometry) > 0.5
-                results.append(Segmentation(mask, float(mask.mean()), vector))
+                verdict = judge(raw, probability, image, item.colour_share, self.settings.quality)
+                results.append(Segmentation(mask, float(mask.mean()), vector, verdict.quality, verdict.score,
+                                            None, verdict.signals))
         return results

@@ -95,6 +95,7 @@ class CTSlice:
     pixel_spacing: tuple[float, float] | None = None
     position_z: float | None = None  # ImagePositionPatient[2], for ordering a series
     sha256: str | None = None
+    colour_share: float = 0.0  # share of strongly coloured pixels before grey conversion (not CT if high)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -420,8 +421,13 @@ def read_raster(path: str, data: bytes | None = None) -> CTSlice:
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise ReadError(path, "not a decodable image (corrupt, truncated or not the format its name says)")
+    colour = 0.0
     if pixels.ndim == 3:
         channels = pixels.shape[2]
+        if channels in (3, 4) and pixels.dtype == np.uint8:
+            from .quality import colour_share
+
+            colour = colour_share(pixels)
         if channels in (1, 2):  # grey, or grey + alpha
             pixels = pixels[:, :, 0]
         elif channels in (3, 4):
@@ -433,7 +439,8 @@ def read_raster(path: str, data: bytes | None = None) -> CTSlice:
     if pixels.dtype.kind == "f":
         pixels = _replace_non_finite(pixels)
     _check_usable(path, pixels)
-    return CTSlice(pixels=pixels, intensity=classify_intensity(pixels), path=path, source_format=claimed)
+    return CTSlice(pixels=pixels, intensity=classify_intensity(pixels), path=path, source_format=claimed,
+                   colour_share=colour)
 
 
 def _bgr_to_grey(pixels: np.ndarray) -> np.ndarray:

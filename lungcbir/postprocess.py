@@ -13,6 +13,9 @@ import numpy as np
 MIN_COMPONENT_SHARE = 0.05
 #: Enclosed holes smaller than this share of the lung area are filled.
 MAX_HOLE_SHARE = 0.1
+#: A body found at the lower tissue threshold replaces the first one when it is this many times
+#: larger (the first was the mediastinum of a mediastinal-window export, not the patient).
+BODY_GROWTH = 2.0
 
 
 def clean_mask(mask: np.ndarray) -> np.ndarray:
@@ -81,20 +84,33 @@ def clean_probability(probability: np.ndarray, unit_image: np.ndarray) -> np.nda
     return np.where(kept & ~lungs, 1.0, np.where(lungs & ~kept, 0.0, probability)).astype(probability.dtype)
 
 
-def body_mask(unit_image: np.ndarray) -> np.ndarray:
+def _grey(unit_image: np.ndarray) -> np.ndarray:
+    """The slice as blurred 8-bit grey, what the tissue thresholds are taken on."""
+    return cv2.GaussianBlur(np.round(np.clip(unit_image, 0, 1) * 255).astype(np.uint8), (5, 5), 0)
+
+
+def _otsu(values: np.ndarray) -> int:
+    threshold, _ = cv2.threshold(values.reshape(-1, 1), 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return int(threshold)
+
+
+def body_mask(unit_image: np.ndarray, threshold: int | None = None) -> np.ndarray:
     """The patient's body with everything it encloses (lungs, airways), from a [0, 1] slice.
 
-    Tissue is separated from air by Otsu's threshold; a small opening detaches the scanner
-    table; the largest component is the body and its enclosed holes are filled. Air outside the
-    body (around the patient, under the table, outside a circular field of view) is excluded.
+    Tissue is separated from air by Otsu's threshold (or ``threshold``, on 0-255 grey); a
+    small opening detaches the scanner table; the largest component is the body and its
+    enclosed holes are filled. Air outside the body (around the patient, under the table,
+    outside a circular field of view) is excluded.
     """
-    image = np.round(np.clip(unit_image, 0, 1) * 255).astype(np.uint8)
-    _, tissue = cv2.threshold(cv2.GaussianBlur(image, (5, 5), 0), 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    side = max(3, round(min(image.shape) / 64)) | 1
+    grey = _grey(unit_image)
+    if threshold is None:
+        threshold = _otsu(grey)
+    tissue = (grey > threshold).astype(np.uint8)
+    side = max(3, round(min(grey.shape) / 64)) | 1
     tissue = cv2.morphologyEx(tissue, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side)))
     parts = _Components(tissue, connectivity=8)
     if parts.count <= 1:
-        return np.ones(image.shape, bool)
+        return np.ones(grey.shape, bool)
     body = parts.labels == 1 + int(np.argmax(parts.areas[1:]))
     # enclosed holes: background components that do not touch the image border
     outside = _Components(~body, connectivity=4)
@@ -103,29 +119,64 @@ def body_mask(unit_image: np.ndarray) -> np.ndarray:
     return body | outside.select(enclosed)
 
 
+def lower_tissue_threshold(unit_image: np.ndarray) -> int:
+    """Otsu's threshold among the pixels below Otsu's threshold: air against everything else.
+
+    Otsu's threshold alone splits a slice into its two largest intensity classes. In a lung
+    window those are air (lungs included) and tissue; in a mediastinal-window export, where
+    air and lung are both black, they can be fat and soft tissue, and the "body" becomes the
+    mediastinum alone. The second threshold separates air from fat there.
+    """
+    grey = _grey(unit_image)
+    darker = grey[grey <= _otsu(grey)]
+    return _otsu(darker) if darker.size and darker.min() < darker.max() else 0
+
+
 def drop_outside_air(mask: np.ndarray, unit_image: np.ndarray) -> np.ndarray:
     """Remove predicted components that are air around the patient, not lung.
 
     A component is dropped when it touches the image border or when less than half of it lies
     within the convex hull of the body (the hull, not the body outline, so that an outline
     with gaps, as in some 8-bit exports, never cuts real lungs away).
+
+    In a mediastinal-window export, where air and lungs are both black, Otsu's threshold can
+    split fat from soft tissue, and the "body" is then the mediastinum alone: whole lungs lay
+    outside its hull and were deleted. So when a component would be dropped for lying outside
+    the hull, the body is found again at :func:`lower_tissue_threshold`; if that body is more
+    than :data:`BODY_GROWTH` times larger (the first one was only part of the patient), its
+    hull is used instead. (Always using the lower threshold would merge blankets and the table
+    padding into the body and keep the air beneath the patient's back.)
     """
     parts = _Components(mask, connectivity=8)
     if parts.count <= 1:
         return mask.astype(bool)
-    hull = body_hull(unit_image)
-    inside_hull = np.bincount(parts.labels[hull], minlength=parts.count)
-    keep = ~parts.touching_border(max(1, round(min(mask.shape) / 100))) & (inside_hull >= 0.5 * parts.areas)
+    body = body_mask(unit_image)
+    outside_hull = _share_in(convex_hull(body), parts) < 0.5
+    border = parts.touching_border(max(1, round(min(mask.shape) / 100)))
+    if (outside_hull & ~border)[1:].any():  # rare: only then pay for a second body
+        wider = body_mask(unit_image, lower_tissue_threshold(unit_image))
+        if wider.sum() > BODY_GROWTH * body.sum():
+            outside_hull = _share_in(convex_hull(wider), parts) < 0.5
+    keep = ~border & ~outside_hull
     keep[0] = False
     return parts.select(keep)
 
 
-def body_hull(unit_image: np.ndarray) -> np.ndarray:
+def _share_in(region: np.ndarray, parts: _Components) -> np.ndarray:
+    """Per component: the share of its pixels inside ``region``."""
+    return np.bincount(parts.labels[region], minlength=parts.count) / np.maximum(parts.areas, 1)
+
+
+def body_hull(unit_image: np.ndarray, threshold: int | None = None) -> np.ndarray:
     """Convex hull of the patient's body (largest tissue component, table detached)."""
-    body = body_mask(unit_image)
-    # the hull of the outline is the hull of the whole body, from far fewer points
-    outlines, _ = cv2.findContours(body.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    hull = np.zeros(body.shape, np.uint8)
+    return convex_hull(body_mask(unit_image, threshold))
+
+
+def convex_hull(region: np.ndarray) -> np.ndarray:
+    """The convex hull of a binary region, filled."""
+    # the hull of the outline is the hull of the whole region, from far fewer points
+    outlines, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = np.zeros(region.shape, np.uint8)
     if outlines:
         cv2.fillConvexPoly(hull, cv2.convexHull(np.concatenate(outlines)), 1)
     return hull.astype(bool)

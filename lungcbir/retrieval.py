@@ -22,6 +22,7 @@ import numpy as np
 from .errors import DicomwebError, LungCBIRError, ReadError, StoreError
 from .identity import Identity, IdentityResolver, compile_case_pattern
 from .inference import LungModel, Segmentation
+from .quality import Quality
 from .io import CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file
 from .store import (DEFAULT_CLAIM_TIMEOUT_S, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, SeriesClaim, Store,
                     claimer_name, encode_mask, safe_url)
@@ -43,6 +44,10 @@ UNLIKE_WEIGHT = 0.5
 #: A run renews its claim on the series it is indexing this many times per claim timeout,
 #: so a slow batch does not let the claim expire while the run is still working on it.
 CLAIM_RENEWALS_PER_TIMEOUT = 4
+
+#: What a query answers instead of neighbours when its slice has no lungs or is not CT.
+NO_LUNGS_WARNING = ("no lungs found in this picture (not a CT slice, or no lungs in view): "
+                    "not searched")
 
 
 @dataclass
@@ -108,6 +113,16 @@ class QueryResult:
     mask: np.ndarray
     lung_fraction: float
     neighbors: list[Neighbor]
+    quality: Quality = Quality.OK  # of the query's own segmentation (lungcbir.quality)
+    quality_score: float = 1.0
+    lesion_fraction: float | None = None  # None until the model has a lesion output
+    warning: str | None = None  # set when the query was not searched (quality no-lungs)
+
+    def summary_json(self) -> dict:
+        """The per-query fields of ``query --json`` and the web API (``warning`` only when set)."""
+        fields = {"lung_fraction": round(self.lung_fraction, 6), "lesion_fraction": self.lesion_fraction,
+                  "quality": self.quality.value, "quality_score": round(self.quality_score, 4)}
+        return {**fields, "warning": self.warning} if self.warning else fields
 
 
 @dataclass
@@ -575,16 +590,35 @@ class Retriever:
 
     def query_slices(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
                      per_patient: int = 1, other_patients: bool = False) -> list[QueryResult]:
-        """:meth:`query` for many slices at once."""
+        """:meth:`query` for many slices at once.
+
+        A slice whose segmentation is ``no-lungs`` (not CT, or no lungs in view) is not
+        searched: its result has no neighbours and a ``warning``; a confident list of
+        "similar" lung slices for a screenshot would mislead.
+        """
+        if k < 1:
+            raise LungCBIRError("k must be at least 1")
         store = self._searchable_store()
         results = self.segment_slices(slices)
-        excluded = [set() for _ in slices]
-        if other_patients:
-            stored = store.records_with_content([(item.sha256, item.frame) for item in slices])
-            excluded = [_own_cases(item, stored) for item in slices]
-        found = self._neighbors(store, np.stack([r.vector for r in results]), k, where, per_patient, excluded)
-        return [QueryResult(item, result.mask, result.lung_fraction, neighbors)
-                for item, result, neighbors in zip(slices, results, found)]
+        searched = [number for number, result in enumerate(results) if result.quality != Quality.NO_LUNGS]
+        excluded = [set() for _ in searched]
+        if other_patients and searched:
+            stored = store.records_with_content([(slices[n].sha256, slices[n].frame) for n in searched])
+            excluded = [_own_cases(slices[n], stored) for n in searched]
+        found: dict[int, list[Neighbor]] = {}
+        if searched:
+            vectors = np.stack([results[n].vector for n in searched])
+            found = dict(zip(searched, self._neighbors(store, vectors, k, where, per_patient, excluded)))
+        answers = []
+        for number, (item, result) in enumerate(zip(slices, results)):
+            extra = {"quality": result.quality, "quality_score": result.quality_score,
+                     "lesion_fraction": result.lesion_fraction}
+            if number in found:
+                answers.append(QueryResult(item, result.mask, result.lung_fraction, found[number], **extra))
+            else:
+                answers.append(QueryResult(item, result.mask, result.lung_fraction, [], **extra,
+                                           warning=NO_LUNGS_WARNING))
+        return answers
 
     def _searchable_store(self) -> Store:
         store = self.store(create=False)

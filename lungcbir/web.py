@@ -290,7 +290,7 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
         if len(items) > 1:
             volume = {"note": f"{item.path} is a volume of {len(items)} slices: slice {item.frame + 1} (the middle "
                               "one) was queried; query the whole series to use them all"}
-        return {"query": item.path, **result_urls(token), "lung_fraction": round(result.lung_fraction, 6),
+        return {"query": item.path, **result_urls(token), **result.summary_json(),
                 "width": item.shape[1], "height": item.shape[0], "frame": item.frame,
                 "slices_in_file": len(items), **volume, "query_tags": query_tags(item),
                 "neighbors": neighbors_json(result.neighbors)}
@@ -378,7 +378,7 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
             segmentation = retriever.segment_slices([item])[0]
         token = render(QueryResult(item, segmentation.mask, segmentation.lung_fraction, []))
         return {"query": item.path, **result_urls(token), "frame": item.frame, "slices_in_file": len(items),
-                "lung_fraction": round(segmentation.lung_fraction, 6),
+                **segmentation.summary_json(),
                 "width": item.shape[1], "height": item.shape[0]}
 
     @app.get("/api/results/{token}/{kind}.png", include_in_schema=False)

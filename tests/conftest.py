@@ -21,7 +21,9 @@ def _tiny_weights(folder: Path, seed: int) -> str:
 
     torch.manual_seed(seed)
     path = folder / f"tiny{seed}.pt"
-    save_weights(path, UNet(TINY), ModelSettings(unet=TINY, preprocess=PreprocessConfig(input_size=64)))
+    # quality=False: an untrained network's masks say nothing; only "is it CT at all" is judged
+    save_weights(path, UNet(TINY), ModelSettings(unet=TINY, preprocess=PreprocessConfig(input_size=64),
+                                                 quality=False))
     return str(path)
 
 

@@ -61,3 +61,27 @@ def test_same_slice_exported_or_turned_finds_itself_among_other_real_slices(mode
                   for view in (hu[:, ::-1], hu[::-1], np.rot90(hu), np.rot90(hu, 2), np.rot90(hu, 3))]
         for result in model.segment(exports + turned):
             assert int(np.argmax(vectors @ result.vector)) == index
+
+
+def test_quality_flag_on_real_slices_and_pictures_that_are_not_ct(model, tmp_path):
+    """A clean held-out slice is ok; a constant picture, a text page and a colour photo-like
+    picture (read from files, as a user's would be) are no-lungs."""
+    import cv2
+
+    from lungcbir.quality import Quality
+
+    clean = [read_file(s.image)[0] for s in (kaggle_slices()["test"][0], covid_slices()["test"][60])]
+    page = np.full((300, 300, 3), 255, np.uint8)
+    for line in range(8):
+        cv2.putText(page, f"Study list row {line}", (5, 30 + 33 * line), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
+    yy, xx = np.mgrid[0:300, 0:300] / 300
+    photo = np.dstack([120 + 100 * np.sin(3 * xx), 100 + 80 * yy, 60 + 120 * xx * yy]).astype(np.uint8)
+    cv2.circle(photo, (150, 150), 60, (40, 200, 90), -1)
+    cv2.imwrite(str(tmp_path / "page.png"), page)
+    cv2.imwrite(str(tmp_path / "photo.jpg"), photo)
+    constant = CTSlice(np.full((256, 256), 0.5, np.float32), "unit", "constant", "array")
+    others = [constant, read_file(tmp_path / "page.png")[0], read_file(tmp_path / "photo.jpg")[0]]
+    results = model.segment(clean + others)
+    assert [r.quality for r in results[:2]] == [Quality.OK] * 2, [r.signals for r in results[:2]]
+    assert all(r.quality_score > 0.5 for r in results[:2])
+    assert [r.quality for r in results[2:]] == [Quality.NO_LUNGS] * 3, [r.signals for r in results[2:]]

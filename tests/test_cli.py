@@ -42,7 +42,8 @@ def test_index_query_stats(run, phantom_dir, tmp_path):
     result = run("query", image, "--k", "3", "--out", str(out), "--json", "--per-patient", "0")
     assert result.exit_code == 0, result.output
     answer = json.loads(result.output.strip().splitlines()[0])
-    assert set(answer) == {"query", "mask", "overlay", "matches", "lung_fraction", "neighbors"}
+    assert set(answer) == {"query", "mask", "overlay", "matches", "lung_fraction", "lesion_fraction", "quality",
+                           "quality_score", "neighbors"}
     assert cv2.imread(answer["matches"]).shape[0] == 256
     assert answer["neighbors"][0]["path"] == os.path.abspath(image)
     assert set(answer["neighbors"][0]) == {"rank", "id", "path", "score", "patient_id", "study_uid", "series_uid",

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from lungcbir.cli import main
 from lungcbir.errors import LungCBIRError, StoreError
 from lungcbir.identity import IdentitySource
-from lungcbir.io import CTSlice
+from lungcbir.io import CTSlice, read_file
 from lungcbir.retrieval import Retriever, together_vector
 from lungcbir.store import Store
 from lungcbir.web import create_app
@@ -120,7 +120,9 @@ def test_other_patients_drops_the_query_patient(exports, phantom_dir, tiny_weigh
     stored = 19 + 12  # the archive's PNGs and the phantom's DICOM slices
     assert len(others.neighbors) == stored - 8  # every stored slice but the eight of export_a
     # a query that is not stored but carries a patient id (DICOM) drops that patient
-    item = CTSlice(np.zeros((64, 64), np.uint8), "uint8", "new.png", "png", patient_id="PHANTOM01")
+    # (a picture like CT: a constant one is "no-lungs" and not searched at all)
+    pixels = read_file(sorted((phantom_dir / "png" / "phantom01").glob("*.png"))[2])[0].pixels
+    item = CTSlice(pixels, "uint8", "new.png", "png", patient_id="PHANTOM01")
     found = retriever.query_slices([item], k=40, per_patient=0, other_patients=True)[0]
     assert "PHANTOM01" not in {n.patient_id for n in found.neighbors} and len(found.neighbors) == stored - 6
     # a stored slice of a mixed folder (no identity) drops only itself
