@@ -400,30 +400,19 @@ def segment(images, out, output_format, batch_size, study, stow, weights, device
 
 
 def _segment_to_masks(retriever, inputs, output_format, folder) -> list[str]:
-    import numpy as np
-
-    from .visualize import mask_png, write_png
+    from .io import READERS, reader_for_format
 
     failures = []
     for path, slices in inputs:
-        volume_input = slices[0].source_format == "nifti"
-        if output_format == "nifti" and not volume_input:
-            click.echo(f"failed: {path}: nifti output needs a NIfTI volume input", err=True)
+        reader = reader_for_format(slices[0].source_format)
+        mask_format = output_format or reader.mask_formats[0]
+        if mask_format not in reader.mask_formats:
+            takes = " or ".join(r.input_description for r in READERS if mask_format in r.mask_formats)
+            click.echo(f"failed: {path}: {mask_format} output needs a {takes} input", err=True)
             failures.append(path)
             continue
         results = retriever.segment_slices(slices)
-        if volume_input and output_format != "png":
-            import nibabel
-
-            source = nibabel.load(path)
-            volume = np.stack([r.mask.T for r in results], axis=2).astype(np.uint8)
-            target = folder / f"{slices[0].name.rsplit('_z', 1)[0]}_mask.nii.gz"
-            nibabel.save(nibabel.Nifti1Image(volume, source.affine), str(target))
-        else:
-            targets = [folder / f"{item.name}_mask.png" for item in slices]
-            for target, result in zip(targets, results):
-                write_png(str(target), mask_png(result.mask))
-            target = targets[0] if len(targets) == 1 else f"{folder} ({len(targets)} PNG masks)"
+        target = reader.write_masks(path, slices, [r.mask for r in results], folder, mask_format)
         click.echo(f"{path} -> {target}")
     return failures
 

@@ -3,7 +3,10 @@
 QIDO-RS finds the CT series (optionally of one study, or of studies dated on or after a day),
 WADO-RS fetches their instances (a few at a time, concurrently), STOW-RS stores what we write
 back (a DICOM SEG). Fetched instances are decoded with :func:`lungcbir.io.read_dicom_bytes`;
-each slice's ``path`` is its WADO-RS URL, which is what gets stored as its source.
+each slice's ``path`` is its WADO-RS URL, which is what gets stored as its source. An archive
+is a *source* (where bytes come from), not a file format: it adds no reader class to
+:data:`lungcbir.io.READERS` but reuses the DICOM one, and :class:`lungcbir.retrieval.Retriever`
+picks it for paths starting with ``http(s)://``.
 
 Authentication comes from the environment only, so it never appears on a command line, in a
 stored row or in a message: ``LUNGCBIR_DICOMWEB_TOKEN`` (a bearer token), or

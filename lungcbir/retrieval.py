@@ -23,7 +23,8 @@ import numpy as np
 from .errors import LungCBIRError, ReadError, StoreError
 from .identity import Identity, IdentityResolver, compile_case_pattern
 from .inference import LungModel, Segmentation
-from .io import CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file
+from .io import (CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file,
+                 supported_formats)
 from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store, encode_mask, safe_url
 
 if TYPE_CHECKING:
@@ -314,7 +315,7 @@ class Retriever:
         files = list(find_image_files(folders, exclude)) if folders else []
         if folders and not files:
             raise LungCBIRError(f"no images found in {', '.join(folders)} "
-                                f"(PNG, JPEG, BMP, TIFF, DICOM or NIfTI files)")
+                                f"({supported_formats()} files)")
         archives = [self._archive_instances(url, study, since, cache_dir) for url in urls]
         instances = [(source, ref) for source, refs in archives for ref in refs]
         model, store = self.model, self.store()

@@ -29,7 +29,7 @@ from fastapi_offline import FastAPIOffline
 
 from .dicomweb import is_dicomweb_url
 from .errors import LungCBIRError, ReadError, StoreError
-from .io import CTSlice, RASTER_SUFFIXES, read_file
+from .io import CTSlice, file_suffix, read_file, supported_formats, supported_suffixes
 from .retrieval import QueryResult, Retriever
 from .visualize import display_image, mask_png, overlay
 from .websecurity import BearerAuth, BodySizeLimit, HostCheck, WebSettings, scrub_paths
@@ -38,7 +38,8 @@ log = logging.getLogger("lungcbir.web")
 STATIC = Path(__file__).parent / "web_static"
 #: Largest image id asked for (SQL BIGINT); larger ids are unknown (404), not a database error.
 MAX_IMAGE_ID = 2**63 - 1
-UPLOAD_SUFFIXES = {*RASTER_SUFFIXES, ".dcm", ".dicom", ".ima", ".nii", ".gz"}
+#: File names an upload may have: those of the readers (".gz" too, which the reader refuses with 422).
+UPLOAD_SUFFIXES = {*supported_suffixes(), ".gz"}
 THUMBNAIL_SIDE = 192
 KEPT_RESULTS = 256
 
@@ -75,11 +76,6 @@ def _png(pixels: np.ndarray) -> bytes:
     if not ok:
         raise LungCBIRError("could not encode picture")
     return encoded.tobytes()
-
-
-def _suffix(filename: str) -> str:
-    name = filename.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
 
 
 def public_name(path: str | None) -> str | None:
@@ -135,9 +131,9 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
 
     def read_upload(upload: UploadFile) -> CTSlice:
         filename = os.path.basename((upload.filename or "upload").replace("\\", "/")) or "upload"
-        suffix = _suffix(filename)
-        if suffix not in UPLOAD_SUFFIXES and suffix != ".nii.gz":
-            raise HTTPException(415, f"{filename}: unsupported file type; send PNG, JPEG, BMP, TIFF, DICOM or NIfTI")
+        suffix = file_suffix(filename)
+        if suffix not in UPLOAD_SUFFIXES:
+            raise HTTPException(415, f"{filename}: unsupported file type; send {supported_formats()}")
         limit = settings.max_upload_bytes
         with decoding():  # the bytes too: a waiting request keeps its upload on disk, not in memory
             data = upload.file.read(limit + 1)
