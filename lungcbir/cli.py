@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from .errors import LungCBIRError, ReadError, SegError
-from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR
+from .config import DB_ENV, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, INDEX_DIR_ENV, Settings
 from .websecurity import (WebSettings, check_exposure, default_allowed_hosts, is_loopback, load_token,
                           token_file_warning)
 
@@ -50,11 +50,19 @@ def friendly_errors(command):
     return wrapper
 
 
+def _settings() -> Settings:
+    """The configuration of this invocation: read once by :func:`main`, else now."""
+    context = click.get_current_context(silent=True)
+    settings = context.find_object(Settings) if context is not None else None
+    return settings if settings is not None else Settings.from_environment()
+
+
 def store_options(command):
-    command = click.option("--index-dir", envvar="LUNGCBIR_INDEX_DIR", default=DEFAULT_INDEX_DIR,
-                           show_default=True, help="Folder of the FAISS index (env LUNGCBIR_INDEX_DIR).")(command)
-    command = click.option("--db", "db_url", envvar="LUNGCBIR_DB", default=DEFAULT_DB_URL, show_default=True,
-                           help="SQLAlchemy database URL (env LUNGCBIR_DB).")(command)
+    command = click.option("--index-dir", default=lambda: _settings().index_dir, show_default=DEFAULT_INDEX_DIR,
+                           help=f"Folder of the FAISS index (env {INDEX_DIR_ENV}).")(command)
+    command = click.option("--db", "db_url", default=lambda: _settings().db_url, show_default=DEFAULT_DB_URL,
+                           help=f"SQLAlchemy database URL, relative paths from the working directory "
+                                f"(env {DB_ENV}).")(command)
     return command
 
 
@@ -65,12 +73,11 @@ def model_options(command):
     return command
 
 
-def _retriever(db_url=DEFAULT_DB_URL, index_dir=DEFAULT_INDEX_DIR, weights=None, device="cpu", batch_size=16,
-               **options):
+def _retriever(db_url=None, index_dir=None, weights=None, device="cpu", batch_size=16, **options):
     from .retrieval import Retriever
 
     return Retriever(db_url=db_url, index_dir=index_dir, weights=weights, device=device, batch_size=batch_size,
-                     **options)
+                     settings=_settings(), **options)
 
 
 def _show_progress(quiet: bool) -> bool:
@@ -90,7 +97,9 @@ def _ensure_folder(path: str) -> Path:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lungcbir")
-def main() -> None:
+@click.pass_context
+@friendly_errors
+def main(context: click.Context) -> None:
     """Lung CT image retrieval: segment lungs with a U-Net and find similar stored slices.
 
     \b
@@ -99,6 +108,7 @@ def main() -> None:
       lungcbir index-dataset sample/dicom
       lungcbir query sample/png/phantom01/phantom01_s005.png --k 3
     """
+    context.obj = Settings.from_environment()  # once per invocation; a bad value stops here, in one line
 
 
 @main.command("index-dataset")

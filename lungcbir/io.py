@@ -43,6 +43,7 @@ from typing import Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 
+from . import config
 from .errors import LungCBIRError, ReadError
 
 RASTER_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".bmp": "bmp",
@@ -58,13 +59,10 @@ MAX_PIXELS = 8192 * 8192
 #: slice within MAX_PIXELS and an uncompressed chest volume within the default voxel limit.
 MAX_FILE_BYTES = 1 << 30
 
-#: Volumes (NIfTI) with more voxels than this are refused from their header, before anything
-#: is decompressed or decoded. 512 x 512 x 768 admits a chest CT at 0.625 mm over 48 cm
-#: (about 600-770 slices; 0.8 GB as float32) and refuses a 512 x 512 x 1000 volume, which a
-#: 0.5 MB .nii.gz of zeros can claim. Change it per call (``max_voxels``) or with the
-#: environment variable named by MAX_VOXELS_ENV.
-DEFAULT_MAX_VOXELS = 512 * 512 * 768
-MAX_VOXELS_ENV = "LUNGCBIR_MAX_VOXELS"
+#: The voxel limit of volumes (:data:`lungcbir.config.DEFAULT_MAX_VOXELS`); change it per call
+#: (``max_voxels``) or with the environment variable named by MAX_VOXELS_ENV.
+DEFAULT_MAX_VOXELS = config.DEFAULT_MAX_VOXELS
+MAX_VOXELS_ENV = config.MAX_VOXELS_ENV
 
 #: Values below this in a signed or float image mean the image is in Hounsfield units.
 HU_DETECTION_THRESHOLD = -200.0
@@ -126,9 +124,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def voxel_limit(max_voxels: int | None = None) -> int:
-    """The voxel limit for volumes: ``max_voxels`` if given, else $LUNGCBIR_MAX_VOXELS, else the default.
-
-    This is the one place the environment variable is read.
+    """The voxel limit for volumes: ``max_voxels`` if given, else the configured one
+    (:class:`lungcbir.config.Settings`: $LUNGCBIR_MAX_VOXELS, else the default).
 
     Example:
         >>> voxel_limit(1000)
@@ -136,16 +133,7 @@ def voxel_limit(max_voxels: int | None = None) -> int:
     """
     if max_voxels is not None:
         return int(max_voxels)
-    text = os.environ.get(MAX_VOXELS_ENV, "").strip()
-    if not text:
-        return DEFAULT_MAX_VOXELS
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise LungCBIRError(f"{MAX_VOXELS_ENV}={text!r}: expected a positive whole number of voxels")
-    return value
+    return config.Settings.from_environment().max_voxels
 
 
 def _file_type(mode: int) -> str:

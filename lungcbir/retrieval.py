@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .config import Settings
 from .errors import LungCBIRError, ReadError, StoreError
 from .identity import Identity, IdentityResolver, compile_case_pattern
 from .inference import LungModel, Segmentation
 from .io import (CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file,
                  supported_formats)
-from .store import DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, Store, encode_mask, safe_url
+from .store import ImageRecord, Store, encode_mask, safe_url
 
 if TYPE_CHECKING:
     from .dicom_seg import SegWritten
@@ -229,9 +230,11 @@ class Retriever:
 
     def __init__(self, db_url: str | None = None, index_dir: str | os.PathLike | None = None,
                  weights: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 16,
-                 files_per_commit: int = FILES_PER_COMMIT, workers: int = 1) -> None:
-        self.db_url = db_url or os.environ.get("LUNGCBIR_DB") or DEFAULT_DB_URL
-        self.index_dir = index_dir or os.environ.get("LUNGCBIR_INDEX_DIR") or DEFAULT_INDEX_DIR
+                 files_per_commit: int = FILES_PER_COMMIT, workers: int = 1,
+                 settings: Settings | None = None) -> None:
+        settings = Settings.from_environment() if settings is None else settings
+        self.db_url = db_url or settings.db_url
+        self.index_dir = index_dir or settings.index_dir
         self.weights = weights
         self.device = device
         self.batch_size = batch_size

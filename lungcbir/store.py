@@ -42,10 +42,9 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from .config import DEFAULT_DB_URL, DEFAULT_INDEX_DIR
 from .errors import LockedError, StoreError
 
-DEFAULT_DB_URL = "sqlite:///db/lungcbir.sqlite"
-DEFAULT_INDEX_DIR = "index"
 INDEX_FILE = "lungcbir.faiss"
 INDEX_META_FILE = "lungcbir.faiss.json"
 LOCK_FILE = "write.lock"
