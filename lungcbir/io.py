@@ -3,7 +3,7 @@
 Every reader returns raw pixel values plus how to interpret them (``intensity``); the
 mapping to the network's [0, 1] input lives in :mod:`lungcbir.preprocess`.
 
-Intensity kinds:
+Intensity kinds (:class:`Intensity`, a ``str`` enum whose values are what is stored):
 
 * ``"hu"``: Hounsfield units (DICOM after RescaleSlope/Intercept, NIfTI, signed or float TIFF
   whose values go below -200);
@@ -36,6 +36,7 @@ import zlib
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -47,7 +48,7 @@ from . import config
 from .errors import LungCBIRError, ReadError
 
 RASTER_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".bmp": "bmp",
-                   ".tif": "tiff", ".tiff": "tiff"}
+                   ".tif": "tiff", ".tiff": "tiff"}  # suffix: SourceFormat value
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -68,6 +69,37 @@ MAX_VOXELS_ENV = config.MAX_VOXELS_ENV
 HU_DETECTION_THRESHOLD = -200.0
 
 
+class Intensity(str, Enum):
+    """How a slice's raw values map to [0, 1] (see the module docstring); equal to its value,
+    so ``Intensity.HU == "hu"`` and JSON or database text stays the same string."""
+
+    HU = "hu"
+    UINT8 = "uint8"
+    UNIT = "unit"
+    MINMAX = "minmax"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SourceFormat(str, Enum):
+    """What a slice was read from (:attr:`CTSlice.source_format`, stored as its value). A new
+    reader adds its value here (a reader defined outside the package may use plain text);
+    slices made in memory are ``ARRAY``."""
+
+    PNG = "png"
+    JPEG = "jpeg"
+    BMP = "bmp"
+    TIFF = "tiff"
+    RASTER = "raster"  # a raster whose suffix names none of the four (read by content)
+    DICOM = "dicom"
+    NIFTI = "nifti"
+    ARRAY = "array"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class CTSlice:
     """One 2-D axial slice and what is known about where it came from.
@@ -79,9 +111,9 @@ class CTSlice:
     """
 
     pixels: np.ndarray
-    intensity: str
+    intensity: Intensity
     path: str
-    source_format: str
+    source_format: SourceFormat | str  # str: a format of a reader that adds no SourceFormat value
     frame: int = 0  # position within the file (NIfTI slices); 0 for one-slice files
     slice_index: int | None = None  # position within its volume or DICOM series
     patient_id: str | None = None
@@ -94,6 +126,12 @@ class CTSlice:
     position_z: float | None = None  # ImagePositionPatient[2], for ordering a series
     sha256: str | None = None
 
+    def __post_init__(self) -> None:
+        # plain strings are accepted (what older code and JSON give); kept as the enums
+        self.intensity = Intensity(self.intensity)
+        if self.source_format in SourceFormat._value2member_map_:
+            self.source_format = SourceFormat(self.source_format)
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.pixels.shape)  # type: ignore[return-value]
@@ -104,7 +142,7 @@ class CTSlice:
         stem = Path(self.path).name
         if file_suffix(stem) in supported_suffixes():
             stem = file_stem(stem)
-        return f"{stem}_z{self.frame:03d}" if self.source_format == "nifti" else stem
+        return f"{stem}_z{self.frame:03d}" if self.source_format == SourceFormat.NIFTI else stem
 
 
 @dataclass
@@ -360,19 +398,19 @@ def _point_stderr_at_null() -> int | None:
     return saved
 
 
-def classify_intensity(pixels: np.ndarray) -> str:
+def classify_intensity(pixels: np.ndarray) -> Intensity:
     """Decide how raw values map to [0, 1] (see the module docstring)."""
     if pixels.dtype == np.uint8:
-        return "uint8"
+        return Intensity.UINT8
     finite = pixels[np.isfinite(pixels)] if pixels.dtype.kind == "f" else pixels
     if finite.size == 0:
-        return "minmax"
+        return Intensity.MINMAX
     low, high = float(finite.min()), float(finite.max())
     if pixels.dtype.kind in "if" and low < HU_DETECTION_THRESHOLD:
-        return "hu"
+        return Intensity.HU
     if pixels.dtype.kind == "f" and low >= 0.0 and high <= 1.0:
-        return "unit"
-    return "minmax"
+        return Intensity.UNIT
+    return Intensity.MINMAX
 
 
 def read_raster(path: str, data: bytes | None = None) -> CTSlice:
@@ -382,7 +420,7 @@ def read_raster(path: str, data: bytes | None = None) -> CTSlice:
     its header's size within :data:`MAX_PIXELS`, before OpenCV decodes anything.
     """
     data = read_bytes(path) if data is None else data
-    claimed = RASTER_SUFFIXES.get(file_suffix(path), "raster")
+    claimed = RASTER_SUFFIXES.get(file_suffix(path), SourceFormat.RASTER.value)
     kind = _raster_format(data)
     if kind is None:
         raise ReadError(path, f"not a decodable image (not a {claimed.upper()} file; "
@@ -528,15 +566,15 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
     if raw.ndim != 2:
         raise ReadError(path, f"unsupported DICOM pixel layout (shape {raw.shape}); export single grey slices")
     pixels = raw.astype(np.float32)
-    intensity = "minmax"
+    intensity = Intensity.MINMAX
     if "RescaleSlope" in dataset or "RescaleIntercept" in dataset or _dicom_value(dataset, "Modality") == "CT":
         slope = _dicom_float(dataset, "RescaleSlope") or 1.0
         intercept = _dicom_float(dataset, "RescaleIntercept") or 0.0
         pixels = pixels * slope + intercept
-        intensity = "hu"
+        intensity = Intensity.HU
     _check_usable(path, pixels)
     return CTSlice(
-        pixels=pixels, intensity=intensity, path=path, source_format="dicom",
+        pixels=pixels, intensity=intensity, path=path, source_format=SourceFormat.DICOM,
         patient_id=_dicom_text(dataset, "PatientID"),
         study_uid=_dicom_text(dataset, "StudyInstanceUID"),
         series_uid=_dicom_text(dataset, "SeriesInstanceUID"),
@@ -662,13 +700,13 @@ def read_nifti(path: str, data: bytes | None = None, max_voxels: int | None = No
         volume = volume[:, :, None]
     volume = _replace_non_finite(volume)
     intensity = classify_intensity(volume)
-    if intensity in ("minmax", "unit") and volume.min() >= -1024 and volume.max() > 255:
-        intensity = "hu"  # CT volumes stored without the -1024 offset still are HU-like
+    if intensity in (Intensity.MINMAX, Intensity.UNIT) and volume.min() >= -1024 and volume.max() > 255:
+        intensity = Intensity.HU  # CT volumes stored without the -1024 offset still are HU-like
     slices = []
     for z in range(volume.shape[2]):
         pixels = slice_plane(volume[:, :, z])  # NIfTI stores (x, y); see slice_plane
         _check_usable(path, pixels, allow_constant=True)  # blank slices belong to the volume too
-        slices.append(CTSlice(pixels=pixels, intensity=intensity, path=path, source_format="nifti",
+        slices.append(CTSlice(pixels=pixels, intensity=intensity, path=path, source_format=SourceFormat.NIFTI,
                               frame=z, slice_index=z,
                               pixel_spacing=(float(zooms[1]), float(zooms[0]))))
     return slices
@@ -758,7 +796,7 @@ class RasterReader(Reader):
     kind = "raster"
     formats = ("PNG", "JPEG", "BMP", "TIFF")
     suffixes = tuple(RASTER_SUFFIXES)
-    source_formats = frozenset({*RASTER_SUFFIXES.values(), "raster"})
+    source_formats = frozenset({*RASTER_SUFFIXES.values(), SourceFormat.RASTER.value})
 
     def content_matches(self, data: bytes) -> bool:
         return _raster_format(data) is not None
@@ -774,7 +812,7 @@ class DicomReader(Reader):
     kind = "dicom"
     formats = ("DICOM",)
     suffixes = tuple(sorted(DICOM_SUFFIXES))
-    source_formats = frozenset({"dicom"})
+    source_formats = frozenset({SourceFormat.DICOM.value})
 
     def claims(self, path: str | os.PathLike) -> bool:
         suffix = file_suffix(path)
@@ -794,7 +832,7 @@ class NiftiReader(Reader):
     kind = "nifti"
     formats = ("NIfTI",)
     suffixes = NIFTI_SUFFIXES
-    source_formats = frozenset({"nifti"})
+    source_formats = frozenset({SourceFormat.NIFTI.value})
     mask_formats = ("nifti", "png")
     input_description = "NIfTI volume"
 

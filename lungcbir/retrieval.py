@@ -24,8 +24,8 @@ from .config import Settings
 from .errors import LungCBIRError, ReadError, StoreError
 from .identity import Identity, IdentityResolver, compile_case_pattern
 from .inference import LungModel, Segmentation
-from .io import (CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file,
-                 supported_formats)
+from .io import (CTSlice, ReadFailure, SourceFormat, classify_intensity, dicom_series_positions, find_image_files,
+                 read_file, supported_formats)
 from .store import ImageRecord, Store, encode_mask, safe_url
 
 if TYPE_CHECKING:
@@ -214,7 +214,7 @@ def as_slice(image: str | os.PathLike | CTSlice | np.ndarray) -> CTSlice:
     if isinstance(image, np.ndarray):
         if image.ndim != 2:
             raise ReadError("<array>", f"expected a 2-D array, got shape {image.shape}")
-        return CTSlice(image, classify_intensity(image), "<array>", "array")
+        return CTSlice(image, classify_intensity(image), "<array>", SourceFormat.ARRAY)
     return read_file(image)[0]
 
 
@@ -383,7 +383,7 @@ class Retriever:
 
         path = item.path if is_dicomweb_url(item.path) else os.path.abspath(item.path)
         return ImageRecord(path=path, sha256=item.sha256, frame=item.frame, sop_uid=item.sop_uid,
-                           source_format=item.source_format, width=item.shape[1], height=item.shape[0],
+                           source_format=str(item.source_format), width=item.shape[1], height=item.shape[0],
                            patient_id=identity.patient_id, study_uid=item.study_uid, series_uid=identity.series_uid,
                            identity_source=identity.source.value,
                            instance_number=item.instance_number, slice_location=item.slice_location,

@@ -461,3 +461,18 @@ def test_a_new_format_is_one_reader_class(tmp_path, monkeypatch):
     item = read_file(grid)[0]
     assert item.shape == (9, 9) and item.source_format == "grid" and len(item.sha256) == 64
     assert io.supported_formats().endswith(" or GRID") and file_kind(grid) == "grid"
+
+
+def test_intensity_and_source_format_are_enums_equal_to_their_stored_strings(tmp_path):
+    import json
+
+    from lungcbir.io import CTSlice, Intensity, SourceFormat
+
+    item = read_file(write(tmp_path / "a.png", np.eye(16, dtype=np.uint8) * 9))[0]
+    assert item.intensity is Intensity.UINT8 and item.source_format is SourceFormat.PNG
+    assert item.intensity == "uint8" and f"{item.source_format}" == "png" and str(item.intensity) == "uint8"
+    assert json.loads(json.dumps({"f": item.source_format})) == {"f": "png"}
+    made = CTSlice(np.zeros((8, 8), np.float32), "hu", "x", "dicom")  # plain strings are taken
+    assert made.intensity is Intensity.HU and made.source_format is SourceFormat.DICOM
+    with pytest.raises(ValueError):
+        CTSlice(np.zeros((8, 8), np.float32), "bright", "x", "png")
