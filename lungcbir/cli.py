@@ -741,7 +741,7 @@ def evaluate_retrieval(data, segmentation_only, variants, as_json, weights, devi
     """
     from pathlib import Path
 
-    from .evaluate_retrieval import format_table, standard_comparison
+    from .research.retrieval_benchmark import format_table, standard_comparison
     from .inference import LungModel
 
     model = LungModel.load(weights, device)
