@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from lungcbir.evaluate_retrieval import (
+from lungcbir.research.retrieval_benchmark import (
     assign_levels,
     encode,
     load_benchmark,

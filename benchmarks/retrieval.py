@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from lungcbir.evaluate_retrieval import format_table, standard_comparison
+from lungcbir.research.retrieval_benchmark import format_table, standard_comparison
 from lungcbir.inference import LungModel
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import click
 
 from .errors import LungCBIRError, ReadError, SegError
-from .store import DEFAULT_CLAIM_TIMEOUT_S, DEFAULT_DB_URL, DEFAULT_INDEX_DIR
+from .config import DB_ENV, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, INDEX_DIR_ENV, Settings
+from .store import DEFAULT_CLAIM_TIMEOUT_S
 from .websecurity import (WebSettings, check_exposure, default_allowed_hosts, is_loopback, load_token,
                           token_file_warning)
 
@@ -50,11 +51,19 @@ def friendly_errors(command):
     return wrapper
 
 
+def _settings() -> Settings:
+    """The configuration of this invocation: read once by :func:`main`, else now."""
+    context = click.get_current_context(silent=True)
+    settings = context.find_object(Settings) if context is not None else None
+    return settings if settings is not None else Settings.from_environment()
+
+
 def store_options(command):
-    command = click.option("--index-dir", envvar="LUNGCBIR_INDEX_DIR", default=DEFAULT_INDEX_DIR,
-                           show_default=True, help="Folder of the FAISS index (env LUNGCBIR_INDEX_DIR).")(command)
-    command = click.option("--db", "db_url", envvar="LUNGCBIR_DB", default=DEFAULT_DB_URL, show_default=True,
-                           help="SQLAlchemy database URL (env LUNGCBIR_DB).")(command)
+    command = click.option("--index-dir", default=lambda: _settings().index_dir, show_default=DEFAULT_INDEX_DIR,
+                           help=f"Folder of the FAISS index (env {INDEX_DIR_ENV}).")(command)
+    command = click.option("--db", "db_url", default=lambda: _settings().db_url, show_default=DEFAULT_DB_URL,
+                           help=f"SQLAlchemy database URL, relative paths from the working directory "
+                                f"(env {DB_ENV}).")(command)
     return command
 
 
@@ -65,12 +74,11 @@ def model_options(command):
     return command
 
 
-def _retriever(db_url=DEFAULT_DB_URL, index_dir=DEFAULT_INDEX_DIR, weights=None, device="cpu", batch_size=16,
-               **options):
+def _retriever(db_url=None, index_dir=None, weights=None, device="cpu", batch_size=16, **options):
     from .retrieval import Retriever
 
     return Retriever(db_url=db_url, index_dir=index_dir, weights=weights, device=device, batch_size=batch_size,
-                     **options)
+                     settings=_settings(), **options)
 
 
 def _show_progress(quiet: bool) -> bool:
@@ -90,7 +98,9 @@ def _ensure_folder(path: str) -> Path:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lungcbir")
-def main() -> None:
+@click.pass_context
+@friendly_errors
+def main(context: click.Context) -> None:
     """Lung CT image retrieval: segment lungs with a U-Net and find similar stored slices.
 
     \b
@@ -99,6 +109,7 @@ def main() -> None:
       lungcbir index-dataset sample/dicom
       lungcbir query sample/png/phantom01/phantom01_s005.png --k 3
     """
+    context.obj = Settings.from_environment()  # once per invocation; a bad value stops here, in one line
 
 
 @main.command("index-dataset")
@@ -414,39 +425,25 @@ def segment(images, out, output_format, batch_size, study, stow, as_json, weight
 
 
 def _segment_to_masks(retriever, inputs, output_format, folder, as_json=False) -> list[str]:
-    import numpy as np
-
-    from .visualize import mask_png, write_png
+    from .io import READERS, reader_for_format
 
     failures = []
     for path, slices in inputs:
-        volume_input = slices[0].source_format == "nifti"
-        if output_format == "nifti" and not volume_input:
-            click.echo(f"failed: {path}: nifti output needs a NIfTI volume input", err=True)
+        reader = reader_for_format(slices[0].source_format)
+        mask_format = output_format or reader.mask_formats[0]
+        if mask_format not in reader.mask_formats:
+            takes = " or ".join(r.input_description for r in READERS if mask_format in r.mask_formats)
+            click.echo(f"failed: {path}: {mask_format} output needs a {takes} input", err=True)
             failures.append(path)
             continue
         results = retriever.segment_slices(slices)
-        if volume_input and output_format != "png":
-            import nibabel
-
-            source = nibabel.load(path)
-            volume = np.stack([r.mask.T for r in results], axis=2).astype(np.uint8)
-            target = folder / f"{slices[0].name.rsplit('_z', 1)[0]}_mask.nii.gz"
-            nibabel.save(nibabel.Nifti1Image(volume, source.affine), str(target))
-            if as_json:
-                for item, result in zip(slices, results):
-                    click.echo(json.dumps({"image": path, "slice": item.frame, "mask": str(target),
-                                           **result.summary_json()}))
+        target = reader.write_masks(path, slices, [r.mask for r in results], folder, mask_format)
+        if as_json:
+            for item, result in zip(slices, results):
+                mask = folder / f"{item.name}_mask.png" if mask_format == "png" else target
+                frame = {"slice": item.frame} if item.source_format == "nifti" else {}
+                click.echo(json.dumps({"image": path, **frame, "mask": str(mask), **result.summary_json()}))
         else:
-            targets = [folder / f"{item.name}_mask.png" for item in slices]
-            for target, result in zip(targets, results):
-                write_png(str(target), mask_png(result.mask))
-            if as_json:
-                for item, target, result in zip(slices, targets, results):
-                    frame = {"slice": item.frame} if volume_input else {}
-                    click.echo(json.dumps({"image": path, **frame, "mask": str(target), **result.summary_json()}))
-            target = targets[0] if len(targets) == 1 else f"{folder} ({len(targets)} PNG masks)"
-        if not as_json:
             counts: dict[str, int] = {}
             for result in results:
                 counts[result.quality.value] = counts.get(result.quality.value, 0) + 1
@@ -770,7 +767,7 @@ def evaluate_retrieval(data, segmentation_only, variants, as_json, weights, devi
     """
     from pathlib import Path
 
-    from .evaluate_retrieval import format_table, standard_comparison
+    from .research.retrieval_benchmark import format_table, standard_comparison
     from .inference import LungModel
 
     model = LungModel.load(weights, device)

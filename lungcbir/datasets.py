@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+from .config import DEFAULT_DATA_ROOT, Settings  # noqa: F401 (DEFAULT_DATA_ROOT: importable from here as before)
 
 #: COVID-19 patients held out for the reported test and for checkpoint selection.
 COVID_TEST_PATIENTS = ("coronacases_007", "radiopaedia_p14", "radiopaedia_p7")
@@ -38,9 +38,11 @@ class LabelledSlice:
     position: int | None = None  # order within that volume
 
 
-def data_root() -> Path:
-    """``$LUNGCBIR_DATA`` or ``../shared/data`` next to the repository."""
-    return Path(os.environ.get("LUNGCBIR_DATA", DEFAULT_DATA_ROOT))
+def data_root(settings: Settings | None = None) -> Path:
+    """The shared data folder, absolute: ``$LUNGCBIR_DATA``, else ``../shared/data`` relative to
+    the working directory (:data:`lungcbir.config.DEFAULT_DATA_ROOT`)."""
+    settings = Settings.from_environment() if settings is None else settings
+    return Path(os.path.abspath(settings.data_root))
 
 
 def kaggle_slices(root: Path | None = None) -> dict[str, list[LabelledSlice]]:

@@ -11,6 +11,11 @@ Content Description and, per frame, in the Derivation Description.
 
 Segments come from the model's outputs: today "Lung"; :class:`SegmentKind` also describes
 "Lesion", for a model with a lesion output.
+
+How it relates to the readers: each file format's own mask writer (PNG per slice, a NIfTI
+volume) is part of its reader class in :mod:`lungcbir.io` (``Reader.write_masks``). A SEG is
+not a per-file mask but one object per DICOM *series*, needing the whole series' datasets and
+the model id, so it lives here and ``segment --format dicom-seg`` calls it instead.
 """
 
 from __future__ import annotations

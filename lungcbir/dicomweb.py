@@ -3,7 +3,10 @@
 QIDO-RS finds the CT series (optionally of one study, or of studies dated on or after a day),
 WADO-RS fetches their instances (a few at a time, concurrently), STOW-RS stores what we write
 back (a DICOM SEG). Fetched instances are decoded with :func:`lungcbir.io.read_dicom_bytes`;
-each slice's ``path`` is its WADO-RS URL, which is what gets stored as its source.
+each slice's ``path`` is its WADO-RS URL, which is what gets stored as its source. An archive
+is a *source* (where bytes come from), not a file format: it adds no reader class to
+:data:`lungcbir.io.READERS` but reuses the DICOM one, and :class:`lungcbir.retrieval.Retriever`
+picks it for paths starting with ``http(s)://``.
 
 Authentication comes from the environment only, so it never appears on a command line, in a
 stored row or in a message: ``LUNGCBIR_DICOMWEB_TOKEN`` (a bearer token), or
@@ -24,12 +27,13 @@ from datetime import date
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from .config import DICOMWEB_PASSWORD_ENV, DICOMWEB_TOKEN_ENV, DICOMWEB_USER_ENV, Settings
 from .errors import DicomwebError, ReadError
 from .io import CTSlice, read_dicom_bytes
 
-TOKEN_ENV = "LUNGCBIR_DICOMWEB_TOKEN"
-USER_ENV = "LUNGCBIR_DICOMWEB_USER"
-PASSWORD_ENV = "LUNGCBIR_DICOMWEB_PASSWORD"
+TOKEN_ENV = DICOMWEB_TOKEN_ENV
+USER_ENV = DICOMWEB_USER_ENV
+PASSWORD_ENV = DICOMWEB_PASSWORD_ENV
 
 #: Instances fetched at the same time (WADO-RS requests in flight).
 FETCH_WORKERS = 4
@@ -114,8 +118,8 @@ class DicomwebSource:
     """One DICOMweb service: find, fetch and store instances.
 
     ``root`` is the service root (``http://localhost:8042/dicom-web``); ``environ`` is where
-    credentials are read from (default ``os.environ``); ``cache_dir``, when given, keeps a copy
-    of every fetched instance as ``<cache_dir>/<study>/<series>/<sop>.dcm`` and reads it from
+    credentials are read from (default: the process environment; see :class:`lungcbir.config.Settings`);
+    ``cache_dir``, when given, keeps a copy of every fetched instance as ``<cache_dir>/<study>/<series>/<sop>.dcm`` and reads it from
     there next time instead of fetching it again.
 
     Example:
@@ -128,11 +132,11 @@ class DicomwebSource:
                  cache_dir: str | os.PathLike | None = None, workers: int = FETCH_WORKERS) -> None:
         if not is_dicomweb_url(root):
             raise DicomwebError(f"{root}: not a DICOMweb URL (http:// or https://)")
-        environ = os.environ if environ is None else environ
+        settings = Settings.from_environment(environ)
         parts = urlsplit(root)
         self.root = display_url(root)
-        self._token = environ.get(TOKEN_ENV) or None
-        user, password = environ.get(USER_ENV), environ.get(PASSWORD_ENV)
+        self._token = settings.dicomweb_token
+        user, password = settings.dicomweb_user, settings.dicomweb_password
         if parts.username and not user:  # credentials written into the URL
             from urllib.parse import unquote
 

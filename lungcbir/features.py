@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: Pooling methods; the vector length is the bottleneck channel count times the number of parts.
-POOLINGS = ("mean-max", "lung-mean-max", "lung-mean+global-max")
+
+class Pooling(str, Enum):
+    """How the bottleneck becomes a vector (see :func:`pool_bottleneck`); equal to its value,
+    which is what weights files and the model id record."""
+
+    MEAN_MAX = "mean-max"
+    LUNG_MEAN_MAX = "lung-mean-max"
+    LUNG_MEAN_GLOBAL_MAX = "lung-mean+global-max"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Pooling methods by name; the vector length is the bottleneck channel count times two.
+POOLINGS = tuple(pooling.value for pooling in Pooling)
 
 
 def pool_bottleneck(bottleneck: torch.Tensor, lung_probability: torch.Tensor | None = None,
-                    method: str = "mean-max") -> np.ndarray:
+                    method: Pooling | str = Pooling.MEAN_MAX) -> np.ndarray:
     """Pool a ``(N, C, h, w)`` bottleneck into ``(N, 2C)`` float32 unit vectors.
 
     ``"mean-max"`` concatenates global average and global max pooling. ``"lung-mean-max"``
@@ -30,17 +45,18 @@ def pool_bottleneck(bottleneck: torch.Tensor, lung_probability: torch.Tensor | N
 
 
 def pooled_vectors(bottleneck: torch.Tensor, lung_probability: torch.Tensor | None = None,
-                   method: str = "mean-max") -> torch.Tensor:
+                   method: Pooling | str = Pooling.MEAN_MAX) -> torch.Tensor:
     """The same pooling as :func:`pool_bottleneck`, kept as a (differentiable) tensor for training."""
     if method not in POOLINGS:
-        raise ValueError(f"unknown pooling {method!r}; choose from {POOLINGS}")
+        raise ValueError(f"unknown pooling {str(method)!r}; choose from {POOLINGS}")
+    method = Pooling(method)
     features = bottleneck.float()
     mean, peak = features.mean((2, 3)), features.amax((2, 3))
-    if method != "mean-max" and lung_probability is not None:
+    if method != Pooling.MEAN_MAX and lung_probability is not None:
         weights = F.adaptive_avg_pool2d(lung_probability.float(), features.shape[-2:])
         weights = weights + 1e-3  # keep slices without lungs defined
         mean = (features * weights).sum((2, 3)) / weights.sum((2, 3))
-        if method == "lung-mean-max":
+        if method == Pooling.LUNG_MEAN_MAX:
             peak = (features * (weights / weights.amax((2, 3), keepdim=True))).amax((2, 3))
     return F.normalize(torch.cat([mean, peak], dim=1), dim=1)
 

@@ -23,6 +23,7 @@ from .io import CTSlice
 from .model import UNet, UNetConfig, fuse_batch_norm
 from .postprocess import clean_probability
 from .quality import Quality, QualitySignals, judge
+from .fileutils import write_atomically
 from .preprocess import (PreprocessConfig, normalize_intensity, probabilities_to_original,
                          to_model_input)
 
@@ -95,10 +96,7 @@ def save_weights(path: str | os.PathLike, network: UNet, settings: ModelSettings
     state = {key: (value.half() if value.is_floating_point() else value).detach().cpu()
              for key, value in network.state_dict().items()}
     payload = {"format": WEIGHTS_FORMAT, "settings": settings.to_dict(), "state_dict": state}
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    write_atomically(path, lambda temporary: torch.save(payload, temporary))
 
 
 def load_network(path: str | os.PathLike | None = None) -> tuple[UNet, ModelSettings, dict]:

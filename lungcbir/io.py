@@ -3,7 +3,7 @@
 Every reader returns raw pixel values plus how to interpret them (``intensity``); the
 mapping to the network's [0, 1] input lives in :mod:`lungcbir.preprocess`.
 
-Intensity kinds:
+Intensity kinds (:class:`Intensity`, a ``str`` enum whose values are what is stored):
 
 * ``"hu"``: Hounsfield units (DICOM after RescaleSlope/Intercept, NIfTI, signed or float TIFF
   whose values go below -200);
@@ -36,17 +36,19 @@ import zlib
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
 
+from . import config
 from .errors import LungCBIRError, ReadError
 
 RASTER_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".bmp": "bmp",
-                   ".tif": "tiff", ".tiff": "tiff"}
+                   ".tif": "tiff", ".tiff": "tiff"}  # suffix: SourceFormat value
 DICOM_SUFFIXES = {".dcm", ".dicom", ".ima"}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -58,16 +60,44 @@ MAX_PIXELS = 8192 * 8192
 #: slice within MAX_PIXELS and an uncompressed chest volume within the default voxel limit.
 MAX_FILE_BYTES = 1 << 30
 
-#: Volumes (NIfTI) with more voxels than this are refused from their header, before anything
-#: is decompressed or decoded. 512 x 512 x 768 admits a chest CT at 0.625 mm over 48 cm
-#: (about 600-770 slices; 0.8 GB as float32) and refuses a 512 x 512 x 1000 volume, which a
-#: 0.5 MB .nii.gz of zeros can claim. Change it per call (``max_voxels``) or with the
-#: environment variable named by MAX_VOXELS_ENV.
-DEFAULT_MAX_VOXELS = 512 * 512 * 768
-MAX_VOXELS_ENV = "LUNGCBIR_MAX_VOXELS"
+#: The voxel limit of volumes (:data:`lungcbir.config.DEFAULT_MAX_VOXELS`); change it per call
+#: (``max_voxels``) or with the environment variable named by MAX_VOXELS_ENV.
+DEFAULT_MAX_VOXELS = config.DEFAULT_MAX_VOXELS
+MAX_VOXELS_ENV = config.MAX_VOXELS_ENV
 
 #: Values below this in a signed or float image mean the image is in Hounsfield units.
 HU_DETECTION_THRESHOLD = -200.0
+
+
+class Intensity(str, Enum):
+    """How a slice's raw values map to [0, 1] (see the module docstring); equal to its value,
+    so ``Intensity.HU == "hu"`` and JSON or database text stays the same string."""
+
+    HU = "hu"
+    UINT8 = "uint8"
+    UNIT = "unit"
+    MINMAX = "minmax"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SourceFormat(str, Enum):
+    """What a slice was read from (:attr:`CTSlice.source_format`, stored as its value). A new
+    reader adds its value here (a reader defined outside the package may use plain text);
+    slices made in memory are ``ARRAY``."""
+
+    PNG = "png"
+    JPEG = "jpeg"
+    BMP = "bmp"
+    TIFF = "tiff"
+    RASTER = "raster"  # a raster whose suffix names none of the four (read by content)
+    DICOM = "dicom"
+    NIFTI = "nifti"
+    ARRAY = "array"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -81,9 +111,9 @@ class CTSlice:
     """
 
     pixels: np.ndarray
-    intensity: str
+    intensity: Intensity
     path: str
-    source_format: str
+    source_format: SourceFormat | str  # str: a format of a reader that adds no SourceFormat value
     frame: int = 0  # position within the file (NIfTI slices); 0 for one-slice files
     slice_index: int | None = None  # position within its volume or DICOM series
     patient_id: str | None = None
@@ -97,6 +127,12 @@ class CTSlice:
     sha256: str | None = None
     colour_share: float = 0.0  # share of strongly coloured pixels before grey conversion (not CT if high)
 
+    def __post_init__(self) -> None:
+        # plain strings are accepted (what older code and JSON give); kept as the enums
+        self.intensity = Intensity(self.intensity)
+        if self.source_format in SourceFormat._value2member_map_:
+            self.source_format = SourceFormat(self.source_format)
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.pixels.shape)  # type: ignore[return-value]
@@ -105,11 +141,9 @@ class CTSlice:
     def name(self) -> str:
         """A short file-system-safe name for outputs derived from this slice."""
         stem = Path(self.path).name
-        for suffix in (".nii.gz", *RASTER_SUFFIXES, *DICOM_SUFFIXES, ".nii"):
-            if stem.lower().endswith(suffix):
-                stem = stem[: -len(suffix)]
-                break
-        return f"{stem}_z{self.frame:03d}" if self.source_format == "nifti" else stem
+        if file_suffix(stem) in supported_suffixes():
+            stem = file_stem(stem)
+        return f"{stem}_z{self.frame:03d}" if self.source_format == SourceFormat.NIFTI else stem
 
 
 @dataclass
@@ -129,9 +163,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def voxel_limit(max_voxels: int | None = None) -> int:
-    """The voxel limit for volumes: ``max_voxels`` if given, else $LUNGCBIR_MAX_VOXELS, else the default.
-
-    This is the one place the environment variable is read.
+    """The voxel limit for volumes: ``max_voxels`` if given, else the configured one
+    (:class:`lungcbir.config.Settings`: $LUNGCBIR_MAX_VOXELS, else the default).
 
     Example:
         >>> voxel_limit(1000)
@@ -139,16 +172,7 @@ def voxel_limit(max_voxels: int | None = None) -> int:
     """
     if max_voxels is not None:
         return int(max_voxels)
-    text = os.environ.get(MAX_VOXELS_ENV, "").strip()
-    if not text:
-        return DEFAULT_MAX_VOXELS
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise LungCBIRError(f"{MAX_VOXELS_ENV}={text!r}: expected a positive whole number of voxels")
-    return value
+    return config.Settings.from_environment().max_voxels
 
 
 def _file_type(mode: int) -> str:
@@ -204,18 +228,10 @@ def read_bytes(path: str, max_bytes: int | None = None) -> bytes:
 
 
 def file_kind(path: str | os.PathLike) -> str | None:
-    """``"raster"``, ``"dicom"``, ``"nifti"`` or ``None`` for files that are not images by name."""
-    name = str(path).lower()
-    if name.endswith(NIFTI_SUFFIXES):
-        return "nifti"
-    suffix = os.path.splitext(name)[1]
-    if suffix in RASTER_SUFFIXES:
-        return "raster"
-    if suffix in DICOM_SUFFIXES:
-        return "dicom"
-    if suffix == "" and _has_dicom_preamble(path):
-        return "dicom"
-    return None
+    """``"raster"``, ``"dicom"``, ``"nifti"`` (the :attr:`Reader.kind` of :func:`reader_for`) or
+    ``None`` for files that are not images by name."""
+    reader = reader_for(path)
+    return reader.kind if reader is not None else None
 
 
 def _has_dicom_preamble(path: str | os.PathLike) -> bool:
@@ -383,19 +399,19 @@ def _point_stderr_at_null() -> int | None:
     return saved
 
 
-def classify_intensity(pixels: np.ndarray) -> str:
+def classify_intensity(pixels: np.ndarray) -> Intensity:
     """Decide how raw values map to [0, 1] (see the module docstring)."""
     if pixels.dtype == np.uint8:
-        return "uint8"
+        return Intensity.UINT8
     finite = pixels[np.isfinite(pixels)] if pixels.dtype.kind == "f" else pixels
     if finite.size == 0:
-        return "minmax"
+        return Intensity.MINMAX
     low, high = float(finite.min()), float(finite.max())
     if pixels.dtype.kind in "if" and low < HU_DETECTION_THRESHOLD:
-        return "hu"
+        return Intensity.HU
     if pixels.dtype.kind == "f" and low >= 0.0 and high <= 1.0:
-        return "unit"
-    return "minmax"
+        return Intensity.UNIT
+    return Intensity.MINMAX
 
 
 def read_raster(path: str, data: bytes | None = None) -> CTSlice:
@@ -405,8 +421,7 @@ def read_raster(path: str, data: bytes | None = None) -> CTSlice:
     its header's size within :data:`MAX_PIXELS`, before OpenCV decodes anything.
     """
     data = read_bytes(path) if data is None else data
-    suffix = os.path.splitext(path.lower())[1]
-    claimed = RASTER_SUFFIXES.get(suffix, "raster")
+    claimed = RASTER_SUFFIXES.get(file_suffix(path), SourceFormat.RASTER.value)
     kind = _raster_format(data)
     if kind is None:
         raise ReadError(path, f"not a decodable image (not a {claimed.upper()} file; "
@@ -558,15 +573,15 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
     if raw.ndim != 2:
         raise ReadError(path, f"unsupported DICOM pixel layout (shape {raw.shape}); export single grey slices")
     pixels = raw.astype(np.float32)
-    intensity = "minmax"
+    intensity = Intensity.MINMAX
     if "RescaleSlope" in dataset or "RescaleIntercept" in dataset or _dicom_value(dataset, "Modality") == "CT":
         slope = _dicom_float(dataset, "RescaleSlope") or 1.0
         intercept = _dicom_float(dataset, "RescaleIntercept") or 0.0
         pixels = pixels * slope + intercept
-        intensity = "hu"
+        intensity = Intensity.HU
     _check_usable(path, pixels)
     return CTSlice(
-        pixels=pixels, intensity=intensity, path=path, source_format="dicom",
+        pixels=pixels, intensity=intensity, path=path, source_format=SourceFormat.DICOM,
         patient_id=_dicom_text(dataset, "PatientID"),
         study_uid=_dicom_text(dataset, "StudyInstanceUID"),
         series_uid=_dicom_text(dataset, "SeriesInstanceUID"),
@@ -692,17 +707,205 @@ def read_nifti(path: str, data: bytes | None = None, max_voxels: int | None = No
         volume = volume[:, :, None]
     volume = _replace_non_finite(volume)
     intensity = classify_intensity(volume)
-    if intensity in ("minmax", "unit") and volume.min() >= -1024 and volume.max() > 255:
-        intensity = "hu"  # CT volumes stored without the -1024 offset still are HU-like
+    if intensity in (Intensity.MINMAX, Intensity.UNIT) and volume.min() >= -1024 and volume.max() > 255:
+        intensity = Intensity.HU  # CT volumes stored without the -1024 offset still are HU-like
     slices = []
     for z in range(volume.shape[2]):
-        # NIfTI stores (x, y); transpose so rows run anterior-posterior like DICOM display
-        pixels = np.ascontiguousarray(volume[:, :, z].T)
+        pixels = slice_plane(volume[:, :, z])  # NIfTI stores (x, y); see slice_plane
         _check_usable(path, pixels, allow_constant=True)  # blank slices belong to the volume too
-        slices.append(CTSlice(pixels=pixels, intensity=intensity, path=path, source_format="nifti",
+        slices.append(CTSlice(pixels=pixels, intensity=intensity, path=path, source_format=SourceFormat.NIFTI,
                               frame=z, slice_index=z,
                               pixel_spacing=(float(zooms[1]), float(zooms[0]))))
     return slices
+
+
+# --- the reader registry ----------------------------------------------------------------------
+#
+# One class per file format: the suffixes it claims, a content check, ``read`` (bytes to
+# slices) and the matching mask writer. :data:`READERS` lists them in the order they are asked;
+# everything format-specific elsewhere (folder walking, the "supported formats" text of error
+# messages, the web upload check, ``segment``'s mask files) is derived from it. A new format
+# (MHA, NRRD...) is one new class added to READERS. Sources that are not files have their own
+# modules: :mod:`lungcbir.dicomweb` fetches instances from an archive and decodes them with the
+# DICOM reader (:func:`read_dicom_bytes`); :mod:`lungcbir.dicom_seg` writes a DICOM series'
+# masks as one DICOM SEG object (``segment --format dicom-seg``), beside the per-format mask
+# writers here.
+
+
+def file_suffix(path: str | os.PathLike) -> str:
+    """The lower-case suffix of a file name, ``.nii.gz`` counting as one.
+
+    Example:
+        >>> file_suffix("Scan.NII.GZ"), file_suffix("a/b.png"), file_suffix("README")
+        ('.nii.gz', '.png', '')
+    """
+    name = os.path.basename(str(path)).lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+
+
+def file_stem(path: str | os.PathLike) -> str:
+    """The file name without :func:`file_suffix`.
+
+    Example:
+        >>> file_stem("/x/ID_0001.tif"), file_stem("vol.nii.gz")
+        ('ID_0001', 'vol')
+    """
+    name = os.path.basename(str(path))
+    return name[:len(name) - len(file_suffix(name))]
+
+
+class Reader:
+    """One file format: how it is recognised, read, and how masks of its slices are written.
+
+    Subclasses set :attr:`kind` (what :func:`file_kind` answers), :attr:`formats` (names for
+    messages), :attr:`suffixes` and :attr:`mask_formats` (the first is the default of
+    ``segment``), and implement :meth:`read`.
+    """
+
+    kind: str = ""
+    formats: tuple[str, ...] = ()
+    suffixes: tuple[str, ...] = ()
+    #: The :attr:`CTSlice.source_format` values of the slices it makes.
+    source_formats: frozenset[str] = frozenset()
+    #: Mask outputs this format's slices can be written as; the first is the default.
+    mask_formats: tuple[str, ...] = ("png",)
+    #: How an input that can be written as a given mask format is called in messages.
+    input_description: str = ""
+
+    def claims(self, path: str | os.PathLike) -> bool:
+        """Whether this reader takes ``path``, by its name (and, for some formats, a peek at its content)."""
+        return file_suffix(path) in self.suffixes
+
+    def content_matches(self, data: bytes) -> bool:
+        """Whether ``data`` (a file's first bytes at least) looks like this format."""
+        raise NotImplementedError
+
+    def read(self, path: str, data: bytes, max_voxels: int | None = None) -> list[CTSlice]:
+        """The slices of a file whose whole content is ``data``; raises :class:`ReadError`."""
+        raise NotImplementedError
+
+    def write_masks(self, source: str, slices: Sequence[CTSlice], masks: Sequence[np.ndarray],
+                    folder: Path, mask_format: str) -> str:
+        """Write the masks of one input's slices into ``folder`` as ``mask_format``; returns what
+        was written, for messages. The default: one 0/255 PNG per slice, ``<name>_mask.png``."""
+        if mask_format != "png":
+            raise ValueError(f"{type(self).__name__} writes no {mask_format} masks")
+        targets = [folder / f"{item.name}_mask.png" for item in slices]
+        for target, mask in zip(targets, masks):
+            if not cv2.imwrite(str(target), mask.astype(np.uint8) * 255):
+                raise OSError(f"cannot write {target}")
+        return str(targets[0]) if len(targets) == 1 else f"{folder} ({len(targets)} PNG masks)"
+
+
+class RasterReader(Reader):
+    """PNG, JPEG, BMP and TIFF slices (:func:`read_raster`)."""
+
+    kind = "raster"
+    formats = ("PNG", "JPEG", "BMP", "TIFF")
+    suffixes = tuple(RASTER_SUFFIXES)
+    source_formats = frozenset({*RASTER_SUFFIXES.values(), SourceFormat.RASTER.value})
+
+    def content_matches(self, data: bytes) -> bool:
+        return _raster_format(data) is not None
+
+    def read(self, path: str, data: bytes, max_voxels: int | None = None) -> list[CTSlice]:
+        return [read_raster(path, data)]
+
+
+class DicomReader(Reader):
+    """Single-frame DICOM files (:func:`read_dicom`); a file without a suffix is taken when it
+    has the DICOM preamble."""
+
+    kind = "dicom"
+    formats = ("DICOM",)
+    suffixes = tuple(sorted(DICOM_SUFFIXES))
+    source_formats = frozenset({SourceFormat.DICOM.value})
+
+    def claims(self, path: str | os.PathLike) -> bool:
+        suffix = file_suffix(path)
+        return suffix in self.suffixes or (suffix == "" and _has_dicom_preamble(path))
+
+    def content_matches(self, data: bytes) -> bool:
+        return data[128:132] == b"DICM"
+
+    def read(self, path: str, data: bytes, max_voxels: int | None = None) -> list[CTSlice]:
+        return [read_dicom(path, data)]
+
+
+class NiftiReader(Reader):
+    """NIfTI-1/2 volumes (:func:`read_nifti`), one slice per axial plane; masks go back into a
+    volume with the source's affine."""
+
+    kind = "nifti"
+    formats = ("NIfTI",)
+    suffixes = NIFTI_SUFFIXES
+    source_formats = frozenset({SourceFormat.NIFTI.value})
+    mask_formats = ("nifti", "png")
+    input_description = "NIfTI volume"
+
+    def content_matches(self, data: bytes) -> bool:
+        if data.startswith(b"\x1f\x8b"):
+            return True
+        return len(data) >= 4 and any(struct.unpack(order + "i", data[:4])[0] in _NIFTI_HEADER_BYTES
+                                      for order in "<>")
+
+    def read(self, path: str, data: bytes, max_voxels: int | None = None) -> list[CTSlice]:
+        return read_nifti(path, data, max_voxels)
+
+    def write_masks(self, source: str, slices: Sequence[CTSlice], masks: Sequence[np.ndarray],
+                    folder: Path, mask_format: str) -> str:
+        """``nifti``: one ``<volume>_mask.nii.gz`` (0/1 uint8) on the grid and affine of ``source``."""
+        if mask_format != "nifti":
+            return super().write_masks(source, slices, masks, folder, mask_format)
+        import nibabel
+
+        affine = nibabel.load(source).affine
+        volume = np.stack([nifti_plane(mask) for mask in masks], axis=2).astype(np.uint8)
+        target = folder / f"{slices[0].name.rsplit('_z', 1)[0]}_mask.nii.gz"
+        nibabel.save(nibabel.Nifti1Image(volume, affine), str(target))
+        return str(target)
+
+
+def slice_plane(plane: np.ndarray) -> np.ndarray:
+    """A NIfTI (x, y) plane as a slice's (row, column) pixels: transposed, so rows run
+    anterior-posterior as DICOM displays them. :func:`nifti_plane` undoes it."""
+    return np.ascontiguousarray(plane.T)
+
+
+def nifti_plane(pixels: np.ndarray) -> np.ndarray:
+    """A slice's (row, column) array back on the NIfTI (x, y) grid (the inverse of :func:`slice_plane`)."""
+    return pixels.T
+
+
+#: Every file format, asked in this order. A new format is one more :class:`Reader` here.
+READERS: tuple[Reader, ...] = (RasterReader(), DicomReader(), NiftiReader())
+
+
+def reader_for(path: str | os.PathLike) -> Reader | None:
+    """The reader that takes ``path`` by name, or None for files that are not images by name."""
+    return next((reader for reader in READERS if reader.claims(path)), None)
+
+
+def reader_for_format(source_format: str) -> Reader:
+    """The reader that made slices of ``source_format`` (:attr:`CTSlice.source_format`), for
+    writing their masks; slices made in memory (``array``) are written like rasters."""
+    return next((reader for reader in READERS if source_format in reader.source_formats), READERS[0])
+
+
+def supported_suffixes() -> frozenset[str]:
+    """Every file suffix some reader takes (lower case, ``.nii.gz`` as one)."""
+    return frozenset(suffix for reader in READERS for suffix in reader.suffixes)
+
+
+def supported_formats(last: str = " or ") -> str:
+    """The supported formats for messages, from :data:`READERS`.
+
+    Example:
+        >>> supported_formats()
+        'PNG, JPEG, BMP, TIFF, DICOM or NIfTI'
+    """
+    names = [name for reader in READERS for name in reader.formats]
+    return ", ".join(names[:-1]) + last + names[-1]
 
 
 def read_file(path: str | os.PathLike, max_voxels: int | None = None) -> list[CTSlice]:
@@ -738,18 +941,13 @@ def read_file(path: str | os.PathLike, max_voxels: int | None = None) -> list[CT
         raise ReadError(path, "permission denied")
     if os.path.getsize(path) == 0:
         raise ReadError(path, "file is empty")
-    kind = file_kind(path)
-    if kind is None:
-        raise ReadError(path, "not a supported image type (PNG, JPEG, BMP, TIFF, DICOM, NIfTI)")
+    reader = reader_for(path)
+    if reader is None:
+        raise ReadError(path, f"not a supported image type ({supported_formats(', ')})")
     data = read_bytes(path)
     digest = hashlib.sha256(data).hexdigest()
     try:
-        if kind == "raster":
-            slices = [read_raster(path, data)]
-        elif kind == "dicom":
-            slices = [read_dicom(path, data)]
-        else:
-            slices = read_nifti(path, data, max_voxels)
+        slices = reader.read(path, data, max_voxels)
     except (ReadError, LungCBIRError):
         raise
     except MemoryError:

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from .io import Intensity
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -49,7 +51,7 @@ class Geometry:
     left: int
 
 
-def normalize_intensity(pixels: np.ndarray, intensity: str,
+def normalize_intensity(pixels: np.ndarray, intensity: Intensity | str,
                         hu_window: tuple[float, float] = (-1000.0, 400.0)) -> np.ndarray:
     """Map raw pixel values to float32 in [0, 1] according to their intensity kind.
 
@@ -58,12 +60,12 @@ def normalize_intensity(pixels: np.ndarray, intensity: str,
         [[0.0, 0.5, 1.0]]
     """
     values = pixels.astype(np.float32, copy=False)
-    if intensity == "hu":
+    if intensity == Intensity.HU:
         low, high = hu_window
         return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
-    if intensity == "uint8":
+    if intensity == Intensity.UINT8:
         return values / np.float32(255.0)
-    if intensity == "unit":
+    if intensity == Intensity.UNIT:
         return np.clip(values, 0.0, 1.0)
     low, high = float(values.min()), float(values.max())
     if high <= low:
@@ -77,14 +79,27 @@ def geometry_for(shape: tuple[int, int]) -> Geometry:
     return Geometry(height, width, side, (side - height) // 2, (side - width) // 2)
 
 
-def to_model_input(image: np.ndarray, input_size: int) -> tuple[np.ndarray, Geometry]:
-    """Pad a [0, 1] image to a square and resize it to ``input_size`` (Lanczos)."""
+def pad_to_square(image: np.ndarray, fill: float = 0.0, dtype: np.dtype | type | None = None
+                  ) -> tuple[np.ndarray, Geometry]:
+    """``image`` centred in a square of ``fill`` (as ``dtype``, default the image's), and where
+    it sits; a square image comes back as it is (unconverted).
+
+    Example:
+        >>> square, geometry = pad_to_square(np.ones((2, 4), np.float32))
+        >>> square.astype(int).tolist(), (geometry.top, geometry.left)
+        ([[0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]], (1, 0))
+    """
     geometry = geometry_for(image.shape)
-    square = image
-    if geometry.height != geometry.width:
-        square = np.zeros((geometry.side, geometry.side), np.float32)
-        square[geometry.top:geometry.top + geometry.height,
-               geometry.left:geometry.left + geometry.width] = image
+    if geometry.height == geometry.width:
+        return image, geometry
+    square = np.full((geometry.side, geometry.side), fill, image.dtype if dtype is None else dtype)
+    square[geometry.top:geometry.top + geometry.height, geometry.left:geometry.left + geometry.width] = image
+    return square, geometry
+
+
+def to_model_input(image: np.ndarray, input_size: int) -> tuple[np.ndarray, Geometry]:
+    """Pad a [0, 1] image to a square (with 0) and resize it to ``input_size`` (Lanczos)."""
+    square, geometry = pad_to_square(image, 0.0, np.float32)
     if geometry.side != input_size:
         square = cv2.resize(square, (input_size, input_size), interpolation=cv2.INTER_LANCZOS4)
     return np.clip(square, 0.0, 1.0).astype(np.float32), geometry
@@ -101,10 +116,7 @@ def probabilities_to_original(probabilities: np.ndarray, geometry: Geometry) -> 
 
 def mask_to_model(mask: np.ndarray, input_size: int) -> np.ndarray:
     """Pad and resize a ground-truth mask to the model input (nearest neighbour)."""
-    geometry = geometry_for(mask.shape)
-    square = np.zeros((geometry.side, geometry.side), np.uint8)
-    square[geometry.top:geometry.top + geometry.height,
-           geometry.left:geometry.left + geometry.width] = (mask > 0)
+    square, geometry = pad_to_square((mask > 0).astype(np.uint8), 0)
     if geometry.side != input_size:
         square = cv2.resize(square, (input_size, input_size), interpolation=cv2.INTER_NEAREST)
     return square

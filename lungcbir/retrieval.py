@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .config import Settings
 from .errors import DicomwebError, LungCBIRError, ReadError, StoreError
 from .identity import Identity, IdentityResolver, compile_case_pattern
 from .inference import LungModel, Segmentation
+from .io import (CTSlice, ReadFailure, SourceFormat, classify_intensity, dicom_series_positions, find_image_files,
+                 read_file, supported_formats)
 from .quality import Quality
-from .io import CTSlice, ReadFailure, classify_intensity, dicom_series_positions, find_image_files, read_file
-from .store import (DEFAULT_CLAIM_TIMEOUT_S, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, ImageRecord, SeriesClaim, Store,
-                    claimer_name, encode_mask, safe_url)
+from .store import DEFAULT_CLAIM_TIMEOUT_S, ImageRecord, SeriesClaim, Store, claimer_name, encode_mask, safe_url
 
 if TYPE_CHECKING:
     from .dicom_seg import SegWritten
@@ -224,7 +225,7 @@ def as_slice(image: str | os.PathLike | CTSlice | np.ndarray) -> CTSlice:
     if isinstance(image, np.ndarray):
         if image.ndim != 2:
             raise ReadError("<array>", f"expected a 2-D array, got shape {image.shape}")
-        return CTSlice(image, classify_intensity(image), "<array>", "array")
+        return CTSlice(image, classify_intensity(image), "<array>", SourceFormat.ARRAY)
     return read_file(image)[0]
 
 
@@ -296,9 +297,11 @@ class Retriever:
 
     def __init__(self, db_url: str | None = None, index_dir: str | os.PathLike | None = None,
                  weights: str | os.PathLike | None = None, device: str = "cpu", batch_size: int = 16,
-                 files_per_commit: int = FILES_PER_COMMIT, workers: int = 1) -> None:
-        self.db_url = db_url or os.environ.get("LUNGCBIR_DB") or DEFAULT_DB_URL
-        self.index_dir = index_dir or os.environ.get("LUNGCBIR_INDEX_DIR") or DEFAULT_INDEX_DIR
+                 files_per_commit: int = FILES_PER_COMMIT, workers: int = 1,
+                 settings: Settings | None = None) -> None:
+        settings = Settings.from_environment() if settings is None else settings
+        self.db_url = db_url or settings.db_url
+        self.index_dir = index_dir or settings.index_dir
         self.weights = weights
         self.device = device
         self.batch_size = batch_size
@@ -388,7 +391,7 @@ class Retriever:
         files = list(find_image_files(folders, exclude)) if folders else []
         if folders and not files:
             raise LungCBIRError(f"no images found in {', '.join(folders)} "
-                                f"(PNG, JPEG, BMP, TIFF, DICOM or NIfTI files)")
+                                f"({supported_formats()} files)")
         archives = []
         for url in urls:  # every archive is asked before anything is written: one unreachable fails the run
             source = DicomwebSource(url, cache_dir=cache_dir)
@@ -479,7 +482,7 @@ class Retriever:
 
         path = item.path if is_dicomweb_url(item.path) else os.path.abspath(item.path)
         return ImageRecord(path=path, sha256=item.sha256, frame=item.frame, sop_uid=item.sop_uid,
-                           source_format=item.source_format, width=item.shape[1], height=item.shape[0],
+                           source_format=str(item.source_format), width=item.shape[1], height=item.shape[0],
                            patient_id=identity.patient_id, study_uid=item.study_uid, series_uid=identity.series_uid,
                            identity_source=identity.source.value,
                            instance_number=item.instance_number, slice_location=item.slice_location,

@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
-import hashlib
 import json
 import os
-import re
-import socket
-import tempfile
+import tempfile  # noqa: F401 (the doctests use it)
 import threading
-import time
+import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import Enum
@@ -43,10 +39,11 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from .config import DEFAULT_DB_URL, DEFAULT_INDEX_DIR
 from .errors import LockedError, StoreError
+from .fileutils import sha256_of as _sha256_of
+from .fileutils import write_atomically as _write_atomically
 
-DEFAULT_DB_URL = "sqlite:///db/lungcbir.sqlite"
-DEFAULT_INDEX_DIR = "index"
 INDEX_FILE = "lungcbir.faiss"
 INDEX_META_FILE = "lungcbir.faiss.json"
 LOCK_FILE = "write.lock"
@@ -70,9 +67,6 @@ INDEX_NOTE_FORMAT = 2
 #: Stored vectors are unit vectors, so a similarity beyond the query's norm, give or take
 #: float16 rounding (about 1e-3), means a corrupt index or vector.
 SCORE_TOLERANCE = 1e-2
-#: A temporary index file whose writer is gone (same machine), or unchanged for this long
-#: (a writer elsewhere, or of an earlier version), is abandoned and removed by the next write.
-STALE_TEMPORARY_SECONDS = 3600
 #: Rebuilds tried while rows are removed meanwhile, before using an index not tied to a state.
 REBUILD_ATTEMPTS = 3
 GENERATION_KEY = "generation"
@@ -240,71 +234,6 @@ def safe_url(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return "<unparseable database URL>"
-
-
-def _write_atomically(path: Path, write: callable) -> str:
-    """Write through a temporary file in the same folder, fsync, then rename over ``path``.
-
-    Returns the SHA-256 of what was written. The temporary file is named after this machine
-    and process, so the next write anywhere can tell an abandoned one (its writer was killed)
-    from one another process is writing right now, and remove only the abandoned ones.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_temporaries(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{_host_tag()}.{os.getpid()}.",
-                                         suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        with open(temporary, "rb") as written:
-            digest = _sha256_of(written)
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return digest
-
-
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
-
-
-_TEMPORARY_NAME = re.compile(r"(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]+\.tmp")
-
-
-def _remove_abandoned_temporaries(path: Path) -> None:
-    """Remove temporary files of ``path`` left by killed writers (see :func:`_write_atomically`)."""
-    host = _host_tag()
-    for candidate in path.parent.glob(glob.escape(path.name) + ".*.tmp"):
-        match = _TEMPORARY_NAME.fullmatch(candidate.name[len(path.name) + 1:])
-        try:
-            age = time.time() - candidate.stat().st_mtime
-        except OSError:
-            continue  # finished or removed meanwhile
-        gone = match is not None and match["host"] == host and not _process_alive(int(match["pid"]))
-        if gone or age > STALE_TEMPORARY_SECONDS:
-            with contextlib.suppress(OSError):
-                candidate.unlink()
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
-def _sha256_of(handle) -> str:
-    digest = hashlib.sha256()
-    for block in iter(lambda: handle.read(1 << 20), b""):
-        digest.update(block)
-    return digest.hexdigest()
 
 
 def _same_state(one: dict | None, other: dict | None) -> bool:

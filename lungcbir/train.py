@@ -26,9 +26,9 @@ from torch import nn
 from .errors import LungCBIRError, ReadError
 from .features import pooled_vectors
 from .inference import ModelSettings, load_network, save_weights
-from .io import find_image_files, read_file, read_mask
+from .io import file_stem, find_image_files, read_file, read_mask
 from .model import UNet, UNetConfig
-from .preprocess import PreprocessConfig, geometry_for, mask_to_model, normalize_intensity
+from .preprocess import PreprocessConfig, mask_to_model, normalize_intensity, pad_to_square
 
 
 #: The pooling the contrastive loss sees in training, and the one saved for retrieval. They differ
@@ -106,8 +106,7 @@ def pair_folders(images: str, masks: str) -> list[tuple[str, str]]:
 
 
 def _stem(path: str) -> str:
-    name = os.path.basename(path)
-    return name[:-7] if name.lower().endswith(".nii.gz") else os.path.splitext(name)[0]
+    return file_stem(path)
 
 
 def load_sample(image_path: str, mask_path: str, input_size: int, group: str | None = None,
@@ -120,11 +119,8 @@ def load_sample(image_path: str, mask_path: str, input_size: int, group: str | N
     infection = None
     if infection_path is not None:
         infection = mask_to_model(read_mask(infection_path), input_size)
-    geometry = geometry_for(item.shape)
     pixels = item.pixels.astype(np.float32)
-    floor = float(pixels.min())
-    square = np.full((geometry.side, geometry.side), floor, np.float32)
-    square[geometry.top:geometry.top + geometry.height, geometry.left:geometry.left + geometry.width] = pixels
+    square, _ = pad_to_square(pixels, float(pixels.min()))  # padded with the image's own floor (air)
     square = cv2.resize(square, (input_size, input_size), interpolation=cv2.INTER_LANCZOS4)
     return TrainingSample(_stem(image_path), group or _stem(image_path), square, item.intensity,
                           mask_to_model(mask, input_size), infection)

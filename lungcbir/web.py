@@ -30,7 +30,7 @@ from fastapi_offline import FastAPIOffline
 
 from .dicomweb import is_dicomweb_url
 from .errors import LungCBIRError, ReadError, StoreError, UploadRefused
-from .io import CTSlice, RASTER_SUFFIXES, read_file
+from .io import CTSlice, file_suffix, read_file, supported_formats, supported_suffixes
 from .retrieval import Neighbor, QueryResult, Retriever
 from .store import FILTER_COLUMNS
 from .uploads import SeriesLimits, read_series
@@ -41,7 +41,8 @@ log = logging.getLogger("lungcbir.web")
 STATIC = Path(__file__).parent / "web_static"
 #: Largest image id asked for (SQL BIGINT); larger ids are unknown (404), not a database error.
 MAX_IMAGE_ID = 2**63 - 1
-UPLOAD_SUFFIXES = {*RASTER_SUFFIXES, ".dcm", ".dicom", ".ima", ".nii", ".gz"}
+#: File names an upload may have: those of the readers (".gz" too, which the reader refuses with 422).
+UPLOAD_SUFFIXES = {*supported_suffixes(), ".gz"}
 THUMBNAIL_SIDE = 192
 KEPT_RESULTS = 256
 #: Raw pixels for the page's window/level: a 16-bit grey PNG of HU + HU_OFFSET for CT in
@@ -101,11 +102,6 @@ def pixel_png(item: CTSlice) -> tuple[bytes, str]:
     return _png(display_image(item).astype(np.uint16)), "display"
 
 
-def _suffix(filename: str) -> str:
-    name = filename.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-
-
 def public_name(path: str | None) -> str | None:
     """What the web API shows of a stored file's path: its file name, never server folders."""
     return os.path.basename(path) if path else path
@@ -161,9 +157,9 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
     def read_upload(upload: UploadFile) -> list[CTSlice]:
         """Every slice of one uploaded file (a NIfTI volume has many), named by its file name."""
         filename = os.path.basename((upload.filename or "upload").replace("\\", "/")) or "upload"
-        suffix = _suffix(filename)
-        if suffix not in UPLOAD_SUFFIXES and suffix != ".nii.gz":
-            raise HTTPException(415, f"{filename}: unsupported file type; send PNG, JPEG, BMP, TIFF, DICOM or NIfTI")
+        suffix = file_suffix(filename)
+        if suffix not in UPLOAD_SUFFIXES:
+            raise HTTPException(415, f"{filename}: unsupported file type; send {supported_formats()}")
         limit = settings.max_upload_bytes
         with decoding():  # the bytes too: a waiting request keeps its upload on disk, not in memory
             data = upload.file.read(limit + 1)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Mapping
 
+from . import config
 from .errors import LungCBIRError
 
 Scope = dict
@@ -27,7 +28,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Environment variable holding the access token (``--token-file`` takes precedence).
-TOKEN_ENV = "LUNGCBIR_TOKEN"
+TOKEN_ENV = config.TOKEN_ENV
 #: Shortest token accepted: a guessable token is no protection.
 MIN_TOKEN_LENGTH = 16
 #: Host names a local server answers to when no ``--allowed-host`` is given.
@@ -69,7 +70,7 @@ class WebSettings:
 # configuration checks, used by ``lungcbir serve``
 
 
-def load_token(token_file: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
+def load_token(token_file: str | None, environ: Mapping[str, str] | None = None) -> str | None:
     """The access token from ``token_file`` or else ``$LUNGCBIR_TOKEN``; None when neither is set.
 
     The one place the token is read. Raises :class:`LungCBIRError` (exit status 2) for an
@@ -83,8 +84,8 @@ def load_token(token_file: str | None, environ: Mapping[str, str] = os.environ) 
             reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
             raise LungCBIRError(f"{token_file}: cannot read the token file ({reason})") from None
         source = token_file
-    elif environ.get(TOKEN_ENV):
-        text, source = environ[TOKEN_ENV], TOKEN_ENV
+    elif (from_environment := config.Settings.from_environment(environ).token) is not None:
+        text, source = from_environment, TOKEN_ENV
     else:
         return None
     token = text.strip()

@@ -66,9 +66,19 @@ def postgres_url() -> str:
     return POSTGRES_URL
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def backend(request) -> str:
+    """The database backend of a test that runs on both; the PostgreSQL variants are marked
+    ``postgres`` (deselect them with ``-m "not postgres"``)."""
     return request.param
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that need the throw-away Orthanc (the ``dicomweb_archive`` fixture) are marked
+    ``orthanc``, whoever writes them."""
+    for item in items:
+        if "dicomweb_archive" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.orthanc)
 
 
 @pytest.fixture

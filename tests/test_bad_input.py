@@ -383,6 +383,7 @@ def test_each_failure_is_one_line_on_stderr(tmp_path, phantom_dir, tiny_weights)
     assert out.splitlines()[0].startswith(f"indexed 1, skipped 0 (already indexed), failed {len(bad)}")
 
 
+@pytest.mark.slow
 def test_interrupt_with_workers_prints_one_line(tmp_path, tiny_weights):
     import signal
     import sqlite3

@@ -80,6 +80,7 @@ def test_database_of_another_model_id_tells_to_reindex(phantom_dir, tiny_weights
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_bundled_centre_is_the_mean_of_the_training_split(bundled_weights, shared_data):
     model = LungModel.load(bundled_weights)
     assert model.settings.centre is not None and len(model.settings.centre) == model.dimension

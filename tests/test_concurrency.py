@@ -7,12 +7,14 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from lungcbir.phantom import write_phantom
 from lungcbir.retrieval import Retriever
 from lungcbir.store import Store
 
 
+@pytest.mark.slow
 def test_queries_during_indexing_and_a_second_writer(tmp_path, tiny_weights, store_paths):
     write_phantom(tmp_path / "data", slices=20, size=64, patients=3)
     base = [sys.executable, "-m", "lungcbir.cli", "index-dataset", "--quiet", "--db", store_paths["db_url"],

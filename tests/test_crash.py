@@ -39,6 +39,7 @@ def stored_keys(db_url: str) -> list[tuple[str, int]]:
     return keys
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_loses_and_duplicates_nothing(store_paths, tiny_weights, corpus):
     run = command(store_paths, tiny_weights, corpus)
     began = time.perf_counter()

@@ -172,6 +172,7 @@ def archive_rows(tmp_path) -> list[ImageRecord]:
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_index_from_orthanc_then_again_finds_nothing_new(dicomweb_archive, tiny_weights, tmp_path):
     url, expected = dicomweb_archive["url"], set(dicomweb_archive["files"].values())
     result = invoke("index-dataset", url, "--weights", tiny_weights, *store_args(tmp_path), "--commit-every", "40")
@@ -206,6 +207,7 @@ def test_study_and_since_select_what_is_indexed(dicomweb_archive, tiny_weights, 
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_a_killed_archive_run_resumes(dicomweb_archive, tiny_weights, tmp_path):
     url, expected = dicomweb_archive["url"], set(dicomweb_archive["files"].values())
     retriever = Retriever(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index", weights=tiny_weights,
@@ -279,6 +281,7 @@ def test_thumbnail_of_an_archive_row_is_fetched_from_the_archive(dicomweb_archiv
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_round_trip_index_query_seg_stow_fetch_back(dicomweb_archive, bundled_weights, tmp_path):
     """The whole loop against the archive with the bundled model: index a messy study (its UIDs
     were derived when it was loaded), query it, segment it to a SEG stored by STOW-RS, fetch the

@@ -390,3 +390,89 @@ def test_named_pipes_are_refused_without_blocking(tmp_path):
     assert outcome["files"] == [good, str(pipes[0])]  # the pipe named like an image is reported when read
     assert outcome["positions"] == {}
     assert outcome["errors"] == ["not a regular file (named pipe)"] * 2
+
+
+# --- the reader registry (issue 18 item 2) ----------------------------------------------------
+
+def test_every_suffix_has_one_reader_and_the_message_text_comes_from_the_registry():
+    from lungcbir import io
+
+    for suffix in io.supported_suffixes():
+        claimants = [reader.kind for reader in io.READERS if reader.claims(f"x{suffix}")]
+        assert len(claimants) == 1, (suffix, claimants)
+    names = [name for reader in io.READERS for name in reader.formats]
+    text = io.supported_formats()
+    assert all(name in text for name in names) and text.endswith(f" or {names[-1]}")
+
+
+def test_each_reader_recognises_its_own_content_only(tmp_path, phantom_dir):
+    import nibabel
+
+    from lungcbir import io
+
+    png = cv2.imencode(".png", np.eye(16, dtype=np.uint8))[1].tobytes()
+    dicom = next((phantom_dir / "dicom" / "phantom01").iterdir()).read_bytes()
+    nibabel.save(nibabel.Nifti1Image(np.zeros((8, 8, 2), np.int16), np.eye(4)), str(tmp_path / "v.nii"))
+    samples = {"raster": png, "dicom": dicom, "nifti": (tmp_path / "v.nii").read_bytes()}
+    for reader in io.READERS:
+        assert [kind for kind, data in samples.items() if reader.content_matches(data)] == [reader.kind]
+
+
+def test_nifti_masks_are_written_on_the_source_grid(tmp_path):
+    """The NIfTI reader's mask writer undoes its own transpose: mask voxels sit where the
+    source's voxels were (a non-square, asymmetric volume, so a missed transpose shows)."""
+    import nibabel
+
+    from lungcbir.io import reader_for_format
+
+    volume = np.full((24, 20, 3), -1000, np.int16)
+    volume[2:6, 11:17, :] = 40
+    affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    source = str(tmp_path / "v.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(volume, affine), source)
+    slices = read_file(source)
+    reader = reader_for_format(slices[0].source_format)
+    target = reader.write_masks(source, slices, [s.pixels > -500 for s in slices], tmp_path, "nifti")
+    written = nibabel.load(target)
+    assert target.endswith("v_mask.nii.gz") and np.allclose(written.affine, affine)
+    assert np.array_equal(np.asarray(written.dataobj) > 0, volume > -500)
+
+
+def test_a_new_format_is_one_reader_class(tmp_path, monkeypatch):
+    """Registering one class is enough for reading, folder walking and the message text."""
+    from lungcbir import io
+
+    class TextGrid(io.Reader):
+        kind, formats, suffixes, source_formats = "grid", ("GRID",), (".grid",), frozenset({"grid"})
+
+        def content_matches(self, data):
+            return data.startswith(b"grid")
+
+        def read(self, path, data, max_voxels=None):
+            rows = [[float(v) for v in line.split()] for line in data.decode().splitlines()[1:]]
+            pixels = np.array(rows, np.float32)
+            return [io.CTSlice(pixels, io.classify_intensity(pixels), path, "grid")]
+
+    monkeypatch.setattr(io, "READERS", (*io.READERS, TextGrid()))
+    grid = tmp_path / "a.grid"
+    grid.write_text("grid\n" + "\n".join(" ".join(str(r * c) for c in range(9)) for r in range(9)))
+    (tmp_path / "b.txt").write_text("x")
+    assert list(find_image_files([tmp_path])) == [str(grid)]
+    item = read_file(grid)[0]
+    assert item.shape == (9, 9) and item.source_format == "grid" and len(item.sha256) == 64
+    assert io.supported_formats().endswith(" or GRID") and file_kind(grid) == "grid"
+
+
+def test_intensity_and_source_format_are_enums_equal_to_their_stored_strings(tmp_path):
+    import json
+
+    from lungcbir.io import CTSlice, Intensity, SourceFormat
+
+    item = read_file(write(tmp_path / "a.png", np.eye(16, dtype=np.uint8) * 9))[0]
+    assert item.intensity is Intensity.UINT8 and item.source_format is SourceFormat.PNG
+    assert item.intensity == "uint8" and f"{item.source_format}" == "png" and str(item.intensity) == "uint8"
+    assert json.loads(json.dumps({"f": item.source_format})) == {"f": "png"}
+    made = CTSlice(np.zeros((8, 8), np.float32), "hu", "x", "dicom")  # plain strings are taken
+    assert made.intensity is Intensity.HU and made.source_format is SourceFormat.DICOM
+    with pytest.raises(ValueError):
+        CTSlice(np.zeros((8, 8), np.float32), "bright", "x", "png")

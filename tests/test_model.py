@@ -24,6 +24,21 @@ def test_pooling_gives_unit_vectors_of_fixed_length():
         assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
+def test_poolings_are_an_enum_whose_values_are_the_recorded_names():
+    import json
+
+    import pytest
+
+    from lungcbir.features import Pooling
+
+    assert POOLINGS == tuple(p.value for p in Pooling) and json.dumps(Pooling.LUNG_MEAN_GLOBAL_MAX) == '"lung-mean+global-max"'
+    bottleneck = torch.rand(2, 4, 3, 3)
+    for pooling in Pooling:  # the enum and its name give the same vectors
+        assert torch.equal(pooled_vectors(bottleneck, None, pooling), pooled_vectors(bottleneck, None, pooling.value))
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        pooled_vectors(bottleneck, None, "max")
+
+
 def test_lung_mean_global_max_pooling_reads_the_lungs_for_the_mean_and_everything_for_the_max():
     bottleneck = torch.zeros(1, 2, 4, 4)
     bottleneck[0, 0, :2] = 1.0  # channel 0 is on only where the lungs are

@@ -59,3 +59,25 @@ def test_outside_air_is_dropped_but_enclosed_lungs_kept():
     cleaned = drop_outside_air(prediction, unit)
     assert not cleaned[:10, :30].any() and not cleaned[2:8, 100:110].any()
     assert (cleaned == item.mask.astype(bool)).mean() > 0.99
+
+
+def test_one_pad_to_square_serves_model_input_masks_and_training(tmp_path):
+    """The three padders (model input, ground-truth masks, training samples) are one helper:
+    the same image sits at the same place in all three."""
+    import cv2
+
+    from lungcbir.preprocess import mask_to_model, pad_to_square, to_model_input
+    from lungcbir.train import load_sample
+
+    image = np.zeros((40, 64), np.uint8)
+    image[10:30, 20:44] = 200
+    square, geometry = pad_to_square(image, 7)
+    assert square.shape == (64, 64) and (geometry.top, geometry.left) == (12, 0)
+    assert (square[:12] == 7).all() and (square[52:] == 7).all() and (square[12:52] == image).all()
+    unit, _ = to_model_input(image.astype(np.float32) / 255, 64)
+    mask = mask_to_model(image > 0, 64)
+    assert np.array_equal(unit > 0.5, mask.astype(bool))
+    cv2.imwrite(str(tmp_path / "i.png"), image)
+    cv2.imwrite(str(tmp_path / "m.png"), (image > 0).astype(np.uint8) * 255)
+    sample = load_sample(str(tmp_path / "i.png"), str(tmp_path / "m.png"), 64)
+    assert np.array_equal(sample.pixels > 100, mask.astype(bool)) and sample.name == "i"

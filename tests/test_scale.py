@@ -13,6 +13,7 @@ from lungcbir.retrieval import Retriever
 from lungcbir.store import Store
 
 
+@pytest.mark.slow
 def test_three_concurrent_indexers_on_overlapping_folders(tmp_path, tiny_weights, backend, store_paths):
     if backend != "postgresql":
         pytest.skip("several machines share a server database; SQLite is the single-machine store")
@@ -40,6 +41,7 @@ def test_three_concurrent_indexers_on_overlapping_folders(tmp_path, tiny_weights
         assert store.index().ntotal == 72 and store.check() == []
 
 
+@pytest.mark.slow
 def test_parallel_reading_gives_the_same_store(tmp_path, tiny_weights, phantom_dir, store_paths):
     report = Retriever(weights=tiny_weights, workers=2, **store_paths).index_dataset([phantom_dir / "dicom"])
     assert report.indexed == 12 and report.failed == 0

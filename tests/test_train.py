@@ -1,9 +1,11 @@
+import pytest
 from click.testing import CliRunner
 
 from lungcbir.cli import main
 from lungcbir.inference import LungModel
 
 
+@pytest.mark.slow
 def test_train_writes_loadable_weights_and_resumes(tmp_path, phantom_dir):
     out = tmp_path / "w.pt"
     args = ["train", "--images", str(phantom_dir / "png"), "--masks", str(phantom_dir / "masks"),
@@ -97,6 +99,7 @@ def test_training_with_the_contrastive_objective_runs_and_resumes(tmp_path):
     assert LungModel.load(out).settings.training["contrastive_weight"] == 0.5
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_training_as_one_process(tmp_path):
     import torch
 

@@ -16,6 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+#: Every test here shares a live server that takes seconds to start and index.
+pytestmark = pytest.mark.slow
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TOKEN = "live-test-token-" + "0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -84,6 +87,7 @@ def launch(playwright):
         "--disable-background-networking", "--disable-component-update", "--disable-sync"])
 
 
+@pytest.mark.browser
 def test_browser_upload_click_and_results(server, shared_data, tmp_path):
     need_chromium()
     from playwright.sync_api import sync_playwright
@@ -144,6 +148,7 @@ def test_concurrent_clients_never_fail(server, shared_data):
     assert statuses.count(200) == 200, statuses
 
 
+@pytest.mark.browser
 def test_api_docs_page_loads_nothing_from_other_hosts(server):
     need_chromium()
     from playwright.sync_api import sync_playwright

@@ -1,5 +1,9 @@
 """Retrieval quality on the shared real data: anatomical level, infection, diagnosis, contrast.
 
+Research code (see :mod:`lungcbir.research`): it hard-codes the shared data sets' folder
+names, label files and the duplicated TCGA slices (:data:`TCGA_DUPLICATE_IDS`), so it lives
+outside the package's API; ``lungcbir evaluate-retrieval`` and ``benchmarks/`` call it.
+
 Every measure excludes the query itself and every slice of the query's own patient, and every
 database is a single dataset, so a feature cannot score by recognising the source; a separate
 confound measure reports how often neighbours come from the query's own dataset when all
@@ -17,14 +21,17 @@ import cv2
 import numpy as np
 import torch
 
-from .datasets import data_root
-from .features import POOLINGS, centre_vectors, pool_bottleneck
-from .inference import LungModel
-from .io import CTSlice, dicom_series_positions, find_image_files, read_file
-from .preprocess import normalize_intensity, to_model_input
+from ..datasets import data_root
+from ..features import POOLINGS, centre_vectors, pool_bottleneck
+from ..inference import LungModel
+from ..io import CTSlice, dicom_series_positions, find_image_files, read_file
+from ..preprocess import normalize_intensity, to_model_input
 
 #: Slices whose predicted lung fraction is below this are outside the lungs (level measure).
 LUNG_PRESENT = 0.01
+#: tcga-ct-slices ids whose pixels duplicate another slice's: one member of each pair is left
+#: out, so a slice cannot find its own copy.
+TCGA_DUPLICATE_IDS = frozenset({6, 13, 34, 66, 85, 99})
 
 
 @dataclass
@@ -84,10 +91,9 @@ def load_benchmark(root: Path | None = None) -> list[BenchmarkSlice]:
                                         infected=True, infection_fraction=fraction))
     # tcga: contrast yes/no; the duplicated pixel pairs keep one member each
     tcga = root / "tcga-ct-slices"
-    duplicates = {6, 13, 34, 66, 85, 99}
     with open(tcga / "overview.csv", newline="") as handle:
         for row in csv.DictReader(handle):
-            if int(row["id"]) in duplicates:
+            if int(row["id"]) in TCGA_DUPLICATE_IDS:
                 continue
             item = read_file(tcga / "dicom" / row["dicom_name"])[0]
             items.append(BenchmarkSlice(item, "tcga-ct-slices", item.patient_id or row["id"], item.series_uid or "",

@@ -1,6 +1,6 @@
 import numpy as np
 
-from lungcbir.evaluate_retrieval import BenchmarkSlice, compare, measure, whiten
+from lungcbir.research.retrieval_benchmark import BenchmarkSlice, compare, measure, whiten
 from lungcbir.io import CTSlice
 
 
@@ -59,7 +59,7 @@ def test_encode_sends_batches_to_the_model_device(tiny_weights):
     """`evaluate-retrieval --device cuda` must feed the network on its device, not on the CPU."""
     import torch
 
-    from lungcbir.evaluate_retrieval import encode
+    from lungcbir.research.retrieval_benchmark import encode
     from lungcbir.inference import LungModel
 
     model = LungModel.load(tiny_weights)
@@ -81,3 +81,19 @@ def test_encode_sends_batches_to_the_model_device(tiny_weights):
     encoded = encode(model, slices, batch_size=2)
     assert seen == [torch.device("meta")] * 2
     assert encoded.bottlenecks.shape[0] == 3 and encoded.lung_fractions.shape == (3,)
+
+
+def test_research_code_is_outside_the_core():
+    """Benchmark-only code (shared data set names, duplicate ids) lives in lungcbir.research;
+    no core module imports it, only the CLI's evaluate-retrieval command."""
+    import re
+    from pathlib import Path
+
+    import lungcbir
+
+    package = Path(lungcbir.__file__).parent
+    assert not (package / "evaluate_retrieval.py").exists() and (package / "research" / "retrieval_benchmark.py").is_file()
+    importers = sorted(path.name for path in package.glob("*.py")
+                       if re.search(r"from \.research\b|from lungcbir\.research\b|import lungcbir\.research\b",
+                                    path.read_text()))
+    assert importers == ["cli.py"]

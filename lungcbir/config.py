@@ -1,0 +1,110 @@
+"""Configuration: every environment variable lungcbir reads, and every default, in one place.
+
+:class:`Settings` is a frozen value built by :meth:`Settings.from_environment` (from
+``os.environ`` or any mapping); nothing here is global or mutable. Explicit arguments win over
+it: the CLI's options (``--db``, ``--index-dir``, ``--token-file``), ``Retriever(db_url=...)``,
+``read_file(path, max_voxels=...)``, ``DicomwebSource(url, environ=...)``.
+
+| setting | variable | default |
+|---|---|---|
+| database URL | ``LUNGCBIR_DB`` | ``sqlite:///db/lungcbir.sqlite``: a file ``db/lungcbir.sqlite`` **relative to the working directory** |
+| FAISS index folder | ``LUNGCBIR_INDEX_DIR`` | ``index``, relative to the working directory |
+| shared real data (tests, benchmarks, training) | ``LUNGCBIR_DATA`` | ``../shared/data``, relative to the working directory |
+| largest volume, voxels | ``LUNGCBIR_MAX_VOXELS`` | 512 x 512 x 768 |
+| web access token | ``LUNGCBIR_TOKEN`` | none (``serve --token-file`` takes precedence) |
+| DICOMweb credentials | ``LUNGCBIR_DICOMWEB_TOKEN``, or ``LUNGCBIR_DICOMWEB_USER`` + ``LUNGCBIR_DICOMWEB_PASSWORD`` | none |
+
+An empty variable counts as unset. Values are checked here (a bad ``LUNGCBIR_MAX_VOXELS``
+raises :class:`ConfigError`); what a token must look like is checked where it is used
+(:func:`lungcbir.websecurity.load_token`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LungCBIRError
+
+DB_ENV = "LUNGCBIR_DB"
+INDEX_DIR_ENV = "LUNGCBIR_INDEX_DIR"
+DATA_ENV = "LUNGCBIR_DATA"
+MAX_VOXELS_ENV = "LUNGCBIR_MAX_VOXELS"
+TOKEN_ENV = "LUNGCBIR_TOKEN"
+DICOMWEB_TOKEN_ENV = "LUNGCBIR_DICOMWEB_TOKEN"
+DICOMWEB_USER_ENV = "LUNGCBIR_DICOMWEB_USER"
+DICOMWEB_PASSWORD_ENV = "LUNGCBIR_DICOMWEB_PASSWORD"
+
+#: A SQLite file relative to the working directory (``./db/lungcbir.sqlite``), so a first run
+#: needs no setup; a shared installation sets ``LUNGCBIR_DB`` (e.g. a PostgreSQL URL).
+DEFAULT_DB_URL = "sqlite:///db/lungcbir.sqlite"
+#: The FAISS index folder, relative to the working directory.
+DEFAULT_INDEX_DIR = "index"
+#: The shared real-data folder, relative to the working directory (a checkout's sibling
+#: ``shared/data`` when run from the checkout); never derived from where the package is
+#: installed, which for a wheel is site-packages.
+DEFAULT_DATA_ROOT = "../shared/data"
+#: Volumes (NIfTI) with more voxels than this are refused from their header, before anything
+#: is decompressed or decoded. 512 x 512 x 768 admits a chest CT at 0.625 mm over 48 cm
+#: (about 600-770 slices; 0.8 GB as float32) and refuses a 512 x 512 x 1000 volume, which a
+#: 0.5 MB .nii.gz of zeros can claim.
+DEFAULT_MAX_VOXELS = 512 * 512 * 768
+
+
+class ConfigError(LungCBIRError):
+    """A configuration value that cannot be used (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where lungcbir keeps and finds things, and its limits.
+
+    Example:
+        >>> Settings.from_environment({"LUNGCBIR_DB": "sqlite:///x.sqlite"}).db_url
+        'sqlite:///x.sqlite'
+        >>> Settings.from_environment({}).index_dir
+        'index'
+    """
+
+    db_url: str = DEFAULT_DB_URL
+    index_dir: str = DEFAULT_INDEX_DIR
+    data_root: Path = Path(DEFAULT_DATA_ROOT)
+    max_voxels: int = DEFAULT_MAX_VOXELS
+    token: str | None = None  # the web server's access token, unchecked (see load_token)
+    dicomweb_token: str | None = None
+    dicomweb_user: str | None = None
+    dicomweb_password: str | None = None
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """The settings from ``environ`` (default ``os.environ``); unset or empty variables
+        give the defaults. Raises :class:`ConfigError` for a value that cannot be used."""
+        environ = os.environ if environ is None else environ
+
+        def text(name: str) -> str | None:
+            value = environ.get(name)
+            return value if value not in (None, "") else None
+
+        return cls(db_url=text(DB_ENV) or DEFAULT_DB_URL,
+                   index_dir=text(INDEX_DIR_ENV) or DEFAULT_INDEX_DIR,
+                   data_root=Path(text(DATA_ENV) or DEFAULT_DATA_ROOT),
+                   max_voxels=_max_voxels(environ.get(MAX_VOXELS_ENV, "")),
+                   token=text(TOKEN_ENV),
+                   dicomweb_token=text(DICOMWEB_TOKEN_ENV),
+                   dicomweb_user=text(DICOMWEB_USER_ENV),
+                   dicomweb_password=text(DICOMWEB_PASSWORD_ENV))
+
+
+def _max_voxels(text: str) -> int:
+    text = text.strip()
+    if not text:
+        return DEFAULT_MAX_VOXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{MAX_VOXELS_ENV}={text!r}: expected a positive whole number of voxels")
+    return value
