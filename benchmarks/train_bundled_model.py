@@ -19,6 +19,7 @@ import os
 import sys
 
 import numpy as np
+import torch
 
 from lungcbir.datasets import covid_slices, kaggle_slices
 from lungcbir.train import TrainConfig, TrainingSample, load_sample, train
@@ -78,9 +79,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="processes preparing augmented views")
     parser.add_argument("--cache", help="read the resized slices from this .npz (written if missing)")
     parser.add_argument("--infection-head", action="store_true",
-                        help="also learn COVID-19 lesions (the variant that was tried and not shipped)")
+                        help="a second output channel learns the COVID-19 lesions (a fresh head with --init)")
+    parser.add_argument("--pathology", action="store_true",
+                        help="synthetic disease in the lung field and further exports (lungcbir/augment.py)")
+    parser.add_argument("--freeze-encoder", action="store_true",
+                        help="train the decoder and heads only (the retrieval bottleneck stays as --init's)")
+    parser.add_argument("--steps-per-epoch", type=int, default=0, help="0: every training view once an epoch")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
-    config = TrainConfig(epochs=args.epochs, infection_head=args.infection_head,
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(epochs=args.epochs, infection_head=args.infection_head, pathology=args.pathology,
+                         steps_per_epoch=args.steps_per_epoch, freeze_encoder=args.freeze_encoder,
                          base_channels=args.base_channels, contrastive_weight=args.contrastive,
                          learning_rate=args.learning_rate, seed=args.seed)
     if args.cache and os.path.exists(args.cache):

@@ -36,6 +36,8 @@ class Segmentation:
     mask: np.ndarray  # bool, at the slice's own resolution
     lung_fraction: float  # share of the slice's pixels that are lung
     vector: np.ndarray  # float32, L2-normalised
+    lesion_mask: np.ndarray | None = None  # bool, slice size: lesion prob > 0.5 AND lung; None: no lesion head
+    lesion_fraction: float | None = None  # lesion pixels / lung pixels (0 without lungs); None: no lesion head
 
 
 @dataclass
@@ -155,15 +157,27 @@ class LungModel:
         unit = normalize_intensity(item.pixels, item.intensity, self.settings.preprocess.hu_window)
         return to_model_input(unit, self.input_size)
 
+    @property
+    def has_lesion_head(self) -> bool:
+        """Whether the weights have a second output channel (lesions)."""
+        return self.settings.unet.out_channels >= 2
+
     @torch.inference_mode()
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Lung probabilities ``(N, S, S)`` and feature vectors ``(N, D)`` for prepared inputs."""
+        probabilities, vectors, _ = self.run_all(inputs)
+        return probabilities, vectors
+
+    @torch.inference_mode()
+    def run_all(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """As :meth:`run`, plus lesion probabilities ``(N, S, S)`` (None without a lesion head)."""
         batch = torch.from_numpy(np.ascontiguousarray(inputs[:, None])).to(self.device)
         batch = batch.to(memory_format=torch.channels_last)
         logits, bottleneck = self.network.forward_with_bottleneck(batch)
-        probabilities = torch.sigmoid(logits[:, :1].float())  # channel 0: lungs (1: lesions, if trained)
+        probabilities = torch.sigmoid(logits[:, :1].float())  # channel 0: lungs
         vectors = pool_bottleneck(bottleneck, probabilities, self.settings.pooling)
-        return probabilities[:, 0].cpu().numpy(), vectors
+        lesions = torch.sigmoid(logits[:, 1].float()).cpu().numpy() if self.has_lesion_head else None
+        return probabilities[:, 0].cpu().numpy(), vectors, lesions
 
     def segment(self, slices: Sequence[CTSlice], batch_size: int = 16) -> list[Segmentation]:
         """Masks at each slice's own resolution, lung fractions and feature vectors."""
@@ -171,10 +185,15 @@ class LungModel:
         for start in range(0, len(slices), batch_size):
             chunk = slices[start:start + batch_size]
             prepared = [self.prepare(item) for item in chunk]
-            probabilities, vectors = self.run(np.stack([p[0] for p in prepared]))
-            for (image, geometry), probability, vector in zip(prepared, probabilities, vectors):
+            probabilities, vectors, lesions = self.run_all(np.stack([p[0] for p in prepared]))
+            for index, ((image, geometry), probability, vector) in enumerate(zip(prepared, probabilities, vectors)):
                 if self.settings.postprocess:
                     probability = clean_probability(probability, image)
                 mask = probabilities_to_original(probability, geometry) > 0.5
-                results.append(Segmentation(mask, float(mask.mean()), vector))
+                result = Segmentation(mask, float(mask.mean()), vector)
+                if lesions is not None:  # lesions only inside the (cleaned) lung mask
+                    result.lesion_mask = (probabilities_to_original(lesions[index], geometry) > 0.5) & mask
+                    lung_pixels = int(mask.sum())
+                    result.lesion_fraction = float(result.lesion_mask.sum() / lung_pixels) if lung_pixels else 0.0
+                results.append(result)
         return results
