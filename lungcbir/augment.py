@@ -170,8 +170,10 @@ def add_emphysema(image: np.ndarray, lung: np.ndarray, rng: random.Random) -> tu
     for _ in range(rng.randint(0, 30) if len(ys) else 0):
         pick = rng.randrange(len(ys))
         cv2.circle(holes, (int(xs[pick]), int(ys[pick])), max(1, int(rng.uniform(1, 3) * image.shape[0] / 256)), 1, -1)
-    darkness = rng.uniform(0.4, 0.9)
-    floor = max(0.0, air * 0.3)
+    # towards the lung's own darkest values, not below: emphysema (about -950 HU) is only a little
+    # darker than normal lung (about -850 HU); pure black would look like bowel gas, which is not lung
+    darkness = rng.uniform(0.3, 0.8)
+    floor = air
     new = image.astype(np.float32).copy()
     new[patches] -= darkness * (new[patches] - floor)
     new[holes.astype(bool) & lung] = floor
