@@ -68,7 +68,7 @@ def intensity_levels(image: np.ndarray, lung: np.ndarray) -> tuple[float, float]
     if not lung.any():
         return float(image.min()), float(np.percentile(image, 75))
     air = float(np.percentile(image[lung], 5))
-    size = max(3, int(round(image.shape[0] / 32)))
+    size = max(3, round(image.shape[0] / 32))
     ring = cv2.dilate(lung.astype(np.uint8), np.ones((size, size), np.uint8)).astype(bool) & ~lung
     tissue = float(np.percentile(image[ring], 75)) if ring.sum() > 10 else float(np.percentile(image, 75))
     return air, max(tissue, air + 0.1)
@@ -110,13 +110,13 @@ def add_honeycomb(image: np.ndarray, lung: np.ndarray, rng: random.Random) -> tu
     ys, xs = np.nonzero(region)
     for _ in range(int(rng.uniform(0.4, 1.0) * max(4, region.sum() / (25 * scale * scale)))):
         pick = rng.randrange(len(ys))
-        r = max(1, int(round(rng.uniform(1.5, 4.5) * scale)))
+        r = max(1, round(rng.uniform(1.5, 4.5) * scale))
         cv2.circle(holes, (int(xs[pick]), int(ys[pick])), r, 1, -1)
-        cv2.circle(walls, (int(xs[pick]), int(ys[pick])), r + max(1, int(scale)), 1.0, max(1, int(round(scale))))
+        cv2.circle(walls, (int(xs[pick]), int(ys[pick])), r + max(1, int(scale)), 1.0, max(1, round(scale)))
     for _ in range(rng.randint(2, 8)):  # reticular lines across the cluster
         a, b = rng.randrange(len(ys)), rng.randrange(len(ys))
         cv2.line(walls, (int(xs[a]), int(ys[a])), (int(xs[b]), int(ys[b])), rng.uniform(0.5, 1.0),
-                 max(1, int(round(scale))))
+                 max(1, round(scale)))
     holes_mask = holes.astype(bool) & region
     new[holes_mask] = air - rng.uniform(0.0, 0.03)
     wall_mask = (walls > 0) & region & ~holes_mask

@@ -111,7 +111,7 @@ def test_frozen_encoder_needs_initial_weights_and_no_contrastive_loss(tmp_path, 
 
     mask = np.ones((64, 64), np.uint8)
     sample = TrainingSample("s", "p", np.zeros((64, 64), np.float32), "unit", mask)
-    base = dict(epochs=1, batch_size=1, base_channels=4, depth=3, input_size=64, freeze_encoder=True)
+    base = {"epochs": 1, "batch_size": 1, "base_channels": 4, "depth": 3, "input_size": 64, "freeze_encoder": True}
     with pytest.raises(LungCBIRError, match="initial weights"):
         train([sample], [], str(tmp_path / "a.pt"), TrainConfig(**base, contrastive_weight=0.0))
     with pytest.raises(LungCBIRError, match="contrastive"):
