@@ -30,7 +30,7 @@ def load_split(config: TrainConfig) -> dict[str, dict[str, list[TrainingSample]]
     split = {}
     for name, parts in (("kaggle", kaggle_slices()), ("covid19", covid_slices())):
         split[name] = {part: [dataclasses.replace(load_sample(s.image, s.mask, config.input_size, s.group,
-                                                              s.infection if config.infection_head else None),
+                                                              s.infection if config.infection_head or config.lesion_branch else None),
                                                   series=s.series, position=s.position)
                               for s in parts[part]] for part in ("train", "val")}
     return split
@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--cache", help="read the resized slices from this .npz (written if missing)")
     parser.add_argument("--infection-head", action="store_true",
                         help="a second output channel learns the COVID-19 lesions (a fresh head with --init)")
+    parser.add_argument("--lesion-branch", action="store_true",
+                        help="a separate lesion branch learns on frozen --init weights (lung mask unchanged)")
     parser.add_argument("--pathology", action="store_true",
                         help="synthetic disease in the lung field and further exports (lungcbir/augment.py)")
     parser.add_argument("--freeze-encoder", action="store_true",
@@ -90,6 +92,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(epochs=args.epochs, infection_head=args.infection_head, pathology=args.pathology,
+                         lesion_branch=args.lesion_branch,
                          steps_per_epoch=args.steps_per_epoch, freeze_encoder=args.freeze_encoder,
                          base_channels=args.base_channels, contrastive_weight=args.contrastive,
                          learning_rate=args.learning_rate, seed=args.seed)

@@ -160,7 +160,7 @@ class LungModel:
     @property
     def has_lesion_head(self) -> bool:
         """Whether the weights have a second output channel (lesions)."""
-        return self.settings.unet.out_channels >= 2
+        return self.settings.unet.out_channels >= 2 or self.settings.unet.lesion_branch
 
     @torch.inference_mode()
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

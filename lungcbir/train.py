@@ -66,6 +66,9 @@ class TrainConfig:
     input_size: int = 256
     augment: bool = True
     infection_head: bool = False  # a second output channel learns lesions where masks exist
+    # a separate lesion branch (UNetConfig.lesion_branch) trained on frozen initial weights: only the
+    # branch learns, so the lung mask and the retrieval vector stay exactly those of the initial weights
+    lesion_branch: bool = False
     infection_weight: float = 0.5
     # synthetic disease in the lung field (honeycombing, pasted consolidation, emphysema, dependent
     # density) and further exports (JPEG, reconstruction circle, low-dose noise, sharp kernel)
@@ -375,9 +378,14 @@ def _encoder_modules(network: UNet) -> list[nn.Module]:
 
 
 def _train_mode(network: UNet, freeze_encoder: bool) -> None:
-    """Training mode; a frozen encoder stays in eval mode so its batch-norm statistics do not move."""
+    """Training mode; frozen parts stay in eval mode so their batch-norm statistics do not move
+    (the encoder when it is frozen; everything but the branch when a lesion branch learns)."""
     network.train()
-    if freeze_encoder:
+    if network.config.lesion_branch:  # trained only on frozen lung weights (see train)
+        network.eval()
+        for module in network.lesion_modules():
+            module.train()
+    elif freeze_encoder:
         for module in _encoder_modules(network):
             module.eval()
 
@@ -430,14 +438,18 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     preprocess = PreprocessConfig(input_size=config.input_size)
+    if config.lesion_branch and config.infection_head:
+        raise LungCBIRError("choose a lesion channel (infection_head) or a lesion branch, not both")
+    learns_lesions = config.infection_head or config.lesion_branch
     unet_config = UNetConfig(base_channels=config.base_channels, depth=config.depth,
-                             out_channels=2 if config.infection_head else 1)
+                             out_channels=2 if config.infection_head else 1, lesion_branch=config.lesion_branch)
     network = UNet(unet_config)
     if initial_weights is not None:
         start, start_settings, _ = load_network(None if initial_weights == "bundled" else initial_weights)
         adding_head = (start_settings.unet.out_channels, unet_config.out_channels) == (1, 2)
-        comparable = dataclasses.replace(start_settings.unet, out_channels=unet_config.out_channels) \
-            if adding_head else start_settings.unet
+        adding_branch = config.lesion_branch and not start_settings.unet.lesion_branch
+        comparable = dataclasses.replace(start_settings.unet, out_channels=unet_config.out_channels,
+                                         lesion_branch=unet_config.lesion_branch)
         if comparable != unet_config or start_settings.preprocess.input_size != config.input_size:
             raise LungCBIRError(f"{initial_weights}: its network ({start_settings.unet}, input "
                                 f"{start_settings.preprocess.input_size}) does not match the training configuration "
@@ -450,8 +462,19 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
                 state[key] = fresh[key]
             state["head.bias"][1] = NEW_HEAD_BIAS
             lung_head = (state["head.weight"][:1].clone(), state["head.bias"][:1].clone())
+        if adding_branch:  # the branch starts fresh, with the "few lesions" bias
+            state.update({k: v for k, v in network.state_dict().items() if k.startswith("lesion_")})
+            state["lesion_head.bias"] = torch.full_like(state["lesion_head.bias"], NEW_HEAD_BIAS)
         network.load_state_dict(state)
     network = network.to(device)
+    if config.lesion_branch:
+        if initial_weights is None:
+            raise LungCBIRError("a lesion branch is trained on trained lung weights: give initial weights (--init)")
+        if config.contrastive_weight:
+            raise LungCBIRError("a lesion branch leaves the bottleneck as it is: train it with --contrastive 0")
+        branch = {id(p) for module in network.lesion_modules() for p in module.parameters()}
+        for parameter in network.parameters():
+            parameter.requires_grad_(id(parameter) in branch)
     if config.freeze_encoder:
         if initial_weights is None:
             raise LungCBIRError("freezing the encoder needs initial weights (--init)")
@@ -527,12 +550,13 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
                 first, second = vectors.chunk(2)
                 loss = loss + config.contrastive_weight * contrastive_loss(first, second,
                                                                            config.contrastive_temperature)
-            if config.infection_head and known.any():  # slices without lesion masks add no lesion loss
+            if learns_lesions and known.any():  # slices without lesion masks add no lesion loss
                 loss = loss + config.infection_weight * weighted_dice_loss(
                     logits[known][:, 1:2], labels[known][:, 1:2], labels[known][:, 2:3])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if loss.requires_grad:  # a lesion branch learns nothing from a batch without lesion labels
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
             scheduler.step()
             if lung_head is not None:
                 with torch.no_grad():
@@ -545,7 +569,7 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
                                                 config.freeze_encoder) if val_samples \
             else ([float("nan")], float("nan"))
         mean_dice = float(np.mean(scores))
-        criterion = mean_dice + (config.lesion_selection_weight * lesion_dice if config.infection_head
+        criterion = mean_dice + (config.lesion_selection_weight * lesion_dice if learns_lesions
                                  and not math.isnan(lesion_dice) else 0.0)
         improved = not val_samples or criterion > best
         if improved:

@@ -138,3 +138,31 @@ def test_lesion_evaluation_scores_and_ranks(tmp_path):
     assert summary["images_with_lesions"] == 2
     assert summary["dice_mean_with_lesions"] == pytest.approx(np.mean([2 * 0.25 / 1.25, 2 * 0.5 / 1.5]), abs=1e-6)
     assert np.isnan(summary["fraction_spearman"])  # the prediction is constant: no ranking
+
+
+def test_lesion_branch_learns_on_frozen_lung_weights(tmp_path, tiny_weights):
+    from lungcbir.train import TrainConfig, TrainingSample, train
+
+    rng = np.random.default_rng(1)
+    samples = []
+    for k in range(4):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[16:48, 10:30] = 1
+        pixels = np.where(mask, 0.1, 0.6).astype(np.float32) + rng.uniform(0, 0.05, (64, 64)).astype(np.float32)
+        infection = np.zeros_like(mask)
+        infection[20:30, 12:22] = 1
+        samples.append(TrainingSample(f"s{k}", f"p{k % 2}", pixels, "unit", mask, infection if k < 2 else None))
+    out = str(tmp_path / "branch.pt")
+    config = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=3, input_size=64, lesion_branch=True,
+                         contrastive_weight=0.0, pathology=True, steps_per_epoch=3)
+    train(samples[:3], samples[:1], out, config, initial_weights=tiny_weights)
+    before, after = LungModel.load(tiny_weights), LungModel.load(out)
+    assert after.has_lesion_head and not before.has_lesion_head
+    trained, _, _ = load_network(out)
+    start, _, _ = load_network(tiny_weights)
+    for key, value in start.state_dict().items():  # every lung weight and statistic as it was
+        assert torch.equal(value.half(), trained.state_dict()[key].half()), key
+    items = _slices()
+    for old, new in zip(before.segment(items), after.segment(items)):
+        assert np.array_equal(old.mask, new.mask) and np.abs(old.vector - new.vector).max() < 1e-5, np.abs(old.vector - new.vector).max()
+        assert new.lesion_mask is not None and not (new.lesion_mask & ~new.mask).any()
