@@ -87,6 +87,9 @@ def main() -> None:
     parser.add_argument("--freeze-encoder", action="store_true",
                         help="train the decoder and heads only (the retrieval bottleneck stays as --init's)")
     parser.add_argument("--steps-per-epoch", type=int, default=0, help="0: every training view once an epoch")
+    parser.add_argument("--kaggle-lesion-free", action="store_true",
+                        help="treat the Kaggle training slices as known lesion-free (lesion negatives in HU); "
+                             "with --pathology, consolidation pasted into them becomes a lesion label")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -107,7 +110,10 @@ def main() -> None:
     train_set, val_set = [], []
     for name, parts in split.items():
         repeats = args.kaggle_repeats if name == "kaggle" and len(split) > 1 else 1
-        train_set += parts["train"] * repeats
+        train_part = parts["train"]
+        if name == "kaggle" and args.kaggle_lesion_free:
+            train_part = [dataclasses.replace(s, infection=np.zeros_like(s.mask)) for s in train_part]
+        train_set += train_part * repeats
         val_set += parts["val"]
     print(f"train {len(train_set)} views, val {len(val_set)} slices", flush=True)
     for report in train(train_set, val_set, args.out, config, device=args.device, resume=True,
