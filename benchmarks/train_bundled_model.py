@@ -3,9 +3,13 @@
 Usage: python benchmarks/train_bundled_model.py OUT.pt [--epochs N] [--device cpu|cuda]
            [--only kaggle|covid19] [--base-channels C] [--contrastive W] [--cache FILE.npz]
            [--workers N] [--init W.pt|bundled] [--learning-rate LR] [--seed S]
+           [--infection-head | --lesion-branch] [--freeze-encoder] [--pathology] [--kaggle-lesion-free]
+           [--steps-per-epoch N] [--threads N]
 
 The bundled model: --epochs 140 --contrastive 0.5 --seed 1 --device cuda --workers 4, stopped by
-the time limit at epoch 137 (see MODEL_CARD.md).
+the time limit at epoch 137 (see MODEL_CARD.md). The lesion-output runs A-E of MODEL_CARD.md
+(tried, not adopted) are fine-tunes of it, e.g. run A: OUT.pt --init bundled --infection-head
+--freeze-encoder --contrastive 0 --epochs 16 --steps-per-epoch 8 --learning-rate 1e-3 --seed 1.
 Validation (checkpoint choice) uses the val split; the test split is never seen here.
 ``--cache`` keeps the slices, already resized to the model input, in one compressed file
 (about 40 MB), so a training machine without ../shared/data can run from it.
