@@ -6,8 +6,11 @@ count and FLOPs per slice; then times both full pipelines (read arrays -> prepro
 cannot be downloaded here, so its R231 architecture runs with random weights: speed does not
 depend on weight values.
 
-Usage: python benchmarks/segmentation_speed.py [--weights W.pt] [--threads 2] [--repeats 3]
-Needs: pip install lungmask (not a lungcbir dependency).
+``--compare OTHER.pt`` ("bundled" for the package's model) also times that model's full pipeline,
+interleaved with this one's in the same run, and prints the ratio.
+
+Usage: python benchmarks/segmentation_speed.py [--weights W.pt] [--threads 2] [--repeats 3] [--compare W.pt]
+The lungmask comparison needs: pip install lungmask (not a lungcbir dependency); without it, it is skipped.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main() -> None:
     parser.add_argument("--weights")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare", help='another model to time in the same run ("bundled": the package\'s)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = LungModel.load(args.weights)
@@ -75,9 +79,22 @@ def main() -> None:
     with_quality, without = 16 / min(timings["with"]), 16 / min(timings["without"])
     print(f"  full pipeline without the quality verdict: {without:7.1f} slices/s; with it {with_quality:7.1f} "
           f"(ratio {with_quality / without:.3f})")
+    if args.compare:
+        other = LungModel.load(None if args.compare == "bundled" else args.compare)
+        other.segment(slices[:2])
+        rates: dict[str, list[float]] = {"this": [], "other": []}
+        for _ in range(args.repeats):  # interleaved, so both see the same load on a shared machine
+            for name, candidate in (("this", model), ("other", other)):
+                rates[name].append(16 / best_of(1, lambda: candidate.segment(slices, batch_size=16)))
+        print(f"  interleaved full pipelines: this model {max(rates['this']):.1f} slices/s, "
+              f"{other.model_id} {max(rates['other']):.1f} slices/s, ratio {max(rates['this']) / max(rates['other']):.2f}")
 
-    from lungmask import LMInferer
-    from lungmask.resunet import UNet as LungmaskUNet
+    try:
+        from lungmask import LMInferer
+        from lungmask.resunet import UNet as LungmaskUNet
+    except ImportError:
+        print("lungmask is not installed (pip install lungmask): its comparison is skipped")
+        return
 
     torch.manual_seed(0)
     r231 = LungmaskUNet(n_classes=3, padding=True, depth=5, up_mode="upsample", batch_norm=True, residual=False)

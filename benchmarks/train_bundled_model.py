@@ -3,6 +3,8 @@
 Usage: python benchmarks/train_bundled_model.py OUT.pt [--epochs N] [--device cpu|cuda]
            [--only kaggle|covid19] [--base-channels C] [--contrastive W] [--cache FILE.npz]
            [--workers N] [--init W.pt|bundled] [--learning-rate LR] [--seed S]
+           [--infection-head | --lesion-branch] [--freeze-encoder] [--pathology] [--kaggle-lesion-free]
+           [--steps-per-epoch N] [--threads N]
        python benchmarks/train_bundled_model.py W.pt --centre-only
 
 After training, the centre (mean vector of the train split's slices, lungcbir.centring) is
@@ -11,7 +13,9 @@ trained before (how the bundled model got its centre). Both read the train split
 ../shared/data.
 
 The bundled model: --epochs 140 --contrastive 0.5 --seed 1 --device cuda --workers 4, stopped by
-the time limit at epoch 137 (see MODEL_CARD.md).
+the time limit at epoch 137 (see MODEL_CARD.md). The lesion-output runs A-E of MODEL_CARD.md
+(tried, not adopted) are fine-tunes of it, e.g. run A: OUT.pt --init bundled --infection-head
+--freeze-encoder --contrastive 0 --epochs 16 --steps-per-epoch 8 --learning-rate 1e-3 --seed 1.
 Validation (checkpoint choice) uses the val split; the test split is never seen here.
 ``--cache`` keeps the slices, already resized to the model input, in one compressed file
 (about 40 MB), so a training machine without ../shared/data can run from it.
@@ -25,6 +29,7 @@ import os
 import sys
 
 import numpy as np
+import torch
 
 from lungcbir.centring import add_training_centre
 from lungcbir.datasets import covid_slices, kaggle_slices
@@ -36,7 +41,7 @@ def load_split(config: TrainConfig) -> dict[str, dict[str, list[TrainingSample]]
     split = {}
     for name, parts in (("kaggle", kaggle_slices()), ("covid19", covid_slices())):
         split[name] = {part: [dataclasses.replace(load_sample(s.image, s.mask, config.input_size, s.group,
-                                                              s.infection if config.infection_head else None),
+                                                              s.infection if config.infection_head or config.lesion_branch else None),
                                                   series=s.series, position=s.position)
                               for s in parts[part]] for part in ("train", "val")}
     return split
@@ -85,7 +90,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="processes preparing augmented views")
     parser.add_argument("--cache", help="read the resized slices from this .npz (written if missing)")
     parser.add_argument("--infection-head", action="store_true",
-                        help="also learn COVID-19 lesions (the variant that was tried and not shipped)")
+                        help="a second output channel learns the COVID-19 lesions (a fresh head with --init)")
+    parser.add_argument("--lesion-branch", action="store_true",
+                        help="a separate lesion branch learns on frozen --init weights (lung mask unchanged)")
+    parser.add_argument("--pathology", action="store_true",
+                        help="synthetic disease in the lung field and further exports (lungcbir/augment.py)")
+    parser.add_argument("--freeze-encoder", action="store_true",
+                        help="train the decoder and heads only (the retrieval bottleneck stays as --init's)")
+    parser.add_argument("--steps-per-epoch", type=int, default=0, help="0: every training view once an epoch")
+    parser.add_argument("--kaggle-lesion-free", action="store_true",
+                        help="treat the Kaggle training slices as known lesion-free (lesion negatives in HU); "
+                             "with --pathology, consolidation pasted into them becomes a lesion label")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--centre-only", action="store_true",
                         help="only compute the training centre and save it in OUT (no training)")
     args = parser.parse_args()
@@ -93,7 +109,11 @@ def main() -> None:
         add_training_centre(args.out)
         print(f"centre saved in {args.out}", flush=True)
         return
-    config = TrainConfig(epochs=args.epochs, infection_head=args.infection_head,
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(epochs=args.epochs, infection_head=args.infection_head, pathology=args.pathology,
+                         lesion_branch=args.lesion_branch,
+                         steps_per_epoch=args.steps_per_epoch, freeze_encoder=args.freeze_encoder,
                          base_channels=args.base_channels, contrastive_weight=args.contrastive,
                          learning_rate=args.learning_rate, seed=args.seed)
     if args.cache and os.path.exists(args.cache):
@@ -107,7 +127,10 @@ def main() -> None:
     train_set, val_set = [], []
     for name, parts in split.items():
         repeats = args.kaggle_repeats if name == "kaggle" and len(split) > 1 else 1
-        train_set += parts["train"] * repeats
+        train_part = parts["train"]
+        if name == "kaggle" and args.kaggle_lesion_free:
+            train_part = [dataclasses.replace(s, infection=np.zeros_like(s.mask)) for s in train_part]
+        train_set += train_part * repeats
         val_set += parts["val"]
     print(f"train {len(train_set)} views, val {len(val_set)} slices", flush=True)
     for report in train(train_set, val_set, args.out, config, device=args.device, resume=True,

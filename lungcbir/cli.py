@@ -658,13 +658,16 @@ def train(images, masks, out, epochs, batch_size, learning_rate, val_fraction, g
 def evaluate(images, masks, held_out, postprocess, as_json, weights, device):
     """Per-image Dice and IoU of the model against ground-truth masks (at the masks' resolution).
 
+    With --held-out and a model with a lesion head, also the lesion Dice and the Spearman rho of
+    predicted vs true lesion_fraction on the held-out COVID-19 patients.
+
     \b
     Example:
       lungcbir evaluate --images ct/ --masks lungs/
       lungcbir evaluate --held-out
     """
     from .datasets import covid_slices, kaggle_slices
-    from .evaluate import evaluate_segmentation
+    from .evaluate import evaluate_lesions, evaluate_segmentation
     from .inference import LungModel
     from .train import pair_folders
 
@@ -697,9 +700,24 @@ def evaluate(images, masks, held_out, postprocess, as_json, weights, device):
         click.echo("  worst five:")
         for score in evaluation.worst(5):
             click.echo(f"    {score.dice:.4f}  {score.path}")
+    lesions = None
+    if held_out and model.has_lesion_head:  # the lesion head, on the held-out COVID-19 patients
+        lesions = evaluate_lesions(model, [(s.image, s.mask, s.infection) for s in covid_slices()["test"]])
+        if not as_json:
+            summary = lesions.summary()
+            click.echo(f"covid19-ct-lungmask test lesions: {summary['images']} images "
+                       f"({summary['images_with_lesions']} with lesions)")
+            click.echo(f"  lesion Dice  mean {summary['dice_mean_with_lesions']:.4f} (slices with lesions)  "
+                       f"median {summary['dice_median_with_lesions']:.4f}  pooled {summary['dice_pooled']:.4f}")
+            click.echo(f"  lesion_fraction  Spearman rho {summary['fraction_spearman']:.4f}  "
+                       f"mean abs error {summary['fraction_mean_abs_error']:.4f}")
     if as_json:
-        click.echo(json.dumps({name: {"summary": e.summary(), "images": [vars(s) for s in e.scores]}
-                               for name, e in report.items()}))
+        answer = {name: {"summary": e.summary(), "images": [vars(s) for s in e.scores]}
+                  for name, e in report.items()}
+        if lesions is not None:
+            answer["covid19-ct-lungmask test lesions"] = {"summary": lesions.summary(),
+                                                          "images": [vars(s) for s in lesions.scores]}
+        click.echo(json.dumps(answer))
 
 
 @main.command()

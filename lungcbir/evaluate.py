@@ -1,4 +1,5 @@
-"""Segmentation quality: per-image Dice and IoU against ground-truth masks, and their summary."""
+"""Segmentation quality: per-image Dice and IoU against ground-truth masks, and their summary;
+for models with a lesion head, lesion Dice and the rank correlation of lesion fractions."""
 
 from __future__ import annotations
 
@@ -64,3 +65,78 @@ def evaluate_segmentation(model: LungModel, pairs: Sequence[tuple[str, str]],
         for (image, _), truth, result in zip(chunk, truths, model.segment(slices, batch_size)):
             scores.append(ImageScore(image, dice_score(result.mask, truth), iou_score(result.mask, truth)))
     return SegmentationEvaluation(scores)
+
+
+@dataclass
+class LesionScore:
+    path: str
+    dice: float  # of the slice's lesion map (1.0 when both are empty)
+    true_fraction: float  # true lesion pixels inside the true lungs / true lung pixels
+    predicted_fraction: float
+
+
+@dataclass
+class LesionEvaluation:
+    """Per-slice lesion scores; the summary pools them three ways."""
+
+    scores: list[LesionScore]
+    overlap: int  # lesion pixels predicted and true, over all slices
+    total: int  # predicted plus true lesion pixels, over all slices
+
+    def summary(self) -> dict[str, float]:
+        with_lesions = [s.dice for s in self.scores if s.true_fraction > 0]
+        truth = np.array([s.true_fraction for s in self.scores])
+        predicted = np.array([s.predicted_fraction for s in self.scores])
+        return {"images": len(self.scores), "images_with_lesions": len(with_lesions),
+                "dice_mean_with_lesions": float(np.mean(with_lesions)) if with_lesions else float("nan"),
+                "dice_median_with_lesions": float(np.median(with_lesions)) if with_lesions else float("nan"),
+                "dice_pooled": 2 * self.overlap / self.total if self.total else 1.0,
+                "fraction_spearman": spearman(predicted, truth),
+                "fraction_mean_abs_error": float(np.abs(predicted - truth).mean())}
+
+
+def spearman(first: np.ndarray, second: np.ndarray) -> float:
+    """Spearman's rank correlation (ties get mean ranks); NaN when either side is constant.
+
+    Example:
+        >>> round(spearman(np.array([1.0, 2, 3, 4]), np.array([10.0, 20, 20, 40])), 4)
+        0.9487
+    """
+    if len(first) < 2 or np.ptp(first) == 0 or np.ptp(second) == 0:
+        return float("nan")
+    return float(np.corrcoef(_ranks(first), _ranks(second))[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):  # ties: the mean of their ranks
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def evaluate_lesions(model: LungModel, triples: Sequence[tuple[str, str, str]],
+                     batch_size: int = 16) -> LesionEvaluation:
+    """Score the lesion head on (image, lung mask, lesion mask) files at the truth's resolution.
+
+    The true lesion map is restricted to the true lungs, as the prediction is to the predicted
+    lungs; ``lesion_fraction`` is compared with the true lesion share of the true lungs.
+    """
+    if not model.has_lesion_head:
+        raise ValueError("the model has no lesion head")
+    scores, overlap, total = [], 0, 0
+    for start in range(0, len(triples), batch_size):
+        chunk = triples[start:start + batch_size]
+        slices = [read_file(image)[0] for image, _, _ in chunk]
+        for (image, lung_path, lesion_path), result in zip(chunk, model.segment(slices, batch_size)):
+            lungs = read_mask(lung_path).astype(bool)
+            truth = read_mask(lesion_path).astype(bool) & lungs
+            predicted = result.lesion_mask
+            overlap += int((predicted & truth).sum())
+            total += int(predicted.sum() + truth.sum())
+            scores.append(LesionScore(image, dice_score(predicted, truth),
+                                      float(truth.sum() / lungs.sum()) if lungs.any() else 0.0,
+                                      float(result.lesion_fraction)))
+    return LesionEvaluation(scores, overlap, total)

@@ -40,8 +40,9 @@ class Segmentation:
     vector: np.ndarray  # float32, L2-normalised
     quality: Quality = Quality.OK  # how far to trust the mask (lungcbir.quality)
     quality_score: float = 1.0  # 1 = confident, 0 = not at all
-    lesion_fraction: float | None = None  # share of the lung that is abnormal; None: no lesion output
+    lesion_fraction: float | None = None  # lesion pixels / lung pixels (0 without lungs); None: no lesion head
     signals: QualitySignals | None = None  # what the quality verdict was computed from
+    lesion_mask: np.ndarray | None = None  # bool, slice size: lesion prob > 0.5 AND lung; None: no lesion head
 
     def summary_json(self) -> dict:
         """The per-slice fields of ``segment --json``, ``query --json`` and the web API."""
@@ -178,16 +179,28 @@ class LungModel:
         unit = normalize_intensity(item.pixels, item.intensity, self.settings.preprocess.hu_window)
         return to_model_input(unit, self.input_size)
 
+    @property
+    def has_lesion_head(self) -> bool:
+        """Whether the weights have a second output channel (lesions)."""
+        return self.settings.unet.out_channels >= 2 or self.settings.unet.lesion_branch
+
     @torch.inference_mode()
     def run(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Lung probabilities ``(N, S, S)`` and feature vectors ``(N, D)`` for prepared inputs."""
+        probabilities, vectors, _ = self.run_all(inputs)
+        return probabilities, vectors
+
+    @torch.inference_mode()
+    def run_all(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """As :meth:`run`, plus lesion probabilities ``(N, S, S)`` (None without a lesion head)."""
         batch = torch.from_numpy(np.ascontiguousarray(inputs[:, None])).to(self.device)
         batch = batch.to(memory_format=torch.channels_last)
         logits, bottleneck = self.network.forward_with_bottleneck(batch)
-        probabilities = torch.sigmoid(logits[:, :1].float())  # channel 0: lungs (1: lesions, if trained)
+        probabilities = torch.sigmoid(logits[:, :1].float())  # channel 0: lungs
         vectors = centre_vectors(pool_bottleneck(bottleneck, probabilities, self.settings.pooling),
                                  self.settings.centre)
-        return probabilities[:, 0].cpu().numpy(), vectors
+        lesions = torch.sigmoid(logits[:, 1].float()).cpu().numpy() if self.has_lesion_head else None
+        return probabilities[:, 0].cpu().numpy(), vectors, lesions
 
     def segment(self, slices: Sequence[CTSlice], batch_size: int = 16) -> list[Segmentation]:
         """Masks at each slice's own resolution, lung fractions and feature vectors."""
@@ -195,11 +208,17 @@ class LungModel:
         for start in range(0, len(slices), batch_size):
             chunk = slices[start:start + batch_size]
             prepared = [self.prepare(item) for item in chunk]
-            probabilities, vectors = self.run(np.stack([p[0] for p in prepared]))
-            for item, (image, geometry), raw, vector in zip(chunk, prepared, probabilities, vectors):
+            probabilities, vectors, lesions = self.run_all(np.stack([p[0] for p in prepared]))
+            for index, (item, (image, geometry), raw, vector) in enumerate(zip(chunk, prepared, probabilities,
+                                                                               vectors)):
                 probability = clean_probability(raw, image) if self.settings.postprocess else raw
                 mask = probabilities_to_original(probability, geometry) > 0.5
                 verdict = judge(raw, probability, image, item.colour_share, self.settings.quality)
-                results.append(Segmentation(mask, float(mask.mean()), vector, verdict.quality, verdict.score,
-                                            None, verdict.signals))
+                result = Segmentation(mask, float(mask.mean()), vector, verdict.quality, verdict.score,
+                                      None, verdict.signals)
+                if lesions is not None:  # lesions only inside the (cleaned) lung mask
+                    result.lesion_mask = (probabilities_to_original(lesions[index], geometry) > 0.5) & mask
+                    lung_pixels = int(mask.sum())
+                    result.lesion_fraction = float(result.lesion_mask.sum() / lung_pixels) if lung_pixels else 0.0
+                results.append(result)
         return results

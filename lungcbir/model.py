@@ -30,6 +30,10 @@ class UNetConfig:
     out_channels: int = 1
     base_channels: int = 16
     depth: int = 4  # number of 2x2 poolings; the input side must be divisible by 2**depth
+    # a lesion branch after the decoder (two 3x3 convolutions on the last decoder features and the
+    # first skip, then a 1x1 head) adds a lesion output channel after the ``out_channels`` ones;
+    # trained on frozen lung weights it cannot change the lung output or the bottleneck
+    lesion_branch: bool = False
 
     @property
     def bottleneck_channels(self) -> int:
@@ -80,6 +84,9 @@ class UNet(nn.Module):
             self.up_convs.append(nn.ConvTranspose2d(width * 2, width, 2, stride=2))
             self.up_blocks.append(DoubleConv(width * 2, width))
         self.head = nn.Conv2d(widths[0], config.out_channels, 1)
+        if config.lesion_branch:
+            self.lesion_block = DoubleConv(2 * widths[0], widths[0])
+            self.lesion_head = nn.Conv2d(widths[0], 1, 1)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Run the encoder; returns the skip tensors followed by the bottleneck (last)."""
@@ -95,10 +102,17 @@ class UNet(nn.Module):
         *skips, x = encoded
         for up_conv, block, skip in zip(self.up_convs, self.up_blocks, reversed(skips)):
             x = block(torch.cat([up_conv(x), skip], dim=1))
+        if self.config.lesion_branch:
+            lesions = self.lesion_head(self.lesion_block(torch.cat([x, skips[0]], dim=1)))
+            return torch.cat([self.head(x), lesions], dim=1)
         return self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
+
+    def lesion_modules(self) -> list[nn.Module]:
+        """The lesion branch's modules (empty without one)."""
+        return [self.lesion_block, self.lesion_head] if self.config.lesion_branch else []
 
     def forward_with_bottleneck(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and bottleneck from one pass, so indexing does not run the encoder twice."""

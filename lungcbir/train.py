@@ -3,7 +3,11 @@
 The augmentation is what makes one model serve HU slices and 8-bit exports from any scanner:
 random lung/mediastinal/bone windows, simulated 8-bit exports (per-slice min-max + CLAHE, as
 many public sets are published), gamma and contrast changes, noise, blur, flips, 90-degree
-turns, rotations, scaling and shifts.
+turns, rotations, scaling and shifts; optionally (``TrainConfig.pathology``) synthetic disease
+inside the lung field and further exports (:mod:`lungcbir.augment`).
+
+With ``TrainConfig.infection_head`` a second output channel learns lesions (BCE + soft Dice)
+from the COVID-19 infection masks, only where lesion labels are known.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import random
 import re
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 
 from torch import nn
 
+from .augment import add_export, add_pathology
 from .errors import LungCBIRError, ReadError
 from .features import pooled_vectors
 from .inference import ModelSettings, load_network, save_weights
@@ -36,6 +42,9 @@ from .preprocess import PreprocessConfig, mask_to_model, normalize_intensity, pa
 #: the best retrieval of the poolings compared in docs/retrieval.md; no run trained with the second.
 CONTRASTIVE_POOLING = "lung-mean-max"
 RETRIEVAL_POOLING = "lung-mean+global-max"
+#: Starting bias of a new lesion channel: sigmoid(-2) = 0.12, "few lesions", so its first steps
+#: refine a small map instead of erasing a random one.
+NEW_HEAD_BIAS = -2.0
 
 
 @dataclass(frozen=True)
@@ -56,8 +65,26 @@ class TrainConfig:
     depth: int = 5
     input_size: int = 256
     augment: bool = True
-    infection_head: bool = False  # a second output channel learns lesions where masks exist (tried, not shipped)
+    infection_head: bool = False  # a second output channel learns lesions where masks exist
+    # a separate lesion branch (UNetConfig.lesion_branch) trained on frozen initial weights: only the
+    # branch learns, so the lung mask and the retrieval vector stay exactly those of the initial weights
+    lesion_branch: bool = False
     infection_weight: float = 0.5
+    # synthetic disease in the lung field (honeycombing, pasted consolidation, emphysema, dependent
+    # density) and further exports (JPEG, reconstruction circle, low-dose noise, sharp kernel)
+    pathology: bool = False
+    # train the decoder and heads only: the encoder (and so the retrieval bottleneck, batch-norm
+    # statistics included) stays as initialised; needs initial weights; about 3x cheaper a step on CPU
+    freeze_encoder: bool = False
+    steps_per_epoch: int = 0  # 0: every training view once an epoch; more or fewer for short runs
+    # the checkpoint is chosen by mean val lung Dice + this x pooled val lesion Dice (lesion head only):
+    # small, so a lesion gain can never buy more than a trace of lung Dice
+    lesion_selection_weight: float = 0.02
+    # a lesion head added to lung-only weights starts from nothing: its 1x1 convolution learns at
+    # this multiple of the learning rate (Adam moves a weight by about the learning rate a step,
+    # too little for a fresh head in a short fine-tune), while the lung channel of the head is kept
+    # as initialised so that faster rate cannot disturb the lung mask
+    new_head_lr_factor: float = 10.0
     # > 0: also pull together the pooled bottleneck vectors of two views of one slice (or of two
     # neighbouring slices of one series) and push apart those of other slices (NT-Xent), so the
     # retrieval vector ignores window, export and orientation and follows anatomy
@@ -87,6 +114,7 @@ class EpochReport:
     val_dice_min: float
     seconds: float
     best: bool
+    val_lesion_dice: float = float("nan")  # pooled over the val slices with lesion labels (lesion head)
 
 
 def pair_folders(images: str, masks: str) -> list[tuple[str, str]]:
@@ -157,10 +185,30 @@ def _clahe(unit: np.ndarray, clip: float) -> np.ndarray:
     return cv2.createCLAHE(clipLimit=clip, tileGridSize=(8, 8)).apply(image).astype(np.float32) / 255.0
 
 
-def augment(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """One random training view: image in [0, 1] and labels ``(2, S, S)`` (lungs, lesions)."""
+@dataclass
+class TrainingView:
+    """One augmented view: image in [0, 1] and ``(3, S, S)`` labels: lungs, lesions, lesion weight."""
+
+    image: np.ndarray
+    labels: np.ndarray
+
+
+def augment_view(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, float],
+                 pathology: bool = False, donors: Sequence[np.ndarray] = ()) -> TrainingView:
+    """One random training view; with ``pathology``, synthetic disease and further exports too.
+
+    The lesion weight is 0 where the lesion label is unknown: everywhere on slices without lesion
+    masks, and on the regions of synthetic findings the infection masks do not label.
+    """
     image = random_unit_image(sample, rng, hu_window)
-    labels = _labels(sample).transpose(1, 2, 0)  # channels last, as OpenCV warps them
+    if pathology:  # before the geometry, so the synthetic findings turn with the slice
+        view = add_pathology(image, sample.mask, sample.infection, rng, donors)
+        image = view.image
+        labels = np.stack([sample.mask.astype(np.float32), view.lesion.astype(np.float32), view.lesion_weight])
+    else:
+        weight = np.full(sample.mask.shape, 1.0 if sample.infection is not None else 0.0, np.float32)
+        labels = np.concatenate([_labels(sample).astype(np.float32), weight[None]])
+    labels = labels.transpose(1, 2, 0)  # channels last, as OpenCV warps them
     size = image.shape[0]
     # geometry: flips and quarter turns (archives store slices in any orientation), then affine
     if rng.random() < 0.5:
@@ -188,7 +236,15 @@ def augment(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, 
     if rng.random() < 0.3:
         noise = np.random.default_rng(rng.randrange(2**31)).normal(0, rng.uniform(0.01, 0.06), image.shape)
         image = image + noise.astype(np.float32)
-    return np.clip(image, 0, 1).astype(np.float32), labels.transpose(2, 0, 1).astype(np.float32)
+    if pathology:
+        image = add_export(np.clip(image, 0, 1).astype(np.float32), labels[..., 0] > 0.5, rng)
+    return TrainingView(np.clip(image, 0, 1).astype(np.float32), labels.transpose(2, 0, 1).astype(np.float32))
+
+
+def augment(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """One random training view: image in [0, 1] and labels ``(2, S, S)`` (lungs, lesions)."""
+    view = augment_view(sample, rng, hu_window)
+    return view.image, view.labels[:2]
 
 
 def _labels(sample: TrainingSample) -> np.ndarray:
@@ -247,10 +303,16 @@ class _Steps:
 
 
 class _Views(torch.utils.data.Dataset):
-    """Training views by ``(sample index, seed)``: image ``(1, S, S)``, labels ``(2, S, S)``, lesions known."""
+    """Training views by ``(sample index, seed)``: image ``(1, S, S)``, labels ``(3, S, S)`` (lungs,
+    lesions, lesion weight), lesions known."""
 
-    def __init__(self, samples: Sequence[TrainingSample], augmented: bool, hu_window: tuple[float, float]) -> None:
-        self.samples, self.augmented, self.hu_window = samples, augmented, hu_window
+    def __init__(self, samples: Sequence[TrainingSample], augmented: bool, hu_window: tuple[float, float],
+                 pathology: bool = False) -> None:
+        self.samples, self.augmented, self.hu_window, self.pathology = samples, augmented, hu_window, pathology
+        # lesion shapes to paste into other slices: every distinct infected training slice
+        donors = {id(s.infection): (s.group, s.infection) for s in samples
+                  if s.infection is not None and s.infection.any()}
+        self.donors = list(donors.values())
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -259,10 +321,15 @@ class _Views(torch.utils.data.Dataset):
         index, seed = key
         sample = self.samples[index]
         if self.augmented:
-            image, labels = augment(sample, random.Random(seed), self.hu_window)
+            rng = random.Random(seed)
+            # donors from another patient only: a slice's own lesion pasted back would teach nothing new
+            donors = [mask for group, mask in self.donors if group != sample.group] if self.pathology else ()
+            view = augment_view(sample, rng, self.hu_window, self.pathology, donors)
+            image, labels = view.image, view.labels
         else:
             image = normalize_intensity(sample.pixels, sample.intensity, self.hu_window)
-            labels = _labels(sample).astype(np.float32)
+            weight = np.full(sample.mask.shape, 1.0 if sample.infection is not None else 0.0, np.float32)
+            labels = np.concatenate([_labels(sample).astype(np.float32), weight[None]])
         return torch.from_numpy(np.ascontiguousarray(image)[None]), torch.from_numpy(labels), \
             sample.infection is not None
 
@@ -281,6 +348,20 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return bce + (1 - soft_dice).mean()
 
 
+def weighted_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice counted only where ``weight`` is 1 (the label is known)."""
+    weight_sum = weight.sum()
+    if weight_sum <= 0:
+        return logits.sum() * 0
+    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * weight).sum() / weight_sum
+    probability = torch.sigmoid(logits) * weight
+    target = target * weight
+    intersection = (probability * target).sum((1, 2, 3))
+    total = probability.sum((1, 2, 3)) + target.sum((1, 2, 3))
+    soft_dice = (2 * intersection + 1) / (total + 1)
+    return bce + (1 - soft_dice).mean()
+
+
 def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
     """Dice of two binary masks; 1.0 when both are empty."""
     prediction, truth = prediction.astype(bool), truth.astype(bool)
@@ -288,9 +369,30 @@ def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * (prediction & truth).sum() / total)
 
 
-def _validate(network: UNet, samples: Sequence[TrainingSample], hu_window, device: str) -> list[float]:
+def _encoder_modules(network: UNet) -> list[nn.Module]:
+    return [network.down_blocks, network.bottleneck]
+
+
+def _train_mode(network: UNet, freeze_encoder: bool) -> None:
+    """Training mode; frozen parts stay in eval mode so their batch-norm statistics do not move
+    (the encoder when it is frozen; everything but the branch when a lesion branch learns)."""
+    network.train()
+    if network.config.lesion_branch:  # trained only on frozen lung weights (see train)
+        network.eval()
+        for module in network.lesion_modules():
+            module.train()
+    elif freeze_encoder:
+        for module in _encoder_modules(network):
+            module.eval()
+
+
+def _validate(network: UNet, samples: Sequence[TrainingSample], hu_window, device: str,
+              freeze_encoder: bool = False) -> tuple[list[float], float]:
+    """Lung Dice per val slice, and the pooled lesion Dice (lesion = channel 1 AND lung) over the
+    val slices with lesion labels (NaN without a lesion head or such slices)."""
     network.eval()
     scores = []
+    overlap, total = 0, 0
     with torch.inference_mode():
         for start in range(0, len(samples), 16):
             chunk = samples[start:start + 16]
@@ -298,8 +400,14 @@ def _validate(network: UNet, samples: Sequence[TrainingSample], hu_window, devic
             logits = network(torch.from_numpy(batch[:, None]).to(device))
             predictions = (logits[:, 0] > 0).cpu().numpy()  # channel 0: lungs
             scores.extend(dice_score(p, s.mask) for p, s in zip(predictions, chunk))
-    network.train()
-    return scores
+            if logits.shape[1] > 1:
+                lesions = (logits[:, 1] > 0).cpu().numpy() & predictions
+                for lesion, s in zip(lesions, chunk):
+                    if s.infection is not None:
+                        overlap += int((lesion & (s.infection > 0)).sum())
+                        total += int(lesion.sum() + (s.infection > 0).sum())
+    _train_mode(network, freeze_encoder)
+    return scores, (2 * overlap / total if total else float("nan"))
 
 
 def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[TrainingSample], out: str,
@@ -320,31 +428,70 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
     """
     if not train_samples:
         raise LungCBIRError("no training samples")
+    lung_head = None  # (weight, bias) of the lung channel, kept fixed while a new lesion head learns
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     preprocess = PreprocessConfig(input_size=config.input_size)
+    if config.lesion_branch and config.infection_head:
+        raise LungCBIRError("choose a lesion channel (infection_head) or a lesion branch, not both")
+    learns_lesions = config.infection_head or config.lesion_branch
     unet_config = UNetConfig(base_channels=config.base_channels, depth=config.depth,
-                             out_channels=2 if config.infection_head else 1)
+                             out_channels=2 if config.infection_head else 1, lesion_branch=config.lesion_branch)
     network = UNet(unet_config)
     if initial_weights is not None:
         start, start_settings, _ = load_network(None if initial_weights == "bundled" else initial_weights)
-        if start_settings.unet != unet_config or start_settings.preprocess.input_size != config.input_size:
+        adding_head = (start_settings.unet.out_channels, unet_config.out_channels) == (1, 2)
+        adding_branch = config.lesion_branch and not start_settings.unet.lesion_branch
+        comparable = dataclasses.replace(start_settings.unet, out_channels=unet_config.out_channels,
+                                         lesion_branch=unet_config.lesion_branch)
+        if comparable != unet_config or start_settings.preprocess.input_size != config.input_size:
             raise LungCBIRError(f"{initial_weights}: its network ({start_settings.unet}, input "
                                 f"{start_settings.preprocess.input_size}) does not match the training configuration "
                                 f"({unet_config}, input {config.input_size})")
-        network.load_state_dict(start.state_dict())
+        state = start.state_dict()
+        if adding_head:  # channel 0 keeps the lung head, channel 1 starts fresh
+            fresh = network.state_dict()
+            for key in ("head.weight", "head.bias"):
+                fresh[key][:1] = state[key]
+                state[key] = fresh[key]
+            state["head.bias"][1] = NEW_HEAD_BIAS
+            lung_head = (state["head.weight"][:1].clone(), state["head.bias"][:1].clone())
+        if adding_branch:  # the branch starts fresh, with the "few lesions" bias
+            state.update({k: v for k, v in network.state_dict().items() if k.startswith("lesion_")})
+            state["lesion_head.bias"] = torch.full_like(state["lesion_head.bias"], NEW_HEAD_BIAS)
+        network.load_state_dict(state)
     network = network.to(device)
+    if config.lesion_branch:
+        if initial_weights is None:
+            raise LungCBIRError("a lesion branch is trained on trained lung weights: give initial weights (--init)")
+        if config.contrastive_weight:
+            raise LungCBIRError("a lesion branch leaves the bottleneck as it is: train it with --contrastive 0")
+        branch = {id(p) for module in network.lesion_modules() for p in module.parameters()}
+        for parameter in network.parameters():
+            parameter.requires_grad_(id(parameter) in branch)
+    if config.freeze_encoder:
+        if initial_weights is None:
+            raise LungCBIRError("freezing the encoder needs initial weights (--init)")
+        if config.contrastive_weight:
+            raise LungCBIRError("a frozen encoder's bottleneck cannot change: train it with --contrastive 0")
+        for module in _encoder_modules(network):
+            module.requires_grad_(False)
     if device.startswith("cuda"):
         # input shapes never change, so let cuDNN time its algorithms once and keep the fastest
         torch.backends.cudnn.benchmark = True
     head = ProjectionHead(2 * unet_config.bottleneck_channels).to(device)
-    parameters = list(network.parameters()) + (list(head.parameters()) if config.contrastive_weight else [])
-    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    head_parameters = list(network.head.parameters()) if lung_head is not None else []
+    parameters = [p for p in network.parameters() if p.requires_grad and all(p is not h for h in head_parameters)] \
+        + (list(head.parameters()) if config.contrastive_weight else [])
+    groups = [{"params": parameters}]
+    if head_parameters:
+        groups.append({"params": head_parameters, "lr": config.learning_rate * config.new_head_lr_factor})
+    optimizer = torch.optim.Adam(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     neighbours = neighbour_lists(train_samples)
-    steps_per_epoch = max(1, len(train_samples) // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.learning_rate,
+    steps_per_epoch = config.steps_per_epoch or max(1, len(train_samples) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g.get("lr", config.learning_rate) for g in groups],
                                                     total_steps=config.epochs * steps_per_epoch,
                                                     pct_start=0.1)
     state_path = out + ".state"
@@ -365,23 +512,26 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
                                        "train_samples": len(train_samples),
                                        "val_samples": len(val_samples)})
     reports = []
-    network.train()
+    _train_mode(network, config.freeze_encoder)
     order = list(range(len(train_samples)))
     # workers are started once ("spawn": forking after OpenCV and torch have started threads can hang)
     steps = _Steps()
-    loader = torch.utils.data.DataLoader(_Views(train_samples, config.augment, preprocess.hu_window),
+    loader = torch.utils.data.DataLoader(_Views(train_samples, config.augment, preprocess.hu_window,
+                                                config.pathology),
                                          batch_sampler=steps, num_workers=workers, persistent_workers=workers > 0,
                                          multiprocessing_context="spawn" if workers else None,
                                          worker_init_fn=_single_threaded if workers else None)
     for epoch in range(start_epoch, config.epochs):
         began = time.perf_counter()
         rng.shuffle(order)
+        # an epoch of steps_per_epoch steps takes the first views of a fresh shuffle (repeated if it needs more)
+        epoch_order = order * math.ceil(steps_per_epoch * config.batch_size / max(1, len(order)))
         loss_sum = torch.zeros((), device=device)  # summed on the device: .item() per step would wait for the GPU
         # the views of each step, decided here and drawn (in worker processes, if any) from a seed
         # of their own, so a run gives the same result with any number of workers
         batches = []
         for step in range(steps_per_epoch):
-            picked = order[step * config.batch_size:(step + 1) * config.batch_size]
+            picked = epoch_order[step * config.batch_size:(step + 1) * config.batch_size]
             if config.contrastive_weight:  # a second view: the same slice, or half the time a neighbour
                 picked = picked + [rng.choice(neighbours[i]) if neighbours[i] and rng.random() < 0.5 else i
                                    for i in picked]
@@ -396,27 +546,37 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
                 first, second = vectors.chunk(2)
                 loss = loss + config.contrastive_weight * contrastive_loss(first, second,
                                                                            config.contrastive_temperature)
-            if config.infection_head and known.any():
-                loss = loss + config.infection_weight * dice_loss(logits[known][:, 1:2], labels[known][:, 1:2])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if learns_lesions and known.any():  # slices without lesion masks add no lesion loss
+                loss = loss + config.infection_weight * weighted_dice_loss(
+                    logits[known][:, 1:2], labels[known][:, 1:2], labels[known][:, 2:3])
+            if loss.requires_grad:  # a lesion branch learns nothing from a batch without lesion labels
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
             scheduler.step()
+            if lung_head is not None:
+                with torch.no_grad():
+                    network.head.weight[:1] = lung_head[0]
+                    network.head.bias[:1] = lung_head[1]
             loss_sum += loss.detach()
             if on_step:
                 on_step(step + 1, steps_per_epoch, float(loss_sum) / (step + 1))
-        scores = _validate(network, val_samples, preprocess.hu_window, device) if val_samples else [float("nan")]
+        scores, lesion_dice = _validate(network, val_samples, preprocess.hu_window, device,
+                                                config.freeze_encoder) if val_samples \
+            else ([float("nan")], float("nan"))
         mean_dice = float(np.mean(scores))
-        improved = not val_samples or mean_dice > best
+        criterion = mean_dice + (config.lesion_selection_weight * lesion_dice if learns_lesions
+                                 and not math.isnan(lesion_dice) else 0.0)
+        improved = not val_samples or criterion > best
         if improved:
-            best = mean_dice if val_samples else best
-            settings.training.update(epoch=epoch + 1, val_dice_mean=mean_dice)
+            best = criterion if val_samples else best
+            settings.training.update(epoch=epoch + 1, val_dice_mean=mean_dice, val_lesion_dice=lesion_dice)
             save_weights(out, network, settings)
         torch.save({"network": network.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
                     "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, state_path)
         report = EpochReport(epoch + 1, float(loss_sum) / steps_per_epoch, mean_dice, float(np.min(scores)),
-                             time.perf_counter() - began, improved)
+                             time.perf_counter() - began, improved, lesion_dice)
         reports.append(report)
         if on_epoch:
             on_epoch(report)

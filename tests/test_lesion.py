@@ -1,0 +1,168 @@
+"""The optional lesion head: two-channel weights in inference, training it on top of lung-only
+weights (fresh head, frozen encoder), its loss, and its evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lungcbir.inference import LungModel, ModelSettings, load_network, save_weights
+from lungcbir.io import CTSlice
+from lungcbir.model import UNet, UNetConfig
+from lungcbir.preprocess import PreprocessConfig
+
+TWO = UNetConfig(base_channels=4, depth=3, out_channels=2)
+
+
+def _two_channel_weights(path, lesion_bias: float, lung_bias: float = 0.0) -> str:
+    torch.manual_seed(0)
+    network = UNet(TWO)
+    with torch.no_grad():  # steer the outputs: lungs where the random net says so, lesions on or off
+        network.head.bias[0] += lung_bias
+        network.head.bias[1] = lesion_bias
+        network.head.weight[1] = 0
+    save_weights(path, network, ModelSettings(unet=TWO, preprocess=PreprocessConfig(input_size=64),
+                                              postprocess=False))
+    return str(path)
+
+
+def _slices() -> list[CTSlice]:
+    rng = np.random.default_rng(0)
+    return [CTSlice(rng.random((80, 96)).astype(np.float32), "unit", f"s{k}", "png") for k in range(3)]
+
+
+def test_one_channel_weights_have_no_lesion_output(tiny_weights):
+    model = LungModel.load(tiny_weights)
+    assert not model.has_lesion_head
+    result = model.segment(_slices())[0]
+    assert result.lesion_mask is None and result.lesion_fraction is None
+
+
+@pytest.mark.parametrize("bias, expected", [(10.0, 1.0), (-10.0, 0.0)])
+def test_two_channel_weights_give_lesions_inside_the_lungs(tmp_path, bias, expected):
+    model = LungModel.load(_two_channel_weights(tmp_path / "two.pt", bias, lung_bias=3.0))
+    assert model.has_lesion_head
+    for item, result in zip(_slices(), model.segment(_slices())):
+        assert result.lesion_mask.dtype == bool and result.lesion_mask.shape == item.shape
+        assert not (result.lesion_mask & ~result.mask).any()
+        assert result.mask.any()
+        assert result.lesion_fraction == pytest.approx(expected)
+        assert result.lesion_fraction == pytest.approx(result.lesion_mask.sum() / result.mask.sum())
+
+
+def test_lesion_fraction_is_zero_without_lungs(tmp_path):
+    model = LungModel.load(_two_channel_weights(tmp_path / "two.pt", 10.0, lung_bias=-30.0))
+    result = model.segment(_slices())[0]
+    assert not result.mask.any() and result.lesion_fraction == 0.0 and not result.lesion_mask.any()
+
+
+def test_weighted_lesion_loss_ignores_unknown_pixels():
+    from lungcbir.train import dice_loss, weighted_dice_loss
+
+    logits = torch.randn(2, 1, 8, 8, requires_grad=True)
+    target = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    ones = torch.ones_like(target)
+    assert torch.allclose(weighted_dice_loss(logits, target, ones), dice_loss(logits, target))
+    weight = ones.clone()
+    weight[:, :, :4] = 0
+    changed = target.clone()
+    changed[:, :, :4] = 1 - changed[:, :, :4]  # labels flipped where they are unknown
+    assert torch.allclose(weighted_dice_loss(logits, target, weight), weighted_dice_loss(logits, changed, weight))
+    zero = weighted_dice_loss(logits, target, torch.zeros_like(target))
+    zero.backward()
+    assert float(zero.detach()) == 0.0 and float(logits.grad.abs().sum()) == 0.0
+
+
+def test_lesion_head_added_to_lung_weights_with_a_frozen_encoder(tmp_path, tiny_weights):
+    from lungcbir.train import TrainConfig, TrainingSample, train
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for k in range(4):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[16:48, 10:30] = 1
+        pixels = np.where(mask, 0.1, 0.6).astype(np.float32) + rng.uniform(0, 0.05, (64, 64)).astype(np.float32)
+        infection = np.zeros_like(mask)
+        infection[20:30, 12:22] = 1
+        samples.append(TrainingSample(f"s{k}", f"p{k % 2}", pixels, "unit", mask, infection if k < 2 else None))
+    out = str(tmp_path / "lesion.pt")
+    config = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=3, input_size=64, infection_head=True,
+                         freeze_encoder=True, contrastive_weight=0.0, pathology=True, steps_per_epoch=2)
+    reports = train(samples[:3], samples[3:] + samples[:1], out, config, initial_weights=tiny_weights)
+    assert not np.isnan(reports[0].val_lesion_dice)
+    trained, settings, _ = load_network(out)
+    start, _, _ = load_network(tiny_weights)
+    assert settings.unet.out_channels == 2
+    before, after = start.state_dict(), trained.state_dict()
+    for key in before:
+        if key.startswith(("down_blocks", "bottleneck")):  # batch-norm statistics included
+            assert torch.allclose(before[key].float(), after[key].float(), atol=1e-3), key
+    assert not torch.allclose(before["up_blocks.0.0.weight"].float(), after["up_blocks.0.0.weight"].float())
+    # the lung channel of the head is kept; the lesion channel learned from its starting bias
+    assert torch.allclose(before["head.weight"].float(), after["head.weight"][:1].float(), atol=1e-3)
+    assert torch.allclose(before["head.bias"].float(), after["head.bias"][:1].float(), atol=1e-3)
+    assert float(after["head.bias"][1]) != pytest.approx(-2.0)
+
+
+def test_frozen_encoder_needs_initial_weights_and_no_contrastive_loss(tmp_path, tiny_weights):
+    from lungcbir.errors import LungCBIRError
+    from lungcbir.train import TrainConfig, TrainingSample, train
+
+    mask = np.ones((64, 64), np.uint8)
+    sample = TrainingSample("s", "p", np.zeros((64, 64), np.float32), "unit", mask)
+    base = {"epochs": 1, "batch_size": 1, "base_channels": 4, "depth": 3, "input_size": 64, "freeze_encoder": True}
+    with pytest.raises(LungCBIRError, match="initial weights"):
+        train([sample], [], str(tmp_path / "a.pt"), TrainConfig(**base, contrastive_weight=0.0))
+    with pytest.raises(LungCBIRError, match="contrastive"):
+        train([sample], [], str(tmp_path / "b.pt"), TrainConfig(**base), initial_weights=tiny_weights)
+
+
+def test_lesion_evaluation_scores_and_ranks(tmp_path):
+    import cv2
+
+    from lungcbir.evaluate import evaluate_lesions
+
+    model = LungModel.load(_two_channel_weights(tmp_path / "two.pt", 10.0, lung_bias=30.0))
+    triples = []
+    for k, share in enumerate((0.0, 0.25, 0.5)):
+        image = np.random.default_rng(k).integers(0, 256, (64, 64), dtype=np.uint8)
+        lung = np.ones((64, 64), np.uint8) * 255
+        lesion = np.zeros((64, 64), np.uint8)
+        lesion[:int(64 * share)] = 255
+        for name, array in (("ct", image), ("lung", lung), ("lesion", lesion)):
+            cv2.imwrite(str(tmp_path / f"{name}{k}.png"), array)
+        triples.append(tuple(str(tmp_path / f"{name}{k}.png") for name in ("ct", "lung", "lesion")))
+    summary = evaluate_lesions(model, triples).summary()
+    # lesions everywhere in the lungs (all of the image): Dice of each slice = 2 s / (1 + s)
+    assert summary["images_with_lesions"] == 2
+    assert summary["dice_mean_with_lesions"] == pytest.approx(np.mean([2 * 0.25 / 1.25, 2 * 0.5 / 1.5]), abs=1e-6)
+    assert np.isnan(summary["fraction_spearman"])  # the prediction is constant: no ranking
+
+
+def test_lesion_branch_learns_on_frozen_lung_weights(tmp_path, tiny_weights):
+    from lungcbir.train import TrainConfig, TrainingSample, train
+
+    rng = np.random.default_rng(1)
+    samples = []
+    for k in range(4):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[16:48, 10:30] = 1
+        pixels = np.where(mask, 0.1, 0.6).astype(np.float32) + rng.uniform(0, 0.05, (64, 64)).astype(np.float32)
+        infection = np.zeros_like(mask)
+        infection[20:30, 12:22] = 1
+        samples.append(TrainingSample(f"s{k}", f"p{k % 2}", pixels, "unit", mask, infection if k < 2 else None))
+    out = str(tmp_path / "branch.pt")
+    config = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=3, input_size=64, lesion_branch=True,
+                         contrastive_weight=0.0, pathology=True, steps_per_epoch=3)
+    train(samples[:3], samples[:1], out, config, initial_weights=tiny_weights)
+    before, after = LungModel.load(tiny_weights), LungModel.load(out)
+    assert after.has_lesion_head and not before.has_lesion_head
+    trained, _, _ = load_network(out)
+    start, _, _ = load_network(tiny_weights)
+    for key, value in start.state_dict().items():  # every lung weight and statistic as it was
+        assert torch.equal(value.half(), trained.state_dict()[key].half()), key
+    items = _slices()
+    for old, new in zip(before.segment(items), after.segment(items)):
+        assert np.array_equal(old.mask, new.mask) and np.abs(old.vector - new.vector).max() < 1e-5, np.abs(old.vector - new.vector).max()
+        assert new.lesion_mask is not None and not (new.lesion_mask & ~new.mask).any()
