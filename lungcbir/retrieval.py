@@ -694,10 +694,10 @@ def together_vector(examples: np.ndarray, unlike: np.ndarray | None = None,
     """normalise(normalise(mean(examples)) - unlike_weight * normalise(mean(unlike))).
 
     Example:
-        >>> together_vector(np.array([[1.0, 0.0], [0.0, 1.0]])).round(3).tolist()
+        >>> [round(float(v), 3) for v in together_vector(np.array([[1.0, 0.0], [0.0, 1.0]]))]
         [0.707, 0.707]
-        >>> together_vector(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[0.0, 1.0]]), 0.5).round(3).tolist()
-        [0.894, 0.447]
+        >>> [round(float(v), 3) for v in together_vector(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[0.0, 1.0]]))]
+        [0.96, 0.281]
     """
     def unit(vector: np.ndarray) -> np.ndarray:
         return vector / max(float(np.linalg.norm(vector)), 1e-8)
