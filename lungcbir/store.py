@@ -338,16 +338,25 @@ class Store:
 
     def check_model(self, model_id: str, dimension: int) -> None:
         """Raise if the store holds vectors of another model; claim an empty store."""
-        with Session(self.engine) as session, session.begin():
+        with Session(self.engine) as session:
             stored = self._setting(session, "model_id")
-            if stored is None:
-                self._refuse_if_read_only()
-                session.merge(StoreSetting(key="model_id", value=model_id))
-                session.merge(StoreSetting(key="dimension", value=str(dimension)))
-            elif stored != model_id:
-                raise StoreError(f"this database holds vectors of model {stored}, not of the model in use "
-                                 f"({model_id}); re-index into a new --db and --index-dir with this model, "
-                                 f"or use the weights the database was indexed with")
+        if stored is None:
+            self._refuse_if_read_only()
+            # machines starting together on an empty database race to claim it: the first
+            # claim stands (INSERT ... ON CONFLICT DO NOTHING), the others read it back
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(_insert_ignoring_duplicates(
+                        self.engine.dialect.name, StoreSetting,
+                        [{"key": "model_id", "value": model_id}, {"key": "dimension", "value": str(dimension)}]))
+            except SQLAlchemyError as error:
+                raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
+            with Session(self.engine) as session:
+                stored = self._setting(session, "model_id")
+        if stored != model_id:
+            raise StoreError(f"this database holds vectors of model {stored}, not of the model in use "
+                             f"({model_id}); re-index into a new --db and --index-dir with this model, "
+                             f"or use the weights the database was indexed with")
 
     def _refuse_if_read_only(self) -> None:
         if self.read_only:

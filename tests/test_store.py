@@ -363,3 +363,29 @@ def test_database_without_the_mask_column_gets_it_on_open(store_paths):
     assert reopened.masks(ids) == {} and sorted(reopened.records(ids)) == ids
     assert reopened.search(unit(1), 2)[1].shape == (1, 2)
     Store(**store_paths)  # opening again (the column is there now) is fine
+
+
+def test_writers_starting_together_on_an_empty_database_all_claim_it(store_paths, tmp_path):
+    """Three indexing machines started at once on a new database: each checks the model and
+    claims the empty store; the first claim stands and nobody fails (a select-then-insert raced)."""
+    import threading
+
+    stores = [Store(store_paths["db_url"], tmp_path / f"index{n}") for n in range(8)]
+    barrier, errors = threading.Barrier(len(stores)), []
+
+    def claim(store):
+        barrier.wait()
+        try:
+            store.check_model("m1", 8)
+        except Exception as error:  # noqa: BLE001 - the test reports whatever went wrong
+            errors.append(error)
+
+    threads = [threading.Thread(target=claim, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert all(store.model_id == "m1" and store.dimension == 8 for store in stores)
+    with pytest.raises(StoreError, match="holds vectors of model m1"):
+        stores[0].check_model("m2", 8)
