@@ -13,7 +13,6 @@ Exit status (every command):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from .errors import LungCBIRError, ReadError, SegError
+from .errors import FilterError, LungCBIRError, ReadError, SegError
 from .config import DB_ENV, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, INDEX_DIR_ENV, Settings
 from .store import DEFAULT_CLAIM_TIMEOUT_S
 from .websecurity import (WebSettings, check_exposure, default_allowed_hosts, is_loopback, load_token,
@@ -178,13 +177,13 @@ def index_dataset(paths, labels, case_pattern, exclude, batch_size, quiet, wait,
 
 
 def parse_where(pairs) -> dict[str, str]:
-    filters = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--where")
-        filters[key.strip()] = value.strip()
-    return filters
+    """``--where`` values as a filter (:func:`lungcbir.retrieval.parse_filters`), bad ones as usage errors."""
+    from .retrieval import parse_filters
+
+    try:
+        return parse_filters(pairs)
+    except FilterError as error:
+        raise click.BadParameter(str(error), param_hint="--where") from None
 
 
 def _read_inputs(paths):
@@ -329,7 +328,7 @@ def _query_together(retriever, images, unlike, k, filters, per_patient, other_pa
 
 def _query_series(retriever, inputs, k, filters, as_json) -> bool:
     """Answer every source (a series folder or a volume); True when any file of any source failed."""
-    from .io import dicom_series_positions
+    from .retrieval import series_in_order
 
     any_failed = False
     for source in inputs:
@@ -337,9 +336,7 @@ def _query_series(retriever, inputs, k, filters, as_json) -> bool:
         any_failed = any_failed or bool(failures)
         if not readable:
             continue  # every file of this source failed; each was listed
-        slices = [item for _, items in readable for item in items]
-        positions = dicom_series_positions([path for path, _ in readable])
-        slices.sort(key=lambda item: (positions.get(item.path, 0), item.frame))
+        slices = series_in_order(readable)
         matches = retriever.query_series(slices, k, filters)
         if as_json:
             click.echo(json.dumps({"query": source, "slices": len(slices), "cases": [
@@ -610,19 +607,14 @@ def train(images, masks, out, epochs, batch_size, learning_rate, val_fraction, g
     """
     from tqdm import tqdm
 
-    from .train import TrainConfig, group_of, load_sample, pair_folders, position_of, split_by_group
+    from .train import TrainConfig, split_by_group, training_samples
     from .train import train as run_training
 
     if len(images) != len(masks):
         raise click.UsageError("give --images and --masks the same number of times")
     config = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                          base_channels=base_channels, contrastive_weight=contrastive)
-    samples = []
-    for image_dir, mask_dir in zip(images, masks):
-        for image, mask in pair_folders(image_dir, mask_dir):
-            group = group_of(image, group_regex)
-            samples.append(dataclasses.replace(load_sample(image, mask, config.input_size, group), series=group,
-                                               position=position_of(image, group_regex)))
+    samples = training_samples(list(zip(images, masks)), config.input_size, group_regex)
     train_set, val_set = split_by_group(samples, val_fraction, seed)
     click.echo(f"{len(train_set)} training slices, {len(val_set)} validation slices "
                f"({len({s.group for s in val_set})} held-out groups)")
@@ -666,22 +658,15 @@ def evaluate(images, masks, held_out, postprocess, as_json, weights, device):
       lungcbir evaluate --images ct/ --masks lungs/
       lungcbir evaluate --held-out
     """
-    from .datasets import covid_slices, kaggle_slices
-    from .evaluate import evaluate_lesions, evaluate_segmentation
+    from .datasets import covid_slices
+    from .evaluate import evaluate_lesions, evaluate_segmentation, evaluation_groups
     from .inference import LungModel
-    from .train import pair_folders
 
     if len(images) != len(masks):
         raise click.UsageError("give --images and --masks the same number of times")
     if not images and not held_out:
         raise click.UsageError("give --images DIR --masks DIR, or --held-out")
-    groups = {}
-    if images:
-        groups["given folders"] = [pair for image_dir, mask_dir in zip(images, masks)
-                                   for pair in pair_folders(image_dir, mask_dir)]
-    if held_out:
-        groups["kaggle-lungs-2d test"] = [(s.image, s.mask) for s in kaggle_slices()["test"]]
-        groups["covid19-ct-lungmask test"] = [(s.image, s.mask) for s in covid_slices()["test"]]
+    groups = evaluation_groups(list(zip(images, masks)), held_out)
     model = LungModel.load(weights, device)
     if postprocess is not None:
         model.settings.postprocess = postprocess

@@ -49,5 +49,10 @@ class DicomwebError(LungCBIRError):
     """A DICOMweb archive cannot be searched or refuses what we store (unreachable, HTTP error)."""
 
 
+class FilterError(LungCBIRError):
+    """A result filter is malformed (not KEY=VALUE) or names a key that is neither a stored label
+    nor a metadata column; the CLI reports it as bad usage, the web as 422."""
+
+
 class UploadRefused(LungCBIRError):
     """An uploaded series is over its limits (files, bytes, a ZIP bomb) or holds no readable slice."""

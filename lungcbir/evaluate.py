@@ -8,9 +8,14 @@ from typing import Sequence
 
 import numpy as np
 
+from .datasets import covid_slices, kaggle_slices
 from .inference import LungModel
 from .io import read_file, read_mask
-from .train import dice_score
+from .train import dice_score, pair_folders
+
+#: Names of the groups :func:`evaluation_groups` makes.
+GIVEN_FOLDERS = "given folders"
+HELD_OUT_GROUPS = ("kaggle-lungs-2d test", "covid19-ct-lungmask test")
 
 
 @dataclass
@@ -140,3 +145,16 @@ def evaluate_lesions(model: LungModel, triples: Sequence[tuple[str, str, str]],
                                       float(truth.sum() / lungs.sum()) if lungs.any() else 0.0,
                                       float(result.lesion_fraction)))
     return LesionEvaluation(scores, overlap, total)
+def evaluation_groups(folders: Sequence[tuple[str, str]], held_out: bool = False
+                      ) -> dict[str, list[tuple[str, str]]]:
+    """The (image, mask) pairs to score, by group name: every image of the given (image folder,
+    mask folder) pairs as one group, and with ``held_out`` the bundled model's held-out test
+    slices of the shared data, one group per dataset (so each is reported on its own)."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    if folders:
+        groups[GIVEN_FOLDERS] = [pair for image_dir, mask_dir in folders for pair in pair_folders(image_dir, mask_dir)]
+    if held_out:
+        kaggle, covid = HELD_OUT_GROUPS
+        groups[kaggle] = [(s.image, s.mask) for s in kaggle_slices()["test"]]
+        groups[covid] = [(s.image, s.mask) for s in covid_slices()["test"]]
+    return groups

@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .config import Settings
-from .errors import DicomwebError, LungCBIRError, ReadError, StoreError
+from .errors import DicomwebError, FilterError, LungCBIRError, ReadError, StoreError
 from .identity import Identity, IdentityResolver, compile_case_pattern
 from .inference import LungModel, Segmentation
 from .io import (CTSlice, ReadFailure, SourceFormat, classify_intensity, dicom_series_positions, find_image_files,
                  read_file, supported_formats)
 from .quality import Quality
-from .store import DEFAULT_CLAIM_TIMEOUT_S, ImageRecord, SeriesClaim, Store, claimer_name, encode_mask, safe_url
+from .store import (DEFAULT_CLAIM_TIMEOUT_S, FILTER_COLUMNS, ImageRecord, SeriesClaim, Store, claimer_name, encode_mask,
+                    safe_url)
 
 if TYPE_CHECKING:
     from .dicom_seg import SegWritten
@@ -155,6 +156,34 @@ def read_labels(csv_path: str | os.PathLike) -> dict[str, dict[str, str]]:
             return labels
     except OSError as error:
         raise LungCBIRError(f"{csv_path}: cannot read labels ({error.strerror})") from None
+
+
+def parse_filters(pairs: Iterable[str]) -> dict[str, str]:
+    """``KEY=VALUE`` texts (the CLI's ``--where``, the web's comma-separated ``where``) as a
+    filter for :meth:`Retriever.query`; key and value are stripped, a later key wins.
+
+    Raises :class:`~lungcbir.errors.FilterError` for a text without ``=`` or with an empty key.
+
+    Example:
+        >>> parse_filters(["diagnosis = covid", "patient_id=P1"])
+        {'diagnosis': 'covid', 'patient_id': 'P1'}
+    """
+    filters = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise FilterError(f"filter {pair!r}: expected KEY=VALUE")
+        filters[key.strip()] = value.strip()
+    return filters
+
+
+def series_in_order(files: Sequence[tuple[str, Sequence[CTSlice]]]) -> list[CTSlice]:
+    """The slices of one series or volume (each file with the slices read from it) in slice
+    order: DICOM files by their position in the series (headers, not file names), then by frame;
+    files without a position keep their order."""
+    slices = [item for _, items in files for item in items]
+    positions = dicom_series_positions([path for path, _ in files])
+    return sorted(slices, key=lambda item: (positions.get(item.path, 0), item.frame))
 
 
 def _read_or_error(path: str) -> list[CTSlice] | ReadError:
@@ -565,6 +594,34 @@ class Retriever:
                 continue  # the stored file is gone; the table still lists it
         masks = self.stored_masks([(neighbor.id, item) for neighbor, item in found])
         return [(neighbor, item, mask) for (neighbor, item), mask in zip(found, masks)]
+
+    def resolve_filters(self, wanted: dict[str, list[str]]) -> dict[str, str | list[str]]:
+        """Filter keys and values as typed by a person, matched to the stored ones
+        case-insensitively (a value may match several stored spellings: all of them count).
+
+        A key that is neither a stored label nor one of :data:`lungcbir.store.FILTER_COLUMNS`
+        raises :class:`~lungcbir.errors.FilterError`, so a typing error does not pass for "no
+        similar case". A key with one value maps to that value, with several to their sorted list.
+        """
+        if not wanted:
+            return {}
+        stored_labels = self.store(create=False).label_values()
+        keys = {key.lower(): key for key in stored_labels}
+        filters: dict[str, str | list[str]] = {}
+        for key, values in wanted.items():
+            if key.lower() in keys:
+                real = keys[key.lower()]
+                spellings: dict[str, list[str]] = {}
+                for value in stored_labels[real]:
+                    spellings.setdefault(value.lower(), []).append(value)
+                matched = [s for v in values for s in spellings.get(v.lower(), [v])]
+            elif key.lower() in FILTER_COLUMNS:
+                real, matched = key.lower(), list(values)
+            else:
+                known = ", ".join([*stored_labels, *FILTER_COLUMNS])
+                raise FilterError(f"unknown label key {key!r}; known keys: {known}")
+            filters[real] = sorted(set(matched)) if len(set(matched)) > 1 else matched[0]
+        return filters
 
     def query_series(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
                      pairs: int = 3) -> list[SeriesMatch]:

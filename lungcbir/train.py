@@ -17,8 +17,7 @@ import os
 import random
 import re
 import time
-import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 import cv2
@@ -444,7 +443,7 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
         start, start_settings, _ = load_network(None if initial_weights == "bundled" else initial_weights)
         adding_head = (start_settings.unet.out_channels, unet_config.out_channels) == (1, 2)
         adding_branch = config.lesion_branch and not start_settings.unet.lesion_branch
-        comparable = dataclasses.replace(start_settings.unet, out_channels=unet_config.out_channels,
+        comparable = replace(start_settings.unet, out_channels=unet_config.out_channels,
                                          lesion_branch=unet_config.lesion_branch)
         if comparable != unet_config or start_settings.preprocess.input_size != config.input_size:
             raise LungCBIRError(f"{initial_weights}: its network ({start_settings.unet}, input "
@@ -603,6 +602,25 @@ def group_of(path: str, pattern: str) -> str:
     """The patient/volume a file belongs to: the first group of ``pattern`` in its name."""
     match = re.search(pattern, os.path.basename(path))
     return match.group(1) if match and match.groups() else _stem(path)
+
+
+def training_samples(folders: Sequence[tuple[str, str]], input_size: int, group_regex: str
+                     ) -> list[TrainingSample]:
+    """Every image of each (image folder, mask folder) pair as a sample at the model input size,
+    with its group (patient/volume, the first group of ``group_regex`` in the file name), its
+    series (the same group) and its position in that series (the pattern's second group).
+
+    Example:
+        >>> samples = training_samples([("ct/", "lungs/")], 256, r"^(.+?)_[kzs]_?(\\d+)")  # doctest: +SKIP
+        >>> train_set, val_set = split_by_group(samples, 0.15)                            # doctest: +SKIP
+    """
+    samples = []
+    for image_dir, mask_dir in folders:
+        for image, mask in pair_folders(image_dir, mask_dir):
+            group = group_of(image, group_regex)
+            samples.append(replace(load_sample(image, mask, input_size, group), series=group,
+                                   position=position_of(image, group_regex)))
+    return samples
 
 
 def position_of(path: str, pattern: str) -> int | None:

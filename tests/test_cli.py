@@ -222,3 +222,15 @@ def test_query_no_pictures_writes_no_files(run, phantom_dir, tmp_path, segment_c
     assert answer["neighbors"] and not out.exists()
     table = run("query", image, "--k", "5", "--out", str(out), "--no-pictures")
     assert table.exit_code == 0 and "rank" in table.output and not out.exists()
+
+
+@pytest.mark.parametrize("where", ["diagnosis", "=covid", " =covid"])
+def test_query_where_that_is_not_key_value_is_bad_usage(where, tmp_path):
+    # one parser for the CLI and the web (lungcbir.retrieval.parse_filters); a blank key is
+    # refused too instead of filtering on a label named ""
+    image = tmp_path / "q.png"
+    image.write_bytes(b"not read: the options are checked first")
+    result = CliRunner().invoke(main, ["query", str(image), "--where", where, "--db",
+                                       f"sqlite:///{tmp_path / 'db.sqlite'}", "--index-dir", str(tmp_path / "i")])
+    assert result.exit_code == 2 and "--where" in result.output and "expected KEY=VALUE" in result.output
+    assert "Traceback" not in result.output

@@ -54,3 +54,23 @@ def test_evaluate_command_goes_on_past_a_mask_without_lungs(tmp_path, tiny_weigh
                                   str(tmp_path / "ph" / "masks"), "--json", "--weights", tiny_weights])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["given folders"]["summary"]["images"] == 3
+
+
+def test_evaluation_groups_name_the_given_folders_and_each_held_out_dataset(phantom_dir, monkeypatch):
+    # issue 18 item 3: the CLI's `evaluate` assembles its groups through this core function
+    import lungcbir.evaluate as evaluate
+    from lungcbir.train import pair_folders
+
+    folders = [(str(phantom_dir / "png"), str(phantom_dir / "masks"))]
+    assert evaluate.evaluation_groups(folders) == {"given folders": pair_folders(*folders[0])}
+    assert evaluate.evaluation_groups([]) == {}
+
+    class Held:
+        def __init__(self, name):
+            self.image, self.mask = f"{name}.png", f"{name}_mask.png"
+
+    monkeypatch.setattr(evaluate, "kaggle_slices", lambda: {"test": [Held("k1"), Held("k2")], "train": [Held("x")]})
+    monkeypatch.setattr(evaluate, "covid_slices", lambda: {"test": [Held("c1")]})
+    groups = evaluate.evaluation_groups([], held_out=True)
+    assert groups == {"kaggle-lungs-2d test": [("k1.png", "k1_mask.png"), ("k2.png", "k2_mask.png")],
+                      "covid19-ct-lungmask test": [("c1.png", "c1_mask.png")]}

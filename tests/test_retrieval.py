@@ -149,3 +149,47 @@ def test_stored_masks_come_from_the_rows_and_old_rows_fall_back_to_the_model(pha
         connection.execute(text("UPDATE images SET mask_png = NULL WHERE id = :id"), {"id": stored[1][0]})
     again = retriever.stored_masks(stored)
     assert calls == [1] and all(np.array_equal(a, b) for a, b in zip(again, made))
+
+
+# issue 18 item 3: filters and series order in the core, for the CLI and the web alike -----------
+
+def test_parse_filters_strips_and_refuses_what_is_not_key_value():
+    from lungcbir.errors import FilterError
+    from lungcbir.retrieval import parse_filters
+
+    assert parse_filters([" diagnosis = covid ", "patient_id=P1", "note="]) == \
+        {"diagnosis": "covid", "patient_id": "P1", "note": ""}
+    for bad in ("diagnosis", "=covid", " =covid"):
+        with pytest.raises(FilterError, match="expected KEY=VALUE"):
+            parse_filters(["patient_id=P1", bad])
+
+
+def test_series_in_order_follows_the_headers_not_the_file_names(phantom_dir):
+    from lungcbir.io import read_file
+    from lungcbir.retrieval import series_in_order
+
+    files = sorted((phantom_dir / "dicom" / "phantom01").glob("*.dcm"), reverse=True)
+    read = [(str(path), read_file(str(path))) for path in files]
+    ordered = series_in_order(read)
+    assert len(ordered) == len(files) > 2
+    locations = [item.slice_location for item in ordered]
+    assert locations == sorted(locations, reverse=True)  # most superior first
+    assert [item.instance_number for item in ordered] != [items[0].instance_number for _, items in read]
+
+
+def test_resolve_filters_matches_stored_spellings_and_refuses_unknown_keys(phantom_dir, tiny_weights, tmp_path):
+    from lungcbir.errors import FilterError
+
+    labels = tmp_path / "labels.csv"
+    rows = [f"{path},{'COVID-19' if path.parent.name == 'phantom01' else 'Normal'}"
+            for path in sorted((phantom_dir / "dicom").rglob("*.dcm"))]
+    labels.write_text("path,diagnosis\n" + "\n".join(rows) + "\n")
+    retriever = Retriever(weights=tiny_weights, db_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                          index_dir=str(tmp_path / "index"))
+    retriever.index_dataset([phantom_dir / "dicom"], labels=str(labels))
+    assert retriever.resolve_filters({}) == {}
+    assert retriever.resolve_filters({"DIAGNOSIS": ["covid-19"]}) == {"diagnosis": "COVID-19"}
+    assert retriever.resolve_filters({"diagnosis": ["normal", "Covid-19"]}) == {"diagnosis": ["COVID-19", "Normal"]}
+    assert retriever.resolve_filters({"Patient_ID": ["PHANTOM01"]}) == {"patient_id": "PHANTOM01"}
+    with pytest.raises(FilterError, match="unknown label key 'diagnosys'"):
+        retriever.resolve_filters({"diagnosys": ["CAP"]})

@@ -141,3 +141,21 @@ def test_training_can_start_from_trained_weights(tmp_path):
     with pytest.raises(LungCBIRError, match="does not match"):
         train(samples, [], str(tmp_path / "x.pt"), TrainConfig(**{**config.__dict__, "base_channels": 6}),
               initial_weights=first)
+
+
+def test_training_samples_take_group_series_and_position_from_the_file_names(phantom_dir):
+    # issue 18 item 3: the CLI's `train` assembles its samples through this core function
+    from pathlib import Path
+
+    from lungcbir.train import pair_folders, training_samples
+
+    folders = [(str(phantom_dir / "png"), str(phantom_dir / "masks"))]
+    samples = training_samples(folders, 64, r"^(.+?)_[kzs]_?(\d+)")
+    pairs = pair_folders(*folders[0])
+    assert len(samples) == len(pairs) > 2
+    for sample, (image, _) in zip(samples, pairs):
+        group, number = Path(image).stem.rsplit("_s", 1)
+        assert (sample.group, sample.series, sample.position) == (group, group, int(number))
+        assert sample.pixels.shape == sample.mask.shape == (64, 64) and sample.mask.any()
+    no_position = training_samples(folders, 64, r"^(.+?)_")  # one group: no slice number
+    assert {s.position for s in no_position} == {None} and {s.group for s in no_position} == {"phantom01", "phantom02"}

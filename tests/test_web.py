@@ -45,6 +45,41 @@ def test_health_page_and_openapi(client):
         assert path in paths
 
 
+#: What an answer that is not JSON may be documented as.
+NOT_JSON = {"image/png", "application/octet-stream"}
+
+
+def test_openapi_documents_a_schema_for_every_answer(client):
+    # issue 18 item 3: every JSON answer and error has a response model, so /openapi.json (and
+    # /docs) says what each route answers; picture and file routes say their media type
+    document = client.get("/openapi.json").json()
+    components = document["components"]["schemas"]
+
+    def properties(schema: dict) -> dict:
+        if "$ref" in schema:
+            schema = components[schema["$ref"].rsplit("/", 1)[1]]
+        return schema.get("properties", {})
+
+    json_routes = set()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            content = operation["responses"]["200"].get("content")
+            assert content, (method, path)
+            for media, body in content.items():
+                if media == "application/json":
+                    json_routes.add(path)
+                    assert properties(body.get("schema", {})), (method, path, body)
+                else:
+                    assert media in NOT_JSON, (method, path, media)
+            if path.startswith("/api/"):
+                error = operation["responses"]["404"]["content"]["application/json"]["schema"]
+                assert "detail" in properties(error), (method, path)
+    assert {"/healthz", "/api/query", "/api/query-together", "/api/query-series", "/api/segment",
+            "/api/images/{image_id}", "/api/images/{image_id}/series", "/api/labels", "/api/stats"} <= json_routes
+    assert "neighbors" in properties(components["QueryAnswer"])
+    assert components["Neighbor"].get("additionalProperties") is True  # keys added by Neighbor.to_json pass through
+
+
 def test_query_returns_cli_structure_plus_urls(client, phantom_dir):
     answer = client.post("/api/query", files={"file": ("q.png", phantom_png(phantom_dir), "image/png")},
                          data={"k": "4", "per_patient": "0"}).json()

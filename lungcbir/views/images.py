@@ -1,0 +1,92 @@
+"""Routes of one stored slice, by database id only (never a path from the request): its
+metadata, thumbnail, overlay, pixels, mask and original file."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import cv2
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse, Response
+
+from ..dicomweb import is_dicomweb_url
+from ..visualize import display_image, mask_png, overlay
+from .schemas import ERROR_RESPONSES, ImageMetadata
+from .state import (
+    PIXEL_KIND_HEADER,
+    THUMBNAIL_SIDE,
+    AppState,
+    image_urls,
+    pixel_png,
+    png,
+    public_name,
+)
+
+router = APIRouter(responses=ERROR_RESPONSES)
+#: The OpenAPI description of a PNG answer.
+PNG_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "A PNG picture"}}
+
+
+@router.get("/api/images/{image_id}", response_model=ImageMetadata)
+def image_metadata(web: AppState, image_id: int) -> dict[str, Any]:
+    """Metadata of one stored slice."""
+    record = web.stored(image_id)
+    return {"id": record.id, "path": public_name(record.path), "source_format": record.source_format,
+            "width": record.width, "height": record.height, "patient_id": record.patient_id,
+            "study_uid": record.study_uid, "series_uid": record.series_uid, "sop_uid": record.sop_uid,
+            "url": record.path if is_dicomweb_url(record.path) else None,
+            "instance_number": record.instance_number, "slice_location": record.slice_location,
+            "slice_index": record.slice_index, "frame": record.frame, "labels": record.labels,
+            "lung_fraction": record.lung_fraction, "model_id": record.model_id,
+            "indexed_at": record.indexed_at.isoformat() if record.indexed_at else None,
+            "file_name": public_name(record.path), **image_urls(record.id)}
+
+
+@router.get("/api/images/{image_id}/thumbnail", response_class=Response, responses=PNG_RESPONSE)
+def thumbnail(web: AppState, image_id: int) -> Response:
+    """The stored slice in the lung window, at most 192 pixels wide."""
+    picture = display_image(web.stored_slice(image_id))
+    scale = THUMBNAIL_SIDE / max(picture.shape)
+    if scale < 1:
+        picture = cv2.resize(picture, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return Response(png(picture), media_type="image/png")
+
+
+@router.get("/api/images/{image_id}/overlay", response_class=Response, responses=PNG_RESPONSE)
+def stored_overlay(web: AppState, image_id: int) -> Response:
+    """The stored slice with its own lung contour."""
+    item = web.stored_slice(image_id)
+    with web.model_lock:
+        mask = web.retriever.stored_masks([(image_id, item)])[0]  # kept in the row; the model only for old rows
+    return Response(png(overlay(item, mask)), media_type="image/png")
+
+
+@router.get("/api/images/{image_id}/pixels", response_class=Response, responses=PNG_RESPONSE)
+def stored_pixels(web: AppState, image_id: int) -> Response:
+    """The stored slice at full resolution as a 16-bit grey PNG for windowing: HU + 1024 when
+    the header X-Pixel-Kind is "hu", 8-bit display values (0-255) when it is "display"."""
+    data, kind = pixel_png(web.stored_slice(image_id))
+    return Response(data, media_type="image/png", headers={PIXEL_KIND_HEADER: kind})
+
+
+@router.get("/api/images/{image_id}/mask.png", response_class=Response, responses=PNG_RESPONSE)
+def stored_mask(web: AppState, image_id: int) -> Response:
+    """The stored slice's lung mask (0/255, the slice's own size)."""
+    item = web.stored_slice(image_id)
+    with web.model_lock:
+        mask = web.retriever.stored_masks([(image_id, item)])[0]
+    return Response(png(mask_png(mask)), media_type="image/png")
+
+
+@router.get("/api/images/{image_id}/file", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "The original file"}})
+def stored_file(web: AppState, image_id: int) -> FileResponse:
+    """The stored slice's original file, named by its file name only (an archive's
+    instances are not served here: open their ``url`` in the archive)."""
+    record = web.stored(image_id)
+    if is_dicomweb_url(record.path):
+        raise HTTPException(404, f"image {image_id} is stored in a DICOMweb archive; open its url there")
+    if not os.path.isfile(record.path):
+        raise HTTPException(410, f"the file of image {image_id} is no longer readable")
+    return FileResponse(record.path, filename=public_name(record.path), media_type="application/octet-stream")

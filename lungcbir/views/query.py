@@ -1,0 +1,89 @@
+"""Routes that search or segment uploaded slices: ``/api/query``, ``/api/query-together``,
+``/api/segment`` and the pictures of their answers (``/api/results/...``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from fastapi.responses import Response
+
+from ..io import CTSlice
+from ..retrieval import QueryResult
+from .schemas import ERROR_RESPONSES, QueryAnswer, SegmentAnswer, TogetherAnswer
+from .state import PIXEL_KIND_HEADER, AppState, check_k, result_urls
+
+router = APIRouter(responses=ERROR_RESPONSES)
+
+
+def query_tags(item: CTSlice) -> dict[str, Any]:
+    """What the query file itself says about where it comes from (DICOM tags; None when unknown)."""
+    return {"source_format": item.source_format, "patient_id": item.patient_id, "study_uid": item.study_uid,
+            "series_uid": item.series_uid, "instance_number": item.instance_number,
+            "slice_location": item.slice_location}
+
+
+@router.post("/api/query", response_model=QueryAnswer, response_model_exclude_unset=True)
+def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 5,
+              where: Annotated[str, Form()] = "", per_patient: Annotated[int, Form()] = 1,
+              other_patients: Annotated[bool, Form()] = False, labels: Annotated[str, Form()] = "") -> dict[str, Any]:
+    """Upload a slice; get its lung fraction, mask and overlay URLs and the k nearest stored slices.
+
+    A volume (NIfTI) is queried by its middle slice, and the answer says so (``frame``,
+    ``slices_in_file``, ``note``); ``/api/query-series`` queries the whole volume.
+    ``labels`` (JSON ``{"key": ["value", ...]}``) filters like ``where``, several values
+    per key, case-insensitive. ``other_patients``: leave out the query's own patient (of its
+    stored copy, or its DICOM PatientID).
+    """
+    check_k(k)
+    filters = web.filters(where, labels)
+    item, count = web.middle_slice(file)
+    with web.model_lock:
+        result = web.retriever.query_slices([item], k, filters, max(0, per_patient), other_patients)[0]
+    token = web.render(result)
+    volume = {}
+    if count > 1:
+        volume = {"note": f"{item.path} is a volume of {count} slices: slice {item.frame + 1} (the middle "
+                          "one) was queried; query the whole series to use them all"}
+    return {"query": item.path, **result_urls(token), **result.summary_json(),
+            "width": item.shape[1], "height": item.shape[0], "frame": item.frame,
+            "slices_in_file": count, **volume, "query_tags": query_tags(item),
+            "neighbors": web.neighbors_json(result.neighbors)}
+
+
+@router.post("/api/query-together", response_model=TogetherAnswer, response_model_exclude_unset=True)
+def api_query_together(web: AppState, files: Annotated[list[UploadFile], File()],
+                       unlike: Annotated[list[UploadFile] | None, File()] = None, k: Annotated[int, Form()] = 5,
+                       where: Annotated[str, Form()] = "", per_patient: Annotated[int, Form()] = 1,
+                       other_patients: Annotated[bool, Form()] = False) -> dict[str, Any]:
+    """Upload several slices (``files``) and optionally ``unlike`` ones; one search with the mean
+    of their vectors ("more like these, less like that"). The examples themselves are never returned."""
+    check_k(k)
+    filters = web.filters(where, "")
+    # a volume takes part by its middle slice, as in /api/query
+    examples = [web.middle_slice(f)[0] for f in files]
+    disliked = [web.middle_slice(f)[0] for f in unlike or []]
+    with web.model_lock:
+        result = web.retriever.query_together(examples, disliked, k, filters, max(0, per_patient), other_patients)
+    return {"queries": [item.path for item in examples], "unlike": [item.path for item in disliked],
+            "neighbors": web.neighbors_json(result.neighbors)}
+
+
+@router.post("/api/segment", response_model=SegmentAnswer, response_model_exclude_unset=True)
+def api_segment(web: AppState, file: Annotated[UploadFile, File()]) -> dict[str, Any]:
+    """Upload a slice; get its lung fraction and mask and overlay URLs."""
+    item, count = web.middle_slice(file)
+    with web.model_lock:
+        segmentation = web.retriever.segment_slices([item])[0]
+    token = web.render(QueryResult(item, segmentation.mask, segmentation.lung_fraction, []))
+    return {"query": item.path, **result_urls(token), "frame": item.frame, "slices_in_file": count,
+            **segmentation.summary_json(), "width": item.shape[1], "height": item.shape[0]}
+
+
+@router.get("/api/results/{token}/{kind}.png", include_in_schema=False)
+def result_picture(web: AppState, token: str, kind: str) -> Response:
+    rendered = web.results.get(token)
+    if rendered is None or kind not in ("mask", "overlay", "pixels"):
+        raise HTTPException(404, "result not found (results are kept for the most recent queries only)")
+    headers = {PIXEL_KIND_HEADER: rendered.kind} if kind == "pixels" else None
+    return Response(getattr(rendered, kind), media_type="image/png", headers=headers)

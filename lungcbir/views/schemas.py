@@ -1,0 +1,242 @@
+"""Pydantic models of every JSON answer of the web API, so ``/openapi.json`` documents them.
+
+The keys are those the API has always answered (the page, the CLI's ``--json`` and the tests
+read them). Keys shown only sometimes (``warning``, ``note``, a neighbour's ``url`` and its
+stored-row fields) have defaults and are left out of an answer when not set: routes use
+``response_model_exclude_unset=True``. Objects built from the core's own JSON
+(:meth:`lungcbir.retrieval.Neighbor.to_json`, :class:`lungcbir.store.StoreStats`) allow extra
+keys, so a field added there reaches the client without a change here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    """Every error answer: one line of text (never a traceback, server path or database URL);
+    FastAPI's own request validation answers a list of problems instead."""
+
+    detail: str | list[dict[str, Any]]
+
+
+#: The error answers documented on every API route.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorDetail, "description": "Bad request (a filter, a Host header)"},
+    401: {"model": ErrorDetail, "description": "Missing or wrong bearer token (when the server has one)"},
+    404: {"model": ErrorDetail, "description": "Unknown image id or result"},
+    413: {"model": ErrorDetail, "description": "Upload larger than the limit"},
+    415: {"model": ErrorDetail, "description": "Unsupported file type"},
+    422: {"model": ErrorDetail, "description": "Unreadable file, bad parameter or unknown filter key"},
+    503: {"model": ErrorDetail, "description": "Database unavailable, or too many uploads being decoded"},
+}
+
+
+class Health(BaseModel):
+    """``/healthz``: the server answers."""
+
+    status: str = Field(examples=["ok"])
+
+
+class Neighbor(BaseModel):
+    """One stored slice found for a query: the CLI's neighbour object (``query --json``), what a
+    reader needs to identify the slice and the URLs of its pictures, file and series."""
+
+    model_config = ConfigDict(extra="allow")  # keys added by Neighbor.to_json pass through
+
+    rank: int
+    id: int
+    path: str | None = Field(description="file name only, never server folders")
+    score: float = Field(description="cosine similarity to the query")
+    patient_id: str | None
+    series_uid: str | None
+    slice_index: int | None
+    labels: dict[str, Any]
+    study_uid: str | None = None
+    sop_uid: str | None = None
+    url: str | None = Field(None, description="WADO-RS URL; only for slices indexed from a DICOMweb archive")
+    # of the stored row; absent if the row was removed meanwhile
+    instance_number: int | None = None
+    slice_location: float | None = None
+    source_format: str | None = None
+    frame: int | None = None
+    stored_lung_fraction: float | None = None
+    width: int | None = None
+    height: int | None = None
+    file_name: str | None
+    thumbnail_url: str
+    overlay_url: str
+    pixels_url: str
+    mask_url: str
+    file_url: str
+    series_url: str
+
+
+class QueryTags(BaseModel):
+    """What the query file itself says about where it comes from (None when unknown)."""
+
+    source_format: str | None
+    patient_id: str | None
+    study_uid: str | None
+    series_uid: str | None
+    instance_number: int | None
+    slice_location: float | None
+
+
+class Segmented(BaseModel):
+    """The picture URLs and segmentation of one uploaded slice."""
+
+    query: str = Field(description="the uploaded file's name")
+    mask: str = Field(description="URL of the lung mask PNG (0/255)")
+    overlay: str = Field(description="URL of the slice with its lung contour")
+    pixels: str = Field(description="URL of the 16-bit pixel PNG for windowing (header X-Pixel-Kind)")
+    lung_fraction: float
+    lesion_fraction: float | None
+    quality: str = Field(description='"ok", "doubtful" or "no-lungs"')
+    quality_score: float
+    width: int
+    height: int
+    frame: int = Field(description="the slice's frame in its file (a volume's middle slice)")
+    slices_in_file: int
+
+
+class QueryAnswer(Segmented):
+    """``/api/query``: the query's segmentation and its nearest stored slices."""
+
+    warning: str | None = Field(None, description="only when the slice was not searched (no lungs)")
+    note: str | None = Field(None, description="only for a volume: which slice was queried")
+    query_tags: QueryTags
+    neighbors: list[Neighbor]
+
+
+class SegmentAnswer(Segmented):
+    """``/api/segment``: the slice's segmentation only."""
+
+
+class TogetherAnswer(BaseModel):
+    """``/api/query-together``: one search with several examples (and counter-examples)."""
+
+    queries: list[str]
+    unlike: list[str]
+    neighbors: list[Neighbor]
+
+
+class SeriesQuerySlice(BaseModel):
+    """A slice of the uploaded series that took part in a shown pair, with its picture URLs."""
+
+    query_slice: int = Field(description="the slice's number in the uploaded series (slice order)")
+    name: str
+    frame: int
+    instance_number: int | None
+    lung_fraction: float
+    mask: str
+    overlay: str
+    pixels: str
+
+
+class SeriesPair(BaseModel):
+    """One best-matching pair: a query slice and a stored slice of the case."""
+
+    query: SeriesQuerySlice
+    neighbor: Neighbor
+
+
+class SeriesCase(BaseModel):
+    """One stored case ranked for a whole query series."""
+
+    rank: int
+    case: str
+    patient_id: str | None
+    series_uid: str | None
+    score: float
+    pairs: list[SeriesPair]
+
+
+class FailedFile(BaseModel):
+    """A file of an upload that could not be read, and why."""
+
+    file: str
+    reason: str
+
+
+class SeriesAnswer(BaseModel):
+    """``/api/query-series``: stored cases ranked against a whole uploaded series."""
+
+    query: str = Field(description='the file name, or "N files"')
+    slices: int
+    failed: list[FailedFile]
+    cases: list[SeriesCase]
+
+
+class ImageMetadata(BaseModel):
+    """``/api/images/{id}``: one stored slice's row (file name only, never server folders)."""
+
+    id: int
+    path: str | None
+    source_format: str | None
+    width: int
+    height: int
+    patient_id: str | None
+    study_uid: str | None
+    series_uid: str | None
+    sop_uid: str | None
+    url: str | None = Field(description="WADO-RS URL of an archive's instance, else null")
+    instance_number: int | None
+    slice_location: float | None
+    slice_index: int | None
+    frame: int
+    labels: dict[str, Any]
+    lung_fraction: float
+    model_id: str
+    indexed_at: str | None = Field(description="ISO 8601")
+    file_name: str | None
+    thumbnail_url: str
+    overlay_url: str
+    pixels_url: str
+    mask_url: str
+    file_url: str
+    series_url: str
+
+
+class SeriesMembers(BaseModel):
+    """``/api/images/{id}/series``: the stored slices of the slice's series, in slice order."""
+
+    id: int
+    ids: list[int]
+    position: int | None = Field(description="where ``id`` is in ``ids``")
+
+
+class Labels(BaseModel):
+    """``/api/labels``: stored label keys with their values, and the metadata columns a filter may name."""
+
+    labels: dict[str, list[str]]
+    columns: list[str]
+
+
+class IdentityCount(BaseModel):
+    """Patients and slices whose identity came from one source."""
+
+    model_config = ConfigDict(extra="allow")
+
+    patients: int
+    slices: int
+
+
+class Stats(BaseModel):
+    """``/api/stats``: what is in the database and the index (the database by kind only)."""
+
+    model_config = ConfigDict(extra="allow")  # fields added to StoreStats pass through
+
+    images: int
+    patients: int
+    series: int
+    identity: dict[str, IdentityCount] = Field(description="how identity was found, by source")
+    model_id: str | None
+    dimension: int | None
+    index_vectors: int
+    index_kind: str
+    database: str | None = Field(description='"sqlite" or "postgresql", never the URL')
+    database_bytes: int | None
+    index_bytes: int | None

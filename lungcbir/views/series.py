@@ -1,0 +1,79 @@
+"""Routes about whole series: ``/api/query-series`` (rank stored cases against an uploaded
+series) and ``/api/images/{id}/series`` (the stored slices of a slice's series)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+
+from ..retrieval import QueryResult
+from ..uploads import SeriesLimits, read_series
+from ..websecurity import scrub_paths
+from .schemas import ERROR_RESPONSES, SeriesAnswer, SeriesMembers
+from .state import (
+    MAX_SERIES_K,
+    SERIES_BYTES_FACTOR,
+    SERIES_PAIRS,
+    AppState,
+    check_k,
+    result_urls,
+    upload_name,
+)
+
+router = APIRouter(responses=ERROR_RESPONSES)
+
+
+@router.post("/api/query-series", response_model=SeriesAnswer, response_model_exclude_unset=True)
+def api_query_series(web: AppState, files: Annotated[list[UploadFile], File()], k: Annotated[int, Form()] = 5,
+                     where: Annotated[str, Form()] = "", labels: Annotated[str, Form()] = "") -> dict[str, Any]:
+    """Upload a whole series (several files, a ZIP of them, or a NIfTI volume); get stored
+    cases ranked as ``query --by-series`` ranks them, each with its best-matching slice pairs.
+
+    Bounded: at most :data:`lungcbir.uploads.MAX_SERIES_FILES` files and 4x the upload
+    limit once unpacked; ZIP sizes are checked before anything is extracted.
+    """
+    check_k(k, MAX_SERIES_K, " for a series")
+    filters = web.filters(where, labels)
+    most = web.settings.max_upload_bytes
+    limits = SeriesLimits(max_bytes=SERIES_BYTES_FACTOR * most)
+    with web.decoding():
+        blobs, used = [], 0
+        for upload in files:
+            data = upload.file.read(most + 1)
+            used += len(data)
+            if used > most:
+                raise HTTPException(413, f"the upload is larger than {most // 2**20} MiB")
+            blobs.append((upload_name(upload), data))
+        slices, failures = read_series(blobs, limits)
+    with web.model_lock:
+        matches = web.retriever.query_series(slices, k, filters, pairs=SERIES_PAIRS)
+        used_slices = sorted({number for match in matches for number, _ in match.pairs})
+        segmentations = web.retriever.segment_slices([slices[n] for n in used_slices]) if used_slices else []
+    rendered = {}
+    for number, segmentation in zip(used_slices, segmentations):
+        item = slices[number]
+        token = web.render(QueryResult(item, segmentation.mask, segmentation.lung_fraction, []))
+        rendered[number] = {"query_slice": number, "name": item.path, "frame": item.frame,
+                            "instance_number": item.instance_number,
+                            "lung_fraction": round(segmentation.lung_fraction, 6), **result_urls(token)}
+    pairs = web.neighbors_json([n for match in matches for _, n in match.pairs])
+    cases, at = [], 0
+    for match in matches:
+        shown = []
+        for number, _ in match.pairs:
+            shown.append({"query": rendered[number], "neighbor": pairs[at]})
+            at += 1
+        cases.append({"rank": match.rank, "case": match.case, "patient_id": match.patient_id,
+                      "series_uid": match.series_uid, "score": round(match.score, 6), "pairs": shown})
+    names = sorted({item.path for item in slices})
+    return {"query": names[0] if len(names) == 1 else f"{len(names)} files", "slices": len(slices),
+            "failed": [{"file": f.path, "reason": scrub_paths(f.reason)} for f in failures], "cases": cases}
+
+
+@router.get("/api/images/{image_id}/series", response_model=SeriesMembers)
+def stored_series(web: AppState, image_id: int) -> dict[str, Any]:
+    """The ids of the stored slices of this slice's series (or volume), in slice order."""
+    web.stored(image_id)
+    ids = web.retriever.store(create=False).series_members(image_id)
+    return {"id": image_id, "ids": ids, "position": ids.index(image_id) if image_id in ids else None}

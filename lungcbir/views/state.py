@@ -1,0 +1,269 @@
+"""What the web routes share: one :class:`WebState` per app (the retriever, the model lock, the
+decode slots, recent result pictures) and the helpers that turn uploads into slices and core
+answers into JSON. Nothing here is global: :func:`lungcbir.web.create_app` makes the state and
+routes get it with ``Depends(web_state)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import cv2
+import numpy as np
+from fastapi import Depends, HTTPException, Request, UploadFile
+
+from ..errors import FilterError, LungCBIRError, ReadError
+from ..io import CTSlice, file_suffix, supported_formats, supported_suffixes
+from ..retrieval import Neighbor, QueryResult, Retriever, parse_filters
+from ..visualize import display_image, mask_png, overlay
+from ..websecurity import WebSettings, scrub_paths
+
+#: Largest image id asked for (SQL BIGINT); larger ids are unknown (404), not a database error.
+MAX_IMAGE_ID = 2**63 - 1
+#: File names an upload may have: those of the readers (".gz" too, which the reader refuses with 422).
+UPLOAD_SUFFIXES = {*supported_suffixes(), ".gz"}
+THUMBNAIL_SIDE = 192
+#: Query pictures kept for the page to fetch (the most recent ones).
+KEPT_RESULTS = 256
+#: Raw pixels for the page's window/level: a 16-bit grey PNG of HU + HU_OFFSET for CT in
+#: Hounsfield units ("hu"), or of the 8-bit display values (0-255: the stored values of an
+#: 8-bit export, min-max scaled otherwise; "display"). The header says which.
+PIXEL_KIND_HEADER = "X-Pixel-Kind"
+HU_OFFSET = 1024
+#: Most cases a whole-series query returns, and best slice pairs shown per case.
+MAX_SERIES_K = 20
+SERIES_PAIRS = 3
+#: A series upload may unpack (ZIP) to this many times the single-upload limit.
+SERIES_BYTES_FACTOR = 4
+#: Most neighbours one slice query returns.
+MAX_K = 100
+
+
+@dataclass
+class RenderedResult:
+    mask: bytes
+    overlay: bytes
+    pixels: bytes = b""
+    kind: str = "display"
+
+
+class ResultCache:
+    """Recent query pictures by random token, so the page can fetch them as URLs."""
+
+    def __init__(self, size: int = KEPT_RESULTS) -> None:
+        self._items: OrderedDict[str, RenderedResult] = OrderedDict()
+        self._lock = threading.Lock()
+        self._size = size
+
+    def put(self, item: RenderedResult) -> str:
+        token = secrets.token_urlsafe(12)
+        with self._lock:
+            self._items[token] = item
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return token
+
+    def get(self, token: str) -> RenderedResult | None:
+        with self._lock:
+            return self._items.get(token)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """A picture as PNG bytes."""
+    ok, encoded = cv2.imencode(".png", pixels)
+    if not ok:
+        raise LungCBIRError("could not encode picture")
+    return encoded.tobytes()
+
+
+def pixel_png(item: CTSlice) -> tuple[bytes, str]:
+    """The slice's values as a lossless 16-bit PNG for client-side windowing, and their kind
+    (see :data:`PIXEL_KIND_HEADER`)."""
+    if item.intensity == "hu":
+        values = np.clip(np.round(item.pixels.astype(np.float32) + HU_OFFSET), 0, 65535).astype(np.uint16)
+        return png(values), "hu"
+    return png(display_image(item).astype(np.uint16)), "display"
+
+
+def public_name(path: str | None) -> str | None:
+    """What the web API shows of a stored file's path: its file name, never server folders."""
+    return os.path.basename(path) if path else path
+
+
+def upload_name(upload: UploadFile) -> str:
+    """An upload's file name without any folders the client sent."""
+    return os.path.basename((upload.filename or "upload").replace("\\", "/")) or "upload"
+
+
+def image_urls(image_id: int) -> dict[str, str]:
+    """The URLs of a stored slice's pictures, file and series."""
+    base = f"/api/images/{image_id}"
+    return {"thumbnail_url": f"{base}/thumbnail", "overlay_url": f"{base}/overlay", "pixels_url": f"{base}/pixels",
+            "mask_url": f"{base}/mask.png", "file_url": f"{base}/file", "series_url": f"{base}/series"}
+
+
+def result_urls(token: str) -> dict[str, str]:
+    """The URLs of a query's pictures kept under ``token``."""
+    return {"mask": f"/api/results/{token}/mask.png", "overlay": f"/api/results/{token}/overlay.png",
+            "pixels": f"/api/results/{token}/pixels.png"}
+
+
+def check_k(k: int, most: int = MAX_K, what: str = "") -> None:
+    """422 unless 1 <= k <= most."""
+    if not 1 <= k <= most:
+        raise HTTPException(422, f"k must be between 1 and {most}{what}")
+
+
+class _Release:
+    """Releases a semaphore already acquired, as a ``with`` block."""
+
+    def __init__(self, semaphore: threading.BoundedSemaphore) -> None:
+        self._semaphore = semaphore
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        self._semaphore.release()
+
+
+@dataclass
+class WebState:
+    """Everything the routes of one app share.
+
+    ``read_file`` decodes an uploaded file (saved to a temporary path) into slices; the app
+    passes :func:`lungcbir.io.read_file` looked up at call time.
+    """
+
+    retriever: Retriever
+    settings: WebSettings
+    read_file: Callable[[str], list[CTSlice]]
+    # one inference at a time: torch's CPU kernels already use every core
+    model_lock: threading.Lock = field(default_factory=threading.Lock)
+    results: ResultCache = field(default_factory=ResultCache)
+    decode_slots: threading.BoundedSemaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Decoding runs outside the model lock, and one upload may take hundreds of MB while it
+        # is decoded: bound how many are decoded at once.
+        self.decode_slots = threading.BoundedSemaphore(self.settings.max_decodes)
+
+    def decoding(self) -> _Release:
+        """A decoding slot, or 503 when none came free in time."""
+        if not self.decode_slots.acquire(timeout=self.settings.decode_wait_seconds):
+            raise HTTPException(503, "the server is busy decoding other images; try again shortly")
+        return _Release(self.decode_slots)
+
+    def read_upload(self, upload: UploadFile) -> list[CTSlice]:
+        """Every slice of one uploaded file (a NIfTI volume has many), named by its file name."""
+        filename = upload_name(upload)
+        suffix = file_suffix(filename)
+        if suffix not in UPLOAD_SUFFIXES:
+            raise HTTPException(415, f"{filename}: unsupported file type; send {supported_formats()}")
+        limit = self.settings.max_upload_bytes
+        with self.decoding():  # the bytes too: a waiting request keeps its upload on disk, not in memory
+            data = upload.file.read(limit + 1)
+            if len(data) > limit:
+                raise HTTPException(413, f"{filename}: file is larger than {limit // 2**20} MiB")
+            if not data:
+                raise HTTPException(422, f"{filename}: file is empty")
+            with tempfile.TemporaryDirectory() as folder:
+                path = os.path.join(folder, "upload" + suffix)
+                with open(path, "wb") as handle:
+                    handle.write(data)
+                del data
+                try:
+                    items = self.read_file(path)
+                except ReadError as error:
+                    # readers quote the file they failed on: that is our temporary file, not the client's
+                    reason = scrub_paths(error.reason, {path: filename, folder: "", tempfile.gettempdir(): ""})
+                    raise HTTPException(422, f"{filename}: {reason}") from None
+        for item in items:
+            item.path = filename
+        return items
+
+    def middle_slice(self, upload: UploadFile) -> tuple[CTSlice, int]:
+        """The slice a single-slice route uses of an upload (a volume's middle one) and how many
+        slices the file has."""
+        items = self.read_upload(upload)
+        return items[len(items) // 2], len(items)
+
+    def render(self, result: QueryResult) -> str:
+        """Keep a query's pictures for the page; the token of their URLs."""
+        pixels, kind = pixel_png(result.query)
+        return self.results.put(RenderedResult(png(mask_png(result.mask)), png(overlay(result.query, result.mask)),
+                                               pixels, kind))
+
+    def neighbors_json(self, neighbors: list[Neighbor]) -> list[dict[str, Any]]:
+        """The CLI's neighbour objects plus what a reader of the page needs to identify the slice
+        (InstanceNumber, slice location, file name, stored lung fraction) and the URLs of its
+        pictures, file and series; keys added by the core (``to_json``) pass through."""
+        rows = self.retriever.store(create=False).records([n.id for n in neighbors]) if neighbors else {}
+        out = []
+        for neighbor in neighbors:
+            record = rows.get(neighbor.id)
+            extra = {} if record is None else {
+                "instance_number": record.instance_number, "slice_location": record.slice_location,
+                "source_format": record.source_format, "frame": record.frame,
+                "stored_lung_fraction": round(record.lung_fraction, 6), "width": record.width,
+                "height": record.height}
+            out.append({**extra, **neighbor.to_json(), "path": public_name(neighbor.path),
+                        "file_name": public_name(neighbor.path), **image_urls(neighbor.id)})
+        return out
+
+    def filters(self, where: str, labels: str) -> dict:
+        """``where`` (KEY=VALUE,...) and ``labels`` (JSON: key to list of values) as one filter
+        (:meth:`lungcbir.retrieval.Retriever.resolve_filters`: case-insensitive; an unknown
+        key is refused with 422, so a typing error does not pass for "no similar case")."""
+        try:
+            pairs = [part.strip() for part in where.split(",") if part.strip()]
+            wanted: dict[str, list[str]] = {key: [value] for key, value in parse_filters(pairs).items()}
+            if labels.strip():
+                try:
+                    chosen = json.loads(labels)
+                except ValueError:
+                    raise HTTPException(422, "labels: expected a JSON object of key: [values]") from None
+                if not isinstance(chosen, dict):
+                    raise HTTPException(422, "labels: expected a JSON object of key: [values]")
+                for key, values in chosen.items():
+                    values = values if isinstance(values, list) else [values]
+                    if values:
+                        wanted.setdefault(str(key), []).extend(str(v) for v in values)
+            return self.retriever.resolve_filters(wanted)
+        except FilterError as error:
+            raise HTTPException(422, str(error)) from None
+
+    def stored(self, image_id: int):
+        """The stored row of ``image_id``, or 404."""
+        # an id beyond SQL BIGINT cannot be stored: unknown, not a database error
+        record = self.retriever.store(create=False).records([image_id]).get(image_id) \
+            if 1 <= image_id <= MAX_IMAGE_ID else None
+        if record is None:
+            raise HTTPException(404, f"no stored image with id {image_id}")
+        return record
+
+    def stored_slice(self, image_id: int) -> CTSlice:
+        """The stored slice of ``image_id`` read again from its file; 404 unknown, 410 unreadable."""
+        self.stored(image_id)
+        try:
+            with self.decoding():
+                return self.retriever.stored_slice(image_id)
+        except ReadError:
+            raise HTTPException(410, f"the file of image {image_id} is no longer readable") from None
+
+
+def web_state(request: Request) -> WebState:
+    """The app's shared state, for ``Depends``."""
+    return request.app.state.lungcbir
+
+
+#: A route's parameter of the app's shared state.
+AppState = Annotated[WebState, Depends(web_state)]

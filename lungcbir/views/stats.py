@@ -1,0 +1,34 @@
+"""Routes about the server and the database as a whole: ``/healthz``, ``/api/labels``, ``/api/stats``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter
+
+from ..store import FILTER_COLUMNS
+from .schemas import ERROR_RESPONSES, Health, Labels, Stats
+from .state import AppState
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/api/labels", response_model=Labels, responses=ERROR_RESPONSES)
+def stored_labels(web: AppState) -> dict[str, Any]:
+    """Stored label keys with their values (for filter drop-downs) and the metadata columns a
+    filter may also name."""
+    return {"labels": web.retriever.store(create=False).label_values(), "columns": list(FILTER_COLUMNS)}
+
+
+@router.get("/api/stats", response_model=Stats, responses=ERROR_RESPONSES)
+def stats(web: AppState) -> dict[str, Any]:
+    """What is in the database and the index (the database by kind only, never its URL)."""
+    answer = asdict(web.retriever.store(create=False).stats())
+    answer["database"] = str(answer.get("database") or "").split(":", 1)[0].split("+", 1)[0] or None
+    return answer
