@@ -148,7 +148,8 @@ def _untuned(index: faiss.Index) -> None:
 
 _FLAT = IndexKind(
     "flat", "exact search (IndexFlatIP), 4 bytes per dimension", _build_flat,
-    holds=lambda index: _ivf_of(index) is None and _hnsw_of(index) is None, tune=_untuned,
+    holds=lambda index: isinstance(index, faiss.IndexIDMap2) and isinstance(faiss.downcast_index(index.index),
+                                                                        faiss.IndexFlat), tune=_untuned,
     describe=lambda index: "flat (exact)",
     search_parameters=lambda index, selector: faiss.SearchParameters(sel=selector))
 _IVF = IndexKind(
@@ -177,11 +178,12 @@ DEFAULT_INDEX_KIND = "auto"
 
 
 def kind_of(index: faiss.Index) -> IndexKind:
-    """The registry entry of a built index (one read from a file included)."""
+    """The registry entry of a built index (one read from a file included); an index no
+    entry holds is treated as exact (``flat``): searched without parameters, not tuned."""
     for kind in INDEX_KIND_REGISTRY.values():
         if kind.holds(index):
             return kind
-    raise StoreError(f"an index of no known kind ({type(index).__name__})")
+    return _FLAT
 
 
 def build_index(kind: str, count: int, dimension: int, stream: Stream, sample: Sample) -> faiss.Index:
@@ -263,7 +265,7 @@ class VectorIndex:
     def set_kind(self, kind: str) -> None:
         """Remember ``kind`` for this and later rebuilds."""
         if kind not in INDEX_KIND_REGISTRY:
-            raise StoreError(f"unknown index kind {kind!r}; choose from {', '.join(INDEX_KINDS)}")
+            raise StoreError(f"unknown index kind {kind!r}; choose from {', '.join(INDEX_KIND_REGISTRY)}")
         self.database.set_setting("index_kind", kind)
 
     # -- files ----------------------------------------------------------------------------------
