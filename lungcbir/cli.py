@@ -24,6 +24,7 @@ import click
 from .errors import FilterError, LungCBIRError, ReadError, SegError
 from .config import DB_ENV, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, INDEX_DIR_ENV, Settings
 from .store import DEFAULT_CLAIM_TIMEOUT_S
+from .vector_index import INDEX_KIND_REGISTRY
 from .websecurity import (WebSettings, check_exposure, default_allowed_hosts, is_loopback, load_token,
                           token_file_warning)
 
@@ -525,8 +526,9 @@ def check(verify_files, db_url, index_dir):
 
 
 @main.command("rebuild-index")
-@click.option("--kind", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default=None,
-              help="Index type (remembered): auto = exact below 100k vectors, IVF (float16) above. Default: as before.")
+@click.option("--kind", type=click.Choice(list(INDEX_KIND_REGISTRY)), default=None,
+              help="Index type (remembered): " + "; ".join(f"{kind.name} = {kind.description}" for kind in
+                                                          INDEX_KIND_REGISTRY.values()) + ". Default: as before.")
 @click.option("--wait", is_flag=True, help="Wait for a running indexing run to finish.")
 @store_options
 @friendly_errors

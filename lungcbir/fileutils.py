@@ -1,7 +1,7 @@
 """Writing files safely: through a temporary file, fsynced, renamed over the target.
 
 One helper for every file that must never be seen half-written: the FAISS index and its note
-(:mod:`lungcbir.store`) and model weights (:func:`lungcbir.inference.save_weights`).
+(:mod:`lungcbir.vector_index`) and model weights (:func:`lungcbir.inference.save_weights`).
 """
 
 from __future__ import annotations

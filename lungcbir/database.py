@@ -1,0 +1,893 @@
+"""The database side of a store: the schema, the connection and every read and write of rows.
+
+One row per indexed slice (:class:`ImageRecord`, vector and mask included), the store's
+settings (:class:`StoreSetting`: model, dimension, index kind, generation), the change log
+(:class:`StoreChange`) and the indexing queue of DICOMweb series (:class:`QueueEntry`).
+SQLite and PostgreSQL are supported (:data:`SUPPORTED_BACKENDS`).
+
+Every transaction that adds or removes rows first takes the next *generation* of the
+database (a counter in ``store_settings``, whose row lock also serialises writers, so
+generations follow commit order) and logs what it did in ``store_changes``; the vector index
+(:mod:`lungcbir.vector_index`) uses both to know whether it holds exactly the rows stored.
+Row ids are never reused (SQLite ``AUTOINCREMENT``; for SQLite databases made by earlier
+versions, which lack it, new ids are assigned above every id ever used).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import cv2
+import numpy as np
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    and_,
+    cast,
+    create_engine,
+    delete,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from .config import DEFAULT_DB_URL
+from .errors import StoreError
+
+REBUILD_CHUNK = 10_000
+#: Vectors are stored as float16 in the database: half the size, and retrieval rankings are
+#: unchanged for unit vectors (relative error about 1e-3).
+VECTOR_DTYPE = np.float16
+VECTOR_BYTES = 2
+#: PostgreSQL advisory lock taken while the schema is created or checked (any constant number
+#: that no other application on the server uses; "lungcbir" in ASCII).
+SCHEMA_LOCK_KEY = 0x6C756E6763626972
+#: Backends lungcbir supports (SQLAlchemy backend names).
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+GENERATION_KEY = "generation"
+#: What the note records of the database state an index holds.
+STATE_KEYS = ("model_id", "dimension", "generation", "count", "min_id", "max_id")
+#: Metadata columns a filter may name; a label of the same name takes precedence.
+FILTER_COLUMNS = ("patient_id", "series_uid", "study_uid", "source_format")
+#: Seconds after which a claimed series whose claim was not renewed (its run was killed, or
+#: its machine lost) may be claimed by another run. A working run renews its claim well
+#: within this (see :meth:`Database.renew_claim`).
+DEFAULT_CLAIM_TIMEOUT_S = 600.0
+#: A series claimed this many times without being finished (every run that took it died on
+#: it) is marked failed instead of being handed out again; a later run's enqueue retries it.
+MAX_CLAIM_ATTEMPTS = 3
+#: Most distinct values listed per label key by :meth:`Database.label_values`.
+MAX_LABEL_VALUES = 200
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRecord(Base):
+    """One indexed slice."""
+
+    __tablename__ = "images"
+    # AUTOINCREMENT: SQLite would otherwise give the highest id again after it was deleted
+    __table_args__ = (UniqueConstraint("sha256", "frame", "model_id", name="uq_image_content_model"),
+                      {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    frame: Mapped[int] = mapped_column(Integer, default=0)
+    source_format: Mapped[str] = mapped_column(String(16))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    patient_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    study_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    series_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    sop_uid: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    slice_location: Mapped[float | None] = mapped_column(Float, nullable=True)
+    slice_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    pixel_spacing_row: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pixel_spacing_col: Mapped[float | None] = mapped_column(Float, nullable=True)
+    labels: Mapped[dict] = mapped_column(JSON, default=dict)
+    lung_fraction: Mapped[float] = mapped_column(Float)
+    model_id: Mapped[str] = mapped_column(String(32), index=True)
+    indexed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    #: the lung mask at the slice's own size (:func:`encode_mask`), so pictures of a stored
+    #: slice need no model run; NULL in rows indexed before masks were kept. Deferred: loaded
+    #: only by :meth:`Database.masks`.
+    mask_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    #: where patient_id / series_uid came from (:class:`lungcbir.identity.IdentitySource`
+    #: value); NULL in rows indexed before it was recorded
+    identity_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+
+class StoreSetting(Base):
+    """Key/value facts about the whole store (which model, which dimension)."""
+
+    __tablename__ = "store_settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class StoreChange(Base):
+    """One committed change of the image rows, numbered by the database generation it made."""
+
+    __tablename__ = "store_changes"
+
+    generation: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(8))  # "add" or "remove"
+    rows: Mapped[int] = mapped_column(Integer)
+    first_id: Mapped[int] = mapped_column(Integer)
+    last_id: Mapped[int] = mapped_column(Integer)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class QueueState(str, Enum):
+    """Where a series of the indexing queue stands."""
+
+    PENDING = "pending"  # found, waiting for a run to claim it
+    CLAIMED = "claimed"  # a run is indexing it (``claimed_by``), renewing ``claimed_at``
+    DONE = "done"  # every instance is indexed
+    FAILED = "failed"  # some instance (or the series listing) failed; ``error`` says why
+
+
+class QueueEntry(Base):
+    """One series of a DICOMweb archive to index with one model: the work shared by runs.
+
+    ``root`` is the service root without credentials (:func:`lungcbir.dicomweb.display_url`).
+    A run claims a pending series (or one whose claim expired), indexes it and marks it done
+    or failed; the unique constraint makes enqueueing the same series again harmless.
+    """
+
+    __tablename__ = "index_queue"
+    __table_args__ = (UniqueConstraint("root", "series_uid", "model_id", name="uq_queue_series_model"),
+                      {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    root: Mapped[str] = mapped_column(String(512))
+    study_uid: Mapped[str] = mapped_column(String(128))
+    series_uid: Mapped[str] = mapped_column(String(128))
+    model_id: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(8), index=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(160), nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass(frozen=True)
+class SeriesClaim:
+    """A series a run has claimed from the queue (what :meth:`Database.claim_series` returns)."""
+
+    id: int
+    root: str
+    study_uid: str
+    series_uid: str
+    model_id: str
+    claimed_by: str
+    attempts: int  # this claim's number: 1 for the first run that took the series
+
+
+def claimer_name() -> str:
+    """``host:pid``, what a claim records as its holder."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Unchanged(Exception):
+    """Raised inside a change transaction that changed no row: it is rolled back, not logged."""
+
+
+def safe_url(url: str) -> str:
+    """The database URL with any password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"
+
+
+def same_state(one: dict | None, other: dict | None) -> bool:
+    """Whether two database states (:meth:`Database.state`, or an index note) are the same."""
+    return one is not None and other is not None and all(one.get(key) == other.get(key) for key in STATE_KEYS)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A change of the image rows just committed: what the vector index needs to follow it."""
+
+    generation: int  # the database generation the change made
+    state: dict  # the database state right after it (:meth:`Database.state`)
+    ids: list[int]  # the rows added (ascending) or removed
+    positions: list[int]  # for an addition: where each added row was in the records given
+
+
+@dataclass(frozen=True)
+class RowStats:
+    """What :meth:`Database.row_stats` counts."""
+
+    images: int
+    patients: int
+    series: int
+    #: how identity was found: {source: {"patients": distinct patients, "slices": rows}}
+    identity: dict
+    database_bytes: int | None  # the SQLite file's size; None for PostgreSQL
+
+
+class Database:
+    """The rows of a store in a SQLite or PostgreSQL database (the source of truth).
+
+    ``create=False``: the database must exist already (else :class:`StoreError`, "no
+    database"). ``read_only=True``: no table is created and every write is refused.
+    Safe to use from many threads: each call opens its own session.
+    """
+
+    def __init__(self, db_url: str = DEFAULT_DB_URL, create: bool = True, read_only: bool = False) -> None:
+        self.db_url = db_url
+        self.read_only = read_only
+        self._assign_ids = False  # set by _connect for SQLite tables without AUTOINCREMENT
+        self.engine = self._connect(db_url, create and not read_only)
+
+    def _connect(self, db_url: str, create: bool) -> Engine:
+        try:
+            url = make_url(db_url)
+        except Exception:
+            raise StoreError(f"not a valid database URL: {safe_url(db_url)}") from None
+        backend = url.get_backend_name()
+        if backend not in SUPPORTED_BACKENDS:
+            raise StoreError(f"unsupported database backend {backend!r} ({safe_url(db_url)}): SQLite and PostgreSQL "
+                             f"are supported (sqlite:///PATH, postgresql+psycopg://USER@HOST/DB)")
+        if backend == "sqlite" and url.database not in (None, "", ":memory:"):
+            database = Path(url.database)
+            if not database.exists():
+                if not create:
+                    raise StoreError(f"no database at {database}; create one with `lungcbir index-dataset PATH`")
+                try:
+                    database.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as error:
+                    raise StoreError(f"cannot create the database folder {database.parent}: {error.strerror}") from None
+        try:
+            engine = create_engine(url)
+        except ImportError as error:
+            raise StoreError(f"cannot use {safe_url(db_url)}: its driver ({error.name or url.get_driver_name()}) is "
+                             f"not installed; SQLite and PostgreSQL are supported "
+                             f"(postgresql+psycopg://: pip install 'lungcbir[postgres]')") from None
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot open database {safe_url(db_url)}: {_reason(error)}") from None
+        try:
+            with engine.begin() as connection:
+                if backend == "postgresql" and not self.read_only:
+                    # machines starting together on a new database would create its tables and
+                    # types at once and collide: one creates them, the others then find them
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})")
+                tables = set(inspect(connection).get_table_names())
+                if ImageRecord.__tablename__ not in tables and not create:
+                    raise StoreError(f"no lungcbir database in {safe_url(db_url)}; "
+                                     f"create one with `lungcbir index-dataset PATH`")
+                if not self.read_only:
+                    Base.metadata.create_all(connection)  # also adds tables new in this version
+                if backend == "sqlite" and ImageRecord.__tablename__ in tables:
+                    schema = connection.exec_driver_sql(
+                        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'images'").scalar()
+                    self._assign_ids = "AUTOINCREMENT" not in (schema or "").upper()
+            if not self.read_only:
+                _add_missing_columns(engine)
+            elif ImageRecord.__tablename__ in tables and (missing := _missing_columns(engine)):
+                # a read-only store writes nothing, so an old table is refused with a way out
+                raise StoreError(f"the database {safe_url(db_url)} was made by an earlier lungcbir version (no "
+                                 f"column {', '.join(c.name for c in missing)}); upgrade it by running a writing "
+                                 f"command on it once (`lungcbir index-dataset PATH` or `lungcbir rebuild-index`)")
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot open database {safe_url(db_url)}: {_reason(error)}") from None
+        return engine
+
+    # -- settings -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _setting(session: Session, key: str) -> str | None:
+        row = session.get(StoreSetting, key)
+        return row.value if row else None
+
+    def setting(self, key: str) -> str | None:
+        """One value of ``store_settings``; None when it was never set."""
+        with Session(self.engine) as session:
+            return self._setting(session, key)
+
+    def set_setting(self, key: str, value: str) -> None:
+        """Set one value of ``store_settings`` (refused when read-only)."""
+        self.refuse_if_read_only()
+        with Session(self.engine) as session, session.begin():
+            session.merge(StoreSetting(key=key, value=value))
+
+    @property
+    def model_id(self) -> str | None:
+        """The model whose vectors the database holds (None while empty and unclaimed)."""
+        return self.setting("model_id")
+
+    @property
+    def dimension(self) -> int | None:
+        """The length of the stored vectors (None while unclaimed)."""
+        value = self.setting("dimension")
+        return int(value) if value else None
+
+    def check_model(self, model_id: str, dimension: int) -> None:
+        """Raise if the store holds vectors of another model; claim an empty store."""
+        with Session(self.engine) as session:
+            stored = self._setting(session, "model_id")
+        if stored is None:
+            self.refuse_if_read_only()
+            # machines starting together on an empty database race to claim it: the first
+            # claim stands (INSERT ... ON CONFLICT DO NOTHING), the others read it back
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(_insert_ignoring_duplicates(
+                        self.engine.dialect.name, StoreSetting,
+                        [{"key": "model_id", "value": model_id}, {"key": "dimension", "value": str(dimension)}]))
+            except SQLAlchemyError as error:
+                raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
+            with Session(self.engine) as session:
+                stored = self._setting(session, "model_id")
+        if stored != model_id:
+            raise StoreError(f"this database holds vectors of model {stored}, not of the model in use "
+                             f"({model_id}); re-index into a new --db and --index-dir with this model, "
+                             f"or use the weights the database was indexed with")
+
+    def refuse_if_read_only(self) -> None:
+        """Raise :class:`StoreError` if this database was opened read-only."""
+        if self.read_only:
+            raise StoreError(f"the store {safe_url(self.db_url)} was opened read-only")
+
+    # -- rows -----------------------------------------------------------------------------------
+
+    def known_keys(self, model_id: str) -> set[tuple[str, int]]:
+        """(sha256, frame) of every slice already indexed with this model."""
+        with Session(self.engine) as session:
+            rows = session.execute(select(ImageRecord.sha256, ImageRecord.frame)
+                                   .where(ImageRecord.model_id == model_id))
+            return {(sha, frame) for sha, frame in rows}
+
+    @contextlib.contextmanager
+    def _change(self):
+        """A write transaction numbered by the next database generation, taken first.
+
+        Taking the generation locks its row until commit, so writers (on any machine) change
+        rows one after the other and generations, ids and commits come in the same order.
+        Raise :class:`_Unchanged` inside to roll back a transaction that changed nothing.
+        """
+        self.refuse_if_read_only()
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(_insert_ignoring_duplicates(
+                    self.engine.dialect.name, StoreSetting, [{"key": GENERATION_KEY, "value": "0"}]))
+                generation = int(connection.execute(
+                    update(StoreSetting).where(StoreSetting.key == GENERATION_KEY)
+                    .values(value=cast(cast(StoreSetting.value, Integer) + 1, String))
+                    .returning(StoreSetting.value)).scalar_one())
+                yield connection, generation
+        except _Unchanged:
+            pass
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
+
+    def known_sop_uids(self, model_id: str, series_uid: str | None = None) -> set[str]:
+        """SOP Instance UIDs of every DICOM slice already indexed with this model (of one
+        series only, when ``series_uid`` is given)."""
+        conditions = [ImageRecord.model_id == model_id, ImageRecord.sop_uid.is_not(None)]
+        if series_uid is not None:
+            conditions.append(ImageRecord.series_uid == series_uid)
+        with Session(self.engine) as session:
+            return set(session.scalars(select(ImageRecord.sop_uid).where(*conditions)))
+
+    # -- the indexing queue (series of DICOMweb archives shared by concurrent runs) -------------
+
+    def _now(self):
+        """The time claims are stamped and compared with: the database's own clock on
+        PostgreSQL (the claimers run on machines whose clocks differ), this machine's on SQLite
+        (one machine), where the database has no time type to compare stamps with."""
+        if self.engine.dialect.name == "postgresql":
+            return func.now()
+        return datetime.now(timezone.utc)
+
+    def _queue_write(self, statement) -> tuple[list, int]:
+        """Run one statement in its own short transaction; its returned rows and row count."""
+        self.refuse_if_read_only()
+        try:
+            with self.engine.begin() as connection:
+                if self.engine.dialect.name == "sqlite":
+                    # take the write lock before reading: two deferred transactions that both read
+                    # and then want to write get "database is locked" at once, without waiting
+                    connection.exec_driver_sql("BEGIN IMMEDIATE")
+                result = connection.execute(statement)
+                return (result.all() if result.returns_rows else []), result.rowcount
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
+
+    def enqueue_series(self, root: str, series: Iterable[tuple[str, str]], model_id: str) -> int:
+        """Put (study_uid, series_uid) pairs of the archive at ``root`` into the queue for this model.
+
+        Idempotent: a series already queued is not added again (the unique constraint on
+        root, series and model decides, so concurrent runs may enqueue the same series). One
+        that is done or failed becomes pending again, so that this run looks at it: a done
+        series costs one instance listing (its indexed instances are not fetched again) and
+        gets any new instances indexed; a failed one is retried. A claimed one is left to its
+        run. Returns how many series were new to the queue.
+        """
+        pairs = sorted(set(series), key=lambda pair: pair[1])  # one order: concurrent inserts cannot deadlock
+        now = datetime.now(timezone.utc)
+        added = 0
+        for start in range(0, len(pairs), 500):
+            chunk = pairs[start:start + 500]
+            rows = [{"root": root, "study_uid": study, "series_uid": uid, "model_id": model_id,
+                     "state": QueueState.PENDING.value, "attempts": 0, "enqueued_at": now} for study, uid in chunk]
+            added += len(self._queue_write(_insert_ignoring_duplicates(
+                self.engine.dialect.name, QueueEntry, rows).returning(QueueEntry.id))[0])
+            self._queue_write(update(QueueEntry).where(
+                QueueEntry.root == root, QueueEntry.model_id == model_id,
+                QueueEntry.series_uid.in_([uid for _, uid in chunk]),
+                QueueEntry.state.in_([QueueState.DONE.value, QueueState.FAILED.value]))
+                .values(state=QueueState.PENDING.value, attempts=0, error=None))
+        return added
+
+    def claim_series(self, root: str, model_id: str, claimer: str,
+                     timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S, study_uid: str | None = None) -> SeriesClaim | None:
+        """Claim the next series of ``root`` to index with this model (of one study, if given).
+
+        A pending series, or a claimed one whose claim was not renewed for ``timeout_s``
+        seconds (its run was killed), is marked claimed by ``claimer`` in one short UPDATE,
+        so two runs never get the same series: on PostgreSQL the candidate row is picked with
+        ``SELECT ... FOR UPDATE SKIP LOCKED`` (concurrent claimers take different rows
+        without waiting); SQLite serialises writers, and the UPDATE re-checks the state, so
+        a row another run took meanwhile is not updated. A series whose claims expired
+        :data:`MAX_CLAIM_ATTEMPTS` times is marked failed instead. Returns None when nothing
+        is left to claim.
+        """
+        now = self._now()
+        cutoff = now - timedelta(seconds=timeout_s)
+        scope = [QueueEntry.root == root, QueueEntry.model_id == model_id]
+        if study_uid is not None:
+            scope.append(QueueEntry.study_uid == study_uid)
+        expired = and_(QueueEntry.state == QueueState.CLAIMED.value, QueueEntry.claimed_at < cutoff)
+        self._queue_write(update(QueueEntry).where(*scope, expired, QueueEntry.attempts >= MAX_CLAIM_ATTEMPTS).values(
+            state=QueueState.FAILED.value,
+            error=f"claimed {MAX_CLAIM_ATTEMPTS} times and never finished (every run that took it stopped)"))
+        claimable = or_(QueueEntry.state == QueueState.PENDING.value, expired)
+        candidate = select(QueueEntry.id).where(*scope, claimable).order_by(QueueEntry.id).limit(1)
+        if self.engine.dialect.name == "postgresql":
+            candidate = candidate.with_for_update(skip_locked=True)
+        rows, _ = self._queue_write(update(QueueEntry).where(QueueEntry.id == candidate.scalar_subquery(), claimable)
+                                .values(state=QueueState.CLAIMED.value, claimed_by=claimer, claimed_at=now,
+                                        attempts=QueueEntry.attempts + 1)
+                                .returning(QueueEntry.id, QueueEntry.study_uid, QueueEntry.series_uid,
+                                           QueueEntry.attempts))
+        if not rows:
+            return None
+        row = rows[0]
+        return SeriesClaim(row[0], root, row[1], row[2], model_id, claimer, row[3])
+
+    def _own(self, claim: SeriesClaim):
+        """The condition that a queue row is still held by this claim (not expired and taken over)."""
+        return and_(QueueEntry.id == claim.id, QueueEntry.state == QueueState.CLAIMED.value,
+                    QueueEntry.claimed_by == claim.claimed_by, QueueEntry.attempts == claim.attempts)
+
+    def renew_claim(self, claim: SeriesClaim) -> bool:
+        """Stamp the claim's ``claimed_at`` again (a heartbeat while a long series is indexed).
+        False when the claim is no longer ours: it expired and another run took the series."""
+        return self._queue_write(update(QueueEntry).where(self._own(claim))
+                                 .values(claimed_at=self._now()))[1] == 1
+
+    def finish_claim(self, claim: SeriesClaim, error: str | None = None) -> bool:
+        """Mark a claimed series done, or failed with ``error``; False when it is no longer ours."""
+        state = QueueState.FAILED if error else QueueState.DONE
+        return self._queue_write(update(QueueEntry).where(self._own(claim)).values(
+            state=state.value, error=error, claimed_at=self._now()))[1] == 1
+
+    def release_claim(self, claim: SeriesClaim) -> bool:
+        """Give a claimed series back (the run was interrupted): pending again at once, and this
+        claim does not count towards :data:`MAX_CLAIM_ATTEMPTS`."""
+        return self._queue_write(update(QueueEntry).where(self._own(claim)).values(
+            state=QueueState.PENDING.value, claimed_by=None, claimed_at=None,
+            attempts=QueueEntry.attempts - 1))[1] == 1
+
+    def queue_counts(self, root: str | None = None, model_id: str | None = None) -> dict[QueueState, int]:
+        """How many queued series are in each state (of one archive and model, if given)."""
+        conditions = [column == value for column, value in ((QueueEntry.root, root), (QueueEntry.model_id, model_id))
+                      if value is not None]
+        with Session(self.engine) as session:
+            rows = session.execute(select(QueueEntry.state, func.count(QueueEntry.id)).where(*conditions)
+                                   .group_by(QueueEntry.state)).all()
+        counts = {state: 0 for state in QueueState}
+        counts.update({QueueState(state): number for state, number in rows})
+        return counts
+
+    def add(self, records: Sequence[ImageRecord], vectors: np.ndarray) -> Committed | None:
+        """Insert rows with their vectors in one transaction, logged as one generation.
+
+        A row whose (sha256, frame, model) is already stored, by this or a concurrent run, is
+        left alone (the unique constraint decides, not a check-then-insert). Returns what was
+        inserted, or None when nothing was.
+        """
+        if not records:
+            return None
+        now = datetime.now(timezone.utc)
+        columns = [c.key for c in ImageRecord.__table__.columns if c.key != "id"]
+        rows = []
+        for record, vector in zip(records, vectors):
+            record.vector, record.indexed_at = encode_vector(vector), now
+            rows.append({key: getattr(record, key) for key in columns})
+        position = {(r["sha256"], r["frame"], r["model_id"]): i for i, r in enumerate(rows)}
+        inserted = []
+        state: dict = {}
+        with self._change() as (connection, generation):
+            if self._assign_ids:  # an old SQLite table without AUTOINCREMENT: never give an id twice
+                highest = max(connection.scalar(select(func.max(ImageRecord.id))) or 0,
+                              connection.scalar(select(func.max(StoreChange.last_id))) or 0)
+                for number, row in enumerate(rows, highest + 1):
+                    row["id"] = number
+            inserted = sorted(connection.execute(_insert_ignoring_duplicates(
+                self.engine.dialect.name, ImageRecord, rows).returning(
+                ImageRecord.id, ImageRecord.sha256, ImageRecord.frame, ImageRecord.model_id)).all())
+            if not inserted:
+                raise _Unchanged
+            self._log_change(connection, generation, "add", [row[0] for row in inserted])
+            state = self.state(connection)
+        if not inserted:
+            return None
+        return Committed(generation, state, [row[0] for row in inserted],
+                         [position[(row[1], row[2], row[3])] for row in inserted])
+
+    def _log_change(self, connection, generation: int, kind: str, ids: list[int]) -> None:
+        connection.execute(insert(StoreChange).values(generation=generation, kind=kind, rows=len(ids),
+                                                      first_id=min(ids), last_id=max(ids),
+                                                      changed_at=datetime.now(timezone.utc)))
+
+    def remove(self, ids: Iterable[int]) -> Committed | None:
+        """Delete rows (vectors included) in one transaction, logged as one generation.
+
+        Returns what was deleted, or None when none of the ids was stored.
+        """
+        ids = [int(i) for i in ids]
+        if not ids:
+            return None
+        removed: list[int] = []
+        state: dict = {}
+        with self._change() as (connection, generation):
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                removed += connection.execute(delete(ImageRecord).where(ImageRecord.id.in_(chunk))
+                                              .returning(ImageRecord.id)).scalars().all()
+            if not removed:
+                raise _Unchanged
+            self._log_change(connection, generation, "remove", removed)
+            state = self.state(connection)
+        return Committed(generation, state, removed, []) if removed else None
+
+    def ids_for(self, paths: Iterable[str] = (), ids: Iterable[int] = (), under: Iterable[str] = ()) -> list[int]:
+        """Row ids of images with these exact paths, these ids, or paths below these folders."""
+        conditions = []
+        paths, ids, under = [os.path.abspath(p) for p in paths], list(ids), list(under)
+        if paths:
+            conditions.append(ImageRecord.path.in_(paths))
+        if ids:
+            conditions.append(ImageRecord.id.in_(ids))
+        for folder in under:
+            prefix = os.path.join(os.path.abspath(folder), "")
+            escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            conditions.append(ImageRecord.path.like(escaped + "%", escape="\\"))
+        if not conditions:
+            return []
+        with Session(self.engine) as session:
+            return list(session.scalars(select(ImageRecord.id).where(or_(*conditions)).order_by(ImageRecord.id)))
+
+    def count(self) -> int:
+        """How many rows are stored."""
+        with Session(self.engine) as session:
+            return session.scalar(select(func.count(ImageRecord.id))) or 0
+
+    def records(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
+        """Rows by id (vectors included)."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return {}
+        rows = []
+        with Session(self.engine, expire_on_commit=False) as session:
+            for start in range(0, len(ids), 5000):  # bound the statement's parameter count
+                rows += session.scalars(select(ImageRecord).where(ImageRecord.id.in_(ids[start:start + 5000]))).all()
+            for row in rows:
+                session.expunge(row)
+        return {row.id: row for row in rows}
+
+    def masks(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """The lung masks kept in these rows, by id (rows without one are left out)."""
+        ids = [int(i) for i in ids]
+        found: dict[int, np.ndarray] = {}
+        try:
+            with Session(self.engine) as session:
+                for start in range(0, len(ids), 5000):
+                    rows = session.execute(select(ImageRecord.id, ImageRecord.mask_png).where(
+                        ImageRecord.id.in_(ids[start:start + 5000]), ImageRecord.mask_png.is_not(None)))
+                    for row_id, data in rows:
+                        with contextlib.suppress(StoreError):  # a damaged mask is made again
+                            found[row_id] = decode_mask(data)
+        except SQLAlchemyError:
+            return {}  # a database that could not be given the column: masks are made again
+        return found
+
+    def ids_matching(self, where: Mapping[str, str | Sequence[str]]) -> np.ndarray:
+        """Sorted ids of the rows matching every ``KEY=VALUE`` of ``where``, decided in SQL.
+
+        KEY is a label, or one of :data:`FILTER_COLUMNS` when the row has no label of that
+        name; values are compared as text (a label stored as the number 3 matches "3"). A
+        list or tuple of values matches any of them.
+        """
+        conditions = []
+        for key, value in where.items():
+            label = ImageRecord.labels[key].as_string()  # json_extract / ->>: text or NULL
+            column = getattr(ImageRecord, key) if key in FILTER_COLUMNS else None
+            field = label if column is None else func.coalesce(label, column)
+            if isinstance(value, (list, tuple)):
+                conditions.append(field.in_([str(v) for v in value]))
+            else:
+                conditions.append(field == str(value))
+        try:
+            with Session(self.engine) as session:
+                found = session.scalars(select(ImageRecord.id).where(*conditions).order_by(ImageRecord.id))
+                return np.fromiter(found, dtype=np.int64)
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot read {safe_url(self.db_url)}: {_reason(error)}") from None
+
+    def records_with_content(self, keys: Iterable[tuple[str | None, int]]) -> dict[tuple[str, int], list[ImageRecord]]:
+        """Stored rows by (sha256, frame): where a query slice is itself stored."""
+        wanted = {(sha, frame) for sha, frame in keys if sha}
+        if not wanted:
+            return {}
+        found: dict[tuple[str, int], list[ImageRecord]] = {}
+        with Session(self.engine, expire_on_commit=False) as session:
+            rows = session.scalars(select(ImageRecord).where(
+                ImageRecord.sha256.in_(sorted({sha for sha, _ in wanted})))).all()
+            for row in rows:
+                session.expunge(row)
+                if (row.sha256, row.frame) in wanted:
+                    found.setdefault((row.sha256, row.frame), []).append(row)
+        return found
+
+    def label_values(self, max_values: int = MAX_LABEL_VALUES) -> dict[str, list[str]]:
+        """Every stored label key with its distinct values as text (sorted; at most
+        ``max_values`` per key), for filter drop-downs.
+
+        Distinct label sets are read (as text: PostgreSQL's ``json`` has no equality), so the
+        cost follows the number of different label combinations, not of rows.
+        """
+        values: dict[str, set[str]] = {}
+        try:
+            with Session(self.engine) as session:
+                for text in session.scalars(select(cast(ImageRecord.labels, Text)).distinct()):
+                    try:
+                        labels = json.loads(text) if text else {}
+                    except ValueError:
+                        continue
+                    for key, value in (labels.items() if isinstance(labels, dict) else ()):
+                        if value is not None:
+                            values.setdefault(str(key), set()).add(str(value))
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot read {safe_url(self.db_url)}: {_reason(error)}") from None
+        return {key: sorted(found)[:max_values] for key, found in sorted(values.items())}
+
+    def series_members(self, image_id: int) -> list[int]:
+        """Ids of the stored slices of ``image_id``'s series (same model), in slice order.
+
+        The series is the DICOM series (SeriesInstanceUID), else the file (the frames of a
+        NIfTI volume); ordered by slice_index, then frame, then id. Empty for an unknown id.
+        """
+        try:
+            with Session(self.engine) as session:
+                row = session.get(ImageRecord, int(image_id))
+                if row is None:
+                    return []
+                same = ImageRecord.series_uid == row.series_uid if row.series_uid else ImageRecord.path == row.path
+                found = session.execute(select(ImageRecord.id, ImageRecord.slice_index, ImageRecord.frame).where(
+                    same, ImageRecord.model_id == row.model_id))
+                ordered = sorted(found, key=lambda r: (r.slice_index is None, r.slice_index or 0, r.frame, r.id))
+                return [r.id for r in ordered]
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot read {safe_url(self.db_url)}: {_reason(error)}") from None
+
+    def iter_vectors(self, chunk: int = REBUILD_CHUNK, after: int = -1,
+                     up_to: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream (ids, float32 vectors) from the database in chunks, ordered by id, for ids
+        above ``after`` and, if given, not above ``up_to``."""
+        last = after
+        with Session(self.engine) as session:
+            while True:
+                query = select(ImageRecord.id, ImageRecord.vector).where(ImageRecord.id > last)
+                if up_to is not None:
+                    query = query.where(ImageRecord.id <= up_to)
+                rows = session.execute(query.order_by(ImageRecord.id).limit(chunk)).all()
+                if not rows:
+                    return
+                ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+                vectors = np.stack([decode_vector(row[1]) for row in rows])
+                last = int(ids[-1])
+                yield ids, vectors
+
+    def state(self, connection=None) -> dict:
+        """Generation, count, lowest and highest id, model and dimension, read in one statement
+        (so from one snapshot of the database)."""
+        def setting(key: str):
+            return select(StoreSetting.value).where(StoreSetting.key == key).scalar_subquery()
+
+        statement = select(func.count(ImageRecord.id), func.min(ImageRecord.id), func.max(ImageRecord.id),
+                           setting(GENERATION_KEY), setting("model_id"), setting("dimension"))
+        if connection is None:
+            with self.engine.connect() as own:
+                count, low, high, generation, model_id, dimension = own.execute(statement).one()
+        else:
+            count, low, high, generation, model_id, dimension = connection.execute(statement).one()
+        return {"model_id": model_id, "dimension": int(dimension) if dimension else None,
+                "generation": int(generation or 0), "count": count or 0, "min_id": low or 0, "max_id": high or 0}
+
+    def training_sample(self, size: int) -> np.ndarray:
+        """About ``size`` stored vectors spread over the whole id range (for IVF training)."""
+        step = max(1, self.count() // max(size, 1))
+        with Session(self.engine) as session:
+            rows = session.scalars(select(ImageRecord.vector).where(ImageRecord.id % step == 0).limit(size)).all()
+        return np.stack([decode_vector(row) for row in rows]) if rows else np.zeros((0, self.dimension or 1), np.float32)
+
+    def vectors_of(self, ids: np.ndarray, chunk: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Stream (ids, float32 vectors) of the rows ``ids`` in chunks (rows since removed are
+        left out), all read in one session."""
+        with Session(self.engine) as session:
+            for start in range(0, len(ids), chunk):
+                rows = session.execute(select(ImageRecord.id, ImageRecord.vector)
+                                       .where(ImageRecord.id.in_(ids[start:start + chunk].tolist()))).all()
+                if rows:
+                    yield (np.array([row[0] for row in rows], np.int64),
+                           np.stack([decode_vector(row[1]) for row in rows]))
+
+    def changes_between(self, first: int, last: int) -> list[tuple[str, int]] | None:
+        """(kind, rows) of each logged change after generation ``first`` up to ``last``; None
+        when the database has no change log (made by an earlier version)."""
+        try:
+            with Session(self.engine) as session:
+                return [(kind, rows) for kind, rows in session.execute(
+                    select(StoreChange.kind, StoreChange.rows)
+                    .where(StoreChange.generation > first, StoreChange.generation <= last))]
+        except SQLAlchemyError:
+            return None
+
+    # -- checks and summary -----------------------------------------------------------------------
+
+    def check_rows(self, state: dict) -> tuple[list[str], set[int]]:
+        """What is wrong with the rows themselves (integrity, model, vector lengths), one line
+        each, and the ids of every stored row."""
+        problems = []
+        if self.engine.dialect.name == "sqlite":
+            with self.engine.connect() as connection:
+                result = connection.exec_driver_sql("PRAGMA quick_check").scalar()
+            if result != "ok":
+                problems.append(f"database integrity check failed: {result}")
+        model_id, dimension = state["model_id"], state["dimension"]
+        with Session(self.engine) as session:
+            others = session.scalar(select(func.count(ImageRecord.id)).where(ImageRecord.model_id != model_id))
+            if others:
+                problems.append(f"{others} rows were made by another model than {model_id}")
+            if dimension:
+                wrong = session.scalar(select(func.count(ImageRecord.id))
+                                       .where(func.length(ImageRecord.vector) != dimension * VECTOR_BYTES))
+                if wrong:
+                    problems.append(f"{wrong} rows hold vectors of the wrong length (dimension {dimension})")
+            stored_ids = set(session.scalars(select(ImageRecord.id)))
+        return problems, stored_ids
+
+    def stored_files(self) -> list[tuple[str, str]]:
+        """Every distinct (path, sha256) indexed."""
+        with Session(self.engine) as session:
+            return [(path, digest) for path, digest in
+                    session.execute(select(ImageRecord.path, ImageRecord.sha256).distinct())]
+
+    def row_stats(self) -> RowStats:
+        """Counts of rows, patients and series, how identity was found, and the file's size."""
+        with Session(self.engine) as session:
+            images = session.scalar(select(func.count(ImageRecord.id))) or 0
+            patients = session.scalar(select(func.count(func.distinct(ImageRecord.patient_id)))) or 0
+            series = session.scalar(select(func.count(func.distinct(ImageRecord.series_uid)))) or 0
+            identity = {}
+            for source, patients_found, slices in session.execute(
+                    select(ImageRecord.identity_source, func.count(func.distinct(ImageRecord.patient_id)),
+                           func.count(ImageRecord.id)).group_by(ImageRecord.identity_source)):
+                identity[source or "unrecorded"] = {"patients": patients_found, "slices": slices}
+        url = make_url(self.db_url)
+        database_bytes = None
+        if url.get_backend_name() == "sqlite" and url.database and os.path.exists(url.database):
+            database_bytes = os.path.getsize(url.database)
+        return RowStats(images, patients, series, identity, database_bytes)
+
+
+def _reason(error: SQLAlchemyError) -> str:
+    original = getattr(error, "orig", None) or error
+    text = str(original).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def _insert_ignoring_duplicates(dialect: str, table: type[Base], rows: list[dict]):
+    """INSERT ... ON CONFLICT DO NOTHING for the backends we support."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise StoreError(f"unsupported database backend {dialect!r}; use SQLite or PostgreSQL")
+    return insert(table).values(rows).on_conflict_do_nothing()
+
+
+def _missing_columns(engine: Engine) -> list:
+    """The nullable columns of :class:`ImageRecord` that a database made by an older release lacks."""
+    table = ImageRecord.__table__
+    present = {column["name"] for column in inspect(engine).get_columns(table.name)}
+    return [column for column in table.columns if column.name not in present and column.nullable]
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add the columns newer than a database (``mask_png``, ``sop_uid``), so older ones keep working.
+
+    Existing rows get NULL there. A database that cannot be altered (a role without the right)
+    is used as it is where it can be: rows without masks get them made again.
+    """
+    table = ImageRecord.__table__
+    # IF NOT EXISTS: another process may add it at the same moment (SQLite serialises writers)
+    guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""
+    for column in _missing_columns(engine):
+        kind = column.type.compile(dialect=engine.dialect)
+        try:
+            with engine.begin() as connection:
+                connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {guard}{column.name} {kind}")
+                if column.index:
+                    connection.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS ix_{table.name}_{column.name} "
+                                               f"ON {table.name} ({column.name})")
+        except SQLAlchemyError:
+            pass  # added meanwhile by another process, or not allowed; Database.masks copes with both
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """A boolean mask as a 1-bit PNG: about 1.2 KB for a 512 x 512 lung mask (zlib level 6)."""
+    ok, data = cv2.imencode(".png", mask.astype(np.uint8),
+                            [cv2.IMWRITE_PNG_BILEVEL, 1, cv2.IMWRITE_PNG_COMPRESSION, 6])
+    if not ok:
+        raise StoreError("cannot encode a lung mask")
+    return data.tobytes()
+
+
+def decode_mask(data: bytes) -> np.ndarray:
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if pixels is None:
+        raise StoreError("a stored lung mask is not a readable PNG")
+    return pixels > 0
+
+
+def encode_vector(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype=VECTOR_DTYPE).tobytes()
+
+
+def decode_vector(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=VECTOR_DTYPE).astype(np.float32)
+

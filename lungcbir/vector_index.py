@@ -1,0 +1,554 @@
+"""The vector side of a store: a FAISS index of the stored vectors, a cache of the database.
+
+The index's ids are the rows' primary keys. It is written atomically after each commit, with a
+note beside it recording the database state it holds (generation, count, lowest and highest
+id, model; see :meth:`lungcbir.database.Database.state`) and the file's SHA-256. An index is
+used as it is only at the database's current generation; it is caught up by adding rows only
+when every change since its generation was an addition, and rebuilt from the stored vectors
+otherwise (missing, corrupt, of another model, or rows were removed).
+
+Index kinds are one registry, :data:`INDEX_KIND_REGISTRY` (name, description, build, tune,
+describe, search parameters, whether it can remove); a new kind is one :class:`IndexKind`
+entry there, and the CLI's ``rebuild-index --kind`` choice follows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import faiss
+import numpy as np
+
+from .database import STATE_KEYS, Committed, Database, same_state
+from .errors import LockedError, StoreError
+from .fileutils import sha256_of as _sha256_of
+from .fileutils import write_atomically as _write_atomically
+
+INDEX_FILE = "lungcbir.faiss"
+INDEX_META_FILE = "lungcbir.faiss.json"
+LOCK_FILE = "write.lock"
+#: ``auto`` switches from exact search to IVF at this many vectors (see docs/scale.md).
+AUTO_IVF_FROM = 100_000
+IVF_NPROBE = 32
+HNSW_EF_SEARCH = 128
+#: Version of the note written beside the index file; notes of other versions are not trusted.
+INDEX_NOTE_FORMAT = 2
+#: Stored vectors are unit vectors, so a similarity beyond the query's norm, give or take
+#: float16 rounding (about 1e-3), means a corrupt index or vector.
+SCORE_TOLERANCE = 1e-2
+#: Rebuilds tried while rows are removed meanwhile, before using an index not tied to a state.
+REBUILD_ATTEMPTS = 3
+#: A search restricted to at most this many rows (a ``--where`` filter) is exact, over their
+#: vectors read from the database (about 1 KB each, so at most ~20 MB read): simpler than the
+#: index and exact for every index kind. Larger sets go through the FAISS index with an id
+#: selector, and fall back to the exact search where an approximate index found too few.
+EXACT_RESTRICTED_SEARCH_MAX = 20_000
+
+#: ``stream()`` yields (int64 ids, float32 vectors) chunks; ``sample(n)`` about n vectors.
+Stream = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+Sample = Callable[[int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class IndexKind:
+    """One kind of FAISS index: how to build, tune and describe it.
+
+    ``build(count, dimension, stream, sample)`` returns the index filled from ``stream()``
+    (``count`` vectors; ``sample`` for training); ``holds(index)`` says whether an index read
+    from a file is of this kind, so ``tune`` (search-time parameters, which FAISS files do not
+    always keep), ``describe`` and ``search_parameters`` (its tuning plus an id selector) can
+    be found for it. ``supports_remove``: whether rows can be removed in place (else a removal
+    rebuilds the index).
+    """
+
+    name: str
+    description: str
+    build: Callable[[int, int, Stream, Sample], faiss.Index]
+    holds: Callable[[faiss.Index], bool]
+    tune: Callable[[faiss.Index], None]
+    describe: Callable[[faiss.Index], str]
+    search_parameters: Callable[[faiss.Index, faiss.IDSelector], faiss.SearchParameters]
+    supports_remove: bool = True
+
+
+def _filled(index: faiss.Index, stream: Stream) -> faiss.Index:
+    for ids, vectors in stream():
+        index.add_with_ids(vectors, ids)
+    return index
+
+
+def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _hnsw_of(index: faiss.Index) -> faiss.IndexHNSWFlat | None:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else None
+    return inner if isinstance(inner, faiss.IndexHNSWFlat) else None
+
+
+def _ivf(index: faiss.Index) -> faiss.IndexIVF:
+    return faiss.extract_index_ivf(index)
+
+
+def _hnsw(index: faiss.Index) -> faiss.IndexHNSWFlat:
+    graph = _hnsw_of(index)
+    if graph is None:
+        raise StoreError("not an HNSW index")
+    return graph
+
+
+def _build_flat(count: int, dimension: int, stream: Stream, sample: Sample) -> faiss.Index:
+    return _filled(faiss.IndexIDMap2(faiss.IndexFlatIP(dimension)), stream)
+
+
+def _build_ivf(count: int, dimension: int, stream: Stream, sample: Sample) -> faiss.Index:
+    # float16 codes: 8-bit codes lose too much (neighbouring slices differ in the third
+    # decimal of their similarity)
+    lists = int(min(max(16, 2 * np.sqrt(count)), 65536, max(16, count // 39)))
+    index = faiss.index_factory(dimension, f"IVF{lists},SQfp16", faiss.METRIC_INNER_PRODUCT)
+    index.train(sample(min(count, max(40 * lists, 20_000))))
+    return _filled(index, stream)
+
+
+def _build_hnsw(count: int, dimension: int, stream: Stream, sample: Sample) -> faiss.Index:
+    graph = faiss.IndexHNSWFlat(dimension, 32, faiss.METRIC_INNER_PRODUCT)
+    graph.hnsw.efConstruction = 80
+    return _filled(faiss.IndexIDMap2(graph), stream)
+
+
+def _build_auto(count: int, dimension: int, stream: Stream, sample: Sample) -> faiss.Index:
+    return INDEX_KIND_REGISTRY["flat" if count < AUTO_IVF_FROM else "ivf"].build(count, dimension, stream, sample)
+
+
+def _set_nprobe(index: faiss.Index) -> None:
+    _ivf(index).nprobe = IVF_NPROBE
+
+
+def _set_ef_search(index: faiss.Index) -> None:
+    _hnsw(index).hnsw.efSearch = HNSW_EF_SEARCH
+
+
+def _never(index: faiss.Index) -> bool:
+    return False
+
+
+def _untuned(index: faiss.Index) -> None:
+    pass
+
+
+_FLAT = IndexKind(
+    "flat", "exact search (IndexFlatIP), 4 bytes per dimension", _build_flat,
+    holds=lambda index: isinstance(index, faiss.IndexIDMap2) and isinstance(faiss.downcast_index(index.index),
+                                                                        faiss.IndexFlat), tune=_untuned,
+    describe=lambda index: "flat (exact)",
+    search_parameters=lambda index, selector: faiss.SearchParameters(sel=selector))
+_IVF = IndexKind(
+    "ivf", f"inverted lists of float16 vectors (IVF, SQfp16), 2 bytes per dimension, nprobe {IVF_NPROBE}",
+    _build_ivf, holds=lambda index: _ivf_of(index) is not None, tune=_set_nprobe,
+    describe=lambda index: f"ivf (lists={_ivf(index).nlist}, nprobe={_ivf(index).nprobe}, float16)",
+    search_parameters=lambda index, selector: faiss.SearchParametersIVF(sel=selector,
+                                                                        nprobe=_ivf(index).nprobe))
+_HNSW = IndexKind(
+    "hnsw", "a graph index (HNSW32), fast but as large as flat, no removal", _build_hnsw,
+    holds=lambda index: _hnsw_of(index) is not None, tune=_set_ef_search,
+    describe=lambda index: f"hnsw (M=32, efSearch={_hnsw(index).hnsw.efSearch})",
+    search_parameters=lambda index, selector: faiss.SearchParametersHNSW(sel=selector,
+                                                                         efSearch=_hnsw(index).hnsw.efSearch),
+    supports_remove=False)
+# a choice, not a kind of index: what it builds is flat or ivf, so it holds no index itself
+_AUTO = IndexKind(
+    "auto", f"flat below {AUTO_IVF_FROM:,} vectors, ivf from there on", _build_auto, holds=_never,
+    tune=_untuned, describe=lambda index: "auto",
+    search_parameters=lambda index, selector: faiss.SearchParameters(sel=selector))
+
+#: Every index kind by name, the default (``auto``) first; the CLI's ``--kind`` lists these.
+INDEX_KIND_REGISTRY: dict[str, IndexKind] = {kind.name: kind for kind in (_AUTO, _FLAT, _IVF, _HNSW)}
+INDEX_KINDS = tuple(INDEX_KIND_REGISTRY)
+DEFAULT_INDEX_KIND = "auto"
+
+
+def kind_of(index: faiss.Index) -> IndexKind:
+    """The registry entry of a built index (one read from a file included); an index no
+    entry holds is treated as exact (``flat``): searched without parameters, not tuned."""
+    for kind in INDEX_KIND_REGISTRY.values():
+        if kind.holds(index):
+            return kind
+    return _FLAT
+
+
+def build_index(kind: str, count: int, dimension: int, stream: Stream, sample: Sample) -> faiss.Index:
+    """A tuned FAISS inner-product index of the given kind (see :data:`INDEX_KIND_REGISTRY`),
+    filled from ``stream()`` chunks; an empty one is flat, whatever the kind."""
+    name = "flat" if count == 0 else kind
+    if name not in INDEX_KIND_REGISTRY:
+        raise StoreError(f"unknown index kind {kind!r}")
+    index = INDEX_KIND_REGISTRY[name].build(count, dimension, stream, sample)
+    tune_index(index)
+    return index
+
+
+def tune_index(index: faiss.Index) -> None:
+    """Set an index's search-time parameters, which FAISS files do not always keep."""
+    kind_of(index).tune(index)
+
+
+def describe_index(index: faiss.Index) -> str:
+    """A short human description of an index: kind and search parameters."""
+    return kind_of(index).describe(index)
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """Every id stored in an index (IDMap or IVF)."""
+    if isinstance(index, faiss.IndexIDMap2) or hasattr(index, "id_map"):
+        return faiss.vector_to_array(index.id_map)
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
+             for n in range(ivf.nlist) if lists.list_size(n)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _unique_per_row(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first (best) hit of every id; the rest of the row is id -1, score -inf."""
+    unique_scores, unique_ids = np.full_like(scores, -np.inf), np.full_like(ids, -1)
+    for row, (row_scores, row_ids) in enumerate(zip(scores, ids)):
+        _, first = np.unique(row_ids, return_index=True)
+        keep = np.sort(first[row_ids[first] >= 0])
+        unique_scores[row, :len(keep)], unique_ids[row, :len(keep)] = row_scores[keep], row_ids[keep]
+    return unique_scores, unique_ids
+
+
+class VectorIndex:
+    """The FAISS index of one index folder, kept in agreement with a :class:`Database`.
+
+    Read-only when the database is: an index out of step is then brought up to date in
+    memory only and no file is written. Catch-up, rebuild and search are serialised, so one
+    VectorIndex may be used from many threads.
+    """
+
+    def __init__(self, index_dir: str | os.PathLike, database: Database) -> None:
+        self.index_dir = Path(index_dir)
+        self.database = database
+        self._index: faiss.Index | None = None
+        self._index_state: dict | None = None  # the database state self._index holds exactly
+        self._lock = threading.RLock()
+
+    @property
+    def read_only(self) -> bool:
+        return self.database.read_only
+
+    @property
+    def path(self) -> Path:
+        return self.index_dir / INDEX_FILE
+
+    @property
+    def meta_path(self) -> Path:
+        return self.index_dir / INDEX_META_FILE
+
+    # -- kind ---------------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> str:
+        """The index kind set for this store (remembered in the database), ``auto`` if none."""
+        return self.database.setting("index_kind") or DEFAULT_INDEX_KIND
+
+    def set_kind(self, kind: str) -> None:
+        """Remember ``kind`` for this and later rebuilds."""
+        if kind not in INDEX_KIND_REGISTRY:
+            raise StoreError(f"unknown index kind {kind!r}; choose from {', '.join(INDEX_KIND_REGISTRY)}")
+        self.database.set_setting("index_kind", kind)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def _save(self, index: faiss.Index, state: dict) -> None:
+        """Keep ``index`` as the one in use, holding exactly ``state``, and (unless read-only)
+        write it with a note of that state and the file's checksum, each file atomically."""
+        self._index, self._index_state = index, state
+        if self.read_only or state["count"] != index.ntotal:
+            return
+        try:
+            digest = _write_atomically(self.path, lambda path: faiss.write_index(index, path))
+            note = dict(state, sha256=digest, format=INDEX_NOTE_FORMAT)
+            _write_atomically(self.meta_path, lambda path: Path(path).write_text(json.dumps(note, indent=1)))
+        except OSError as error:
+            if self.index_dir.exists() and not os.access(self.index_dir, os.W_OK):
+                return  # a read-only index folder (a query node): serve from memory
+            raise StoreError(f"cannot write the index in {self.index_dir}: {error.strerror}") from None
+
+    def _read_file(self) -> tuple[faiss.Index, dict] | None:
+        """The saved index and the state its note records, if the file is the one the note
+        describes (same SHA-256) and agrees with it; None otherwise (then it is rebuilt)."""
+        try:
+            note = json.loads(self.meta_path.read_text())
+            if not isinstance(note, dict) or note.get("format") != INDEX_NOTE_FORMAT:
+                return None
+            with open(self.path, "rb") as handle:
+                inode = os.fstat(handle.fileno()).st_ino
+                if _sha256_of(handle) != note.get("sha256"):
+                    return None  # corrupt, or replaced by another writer after the note was read
+                index = faiss.read_index(str(self.path))
+                if os.stat(self.path).st_ino != inode:
+                    return None  # replaced while it was read
+        except (OSError, ValueError, RuntimeError):
+            return None
+        state = {key: note.get(key) for key in STATE_KEYS}
+        dimension = self.database.dimension
+        if state["model_id"] != self.database.model_id or (dimension and index.d != dimension) \
+                or index.ntotal != state["count"]:
+            return None
+        tune_index(index)
+        return index, state
+
+    # -- keeping up with the database -------------------------------------------------------------
+
+    def current(self) -> faiss.Index:
+        """The FAISS index matching the database now.
+
+        Used as it is when it holds the database's current generation; brought up to date by
+        adding only the rows indexed since when every change since was an addition (another
+        process or machine may have added them); rebuilt from the stored vectors when it is
+        missing, corrupt, of another model, or rows were removed.
+        """
+        with self._lock:
+            meta = self.database.state()
+            if self._index is not None and same_state(self._index_state, meta):
+                return self._index
+            candidates = []
+            if self._index is not None and self._index_state is not None:
+                candidates.append((self._index, self._index_state))
+            saved = self._read_file()
+            if saved is not None:
+                candidates.append(saved)
+            for index, state in candidates:
+                if same_state(state, meta):
+                    self._index, self._index_state = index, state
+                    return index
+            for index, state in candidates:
+                if self._catch_up(index, state, meta):
+                    return index
+            return self.rebuild()
+
+    def _catch_up(self, index: faiss.Index, state: dict, meta: dict) -> bool:
+        """Add the rows added since ``state`` to ``index`` if every change since was an addition."""
+        first, last = state.get("generation"), meta["generation"]
+        if any(state.get(key) != meta[key] for key in ("model_id", "dimension")) or first is None \
+                or first >= last or index.ntotal != state.get("count"):
+            return False  # same generation but other rows: changed by a version without the log
+        changes = self.database.changes_between(first, last)
+        if changes is None:
+            return False  # no change log (a database of an earlier version)
+        expected = sum(rows for _, rows in changes)
+        if len(changes) != last - first or any(kind != "add" for kind, _ in changes) \
+                or state["count"] + expected != meta["count"]:
+            return False
+        if self._index is index:
+            self._index, self._index_state = None, None  # untrusted until caught up
+        added = 0
+        # ids grow with generations (writers take the generation first), so the rows added
+        # since ``state`` are those between its highest id and the current one
+        for ids, vectors in self.database.iter_vectors(after=state["max_id"], up_to=meta["max_id"]):
+            index.add_with_ids(vectors, ids)
+            added += len(ids)
+        if added != expected:
+            return False  # rows removed meanwhile: the index is dropped and rebuilt
+        self._save(index, meta)
+        return True
+
+    def rebuild(self) -> faiss.Index:
+        """Build a fresh index of the set kind from the stored vectors, streamed, and save it."""
+        with self._lock:
+            for _ in range(REBUILD_ATTEMPTS):
+                meta = self.database.state()
+                # rows added meanwhile get higher ids: leave them out, to hold exactly ``meta``
+                index = build_index(self.kind, meta["count"], meta["dimension"] or 1,
+                                    lambda last=meta["max_id"]: self.database.iter_vectors(up_to=last),
+                                    self.database.training_sample)
+                if index.ntotal == meta["count"]:
+                    self._save(index, meta)
+                    return index
+            # rows kept being removed while they were read: use it, but tie it to no state
+            self._index, self._index_state = index, None
+            return index
+
+    def added(self, committed: Committed, vectors: np.ndarray) -> None:
+        """Follow rows this process just added (``vectors``: theirs, in ``committed.ids`` order)."""
+        ids = np.asarray(committed.ids, dtype=np.int64)
+        self._apply_own_change(committed, lambda index: index.add_with_ids(vectors, ids), removes=False)
+
+    def removed(self, committed: Committed) -> None:
+        """Follow rows this process just removed."""
+        gone = np.asarray(committed.ids, dtype=np.int64)
+        self._apply_own_change(committed, lambda index: index.remove_ids(gone), removes=True)
+
+    def _apply_own_change(self, committed: Committed, change: Callable[[faiss.Index], object],
+                          removes: bool) -> None:
+        """Apply a change just committed (as ``committed.generation``) to the index in use when
+        that index holds the generation before; otherwise catch up or rebuild."""
+        generation, state = committed.generation, committed.state
+        with self._lock:
+            if self._index is None:
+                saved = self._read_file()
+                if saved is not None:
+                    self._index, self._index_state = saved
+            index, held = self._index, self._index_state
+            if index is not None and held is not None and held.get("generation") == generation - 1 \
+                    and all(held.get(key) == state[key] for key in ("model_id", "dimension")):
+                self._index, self._index_state = None, None  # untrusted until the change is applied
+                if removes and not kind_of(index).supports_remove:
+                    index = None
+                else:
+                    try:
+                        change(index)
+                    except RuntimeError:  # a kind that cannot do it after all
+                        index = None
+                if index is not None and index.ntotal == state["count"]:
+                    self._save(index, state)
+                    return
+            self.current()  # catches up or rebuilds
+
+    # -- search -------------------------------------------------------------------------------------
+
+    def search(self, vectors: np.ndarray, k: int, restrict_to: np.ndarray | None = None,
+               exact_up_to: int = EXACT_RESTRICTED_SEARCH_MAX) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and ids of the ``k`` nearest stored vectors for each query vector, best first.
+
+        ``restrict_to`` (row ids) searches among those rows only, so k of them come back
+        however many other rows are nearer: exactly, over their stored vectors, for at most
+        ``exact_up_to`` rows (see :data:`EXACT_RESTRICTED_SEARCH_MAX`). No id comes twice in a
+        row of the answer; missing places are id -1, score -inf. Similarities beyond the query
+        vector's norm (stored vectors are unit vectors) mean a corrupt index: it is rebuilt
+        from the database once, automatically; if the rebuilt one answers such scores too, the
+        stored vectors themselves are corrupt and :class:`StoreError` says so.
+        """
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if restrict_to is not None:
+            restrict_to = np.unique(np.asarray(restrict_to, dtype=np.int64))
+            if len(restrict_to) == 0:
+                return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
+            k = min(k, len(restrict_to))
+        limit = np.linalg.norm(vectors, axis=1, keepdims=True) * (1 + SCORE_TOLERANCE) + SCORE_TOLERANCE
+        with self._lock:
+            for attempt in range(2):
+                index = self.current() if attempt == 0 else self.rebuild()
+                if index.ntotal == 0:
+                    return np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64)
+                if vectors.shape[1] != index.d:
+                    raise StoreError(f"query vectors have dimension {vectors.shape[1]}, the index {index.d}")
+                scores, ids = self._search_index(index, vectors, k, restrict_to, exact_up_to)
+                wrong = (ids >= 0) & ~(np.abs(scores) <= limit)  # NaN counts as wrong
+                if not wrong.any():
+                    return _unique_per_row(scores, ids)
+        raise StoreError(f"similarity {scores[wrong][0]:.3g} outside [-1, 1] from an index rebuilt from the "
+                         f"database: some stored vectors are corrupt; `lungcbir check` counts them "
+                         f"(remove and index their files again, then `lungcbir rebuild-index`)")
+
+    def _search_index(self, index: faiss.Index, vectors: np.ndarray, k: int,
+                      restrict_to: np.ndarray | None, exact_up_to: int) -> tuple[np.ndarray, np.ndarray]:
+        if restrict_to is None:
+            return index.search(vectors, min(k, index.ntotal))
+        if len(restrict_to) <= exact_up_to:
+            return self._exact_search(vectors, k, restrict_to)
+        selector = faiss.IDSelectorBatch(restrict_to)
+        scores, ids = index.search(vectors, k, params=kind_of(index).search_parameters(index, selector))
+        short = (ids >= 0).sum(axis=1) < k  # an approximate index may miss some of a small subset
+        if short.any():
+            scores[short], ids[short] = self._exact_search(vectors[short], k, restrict_to)
+        return scores, ids
+
+    def _exact_search(self, vectors: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Brute-force top ``k`` among rows ``ids``, their vectors streamed from the database."""
+        best_scores = np.full((len(vectors), 0), -np.inf, np.float32)
+        best_ids = np.zeros((len(vectors), 0), np.int64)
+        for chunk_ids, chunk_vectors in self.database.vectors_of(ids):
+            chunk_scores = vectors @ chunk_vectors.T
+            best_scores = np.hstack([best_scores, chunk_scores])
+            best_ids = np.hstack([best_ids, np.broadcast_to(chunk_ids, chunk_scores.shape)])
+            if best_scores.shape[1] > k:  # keep the running top k only
+                keep = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
+                best_scores = np.take_along_axis(best_scores, keep, 1)
+                best_ids = np.take_along_axis(best_ids, keep, 1)
+        order = np.argsort(-best_scores, axis=1, kind="stable")
+        scores = np.take_along_axis(best_scores, order, 1)
+        found = np.take_along_axis(best_ids, order, 1)
+        missing = k - found.shape[1]  # rows removed since their ids were read
+        if missing > 0:
+            scores = np.hstack([scores, np.full((len(vectors), missing), -np.inf, np.float32)])
+            found = np.hstack([found, np.full((len(vectors), missing), -1, np.int64)])
+        return scores.astype(np.float32), found
+
+    # -- the lock and checks ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def write_lock(self, wait: bool = False) -> Iterator[None]:
+        """Hold the index folder's write lock: one writer at a time per index."""
+        try:
+            self.index_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(self.index_dir / LOCK_FILE, "a")
+        except OSError as error:
+            raise StoreError(f"cannot use the index folder {self.index_dir}: {error.strerror}") from None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockedError(f"another indexing run holds the lock on {self.index_dir}; "
+                                  f"try again later or pass --wait") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def check(self, state: dict, stored_ids: set[int]) -> list[str]:
+        """What is wrong with the index file and its note against the database ``state`` and
+        its row ids, one line each. Reads only: an index out of date is a problem, not fixed."""
+        if not self.path.exists():
+            return [f"index file {self.path} is missing"]
+        try:
+            index = faiss.read_index(str(self.path))
+        except RuntimeError:
+            return [f"index file {self.path} is unreadable"]
+        problems = []
+        dimension = state["dimension"]
+        if dimension and index.d != dimension:
+            problems.append(f"index dimension {index.d} differs from the database's {dimension}")
+        indexed = set(index_ids(index).tolist())
+        if indexed != stored_ids:
+            problems.append(f"index and database disagree: {len(indexed - stored_ids)} vectors without "
+                            f"a row, {len(stored_ids - indexed)} rows without a vector")
+        try:
+            note = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            note = None
+        if isinstance(note, dict):
+            problems.extend(self._check_note(note, state))
+        else:
+            problems.append(f"index note {self.meta_path} is missing or unreadable")
+        return problems
+
+    def _check_note(self, note: dict, state: dict) -> list[str]:
+        """What is wrong between the index note, the index file and the database state."""
+        if note.get("format") != INDEX_NOTE_FORMAT or not note.get("sha256"):
+            return [f"index note {self.meta_path} has no checksum (written by an earlier version)"]
+        problems = []
+        try:
+            with open(self.path, "rb") as handle:
+                if _sha256_of(handle) != note["sha256"]:
+                    problems.append(f"index file {self.path} does not match the checksum in its note: "
+                                    f"it is corrupt (searches rebuild it from the database)")
+        except OSError as error:
+            problems.append(f"index file {self.path} cannot be read: {error.strerror}")
+        if note.get("model_id") != state["model_id"]:
+            problems.append(f"index was built for model {note.get('model_id')}, database holds {state['model_id']}")
+        elif not same_state(note, state):
+            problems.append(f"index is out of date: it holds the rows of database generation {note.get('generation')}"
+                            f", the database is at generation {state['generation']}")
+        return problems
