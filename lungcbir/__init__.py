@@ -23,10 +23,19 @@ __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .errors import LungCBIRError, ReadError, StoreError, WeightsError
-    from .inference import LungModel, Segmentation
-    from .io import CTSlice, read_file
-    from .retrieval import IndexReport, Neighbor, QueryResult, Retriever
+    # ``X as X`` marks an explicit re-export (for type checkers and ruff's F401).
+    from .errors import LungCBIRError as LungCBIRError
+    from .errors import ReadError as ReadError
+    from .errors import StoreError as StoreError
+    from .errors import WeightsError as WeightsError
+    from .inference import LungModel as LungModel
+    from .inference import Segmentation as Segmentation
+    from .io import CTSlice as CTSlice
+    from .io import read_file as read_file
+    from .retrieval import IndexReport as IndexReport
+    from .retrieval import Neighbor as Neighbor
+    from .retrieval import QueryResult as QueryResult
+    from .retrieval import Retriever as Retriever
 
 
 def __getattr__(name: str):

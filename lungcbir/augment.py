@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, cast
 
 import cv2
 import numpy as np
+from numpy.typing import NDArray
 
 #: Probability of each pathology ingredient per training view (when pathology augmentation is on).
 HONEYCOMB_P = 0.25
@@ -142,7 +143,7 @@ def add_consolidation(image: np.ndarray, lung: np.ndarray, shape: np.ndarray,
     sy, sx = np.nonzero(shape)
     pick = rng.randrange(len(ys))
     dy, dx = int(ys[pick] - sy.mean()), int(xs[pick] - sx.mean())
-    matrix = np.float32([[1, 0, dx], [0, 1, dy]])
+    matrix = np.array([[1, 0, dx], [0, 1, dy]], np.float32)
     moved = cv2.warpAffine(shape.astype(np.uint8), matrix, shape.shape[::-1], flags=cv2.INTER_NEAREST) > 0
     region = moved & lung
     if not region.any():
@@ -200,7 +201,10 @@ def jpeg_compress(image: np.ndarray, rng: random.Random) -> np.ndarray:
     """Round trip through an 8-bit JPEG of quality 15-85."""
     encoded = cv2.imencode(".jpg", np.round(np.clip(image, 0, 1) * 255).astype(np.uint8),
                            [cv2.IMWRITE_JPEG_QUALITY, rng.randint(15, 85)])[1]
-    return cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0
+    decoded = cv2.imdecode(encoded, cv2.IMREAD_GRAYSCALE)
+    # None only for an undecodable buffer, and this one was just encoded by OpenCV itself
+    assert decoded is not None
+    return decoded.astype(np.float32) / 255.0
 
 
 def circular_fov(image: np.ndarray, lung: np.ndarray, rng: random.Random) -> np.ndarray:
@@ -217,8 +221,9 @@ def circular_fov(image: np.ndarray, lung: np.ndarray, rng: random.Random) -> np.
 
 def low_dose_noise(image: np.ndarray, rng: random.Random) -> np.ndarray:
     """Stronger, spatially correlated noise, as in low-dose scans."""
-    noise = _numpy(rng).normal(0, 1, image.shape).astype(np.float32)
-    noise = cv2.GaussianBlur(noise, (0, 0), rng.uniform(0.6, 1.4))
+    white = _numpy(rng).normal(0, 1, image.shape).astype(np.float32)
+    # float32 in, float32 out: OpenCV's hints type every result as any integer or float image
+    noise = cast(NDArray[np.float32], cv2.GaussianBlur(white, (0, 0), rng.uniform(0.6, 1.4)))
     noise *= rng.uniform(0.03, 0.12) / max(float(noise.std()), 1e-6)
     return np.clip(image + noise, 0, 1).astype(np.float32)
 
@@ -237,7 +242,7 @@ def add_pathology(image: np.ndarray, lung: np.ndarray, lesion: np.ndarray | None
     Kaggle slices); ``donors`` are infection masks of other slices to paste from.
     """
     known = lesion is not None
-    label = lesion.astype(np.uint8).copy() if known else np.zeros(lung.shape, np.uint8)
+    label = lesion.astype(np.uint8).copy() if lesion is not None else np.zeros(lung.shape, np.uint8)
     weight = np.full(lung.shape, 1.0 if known else 0.0, np.float32)
     image = image.astype(np.float32)
     if donors and rng.random() < CONSOLIDATION_P:

@@ -7,12 +7,12 @@ it: the CLI's options (``--db``, ``--index-dir``, ``--token-file``), ``Retriever
 
 | setting | variable | default |
 |---|---|---|
-| database URL | ``LUNGCBIR_DB`` | ``sqlite:///db/lungcbir.sqlite``: a file ``db/lungcbir.sqlite`` **relative to the working directory** |
+| database URL | ``LUNGCBIR_DB`` | ``sqlite:///db/lungcbir.sqlite`` (a file **relative to the working directory**) |
 | FAISS index folder | ``LUNGCBIR_INDEX_DIR`` | ``index``, relative to the working directory |
-| shared real data (tests, benchmarks, training) | ``LUNGCBIR_DATA`` | ``../shared/data``, relative to the working directory |
+| shared real data (tests, benchmarks, training) | ``LUNGCBIR_DATA`` | ``../shared/data``, relative to it too |
 | largest volume, voxels | ``LUNGCBIR_MAX_VOXELS`` | 512 x 512 x 768 |
 | web access token | ``LUNGCBIR_TOKEN`` | none (``serve --token-file`` takes precedence) |
-| DICOMweb credentials | ``LUNGCBIR_DICOMWEB_TOKEN``, or ``LUNGCBIR_DICOMWEB_USER`` + ``LUNGCBIR_DICOMWEB_PASSWORD`` | none |
+| DICOMweb credentials | ``LUNGCBIR_DICOMWEB_TOKEN``, or ``..._USER`` + ``LUNGCBIR_DICOMWEB_PASSWORD`` | none |
 
 An empty variable counts as unset. Values are checked here (a bad ``LUNGCBIR_MAX_VOXELS``
 raises :class:`ConfigError`); what a token must look like is checked where it is used

@@ -63,7 +63,9 @@ def is_valid_uid(text: str | None) -> bool:
         >>> is_valid_uid("1.2.840.10008.1.2"), is_valid_uid("896911bf-1143"), is_valid_uid("")
         (True, False, False)
     """
-    return bool(text) and len(text) <= MAX_UID_LENGTH and _UID_PATTERN.match(text) is not None
+    if not text:
+        return False
+    return len(text) <= MAX_UID_LENGTH and _UID_PATTERN.match(text) is not None
 
 
 def derived_uid(keyword: str, seed: str) -> str:

@@ -114,13 +114,19 @@ def _reason(error: Exception) -> str:
     return type(error).__name__
 
 
+def _cached_file(cache_dir: Path, ref: InstanceRef) -> Path:
+    """Where the instance ``ref`` is kept under ``cache_dir``: ``<study>/<series>/<sop>.dcm``."""
+    return cache_dir / ref.study_uid / ref.series_uid / f"{ref.sop_uid}.dcm"
+
+
 class DicomwebSource:
     """One DICOMweb service: find, fetch and store instances.
 
     ``root`` is the service root (``http://localhost:8042/dicom-web``); ``environ`` is where
     credentials are read from (default: the process environment; see :class:`lungcbir.config.Settings`);
-    ``cache_dir``, when given, keeps a copy of every fetched instance as ``<cache_dir>/<study>/<series>/<sop>.dcm`` and reads it from
-    there next time instead of fetching it again.
+    ``cache_dir``, when given, keeps a copy of every fetched instance as
+    ``<cache_dir>/<study>/<series>/<sop>.dcm`` and reads it from there next time instead of
+    fetching it again.
 
     Example:
         >>> source = DicomwebSource("http://localhost:8042/dicom-web")          # doctest: +SKIP
@@ -223,7 +229,7 @@ class DicomwebSource:
     def _cache_path(self, ref: InstanceRef) -> Path | None:
         if self.cache_dir is None:
             return None
-        return self.cache_dir / ref.study_uid / ref.series_uid / f"{ref.sop_uid}.dcm"
+        return _cached_file(self.cache_dir, ref)
 
     def fetch(self, ref: InstanceRef) -> bytes:
         """The instance's DICOM file as stored (any transfer syntax); raises ReadError."""
@@ -281,7 +287,8 @@ class DicomwebSource:
         """Fetch the CT series of one study into :attr:`cache_dir` (one folder per series), so
         that they can be read like local series. Returns {series folder: series URL} and the
         instances that could not be fetched. Raises DicomwebError when nothing is found."""
-        if self.cache_dir is None:
+        cache_dir = self.cache_dir
+        if cache_dir is None:
             raise DicomwebError("download needs a cache folder")
         folders, failures = {}, []
         series_found = self.find_series(study)
@@ -294,7 +301,7 @@ class DicomwebSource:
                 except ReadError as error:
                     failures.append(error)
                     continue
-                folder = str(self._cache_path(ref).parent)
+                folder = str(_cached_file(cache_dir, ref).parent)
                 folders[folder] = f"{self.root}/studies/{series.study_uid}/series/{series.series_uid}"
         return folders, failures
 

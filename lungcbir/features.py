@@ -53,7 +53,7 @@ def pooled_vectors(bottleneck: torch.Tensor, lung_probability: torch.Tensor | No
     features = bottleneck.float()
     mean, peak = features.mean((2, 3)), features.amax((2, 3))
     if method != Pooling.MEAN_MAX and lung_probability is not None:
-        weights = F.adaptive_avg_pool2d(lung_probability.float(), features.shape[-2:])
+        weights = F.adaptive_avg_pool2d(lung_probability.float(), (features.shape[-2], features.shape[-1]))
         weights = weights + 1e-3  # keep slices without lungs defined
         mean = (features * weights).sum((2, 3)) / weights.sum((2, 3))
         if method == Pooling.LUNG_MEAN_MAX:

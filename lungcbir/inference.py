@@ -19,13 +19,18 @@ import torch
 
 from .errors import WeightsError
 from .features import centre_vectors, pool_bottleneck
+from .fileutils import write_atomically
 from .io import CTSlice
 from .model import UNet, UNetConfig, fuse_batch_norm
 from .postprocess import clean_probability
+from .preprocess import (
+    Geometry,
+    PreprocessConfig,
+    normalize_intensity,
+    probabilities_to_original,
+    to_model_input,
+)
 from .quality import Quality, QualitySignals, judge
-from .fileutils import write_atomically
-from .preprocess import (PreprocessConfig, normalize_intensity, probabilities_to_original,
-                         to_model_input)
 
 WEIGHTS_FORMAT = "lungcbir-weights/1"
 BUNDLED_WEIGHTS = "lung_unet.pt"
@@ -153,7 +158,9 @@ class LungModel:
 
     def __init__(self, network: UNet, settings: ModelSettings, model_id: str,
                  device: str = "cpu") -> None:
-        self.network = fuse_batch_norm(network.to(device)).to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; torch's overloads do not list it
+        self.network = fuse_batch_norm(network.to(device)).to(
+            memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.settings = settings
         self.model_id = model_id
         self.device = device
@@ -174,7 +181,7 @@ class LungModel:
     def dimension(self) -> int:
         return 2 * self.settings.unet.bottleneck_channels
 
-    def prepare(self, item: CTSlice) -> tuple[np.ndarray, object]:
+    def prepare(self, item: CTSlice) -> tuple[np.ndarray, Geometry]:
         """Normalise and resize one slice; returns the model input and its geometry."""
         unit = normalize_intensity(item.pixels, item.intensity, self.settings.preprocess.hu_window)
         return to_model_input(unit, self.input_size)

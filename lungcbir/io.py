@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from enum import Enum
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, cast
 
 import cv2
 import numpy as np
@@ -135,7 +135,7 @@ class CTSlice:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.pixels.shape)  # type: ignore[return-value]
+        return tuple(self.pixels.shape)
 
     @property
     def name(self) -> str:
@@ -858,8 +858,10 @@ class NiftiReader(Reader):
         if mask_format != "nifti":
             return super().write_masks(source, slices, masks, folder, mask_format)
         import nibabel
+        from nibabel.spatialimages import SpatialImage
 
-        affine = nibabel.load(source).affine
+        # nibabel.load is typed as any image file; a NIfTI source is always a spatial image
+        affine = cast(SpatialImage, nibabel.load(source)).affine
         volume = np.stack([nifti_plane(mask) for mask in masks], axis=2).astype(np.uint8)
         target = folder / f"{slices[0].name.rsplit('_z', 1)[0]}_mask.nii.gz"
         nibabel.save(nibabel.Nifti1Image(volume, affine), str(target))
@@ -985,7 +987,7 @@ def find_image_files(paths: Iterable[str | os.PathLike], exclude: Iterable[str] 
     for root in paths:
         root = str(root)
         if os.path.isdir(root):
-            found = []
+            found: list[str] = []
             for folder, subfolders, files in os.walk(root, followlinks=False):
                 subfolders[:] = sorted(d for d in subfolders if not excluded(os.path.join(folder, d)))
                 found.extend(os.path.join(folder, f) for f in files)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -135,6 +136,9 @@ def fuse_batch_norm(network: UNet) -> UNet:
     for block in fused.modules():
         if isinstance(block, DoubleConv):
             for index in (0, 3):  # conv, batch norm, ReLU, conv, batch norm, ReLU
-                block[index] = fuse_conv_bn_eval(block[index], block[index + 1])
+                # DoubleConv is an nn.Sequential of Conv2d, BatchNorm2d, ReLU (twice): indexing it
+                # gives plain Modules to the type checker
+                conv, norm = cast(nn.Conv2d, block[index]), cast(nn.BatchNorm2d, block[index + 1])
+                block[index] = fuse_conv_bn_eval(conv, norm)
                 block[index + 1] = nn.Identity()
     return fused

@@ -78,7 +78,8 @@ def write_phantom(out: str | os.PathLike, slices: int = 12, size: int = 256, pat
             meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
             meta.MediaStorageSOPInstanceUID = generate_uid()
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+            # an in-memory dataset: pydicom accepts no file (None) at run time, its hints do not
+            ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)  # type: ignore[arg-type]
             ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
             ds.Modality, ds.PatientID, ds.PatientName = "CT", name.upper(), "SYNTHETIC^PHANTOM"
             ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series

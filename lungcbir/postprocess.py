@@ -105,7 +105,7 @@ def body_mask(unit_image: np.ndarray, threshold: int | None = None) -> np.ndarra
     grey = _grey(unit_image)
     if threshold is None:
         threshold = _otsu(grey)
-    tissue = (grey > threshold).astype(np.uint8)
+    tissue: np.ndarray = (grey > threshold).astype(np.uint8)
     side = max(3, round(min(grey.shape) / 64)) | 1
     tissue = cv2.morphologyEx(tissue, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side)))
     parts = _Components(tissue, connectivity=8)

@@ -107,7 +107,7 @@ def to_model_input(image: np.ndarray, input_size: int) -> tuple[np.ndarray, Geom
 
 def probabilities_to_original(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Resize model-resolution probabilities back to the slice's own size (linear)."""
-    square = probabilities.astype(np.float32)
+    square: np.ndarray = probabilities.astype(np.float32)
     if square.shape[0] != geometry.side:
         square = cv2.resize(square, (geometry.side, geometry.side), interpolation=cv2.INTER_LINEAR)
     return square[geometry.top:geometry.top + geometry.height,

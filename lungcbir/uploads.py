@@ -72,7 +72,8 @@ def unpack_zip(name: str, data: bytes, limits: SeriesLimits, budget: int) -> lis
         raise UploadRefused(f"{name}: {total // 2**20} MiB once unpacked; at most {budget // 2**20} MiB per series")
     for member in members:
         if member.file_size > limits.max_ratio * max(member.compress_size, 1) + 4096:
-            raise UploadRefused(f"{name}: {member.filename} is compressed {member.file_size // max(member.compress_size, 1)}"
+            ratio = member.file_size // max(member.compress_size, 1)
+            raise UploadRefused(f"{name}: {member.filename} is compressed {ratio}"
                                 f"x, more than any image (refused as a ZIP bomb)")
         if member.flag_bits & 0x1:
             raise UploadRefused(f"{name}: {member.filename} is encrypted")

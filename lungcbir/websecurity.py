@@ -301,7 +301,8 @@ _ROOTED_PATH = re.compile(r"(?<![\w.~/-])/[^\s\"'<>()\[\]{},;]+")
 def scrub_paths(text: str, replacements: Mapping[str, str] | None = None) -> str:
     """``text`` without server paths: each key of ``replacements`` (longest first) becomes its
     value, then any remaining '/'-rooted path becomes ``<path>``."""
-    for key in sorted(replacements or {}, key=len, reverse=True):
+    replacements = replacements or {}
+    for key in sorted(replacements, key=len, reverse=True):
         if key:
             text = text.replace(key, replacements[key])
     return _ROOTED_PATH.sub("<path>", text)

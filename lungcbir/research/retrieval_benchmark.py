@@ -103,18 +103,19 @@ def load_benchmark(root: Path | None = None) -> list[BenchmarkSlice]:
 
 def assign_levels(items: list[BenchmarkSlice], lung_fractions: np.ndarray) -> None:
     """Relative level within the lungs of each covid-ct-md slice, from predicted lung masks."""
-    by_series: dict[str, list[int]] = {}
+    # (position in series, item number) per series; a slice without a position has no level
+    by_series: dict[str, list[tuple[int, int]]] = {}
     for number, item in enumerate(items):
-        if item.dataset == "covid-ct-md":
-            by_series.setdefault(item.series, []).append(number)
+        if item.dataset == "covid-ct-md" and item.index_in_series is not None:
+            by_series.setdefault(item.series, []).append((item.index_in_series, number))
     for members in by_series.values():
-        members.sort(key=lambda n: items[n].index_in_series)
-        inside = [n for n in members if lung_fractions[n] >= LUNG_PRESENT]
+        members.sort(key=lambda member: member[0])
+        inside = [(position, n) for position, n in members if lung_fractions[n] >= LUNG_PRESENT]
         if len(inside) < 2:
             continue
-        first, last = items[inside[0]].index_in_series, items[inside[-1]].index_in_series
-        for n in inside:
-            items[n].level = (items[n].index_in_series - first) / (last - first)
+        first, last = inside[0][0], inside[-1][0]
+        for position, n in inside:
+            items[n].level = (position - first) / (last - first)
 
 
 # -- features ---------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def raw_pixel_features(slices: Sequence[CTSlice], side: int = 32) -> np.ndarray:
         unit = normalize_intensity(item.pixels, item.intensity)
         square, _ = to_model_input(unit, side * 8)
         small = cv2.resize(square, (side, side), interpolation=cv2.INTER_AREA).ravel()
-        vectors.append(small / max(np.linalg.norm(small), 1e-8))
+        vectors.append(small / max(float(np.linalg.norm(small)), 1e-8))
     return np.asarray(vectors, np.float32)
 
 
@@ -198,11 +199,12 @@ def measure(items: list[BenchmarkSlice], vectors: np.ndarray) -> dict[tuple[str,
                 top1.append(abs(found[0] - items[q].level))
                 top5.append(np.abs(found[:5] - items[q].level).mean())
                 chance.append(np.abs(levels - items[q].level).mean())
-    results[("anatomical level (covid-ct-md)", "top-1 level error")] = (float(np.mean(top1)), float(np.mean(chance)), True)
-    results[("anatomical level (covid-ct-md)", "top-5 level error")] = (float(np.mean(top5)), float(np.mean(chance)), True)
+    section = "anatomical level (covid-ct-md)"
+    results[(section, "top-1 level error")] = (float(np.mean(top1)), float(np.mean(chance)), True)
+    results[(section, "top-5 level error")] = (float(np.mean(top5)), float(np.mean(chance)), True)
 
     def precision_block(task: str, queries: list[int], pool: np.ndarray, relevant: Callable[[int, int], bool]):
-        p = {1: [], 5: [], 10: []}
+        p: dict[int, list[float]] = {1: [], 5: [], 10: []}
         recall10, average_precisions, chance_values = [], [], []
         for q in queries:
             candidates = pool[patients[pool] != patients[q]]
@@ -248,12 +250,13 @@ def measure(items: list[BenchmarkSlice], vectors: np.ndarray) -> dict[tuple[str,
     # confound: neighbours from the query's own dataset when every dataset is in one database
     everything = np.arange(len(items))
     same, expected = [], []
-    for q in everything:
+    for q in range(len(items)):
         candidates = everything[patients != patients[q]]
         order = _ranked(similarity[q], candidates)[:10]
         same.append(np.mean(datasets[order] == datasets[q]))
         expected.append(np.mean(datasets[candidates] == datasets[q]))
-    results[("confound: mixed database", "top-10 from own dataset")] = (float(np.mean(same)), float(np.mean(expected)), True)
+    results[("confound: mixed database", "top-10 from own dataset")] = (
+        float(np.mean(same)), float(np.mean(expected)), True)
     return results
 
 
