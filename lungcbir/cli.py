@@ -21,12 +21,11 @@ from pathlib import Path
 
 import click
 
-from .errors import FilterError, LungCBIRError, ReadError, SegError
 from .config import DB_ENV, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, INDEX_DIR_ENV, Settings
+from .errors import FilterError, LungCBIRError, ReadError, SegError
 from .store import DEFAULT_CLAIM_TIMEOUT_S
 from .vector_index import INDEX_KIND_REGISTRY
-from .websecurity import (WebSettings, check_exposure, default_allowed_hosts, is_loopback, load_token,
-                          token_file_warning)
+from .websecurity import WebSettings, check_exposure, default_allowed_hosts, is_loopback, load_token, token_file_warning
 
 EXIT_SOME_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -754,7 +753,8 @@ def serve(host, port, token_file, allowed_hosts, insecure, max_decodes, db_url, 
 
 
 @main.command("evaluate-retrieval")
-@click.option("--data", type=click.Path(file_okay=False, exists=True), help="Shared data folder (default ../shared/data).")
+@click.option("--data", type=click.Path(file_okay=False, exists=True),
+              help="Shared data folder (default ../shared/data).")
 @click.option("--segmentation-only", type=click.Path(dir_okay=False, exists=True),
               help="Weights of a segmentation-only U-Net, shown as a baseline column.")
 @click.option("--variants", is_flag=True, help="Also show pooling alternatives.")
@@ -772,8 +772,8 @@ def evaluate_retrieval(data, segmentation_only, variants, as_json, weights, devi
     """
     from pathlib import Path
 
-    from .research.retrieval_benchmark import format_table, standard_comparison
     from .inference import LungModel
+    from .research.retrieval_benchmark import format_table, standard_comparison
 
     model = LungModel.load(weights, device)
     baseline = LungModel.load(segmentation_only, device) if segmentation_only else None

@@ -34,6 +34,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
     and_,
@@ -50,6 +51,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.sql.expression import Executable
 
 from .config import DEFAULT_DB_URL
 from .errors import StoreError
@@ -409,7 +411,7 @@ class Database:
             return func.now()
         return datetime.now(timezone.utc)
 
-    def _queue_write(self, statement) -> tuple[list, int]:
+    def _queue_write(self, statement: Executable) -> tuple[list, int]:
         """Run one statement in its own short transaction; its returned rows and row count."""
         self.refuse_if_read_only()
         try:
@@ -419,7 +421,7 @@ class Database:
                     # and then want to write get "database is locked" at once, without waiting
                     connection.exec_driver_sql("BEGIN IMMEDIATE")
                 result = connection.execute(statement)
-                return (result.all() if result.returns_rows else []), result.rowcount
+                return (list(result.all()) if result.returns_rows else []), result.rowcount
         except SQLAlchemyError as error:
             raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
 
@@ -609,7 +611,7 @@ class Database:
         ids = [int(i) for i in ids]
         if not ids:
             return {}
-        rows = []
+        rows: list[ImageRecord] = []
         with Session(self.engine, expire_on_commit=False) as session:
             for start in range(0, len(ids), 5000):  # bound the statement's parameter count
                 rows += session.scalars(select(ImageRecord).where(ImageRecord.id.in_(ids[start:start + 5000]))).all()
@@ -627,6 +629,8 @@ class Database:
                     rows = session.execute(select(ImageRecord.id, ImageRecord.mask_png).where(
                         ImageRecord.id.in_(ids[start:start + 5000]), ImageRecord.mask_png.is_not(None)))
                     for row_id, data in rows:
+                        if data is None:  # excluded by the query; this only tells the type checker
+                            continue
                         with contextlib.suppress(StoreError):  # a damaged mask is made again
                             found[row_id] = decode_mask(data)
         except SQLAlchemyError:
@@ -751,7 +755,9 @@ class Database:
         step = max(1, self.count() // max(size, 1))
         with Session(self.engine) as session:
             rows = session.scalars(select(ImageRecord.vector).where(ImageRecord.id % step == 0).limit(size)).all()
-        return np.stack([decode_vector(row) for row in rows]) if rows else np.zeros((0, self.dimension or 1), np.float32)
+        if not rows:
+            return np.zeros((0, self.dimension or 1), np.float32)
+        return np.stack([decode_vector(row) for row in rows])
 
     def vectors_of(self, ids: np.ndarray, chunk: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream (ids, float32 vectors) of the rows ``ids`` in chunks (rows since removed are
@@ -832,17 +838,23 @@ def _reason(error: SQLAlchemyError) -> str:
 def _insert_ignoring_duplicates(dialect: str, table: type[Base], rows: list[dict]):
     """INSERT ... ON CONFLICT DO NOTHING for the backends we support."""
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        raise StoreError(f"unsupported database backend {dialect!r}; use SQLite or PostgreSQL")
-    return insert(table).values(rows).on_conflict_do_nothing()
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+        return postgresql_insert(table).values(rows).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+        return sqlite_insert(table).values(rows).on_conflict_do_nothing()
+    raise StoreError(f"unsupported database backend {dialect!r}; use SQLite or PostgreSQL")
+
+
+def _image_table() -> Table:
+    """The table of :class:`ImageRecord`; SQLAlchemy types ``__table__`` as any FROM clause,
+    while a declarative class always has a :class:`Table`."""
+    return ImageRecord.__table__  # type: ignore[return-value]  # stubs: FromClause
 
 
 def _missing_columns(engine: Engine) -> list:
     """The nullable columns of :class:`ImageRecord` that a database made by an older release lacks."""
-    table = ImageRecord.__table__
+    table = _image_table()
     present = {column["name"] for column in inspect(engine).get_columns(table.name)}
     return [column for column in table.columns if column.name not in present and column.nullable]
 
@@ -853,7 +865,7 @@ def _add_missing_columns(engine: Engine) -> None:
     Existing rows get NULL there. A database that cannot be altered (a role without the right)
     is used as it is where it can be: rows without masks get them made again.
     """
-    table = ImageRecord.__table__
+    table = _image_table()
     # IF NOT EXISTS: another process may add it at the same moment (SQLite serialises writers)
     guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""
     for column in _missing_columns(engine):

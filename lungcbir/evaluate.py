@@ -139,6 +139,8 @@ def evaluate_lesions(model: LungModel, triples: Sequence[tuple[str, str, str]],
             lungs = read_mask(lung_path).astype(bool)
             truth = read_mask(lesion_path).astype(bool) & lungs
             predicted = result.lesion_mask
+            # a model with a lesion head (checked above) always gives a lesion mask and fraction
+            assert predicted is not None and result.lesion_fraction is not None
             overlap += int((predicted & truth).sum())
             total += int(predicted.sum() + truth.sum())
             scores.append(LesionScore(image, dice_score(predicted, truth),

@@ -15,7 +15,7 @@ from collections import deque
 from contextlib import closing, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import date
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Generator, Iterable, Sequence
 
 import numpy as np
 
@@ -23,13 +23,31 @@ from .config import Settings
 from .errors import DicomwebError, FilterError, LungCBIRError, ReadError, StoreError
 from .identity import Identity, IdentityResolver, compile_case_pattern
 from .inference import LungModel, Segmentation
-from .io import (CTSlice, ReadFailure, SourceFormat, classify_intensity, dicom_series_positions, find_image_files,
-                 read_file, supported_formats)
+from .io import (
+    CTSlice,
+    ReadFailure,
+    SourceFormat,
+    classify_intensity,
+    dicom_series_positions,
+    find_image_files,
+    read_file,
+    supported_formats,
+)
 from .quality import Quality
-from .store import (DEFAULT_CLAIM_TIMEOUT_S, FILTER_COLUMNS, ImageRecord, SeriesClaim, Store, claimer_name, encode_mask,
-                    safe_url)
+from .store import (
+    DEFAULT_CLAIM_TIMEOUT_S,
+    FILTER_COLUMNS,
+    ImageRecord,
+    SeriesClaim,
+    Store,
+    claimer_name,
+    encode_mask,
+    safe_url,
+)
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from .dicom_seg import SegWritten
     from .dicomweb import DicomwebSource, SeriesRef
 
@@ -193,7 +211,8 @@ def _read_or_error(path: str) -> list[CTSlice] | ReadError:
         return error
 
 
-def read_files(files: Sequence[str], workers: int = 1) -> Iterator[tuple[str, list[CTSlice] | ReadError]]:
+def read_files(files: Sequence[str],
+               workers: int = 1) -> Generator[tuple[str, list[CTSlice] | ReadError], None, None]:
     """Read files in order, in ``workers`` processes when above 1, so decoding overlaps inference.
 
     At most a few files per worker are read ahead, to keep memory bounded. Workers ignore
@@ -210,7 +229,7 @@ def read_files(files: Sequence[str], workers: int = 1) -> Iterator[tuple[str, li
     window = workers * 4
     pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_ignore_interrupts)
     try:
-        pending = deque()
+        pending: deque[tuple[str, Future[list[CTSlice] | ReadError]]] = deque()
         for path in files:
             with _interrupts_inherited_as_ignored():
                 pending.append((path, pool.submit(_read_or_error, path)))  # may start a worker
@@ -277,10 +296,12 @@ class _Batch:
             self.report.failures.append(ReadFailure(outcome.path, outcome.reason))
             return
         for item in outcome:
-            if (item.sha256, item.frame) in self.known:
+            # the readers always set sha256; "" stands in for a missing one, which no stored row has
+            key = (item.sha256 or "", item.frame)
+            if key in self.known:
                 self.report.skipped += 1
                 continue
-            self.known.add((item.sha256, item.frame))
+            self.known.add(key)
             if item.slice_index is None:
                 item.slice_index = slice_index
             self.pending.append(item)
@@ -661,7 +682,7 @@ class Retriever:
         store = self._searchable_store()
         results = self.segment_slices(slices)
         searched = [number for number, result in enumerate(results) if result.quality != Quality.NO_LUNGS]
-        excluded = [set() for _ in searched]
+        excluded: list[set[str]] = [set() for _ in searched]
         if other_patients and searched:
             stored = store.records_with_content([(slices[n].sha256, slices[n].frame) for n in searched])
             excluded = [_own_cases(slices[n], stored) for n in searched]
@@ -671,13 +692,10 @@ class Retriever:
             found = dict(zip(searched, self._neighbors(store, vectors, k, where, per_patient, excluded)))
         answers = []
         for number, (item, result) in enumerate(zip(slices, results)):
-            extra = {"quality": result.quality, "quality_score": result.quality_score,
-                     "lesion_fraction": result.lesion_fraction}
-            if number in found:
-                answers.append(QueryResult(item, result.mask, result.lung_fraction, found[number], **extra))
-            else:
-                answers.append(QueryResult(item, result.mask, result.lung_fraction, [], **extra,
-                                           warning=NO_LUNGS_WARNING))
+            answers.append(QueryResult(item, result.mask, result.lung_fraction, found.get(number, []),
+                                       quality=result.quality, quality_score=result.quality_score,
+                                       lesion_fraction=result.lesion_fraction,
+                                       warning=None if number in found else NO_LUNGS_WARNING))
         return answers
 
     def _searchable_store(self) -> Store:
@@ -768,7 +786,7 @@ def together_vector(examples: np.ndarray, unlike: np.ndarray | None = None,
 def _own_cases(item: CTSlice, stored: dict[tuple[str, int], list[ImageRecord]]) -> set[str]:
     """The cases (:func:`case_key`) a query slice belongs to: those of its stored copies, else
     its own patient id; empty when neither is known."""
-    copies = stored.get((item.sha256, item.frame), [])
+    copies = stored.get((item.sha256, item.frame), []) if item.sha256 else []  # none stored without one
     if copies:
         return {case_key(record) for record in copies}
     return {f"patient:{item.patient_id}"} if item.patient_id else set()

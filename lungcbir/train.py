@@ -18,13 +18,12 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
 from .augment import add_export, add_pathology
@@ -34,7 +33,6 @@ from .inference import ModelSettings, load_network, save_weights
 from .io import file_stem, find_image_files, read_file, read_mask
 from .model import UNet, UNetConfig
 from .preprocess import PreprocessConfig, mask_to_model, normalize_intensity, pad_to_square
-
 
 #: The pooling the contrastive loss sees in training, and the one saved for retrieval. They differ
 #: because the bundled model was trained with the first, and the second then gave its bottleneck
@@ -240,7 +238,8 @@ def augment_view(sample: TrainingSample, rng: random.Random, hu_window: tuple[fl
     return TrainingView(np.clip(image, 0, 1).astype(np.float32), labels.transpose(2, 0, 1).astype(np.float32))
 
 
-def augment(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+def augment(sample: TrainingSample, rng: random.Random,
+            hu_window: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """One random training view: image in [0, 1] and labels ``(2, S, S)`` (lungs, lesions)."""
     view = augment_view(sample, rng, hu_window)
     return view.image, view.labels[:2]
@@ -276,15 +275,15 @@ def contrastive_loss(first: torch.Tensor, second: torch.Tensor, temperature: flo
 
 def neighbour_lists(samples: Sequence[TrainingSample], reach: int = 2) -> list[list[int]]:
     """For each sample, the indices of samples of the same series at most ``reach`` slices away."""
-    by_series: dict[str, list[int]] = {}
+    by_series: dict[str, list[tuple[int, int]]] = {}  # series -> (sample index, position)
     for index, sample in enumerate(samples):
         if sample.series is not None and sample.position is not None:
-            by_series.setdefault(sample.series, []).append(index)
+            by_series.setdefault(sample.series, []).append((index, sample.position))
     neighbours: list[list[int]] = [[] for _ in samples]
     for members in by_series.values():
-        for index in members:
-            neighbours[index] = [other for other in members if other != index and
-                                 abs(samples[other].position - samples[index].position) <= reach]
+        for index, position in members:
+            neighbours[index] = [other for other, other_position in members if other != index and
+                                 abs(other_position - position) <= reach]
     return neighbours
 
 
@@ -390,7 +389,7 @@ def _validate(network: UNet, samples: Sequence[TrainingSample], hu_window, devic
     """Lung Dice per val slice, and the pooled lesion Dice (lesion = channel 1 AND lung) over the
     val slices with lesion labels (NaN without a lesion head or such slices)."""
     network.eval()
-    scores = []
+    scores: list[float] = []
     overlap, total = 0, 0
     with torch.inference_mode():
         for start in range(0, len(samples), 16):
@@ -484,13 +483,14 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
     head_parameters = list(network.head.parameters()) if lung_head is not None else []
     parameters = [p for p in network.parameters() if p.requires_grad and all(p is not h for h in head_parameters)] \
         + (list(head.parameters()) if config.contrastive_weight else [])
-    groups = [{"params": parameters}]
+    groups: list[dict[str, Any]] = [{"params": parameters}]
     if head_parameters:
         groups.append({"params": head_parameters, "lr": config.learning_rate * config.new_head_lr_factor})
     optimizer = torch.optim.Adam(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     neighbours = neighbour_lists(train_samples)
     steps_per_epoch = config.steps_per_epoch or max(1, len(train_samples) // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g.get("lr", config.learning_rate) for g in groups],
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer,
+                                                    max_lr=[g.get("lr", config.learning_rate) for g in groups],
                                                     total_steps=config.epochs * steps_per_epoch,
                                                     pct_start=0.1)
     state_path = out + ".state"
@@ -556,7 +556,8 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
             if lung_head is not None:
                 with torch.no_grad():
                     network.head.weight[:1] = lung_head[0]
-                    network.head.bias[:1] = lung_head[1]
+                    # torch types Conv2d.bias as Optional; this head is built with a bias
+                    network.head.bias[:1] = lung_head[1]  # type: ignore[index]
             loss_sum += loss.detach()
             if on_step:
                 on_step(step + 1, steps_per_epoch, float(loss_sum) / (step + 1))

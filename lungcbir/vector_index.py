@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import threading
@@ -151,25 +152,26 @@ _FLAT = IndexKind(
     holds=lambda index: isinstance(index, faiss.IndexIDMap2) and isinstance(faiss.downcast_index(index.index),
                                                                         faiss.IndexFlat), tune=_untuned,
     describe=lambda index: "flat (exact)",
-    search_parameters=lambda index, selector: faiss.SearchParameters(sel=selector))
+    # faiss's SWIG stubs list no constructor keywords, which its Python layer does accept
+    search_parameters=lambda index, selector: faiss.SearchParameters(sel=selector))  # type: ignore[call-arg]
 _IVF = IndexKind(
     "ivf", f"inverted lists of float16 vectors (IVF, SQfp16), 2 bytes per dimension, nprobe {IVF_NPROBE}",
     _build_ivf, holds=lambda index: _ivf_of(index) is not None, tune=_set_nprobe,
     describe=lambda index: f"ivf (lists={_ivf(index).nlist}, nprobe={_ivf(index).nprobe}, float16)",
-    search_parameters=lambda index, selector: faiss.SearchParametersIVF(sel=selector,
-                                                                        nprobe=_ivf(index).nprobe))
+    search_parameters=lambda index, selector: faiss.SearchParametersIVF(  # type: ignore[call-arg]
+        sel=selector, nprobe=_ivf(index).nprobe))
 _HNSW = IndexKind(
     "hnsw", "a graph index (HNSW32), fast but as large as flat, no removal", _build_hnsw,
     holds=lambda index: _hnsw_of(index) is not None, tune=_set_ef_search,
     describe=lambda index: f"hnsw (M=32, efSearch={_hnsw(index).hnsw.efSearch})",
-    search_parameters=lambda index, selector: faiss.SearchParametersHNSW(sel=selector,
-                                                                         efSearch=_hnsw(index).hnsw.efSearch),
+    search_parameters=lambda index, selector: faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
+        sel=selector, efSearch=_hnsw(index).hnsw.efSearch),
     supports_remove=False)
 # a choice, not a kind of index: what it builds is flat or ivf, so it holds no index itself
 _AUTO = IndexKind(
     "auto", f"flat below {AUTO_IVF_FROM:,} vectors, ivf from there on", _build_auto, holds=_never,
     tune=_untuned, describe=lambda index: "auto",
-    search_parameters=lambda index, selector: faiss.SearchParameters(sel=selector))
+    search_parameters=lambda index, selector: faiss.SearchParameters(sel=selector))  # type: ignore[call-arg]
 
 #: Every index kind by name, the default (``auto``) first; the CLI's ``--kind`` lists these.
 INDEX_KIND_REGISTRY: dict[str, IndexKind] = {kind.name: kind for kind in (_AUTO, _FLAT, _IVF, _HNSW)}
@@ -212,9 +214,9 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     if isinstance(index, faiss.IndexIDMap2) or hasattr(index, "id_map"):
         return faiss.vector_to_array(index.id_map)
     ivf = faiss.extract_index_ivf(index)
-    lists = ivf.invlists
-    parts = [faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()
-             for n in range(ivf.nlist) if lists.list_size(n)]
+    lists = ivf.invlists  # typed Optional by the stubs; a built IVF index always has its lists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(n), lists.list_size(n)).copy()  # type: ignore[union-attr]
+             for n in range(ivf.nlist) if lists.list_size(n)]  # type: ignore[union-attr]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
@@ -371,7 +373,7 @@ class VectorIndex:
                 meta = self.database.state()
                 # rows added meanwhile get higher ids: leave them out, to hold exactly ``meta``
                 index = build_index(self.kind, meta["count"], meta["dimension"] or 1,
-                                    lambda last=meta["max_id"]: self.database.iter_vectors(up_to=last),
+                                    functools.partial(self.database.iter_vectors, up_to=meta["max_id"]),
                                     self.database.training_sample)
                 if index.ntotal == meta["count"]:
                     self._save(index, meta)
@@ -388,7 +390,9 @@ class VectorIndex:
     def removed(self, committed: Committed) -> None:
         """Follow rows this process just removed."""
         gone = np.asarray(committed.ids, dtype=np.int64)
-        self._apply_own_change(committed, lambda index: index.remove_ids(gone), removes=True)
+        # faiss's Python layer takes an id array here; the SWIG stubs know only the IDSelector form
+        self._apply_own_change(committed, lambda index: index.remove_ids(gone),  # type: ignore[arg-type]
+                               removes=True)
 
     def _apply_own_change(self, committed: Committed, change: Callable[[faiss.Index], object],
                           removes: bool) -> None:
