@@ -303,7 +303,14 @@ def _print_neighbors(neighbors) -> None:
         where = "/".join(str(v) if v is not None else "-" for v in
                          (n.patient_id, (n.series_uid or "")[-12:] or None, n.slice_index))
         labels = ", ".join(f"{key}={value}" for key, value in n.labels.items())
-        click.echo(f"  {n.rank:>4}  {n.score:6.3f}  {where:<32}  {n.path}  {labels}")
+        click.echo(f"  {n.rank:>4}  {n.score:6.3f}  {where:<32}  {_shown_path(n)}  {labels}")
+
+
+def _shown_path(neighbor) -> str:
+    """A stored path as the table shows it: relative to the working directory (rows keep absolute
+    paths; a table pasted into a report should not show the machine's folders), archive URLs as
+    they are."""
+    return neighbor.url or os.path.relpath(neighbor.path)
 
 
 def _query_together(retriever, images, unlike, k, filters, per_patient, other_patients, as_json) -> None:

@@ -234,3 +234,14 @@ def test_query_where_that_is_not_key_value_is_bad_usage(where, tmp_path):
                                        f"sqlite:///{tmp_path / 'db.sqlite'}", "--index-dir", str(tmp_path / "i")])
     assert result.exit_code == 2 and "--where" in result.output and "expected KEY=VALUE" in result.output
     assert "Traceback" not in result.output
+
+
+def test_query_table_shows_stored_paths_relative_to_the_working_directory(run, phantom_dir, tmp_path, monkeypatch):
+    """Docs and reports quote the table: it must not show the folders of the machine it ran on."""
+    assert run("index-dataset", str(phantom_dir / "png"), "--quiet").exit_code == 0
+    image = sorted((phantom_dir / "png" / "phantom01").glob("*.png"))[1]
+    monkeypatch.chdir(phantom_dir)
+    result = run("query", str(image), "--k", "2", "--no-pictures")
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.strip().startswith("1 ")]
+    assert rows and os.path.relpath(image, phantom_dir) in rows[0] and str(phantom_dir) not in rows[0]
