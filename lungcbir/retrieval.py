@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import threading
 import time
 from collections import deque
 from contextlib import closing, contextmanager, suppress
@@ -250,20 +249,18 @@ def _ignore_interrupts() -> None:
 
 @contextmanager
 def _interrupts_inherited_as_ignored():
-    """Ignore SIGINT while a worker may be started, so it starts with SIGINT ignored.
+    """Hold Ctrl-C back while a worker may be started, so the worker never sees one.
 
-    An ignored signal stays ignored across exec, and Python then installs no KeyboardInterrupt
-    handler, so a Ctrl-C while a worker imports (before its initializer runs) cannot print a
-    traceback. Signal handlers can only be changed from the main thread; elsewhere this does nothing.
+    SIGINT is blocked, not ignored: a blocked signal stays pending and reaches this process
+    as soon as it is unblocked (an ignored one was lost, so a Ctrl-C landing here did
+    nothing), while a worker started meanwhile inherits the block across exec and so cannot
+    print a traceback before its initializer ignores SIGINT for good.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def as_slice(image: str | os.PathLike | CTSlice | np.ndarray) -> CTSlice:

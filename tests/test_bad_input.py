@@ -414,3 +414,17 @@ def test_interrupt_with_workers_prints_one_line(tmp_path, tiny_weights):
     _, err = finish(process, 90)
     assert process.returncode == 130, err
     assert err.splitlines() == ["interrupted; everything committed before this point is kept"]
+
+
+def test_ctrl_c_while_a_reader_worker_starts_is_not_lost():
+    """A Ctrl-C that lands while a worker is being started is held back and then delivered
+    (it was ignored, and so lost: an interrupted run went on to the end, exit status 0)."""
+    import signal
+
+    from lungcbir.retrieval import _interrupts_inherited_as_ignored
+
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupts_inherited_as_ignored():
+            os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # the interrupt arrives as soon as the block is lifted
+            pass
