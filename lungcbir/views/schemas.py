@@ -40,7 +40,19 @@ class Health(BaseModel):
     status: str = Field(examples=["ok"])
 
 
-class Neighbor(BaseModel):
+class StoredImageLinks(BaseModel):
+    """How a stored slice is named and fetched: its file name (non-DICOM) and picture/file URLs."""
+
+    file_name: str | None
+    thumbnail_url: str
+    overlay_url: str
+    pixels_url: str
+    mask_url: str
+    file_url: str
+    series_url: str
+
+
+class Neighbor(StoredImageLinks):
     """One stored slice found for a query: the CLI's neighbour object (``query --json``), what a
     reader needs to identify the slice and the URLs of its pictures, file and series."""
 
@@ -65,13 +77,6 @@ class Neighbor(BaseModel):
     stored_lung_fraction: float | None = None
     width: int | None = None
     height: int | None = None
-    file_name: str | None
-    thumbnail_url: str
-    overlay_url: str
-    pixels_url: str
-    mask_url: str
-    file_url: str
-    series_url: str
 
 
 class QueryTags(BaseModel):
@@ -170,7 +175,7 @@ class SeriesAnswer(BaseModel):
     cases: list[SeriesCase]
 
 
-class ImageMetadata(BaseModel):
+class ImageMetadata(StoredImageLinks):
     """``/api/images/{id}``: one stored slice's row (file name only, never server folders)."""
 
     id: int
@@ -191,13 +196,6 @@ class ImageMetadata(BaseModel):
     lung_fraction: float
     model_id: str
     indexed_at: str | None = Field(description="ISO 8601")
-    file_name: str | None
-    thumbnail_url: str
-    overlay_url: str
-    pixels_url: str
-    mask_url: str
-    file_url: str
-    series_url: str
 
 
 class SeriesMembers(BaseModel):
