@@ -330,7 +330,16 @@ def run_cli(args, timeout, **options):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "lungcbir.cli", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **options)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_ctrl_c_as_in_a_terminal,
+                            **options)
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A test run started in the background (``cmd &`` in a script) has SIGINT ignored, and an
+    ignored signal is inherited across exec: give the child SIGINT as a terminal would."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish(process, timeout):
@@ -423,8 +432,12 @@ def test_ctrl_c_while_a_reader_worker_starts_is_not_lost():
 
     from lungcbir.retrieval import _interrupts_inherited_as_ignored
 
-    with pytest.raises(KeyboardInterrupt):
-        with _interrupts_inherited_as_ignored():
-            os.kill(os.getpid(), signal.SIGINT)
-        for _ in range(100):  # the interrupt arrives as soon as the block is lifted
-            pass
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see run_cli)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _interrupts_inherited_as_ignored():
+                os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the interrupt arrives as soon as the block is lifted
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
