@@ -25,7 +25,15 @@ from .config import DB_ENV, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, INDEX_DIR_ENV, Se
 from .errors import FilterError, LungCBIRError, ReadError, SegError
 from .store import DEFAULT_CLAIM_TIMEOUT_S
 from .vector_index import INDEX_KIND_REGISTRY
-from .websecurity import WebSettings, check_exposure, default_allowed_hosts, is_loopback, load_token, token_file_warning
+from .websecurity import (
+    WebSettings,
+    check_exposure,
+    check_viewer_template,
+    default_allowed_hosts,
+    is_loopback,
+    load_token,
+    token_file_warning,
+)
 
 EXIT_SOME_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -726,10 +734,15 @@ def evaluate(images, masks, held_out, postprocess, as_json, weights, device):
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
 @click.option("--max-decodes", default=WebSettings.max_decodes, show_default=True, type=click.IntRange(1, 64),
               help="Uploads decoded at the same time (each may take hundreds of MB while decoded).")
+@click.option("--viewer-url", metavar="TEMPLATE",
+              help="Link each result to the site's viewer, e.g. "
+                   "'https://pacs.example.org/ohif/viewer?StudyInstanceUIDs={study_uid}' "
+                   "(also {series_uid}, {sop_uid}, {patient_id}).")
 @store_options
 @model_options
 @friendly_errors
-def serve(host, port, token_file, allowed_hosts, insecure, max_decodes, db_url, index_dir, weights, device):
+def serve(host, port, token_file, allowed_hosts, insecure, max_decodes, viewer_url, db_url, index_dir, weights,
+          device):
     """Serve the web page and the REST API (OpenAPI docs at /docs).
 
     Without a token the server listens on loopback addresses only; see docs/deployment.md,
@@ -752,7 +765,8 @@ def serve(host, port, token_file, allowed_hosts, insecure, max_decodes, db_url, 
     if token is None and insecure and not is_loopback(host):
         click.echo(f"warning: serving on {host} without authentication (--insecure)", err=True)
     settings = WebSettings(token=token, allowed_hosts=default_allowed_hosts(host, allowed_hosts),
-                           max_decodes=max_decodes)
+                           max_decodes=max_decodes,
+                           viewer_url=check_viewer_template(viewer_url) if viewer_url else None)
     retriever = _retriever(db_url, index_dir, weights, device)
     retriever.model  # load once before the first request, and fail early on bad weights
     retriever.store(create=False, read_only=False)  # saves its index folder when it catches up

@@ -51,7 +51,9 @@ class WebSettings:
     may be ``form_overhead_bytes`` larger (multipart boundaries and form fields).
     ``max_decodes``: uploads or stored files decoded at the same time (each may take a few
     hundred MB while it is decoded). ``decode_wait_seconds``: how long a request waits for a
-    decoding slot before it is answered 503.
+    decoding slot before it is answered 503. ``viewer_url``: a template such as
+    ``https://pacs.example.org/ohif/viewer?StudyInstanceUIDs={study_uid}`` (checked by
+    :func:`check_viewer_template`).
     """
 
     token: str | None = field(default=None, repr=False)  # never shown in a log or traceback
@@ -60,6 +62,8 @@ class WebSettings:
     form_overhead_bytes: int = 1024 * 1024
     max_decodes: int = 2
     decode_wait_seconds: float = 120.0
+    #: link to open a result's study in the site's viewer (see :func:`viewer_link`); None: no link
+    viewer_url: str | None = None
 
     @property
     def max_body_bytes(self) -> int:
@@ -310,3 +314,52 @@ def scrub_paths(text: str, replacements: Mapping[str, str] | None = None) -> str
 
 __all__ = ["WebSettings", "load_token", "token_file_warning", "is_loopback", "check_exposure",
            "default_allowed_hosts", "HostCheck", "BearerAuth", "BodySizeLimit", "scrub_paths", "host_name"]
+
+
+# ---------------------------------------------------------------------------------------------
+# links into the site's own viewer (OHIF, a PACS web viewer)
+
+#: What a viewer link template may name, from the result's stored slice.
+VIEWER_FIELDS = ("study_uid", "series_uid", "sop_uid", "patient_id")
+
+
+def check_viewer_template(template: str) -> str:
+    """``template`` if it is an http(s) URL naming ``{study_uid}`` and only :data:`VIEWER_FIELDS`.
+
+    Example:
+        >>> check_viewer_template("https://pacs/ohif/viewer?StudyInstanceUIDs={study_uid}")
+        'https://pacs/ohif/viewer?StudyInstanceUIDs={study_uid}'
+    """
+    import string
+
+    if not re.match(r"https?://", template):
+        raise LungCBIRError(f"viewer URL {template!r}: must start with http:// or https://")
+    try:
+        named = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as error:
+        raise LungCBIRError(f"viewer URL {template!r}: {error}") from None
+    unknown = named - set(VIEWER_FIELDS)
+    if unknown or "study_uid" not in named:
+        raise LungCBIRError(f"viewer URL {template!r}: name {{study_uid}} and only "
+                            f"{', '.join('{' + f + '}' for f in VIEWER_FIELDS)}")
+    return template
+
+
+def viewer_link(template: str | None, values: Mapping[str, str | None]) -> str | None:
+    """The viewer URL for a result (each value URL-quoted), or None when there is no template or
+    the result has no study (a non-DICOM file) or lacks another field the template names.
+
+    Example:
+        >>> viewer_link("https://pacs/v?StudyInstanceUIDs={study_uid}", {"study_uid": "1.2.3"})
+        'https://pacs/v?StudyInstanceUIDs=1.2.3'
+        >>> viewer_link("https://pacs/v?StudyInstanceUIDs={study_uid}", {"study_uid": None}) is None
+        True
+    """
+    from urllib.parse import quote
+
+    if template is None:
+        return None
+    fields = {name: values.get(name) for name in VIEWER_FIELDS}
+    if any(not fields[name] for name in VIEWER_FIELDS if "{" + name + "}" in template):
+        return None
+    return template.format(**{name: quote(str(value), safe="") if value else "" for name, value in fields.items()})

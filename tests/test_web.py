@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from lungcbir.errors import LungCBIRError
 from lungcbir.retrieval import Retriever
 from lungcbir.web import create_app
 
@@ -749,3 +750,30 @@ def test_favicon_is_served(secured):
     response = secured.get("/favicon.ico")  # an open path: the browser asks without the token
     assert response.status_code == 200 and response.headers["content-type"] == "image/x-icon"
     assert response.content[:4] == b"\0\0\1\0"
+
+
+def test_results_link_to_the_sites_viewer_when_configured(retriever):
+    """serve --viewer-url: each DICOM result opens its study in the site's viewer (OHIF, say)."""
+    from lungcbir.websecurity import WebSettings, check_viewer_template
+
+    template = "https://pacs.example.org/ohif/viewer?StudyInstanceUIDs={study_uid}"
+    client = TestClient(create_app(retriever, WebSettings(viewer_url=template)), base_url=LOCAL)
+    neighbors = client.post("/api/query", files={"file": ("q.png", png_bytes())}, data={"k": "3"}).json()["neighbors"]
+    assert neighbors and all(n["study_uid"] for n in neighbors)
+    assert all(n["viewer_url"] == template.format(study_uid=n["study_uid"]) for n in neighbors)
+    plain = TestClient(create_app(retriever), base_url=LOCAL)
+    assert all("viewer_url" not in n for n in plain.post("/api/query", files={"file": ("q.png", png_bytes())},
+                                                         data={"k": "3"}).json()["neighbors"])
+    for bad in ("ftp://x/{study_uid}", "https://x/viewer", "https://x/{study_uid}/{path}", "https://x/{study_uid"):
+        with pytest.raises(LungCBIRError):
+            check_viewer_template(bad)
+
+
+def test_serve_refuses_a_bad_viewer_template(tmp_path):
+    from click.testing import CliRunner
+
+    from lungcbir.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--viewer-url", "https://x/viewer", "--db",
+                                       f"sqlite:///{tmp_path}/none.sqlite"])
+    assert result.exit_code == 2 and "viewer URL" in result.output and "Traceback" not in result.output

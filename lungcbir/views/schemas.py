@@ -77,6 +77,8 @@ class Neighbor(StoredImageLinks):
     stored_lung_fraction: float | None = None
     width: int | None = None
     height: int | None = None
+    viewer_url: str | None = Field(None, description="the study in the site's viewer (serve --viewer-url); "
+                                                     "only when configured and the slice has a study")
 
 
 class QueryTags(BaseModel):

@@ -24,7 +24,7 @@ from ..errors import FilterError, LungCBIRError, ReadError
 from ..io import CTSlice, file_suffix, supported_formats, supported_suffixes
 from ..retrieval import Neighbor, QueryResult, Retriever, parse_filters
 from ..visualize import display_image, mask_png, overlay
-from ..websecurity import WebSettings, scrub_paths
+from ..websecurity import WebSettings, scrub_paths, viewer_link
 
 #: Largest image id asked for (SQL BIGINT); larger ids are unknown (404), not a database error.
 MAX_IMAGE_ID = 2**63 - 1
@@ -215,8 +215,12 @@ class WebState:
                 "source_format": record.source_format, "frame": record.frame,
                 "stored_lung_fraction": round(record.lung_fraction, 6), "width": record.width,
                 "height": record.height}
+            link = viewer_link(self.settings.viewer_url, {"study_uid": neighbor.study_uid, "sop_uid": neighbor.sop_uid,
+                                                         "series_uid": neighbor.series_uid,
+                                                         "patient_id": neighbor.patient_id})
             out.append({**extra, **neighbor.to_json(), "path": public_name(neighbor.path),
-                        "file_name": public_name(neighbor.path), **image_urls(neighbor.id)})
+                        "file_name": public_name(neighbor.path), **image_urls(neighbor.id),
+                        **({"viewer_url": link} if link else {})})
         return out
 
     def filters(self, where: str, labels: str) -> dict:

@@ -152,6 +152,14 @@ function card(neighbor, open) {
   if (neighbor.source_format !== "dicom" && neighbor.file_name) info.append(line("file", neighbor.file_name));
   if (known(neighbor.identity_source)) info.append(line("identity", `patient from ${neighbor.identity_source}`));
   info.append(line("labels", labelText(neighbor.labels)));
+  if (neighbor.viewer_url) {  // the site's own viewer (serve --viewer-url), in a new tab
+    const link = document.createElement("a");
+    link.className = "viewer"; link.href = neighbor.viewer_url; link.target = "_blank"; link.rel = "noopener";
+    link.textContent = "open study in viewer";
+    link.addEventListener("click", (event) => event.stopPropagation());  // not the comparison
+    link.addEventListener("keydown", (event) => event.stopPropagation());
+    info.append(link);
+  }
   element.append(image, info);
   element.addEventListener("click", () => open(element));
   element.addEventListener("keydown", (event) => {
