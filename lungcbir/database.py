@@ -107,6 +107,9 @@ class ImageRecord(Base):
     sop_uid: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     slice_location: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: what PACS lists a study and series by; NULL for non-DICOM rows and rows indexed before
+    study_date: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    series_description: Mapped[str | None] = mapped_column(String(128), nullable=True)
     slice_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
     pixel_spacing_row: Mapped[float | None] = mapped_column(Float, nullable=True)
     pixel_spacing_col: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -122,6 +122,8 @@ class CTSlice:
     sop_uid: str | None = None  # DICOM SOP Instance UID, None when absent or empty
     instance_number: int | None = None
     slice_location: float | None = None
+    study_date: str | None = None  # DICOM StudyDate as stored (YYYYMMDD)
+    series_description: str | None = None
     pixel_spacing: tuple[float, float] | None = None
     position_z: float | None = None  # ImagePositionPatient[2], for ordering a series
     sha256: str | None = None
@@ -588,6 +590,8 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
         sop_uid=_dicom_text(dataset, "SOPInstanceUID"),
         instance_number=_dicom_int(dataset, "InstanceNumber"),
         slice_location=_dicom_float(dataset, "SliceLocation"),
+        study_date=_dicom_text(dataset, "StudyDate"),
+        series_description=_dicom_text(dataset, "SeriesDescription"),
         pixel_spacing=_dicom_spacing(dataset),
         position_z=_dicom_position_z(dataset),
     )

@@ -533,6 +533,8 @@ class Retriever:
                            patient_id=identity.patient_id, study_uid=item.study_uid, series_uid=identity.series_uid,
                            identity_source=identity.source.value,
                            instance_number=item.instance_number, slice_location=item.slice_location,
+                           study_date=(item.study_date or "")[:16] or None,
+                           series_description=(item.series_description or "")[:128] or None,
                            slice_index=item.slice_index, pixel_spacing_row=spacing[0],
                            pixel_spacing_col=spacing[1], labels=labels, lung_fraction=result.lung_fraction,
                            model_id=self.model.model_id, mask_png=encode_mask(result.mask))

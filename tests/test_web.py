@@ -777,3 +777,12 @@ def test_serve_refuses_a_bad_viewer_template(tmp_path):
     result = CliRunner().invoke(main, ["serve", "--viewer-url", "https://x/viewer", "--db",
                                        f"sqlite:///{tmp_path}/none.sqlite"])
     assert result.exit_code == 2 and "viewer URL" in result.output and "Traceback" not in result.output
+
+
+def test_results_say_study_date_and_series_description(client):
+    """What PACS lists a study by: the DICOM StudyDate and SeriesDescription of every stored slice."""
+    neighbors = client.post("/api/query", files={"file": ("q.png", png_bytes())}, data={"k": "3"}).json()["neighbors"]
+    assert neighbors and all(n["study_date"] == "20000101" for n in neighbors)  # as the phantom writes them
+    assert all(n["series_description"] == "SYNTHETIC PHANTOM - NOT PATIENT DATA" for n in neighbors)
+    metadata = client.get(f"/api/images/{neighbors[0]['id']}").json()
+    assert metadata["study_date"] == "20000101" and metadata["series_description"].startswith("SYNTHETIC")

@@ -20,7 +20,8 @@ def query_tags(item: CTSlice) -> dict[str, Any]:
     """What the query file itself says about where it comes from (DICOM tags; None when unknown)."""
     return {"source_format": item.source_format, "patient_id": item.patient_id, "study_uid": item.study_uid,
             "series_uid": item.series_uid, "instance_number": item.instance_number,
-            "slice_location": item.slice_location}
+            "slice_location": item.slice_location, "study_date": item.study_date,
+            "series_description": item.series_description}
 
 
 @router.post("/api/query", response_model=QueryAnswer, response_model_exclude_unset=True)

@@ -72,6 +72,8 @@ class Neighbor(StoredImageLinks):
     # of the stored row; absent if the row was removed meanwhile
     instance_number: int | None = None
     slice_location: float | None = None
+    study_date: str | None = None
+    series_description: str | None = None
     source_format: str | None = None
     frame: int | None = None
     stored_lung_fraction: float | None = None
@@ -90,6 +92,8 @@ class QueryTags(BaseModel):
     series_uid: str | None
     instance_number: int | None
     slice_location: float | None
+    study_date: str | None
+    series_description: str | None
 
 
 class Segmented(BaseModel):
@@ -192,6 +196,8 @@ class ImageMetadata(StoredImageLinks):
     url: str | None = Field(description="WADO-RS URL of an archive's instance, else null")
     instance_number: int | None
     slice_location: float | None
+    study_date: str | None
+    series_description: str | None
     slice_index: int | None
     frame: int
     labels: dict[str, Any]

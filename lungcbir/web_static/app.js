@@ -125,6 +125,10 @@ function sliceText(item) {
   return "";
 }
 
+function studyDate(value) {  // DICOM DA (YYYYMMDD) as a date a reader recognises
+  return /^\d{8}$/.test(value || "") ? `${value.slice(0, 4)}-${value.slice(4, 6)}-${value.slice(6)}` : value;
+}
+
 function labelText(labels) {
   return Object.entries(labels || {}).map(([k, v]) => `${k}: ${v}`).join(", ");
 }
@@ -149,6 +153,8 @@ function card(neighbor, open) {
   head.append(score, ` · #${neighbor.rank}`);
   info.append(head, line("where", place));
   if (known(neighbor.slice_location)) info.append(line("location", `location ${Number(neighbor.slice_location).toFixed(1)} mm`));
+  const study = [studyDate(neighbor.study_date), neighbor.series_description].filter(known).join(" · ");
+  if (study) info.append(line("study", study));
   if (neighbor.source_format !== "dicom" && neighbor.file_name) info.append(line("file", neighbor.file_name));
   if (known(neighbor.identity_source)) info.append(line("identity", `patient from ${neighbor.identity_source}`));
   info.append(line("labels", labelText(neighbor.labels)));
@@ -188,6 +194,7 @@ function queryTags(tags) {
   if (!tags) return "";
   return [tags.patient_id && `patient ${tags.patient_id}`, sliceText(tags),
     known(tags.slice_location) && `location ${Number(tags.slice_location).toFixed(1)} mm`,
+    known(tags.study_date) && `study ${studyDate(tags.study_date)}`, tags.series_description,
     tags.source_format].filter(Boolean).join(" · ");
 }
 
@@ -542,6 +549,7 @@ $("detail").addEventListener("close", () => {
 });
 
 const LABELS = [["file_name", "File"], ["patient_id", "Patient"], ["identity_source", "Patient from"],
+  ["study_date", "Study date"], ["series_description", "Series description"],
   ["study_uid", "Study"], ["series_uid", "Series"], ["instance_number", "Image (InstanceNumber)"],
   ["slice_index", "Position in stored series"], ["slice_location", "Slice location"], ["source_format", "Format"],
   ["size", "Size"], ["lung_fraction", "Lung fraction"]];
@@ -553,6 +561,7 @@ function metaRows(meta, neighbor) {
     slice_index: known(meta.slice_index) ? meta.slice_index + 1 : null,
     slice_location: known(meta.slice_location) ? `${Number(meta.slice_location).toFixed(1)} mm` : null,
     lung_fraction: percent(meta.lung_fraction),
+    study_date: studyDate(meta.study_date),
     identity_source: neighbor && neighbor.identity_source,
   };
   const rowsShown = [];
