@@ -52,8 +52,8 @@ def server(tmp_path_factory, tiny_weights, shared_data, server_log):
                     *store], check=True, capture_output=True)
     port = free_port()
     log = open(server_log, "wb")
-    process = subprocess.Popen([*command, "serve", "--port", str(port), "--token-file", str(token_file), *store],
-                               stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([*command, "serve", "--port", str(port), "--token-file", str(token_file),
+                                "--viewer-url", VIEWER_URL, *store], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -68,6 +68,10 @@ def server(tmp_path_factory, tiny_weights, shared_data, server_log):
     process.terminate()
     process.wait(10)
     log.close()
+
+
+#: the site's viewer the live server links results to (serve --viewer-url)
+VIEWER_URL = "https://pacs.example.org/ohif/viewer?StudyInstanceUIDs={study_uid}"
 
 
 def query_file(shared_data) -> Path:
@@ -351,6 +355,13 @@ def test_cards_and_detail_identify_slices_as_pacs_does(page, shared_data, server
     card = page.locator(f"#results .card[data-id='{dicom['id']}']")
     assert f"image {dicom['instance_number']}" in card.inner_text()
     assert raster["file_name"] in page.locator(f"#results .card[data-id='{raster['id']}']").inner_text()
+    # what PACS lists the study by, and a link that opens it in the site's viewer
+    dated = next(n for n in answer["neighbors"] if n.get("study_date"))
+    dated_card = page.locator(f"#results .card[data-id='{dated['id']}']")
+    date = dated["study_date"]
+    assert f"{date[:4]}-{date[4:6]}-{date[6:]}" in dated_card.inner_text()
+    assert " ".join(dated["series_description"].split()) in dated_card.inner_text()  # as rendered
+    assert dicom["viewer_url"] == VIEWER_URL.format(study_uid=dicom["study_uid"]) and not raster.get("viewer_url")
     assert page.get_attribute("#mask-link", "download") == dicom_query(shared_data).stem + "_mask.png"
     card.click()
     page.wait_for_function(f"document.getElementById('detail').dataset.neighborId === '{dicom['id']}'")
@@ -360,6 +371,9 @@ def test_cards_and_detail_identify_slices_as_pacs_does(page, shared_data, server
     fraction = httpx.get(f"{server}/api/images/{dicom['id']}", headers=AUTH).json()["lung_fraction"]
     assert re.search(r"^Lung fraction\t\d+\.\d %$", meta, re.M) and f"{100 * fraction:.1f} %" in meta
     assert "cosine similarity" in page.inner_text("#detail-score")
+    # the comparison opens the study in the site's viewer (serve --viewer-url), in a new tab
+    assert page.is_visible("#viewer-link") and page.get_attribute("#viewer-link", "target") == "_blank"
+    assert page.get_attribute("#viewer-link", "href") == dicom["viewer_url"]
     assert "cosine similarity" in page.inner_text("#answer")
     assert httpx.get(f"{server}/favicon.ico").status_code == 200
 

@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse, Response
 
 from ..dicomweb import is_dicomweb_url
 from ..visualize import display_image, mask_png, overlay
+from ..websecurity import viewer_link
 from .schemas import ERROR_RESPONSES, ImageMetadata
 from .state import (
     PIXEL_KIND_HEADER,
@@ -41,7 +42,10 @@ def image_metadata(web: AppState, image_id: int) -> dict[str, Any]:
             "slice_index": record.slice_index, "frame": record.frame, "labels": record.labels,
             "lung_fraction": record.lung_fraction, "model_id": record.model_id,
             "indexed_at": record.indexed_at.isoformat() if record.indexed_at else None,
-            "file_name": public_name(record.path), **image_urls(record.id)}
+            "file_name": public_name(record.path), **image_urls(record.id),
+            "viewer_url": viewer_link(web.settings.viewer_url, {
+                "study_uid": record.study_uid, "series_uid": record.series_uid, "sop_uid": record.sop_uid,
+                "patient_id": record.patient_id})}
 
 
 @router.get("/api/images/{image_id}/thumbnail", response_class=Response, responses=PNG_RESPONSE)

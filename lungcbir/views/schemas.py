@@ -204,6 +204,7 @@ class ImageMetadata(StoredImageLinks):
     lung_fraction: float
     model_id: str
     indexed_at: str | None = Field(description="ISO 8601")
+    viewer_url: str | None = Field(None, description="the study in the site's viewer (serve --viewer-url)")
 
 
 class SeriesMembers(BaseModel):

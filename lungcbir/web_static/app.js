@@ -158,14 +158,6 @@ function card(neighbor, open) {
   if (neighbor.source_format !== "dicom" && neighbor.file_name) info.append(line("file", neighbor.file_name));
   if (known(neighbor.identity_source)) info.append(line("identity", `patient from ${neighbor.identity_source}`));
   info.append(line("labels", labelText(neighbor.labels)));
-  if (neighbor.viewer_url) {  // the site's own viewer (serve --viewer-url), in a new tab
-    const link = document.createElement("a");
-    link.className = "viewer"; link.href = neighbor.viewer_url; link.target = "_blank"; link.rel = "noopener";
-    link.textContent = "open study in viewer";
-    link.addEventListener("click", (event) => event.stopPropagation());  // not the comparison
-    link.addEventListener("keydown", (event) => event.stopPropagation());
-    info.append(link);
-  }
   element.append(image, info);
   element.addEventListener("click", () => open(element));
   element.addEventListener("keydown", (event) => {
@@ -598,6 +590,9 @@ async function showNeighbor(id, neighbor) {
   $("neighbor-mask-link").download = stem(meta.file_name) + "_mask.png";
   $("neighbor-mask-link").dataset.url = meta.mask_url;
   $("neighbor-mask-link").href = "#";
+  // the site's own viewer (serve --viewer-url), in a new tab; only for slices with a study
+  $("viewer-part").hidden = !meta.viewer_url;
+  if (meta.viewer_url) $("viewer-link").href = meta.viewer_url;
   detail.position = detail.series.indexOf(id);
   $("slice-position").textContent = detail.series.length > 1 && detail.position >= 0
     ? `slice ${detail.position + 1} of ${detail.series.length} stored` : "no other stored slice";
