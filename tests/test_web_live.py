@@ -497,3 +497,28 @@ def test_accessibility_axe_finds_no_serious_violations(page, shared_data, server
     page.wait_for_selector("#detail[open]")
     page.wait_for_function("document.getElementById('neighbor-canvas').width > 0")
     assert violations() == []
+
+
+@pytest.mark.browser
+def test_other_patients_only_and_where_the_identity_came_from(page, shared_data, server):
+    """Case controls: "other patients only" leaves out the query's own patient (its DICOM
+    PatientID); every card says where its patient identity came from."""
+    query = dicom_query(shared_data)
+    own = pydicom_patient(query)
+    page.wait_for_selector("#other-patients-box:not(.hidden)")
+    page.uncheck("#per-patient")
+    search(page, query, k="12")
+    cards = page.locator("#results .card")
+    assert any(f"patient {own}" in text for text in cards.all_inner_texts())  # its series is stored
+    assert "patient from dicom" in cards.first.inner_text()
+    page.check("#other-patients")
+    page.click("#search")
+    page.wait_for_function(f"lastAnswer && !lastAnswer.neighbors.some(n => n.patient_id === {own!r})")
+    page.wait_for_selector("#results .card")
+    assert not any(f"patient {own}" in text for text in page.locator("#results .card").all_inner_texts())
+
+
+def pydicom_patient(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)

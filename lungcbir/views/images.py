@@ -39,6 +39,7 @@ def image_metadata(web: AppState, image_id: int) -> dict[str, Any]:
             "url": record.path if is_dicomweb_url(record.path) else None,
             "instance_number": record.instance_number, "slice_location": record.slice_location,
             "study_date": record.study_date, "series_description": record.series_description,
+            "identity_source": record.identity_source,
             "slice_index": record.slice_index, "frame": record.frame, "labels": record.labels,
             "lung_fraction": record.lung_fraction, "model_id": record.model_id,
             "indexed_at": record.indexed_at.isoformat() if record.indexed_at else None,

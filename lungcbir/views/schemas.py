@@ -74,6 +74,8 @@ class Neighbor(StoredImageLinks):
     slice_location: float | None = None
     study_date: str | None = None
     series_description: str | None = None
+    identity_source: str | None = Field(None, description="where patient_id came from: dicom, labels, pattern, "
+                                                          "folder or none (null: indexed before it was recorded)")
     source_format: str | None = None
     frame: int | None = None
     stored_lung_fraction: float | None = None
@@ -205,6 +207,7 @@ class ImageMetadata(StoredImageLinks):
     model_id: str
     indexed_at: str | None = Field(description="ISO 8601")
     viewer_url: str | None = Field(None, description="the study in the site's viewer (serve --viewer-url)")
+    identity_source: str | None = None
 
 
 class SeriesMembers(BaseModel):

@@ -213,6 +213,7 @@ class WebState:
             extra = {} if record is None else {
                 "instance_number": record.instance_number, "slice_location": record.slice_location,
                 "study_date": record.study_date, "series_description": record.series_description,
+                "identity_source": record.identity_source,
                 "source_format": record.source_format, "frame": record.frame,
                 "stored_lung_fraction": round(record.lung_fraction, 6), "width": record.width,
                 "height": record.height}
