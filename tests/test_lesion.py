@@ -74,10 +74,11 @@ def test_weighted_lesion_loss_ignores_unknown_pixels():
     assert float(zero.detach()) == 0.0 and float(logits.grad.abs().sum()) == 0.0
 
 
-def test_lesion_head_added_to_lung_weights_with_a_frozen_encoder(tmp_path, tiny_weights):
-    from lungcbir.train import TrainConfig, TrainingSample, train
+def lesion_samples(seed: int) -> list:
+    """Four small training slices of one lung; the first two with a known lesion, the rest unknown."""
+    from lungcbir.train import TrainingSample
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     samples = []
     for k in range(4):
         mask = np.zeros((64, 64), np.uint8)
@@ -86,6 +87,13 @@ def test_lesion_head_added_to_lung_weights_with_a_frozen_encoder(tmp_path, tiny_
         infection = np.zeros_like(mask)
         infection[20:30, 12:22] = 1
         samples.append(TrainingSample(f"s{k}", f"p{k % 2}", pixels, "unit", mask, infection if k < 2 else None))
+    return samples
+
+
+def test_lesion_head_added_to_lung_weights_with_a_frozen_encoder(tmp_path, tiny_weights):
+    from lungcbir.train import TrainConfig, train
+
+    samples = lesion_samples(seed=0)
     out = str(tmp_path / "lesion.pt")
     config = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=3, input_size=64, infection_head=True,
                          freeze_encoder=True, contrastive_weight=0.0, pathology=True, steps_per_epoch=2)
@@ -141,17 +149,9 @@ def test_lesion_evaluation_scores_and_ranks(tmp_path):
 
 
 def test_lesion_branch_learns_on_frozen_lung_weights(tmp_path, tiny_weights):
-    from lungcbir.train import TrainConfig, TrainingSample, train
+    from lungcbir.train import TrainConfig, train
 
-    rng = np.random.default_rng(1)
-    samples = []
-    for k in range(4):
-        mask = np.zeros((64, 64), np.uint8)
-        mask[16:48, 10:30] = 1
-        pixels = np.where(mask, 0.1, 0.6).astype(np.float32) + rng.uniform(0, 0.05, (64, 64)).astype(np.float32)
-        infection = np.zeros_like(mask)
-        infection[20:30, 12:22] = 1
-        samples.append(TrainingSample(f"s{k}", f"p{k % 2}", pixels, "unit", mask, infection if k < 2 else None))
+    samples = lesion_samples(seed=1)
     out = str(tmp_path / "branch.pt")
     config = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=3, input_size=64, lesion_branch=True,
                          contrastive_weight=0.0, pathology=True, steps_per_epoch=3)
