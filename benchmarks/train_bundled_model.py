@@ -3,7 +3,7 @@
 Usage: python benchmarks/train_bundled_model.py OUT.pt [--epochs N] [--device cpu|cuda]
            [--only kaggle|covid19] [--base-channels C] [--contrastive W] [--cache FILE.npz]
            [--workers N] [--init W.pt|bundled] [--learning-rate LR] [--seed S]
-           [--infection-head | --lesion-branch] [--freeze-encoder] [--pathology] [--kaggle-lesion-free]
+           [--infection-head | --lesion-levels N] [--freeze-encoder] [--pathology] [--kaggle-lesion-free]
            [--steps-per-epoch N] [--threads N]
        python benchmarks/train_bundled_model.py W.pt --centre-only
 
@@ -41,7 +41,7 @@ def load_split(config: TrainConfig) -> dict[str, dict[str, list[TrainingSample]]
     split = {}
     for name, parts in (("kaggle", kaggle_slices()), ("covid19", covid_slices())):
         split[name] = {part: [dataclasses.replace(load_sample(s.image, s.mask, config.input_size, s.group,
-                                                              s.infection if config.infection_head or config.lesion_branch else None),
+                                                              s.infection if config.infection_head or config.lesion_levels else None),
                                                   series=s.series, position=s.position)
                               for s in parts[part]] for part in ("train", "val")}
     return split
@@ -91,8 +91,9 @@ def main() -> None:
     parser.add_argument("--cache", help="read the resized slices from this .npz (written if missing)")
     parser.add_argument("--infection-head", action="store_true",
                         help="a second output channel learns the COVID-19 lesions (a fresh head with --init)")
-    parser.add_argument("--lesion-branch", action="store_true",
-                        help="a separate lesion branch learns on frozen --init weights (lung mask unchanged)")
+    parser.add_argument("--lesion-levels", type=int, default=0,
+                        help="a lesion branch, a copy of the last N decoder levels, learns on frozen --init "
+                             "weights (lung mask and vector unchanged)")
     parser.add_argument("--pathology", action="store_true",
                         help="synthetic disease in the lung field and further exports (lungcbir/augment.py)")
     parser.add_argument("--freeze-encoder", action="store_true",
@@ -112,7 +113,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(epochs=args.epochs, infection_head=args.infection_head, pathology=args.pathology,
-                         lesion_branch=args.lesion_branch,
+                         lesion_levels=args.lesion_levels,
                          steps_per_epoch=args.steps_per_epoch, freeze_encoder=args.freeze_encoder,
                          base_channels=args.base_channels, contrastive_weight=args.contrastive,
                          learning_rate=args.learning_rate, seed=args.seed)

@@ -31,10 +31,15 @@ class UNetConfig:
     out_channels: int = 1
     base_channels: int = 16
     depth: int = 4  # number of 2x2 poolings; the input side must be divisible by 2**depth
-    # a lesion branch after the decoder (two 3x3 convolutions on the last decoder features and the
-    # first skip, then a 1x1 head) adds a lesion output channel after the ``out_channels`` ones;
-    # trained on frozen lung weights it cannot change the lung output or the bottleneck
-    lesion_branch: bool = False
+    # > 0: a lesion branch, its own copy of the last ``lesion_levels`` decoder levels (fed by the
+    # shared decoder levels before them and by the same skips) and a 1x1 head, adds a lesion output
+    # channel after the ``out_channels`` ones; trained on frozen lung weights it cannot change the
+    # lung output or the bottleneck
+    lesion_levels: int = 0
+
+    @property
+    def lesion_branch(self) -> bool:
+        return self.lesion_levels > 0
 
     @property
     def bottleneck_channels(self) -> int:
@@ -85,8 +90,12 @@ class UNet(nn.Module):
             self.up_convs.append(nn.ConvTranspose2d(width * 2, width, 2, stride=2))
             self.up_blocks.append(DoubleConv(width * 2, width))
         self.head = nn.Conv2d(widths[0], config.out_channels, 1)
+        if not 0 <= config.lesion_levels <= config.depth:
+            raise ValueError(f"lesion_levels must be between 0 and depth ({config.depth})")
         if config.lesion_branch:
-            self.lesion_block = DoubleConv(2 * widths[0], widths[0])
+            copied = list(reversed(widths[:-1]))[config.depth - config.lesion_levels:]
+            self.lesion_up_convs = nn.ModuleList(nn.ConvTranspose2d(w * 2, w, 2, stride=2) for w in copied)
+            self.lesion_up_blocks = nn.ModuleList(DoubleConv(w * 2, w) for w in copied)
             self.lesion_head = nn.Conv2d(widths[0], 1, 1)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -101,19 +110,36 @@ class UNet(nn.Module):
     def decode(self, encoded: list[torch.Tensor]) -> torch.Tensor:
         """Turn the encoder outputs into per-pixel logits."""
         *skips, x = encoded
-        for up_conv, block, skip in zip(self.up_convs, self.up_blocks, reversed(skips)):
+        levels = list(zip(self.up_convs, self.up_blocks, reversed(skips)))
+        shared = len(levels) - self.config.lesion_levels
+        for up_conv, block, skip in levels[:shared]:
             x = block(torch.cat([up_conv(x), skip], dim=1))
-        if self.config.lesion_branch:
-            lesions = self.lesion_head(self.lesion_block(torch.cat([x, skips[0]], dim=1)))
-            return torch.cat([self.head(x), lesions], dim=1)
-        return self.head(x)
+        lungs = x
+        for up_conv, block, skip in levels[shared:]:
+            lungs = block(torch.cat([up_conv(lungs), skip], dim=1))
+        if not self.config.lesion_branch:
+            return self.head(lungs)
+        lesions = x
+        for up_conv, block, (_, _, skip) in zip(self.lesion_up_convs, self.lesion_up_blocks, levels[shared:]):
+            lesions = block(torch.cat([up_conv(lesions), skip], dim=1))
+        return torch.cat([self.head(lungs), self.lesion_head(lesions)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
     def lesion_modules(self) -> list[nn.Module]:
         """The lesion branch's modules (empty without one)."""
-        return [self.lesion_block, self.lesion_head] if self.config.lesion_branch else []
+        if not self.config.lesion_branch:
+            return []
+        return [self.lesion_up_convs, self.lesion_up_blocks, self.lesion_head]
+
+    def copy_decoder_into_lesion_branch(self) -> None:
+        """Start the lesion branch from the lung decoder's last levels (the head stays as it is):
+        features that already know the lungs learn lesions far faster than fresh ones."""
+        shared = self.config.depth - self.config.lesion_levels
+        for index in range(self.config.lesion_levels):
+            self.lesion_up_convs[index].load_state_dict(self.up_convs[shared + index].state_dict())
+            self.lesion_up_blocks[index].load_state_dict(self.up_blocks[shared + index].state_dict())
 
     def forward_with_bottleneck(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and bottleneck from one pass, so indexing does not run the encoder twice."""

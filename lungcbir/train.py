@@ -63,9 +63,10 @@ class TrainConfig:
     input_size: int = 256
     augment: bool = True
     infection_head: bool = False  # a second output channel learns lesions where masks exist
-    # a separate lesion branch (UNetConfig.lesion_branch) trained on frozen initial weights: only the
-    # branch learns, so the lung mask and the retrieval vector stay exactly those of the initial weights
-    lesion_branch: bool = False
+    # > 0: a separate lesion branch (UNetConfig.lesion_levels: a copy of the last decoder levels)
+    # trained on frozen initial weights: only the branch learns, so the lung mask and the retrieval
+    # vector stay exactly those of the initial weights
+    lesion_levels: int = 0
     infection_weight: float = 0.5
     # synthetic disease in the lung field (honeycombing, pasted consolidation, emphysema, dependent
     # density) and further exports (JPEG, reconstruction circle, low-dose noise, sharp kernel)
@@ -432,18 +433,19 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     preprocess = PreprocessConfig(input_size=config.input_size)
-    if config.lesion_branch and config.infection_head:
+    lesion_branch = config.lesion_levels > 0
+    if lesion_branch and config.infection_head:
         raise LungCBIRError("choose a lesion channel (infection_head) or a lesion branch, not both")
-    learns_lesions = config.infection_head or config.lesion_branch
+    learns_lesions = config.infection_head or lesion_branch
     unet_config = UNetConfig(base_channels=config.base_channels, depth=config.depth,
-                             out_channels=2 if config.infection_head else 1, lesion_branch=config.lesion_branch)
+                             out_channels=2 if config.infection_head else 1, lesion_levels=config.lesion_levels)
     network = UNet(unet_config)
     if initial_weights is not None:
         start, start_settings, _ = load_network(None if initial_weights == "bundled" else initial_weights)
         adding_head = (start_settings.unet.out_channels, unet_config.out_channels) == (1, 2)
-        adding_branch = config.lesion_branch and not start_settings.unet.lesion_branch
+        adding_branch = lesion_branch and not start_settings.unet.lesion_branch
         comparable = replace(start_settings.unet, out_channels=unet_config.out_channels,
-                                         lesion_branch=unet_config.lesion_branch)
+                             lesion_levels=unet_config.lesion_levels)
         if comparable != unet_config or start_settings.preprocess.input_size != config.input_size:
             raise LungCBIRError(f"{initial_weights}: its network ({start_settings.unet}, input "
                                 f"{start_settings.preprocess.input_size}) does not match the training configuration "
@@ -456,12 +458,14 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
                 state[key] = fresh[key]
             state["head.bias"][1] = NEW_HEAD_BIAS
             lung_head = (state["head.weight"][:1].clone(), state["head.bias"][:1].clone())
-        if adding_branch:  # the branch starts fresh, with the "few lesions" bias
+        if adding_branch:  # the branch starts as a copy of the lung decoder, its head with the "few lesions" bias
             state.update({k: v for k, v in network.state_dict().items() if k.startswith("lesion_")})
             state["lesion_head.bias"] = torch.full_like(state["lesion_head.bias"], NEW_HEAD_BIAS)
         network.load_state_dict(state)
+        if adding_branch:
+            network.copy_decoder_into_lesion_branch()
     network = network.to(device)
-    if config.lesion_branch:
+    if lesion_branch:
         if initial_weights is None:
             raise LungCBIRError("a lesion branch is trained on trained lung weights: give initial weights (--init)")
         if config.contrastive_weight:

@@ -153,7 +153,7 @@ def test_lesion_branch_learns_on_frozen_lung_weights(tmp_path, tiny_weights):
 
     samples = lesion_samples(seed=1)
     out = str(tmp_path / "branch.pt")
-    config = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=3, input_size=64, lesion_branch=True,
+    config = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=3, input_size=64, lesion_levels=2,
                          contrastive_weight=0.0, pathology=True, steps_per_epoch=3)
     train(samples[:3], samples[:1], out, config, initial_weights=tiny_weights)
     before, after = LungModel.load(tiny_weights), LungModel.load(out)
