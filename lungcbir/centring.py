@@ -21,7 +21,8 @@ import torch
 
 from .datasets import covid_slices, kaggle_slices
 from .errors import WeightsError
-from .features import pool_bottleneck
+from .features import FindingsConfig
+from .fileutils import write_atomically
 from .inference import WEIGHTS_FORMAT, LungModel
 from .io import read_file
 
@@ -35,15 +36,11 @@ def training_images(root: Path | None = None) -> list[str]:
 
 
 def uncentred_vectors(model: LungModel, files: Sequence[str], batch_size: int = CENTRE_BATCH) -> np.ndarray:
-    """Pooled unit vectors of the first slice of every file, before any centring."""
+    """Vectors of the first slice of every file before any centring (each part a unit vector)."""
     vectors = []
     for start in range(0, len(files), batch_size):
         inputs = np.stack([model.prepare(read_file(path)[0])[0] for path in files[start:start + batch_size]])
-        with torch.inference_mode():
-            batch = torch.from_numpy(inputs[:, None]).to(model.device).to(memory_format=torch.channels_last)
-            logits, bottleneck = model.network.forward_with_bottleneck(batch)
-            probabilities = torch.sigmoid(logits[:, :1].float())
-        vectors.append(pool_bottleneck(bottleneck, probabilities, model.settings.pooling))
+        vectors.append(model.uncentred(inputs))
     return np.concatenate(vectors)
 
 
@@ -55,8 +52,10 @@ def training_centre(model: LungModel, files: Sequence[str] | None = None) -> np.
     return uncentred_vectors(model, files).mean(0).astype(np.float32)
 
 
-def write_centre(weights: str | os.PathLike, centre: np.ndarray, out: str | os.PathLike | None = None) -> None:
-    """Save ``centre`` in the settings of a weights file (to ``out``, default in place).
+def write_centre(weights: str | os.PathLike, centre: np.ndarray, out: str | os.PathLike | None = None,
+                 findings: FindingsConfig | None = None) -> None:
+    """Save ``centre`` (and, if given, the findings part's settings it was computed with) in the
+    settings of a weights file (to ``out``, default in place), atomically.
 
     The stored weights are copied as they are (no conversion), so only the settings change.
     """
@@ -70,22 +69,26 @@ def write_centre(weights: str | os.PathLike, centre: np.ndarray, out: str | os.P
     if centre.ndim != 1 or not np.isfinite(centre).all():
         raise WeightsError("the centre must be a finite vector")
     payload["settings"]["centre"] = [float(v) for v in centre]
-    target = Path(out or weights)
-    temporary = target.with_name(target.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, target)
+    if findings is not None:
+        payload["settings"]["findings"] = findings.to_dict()
+    write_atomically(out or weights, lambda temporary: torch.save(payload, temporary))
 
 
 def add_training_centre(weights: str | os.PathLike, out: str | os.PathLike | None = None,
-                        files: Sequence[str] | None = None) -> np.ndarray:
+                        files: Sequence[str] | None = None, findings: FindingsConfig | None = None) -> np.ndarray:
     """Compute the training centre of a weights file's model and save it there (or to ``out``).
 
     An existing centre is ignored while computing (vectors are taken uncentred) and replaced.
-    Returns the centre.
+    ``findings`` gives a model with a lesion output the findings part of its vector (the centre
+    then covers both parts). Returns the centre.
     """
     model = LungModel.load(weights)
+    if findings is not None:
+        if not model.has_lesion_head:
+            raise WeightsError(f"{weights}: a findings part needs a model with a lesion output")
+        model.settings.findings = findings
     centre = training_centre(model, files)
     if centre.shape[0] != model.dimension:
         raise WeightsError(f"centre of dimension {centre.shape[0]}, model vectors {model.dimension}")
-    write_centre(weights, centre, out)
+    write_centre(weights, centre, out, findings)
     return centre

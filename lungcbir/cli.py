@@ -23,6 +23,7 @@ import click
 
 from .config import DB_ENV, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, INDEX_DIR_ENV, Settings
 from .errors import FilterError, LungCBIRError, ReadError, SegError
+from .focus import DEFAULT_FOCUS, FOCUSES
 from .store import DEFAULT_CLAIM_TIMEOUT_S
 from .vector_index import INDEX_KIND_REGISTRY
 from .websecurity import (
@@ -231,11 +232,14 @@ def _read_inputs(paths):
               help="Search once with all IMAGEs together (the mean of their vectors): more like these.")
 @click.option("--unlike", multiple=True, type=click.Path(), metavar="IMAGE",
               help="With --together: less like this (repeatable; the mean of these is subtracted).")
+@click.option("--focus", type=click.Choice(FOCUSES), default=str(DEFAULT_FOCUS), show_default=True,
+              help="What similar means: the same level of the lungs (anatomy), the same kind and amount of "
+                   "disease (findings), or both (balanced).")
 @store_options
 @model_options
 @friendly_errors
 def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, other_patients, together, unlike,
-          db_url, index_dir, weights, device):
+          focus, db_url, index_dir, weights, device):
     """Find the K stored slices most similar to each query IMAGE.
 
     Writes the lung mask (0/255, the image's own size), an overlay of the lung contour and a
@@ -246,6 +250,7 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
     \b
     Example:
       lungcbir query scan.dcm --k 5 --out results/ --json
+      lungcbir query scan.dcm --focus findings --other-patients
     """
     from .visualize import mask_png, match_strip, overlay, write_png
 
@@ -254,16 +259,16 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
         raise click.UsageError("--unlike goes with --together")
     retriever = _retriever(db_url, index_dir, weights, device)
     if together:
-        _query_together(retriever, images, unlike, k, filters, per_patient, other_patients, as_json)
+        _query_together(retriever, images, unlike, k, filters, per_patient, other_patients, as_json, focus)
         return
     if by_series:
-        if _query_series(retriever, images, k, filters, as_json):
+        if _query_series(retriever, images, k, filters, as_json, focus):
             sys.exit(EXIT_SOME_FAILED)
         return
     folder = None if no_pictures else _ensure_folder(out)
     inputs, failures = _read_inputs(images)
     for path, slices in inputs:
-        for result in retriever.query_slices(slices, k, filters, per_patient, other_patients):
+        for result in retriever.query_slices(slices, k, filters, per_patient, other_patients, focus):
             mask_path = overlay_path = matches_path = None
             written = {}
             if folder is not None:
@@ -321,7 +326,7 @@ def _shown_path(neighbor) -> str:
     return neighbor.url or os.path.relpath(neighbor.path)
 
 
-def _query_together(retriever, images, unlike, k, filters, per_patient, other_patients, as_json) -> None:
+def _query_together(retriever, images, unlike, k, filters, per_patient, other_patients, as_json, focus) -> None:
     """One search with every slice of IMAGES together, less like UNLIKE; one result printed."""
     liked, failures = _read_inputs(images)
     disliked, unlike_failures = _read_inputs(unlike) if unlike else ([], [])
@@ -329,7 +334,7 @@ def _query_together(retriever, images, unlike, k, filters, per_patient, other_pa
     if not examples:
         raise LungCBIRError("no readable example to search with")
     result = retriever.query_together(examples, [item for _, items in disliked for item in items], k, filters,
-                                      per_patient, other_patients)
+                                      per_patient, other_patients, focus=focus)
     if as_json:
         click.echo(json.dumps({"queries": [path for path, _ in liked], "unlike": [path for path, _ in disliked],
                                "neighbors": [n.to_json() for n in result.neighbors]}))
@@ -341,7 +346,7 @@ def _query_together(retriever, images, unlike, k, filters, per_patient, other_pa
         sys.exit(EXIT_SOME_FAILED)
 
 
-def _query_series(retriever, inputs, k, filters, as_json) -> bool:
+def _query_series(retriever, inputs, k, filters, as_json, focus) -> bool:
     """Answer every source (a series folder or a volume); True when any file of any source failed."""
     from .retrieval import series_in_order
 
@@ -352,7 +357,7 @@ def _query_series(retriever, inputs, k, filters, as_json) -> bool:
         if not readable:
             continue  # every file of this source failed; each was listed
         slices = series_in_order(readable)
-        matches = retriever.query_series(slices, k, filters)
+        matches = retriever.query_series(slices, k, filters, focus=focus)
         if as_json:
             click.echo(json.dumps({"query": source, "slices": len(slices), "cases": [
                 {"rank": m.rank, "case": m.case, "patient_id": m.patient_id, "series_uid": m.series_uid,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import Enum
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -78,3 +81,111 @@ def centre_vectors(vectors: np.ndarray, centre: np.ndarray | list[float] | None)
     centred = np.asarray(vectors, np.float32) - np.asarray(centre, np.float32)[None]
     norms = np.linalg.norm(centred, axis=1, keepdims=True)
     return (centred / np.maximum(norms, 1e-8)).astype(np.float32)
+
+
+# -- the findings part and the search focus -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FindingsConfig:
+    """How a model with a lesion output builds the *findings* part of its vector.
+
+    The vector of such a model is ``[anatomy | findings]``: the anatomy part is the pooled
+    bottleneck of :func:`pool_bottleneck` (slice level, body shape); the findings part is the
+    bottleneck pooled with the lesion probability as weight (what the abnormal parenchyma looks
+    like), joined with ``statistics_weight`` times :func:`lesion_statistics` (how much is abnormal
+    and where). Each part is centred and L2-normalised on its own, then both are divided by
+    sqrt(2), so the whole vector has unit length and a search can weigh the parts (:class:`Focus`).
+
+    Example:
+        >>> FindingsConfig().statistics_dimension
+        5
+    """
+
+    statistics_weight: float = 1.0
+    #: weight of the anatomy part in the ``balanced`` focus (the findings part gets the rest)
+    balanced_anatomy_weight: float = 0.5
+    statistics_dimension: int = 5
+
+    def to_dict(self) -> dict:
+        return {"statistics_weight": self.statistics_weight, "balanced_anatomy_weight": self.balanced_anatomy_weight}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FindingsConfig":
+        return cls(statistics_weight=float(values["statistics_weight"]),
+                   balanced_anatomy_weight=float(values["balanced_anatomy_weight"]))
+
+
+#: Pixels (at the model's input size of 256) within this distance of the lung edge count as the
+#: lung's periphery in :func:`lesion_statistics`: about 1 cm of a usual chest field of view,
+#: where COVID-19's ground glass typically starts.
+PERIPHERY_PIXELS = 8
+
+
+def lesion_statistics(lung_probability: np.ndarray, lesion_probability: np.ndarray) -> np.ndarray:
+    """Where the lesions are, as five orientation-free numbers per slice, square-rooted so that
+    small burdens stay apart: lesion share of the lung, of its periphery, of its core, and of its
+    more and its less affected side (halves split at the lungs' centre of mass). ``(N, S, S)``
+    probability maps in, ``(N, 5)`` float32 out; a slice without lungs gives zeros.
+
+    Example:
+        >>> lungs = np.zeros((1, 64, 64), np.float32); lungs[0, 8:56, 8:56] = 1
+        >>> lesions = np.zeros_like(lungs); lesions[0, 8:56, 8:20] = 1   # the left quarter
+        >>> [round(float(v), 2) for v in lesion_statistics(lungs, lesions)[0] ** 2]
+        [0.25, 0.35, 0.12, 0.5, 0.0]
+    """
+    out = np.zeros((len(lung_probability), 5), np.float32)
+    for number, (lung_map, lesion_map) in enumerate(zip(lung_probability, lesion_probability)):
+        lungs = lung_map > 0.5
+        if lungs.sum() < 16:
+            continue
+        lesions = (lesion_map > 0.5) & lungs
+        inside = cv2.distanceTransform(np.pad(lungs, 1).astype(np.uint8), cv2.DIST_L2, 3)[1:-1, 1:-1]
+        periphery = lungs & (inside <= PERIPHERY_PIXELS)
+        core = lungs & ~periphery
+        middle = int(round(np.nonzero(lungs)[1].mean()))
+        halves = [lungs.copy(), lungs.copy()]
+        halves[0][:, middle:], halves[1][:, :middle] = False, False
+        shares = [lesions[region].mean() if region.any() else 0.0 for region in (lungs, periphery, core, *halves)]
+        out[number] = np.sqrt([*shares[:3], max(shares[3:]), min(shares[3:])])
+    return out
+
+
+def findings_vectors(bottleneck: torch.Tensor, lung_probability: torch.Tensor, lesion_probability: torch.Tensor,
+                     config: FindingsConfig) -> np.ndarray:
+    """The findings part before centring: ``(N, C + 5)`` of the bottleneck pooled with weight
+    lesion probability x lung probability (plus a trace of the lung weight, so that a slice
+    without lesions is described by its lungs), L2-normalised, joined with
+    ``config.statistics_weight`` x :func:`lesion_statistics`."""
+    features = bottleneck.float()
+    grid = (features.shape[-2], features.shape[-1])
+    lungs = F.adaptive_avg_pool2d(lung_probability.float(), grid)
+    weights = F.adaptive_avg_pool2d((lesion_probability * lung_probability).float(), grid) + 1e-3 * lungs + 1e-6
+    mean = F.normalize((features * weights).sum((2, 3)) / weights.sum((2, 3)), dim=1).cpu().numpy()
+    statistics = lesion_statistics(lung_probability[:, 0].cpu().numpy(), lesion_probability[:, 0].cpu().numpy())
+    return np.concatenate([mean, config.statistics_weight * statistics], axis=1).astype(np.float32)
+
+
+def centre_parts(vectors: np.ndarray, centre: np.ndarray | list[float] | None, parts: Sequence[int]) -> np.ndarray:
+    """:func:`centre_vectors` for each part (of the given lengths, in order) on its own, each part
+    divided by sqrt(number of parts) so the whole vector has unit length. One part is
+    :func:`centre_vectors`.
+
+    Example:
+        >>> v = centre_parts(np.array([[3.0, 4.0, 0.0, 2.0]], np.float32), None, (2, 2))
+        >>> np.round(v * np.sqrt(2), 3).tolist()
+        [[0.6, 0.8, 0.0, 1.0]]
+    """
+    bounds = np.cumsum([0, *parts])
+    if bounds[-1] != np.shape(vectors)[1]:
+        raise ValueError(f"parts {tuple(parts)} do not add up to the vector length {np.shape(vectors)[1]}")
+    if len(parts) == 1 and centre is None:
+        return vectors
+    centre_array = None if centre is None else np.asarray(centre, np.float32)
+    pieces = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        piece = np.asarray(vectors[:, start:stop], np.float32)
+        if centre_array is not None:
+            piece = piece - centre_array[start:stop][None]
+        pieces.append(piece / np.maximum(np.linalg.norm(piece, axis=1, keepdims=True), 1e-8))
+    return (np.concatenate(pieces, axis=1) / np.sqrt(len(parts))).astype(np.float32)

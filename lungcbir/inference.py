@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from .errors import WeightsError
-from .features import centre_vectors, pool_bottleneck
+from .features import FindingsConfig, centre_parts, findings_vectors, pool_bottleneck
 from .fileutils import write_atomically
+from .focus import DEFAULT_FOCUS, Focus, anatomy_weight, focus_queries
 from .io import CTSlice
 from .model import UNet, UNetConfig, fuse_batch_norm
 from .postprocess import clean_probability
@@ -67,6 +68,9 @@ class ModelSettings:
     #: Mean pooled vector of the training slices (see :mod:`lungcbir.centring`), subtracted
     #: before the final L2 normalisation so that scores spread over [-1, 1]; None: not centred.
     centre: list[float] | None = None
+    #: a findings part after the anatomy part of the vector (lungcbir.features.FindingsConfig);
+    #: None: the vector is the anatomy part only. Needs a lesion output.
+    findings: FindingsConfig | None = None
     #: judge masks with lungcbir.quality's mask signals (calibrated on the bundled model); when
     #: False only the input signals count (not CT -> no-lungs), e.g. for untrained test networks
     quality: bool = True
@@ -77,6 +81,8 @@ class ModelSettings:
                   "quality": self.quality}
         if self.centre is not None:
             values["centre"] = list(self.centre)
+        if self.findings is not None:
+            values["findings"] = self.findings.to_dict()
         return values
 
     @classmethod
@@ -87,7 +93,8 @@ class ModelSettings:
                    postprocess=bool(values.get("postprocess", True)),
                    training=dict(values.get("training", {})),
                    centre=[float(v) for v in values["centre"]] if values.get("centre") is not None else None,
-                   quality=bool(values.get("quality", True)))
+                   quality=bool(values.get("quality", True)),
+                   findings=FindingsConfig.from_dict(values["findings"]) if values.get("findings") else None)
 
 
 def bundled_weights_path() -> Path | None:
@@ -139,6 +146,8 @@ def _model_digest(state: dict, settings: "ModelSettings") -> str:
     changing = {"preprocess": settings.preprocess.to_dict(), "pooling": settings.pooling}
     if settings.centre is not None:
         changing["centre"] = np.asarray(settings.centre, np.float32).tobytes().hex()
+    if settings.findings is not None:
+        changing["findings"] = settings.findings.to_dict()
     digest.update(json.dumps(changing, sort_keys=True).encode())
     for key in sorted(state):
         digest.update(key.encode())
@@ -178,8 +187,26 @@ class LungModel:
         return self.settings.preprocess.input_size
 
     @property
+    def parts(self) -> tuple[int, ...]:
+        """Lengths of the vector's parts: (anatomy,) or (anatomy, findings)."""
+        anatomy = 2 * self.settings.unet.bottleneck_channels
+        findings = self.settings.findings
+        if findings is None:
+            return (anatomy,)
+        return anatomy, self.settings.unet.bottleneck_channels + findings.statistics_dimension
+
+    @property
     def dimension(self) -> int:
-        return 2 * self.settings.unet.bottleneck_channels
+        return sum(self.parts)
+
+    def focused(self, vectors: np.ndarray, focus: Focus | str = DEFAULT_FOCUS) -> np.ndarray:
+        """Query vectors for a search with this focus (:class:`lungcbir.focus.Focus`); a model
+        without a findings part searches the same way whatever the focus."""
+        if self.settings.findings is None:
+            anatomy_weight(focus, 0.5)  # still refuse an unknown focus
+            return vectors
+        weight = anatomy_weight(focus, self.settings.findings.balanced_anatomy_weight)
+        return focus_queries(vectors, self.parts[0], weight)
 
     def prepare(self, item: CTSlice) -> tuple[np.ndarray, Geometry]:
         """Normalise and resize one slice; returns the model input and its geometry."""
@@ -200,14 +227,33 @@ class LungModel:
     @torch.inference_mode()
     def run_all(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """As :meth:`run`, plus lesion probabilities ``(N, S, S)`` (None without a lesion head)."""
+        probabilities, lesions, uncentred = self._forward(inputs)
+        vectors = centre_parts(uncentred, self.settings.centre, self.parts)
+        return probabilities[:, 0].cpu().numpy(), vectors, None if lesions is None else lesions[:, 0].cpu().numpy()
+
+    @torch.inference_mode()
+    def uncentred(self, inputs: np.ndarray) -> np.ndarray:
+        """The vectors of prepared inputs before centring (what the saved centre is the mean of)."""
+        return self._forward(inputs)[2]
+
+    def _forward(self, inputs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
         batch = torch.from_numpy(np.ascontiguousarray(inputs[:, None])).to(self.device)
         batch = batch.to(memory_format=torch.channels_last)
         logits, bottleneck = self.network.forward_with_bottleneck(batch)
         probabilities = torch.sigmoid(logits[:, :1].float())  # channel 0: lungs
-        vectors = centre_vectors(pool_bottleneck(bottleneck, probabilities, self.settings.pooling),
-                                 self.settings.centre)
-        lesions = torch.sigmoid(logits[:, 1].float()).cpu().numpy() if self.has_lesion_head else None
-        return probabilities[:, 0].cpu().numpy(), vectors, lesions
+        lesions = torch.sigmoid(logits[:, 1:2].float()) if self.has_lesion_head else None
+        return probabilities, lesions, self.uncentred_vectors(bottleneck, probabilities, lesions)
+
+    def uncentred_vectors(self, bottleneck: torch.Tensor, lung_probability: torch.Tensor,
+                          lesion_probability: torch.Tensor | None) -> np.ndarray:
+        """The parts of the vector joined before centring (what the saved centre is the mean of)."""
+        anatomy = pool_bottleneck(bottleneck, lung_probability, self.settings.pooling)
+        if self.settings.findings is None:
+            return anatomy
+        if lesion_probability is None:
+            raise WeightsError("a findings part in the vector needs a model with a lesion output")
+        findings = findings_vectors(bottleneck, lung_probability, lesion_probability, self.settings.findings)
+        return np.concatenate([anatomy, findings], axis=1)
 
     def segment(self, slices: Sequence[CTSlice], batch_size: int = 16) -> list[Segmentation]:
         """Masks at each slice's own resolution, lung fractions and feature vectors."""

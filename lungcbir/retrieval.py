@@ -20,6 +20,7 @@ import numpy as np
 
 from .config import Settings
 from .errors import DicomwebError, FilterError, LungCBIRError, ReadError, StoreError
+from .focus import DEFAULT_FOCUS, Focus
 from .identity import Identity, IdentityResolver, compile_case_pattern
 from .inference import LungModel, Segmentation
 from .io import (
@@ -541,7 +542,7 @@ class Retriever:
 
     def query(self, image: str | os.PathLike | CTSlice | np.ndarray, k: int = 5,
               where: dict[str, str] | None = None, per_patient: int = 1,
-              other_patients: bool = False) -> QueryResult:
+              other_patients: bool = False, focus: Focus | str = DEFAULT_FOCUS) -> QueryResult:
         """Segment one slice and find the ``k`` most similar stored slices.
 
         ``where`` keeps only stored slices whose labels or metadata (``patient_id``,
@@ -549,14 +550,16 @@ class Retriever:
         most that many slices of one patient (or series, or volume), so the top k are k
         different cases; 0 turns this off. ``other_patients`` drops every slice of the
         query's own patient: the patient of the stored copy of the query (same SHA-256),
-        else the query's own patient id (DICOM); a query with neither drops nothing.
+        else the query's own patient id (DICOM); a query with neither drops nothing. ``focus``
+        (anatomy, findings or balanced; :class:`lungcbir.focus.Focus`) says what "similar"
+        means for a model whose vector has a findings part.
         """
-        return self.query_slices([as_slice(image)], k, where, per_patient, other_patients)[0]
+        return self.query_slices([as_slice(image)], k, where, per_patient, other_patients, focus)[0]
 
     def query_together(self, examples: Sequence[str | os.PathLike | CTSlice | np.ndarray],
                        unlike: Sequence[str | os.PathLike | CTSlice | np.ndarray] = (), k: int = 5,
                        where: dict[str, str] | None = None, per_patient: int = 1, other_patients: bool = False,
-                       unlike_weight: float = UNLIKE_WEIGHT) -> TogetherResult:
+                       unlike_weight: float = UNLIKE_WEIGHT, focus: Focus | str = DEFAULT_FOCUS) -> TogetherResult:
         """"More like these, less like that": one search with several examples.
 
         The query vector is the L2-normalised mean of the examples' vectors, minus
@@ -575,7 +578,7 @@ class Retriever:
         if other_patients:
             for item in liked:
                 excluded |= _own_cases(item, stored)
-        neighbors = self._neighbors(store, vector[None], k, where, per_patient, [excluded])[0]
+        neighbors = self._neighbors(store, vector[None], k, where, per_patient, [excluded], focus)[0]
         return TogetherResult(liked, disliked, neighbors)
 
     def stored_slice(self, image_id: int) -> CTSlice:
@@ -644,14 +647,14 @@ class Retriever:
         return filters
 
     def query_series(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
-                     pairs: int = 3) -> list[SeriesMatch]:
+                     pairs: int = 3, focus: Focus | str = DEFAULT_FOCUS) -> list[SeriesMatch]:
         """Rank stored cases by aggregated slice similarity to a whole query series or volume.
 
         For every query slice the best-matching slice of each stored case counts; a case's score
         is the mean of those best similarities over the query slices (0 where none was among
         the candidates), so cases that match along the whole series rank first.
         """
-        answers = self.query_slices(slices, k=max(50, 10 * k), where=where, per_patient=0)
+        answers = self.query_slices(slices, k=max(50, 10 * k), where=where, per_patient=0, focus=focus)
         best: dict[str, dict[int, Neighbor]] = {}
         for number, answer in enumerate(answers):
             for neighbor in answer.neighbors:
@@ -669,7 +672,8 @@ class Retriever:
         return matches
 
     def query_slices(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
-                     per_patient: int = 1, other_patients: bool = False) -> list[QueryResult]:
+                     per_patient: int = 1, other_patients: bool = False,
+                     focus: Focus | str = DEFAULT_FOCUS) -> list[QueryResult]:
         """:meth:`query` for many slices at once.
 
         A slice whose segmentation is ``no-lungs`` (not CT, or no lungs in view) is not
@@ -688,7 +692,7 @@ class Retriever:
         found: dict[int, list[Neighbor]] = {}
         if searched:
             vectors = np.stack([results[n].vector for n in searched])
-            found = dict(zip(searched, self._neighbors(store, vectors, k, where, per_patient, excluded)))
+            found = dict(zip(searched, self._neighbors(store, vectors, k, where, per_patient, excluded, focus)))
         answers = []
         for number, (item, result) in enumerate(zip(slices, results)):
             answers.append(QueryResult(item, result.mask, result.lung_fraction, found.get(number, []),
@@ -710,13 +714,18 @@ class Retriever:
         return store
 
     def _neighbors(self, store: Store, vectors: np.ndarray, k: int, where: dict[str, str] | None,
-                   per_patient: int, excluded: Sequence[set[str]]) -> list[list[Neighbor]]:
-        """The k best stored slices per query vector among the rows matching ``where`` (decided
-        in the database), at most ``per_patient`` of one case, and without the rows and cases in
-        ``excluded`` (``id:N`` and :func:`case_key` strings): the candidate list grows until k
-        are found or the store is exhausted."""
+                   per_patient: int, excluded: Sequence[set[str]],
+                   focus: Focus | str = DEFAULT_FOCUS) -> list[list[Neighbor]]:
+        """The k best stored slices per query vector (weighted for the search ``focus``) among the
+        rows matching ``where`` (decided in the database), at most ``per_patient`` of one case,
+        and without the rows and cases in ``excluded`` (``id:N`` and :func:`case_key` strings):
+        the candidate list grows until k are found or the store is exhausted."""
         if k < 1:
             raise LungCBIRError("k must be at least 1")
+        try:
+            vectors = self.model.focused(vectors, focus)
+        except ValueError as error:
+            raise LungCBIRError(str(error)) from None
         allowed = store.ids_matching(where) if where else None
         collapsing = per_patient or any(excluded)
         fetch = max(k * CANDIDATES_PER_RESULT, MIN_CANDIDATES) if collapsing else k
