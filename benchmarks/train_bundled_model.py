@@ -8,7 +8,9 @@ Usage: python benchmarks/train_bundled_model.py OUT.pt [--epochs N] [--device cp
        python benchmarks/train_bundled_model.py W.pt --centre-only
 
 After training, the centre (mean vector of the train split's slices, lungcbir.centring) is
-computed and saved in OUT.pt's settings; ``--centre-only`` does only that, in place, for weights
+computed and saved in OUT.pt's settings, for a model with a lesion output together with the
+findings part of its vector (``--findings-statistics``, ``--balanced-anatomy``; chosen on the
+choice split, docs/retrieval.md); ``--centre-only`` does only that, in place, for weights
 trained before (how the bundled model got its centre). Both read the train split's files from
 ../shared/data.
 
@@ -33,6 +35,8 @@ import torch
 
 from lungcbir.centring import add_training_centre
 from lungcbir.datasets import covid_slices, kaggle_slices
+from lungcbir.features import FindingsConfig
+from lungcbir.inference import LungModel
 from lungcbir.train import TrainConfig, TrainingSample, load_sample, train
 
 
@@ -105,10 +109,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--centre-only", action="store_true",
                         help="only compute the training centre and save it in OUT (no training)")
+    parser.add_argument("--findings-statistics", type=float, default=FindingsConfig.statistics_weight,
+                        help="models with a lesion output: weight of the lesion statistics in the findings part")
+    parser.add_argument("--balanced-anatomy", type=float, default=FindingsConfig.balanced_anatomy_weight,
+                        help="models with a lesion output: the anatomy part's weight in the balanced focus")
     args = parser.parse_args()
+    findings = FindingsConfig(statistics_weight=args.findings_statistics,
+                              balanced_anatomy_weight=args.balanced_anatomy)
     if args.centre_only:
-        add_training_centre(args.out)
-        print(f"centre saved in {args.out}", flush=True)
+        finish(args.out, findings)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,7 +147,15 @@ def main() -> None:
                         on_epoch=lambda r: print(r, flush=True), workers=args.workers,
                         initial_weights=args.init):
         pass
-    add_training_centre(args.out)  # the mean vector of the train split, so scores spread over [-1, 1]
+    finish(args.out, findings)
+
+
+def finish(weights: str, findings: FindingsConfig) -> None:
+    """Save the centre (the mean vector of the train split, so scores spread over [-1, 1]) and, for
+    a model with a lesion output, the findings part of its vector."""
+    lesions = LungModel.load(weights).has_lesion_head
+    add_training_centre(weights, findings=findings if lesions else None)
+    print(f"centre{' and findings part' if lesions else ''} saved in {weights}", flush=True)
     print(f"centre saved in {args.out}", flush=True)
     sys.exit(0)
 

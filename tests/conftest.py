@@ -40,6 +40,25 @@ def other_tiny_weights(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def findings_weights(tmp_path_factory) -> str:
+    """A tiny random U-Net with a lesion branch whose vectors have a findings part (centre: none),
+    its lesion head biased so that some pixels are called lesions."""
+    import torch
+
+    from lungcbir.features import FindingsConfig
+
+    torch.manual_seed(2)
+    config = UNetConfig(base_channels=4, depth=3, lesion_levels=2)
+    network = UNet(config)
+    with torch.no_grad():
+        network.lesion_head.bias.fill_(0.2)
+    path = tmp_path_factory.mktemp("weights") / "findings.pt"
+    save_weights(path, network, ModelSettings(unet=config, preprocess=PreprocessConfig(input_size=64), quality=False,
+                                              postprocess=False, findings=FindingsConfig(balanced_anatomy_weight=0.4)))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """Two synthetic series of 6 slices: DICOM, PNG and masks."""
     out = tmp_path_factory.mktemp("phantom")

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from lungcbir.errors import LungCBIRError, StoreError
+from lungcbir.io import read_file
 from lungcbir.retrieval import Retriever
 
 
@@ -193,3 +194,27 @@ def test_resolve_filters_matches_stored_spellings_and_refuses_unknown_keys(phant
     assert retriever.resolve_filters({"Patient_ID": ["PHANTOM01"]}) == {"patient_id": "PHANTOM01"}
     with pytest.raises(FilterError, match="unknown label key 'diagnosys'"):
         retriever.resolve_filters({"diagnosys": ["CAP"]})
+
+
+def test_focus_weighs_the_anatomy_and_findings_parts_of_the_stored_vectors(phantom_dir, findings_weights, tmp_path):
+    from lungcbir.focus import anatomy_weight
+
+    retriever = Retriever(weights=findings_weights, db_url=f"sqlite:///{tmp_path / 'f.db'}", index_dir=tmp_path / "i")
+    retriever.index_dataset([phantom_dir / "png"])
+    query = read_file(sorted((phantom_dir / "png" / "phantom01").iterdir())[2])[0]
+    mine = retriever.model.segment([query])[0].vector
+    stored = {int(i): v for ids, vectors in retriever.store(create=False).iter_vectors()
+              for i, v in zip(ids, vectors)}
+    anatomy = retriever.model.parts[0]
+    rankings = {}
+    for focus in ("anatomy", "findings", "balanced"):
+        weight = anatomy_weight(focus, retriever.model.settings.findings.balanced_anatomy_weight)
+        result = retriever.query(query, k=8, per_patient=0, focus=focus)
+        for neighbor in result.neighbors:
+            other = stored[neighbor.id]
+            expected = 2 * (weight * mine[:anatomy] @ other[:anatomy] + (1 - weight) * mine[anatomy:] @ other[anatomy:])
+            assert neighbor.score == pytest.approx(expected, abs=2e-3)
+        rankings[focus] = [n.id for n in result.neighbors]
+    assert rankings["anatomy"] != rankings["findings"]
+    with pytest.raises(LungCBIRError, match="unknown focus"):
+        retriever.query(query, focus="level")
