@@ -34,6 +34,8 @@ class Focus(str, Enum):
 
 FOCUSES = tuple(focus.value for focus in Focus)
 DEFAULT_FOCUS = Focus.BALANCED
+#: The names of a vector's parts, in order (a model without a findings part has the first only).
+VECTOR_PARTS = ("anatomy", "findings")
 
 
 def anatomy_weight(focus: Focus | str, balanced: float) -> float:

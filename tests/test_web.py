@@ -786,3 +786,123 @@ def test_results_say_study_date_and_series_description(client):
     assert all(n["series_description"] == "SYNTHETIC PHANTOM - NOT PATIENT DATA" for n in neighbors)
     metadata = client.get(f"/api/images/{neighbors[0]['id']}").json()
     assert metadata["study_date"] == "20000101" and metadata["series_description"].startswith("SYNTHETIC")
+
+
+# ---------------------------------------------------------------------------------------------
+# the search focus (issue 14 item 2): every search route takes it, answers echo it, and
+# /api/stats says whether the model's vectors have a findings part to weigh
+
+from lungcbir.features import FindingsConfig  # noqa: E402
+from lungcbir.inference import ModelSettings, save_weights  # noqa: E402
+from lungcbir.model import UNet, UNetConfig  # noqa: E402
+from lungcbir.preprocess import PreprocessConfig  # noqa: E402
+
+#: A tiny network with a lesion branch, so its vectors can have a findings part.
+TINY_LESION = UNetConfig(base_channels=4, depth=3, lesion_levels=2)
+
+
+@pytest.fixture(scope="module")
+def findings_weights(tmp_path_factory) -> str:
+    """Random tiny weights whose vectors are [anatomy | findings] (ModelSettings.findings)."""
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("findings") / "tiny_findings.pt"
+    save_weights(path, UNet(TINY_LESION), ModelSettings(unet=TINY_LESION, preprocess=PreprocessConfig(input_size=64),
+                                                        quality=False, findings=FindingsConfig()))
+    return str(path)
+
+
+@pytest.fixture
+def findings_client(phantom_dir, findings_weights, tmp_path):
+    folder = tmp_path / "findings-store"  # its own store: a store holds the vectors of one model
+    retriever = Retriever(weights=findings_weights, db_url=f"sqlite:///{folder}.sqlite", index_dir=folder)
+    retriever.index_dataset([phantom_dir / "dicom"])
+    return TestClient(create_app(retriever), base_url=LOCAL, raise_server_exceptions=False)
+
+
+def search_routes(phantom_dir) -> dict[str, dict]:
+    """One request for each search route: its path and the files it uploads."""
+    query = ("q.png", phantom_png(phantom_dir), "image/png")
+    series = sorted((phantom_dir / "dicom" / "phantom01").glob("*.dcm"))[:3]
+    return {"/api/query": {"file": query},
+            "/api/query-together": [("files", query), ("unlike", ("u.png", png_bytes(), "image/png"))],
+            "/api/query-series": [("files", (p.name, p.read_bytes())) for p in series]}
+
+
+@pytest.fixture
+def focus_spy(monkeypatch) -> list:
+    """The focus each Retriever search is called with (the calls still happen)."""
+    seen = []
+    for name in ("query_slices", "query_together", "query_series"):
+        original = getattr(Retriever, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            seen.append((_name, kwargs.get("focus", args[-1] if _name != "query_series" else None)))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Retriever, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("focus", ["anatomy", "findings", "balanced", "", None])
+def test_every_search_route_passes_the_focus_and_echoes_it(client, phantom_dir, focus_spy, focus):
+    data = {"k": "2"} if focus is None else {"k": "2", "focus": focus}
+    expected = focus or "balanced"  # the default (an empty field is a missing one, as for every form field)
+    for path, files in search_routes(phantom_dir).items():
+        focus_spy.clear()
+        response = client.post(path, files=files, data=data)
+        assert response.status_code == 200, (path, response.text)
+        assert response.json()["focus"] == expected, path
+        # the route's own Retriever call got it (query_series calls query_slices in turn)
+        assert focus_spy and all(seen == expected for _, seen in focus_spy), (path, focus_spy)
+
+
+def test_a_bad_focus_is_a_clear_422_before_any_search(client, phantom_dir, focus_spy):
+    for path, files in search_routes(phantom_dir).items():
+        for bad in ("lesions", "Anatomy", " balanced"):
+            response = client.post(path, files=files, data={"focus": bad})
+            assert response.status_code == 422, (path, bad, response.text)
+            problem = response.json()["detail"][0]
+            assert problem["loc"] == ["body", "focus"], problem
+            assert all(name in problem["msg"] for name in ("anatomy", "findings", "balanced")), problem
+            assert "Traceback" not in response.text
+    assert focus_spy == []  # refused before the model or the index is touched
+
+
+def test_openapi_documents_the_focus(client):
+    document = client.get("/openapi.json").json()
+    components = document["components"]["schemas"]
+    assert components["Focus"]["enum"] == ["anatomy", "findings", "balanced"]
+    for answer in ("QueryAnswer", "TogetherAnswer", "SeriesAnswer"):
+        assert "focus" in components[answer]["properties"], answer
+    assert {"vector_parts", "focus_available"} <= set(components["Stats"]["properties"])
+
+
+def test_stats_say_whether_the_focus_changes_anything(client, findings_client):
+    plain = client.get("/api/stats").json()
+    assert plain["vector_parts"] == ["anatomy"] and plain["focus_available"] is False
+    findings = findings_client.get("/api/stats").json()
+    assert findings["vector_parts"] == ["anatomy", "findings"] and findings["focus_available"] is True
+
+
+def ranking(client, phantom_dir, focus: str) -> dict[int, float]:
+    answer = client.post("/api/query", files={"file": ("q.png", phantom_png(phantom_dir))},
+                         data={"k": "12", "per_patient": "0", "focus": focus}).json()
+    assert answer["focus"] == focus
+    return {n["id"]: n["score"] for n in answer["neighbors"]}
+
+
+def test_without_a_findings_part_every_focus_ranks_alike(client, phantom_dir):
+    anatomy = ranking(client, phantom_dir, "anatomy")
+    assert ranking(client, phantom_dir, "findings") == anatomy == ranking(client, phantom_dir, "balanced")
+
+
+def test_with_a_findings_part_the_focus_changes_the_ranking(findings_client, phantom_dir):
+    anatomy, findings, balanced = (ranking(findings_client, phantom_dir, focus)
+                                   for focus in ("anatomy", "findings", "balanced"))
+    assert len(anatomy) == len(findings) == len(balanced) == 12  # every stored slice, ranked each way
+    assert list(anatomy) != list(findings)
+    # balanced (weight 0.5) is the mean of the two parts' cosines, slice by slice
+    for image_id, score in balanced.items():
+        assert score == pytest.approx((anatomy[image_id] + findings[image_id]) / 2, abs=1e-4), image_id

@@ -518,6 +518,43 @@ def test_other_patients_only_and_where_the_identity_came_from(page, shared_data,
     assert not any(f"patient {own}" in text for text in page.locator("#results .card").all_inner_texts())
 
 
+@pytest.mark.browser
+def test_focus_control_is_disabled_with_a_note_when_it_changes_nothing(page, shared_data):
+    """The live server's model has no findings part: "Similar by" is shown, disabled, with a
+    note; a search still sends the focus (balanced) and the answer echoes it."""
+    page.wait_for_selector("#focus-box:not(.hidden)")
+    page.wait_for_selector("#focus-note:not(.hidden)")
+    assert "no findings part" in page.inner_text("#focus-note")
+    assert page.is_disabled("#focus-findings") and page.is_checked("#focus-balanced")
+    search(page, query_file(shared_data))
+    assert page.evaluate("lastAnswer.focus") == "balanced"
+    assert not page.locator("#focus-used").is_visible()  # nothing to say: every focus is the same
+
+
+@pytest.mark.browser
+def test_focus_is_chosen_by_keyboard_and_sent(page, shared_data):
+    """With a model that has a findings part (its /api/stats answer, as such a server sends it)
+    the radio group is enabled: Tab reaches it, an arrow key chooses, and the search sends it."""
+    def findings_model(route):
+        answer = route.fetch().json()
+        route.fulfill(json={**answer, "vector_parts": ["anatomy", "findings"], "focus_available": True})
+
+    page.route("**/api/stats", findings_model)
+    page.reload()
+    page.wait_for_function("document.getElementById('stats').textContent.includes('slices')")
+    page.wait_for_selector("#focus-box:not(.hidden)")
+    assert page.is_enabled("#focus-findings") and not page.locator("#focus-note").is_visible()
+    page.set_input_files("#file", str(query_file(shared_data)))
+    tab_to(page, "e.name === 'focus'")
+    assert focused(page) == "focus-balanced"  # the checked radio is the group's tab stop
+    page.keyboard.press("ArrowUp")
+    assert page.is_checked("#focus-findings")
+    page.click("#search")
+    page.wait_for_function("lastAnswer && lastAnswer.focus === 'findings'", timeout=60_000)
+    page.wait_for_selector("#focus-used:not(.hidden)")
+    assert page.inner_text("#focus-used") == "Similar by findings"
+
+
 def pydicom_patient(path: Path) -> str:
     import pydicom
 

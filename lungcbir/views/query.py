@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from fastapi.responses import Response
 
+from ..focus import DEFAULT_FOCUS, Focus
 from ..io import CTSlice
 from ..retrieval import QueryResult
 from .schemas import ERROR_RESPONSES, QueryAnswer, SegmentAnswer, TogetherAnswer
@@ -27,20 +28,23 @@ def query_tags(item: CTSlice) -> dict[str, Any]:
 @router.post("/api/query", response_model=QueryAnswer, response_model_exclude_unset=True)
 def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 5,
               where: Annotated[str, Form()] = "", per_patient: Annotated[int, Form()] = 1,
-              other_patients: Annotated[bool, Form()] = False, labels: Annotated[str, Form()] = "") -> dict[str, Any]:
+              other_patients: Annotated[bool, Form()] = False, labels: Annotated[str, Form()] = "",
+              focus: Annotated[Focus, Form()] = DEFAULT_FOCUS) -> dict[str, Any]:
     """Upload a slice; get its lung fraction, mask and overlay URLs and the k nearest stored slices.
 
     A volume (NIfTI) is queried by its middle slice, and the answer says so (``frame``,
     ``slices_in_file``, ``note``); ``/api/query-series`` queries the whole volume.
     ``labels`` (JSON ``{"key": ["value", ...]}``) filters like ``where``, several values
     per key, case-insensitive. ``other_patients``: leave out the query's own patient (of its
-    stored copy, or its DICOM PatientID).
+    stored copy, or its DICOM PatientID). ``focus`` (anatomy, findings or balanced): what
+    "similar" means (:class:`lungcbir.focus.Focus`); a model without a findings part
+    (``/api/stats``: ``focus_available`` false) gives the same answer whatever the focus.
     """
     check_k(k)
     filters = web.filters(where, labels)
     item, count = web.middle_slice(file)
     with web.model_lock:
-        result = web.retriever.query_slices([item], k, filters, max(0, per_patient), other_patients)[0]
+        result = web.retriever.query_slices([item], k, filters, max(0, per_patient), other_patients, focus)[0]
     token = web.render(result)
     volume = {}
     if count > 1:
@@ -48,7 +52,7 @@ def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[i
                           "one) was queried; query the whole series to use them all"}
     return {"query": item.path, **result_urls(token), **result.summary_json(),
             "width": item.shape[1], "height": item.shape[0], "frame": item.frame,
-            "slices_in_file": count, **volume, "query_tags": query_tags(item),
+            "slices_in_file": count, **volume, "query_tags": query_tags(item), "focus": focus.value,
             "neighbors": web.neighbors_json(result.neighbors)}
 
 
@@ -56,17 +60,21 @@ def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[i
 def api_query_together(web: AppState, files: Annotated[list[UploadFile], File()],
                        unlike: Annotated[list[UploadFile] | None, File()] = None, k: Annotated[int, Form()] = 5,
                        where: Annotated[str, Form()] = "", per_patient: Annotated[int, Form()] = 1,
-                       other_patients: Annotated[bool, Form()] = False) -> dict[str, Any]:
+                       other_patients: Annotated[bool, Form()] = False,
+                       focus: Annotated[Focus, Form()] = DEFAULT_FOCUS) -> dict[str, Any]:
     """Upload several slices (``files``) and optionally ``unlike`` ones; one search with the mean
-    of their vectors ("more like these, less like that"). The examples themselves are never returned."""
+    of their vectors ("more like these, less like that"). The examples themselves are never
+    returned. ``focus`` as in ``/api/query``."""
     check_k(k)
     filters = web.filters(where, "")
     # a volume takes part by its middle slice, as in /api/query
     examples = [web.middle_slice(f)[0] for f in files]
     disliked = [web.middle_slice(f)[0] for f in unlike or []]
     with web.model_lock:
-        result = web.retriever.query_together(examples, disliked, k, filters, max(0, per_patient), other_patients)
+        result = web.retriever.query_together(examples, disliked, k, filters, max(0, per_patient), other_patients,
+                                              focus=focus)
     return {"queries": [item.path for item in examples], "unlike": [item.path for item in disliked],
+            "focus": focus.value,
             "neighbors": web.neighbors_json(result.neighbors)}
 
 

@@ -14,6 +14,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..focus import Focus
+
+#: How every search answer describes its ``focus``.
+FOCUS_DESCRIPTION = ("the search focus used (anatomy, findings or balanced); with a model without a findings "
+                     "part (/api/stats focus_available false) every focus gives the same answer")
+
 
 class ErrorDetail(BaseModel):
     """Every error answer: one line of text (never a traceback, server path or database URL);
@@ -121,6 +127,7 @@ class QueryAnswer(Segmented):
     warning: str | None = Field(None, description="only when the slice was not searched (no lungs)")
     note: str | None = Field(None, description="only for a volume: which slice was queried")
     query_tags: QueryTags
+    focus: Focus = Field(description=FOCUS_DESCRIPTION)
     neighbors: list[Neighbor]
 
 
@@ -133,6 +140,7 @@ class TogetherAnswer(BaseModel):
 
     queries: list[str]
     unlike: list[str]
+    focus: Focus = Field(description=FOCUS_DESCRIPTION)
     neighbors: list[Neighbor]
 
 
@@ -180,6 +188,7 @@ class SeriesAnswer(BaseModel):
     query: str = Field(description='the file name, or "N files"')
     slices: int
     failed: list[FailedFile]
+    focus: Focus = Field(description=FOCUS_DESCRIPTION)
     cases: list[SeriesCase]
 
 
@@ -250,3 +259,7 @@ class Stats(BaseModel):
     database: str | None = Field(description='"sqlite" or "postgresql", never the URL')
     database_bytes: int | None
     index_bytes: int | None
+    vector_parts: list[str] = Field(description='the parts of the model\'s vectors: ["anatomy"] or '
+                                                '["anatomy", "findings"]', examples=[["anatomy", "findings"]])
+    focus_available: bool = Field(description="whether the search focus (anatomy, findings, balanced) changes "
+                                              "anything: only a model with a findings part weighs the parts")

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
+from ..focus import DEFAULT_FOCUS, Focus
 from ..retrieval import QueryResult
 from ..uploads import SeriesLimits, read_series
 from ..websecurity import scrub_paths
@@ -26,12 +27,13 @@ router = APIRouter(responses=ERROR_RESPONSES)
 
 @router.post("/api/query-series", response_model=SeriesAnswer, response_model_exclude_unset=True)
 def api_query_series(web: AppState, files: Annotated[list[UploadFile], File()], k: Annotated[int, Form()] = 5,
-                     where: Annotated[str, Form()] = "", labels: Annotated[str, Form()] = "") -> dict[str, Any]:
+                     where: Annotated[str, Form()] = "", labels: Annotated[str, Form()] = "",
+                     focus: Annotated[Focus, Form()] = DEFAULT_FOCUS) -> dict[str, Any]:
     """Upload a whole series (several files, a ZIP of them, or a NIfTI volume); get stored
     cases ranked as ``query --by-series`` ranks them, each with its best-matching slice pairs.
 
-    Bounded: at most :data:`lungcbir.uploads.MAX_SERIES_FILES` files and 4x the upload
-    limit once unpacked; ZIP sizes are checked before anything is extracted.
+    ``focus`` as in ``/api/query``. Bounded: at most :data:`lungcbir.uploads.MAX_SERIES_FILES`
+    files and 4x the upload limit once unpacked; ZIP sizes are checked before anything is extracted.
     """
     check_k(k, MAX_SERIES_K, " for a series")
     filters = web.filters(where, labels)
@@ -47,7 +49,7 @@ def api_query_series(web: AppState, files: Annotated[list[UploadFile], File()], 
             blobs.append((upload_name(upload), data))
         slices, failures = read_series(blobs, limits)
     with web.model_lock:
-        matches = web.retriever.query_series(slices, k, filters, pairs=SERIES_PAIRS)
+        matches = web.retriever.query_series(slices, k, filters, pairs=SERIES_PAIRS, focus=focus)
         used_slices = sorted({number for match in matches for number, _ in match.pairs})
         segmentations = web.retriever.segment_slices([slices[n] for n in used_slices]) if used_slices else []
     rendered = {}
@@ -68,7 +70,8 @@ def api_query_series(web: AppState, files: Annotated[list[UploadFile], File()], 
                       "series_uid": match.series_uid, "score": round(match.score, 6), "pairs": shown})
     names = sorted({item.path for item in slices})
     return {"query": names[0] if len(names) == 1 else f"{len(names)} files", "slices": len(slices),
-            "failed": [{"file": f.path, "reason": scrub_paths(f.reason)} for f in failures], "cases": cases}
+            "failed": [{"file": f.path, "reason": scrub_paths(f.reason)} for f in failures], "focus": focus.value,
+            "cases": cases}
 
 
 @router.get("/api/images/{image_id}/series", response_model=SeriesMembers)

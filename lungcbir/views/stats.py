@@ -1,4 +1,5 @@
-"""Routes about the server and the database as a whole: ``/healthz``, ``/api/labels``, ``/api/stats``."""
+"""Routes about the server, the model and the database as a whole: ``/healthz``, ``/api/labels``,
+``/api/stats``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from ..focus import VECTOR_PARTS
 from ..store import FILTER_COLUMNS
 from .schemas import ERROR_RESPONSES, Health, Labels, Stats
 from .state import AppState
@@ -28,7 +30,12 @@ def stored_labels(web: AppState) -> dict[str, Any]:
 
 @router.get("/api/stats", response_model=Stats, responses=ERROR_RESPONSES)
 def stats(web: AppState) -> dict[str, Any]:
-    """What is in the database and the index (the database by kind only, never its URL)."""
+    """What is in the database and the index (the database by kind only, never its URL), and the
+    parts of the model's vectors: ``focus_available`` says whether a search focus changes anything."""
     answer = asdict(web.retriever.store(create=False).stats())
     answer["database"] = str(answer.get("database") or "").split(":", 1)[0].split("+", 1)[0] or None
+    # the model is loaded before the server starts (serve), so this reads what is already there
+    parts = VECTOR_PARTS[:len(web.retriever.model.parts)]
+    answer["vector_parts"] = list(parts)
+    answer["focus_available"] = len(parts) > 1
     return answer

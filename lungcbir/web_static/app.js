@@ -17,7 +17,9 @@ const SERIES_SUFFIXES = [".zip", ".nii", ".nii.gz"];
 let chosenFiles = [];
 let blobUrls = [];  // pictures of the shown answer, freed when the next one arrives
 let lastAnswer = null;  // what the CSV/JSON downloads hold
-let features = { otherPatients: false };
+// optional form fields this server takes (its OpenAPI schema), and whether the search focus
+// changes anything (/api/stats: a model without a findings part answers the same for every focus)
+let features = { otherPatients: false, focus: false, focusAvailable: true };
 const timing = { clickToAnswer: null, clickToThumbnails: null };
 window.lungcbirTiming = timing;  // read by the browser tests (click-to-answer figures)
 
@@ -205,6 +207,7 @@ async function showSliceAnswer(answer) {
   show($("quality"), qualityText(answer));
   show($("warning"), answer.warning);
   $("query-tags").textContent = queryTags(answer.query_tags);
+  show($("focus-used"), focusText(answer.focus));
   $("mask-link").href = await picture(answer.mask);
   $("mask-link").download = stem(answer.query) + "_mask.png";
   const query = { name: answer.query, pixels: answer.pixels, mask: answer.mask };
@@ -222,7 +225,9 @@ async function showSliceAnswer(answer) {
 function showSeriesAnswer(answer) {
   const failed = (answer.failed || []).length ? ` · ${answer.failed.length} files could not be read: ` +
     answer.failed.slice(0, 3).map((f) => `${f.file} (${f.reason})`).join("; ") : "";
-  $("series-summary").textContent = `${answer.query}: ${answer.slices} slices queried as one series${failed}`;
+  const focus = focusText(answer.focus);
+  $("series-summary").textContent = `${answer.query}: ${answer.slices} slices queried as one series` +
+    `${focus ? " · " + focus : ""}${failed}`;
   $("cases").replaceChildren(...answer.cases.map((match) => {
     const item = document.createElement("li");
     item.className = "case";
@@ -245,6 +250,25 @@ function showSeriesAnswer(answer) {
   }));
   $("series-answer").classList.remove("hidden");
   showMessage(answer.cases.length ? "" : "No stored case matches the filter.");
+}
+
+const FOCUS_NAMES = { anatomy: "anatomy", findings: "findings", balanced: "both (balanced)" };
+
+// what the answer was searched for; nothing when the focus changes nothing (or the server does not say)
+function focusText(focus) {
+  return known(focus) && features.focusAvailable ? `Similar by ${FOCUS_NAMES[focus] || focus}` : null;
+}
+
+function chosenFocus() {
+  const checked = document.querySelector('#focus-box input[name="focus"]:checked');
+  return checked ? checked.value : "balanced";
+}
+
+// shown whenever the server takes a focus; disabled, with a note, when it changes nothing
+function updateFocusControl() {
+  $("focus-box").classList.toggle("hidden", !features.focus);
+  $("focus-box").disabled = !features.focusAvailable;
+  $("focus-note").classList.toggle("hidden", features.focusAvailable);
 }
 
 function stem(name) { return String(name || "query").replace(/(\.nii)?\.[^.]*$/, ""); }
@@ -272,6 +296,7 @@ $("query-form").addEventListener("submit", async (event) => {
   filterFields(body);
   if (!series) body.append("per_patient", $("per-patient").checked ? "1" : "0");
   if (features.otherPatients) body.append("other_patients", $("other-patients").checked ? "1" : "0");
+  if (features.focus) body.append("focus", chosenFocus());
   $("search").disabled = true;
   showMessage(series ? "Segmenting the series and searching…" : "Segmenting and searching…");
   try {
@@ -654,6 +679,8 @@ async function refreshStats() {
   try {
     const stats = await (await api("/api/stats")).json();
     $("stats").textContent = `${stats.images} slices · ${stats.patients} patients indexed`;
+    features.focusAvailable = stats.focus_available !== false;  // an older server does not say
+    updateFocusControl();
   } catch (error) { $("stats").textContent = ""; return; }
   try {
     const answer = await (await api("/api/labels")).json();
@@ -677,9 +704,12 @@ async function refreshStats() {
 async function detectFeatures() {
   try {  // the API description says which optional fields this server's /api/query takes
     const schema = await (await fetch("/openapi.json")).json();
-    features.otherPatients = JSON.stringify(schema.components || {}).includes('"other_patients"');
-  } catch (error) { features.otherPatients = false; }
+    const components = JSON.stringify(schema.components || {});
+    features.otherPatients = components.includes('"other_patients"');
+    features.focus = components.includes('"focus"');
+  } catch (error) { features.otherPatients = features.focus = false; }
   $("other-patients-box").classList.toggle("hidden", !features.otherPatients);
+  updateFocusControl();
 }
 
 detectFeatures();
