@@ -83,7 +83,7 @@ def centre_vectors(vectors: np.ndarray, centre: np.ndarray | list[float] | None)
     return (centred / np.maximum(norms, 1e-8)).astype(np.float32)
 
 
-# -- the findings part and the search focus -----------------------------------------------------
+# -- the findings part (the search focus that weighs it: lungcbir.focus) ----------------------------
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,8 @@ class FindingsConfig:
     bottleneck pooled with the lesion probability as weight (what the abnormal parenchyma looks
     like), joined with ``statistics_weight`` times :func:`lesion_statistics` (how much is abnormal
     and where). Each part is centred and L2-normalised on its own, then both are divided by
-    sqrt(2), so the whole vector has unit length and a search can weigh the parts (:class:`Focus`).
+    sqrt(2), so the whole vector has unit length and a search can weigh the parts
+    (:class:`lungcbir.focus.Focus`).
 
     Example:
         >>> FindingsConfig().statistics_dimension
@@ -105,7 +106,11 @@ class FindingsConfig:
     statistics_weight: float = 1.0
     #: weight of the anatomy part in the ``balanced`` focus (the findings part gets the rest)
     balanced_anatomy_weight: float = 0.5
-    statistics_dimension: int = 5
+
+    @property
+    def statistics_dimension(self) -> int:
+        """How many numbers :func:`lesion_statistics` gives per slice."""
+        return LESION_STATISTICS
 
     def to_dict(self) -> dict:
         return {"statistics_weight": self.statistics_weight, "balanced_anatomy_weight": self.balanced_anatomy_weight}
@@ -116,6 +121,8 @@ class FindingsConfig:
                    balanced_anatomy_weight=float(values["balanced_anatomy_weight"]))
 
 
+#: Numbers per slice from :func:`lesion_statistics`.
+LESION_STATISTICS = 5
 #: Pixels (at the model's input size of 256) within this distance of the lung edge count as the
 #: lung's periphery in :func:`lesion_statistics`: about 1 cm of a usual chest field of view,
 #: where COVID-19's ground glass typically starts.
@@ -134,7 +141,7 @@ def lesion_statistics(lung_probability: np.ndarray, lesion_probability: np.ndarr
         >>> [round(float(v), 2) for v in lesion_statistics(lungs, lesions)[0] ** 2]
         [0.25, 0.35, 0.12, 0.5, 0.0]
     """
-    out = np.zeros((len(lung_probability), 5), np.float32)
+    out = np.zeros((len(lung_probability), LESION_STATISTICS), np.float32)
     for number, (lung_map, lesion_map) in enumerate(zip(lung_probability, lesion_probability)):
         lungs = lung_map > 0.5
         if lungs.sum() < 16:
@@ -181,11 +188,8 @@ def centre_parts(vectors: np.ndarray, centre: np.ndarray | list[float] | None, p
         raise ValueError(f"parts {tuple(parts)} do not add up to the vector length {np.shape(vectors)[1]}")
     if len(parts) == 1 and centre is None:
         return vectors
-    centre_array = None if centre is None else np.asarray(centre, np.float32)
-    pieces = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        piece = np.asarray(vectors[:, start:stop], np.float32)
-        if centre_array is not None:
-            piece = piece - centre_array[start:stop][None]
-        pieces.append(piece / np.maximum(np.linalg.norm(piece, axis=1, keepdims=True), 1e-8))
+    # without a centre each part is only normalised: centring on zero does exactly that
+    centre_array = np.zeros(bounds[-1], np.float32) if centre is None else np.asarray(centre, np.float32)
+    pieces = [centre_vectors(vectors[:, start:stop], centre_array[start:stop])
+              for start, stop in zip(bounds[:-1], bounds[1:])]
     return (np.concatenate(pieces, axis=1) / np.sqrt(len(parts))).astype(np.float32)
