@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 
 import numpy as np
 import torch
@@ -156,8 +155,6 @@ def finish(weights: str, findings: FindingsConfig) -> None:
     lesions = LungModel.load(weights).has_lesion_head
     add_training_centre(weights, findings=findings if lesions else None)
     print(f"centre{' and findings part' if lesions else ''} saved in {weights}", flush=True)
-    print(f"centre saved in {args.out}", flush=True)
-    sys.exit(0)
 
 
 if __name__ == "__main__":
