@@ -784,31 +784,43 @@ def serve(host, port, token_file, allowed_hosts, insecure, max_decodes, viewer_u
 @click.option("--segmentation-only", type=click.Path(dir_okay=False, exists=True),
               help="Weights of a segmentation-only U-Net, shown as a baseline column.")
 @click.option("--variants", is_flag=True, help="Also show pooling alternatives.")
+@click.option("--split", "split_name", type=click.Choice(["report", "choice"]), default="report", show_default=True,
+              help="Patients of the per-focus table: choose on 'choice', report 'report'.")
+@click.option("--baseline", "baselines", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="Weights of another model, a column of the per-focus table (repeatable).")
 @click.option("--json", "as_json", is_flag=True)
 @model_options
 @friendly_errors
-def evaluate_retrieval(data, segmentation_only, variants, as_json, weights, device):
-    """Retrieval quality on the shared data (anatomical level, infection, diagnosis, contrast).
+def evaluate_retrieval(data, segmentation_only, variants, split_name, baselines, as_json, weights, device):
+    """Retrieval quality on the shared data (anatomical level, infection, diagnosis, contrast),
+    then per search focus on one half of the choice / report split by patient (the mixed store
+    with normal patients, infection burden).
 
     Every number is shown with its chance level; the query's own patient is always excluded.
 
     \b
     Example:
-      lungcbir evaluate-retrieval --data ../shared/data
+      lungcbir evaluate-retrieval --data ../shared/data --split report
     """
     from pathlib import Path
 
     from .inference import LungModel
-    from .research.retrieval_benchmark import format_table, standard_comparison
+    from .research.retrieval_benchmark import SPLITS, focus_comparison, format_table, standard_comparison
 
     model = LungModel.load(weights, device)
     baseline = LungModel.load(segmentation_only, device) if segmentation_only else None
-    count, measures = standard_comparison(model, baseline, variants, Path(data) if data else None)
+    root = Path(data) if data else None
+    count, measures = standard_comparison(model, baseline, variants, root)
+    others = {"seg-only U-Net": baseline} if baseline else {}
+    others.update({Path(path).stem: LungModel.load(path, device) for path in baselines})
+    focus = focus_comparison(model, SPLITS[split_name], others, root)
     if as_json:
-        click.echo(json.dumps([vars(m) for m in measures]))
+        click.echo(json.dumps({"measures": [vars(m) for m in measures], "focus": [vars(m) for m in focus]}))
     else:
         click.echo(f"{count} slices of ../shared/data; own patient excluded from every query")
         click.echo(format_table(measures))
+        click.echo(f"\nper search focus, {split_name} split (mixed store: normal patients included)")
+        click.echo(format_table(focus))
 
 
 @main.command("make-phantom")

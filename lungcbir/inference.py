@@ -57,6 +57,15 @@ class Segmentation:
 
 
 @dataclass
+class NetworkOutputs:
+    """What one forward pass gives for a batch of prepared inputs (tensors on the model's device)."""
+
+    bottleneck: torch.Tensor  # (N, C, s, s): the encoder's last feature map
+    lungs: torch.Tensor  # (N, 1, S, S): lung probability
+    lesions: torch.Tensor | None  # (N, 1, S, S): lesion probability; None without a lesion output
+
+
+@dataclass
 class ModelSettings:
     """Everything about a model that is not a weight; saved in the weights file."""
 
@@ -236,13 +245,18 @@ class LungModel:
         """The vectors of prepared inputs before centring (what the saved centre is the mean of)."""
         return self._forward(inputs)[2]
 
-    def _forward(self, inputs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+    @torch.inference_mode()
+    def outputs(self, inputs: np.ndarray) -> NetworkOutputs:
+        """The network's raw outputs for prepared inputs ``(N, S, S)``, before any pooling."""
         batch = torch.from_numpy(np.ascontiguousarray(inputs[:, None])).to(self.device)
         batch = batch.to(memory_format=torch.channels_last)
         logits, bottleneck = self.network.forward_with_bottleneck(batch)
-        probabilities = torch.sigmoid(logits[:, :1].float())  # channel 0: lungs
         lesions = torch.sigmoid(logits[:, 1:2].float()) if self.has_lesion_head else None
-        return probabilities, lesions, self.uncentred_vectors(bottleneck, probabilities, lesions)
+        return NetworkOutputs(bottleneck, torch.sigmoid(logits[:, :1].float()), lesions)  # channel 0: lungs
+
+    def _forward(self, inputs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+        out = self.outputs(inputs)
+        return out.lungs, out.lesions, self.uncentred_vectors(out.bottleneck, out.lungs, out.lesions)
 
     def uncentred_vectors(self, bottleneck: torch.Tensor, lung_probability: torch.Tensor,
                           lesion_probability: torch.Tensor | None) -> np.ndarray:

@@ -97,3 +97,60 @@ def test_research_code_is_outside_the_core():
                        if re.search(r"from \.research\b|from lungcbir\.research\b|import lungcbir\.research\b",
                                     path.read_text()))
     assert importers == ["cli.py"]
+
+
+def split_items():
+    """covid-ct-md-like series named as the choice / report split's, and COVID-19 patients of both."""
+    from lungcbir.research.retrieval_benchmark import CHOICE_SPLIT, REPORT_SPLIT
+
+    items = []
+    blank = CTSlice(np.zeros((8, 8), np.float32), "hu", "x", "dicom")
+    for series in sorted(CHOICE_SPLIT.series | REPORT_SPLIT.series):
+        for index in range(11):
+            infected = None if series.startswith("normal") else index % 2 == 0
+            items.append(BenchmarkSlice(blank, "covid-ct-md", series, series, index, level=index / 10,
+                                        infected=infected))
+    for patient in sorted(CHOICE_SPLIT.burden_patients | REPORT_SPLIT.burden_patients):
+        for index in range(6):
+            items.append(BenchmarkSlice(blank, "covid19-ct-lungmask", patient, patient, index, infected=True,
+                                        infection_fraction=index / 10))
+    return items
+
+
+def anatomy_and_findings(items):
+    """Unit vectors [level on a quarter circle | infected or burden one-hot] / sqrt(2)."""
+    level = np.array([[np.cos(np.pi / 2 * (i.level or 0)), np.sin(np.pi / 2 * (i.level or 0))] for i in items])
+    findings = np.zeros((len(items), 8))
+    for row, item in enumerate(items):
+        findings[row, 7 if item.infection_fraction is None and item.infected else
+                 round((item.infection_fraction or 0) * 10) if item.infection_fraction is not None else 6] = 1
+    return (np.hstack([level, findings]) / np.sqrt(2)).astype(np.float32)
+
+
+def test_report_split_measures_do_not_depend_on_the_choice_split():
+    from lungcbir.research.retrieval_benchmark import CHOICE_SPLIT, REPORT_SPLIT, split_measures
+
+    items = split_items()
+    vectors = anatomy_and_findings(items)
+    scrambled = vectors.copy()
+    choice = [n for n, i in enumerate(items) if i.series in CHOICE_SPLIT.series or i.patient in CHOICE_SPLIT.burden_patients]
+    scrambled[choice] = np.random.default_rng(0).permutation(scrambled[choice])
+    before, after = split_measures(items, vectors, None, REPORT_SPLIT), split_measures(items, scrambled, None, REPORT_SPLIT)
+    own = [name for name in before if "six-series" not in name]
+    assert own and all(before[name] == after[name] for name in own)
+    assert split_measures(items, vectors, None, CHOICE_SPLIT) != split_measures(items, scrambled, None, CHOICE_SPLIT)
+
+
+def test_the_focus_decides_what_the_split_measures_reward():
+    from lungcbir.focus import focus_queries
+    from lungcbir.research.retrieval_benchmark import REPORT_SPLIT, split_measures
+
+    items = split_items()
+    vectors = anatomy_and_findings(items)
+    anatomy = split_measures(items, vectors, focus_queries(vectors, 2, 1.0), REPORT_SPLIT)
+    findings = split_measures(items, vectors, focus_queries(vectors, 2, 0.0), REPORT_SPLIT)
+    level, infected = "level top-1 error (lower is better)", "infected share in top 5"
+    assert anatomy[level][0] == 0.0 < findings[level][0]
+    assert findings[infected][0] == 1.0 > anatomy[infected][0]
+    assert findings["burden Spearman rho, top 5"][0] > 0.9
+    assert anatomy[level][1] > 0.2 and 0 < anatomy[infected][1] < 1  # chance levels

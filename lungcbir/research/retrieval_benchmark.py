@@ -21,8 +21,9 @@ import cv2
 import numpy as np
 import torch
 
-from ..datasets import data_root
+from ..datasets import COVID_TEST_PATIENTS, COVID_VAL_PATIENTS, data_root
 from ..features import POOLINGS, centre_vectors, pool_bottleneck
+from ..focus import FOCUSES
 from ..inference import LungModel
 from ..io import CTSlice, dicom_series_positions, find_image_files, read_file
 from ..preprocess import normalize_intensity, to_model_input
@@ -279,10 +280,13 @@ def compare(items: list[BenchmarkSlice], features: dict[str, np.ndarray]) -> lis
 def format_table(measures: list[Measure]) -> str:
     names = list(measures[0].values)
     width = max(10, *(len(n) for n in names))
-    lines = [f"{'task':<40} {'metric':<24} {'chance':>8} " + "  ".join(f"{n:>{width}}" for n in names)]
+    arrows = {id(row): " (lower is better)" if row.lower_is_better else "" for row in measures}
+    task_width = max(40, *(len(row.task) for row in measures))
+    metric_width = max(24, *(len(row.metric + arrows[id(row)]) for row in measures))
+    lines = [f"{'task':<{task_width}} {'metric':<{metric_width}} {'chance':>8} "
+             + "  ".join(f"{n:>{width}}" for n in names)]
     for row in measures:
-        arrow = " (lower is better)" if row.lower_is_better else ""
-        lines.append(f"{row.task:<40} {row.metric + arrow:<24} {row.chance:8.3f} "
+        lines.append(f"{row.task:<{task_width}} {row.metric + arrows[id(row)]:<{metric_width}} {row.chance:8.3f} "
                      + "  ".join(f"{row.values[n]:>{width}.3f}" for n in names))
     return "\n".join(lines)
 
@@ -321,29 +325,57 @@ def standard_comparison(model: LungModel, segmentation_only: LungModel | None = 
     return len(items), compare(items, features)
 
 
-# -- the mixed store (issue 14): every covid-ct-md series, normals included, in one store ------
+# -- the mixed store and the search focus (issue 14), on a choice / report split ---------------
 
 #: The neighbour whose score the mixed-store measure reports (median over all queries).
 SCORE_RANK = 50
 
 
-def mixed_store_measures(items: list[BenchmarkSlice], vectors: np.ndarray) -> dict[str, tuple[float, float]]:
-    """The mixed-store task: all six covid-ct-md series in one store, every slice queried,
-    neighbours from other patients only. {measure: (value, chance)}.
+@dataclass(frozen=True)
+class RetrievalSplit:
+    """One half of the retrieval split by patient: poolings, weights and focus mixes are chosen
+    on :data:`CHOICE_SPLIT` only, and tables report :data:`REPORT_SPLIT`."""
+
+    name: str
+    series: frozenset[str]  # covid-ct-md series (one patient each): the mixed store
+    burden_patients: frozenset[str]  # covid19-ct-lungmask patients: the infection-burden measure
+
+
+#: One COVID-19, one CAP and one normal covid-ct-md patient each; the COVID-19 lung-mask
+#: patients that picked the bundled model's epoch (val) and those its card reports (test).
+CHOICE_SPLIT = RetrievalSplit("choice", frozenset({"P001", "cap001", "normal001"}), frozenset(COVID_VAL_PATIENTS))
+REPORT_SPLIT = RetrievalSplit("report", frozenset({"P002", "cap002", "normal002"}), frozenset(COVID_TEST_PATIENTS))
+SPLITS = {split.name: split for split in (CHOICE_SPLIT, REPORT_SPLIT)}
+
+
+def mixed_store_measures(items: list[BenchmarkSlice], vectors: np.ndarray, queries: np.ndarray | None = None,
+                         series: frozenset[str] | None = None,
+                         store_series: frozenset[str] | None = None) -> dict[str, tuple[float, float]]:
+    """The mixed-store task: covid-ct-md series in one store, normals included, every slice of
+    ``series`` queried (default all), neighbours from other patients of ``store_series`` only
+    (default: the queried series). {measure: (value, chance)}.
+
+    ``queries`` are the query vectors (default ``vectors``; a focused search weighs them,
+    :meth:`lungcbir.inference.LungModel.focused`), row for row with ``vectors``.
 
     * level top-1 error: |level of the best other-patient slice - query level| over queries
       inside the lungs, candidates inside the lungs (chance: mean over all such candidates);
     * infected share in the top 5: for infected query slices, the share of infected slices
       among the 5 best other-patient slices (normal patients' slices count as clean);
-    * median score of the 50th neighbour over all queries (chance column: not applicable, NaN).
+    * median score of the 50th neighbour over the queries (chance column: not applicable, NaN;
+      NaN where the store has fewer other-patient slices).
     """
-    md = np.array([n for n, i in enumerate(items) if i.dataset == "covid-ct-md"])
-    similarity = vectors[md] @ vectors[md].T
+    queries = vectors if queries is None else queries
+    store_series = series if store_series is None else store_series
+    md = np.array([n for n, i in enumerate(items) if i.dataset == "covid-ct-md"
+                   and (store_series is None or i.series in store_series)])
+    asked = [q for q, n in enumerate(md) if series is None or items[n].series in series]
+    similarity = queries[md] @ vectors[md].T
     patients = np.array([items[n].patient for n in md])
     levels = np.array([np.nan if items[n].level is None else items[n].level for n in md])
     infected = np.array([bool(items[n].infected) for n in md])
     level_errors, level_chance, share, share_chance, fiftieth = [], [], [], [], []
-    for q in range(len(md)):
+    for q in asked:
         others = np.flatnonzero(patients != patients[q])
         order = _ranked(similarity[q], others)
         if len(order) >= SCORE_RANK:
@@ -357,4 +389,73 @@ def mixed_store_measures(items: list[BenchmarkSlice], vectors: np.ndarray) -> di
             share_chance.append(infected[others].mean())
     return {"level top-1 error (lower is better)": (float(np.mean(level_errors)), float(np.mean(level_chance))),
             "infected share in top 5": (float(np.mean(share)), float(np.mean(share_chance))),
-            f"median score of neighbour {SCORE_RANK}": (float(np.median(fiftieth)), float("nan"))}
+            f"median score of neighbour {SCORE_RANK}": (float(np.median(fiftieth)) if fiftieth else float("nan"),
+                                                        float("nan"))}
+
+
+def burden_correlation(items: list[BenchmarkSlice], vectors: np.ndarray, queries: np.ndarray | None = None,
+                       patients: frozenset[str] | None = None) -> float:
+    """Spearman rho between each covid19-ct-lungmask query's true infection fraction and the
+    mean of its 5 best other-patient neighbours' (store and queries: ``patients``, default all)."""
+    queries = vectors if queries is None else queries
+    covid = np.array([n for n, i in enumerate(items) if i.dataset == "covid19-ct-lungmask"
+                      and (patients is None or i.patient in patients)])
+    similarity = queries[covid] @ vectors[covid].T
+    owners = np.array([items[n].patient for n in covid])
+    fractions = np.array([items[n].infection_fraction for n in covid], float)
+    neighbours = [fractions[_ranked(similarity[q], np.flatnonzero(owners != owners[q]))[:5]].mean()
+                  for q in range(len(covid))]
+    return _spearman(fractions, np.array(neighbours))
+
+
+def split_measures(items: list[BenchmarkSlice], vectors: np.ndarray, queries: np.ndarray | None,
+                   split: RetrievalSplit) -> dict[str, tuple[float, float]]:
+    """Every focus measure of one split: the mixed store of the split's three covid-ct-md
+    patients, the infection burden among its COVID-19 patients, and (for comparison with the
+    issue's table) the split's queries against all six covid-ct-md series. {measure: (value, chance)}."""
+    own = mixed_store_measures(items, vectors, queries, split.series)
+    everything = mixed_store_measures(items, vectors, queries, split.series, frozenset(SPLIT_SERIES))
+    results = {name: own[name] for name in list(own)[:2]}
+    results["burden Spearman rho, top 5"] = (burden_correlation(items, vectors, queries, split.burden_patients), 0.0)
+    results.update({f"{name}, six-series store": value for name, value in everything.items()})
+    return results
+
+
+#: Every covid-ct-md series of the split.
+SPLIT_SERIES = CHOICE_SPLIT.series | REPORT_SPLIT.series
+
+
+def model_vectors(model: LungModel, slices: Sequence[CTSlice], batch_size: int = 32) -> np.ndarray:
+    """The vectors the model stores for these slices (centred, every part)."""
+    vectors = []
+    for start in range(0, len(slices), batch_size):
+        inputs = np.stack([model.prepare(item)[0] for item in slices[start:start + batch_size]])
+        vectors.append(model.run_all(inputs)[1])
+    return np.concatenate(vectors)
+
+
+def focus_comparison(model: LungModel, split: RetrievalSplit, baselines: dict[str, LungModel] | None = None,
+                     root: Path | None = None) -> list[Measure]:
+    """The per-focus table of one split: chance, raw pixels, each baseline model (e.g. a
+    segmentation-only U-Net) and the model searched with every focus."""
+    items = [i for i in load_benchmark(root) if i.dataset in ("covid-ct-md", "covid19-ct-lungmask")]
+    slices = [i.slice for i in items]
+    reference = LungModel.load(device=model.device)
+    assign_levels(items, encode(reference, slices).lung_fractions)
+    columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    pixels = raw_pixel_features(slices)
+    columns["raw pixels"] = (pixels, pixels)
+    for name, baseline in (baselines or {}).items():
+        stored = model_vectors(baseline, slices)
+        columns[name] = (stored, baseline.focused(stored))
+    stored = model_vectors(model, slices)
+    for focus in FOCUSES:
+        columns[f"lungcbir {focus}"] = (stored, model.focused(stored, focus))
+    table: dict[str, Measure] = {}
+    for name, (vectors, queries) in columns.items():
+        for metric, (value, chance) in split_measures(items, vectors, queries, split).items():
+            lower = " (lower is better)" in metric
+            row = table.setdefault(metric, Measure(f"{split.name} split", metric.replace(" (lower is better)", ""),
+                                                   chance, lower_is_better=lower))
+            row.values[name] = value
+    return list(table.values())
