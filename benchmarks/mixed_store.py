@@ -4,25 +4,28 @@ Usage: python benchmarks/mixed_store.py [--weights W.pt] [--uncentred W.pt]
 
 Every slice is queried; neighbours come from other patients only. Prints, beside chance and a
 raw-pixel baseline, the anatomical-level top-1 error, the share of infected slices among the
-top 5 of infected queries and the median score of the 50th neighbour, for the model's vectors
-without its centre ("uncentred") and with it ("centred"). Levels come from the bundled model's
-lung masks, so every column is measured on the same queries.
+top 5 of infected queries and the median score of the 50th neighbour, for the anatomy part of
+the model's vectors without its centre ("uncentred") and for its stored vectors searched with
+each focus. Levels come from the bundled model's lung masks, so every column is measured on the
+same queries. (Choices are made on the choice split, not here: ``lungcbir evaluate-retrieval
+--split``.)
 """
 
 from __future__ import annotations
 
 import argparse
 
+from lungcbir.focus import FOCUSES
+from lungcbir.inference import LungModel
 from lungcbir.research.retrieval_benchmark import (
     assign_levels,
     encode,
     load_benchmark,
     mixed_store_measures,
+    model_vectors,
     pooled,
     raw_pixel_features,
 )
-from lungcbir.features import centre_vectors
-from lungcbir.inference import LungModel
 
 
 def main() -> None:
@@ -36,10 +39,10 @@ def main() -> None:
     reference = encoded if args.weights is None else encode(LungModel.load(), slices)
     assign_levels(items, reference.lung_fractions)
     uncentred = pooled(encoded, model.settings.pooling)
-    features = {"raw pixels": raw_pixel_features(slices), "uncentred": uncentred}
-    if model.settings.centre is not None:
-        features["centred"] = centre_vectors(uncentred, model.settings.centre)
-    results = {name: mixed_store_measures(items, vectors) for name, vectors in features.items()}
+    stored = model_vectors(model, slices)
+    features = {"raw pixels": (raw_pixel_features(slices), None), "uncentred": (uncentred, None)}
+    features.update({focus: (stored, model.focused(stored, focus)) for focus in FOCUSES})
+    results = {name: mixed_store_measures(items, vectors, queries) for name, (vectors, queries) in features.items()}
     print(f"{len(items)} covid-ct-md slices, {len({i.patient for i in items})} patients; model {model.model_id}")
     names = list(results)
     print(f"{'measure':<40} {'chance':>8} " + " ".join(f"{n:>11}" for n in names))

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from lungcbir.research.retrieval_benchmark import BenchmarkSlice, compare, measure, whiten
 from lungcbir.io import CTSlice
@@ -154,3 +155,32 @@ def test_the_focus_decides_what_the_split_measures_reward():
     assert findings[infected][0] == 1.0 > anatomy[infected][0]
     assert findings["burden Spearman rho, top 5"][0] > 0.9
     assert anatomy[level][1] > 0.2 and 0 < anatomy[infected][1] < 1  # chance levels
+
+
+def test_symmetric_focus_gives_the_focused_scores(findings_weights):
+    from lungcbir.inference import LungModel
+    from lungcbir.research.retrieval_benchmark import symmetric_focus
+
+    model = LungModel.load(findings_weights)
+    vectors = np.random.default_rng(0).normal(size=(6, model.dimension)).astype(np.float32)
+    for focus in ("anatomy", "findings", "balanced"):
+        weighted = symmetric_focus(model, vectors, focus)
+        assert np.allclose(weighted @ weighted.T, model.focused(vectors, focus) @ vectors.T, atol=1e-5)
+
+
+@pytest.mark.realdata
+def test_covid_ct_md_labels_belong_to_their_own_series(shared_data):
+    """P002, cap002 and normal002 share file names (IM0001.dcm, ...): a label must be looked up
+    by the file's path, or one series' labels land on another's slices (normal ones included)."""
+    import csv
+    from pathlib import Path
+
+    from lungcbir.research.retrieval_benchmark import load_benchmark
+
+    folder = shared_data / "covid-ct-md"
+    with open(folder / "slice_labels.csv", newline="") as handle:
+        truth = {(row["patient"], row["file"]): row["infection"] == "1" for row in csv.DictReader(handle)}
+    items = [i for i in load_benchmark(shared_data) if i.dataset == "covid-ct-md"]
+    for item in items:
+        assert item.infected == truth.get((item.series, Path(item.slice.path).name)), item.slice.path
+    assert all(i.infected is None for i in items if i.diagnosis == "normal")

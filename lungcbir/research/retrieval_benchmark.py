@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..datasets import COVID_TEST_PATIENTS, COVID_VAL_PATIENTS, data_root
-from ..features import POOLINGS, centre_vectors, pool_bottleneck
+from ..features import POOLINGS, pool_bottleneck
 from ..focus import FOCUSES
 from ..inference import LungModel
 from ..io import CTSlice, dicom_series_positions, find_image_files, read_file
@@ -69,10 +69,10 @@ def load_benchmark(root: Path | None = None) -> list[BenchmarkSlice]:
     items: list[BenchmarkSlice] = []
     # covid-ct-md: six DICOM series, diagnosis per series, infection labels per slice for four
     md = root / "covid-ct-md"
-    labels = {}
+    labels = {}  # by path: P002, cap002 and normal002 share file names (IM0001.dcm, ...)
     with open(md / "slice_labels.csv", newline="") as handle:
         for row in csv.DictReader(handle):
-            labels[row["file"]] = row["infection"] == "1"
+            labels[row["path"]] = row["infection"] == "1"
     diagnosis = {"covid": "COVID-19", "cap": "CAP", "normal": "normal"}
     for folder in sorted(p for p in md.glob("*/*") if p.is_dir() and p.parent.name in diagnosis):
         files = list(find_image_files([folder]))
@@ -80,7 +80,7 @@ def load_benchmark(root: Path | None = None) -> list[BenchmarkSlice]:
         for path in files:
             item = read_file(path)[0]
             items.append(BenchmarkSlice(item, "covid-ct-md", folder.name, folder.name, positions[path],
-                                        infected=labels.get(Path(path).name),
+                                        infected=labels.get(Path(path).relative_to(md).as_posix()),
                                         diagnosis=diagnosis[folder.parent.name]))
     # covid19-ct-lungmask: infection fraction from the lesion masks
     lungmask = root / "covid19-ct-lungmask"
@@ -321,8 +321,21 @@ def standard_comparison(model: LungModel, segmentation_only: LungModel | None = 
         features[f"ours {method}"] = pooled(trained, method)
     if variants:
         features["lungcbir +PCA-white"] = whiten(pooled(trained, model.settings.pooling))
-    features["lungcbir"] = centre_vectors(pooled(trained, model.settings.pooling), model.settings.centre)
+    stored = model_vectors(model, slices)
+    if model.settings.findings is None:
+        features["lungcbir"] = stored
+    else:
+        features.update({f"lungcbir {focus}": symmetric_focus(model, stored, focus) for focus in FOCUSES})
     return len(items), compare(items, features)
+
+
+def symmetric_focus(model: LungModel, vectors: np.ndarray, focus: str) -> np.ndarray:
+    """Stored vectors whose plain inner products are the focused search's scores: each part
+    scaled by the square root of what :func:`lungcbir.focus.focus_queries` multiplies the query
+    by (the focused score is symmetric in query and stored slice), for the measures that
+    compare every slice with every other."""
+    multipliers = model.focused(np.ones((1, vectors.shape[1]), np.float32), focus)[0]
+    return (vectors * np.sqrt(multipliers)).astype(np.float32)
 
 
 # -- the mixed store and the search focus (issue 14), on a choice / report split ---------------
