@@ -296,7 +296,8 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
             else:
                 shown = f"  mask {mask_path}" if mask_path else ""
                 seg_note = f"  seg {written['seg']}" if "seg" in written else ""
-                click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}  quality {result.quality.value} "
+                lesions = "" if result.lesion_fraction is None else f"  lesion fraction {result.lesion_fraction:.3f}"
+                click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}{lesions}  quality {result.quality.value} "
                            f"({result.quality_score:.2f}){shown}{seg_note}")
                 if result.warning:
                     click.echo(f"  warning: {result.warning}")

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import cv2
 import numpy as np
@@ -245,3 +246,14 @@ def test_query_table_shows_stored_paths_relative_to_the_working_directory(run, p
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if line.strip().startswith("1 ")]
     assert rows and os.path.relpath(image, phantom_dir) in rows[0] and str(phantom_dir) not in rows[0]
+
+
+def test_query_table_shows_the_lesion_fraction_of_a_model_with_a_lesion_output(store_paths, findings_weights,
+                                                                              phantom_dir):
+    runner = CliRunner()
+    paths = ["--db", store_paths["db_url"], "--index-dir", store_paths["index_dir"], "--weights", findings_weights]
+    assert runner.invoke(main, ["index-dataset", str(phantom_dir / "png"), "--quiet", *paths]).exit_code == 0
+    image = sorted((phantom_dir / "png" / "phantom01").glob("*.png"))[1]
+    result = runner.invoke(main, ["query", str(image), "--k", "2", "--no-pictures", *paths])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"lung fraction \d\.\d{3}  lesion fraction \d\.\d{3}  quality", result.output), result.output

@@ -797,22 +797,6 @@ from lungcbir.inference import ModelSettings, save_weights  # noqa: E402
 from lungcbir.model import UNet, UNetConfig  # noqa: E402
 from lungcbir.preprocess import PreprocessConfig  # noqa: E402
 
-#: A tiny network with a lesion branch, so its vectors can have a findings part.
-TINY_LESION = UNetConfig(base_channels=4, depth=3, lesion_levels=2)
-
-
-@pytest.fixture(scope="module")
-def findings_weights(tmp_path_factory) -> str:
-    """Random tiny weights whose vectors are [anatomy | findings] (ModelSettings.findings)."""
-    import torch
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("findings") / "tiny_findings.pt"
-    save_weights(path, UNet(TINY_LESION), ModelSettings(unet=TINY_LESION, preprocess=PreprocessConfig(input_size=64),
-                                                        quality=False, findings=FindingsConfig()))
-    return str(path)
-
-
 @pytest.fixture
 def findings_client(phantom_dir, findings_weights, tmp_path):
     folder = tmp_path / "findings-store"  # its own store: a store holds the vectors of one model
@@ -903,6 +887,6 @@ def test_with_a_findings_part_the_focus_changes_the_ranking(findings_client, pha
                                    for focus in ("anatomy", "findings", "balanced"))
     assert len(anatomy) == len(findings) == len(balanced) == 12  # every stored slice, ranked each way
     assert list(anatomy) != list(findings)
-    # balanced (weight 0.5) is the mean of the two parts' cosines, slice by slice
+    # balanced (the fixture's anatomy weight 0.4) weighs the two parts' cosines, slice by slice
     for image_id, score in balanced.items():
-        assert score == pytest.approx((anatomy[image_id] + findings[image_id]) / 2, abs=1e-4), image_id
+        assert score == pytest.approx(0.4 * anatomy[image_id] + 0.6 * findings[image_id], abs=1e-4), image_id
