@@ -91,6 +91,9 @@ def test_the_compact_kind_finds_what_exact_search_finds_and_survives_reload(stor
     assert faiss.extract_index_ivf(fresh.index()).nprobe == IVF_NPROBE and fresh.check() == []
     again = fresh.search(queries, 10)[1]
     assert not np.isin(again, ids[:100]).any() and (again >= 0).all()
+    added = fresh.add(records(50, start=5000), _clustered(50, dim, seed=9))  # added in place, not rebuilt
+    assert kind_of(fresh.index()) is INDEX_KIND_REGISTRY["compact"] and fresh.index().ntotal == 2950
+    assert Store(**store_paths).search(_clustered(50, dim, seed=9)[:5], 1)[1][:, 0].tolist() == added[:5]
 
 
 def test_compact_re_ranking_leaves_out_rows_gone_from_the_database(store_paths, monkeypatch):
