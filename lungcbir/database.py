@@ -764,14 +764,28 @@ class Database:
 
     def vectors_of(self, ids: np.ndarray, chunk: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream (ids, float32 vectors) of the rows ``ids`` in chunks (rows since removed are
-        left out), all read in one session."""
-        with Session(self.engine) as session:
+        left out), all read on one connection.
+
+        Fast enough to re-rank a few hundred candidates per query (the compact index kind):
+        no ORM session, each chunk's float16 blobs decoded in one ``np.frombuffer`` over their
+        joined bytes, and on SQLite a plain parameterised statement, which skips SQLAlchemy's
+        statement compilation (about 0.4 ms for 200 rows instead of 1 ms).
+        """
+        plain = self.engine.dialect.name == "sqlite"
+        statement = select(ImageRecord.id, ImageRecord.vector)
+        with self.engine.connect() as connection:
             for start in range(0, len(ids), chunk):
-                rows = session.execute(select(ImageRecord.id, ImageRecord.vector)
-                                       .where(ImageRecord.id.in_(ids[start:start + chunk].tolist()))).all()
+                wanted = tuple(int(n) for n in ids[start:start + chunk])
+                if not wanted:
+                    continue
+                if plain:
+                    rows = connection.exec_driver_sql(
+                        f"SELECT id, vector FROM {ImageRecord.__tablename__} "
+                        f"WHERE id IN ({', '.join('?' * len(wanted))})", wanted).all()
+                else:
+                    rows = connection.execute(statement.where(ImageRecord.id.in_(wanted))).all()
                 if rows:
-                    yield (np.array([row[0] for row in rows], np.int64),
-                           np.stack([decode_vector(row[1]) for row in rows]))
+                    yield _decoded(rows)
 
     def changes_between(self, first: int, last: int) -> list[tuple[str, int]] | None:
         """(kind, rows) of each logged change after generation ``first`` up to ``last``; None
@@ -905,4 +919,14 @@ def encode_vector(vector: np.ndarray) -> bytes:
 
 def decode_vector(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=VECTOR_DTYPE).astype(np.float32)
+
+
+def _decoded(rows: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 ids, float32 vectors) of (id, vector blob) rows whose blobs are all one length."""
+    ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+    blobs = [row[1] for row in rows]
+    if len({len(blob) for blob in blobs}) != 1:  # vectors of another length: let them show as such
+        return ids, np.stack([decode_vector(blob) for blob in blobs])
+    joined = np.frombuffer(b"".join(blobs), dtype=VECTOR_DTYPE)
+    return ids, joined.reshape(len(rows), -1).astype(np.float32)
 

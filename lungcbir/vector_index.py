@@ -8,8 +8,8 @@ when every change since its generation was an addition, and rebuilt from the sto
 otherwise (missing, corrupt, of another model, or rows were removed).
 
 Index kinds are one registry, :data:`INDEX_KIND_REGISTRY` (name, description, build, tune,
-describe, search parameters, whether it can remove); a new kind is one :class:`IndexKind`
-entry there, and the CLI's ``rebuild-index --kind`` choice follows.
+describe, search parameters, whether it can remove, how many candidates it re-ranks); a new
+kind is one :class:`IndexKind` entry there, and the CLI's ``rebuild-index --kind`` choice follows.
 """
 
 from __future__ import annotations
@@ -35,9 +35,14 @@ from .fileutils import write_atomically as _write_atomically
 INDEX_FILE = "lungcbir.faiss"
 INDEX_META_FILE = "lungcbir.faiss.json"
 LOCK_FILE = "write.lock"
-#: ``auto`` switches from exact search to IVF at this many vectors (see docs/scale.md).
+#: ``auto`` switches from exact search to the compact kind (IVF, PQ codes, re-ranked) at this
+#: many vectors (see docs/scale.md).
 AUTO_IVF_FROM = 100_000
 IVF_NPROBE = 32
+#: The compact kind's PQ codes: one byte (8-bit code) per this many dimensions.
+COMPACT_DIMENSIONS_PER_BYTE = 4
+#: The compact kind re-ranks this many candidates per query by their exact stored vectors.
+COMPACT_RERANK = 200
 HNSW_EF_SEARCH = 128
 #: Version of the note written beside the index file; notes of other versions are not trusted.
 INDEX_NOTE_FORMAT = 2
@@ -66,7 +71,10 @@ class IndexKind:
     from a file is of this kind, so ``tune`` (search-time parameters, which FAISS files do not
     always keep), ``describe`` and ``search_parameters`` (its tuning plus an id selector) can
     be found for it. ``supports_remove``: whether rows can be removed in place (else a removal
-    rebuilds the index).
+    rebuilds the index). ``rerank``: when not 0, a search asks the index for this many
+    candidates (at least k) and ranks them again by their exact vectors read from the database
+    (:meth:`lungcbir.database.Database.vectors_of`), so the index's codes only need to find
+    them, not order them; the scores returned are then exact.
     """
 
     name: str
@@ -77,6 +85,7 @@ class IndexKind:
     describe: Callable[[faiss.Index], str]
     search_parameters: Callable[[faiss.Index, faiss.IDSelector], faiss.SearchParameters]
     supports_remove: bool = True
+    rerank: int = 0
 
 
 def _filled(index: faiss.Index, stream: Stream) -> faiss.Index:
@@ -101,6 +110,17 @@ def _ivf(index: faiss.Index) -> faiss.IndexIVF:
     return faiss.extract_index_ivf(index)
 
 
+def _is_pq(ivf: faiss.IndexIVF | None) -> bool:
+    return ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ)
+
+
+def _pq(index: faiss.Index) -> faiss.IndexIVFPQ:
+    inner = faiss.downcast_index(_ivf(index))
+    if not isinstance(inner, faiss.IndexIVFPQ):
+        raise StoreError("not a compact (IVF, PQ) index")
+    return inner
+
+
 def _hnsw(index: faiss.Index) -> faiss.IndexHNSWFlat:
     graph = _hnsw_of(index)
     if graph is None:
@@ -112,11 +132,33 @@ def _build_flat(count: int, dimension: int, stream: Stream, sample: Sample) -> f
     return _filled(faiss.IndexIDMap2(faiss.IndexFlatIP(dimension)), stream)
 
 
+def _ivf_lists(count: int) -> int:
+    return int(min(max(16, 2 * np.sqrt(count)), 65536, max(16, count // 39)))
+
+
 def _build_ivf(count: int, dimension: int, stream: Stream, sample: Sample) -> faiss.Index:
     # float16 codes: 8-bit codes lose too much (neighbouring slices differ in the third
     # decimal of their similarity)
-    lists = int(min(max(16, 2 * np.sqrt(count)), 65536, max(16, count // 39)))
+    lists = _ivf_lists(count)
     index = faiss.index_factory(dimension, f"IVF{lists},SQfp16", faiss.METRIC_INNER_PRODUCT)
+    index.train(sample(min(count, max(40 * lists, 20_000))))
+    return _filled(index, stream)
+
+
+def _build_compact(count: int, dimension: int, stream: Stream, sample: Sample) -> faiss.Index:
+    # PQ codes of one byte per 4 dimensions find the candidates; their order comes from the
+    # exact stored vectors (``rerank``). PQ needs a dimension divisible by its sub-vectors:
+    # others (e.g. 773 = 2 x 256 + 256 + 5 with a findings part) are padded with zero columns
+    per_byte = COMPACT_DIMENSIONS_PER_BYTE
+    padded = -(-dimension // per_byte) * per_byte
+    lists = _ivf_lists(count)
+    index = faiss.index_factory(padded, f"IVF{lists},PQ{padded // per_byte}x8np", faiss.METRIC_INNER_PRODUCT)
+    if padded != dimension:
+        # (d_in, d_out, uniform): the input columns spread evenly, zeros between; the SWIG
+        # stubs know only the (d_in, d_out, map) form
+        remap = faiss.RemapDimensionsTransform(dimension, padded, True)  # type: ignore[arg-type]
+        index = faiss.IndexPreTransform(remap, index)
+    # PQ's 256 codes per sub-vector want ~10,000 training vectors even for few lists
     index.train(sample(min(count, max(40 * lists, 20_000))))
     return _filled(index, stream)
 
@@ -128,7 +170,8 @@ def _build_hnsw(count: int, dimension: int, stream: Stream, sample: Sample) -> f
 
 
 def _build_auto(count: int, dimension: int, stream: Stream, sample: Sample) -> faiss.Index:
-    return INDEX_KIND_REGISTRY["flat" if count < AUTO_IVF_FROM else "ivf"].build(count, dimension, stream, sample)
+    name = "flat" if count < AUTO_IVF_FROM else "compact"
+    return INDEX_KIND_REGISTRY[name].build(count, dimension, stream, sample)
 
 
 def _set_nprobe(index: faiss.Index) -> None:
@@ -156,7 +199,7 @@ _FLAT = IndexKind(
     search_parameters=lambda index, selector: faiss.SearchParameters(sel=selector))  # type: ignore[call-arg]
 _IVF = IndexKind(
     "ivf", f"inverted lists of float16 vectors (IVF, SQfp16), 2 bytes per dimension, nprobe {IVF_NPROBE}",
-    _build_ivf, holds=lambda index: _ivf_of(index) is not None, tune=_set_nprobe,
+    _build_ivf, holds=lambda index: _ivf_of(index) is not None and not _is_pq(_ivf_of(index)), tune=_set_nprobe,
     describe=lambda index: f"ivf (lists={_ivf(index).nlist}, nprobe={_ivf(index).nprobe}, float16)",
     search_parameters=lambda index, selector: faiss.SearchParametersIVF(  # type: ignore[call-arg]
         sel=selector, nprobe=_ivf(index).nprobe))
@@ -167,14 +210,23 @@ _HNSW = IndexKind(
     search_parameters=lambda index, selector: faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
         sel=selector, efSearch=_hnsw(index).hnsw.efSearch),
     supports_remove=False)
-# a choice, not a kind of index: what it builds is flat or ivf, so it holds no index itself
+_COMPACT = IndexKind(
+    "compact", f"inverted lists of PQ codes (IVF, PQ), 1 byte per {COMPACT_DIMENSIONS_PER_BYTE} dimensions, "
+               f"nprobe {IVF_NPROBE}, the top {COMPACT_RERANK} re-ranked by the stored vectors",
+    _build_compact, holds=lambda index: _is_pq(_ivf_of(index)), tune=_set_nprobe,
+    describe=lambda index: f"compact (lists={_ivf(index).nlist}, nprobe={_ivf(index).nprobe}, "
+                           f"PQ {_pq(index).pq.M} bytes, re-ranks {COMPACT_RERANK})",
+    search_parameters=lambda index, selector: faiss.SearchParametersIVF(  # type: ignore[call-arg]
+        sel=selector, nprobe=_ivf(index).nprobe),
+    rerank=COMPACT_RERANK)
+# a choice, not a kind of index: what it builds is flat or compact, so it holds no index itself
 _AUTO = IndexKind(
-    "auto", f"flat below {AUTO_IVF_FROM:,} vectors, ivf from there on", _build_auto, holds=_never,
+    "auto", f"flat below {AUTO_IVF_FROM:,} vectors, compact from there on", _build_auto, holds=_never,
     tune=_untuned, describe=lambda index: "auto",
     search_parameters=lambda index, selector: faiss.SearchParameters(sel=selector))  # type: ignore[call-arg]
 
 #: Every index kind by name, the default (``auto``) first; the CLI's ``--kind`` lists these.
-INDEX_KIND_REGISTRY: dict[str, IndexKind] = {kind.name: kind for kind in (_AUTO, _FLAT, _IVF, _HNSW)}
+INDEX_KIND_REGISTRY: dict[str, IndexKind] = {kind.name: kind for kind in (_AUTO, _FLAT, _IVF, _HNSW, _COMPACT)}
 INDEX_KINDS = tuple(INDEX_KIND_REGISTRY)
 DEFAULT_INDEX_KIND = "auto"
 
@@ -458,15 +510,44 @@ class VectorIndex:
 
     def _search_index(self, index: faiss.Index, vectors: np.ndarray, k: int,
                       restrict_to: np.ndarray | None, exact_up_to: int) -> tuple[np.ndarray, np.ndarray]:
+        kind = kind_of(index)
+        depth = max(k, kind.rerank) if kind.rerank else k
         if restrict_to is None:
-            return index.search(vectors, min(k, index.ntotal))
+            scores, ids = index.search(vectors, min(depth, index.ntotal))
+            return self._reranked(vectors, ids, k) if kind.rerank else (scores, ids)
         if len(restrict_to) <= exact_up_to:
             return self._exact_search(vectors, k, restrict_to)
         selector = faiss.IDSelectorBatch(restrict_to)
-        scores, ids = index.search(vectors, k, params=kind_of(index).search_parameters(index, selector))
+        scores, ids = index.search(vectors, depth, params=kind.search_parameters(index, selector))
+        if kind.rerank:
+            scores, ids = self._reranked(vectors, ids, k)
         short = (ids >= 0).sum(axis=1) < k  # an approximate index may miss some of a small subset
         if short.any():
             scores[short], ids[short] = self._exact_search(vectors[short], k, restrict_to)
+        return scores, ids
+
+    def _reranked(self, vectors: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top ``k`` of each row's ``candidates`` (ids, -1 for none) by exact similarity to
+        the stored vectors, read from the database; rows removed since are left out."""
+        wanted = np.unique(candidates[candidates >= 0])
+        found_ids, found_vectors = np.zeros(0, np.int64), np.zeros((0, vectors.shape[1]), np.float32)
+        chunks = list(self.database.vectors_of(wanted))
+        if chunks:
+            found_ids = np.concatenate([chunk_ids for chunk_ids, _ in chunks])
+            found_vectors = np.concatenate([chunk_vectors for _, chunk_vectors in chunks])
+            order = np.argsort(found_ids)
+            found_ids, found_vectors = found_ids[order], found_vectors[order]
+        width = min(k, candidates.shape[1])
+        scores = np.full((len(vectors), width), -np.inf, np.float32)
+        ids = np.full((len(vectors), width), -1, np.int64)
+        if not len(found_ids):
+            return scores, ids
+        for row, (query, row_ids) in enumerate(zip(vectors, candidates)):
+            place = np.minimum(np.searchsorted(found_ids, row_ids), len(found_ids) - 1)
+            known = (row_ids >= 0) & (found_ids[place] == row_ids)
+            row_scores = found_vectors[place[known]] @ query
+            best = np.argsort(-row_scores, kind="stable")[:width]
+            scores[row, :len(best)], ids[row, :len(best)] = row_scores[best], row_ids[known][best]
         return scores, ids
 
     def _exact_search(self, vectors: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

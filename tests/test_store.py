@@ -67,7 +67,7 @@ def test_stats_and_streaming(store_paths):
     assert stats.images == 7 and stats.index_vectors == 7 and stats.dimension == 8
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "compact"])
 def test_index_kinds_find_the_same_vectors(store_paths, kind):
     store = Store(**store_paths)
     store.check_model("m1", 8)
@@ -305,7 +305,7 @@ def test_ids_matching_filters_labels_and_metadata_in_the_database(store_paths):
     assert store.ids_matching({'odd "key".x': "1"}).tolist() == []
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "compact"])
 @pytest.mark.parametrize("exact_up_to", [0, 10_000])  # 0: through the FAISS index with an id selector
 def test_restricted_search_returns_k_matches_behind_nearer_others(store_paths, kind, exact_up_to, monkeypatch):
     import lungcbir.store
@@ -321,7 +321,7 @@ def test_restricted_search_returns_k_matches_behind_nearer_others(store_paths, k
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = np.array(store.add(records(730), vectors))
     index = store.rebuild_index(kind)
-    if kind == "ivf":  # one list searched: the selector alone finds too few, the exact fallback must step in
+    if kind in ("ivf", "compact"):  # one list searched: the selector alone finds too few, the exact fallback steps in
         import faiss
 
         faiss.extract_index_ivf(index).nprobe = 1

@@ -2,11 +2,14 @@
 
 import faiss
 import numpy as np
+import pytest
 from test_store import records, unit
 
 from lungcbir.store import Store
 from lungcbir.vector_index import (
+    COMPACT_RERANK,
     INDEX_KIND_REGISTRY,
+    IVF_NPROBE,
     IndexKind,
     describe_index,
     kind_of,
@@ -54,3 +57,70 @@ def test_rebuild_index_kind_choice_is_the_registry():
     kind = next(option for option in main.commands["rebuild-index"].params if option.name == "kind")
     assert list(kind.type.choices) == list(INDEX_KIND_REGISTRY)
     assert all(entry.description in kind.help for entry in INDEX_KIND_REGISTRY.values())
+
+
+def _clustered(count, dim, seed=0):
+    """Unit vectors around 40 centres: neighbours crowd as real slices do."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(40, dim))
+    vectors = centres[rng.integers(40, size=count)] + rng.normal(scale=0.3, size=(count, dim))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("dim", [16, 18])  # 18: not a multiple of 4, padded for PQ
+def test_the_compact_kind_finds_what_exact_search_finds_and_survives_reload(store_paths, dim):
+    store = Store(**store_paths)
+    store.check_model("m1", dim)
+    vectors = _clustered(3000, dim)
+    ids = np.array(store.add(records(3000), vectors))
+    index = store.rebuild_index("compact")
+    assert kind_of(index) is INDEX_KIND_REGISTRY["compact"] and index.ntotal == 3000
+    assert describe_index(index).startswith("compact (") and f"re-ranks {COMPACT_RERANK}" in describe_index(index)
+    queries = _clustered(30, dim, seed=7)
+    truth = ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :10]]
+    scores, found = store.search(queries, 10)
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found.tolist(), truth.tolist())])
+    assert recall >= 0.97
+    # the scores are exact (re-ranked by the stored float16 vectors), best first
+    stored = {int(n): v for n, v in zip(ids, vectors.astype(np.float16).astype(np.float32))}
+    assert np.allclose(scores[0], [queries[0] @ stored[int(n)] for n in found[0]], atol=1e-5)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+    store.remove(ids[:100].tolist())
+    fresh = Store(**store_paths)  # read back from its file: still compact, tuned, without the removed rows
+    assert kind_of(fresh.index()) is INDEX_KIND_REGISTRY["compact"] and fresh.index().ntotal == 2900
+    assert faiss.extract_index_ivf(fresh.index()).nprobe == IVF_NPROBE and fresh.check() == []
+    again = fresh.search(queries, 10)[1]
+    assert not np.isin(again, ids[:100]).any() and (again >= 0).all()
+    added = fresh.add(records(50, start=5000), _clustered(50, dim, seed=9))  # added in place, not rebuilt
+    assert kind_of(fresh.index()) is INDEX_KIND_REGISTRY["compact"] and fresh.index().ntotal == 2950
+    assert Store(**store_paths).search(_clustered(50, dim, seed=9)[:5], 1)[1][:, 0].tolist() == added[:5]
+
+
+def test_compact_re_ranking_leaves_out_rows_gone_from_the_database(store_paths, monkeypatch):
+    store = Store(**store_paths)
+    store.check_model("m1", 16)
+    vectors = _clustered(1000, 16)
+    store.add(records(1000), vectors)
+    index = store.rebuild_index("compact")
+    candidates = index.search(vectors[:1], 20)[1]
+    gone = candidates[0, :3]  # removed by another process after the index answered
+    original = store.vectors.database.vectors_of
+    monkeypatch.setattr(store.vectors.database, "vectors_of",
+                        lambda wanted, chunk=1000: original(np.setdiff1d(wanted, gone), chunk))
+    scores, found = store.vectors._reranked(vectors[:1], candidates, 10)
+    assert found.shape == (1, 10) and not np.isin(found, gone).any() and np.isin(found, candidates).all()
+    assert np.isfinite(scores).all()
+
+
+def test_auto_picks_flat_below_the_threshold_and_compact_from_it(store_paths, monkeypatch):
+    import lungcbir.vector_index
+
+    monkeypatch.setattr(lungcbir.vector_index, "AUTO_IVF_FROM", 500)
+    store = Store(**store_paths)
+    store.check_model("m1", 16)
+    store.add(records(499), _clustered(499, 16))
+    assert kind_of(store.rebuild_index("auto")) is INDEX_KIND_REGISTRY["flat"]
+    store.add(records(1, start=600), _clustered(1, 16, seed=3))
+    index = store.rebuild_index("auto")
+    assert kind_of(index) is INDEX_KIND_REGISTRY["compact"] and index.ntotal == 500
+    assert store.index_kind == "auto" and kind_of(Store(**store_paths).index()) is INDEX_KIND_REGISTRY["compact"]
