@@ -753,6 +753,13 @@ class Database:
         return {"model_id": model_id, "dimension": int(dimension) if dimension else None,
                 "generation": int(generation or 0), "count": count or 0, "min_id": low or 0, "max_id": high or 0}
 
+    def generation(self) -> int:
+        """The change counter alone: one row read, where :meth:`state` counts every row (about
+        0.1 s at a million rows on SQLite)."""
+        with self.engine.connect() as connection:
+            value = connection.execute(select(StoreSetting.value).where(StoreSetting.key == GENERATION_KEY)).scalar()
+        return int(value or 0)
+
     def training_sample(self, size: int) -> np.ndarray:
         """About ``size`` stored vectors spread over the whole id range (for IVF training)."""
         step = max(1, self.count() // max(size, 1))

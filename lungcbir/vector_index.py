@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -44,6 +45,8 @@ COMPACT_DIMENSIONS_PER_BYTE = 4
 #: The compact kind re-ranks this many candidates per query by their exact stored vectors.
 COMPACT_RERANK = 200
 HNSW_EF_SEARCH = 128
+#: How long a search trusts an unchanged generation before it reads the full database state again.
+FULL_CHECK_SECONDS = 10.0
 #: Version of the note written beside the index file; notes of other versions are not trusted.
 INDEX_NOTE_FORMAT = 2
 #: Stored vectors are unit vectors, so a similarity beyond the query's norm, give or take
@@ -295,6 +298,7 @@ class VectorIndex:
         self.database = database
         self._index: faiss.Index | None = None
         self._index_state: dict | None = None  # the database state self._index holds exactly
+        self._verified_at = -float("inf")  # time.monotonic() of the last full state check that matched
         self._lock = threading.RLock()
 
     @property
@@ -374,8 +378,16 @@ class VectorIndex:
         missing, corrupt, of another model, or rows were removed.
         """
         with self._lock:
+            # every change takes the next generation in its own transaction: an unchanged
+            # generation means unchanged rows, so the full state (which counts every row) is
+            # read again only every FULL_CHECK_SECONDS, as a guard against any other writer
+            if self._index is not None and self._index_state is not None \
+                    and time.monotonic() - self._verified_at < FULL_CHECK_SECONDS \
+                    and self.database.generation() == self._index_state.get("generation"):
+                return self._index
             meta = self.database.state()
             if self._index is not None and same_state(self._index_state, meta):
+                self._verified_at = time.monotonic()
                 return self._index
             candidates = []
             if self._index is not None and self._index_state is not None:

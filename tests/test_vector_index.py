@@ -124,3 +124,40 @@ def test_auto_picks_flat_below_the_threshold_and_compact_from_it(store_paths, mo
     index = store.rebuild_index("auto")
     assert kind_of(index) is INDEX_KIND_REGISTRY["compact"] and index.ntotal == 500
     assert store.index_kind == "auto" and kind_of(Store(**store_paths).index()) is INDEX_KIND_REGISTRY["compact"]
+
+
+def test_a_search_reads_the_full_database_state_only_when_the_generation_moved(store_paths, monkeypatch):
+    """Counting every row costs about 0.1 s at a million rows: a search on an index that holds
+    the current generation must not do it again and again, and must still see other writers."""
+    from lungcbir.database import Database
+
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    vectors = unit(30, seed=3)
+    store.add(records(20), vectors[:20])
+    store.search(vectors[:1], 3)  # brings the index up to date (reads the full state)
+    calls = []
+    full_state = Database.state
+    monkeypatch.setattr(Database, "state", lambda self, *a: calls.append(1) or full_state(self, *a))
+    for _ in range(5):
+        store.search(vectors[:1], 3)
+    assert calls == []
+    other = Store(**store_paths)  # another writer, as another process would be
+    ids = other.add([r for r in records(30)][20:], vectors[20:])
+    assert store.search(vectors[25:26], 1)[1][0, 0] == ids[5] and calls
+
+
+def test_an_unchanged_generation_is_checked_in_full_again_after_a_while(store_paths, monkeypatch):
+    import lungcbir.vector_index as vector_index
+
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    vectors = unit(10, seed=4)
+    store.add(records(10), vectors)
+    store.search(vectors[:1], 1)
+    monkeypatch.setattr(vector_index, "FULL_CHECK_SECONDS", 0.0)
+    seen = []
+    full_state = store.database.state
+    monkeypatch.setattr(store.database, "state", lambda *a: seen.append(1) or full_state(*a))
+    store.search(vectors[:1], 1)
+    assert seen
