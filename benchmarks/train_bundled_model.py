@@ -14,10 +14,19 @@ choice split, docs/retrieval.md); ``--centre-only`` does only that, in place, fo
 trained before (how the bundled model got its centre). Both read the train split's files from
 ../shared/data.
 
-The bundled model: --epochs 140 --contrastive 0.5 --seed 1 --device cuda --workers 4, stopped by
-the time limit at epoch 137 (see MODEL_CARD.md). The lesion-output runs A-E of MODEL_CARD.md
-(tried, not adopted) are fine-tunes of it, e.g. run A: OUT.pt --init bundled --infection-head
---freeze-encoder --contrastive 0 --epochs 16 --steps-per-epoch 8 --learning-rate 1e-3 --seed 1.
+The bundled model, in three steps (MODEL_CARD.md):
+
+1. the lung network (run I): I.pt --epochs 140 --contrastive 0.5 --seed 1 --device cuda
+   --workers 4, stopped by the time limit at epoch 137;
+2. its lesion branch on the frozen lung network (run L4): L4.pt --init I.pt --lesion-levels 4
+   --kaggle-lesion-free --contrastive 0 --epochs 26 --steps-per-epoch 8 --learning-rate 2e-3
+   --threads 1 --seed 1 (CPU, about 10 minutes);
+3. its findings part, chosen on the retrieval choice split (benchmarks/choose_findings.py), and
+   the centre: L4.pt --centre-only --findings-statistics 1.0 --balanced-anatomy 0.5.
+
+The lesion-output runs A-E of MODEL_CARD.md (tried, not adopted) are fine-tunes of run I, e.g.
+run A: OUT.pt --init bundled --infection-head --freeze-encoder --contrastive 0 --epochs 16
+--steps-per-epoch 8 --learning-rate 1e-3 --seed 1.
 Validation (checkpoint choice) uses the val split; the test split is never seen here.
 ``--cache`` keeps the slices, already resized to the model input, in one compressed file
 (about 40 MB), so a training machine without ../shared/data can run from it.
