@@ -359,6 +359,8 @@ class RetrievalSplit:
 CHOICE_SPLIT = RetrievalSplit("choice", frozenset({"P001", "cap001", "normal001"}), frozenset(COVID_VAL_PATIENTS))
 REPORT_SPLIT = RetrievalSplit("report", frozenset({"P002", "cap002", "normal002"}), frozenset(COVID_TEST_PATIENTS))
 SPLITS = {split.name: split for split in (CHOICE_SPLIT, REPORT_SPLIT)}
+#: Every covid-ct-md series of the split.
+SPLIT_SERIES = CHOICE_SPLIT.series | REPORT_SPLIT.series
 
 
 def mixed_store_measures(items: list[BenchmarkSlice], vectors: np.ndarray, queries: np.ndarray | None = None,
@@ -442,9 +444,6 @@ def split_measures(items: list[BenchmarkSlice], vectors: np.ndarray, queries: np
     results.update({f"{name}, six-series store": value for name, value in everything.items()})
     return results
 
-
-#: Every covid-ct-md series of the split.
-SPLIT_SERIES = CHOICE_SPLIT.series | REPORT_SPLIT.series
 
 
 def model_vectors(model: LungModel, slices: Sequence[CTSlice], batch_size: int = 32) -> np.ndarray:
