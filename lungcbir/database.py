@@ -67,6 +67,8 @@ SCHEMA_LOCK_KEY = 0x6C756E6763626972
 #: Backends lungcbir supports (SQLAlchemy backend names).
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
 GENERATION_KEY = "generation"
+#: At most this many bound parameters in one INSERT (PostgreSQL allows 65,535, SQLite 32,766).
+INSERT_PARAMETERS = 30_000
 #: What the note records of the database state an index holds.
 STATE_KEYS = ("model_id", "dimension", "generation", "count", "min_id", "max_id")
 #: Metadata columns a filter may name; a label of the same name takes precedence.
@@ -549,9 +551,14 @@ class Database:
                               connection.scalar(select(func.max(StoreChange.last_id))) or 0)
                 for number, row in enumerate(rows, highest + 1):
                     row["id"] = number
-            inserted = sorted(connection.execute(_insert_ignoring_duplicates(
-                self.engine.dialect.name, ImageRecord, rows).returning(
-                ImageRecord.id, ImageRecord.sha256, ImageRecord.frame, ImageRecord.model_id)).all())
+            # one statement's bound parameters are limited (PostgreSQL: 65,535), so big batches
+            # go in several statements of the same transaction
+            per_statement = max(1, INSERT_PARAMETERS // len(columns))
+            for start in range(0, len(rows), per_statement):
+                inserted += connection.execute(_insert_ignoring_duplicates(
+                    self.engine.dialect.name, ImageRecord, rows[start:start + per_statement]).returning(
+                    ImageRecord.id, ImageRecord.sha256, ImageRecord.frame, ImageRecord.model_id)).all()
+            inserted.sort()
             if not inserted:
                 raise _Unchanged
             self._log_change(connection, generation, "add", [row[0] for row in inserted])
