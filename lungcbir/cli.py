@@ -291,7 +291,7 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
             if as_json:
                 click.echo(json.dumps({
                     "query": path, "mask": _text(mask_path), "overlay": _text(overlay_path),
-                    "matches": _text(matches_path), **written, **result.summary_json(),
+                    "matches": _text(matches_path), **written, **result.summary_json(), "focus": focus,
                     "neighbors": [n.to_json() for n in result.neighbors]}))
             else:
                 shown = f"  mask {mask_path}" if mask_path else ""
@@ -338,7 +338,7 @@ def _query_together(retriever, images, unlike, k, filters, per_patient, other_pa
                                       per_patient, other_patients, focus=focus)
     if as_json:
         click.echo(json.dumps({"queries": [path for path, _ in liked], "unlike": [path for path, _ in disliked],
-                               "neighbors": [n.to_json() for n in result.neighbors]}))
+                               "focus": focus, "neighbors": [n.to_json() for n in result.neighbors]}))
     else:
         unlike_note = f", less like {len(result.unlike)}" if result.unlike else ""
         click.echo(f"together: {len(result.queries)} example slice(s){unlike_note}")
@@ -360,7 +360,7 @@ def _query_series(retriever, inputs, k, filters, as_json, focus) -> bool:
         slices = series_in_order(readable)
         matches = retriever.query_series(slices, k, filters, focus=focus)
         if as_json:
-            click.echo(json.dumps({"query": source, "slices": len(slices), "cases": [
+            click.echo(json.dumps({"query": source, "slices": len(slices), "focus": focus, "cases": [
                 {"rank": m.rank, "case": m.case, "patient_id": m.patient_id, "series_uid": m.series_uid,
                  "score": round(m.score, 6),
                  "pairs": [{"query_slice": q, "id": n.id, "path": n.path, "slice_index": n.slice_index,

@@ -257,3 +257,13 @@ def test_query_table_shows_the_lesion_fraction_of_a_model_with_a_lesion_output(s
     result = runner.invoke(main, ["query", str(image), "--k", "2", "--no-pictures", *paths])
     assert result.exit_code == 0, result.output
     assert re.search(r"lung fraction \d\.\d{3}  lesion fraction \d\.\d{3}  quality", result.output), result.output
+
+
+def test_query_json_says_which_focus_it_searched_with(run, phantom_dir):
+    assert run("index-dataset", str(phantom_dir / "png"), "--quiet").exit_code == 0
+    image = str(sorted((phantom_dir / "png" / "phantom01").glob("*.png"))[1])
+    for arguments, focus in ((["--json"], "balanced"), (["--json", "--focus", "anatomy"], "anatomy"),
+                             (["--json", "--together", "--focus", "findings"], "findings")):
+        result = run("query", image, "--k", "2", "--no-pictures", *arguments)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output.splitlines()[0])["focus"] == focus
