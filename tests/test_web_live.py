@@ -453,7 +453,8 @@ def test_label_drop_downs_downloads_and_flags(page, shared_data, server):
     with page.expect_download() as download:
         page.click("#download-csv")
     lines = Path(download.value.path()).read_text().splitlines()
-    assert lines[0].startswith("query,rank,score,id") and len(lines) == 1 + page.locator("#results .card").count()
+    assert lines[0].startswith("query,focus,rank,score,id") and len(lines) == 1 + page.locator("#results .card").count()
+    assert all(",balanced," in line for line in lines[1:])  # the default focus, on every row
     with page.expect_download() as download:
         page.click("#download-json")
     assert len(__import__("json").loads(Path(download.value.path()).read_text())["neighbors"]) == len(lines) - 1

@@ -324,9 +324,10 @@ $("query-form").addEventListener("submit", async (event) => {
 // the result list, client-side from the answer shown
 function rows() {
   if (!lastAnswer) return [];
-  if (lastAnswer.neighbors) return lastAnswer.neighbors.map((n) => ({ ...n, query: lastAnswer.query }));
+  const focus = lastAnswer.focus;  // the search focus each row was found with
+  if (lastAnswer.neighbors) return lastAnswer.neighbors.map((n) => ({ ...n, query: lastAnswer.query, focus }));
   return lastAnswer.cases.flatMap((match) => match.pairs.map((pair) => ({ case_rank: match.rank, case_score: match.score,
-    query: pair.query.name, query_slice: pair.query.query_slice, ...pair.neighbor })));
+    query: pair.query.name, focus, query_slice: pair.query.query_slice, ...pair.neighbor })));
 }
 
 function save(content, name, type) {
@@ -345,7 +346,7 @@ function csvCell(value) {
 }
 
 $("download-csv").addEventListener("click", () => {
-  const columns = ["query", "case_rank", "case_score", "query_slice", "rank", "score", "id", "patient_id", "study_uid",
+  const columns = ["query", "focus", "case_rank", "case_score", "query_slice", "rank", "score", "id", "patient_id", "study_uid",
     "series_uid", "instance_number", "slice_index", "slice_location", "file_name", "labels"];
   const list = rows();
   const used = columns.filter((column) => list.some((row) => column in row));
