@@ -680,8 +680,10 @@ def evaluate(images, masks, held_out, postprocess, as_json, weights, device):
       lungcbir evaluate --images ct/ --masks lungs/
       lungcbir evaluate --held-out
     """
-    from .datasets import covid_slices
-    from .evaluate import evaluate_lesions, evaluate_segmentation, evaluation_groups
+    import numpy as np
+
+    from .datasets import covid_slices, kaggle_slices
+    from .evaluate import evaluate_lesions, evaluate_segmentation, evaluation_groups, lesion_fractions
     from .inference import LungModel
 
     if len(images) != len(masks):
@@ -718,12 +720,21 @@ def evaluate(images, masks, held_out, postprocess, as_json, weights, device):
                        f"median {summary['dice_median_with_lesions']:.4f}  pooled {summary['dice_pooled']:.4f}")
             click.echo(f"  lesion_fraction  Spearman rho {summary['fraction_spearman']:.4f}  "
                        f"mean abs error {summary['fraction_mean_abs_error']:.4f}")
+        # the Kaggle slices are lesion-free: whatever is called lesion there is a false alarm
+        clean = lesion_fractions(model, [s.image for s in kaggle_slices()["test"]])
+        clean_summary = {"images": len(clean), "median": float(np.median(clean)), "mean": float(clean.mean()),
+                         "max": float(clean.max())}
+        if not as_json:
+            click.echo(f"kaggle-lungs-2d test (lesion-free): predicted lesion_fraction median "
+                       f"{clean_summary['median']:.4f}  mean {clean_summary['mean']:.4f}  "
+                       f"max {clean_summary['max']:.4f}")
     if as_json:
         answer = {name: {"summary": e.summary(), "images": [vars(s) for s in e.scores]}
                   for name, e in report.items()}
         if lesions is not None:
             answer["covid19-ct-lungmask test lesions"] = {"summary": lesions.summary(),
                                                           "images": [vars(s) for s in lesions.scores]}
+            answer["kaggle-lungs-2d test lesion-free"] = {"summary": clean_summary}
         click.echo(json.dumps(answer))
 
 

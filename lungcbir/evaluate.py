@@ -147,6 +147,18 @@ def evaluate_lesions(model: LungModel, triples: Sequence[tuple[str, str, str]],
                                       float(truth.sum() / lungs.sum()) if lungs.any() else 0.0,
                                       float(result.lesion_fraction)))
     return LesionEvaluation(scores, overlap, total)
+def lesion_fractions(model: LungModel, images: Sequence[str], batch_size: int = 16) -> np.ndarray:
+    """The predicted ``lesion_fraction`` of each image (its first slice): on slices known to be
+    lesion-free, how much the lesion output calls abnormal where nothing is."""
+    if not model.has_lesion_head:
+        raise ValueError("the model has no lesion head")
+    fractions = []
+    for start in range(0, len(images), batch_size):
+        results = model.segment([read_file(path)[0] for path in images[start:start + batch_size]], batch_size)
+        fractions += [float(r.lesion_fraction or 0.0) for r in results]
+    return np.asarray(fractions)
+
+
 def evaluation_groups(folders: Sequence[tuple[str, str]], held_out: bool = False
                       ) -> dict[str, list[tuple[str, str]]]:
     """The (image, mask) pairs to score, by group name: every image of the given (image folder,

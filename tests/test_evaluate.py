@@ -74,3 +74,18 @@ def test_evaluation_groups_name_the_given_folders_and_each_held_out_dataset(phan
     groups = evaluate.evaluation_groups([], held_out=True)
     assert groups == {"kaggle-lungs-2d test": [("k1.png", "k1_mask.png"), ("k2.png", "k2_mask.png")],
                       "covid19-ct-lungmask test": [("c1.png", "c1_mask.png")]}
+
+
+def test_lesion_fractions_of_lesion_free_slices(tmp_path, findings_weights, tiny_weights):
+    from lungcbir.evaluate import lesion_fractions
+    from lungcbir.inference import LungModel
+
+    paths = []
+    for number in range(3):
+        path = tmp_path / f"slice{number}.png"
+        cv2.imwrite(str(path), np.random.default_rng(number).integers(0, 255, (48, 48), dtype=np.uint8))
+        paths.append(str(path))
+    fractions = lesion_fractions(LungModel.load(findings_weights), paths, batch_size=2)
+    assert fractions.shape == (3,) and ((fractions >= 0) & (fractions <= 1)).all()
+    with pytest.raises(ValueError):
+        lesion_fractions(LungModel.load(tiny_weights), paths)
