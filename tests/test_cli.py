@@ -44,7 +44,7 @@ def test_index_query_stats(run, phantom_dir, tmp_path):
     assert result.exit_code == 0, result.output
     answer = json.loads(result.output.strip().splitlines()[0])
     assert set(answer) == {"query", "mask", "overlay", "matches", "lung_fraction", "lesion_fraction", "quality",
-                           "quality_score", "neighbors"}
+                           "quality_score", "focus", "neighbors"}
     assert cv2.imread(answer["matches"]).shape[0] == 256
     assert answer["neighbors"][0]["path"] == os.path.abspath(image)
     assert set(answer["neighbors"][0]) == {"rank", "id", "path", "score", "patient_id", "study_uid", "series_uid",
