@@ -363,6 +363,16 @@ SPLITS = {split.name: split for split in (CHOICE_SPLIT, REPORT_SPLIT)}
 SPLIT_SERIES = CHOICE_SPLIT.series | REPORT_SPLIT.series
 
 
+def _store_and_queries(items: list[BenchmarkSlice], dataset: str, groups: list[str], asked: frozenset[str] | None,
+                       stored: frozenset[str] | None) -> tuple[np.ndarray, list[int]]:
+    """The item numbers of ``dataset``'s store (items whose group is in ``stored``, default
+    ``asked``, all when both are None) and the positions in it of the queries (group in ``asked``)."""
+    stored = asked if stored is None else stored
+    store = np.array([n for n, i in enumerate(items)
+                      if i.dataset == dataset and (stored is None or groups[n] in stored)])
+    return store, [q for q, n in enumerate(store) if asked is None or groups[n] in asked]
+
+
 def mixed_store_measures(items: list[BenchmarkSlice], vectors: np.ndarray, queries: np.ndarray | None = None,
                          series: frozenset[str] | None = None,
                          store_series: frozenset[str] | None = None) -> dict[str, tuple[float, float]]:
@@ -381,10 +391,7 @@ def mixed_store_measures(items: list[BenchmarkSlice], vectors: np.ndarray, queri
       NaN where the store has fewer other-patient slices).
     """
     queries = vectors if queries is None else queries
-    store_series = series if store_series is None else store_series
-    md = np.array([n for n, i in enumerate(items) if i.dataset == "covid-ct-md"
-                   and (store_series is None or i.series in store_series)])
-    asked = [q for q, n in enumerate(md) if series is None or items[n].series in series]
+    md, asked = _store_and_queries(items, "covid-ct-md", [i.series for i in items], series, store_series)
     similarity = queries[md] @ vectors[md].T
     patients = np.array([items[n].patient for n in md])
     levels = np.array([np.nan if items[n].level is None else items[n].level for n in md])
@@ -414,10 +421,7 @@ def burden_correlation(items: list[BenchmarkSlice], vectors: np.ndarray, queries
     mean of its 5 best other-patient neighbours' (queries: ``patients``, default all; store:
     ``store``, default the queried patients)."""
     queries = vectors if queries is None else queries
-    store = patients if store is None else store
-    covid = np.array([n for n, i in enumerate(items) if i.dataset == "covid19-ct-lungmask"
-                      and (store is None or i.patient in store)])
-    asked = [q for q, n in enumerate(covid) if patients is None or items[n].patient in patients]
+    covid, asked = _store_and_queries(items, "covid19-ct-lungmask", [i.patient for i in items], patients, store)
     similarity = queries[covid] @ vectors[covid].T
     owners = np.array([items[n].patient for n in covid])
     fractions = np.array([items[n].infection_fraction for n in covid], float)
