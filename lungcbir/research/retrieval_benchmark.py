@@ -66,22 +66,7 @@ FeatureFunction = Callable[[Sequence[CTSlice]], np.ndarray]
 def load_benchmark(root: Path | None = None) -> list[BenchmarkSlice]:
     """Read the shared data used by the retrieval measures (about 900 slices)."""
     root = root or data_root()
-    items: list[BenchmarkSlice] = []
-    # covid-ct-md: six DICOM series, diagnosis per series, infection labels per slice for four
-    md = root / "covid-ct-md"
-    labels = {}  # by path: P002, cap002 and normal002 share file names (IM0001.dcm, ...)
-    with open(md / "slice_labels.csv", newline="") as handle:
-        for row in csv.DictReader(handle):
-            labels[row["path"]] = row["infection"] == "1"
-    diagnosis = {"covid": "COVID-19", "cap": "CAP", "normal": "normal"}
-    for folder in sorted(p for p in md.glob("*/*") if p.is_dir() and p.parent.name in diagnosis):
-        files = list(find_image_files([folder]))
-        positions = dicom_series_positions(files)
-        for path in files:
-            item = read_file(path)[0]
-            items.append(BenchmarkSlice(item, "covid-ct-md", folder.name, folder.name, positions[path],
-                                        infected=labels.get(Path(path).relative_to(md).as_posix()),
-                                        diagnosis=diagnosis[folder.parent.name]))
+    items = covid_ct_md_items(root)
     # covid19-ct-lungmask: infection fraction from the lesion masks
     lungmask = root / "covid19-ct-lungmask"
     with open(lungmask / "manifest.csv", newline="") as handle:
@@ -99,6 +84,30 @@ def load_benchmark(root: Path | None = None) -> list[BenchmarkSlice]:
             item = read_file(tcga / "dicom" / row["dicom_name"])[0]
             items.append(BenchmarkSlice(item, "tcga-ct-slices", item.patient_id or row["id"], item.series_uid or "",
                                         contrast=row["Contrast"] == "True"))
+    return items
+
+
+def covid_ct_md_items(root: Path | None = None, series: frozenset[str] | None = None) -> list[BenchmarkSlice]:
+    """covid-ct-md's DICOM series (``series``, default all six): diagnosis per series, infection
+    per slice for the four labelled ones (the normal patients' slices count as clean only where
+    a measure says so: ``infected`` is None for them)."""
+    md = (root or data_root()) / "covid-ct-md"
+    labels = {}  # by path: P002, cap002 and normal002 share file names (IM0001.dcm, ...)
+    with open(md / "slice_labels.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            labels[row["path"]] = row["infection"] == "1"
+    diagnosis = {"covid": "COVID-19", "cap": "CAP", "normal": "normal"}
+    items = []
+    for folder in sorted(p for p in md.glob("*/*") if p.is_dir() and p.parent.name in diagnosis):
+        if series is not None and folder.name not in series:
+            continue
+        files = list(find_image_files([folder]))
+        positions = dicom_series_positions(files)
+        for path in files:
+            item = read_file(path)[0]
+            items.append(BenchmarkSlice(item, "covid-ct-md", folder.name, folder.name, positions[path],
+                                        infected=labels.get(Path(path).relative_to(md).as_posix()),
+                                        diagnosis=diagnosis[folder.parent.name]))
     return items
 
 
