@@ -30,7 +30,7 @@ from .augment import add_export, add_pathology
 from .errors import LungCBIRError, ReadError
 from .features import pooled_vectors
 from .inference import ModelSettings, load_network, save_weights
-from .io import file_stem, find_image_files, read_file, read_mask
+from .io import CTSlice, file_stem, find_image_files, read_file, read_mask
 from .model import UNet, UNetConfig
 from .preprocess import PreprocessConfig, mask_to_model, normalize_intensity, pad_to_square
 
@@ -42,6 +42,11 @@ RETRIEVAL_POOLING = "lung-mean+global-max"
 #: Starting bias of a new lesion channel: sigmoid(-2) = 0.12, "few lesions", so its first steps
 #: refine a small map instead of erasing a random one.
 NEW_HEAD_BIAS = -2.0
+#: The share of a slice's pixels (inside its lungs) that a slice label (TrainingSample.infected)
+#: says must be lesion: 0.5 % of 256 x 256 = 328 pixels, about 2 % of a usual lung field.
+SLICE_LABEL_SHARE = 0.005
+#: What the training views give as the slice label of a slice without one.
+NO_SLICE_LABEL = -1.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,10 @@ class TrainConfig:
     # vector stay exactly those of the initial weights
     lesion_levels: int = 0
     infection_weight: float = 0.5
+    # weight of the slice-label loss (TrainingSample.infected): the lesion output's strongest
+    # pixels inside the lungs (the top SLICE_LABEL_SHARE of the image) learn to say "lesion" on a
+    # slice labelled infected and "no lesion" on one labelled clean (multiple-instance learning)
+    slice_label_weight: float = 0.5
     # synthetic disease in the lung field (honeycombing, pasted consolidation, emphysema, dependent
     # density) and further exports (JPEG, reconstruction circle, low-dose noise, sharp kernel)
     pathology: bool = False
@@ -102,6 +111,10 @@ class TrainingSample:
     infection: np.ndarray | None = None  # uint8 {0, 1} lesion mask where one is known
     series: str | None = None  # the scan the slice comes from, where slices of one scan are known
     position: int | None = None  # the slice's order within that series
+    # a slice label (radiologists' "shows infection" per slice; None: none) for the slice-label
+    # loss (TrainConfig.slice_label_weight); a slice labelled infected has no lesion mask, one
+    # labelled clean also has an all-zero one
+    infected: bool | None = None
 
 
 @dataclass
@@ -145,11 +158,33 @@ def load_sample(image_path: str, mask_path: str, input_size: int, group: str | N
     infection = None
     if infection_path is not None:
         infection = mask_to_model(read_mask(infection_path), input_size)
+    return TrainingSample(_stem(image_path), group or _stem(image_path), model_pixels(item, input_size),
+                          item.intensity, mask_to_model(mask, input_size), infection)
+
+
+def model_pixels(item: CTSlice, input_size: int) -> np.ndarray:
+    """The slice's raw values padded to a square with its own floor (air) and resized to the model input."""
     pixels = item.pixels.astype(np.float32)
-    square, _ = pad_to_square(pixels, float(pixels.min()))  # padded with the image's own floor (air)
-    square = cv2.resize(square, (input_size, input_size), interpolation=cv2.INTER_LANCZOS4)
-    return TrainingSample(_stem(image_path), group or _stem(image_path), square, item.intensity,
-                          mask_to_model(mask, input_size), infection)
+    square, _ = pad_to_square(pixels, float(pixels.min()))
+    return cv2.resize(square, (input_size, input_size), interpolation=cv2.INTER_LANCZOS4)
+
+
+def slice_labelled_sample(item: CTSlice, lungs: np.ndarray, infected: bool, input_size: int, group: str,
+                          series: str | None = None, position: int | None = None) -> TrainingSample:
+    """A training slice with a slice label instead of a lesion mask: ``infected`` (lesions
+    somewhere, :func:`slice_label_loss`) or lesion-free (a known all-zero lesion mask). ``lungs``
+    is a lung mask at the slice's size, e.g. a trained model's, for a lesion branch that learns on
+    frozen lung weights.
+
+    Example:
+        >>> item = CTSlice(np.full((64, 64), -800.0, np.float32), "hu", "a.dcm", "dicom")
+        >>> sample = slice_labelled_sample(item, np.ones((64, 64), bool), False, 32, "P1")
+        >>> sample.pixels.shape, int(sample.infection.sum()), sample.infected
+        ((32, 32), 0, False)
+    """
+    mask = mask_to_model(lungs, input_size)
+    return TrainingSample(file_stem(item.path), group, model_pixels(item, input_size), item.intensity, mask,
+                          None if infected else np.zeros_like(mask), series, position, infected)
 
 
 def random_unit_image(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, float]) -> np.ndarray:
@@ -303,7 +338,7 @@ class _Steps:
 
 class _Views(torch.utils.data.Dataset):
     """Training views by ``(sample index, seed)``: image ``(1, S, S)``, labels ``(3, S, S)`` (lungs,
-    lesions, lesion weight), lesions known."""
+    lesions, lesion weight), lesions known, slice label (1 infected, 0 clean, NO_SLICE_LABEL)."""
 
     def __init__(self, samples: Sequence[TrainingSample], augmented: bool, hu_window: tuple[float, float],
                  pathology: bool = False) -> None:
@@ -316,7 +351,7 @@ class _Views(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, bool, float]:
         index, seed = key
         sample = self.samples[index]
         if self.augmented:
@@ -330,7 +365,7 @@ class _Views(torch.utils.data.Dataset):
             weight = np.full(sample.mask.shape, 1.0 if sample.infection is not None else 0.0, np.float32)
             labels = np.concatenate([_labels(sample).astype(np.float32), weight[None]])
         return torch.from_numpy(np.ascontiguousarray(image)[None]), torch.from_numpy(labels), \
-            sample.infection is not None
+            sample.infection is not None, NO_SLICE_LABEL if sample.infected is None else float(sample.infected)
 
 
 def _single_threaded(_worker: int) -> None:
@@ -359,6 +394,25 @@ def weighted_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch
     total = probability.sum((1, 2, 3)) + target.sum((1, 2, 3))
     soft_dice = (2 * intersection + 1) / (total + 1)
     return bce + (1 - soft_dice).mean()
+
+
+def slice_label_loss(lesion_logits: torch.Tensor, lungs: torch.Tensor, infected: torch.Tensor) -> torch.Tensor:
+    """For ``(N, S, S)`` lesion logits of slices with a slice label (``infected``: ``(N,)``, 1 or
+    0) and their lung masks: binary cross-entropy of the strongest :data:`SLICE_LABEL_SHARE` of
+    the pixels inside the lungs towards the label. An infected slice must show lesions somewhere
+    without being told where; a clean one nowhere (a pixel loss alone lets a lesion output that
+    fires everywhere off lightly: soft Dice's pull vanishes as the false area grows).
+
+    Example:
+        >>> lungs, firing = torch.ones(1, 32, 32, dtype=torch.bool), torch.full((1, 32, 32), 5.0)
+        >>> bool(slice_label_loss(firing, lungs, torch.ones(1)) < slice_label_loss(-firing, lungs, torch.ones(1)))
+        True
+        >>> bool(slice_label_loss(firing, lungs, torch.zeros(1)) > slice_label_loss(-firing, lungs, torch.zeros(1)))
+        True
+    """
+    inside = lesion_logits.masked_fill(~lungs, -30.0).flatten(1)
+    strongest = inside.topk(max(1, round(SLICE_LABEL_SHARE * inside.shape[1])), dim=1).values
+    return F.binary_cross_entropy_with_logits(strongest, infected.float()[:, None].expand_as(strongest))
 
 
 def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -540,8 +594,10 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
                                    for i in picked]
             batches.append([(i, rng.randrange(2**31)) for i in picked])
         steps.batches = batches
-        for step, (images, labels, known) in enumerate(loader):
-            images, labels, known = images.to(device), labels.to(device), known.to(device)
+        for step, (images, labels, known, slice_labels) in enumerate(loader):
+            images, labels, known, slice_labels = images.to(device), labels.to(device), known.to(device), \
+                slice_labels.to(device)
+            labelled = slice_labels != NO_SLICE_LABEL
             logits, bottleneck = network.forward_with_bottleneck(images)
             loss = dice_loss(logits[:, :1], labels[:, :1])
             if config.contrastive_weight:
@@ -552,6 +608,9 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
             if learns_lesions and known.any():  # slices without lesion masks add no lesion loss
                 loss = loss + config.infection_weight * weighted_dice_loss(
                     logits[known][:, 1:2], labels[known][:, 1:2], labels[known][:, 2:3])
+            if learns_lesions and labelled.any():
+                loss = loss + config.slice_label_weight * slice_label_loss(
+                    logits[labelled][:, 1], labels[labelled][:, 0] > 0.5, slice_labels[labelled])
             if loss.requires_grad:  # a lesion branch learns nothing from a batch without lesion labels
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -3,6 +3,8 @@ weights (fresh head, frozen encoder), its loss, and its evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,45 @@ def test_lesion_branch_learns_on_frozen_lung_weights(tmp_path, tiny_weights):
     for old, new in zip(before.segment(items), after.segment(items)):
         assert np.array_equal(old.mask, new.mask) and np.abs(old.vector - new.vector).max() < 1e-5, np.abs(old.vector - new.vector).max()
         assert new.lesion_mask is not None and not (new.lesion_mask & ~new.mask).any()
+
+
+def test_slice_label_loss_looks_at_the_strongest_pixels_inside_the_lungs():
+    from lungcbir.train import slice_label_loss
+
+    lungs = torch.zeros(2, 32, 32, dtype=torch.bool)
+    lungs[:, 8:24, 8:24] = True
+    quiet = torch.full((2, 32, 32), -6.0)
+    spot = quiet.clone()
+    spot[:, 10:14, 10:14] = 6.0  # a small lesion inside the lungs
+    outside = quiet.clone()
+    outside[:, :4, :4] = 6.0  # the same outside them: not a lesion of the lungs
+    infected, clean = torch.ones(2), torch.zeros(2)
+    assert slice_label_loss(spot, lungs, infected) < slice_label_loss(quiet, lungs, infected) / 2
+    assert slice_label_loss(outside, lungs, infected) == pytest.approx(float(slice_label_loss(quiet, lungs, infected)))
+    assert slice_label_loss(quiet, lungs, clean) < slice_label_loss(spot, lungs, clean) / 2
+
+
+def test_lesion_branch_learns_from_slice_labels_without_lesion_masks(tmp_path, tiny_weights):
+    from lungcbir.train import TrainConfig, slice_labelled_sample, train
+
+    rng = np.random.default_rng(2)
+    samples = []
+    for k in range(4):
+        pixels = rng.uniform(-900, -700, (64, 64)).astype(np.float32)
+        pixels[30:36, 20:26] = -200  # "ground glass" on the infected ones only
+        item = CTSlice(pixels if k % 2 else np.minimum(pixels, -700), "hu", f"s{k}.dcm", "dicom")
+        lungs = np.zeros((64, 64), bool)
+        lungs[12:52, 8:56] = True
+        samples.append(slice_labelled_sample(item, lungs, bool(k % 2), 64, f"p{k}"))
+    assert samples[1].infection is None and samples[0].infection is not None and not samples[0].infection.any()
+    config = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=3, input_size=64, lesion_levels=2,
+                         contrastive_weight=0.0, steps_per_epoch=2)
+    # the infected slices alone: no lesion mask at all, yet the branch learns
+    out = str(tmp_path / "labels.pt")
+    train([samples[1], samples[3]], samples[:1], out, config, initial_weights=tiny_weights)
+    branch_weights = {k: v for k, v in load_network(out)[0].state_dict().items() if k.startswith("lesion_head")}
+    fresh = str(tmp_path / "fresh.pt")
+    train([samples[1], samples[3]], samples[:1], fresh, dataclasses.replace(config, slice_label_weight=0.0),
+          initial_weights=tiny_weights)
+    unchanged = {k: v for k, v in load_network(fresh)[0].state_dict().items() if k.startswith("lesion_head")}
+    assert any(not torch.equal(branch_weights[k], unchanged[k]) for k in branch_weights)
