@@ -4,7 +4,7 @@ Usage: python benchmarks/train_bundled_model.py OUT.pt [--epochs N] [--device cp
            [--only kaggle|covid19] [--base-channels C] [--contrastive W] [--cache FILE.npz]
            [--workers N] [--init W.pt|bundled] [--learning-rate LR] [--seed S]
            [--infection-head | --lesion-levels N] [--freeze-encoder] [--pathology] [--kaggle-lesion-free]
-           [--steps-per-epoch N] [--threads N]
+           [--steps-per-epoch N] [--slice-labels REPEATS] [--threads N]
        python benchmarks/train_bundled_model.py W.pt --centre-only
 
 After training, the centre (mean vector of the train split's slices, lungcbir.centring) is
@@ -45,7 +45,8 @@ from lungcbir.centring import add_training_centre
 from lungcbir.datasets import covid_slices, kaggle_slices
 from lungcbir.features import FindingsConfig
 from lungcbir.inference import LungModel
-from lungcbir.train import TrainConfig, TrainingSample, load_sample, train
+from lungcbir.research.retrieval_benchmark import CHOICE_SPLIT, covid_ct_md_items
+from lungcbir.train import TrainConfig, TrainingSample, load_sample, slice_labelled_sample, train
 
 
 def load_split(config: TrainConfig) -> dict[str, dict[str, list[TrainingSample]]]:
@@ -57,6 +58,18 @@ def load_split(config: TrainConfig) -> dict[str, dict[str, list[TrainingSample]]
                                                   series=s.series, position=s.position)
                               for s in parts[part]] for part in ("train", "val")}
     return split
+
+
+def slice_labelled_samples(config: TrainConfig, lungs_from: str | None) -> list[TrainingSample]:
+    """covid-ct-md's choice-split series (HU, another hospital) with their slice labels: infected
+    slices teach the lesion output by slice label (lungcbir.train.slice_label_loss), the others
+    (the normal patient's too) count as lesion-free. Lung masks from the ``lungs_from`` model
+    (the frozen lung network the branch learns on)."""
+    items = covid_ct_md_items(series=CHOICE_SPLIT.series)
+    model = LungModel.load(None if lungs_from in (None, "bundled") else lungs_from)
+    masks = [result.mask for result in model.segment([item.slice for item in items])]
+    return [slice_labelled_sample(item.slice, mask, bool(item.infected), config.input_size, item.patient,
+                                  item.series, item.index_in_series) for item, mask in zip(items, masks)]
 
 
 def save_cache(path: str, split: dict) -> None:
@@ -114,6 +127,9 @@ def main() -> None:
     parser.add_argument("--kaggle-lesion-free", action="store_true",
                         help="treat the Kaggle training slices as known lesion-free (lesion negatives in HU); "
                              "with --pathology, consolidation pasted into them becomes a lesion label")
+    parser.add_argument("--slice-labels", type=int, default=0, metavar="REPEATS",
+                        help="also learn lesions from covid-ct-md's choice-split series by slice label "
+                             "(lesion branch on frozen --init weights), each slice REPEATS times an epoch")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--centre-only", action="store_true",
                         help="only compute the training centre and save it in OUT (no training)")
@@ -150,6 +166,10 @@ def main() -> None:
             train_part = [dataclasses.replace(s, infection=np.zeros_like(s.mask)) for s in train_part]
         train_set += train_part * repeats
         val_set += parts["val"]
+    if args.slice_labels:
+        if not args.lesion_levels:
+            raise SystemExit("--slice-labels teaches a lesion branch: give --lesion-levels")
+        train_set += slice_labelled_samples(config, args.init) * args.slice_labels
     print(f"train {len(train_set)} views, val {len(val_set)} slices", flush=True)
     for report in train(train_set, val_set, args.out, config, device=args.device, resume=True,
                         on_epoch=lambda r: print(r, flush=True), workers=args.workers,
