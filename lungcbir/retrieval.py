@@ -435,7 +435,8 @@ class Retriever:
         paths = [str(path) for path in paths]
         urls, folders = [p for p in paths if is_dicomweb_url(p)], [p for p in paths if not is_dicomweb_url(p)]
         label_map = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else dict(labels or {})
-        label_map = {os.path.abspath(k): v for k, v in label_map.items()}
+        # by real path: a CSV and an index run may reach the same files through different links
+        label_map = {os.path.realpath(k): v for k, v in label_map.items()}
         files = list(find_image_files(folders, exclude)) if folders else []
         if folders and not files:
             raise LungCBIRError(f"no images found in {', '.join(folders)} "
@@ -520,7 +521,7 @@ class Retriever:
         if not slices:
             return 0
         results = self.segment_slices(slices)
-        records = [self._record(item, result, *identities.resolve(item, label_map.get(os.path.abspath(item.path), {})))
+        records = [self._record(item, result, *identities.resolve(item, label_map.get(os.path.realpath(item.path), {})))
                    for item, result in zip(slices, results)]
         return len(self.store().add(records, np.stack([r.vector for r in results])))
 

@@ -45,6 +45,21 @@ def test_labels_are_stored_and_returned(phantom_dir, tiny_weights, store_paths, 
     assert result.neighbors[0].labels == {"diagnosis": "synthetic"}
 
 
+def test_labels_match_a_file_however_its_folder_is_spelt(phantom_dir, tiny_weights, store_paths, tmp_path):
+    # a CSV written against the real folder, files indexed through a link to it (and the
+    # reverse): the same files, so the labels must not be lost silently
+    png = phantom_dir / "png" / "phantom01"
+    link = tmp_path / "linked"
+    link.symlink_to(png, target_is_directory=True)
+    names = sorted(os.listdir(png))
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"path,diagnosis\n{png / names[0]},real\n{link / names[1]},linked\n")
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([link], labels=labels)
+    stored = [retriever.query(png / name, k=1).neighbors[0].labels for name in names[:2]]
+    assert stored == [{"diagnosis": "real"}, {"diagnosis": "linked"}]
+
+
 def test_query_with_other_model_is_refused(phantom_dir, tiny_weights, other_tiny_weights, store_paths):
     Retriever(weights=tiny_weights, **store_paths).index_dataset([phantom_dir / "png" / "phantom01"])
     with pytest.raises(LungCBIRError, match="model"):
