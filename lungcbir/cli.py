@@ -178,6 +178,9 @@ def index_dataset(paths, labels, case_pattern, exclude, batch_size, quiet, wait,
     bar.close()
     for failure in report.failures:
         click.echo(f"failed: {failure.path}: {failure.reason}", err=True)
+    if report.unmatched_labels:
+        click.echo(f"warning: {report.unmatched_labels} row(s) of the labels CSV name no file indexed here "
+                   "(relative paths are read from the CSV's folder)", err=True)
     rate = report.indexed / report.seconds if report.seconds else 0.0
     click.echo(f"indexed {report.indexed}, skipped {report.skipped} (already indexed), "
                f"failed {report.failed} in {report.seconds:.1f} s ({rate:.1f} slices/s)")

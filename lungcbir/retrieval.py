@@ -78,6 +78,9 @@ class IndexReport:
     skipped: int = 0
     failures: list[ReadFailure] = field(default_factory=list)
     seconds: float = 0.0
+    # rows of the labels CSV that name no file of this run: a typo or another path spelling
+    # would otherwise leave every slice unlabelled without a word
+    unmatched_labels: int = 0
 
     @property
     def failed(self) -> int:
@@ -449,6 +452,8 @@ class Retriever:
         store.check_model(model.model_id, model.dimension)
         identities = IdentityResolver(folders, files, pattern)
         report = IndexReport()
+        found = {os.path.realpath(path) for path in files}
+        report.unmatched_labels = sum(path not in found for path in label_map)
         batch = _Batch(self, store.known_keys(model.model_id), label_map, identities, report)
         progress = _Progress(on_file, on_total, len(files))
         positions = dicom_series_positions(files)

@@ -32,6 +32,14 @@ def test_help_lists_commands():
         assert command in result.output
 
 
+def test_index_warns_of_label_rows_that_name_no_indexed_file(run, phantom_dir, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,diagnosis\nnot/here.png,lost\n")
+    result = run("index-dataset", str(phantom_dir / "png"), "--labels", str(labels), "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 row(s) of the labels CSV name no file indexed here" in result.output
+
+
 def test_index_query_stats(run, phantom_dir, tmp_path):
     result = run("index-dataset", str(phantom_dir / "png"), "--quiet")
     assert result.exit_code == 0, result.output

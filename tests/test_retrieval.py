@@ -60,6 +60,16 @@ def test_labels_match_a_file_however_its_folder_is_spelt(phantom_dir, tiny_weigh
     assert stored == [{"diagnosis": "real"}, {"diagnosis": "linked"}]
 
 
+def test_index_counts_label_rows_that_name_no_indexed_file(phantom_dir, tiny_weights, store_paths, tmp_path):
+    png = phantom_dir / "png" / "phantom01"
+    first = sorted(os.listdir(png))[0]
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"path,diagnosis\n{png / first},found\n{png / 'typo.png'},lost\n")
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    assert retriever.index_dataset([png], labels=labels).unmatched_labels == 1
+    assert retriever.index_dataset([png], labels=labels).unmatched_labels == 1  # skipped files still match
+
+
 def test_query_with_other_model_is_refused(phantom_dir, tiny_weights, other_tiny_weights, store_paths):
     Retriever(weights=tiny_weights, **store_paths).index_dataset([phantom_dir / "png" / "phantom01"])
     with pytest.raises(LungCBIRError, match="model"):
