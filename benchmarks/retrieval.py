@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from lungcbir.research.retrieval_benchmark import format_table, standard_comparison
 from lungcbir.inference import LungModel
+from lungcbir.research.retrieval_benchmark import format_table, standard_comparison
 
 
 def main() -> None:
