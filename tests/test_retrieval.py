@@ -34,11 +34,17 @@ def test_reindex_skips_and_bad_files_continue(phantom_dir, tiny_weights, store_p
     assert [os.path.basename(f.path) for f in report.failures] == ["broken.png"]
 
 
+def _labels_csv(tmp_path, rows):
+    """A labels CSV of ``(path, diagnosis)`` rows."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,diagnosis\n" + "".join(f"{path},{diagnosis}\n" for path, diagnosis in rows))
+    return labels
+
+
 def test_labels_are_stored_and_returned(phantom_dir, tiny_weights, store_paths, tmp_path):
     png = phantom_dir / "png" / "phantom01"
     first = sorted(os.listdir(png))[0]
-    labels = tmp_path / "labels.csv"
-    labels.write_text(f"path,diagnosis\n{png / first},synthetic\n")
+    labels = _labels_csv(tmp_path, [(png / first, "synthetic")])
     retriever = Retriever(weights=tiny_weights, **store_paths)
     retriever.index_dataset([png], labels=labels)
     result = retriever.query(png / first, k=1)
@@ -52,8 +58,7 @@ def test_labels_match_a_file_however_its_folder_is_spelt(phantom_dir, tiny_weigh
     link = tmp_path / "linked"
     link.symlink_to(png, target_is_directory=True)
     names = sorted(os.listdir(png))
-    labels = tmp_path / "labels.csv"
-    labels.write_text(f"path,diagnosis\n{png / names[0]},real\n{link / names[1]},linked\n")
+    labels = _labels_csv(tmp_path, [(png / names[0], "real"), (link / names[1], "linked")])
     retriever = Retriever(weights=tiny_weights, **store_paths)
     retriever.index_dataset([link], labels=labels)
     stored = [retriever.query(png / name, k=1).neighbors[0].labels for name in names[:2]]
@@ -63,8 +68,7 @@ def test_labels_match_a_file_however_its_folder_is_spelt(phantom_dir, tiny_weigh
 def test_index_counts_label_rows_that_name_no_indexed_file(phantom_dir, tiny_weights, store_paths, tmp_path):
     png = phantom_dir / "png" / "phantom01"
     first = sorted(os.listdir(png))[0]
-    labels = tmp_path / "labels.csv"
-    labels.write_text(f"path,diagnosis\n{png / first},found\n{png / 'typo.png'},lost\n")
+    labels = _labels_csv(tmp_path, [(png / first, "found"), (png / "typo.png", "lost")])
     retriever = Retriever(weights=tiny_weights, **store_paths)
     assert retriever.index_dataset([png], labels=labels).unmatched_labels == 1
     assert retriever.index_dataset([png], labels=labels).unmatched_labels == 1  # skipped files still match
