@@ -26,7 +26,6 @@ from lungcbir.research.retrieval_benchmark import (
     assign_levels,
     encode,
     load_benchmark,
-    model_vectors,
     split_measures,
 )
 
@@ -44,11 +43,12 @@ def main() -> None:
     items = [item for item in load_benchmark() if item.dataset in ("covid-ct-md", "covid19-ct-lungmask")]
     slices = [item.slice for item in items]
     assign_levels(items, encode(LungModel.load(), slices).lung_fractions)
-    anatomy = model_vectors(model, slices)[:, :model.parts[0]] * np.sqrt(len(model.parts))
+    segmented = model.segment(slices)
+    anatomy = np.stack([result.vector for result in segmented])[:, :model.parts[0]] * np.sqrt(len(model.parts))
     label = np.array([1.0 if item.infected else 0.0 for item in items])  # normal patients' slices: 0
     queried = np.array([item.series in split.series and item.infected is not None for item in items])
     if model.has_lesion_head:
-        fractions = np.array([result.lesion_fraction for result in model.segment(slices)])
+        fractions = np.array([result.lesion_fraction for result in segmented])
         print(f"{split.name} split: lesion_fraction AUC, infected vs clean slices of the labelled patients: "
               f"{roc_auc(fractions[queried], label[queried] == 1):.3f}")
     print(f"{'noise':>6} {'AUC':>6} {'anatomy':>8} {'level':>7} {'infected':>9} {'level, 6':>9} {'infected, 6':>12}")
