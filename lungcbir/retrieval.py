@@ -771,7 +771,9 @@ def _collapse(scores: np.ndarray, ids: np.ndarray, rows: dict[int, ImageRecord],
             if per_case.get(case, 0) >= per_patient:
                 continue
             per_case[case] = per_case.get(case, 0) + 1
-        neighbors.append(Neighbor(rank=len(neighbors) + 1, id=record.id, path=record.path, score=float(score),
+        # a score is a (weighted) cosine; float16 vectors and float32 sums overshoot 1 slightly
+        neighbors.append(Neighbor(rank=len(neighbors) + 1, id=record.id, path=record.path,
+                                  score=float(np.clip(score, -1.0, 1.0)),
                                   patient_id=record.patient_id, series_uid=record.series_uid,
                                   slice_index=record.slice_index, labels=dict(record.labels or {}),
                                   study_uid=record.study_uid, sop_uid=record.sop_uid))

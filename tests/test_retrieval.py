@@ -247,3 +247,14 @@ def test_focus_weighs_the_anatomy_and_findings_parts_of_the_stored_vectors(phant
     assert rankings["anatomy"] != rankings["findings"]
     with pytest.raises(LungCBIRError, match="unknown focus"):
         retriever.query(query, focus="level")
+
+
+def test_scores_are_clipped_to_minus_one_one():
+    """A self-match's float16 vector gives an inner product of 1.000047; a similarity is never above 1."""
+    from lungcbir.database import ImageRecord
+    from lungcbir.retrieval import _collapse
+
+    rows = {1: ImageRecord(id=1, path="a.png"), 2: ImageRecord(id=2, path="b.png")}
+    neighbors = _collapse(np.array([1.000047, -1.00002], np.float32), np.array([1, 2]), rows, k=2,
+                          per_patient=0, leave_out=set())
+    assert [n.score for n in neighbors] == [1.0, -1.0]
