@@ -15,10 +15,20 @@ Derivation (stable, no randomness):
   UID) or a seed shared by its series (study, series), so all files of a series agree;
 * an empty Frame of Reference UID is derived from the (repaired) Series Instance UID: the
   slices of one series share one frame of reference.
+
+Text beyond DICOM's limits, which a derived object would copy and an archive that validates
+would refuse, is fixed up the same way and reported:
+
+* a value longer than its VR allows (PS3.5 6.2: LO 64, SH 16, PN 64 per component group...) is
+  shortened; identifiers (LO, SH) keep their first characters and end in ``~`` plus 8 hex digits
+  of the whole value's SHA-256, so two long IDs that share a beginning stay apart;
+* non-ASCII text in a header without a Specific Character Set (which DICOM then reads as
+  ASCII) gets ``ISO_IR 192``, so it is written as UTF-8 rather than as invalid bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -43,6 +53,14 @@ TYPE2_ATTRIBUTES = {
 }
 
 
+#: Longest value, in characters, of each text VR whose values are fixed up (DICOM PS3.5 6.2; PN:
+#: per component group). Other VRs (dates, numbers, UIDs) are either checked elsewhere or left.
+MAX_TEXT_LENGTH = {"CS": 16, "SH": 16, "LO": 64, "PN": 64, "ST": 1024, "LT": 10240}
+
+#: The character set given to headers with non-ASCII text and none declared (UTF-8).
+UTF8_CHARACTER_SET = "ISO_IR 192"
+
+
 @dataclass(frozen=True)
 class DerivedIdentifier:
     """One identifier that was replaced: which, what it was, what it is now and why."""
@@ -53,7 +71,11 @@ class DerivedIdentifier:
     reason: str
 
     def describe(self) -> str:
-        return f"{self.keyword} {self.reason}: {self.original or '(empty)'} -> {self.value}"
+        return f"{self.keyword} {self.reason}: {_brief(self.original) or '(empty)'} -> {_brief(self.value)}"
+
+
+def _brief(text: str, limit: int = 72) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
 def is_valid_uid(text: str | None) -> bool:
@@ -110,6 +132,8 @@ def repair_identifiers(dataset, sha256: str, series_seed: str | None = None) -> 
     default: the file's digest). Returns the identifiers that were derived, in the order
     SOP Instance, Study Instance, Series Instance, Frame of Reference UID.
     Absent Type 2 attributes are added empty; those are not reported (nothing is invented).
+    Text beyond DICOM's limits is then fixed up (see the module's docstring) and reported after
+    the UIDs.
     """
     derived: list[DerivedIdentifier] = []
     series_seed = series_seed or sha256
@@ -122,4 +146,47 @@ def repair_identifiers(dataset, sha256: str, series_seed: str | None = None) -> 
     for keyword, vr in TYPE2_ATTRIBUTES.items():
         if keyword not in dataset:
             dataset.add_new(keyword, vr, "")
+    _repair_text(dataset, derived)
     return derived
+
+
+def shortened_text(text: str, vr: str) -> str:
+    """``text`` cut to what ``vr`` allows: identifiers end in ``~`` and a hash of the whole value.
+
+    Example:
+        >>> shortened_text("P" * 300, "LO")[-10:-8], len(shortened_text("P" * 300, "LO"))
+        ('P~', 64)
+        >>> shortened_text("Doe^" + "N" * 100, "PN") == "Doe^" + "N" * 60
+        True
+        >>> shortened_text("short", "SH")
+        'short'
+    """
+    limit = MAX_TEXT_LENGTH[vr]
+    if vr == "PN":  # the limit is per component group (alphabetic=ideographic=phonetic)
+        return "=".join(group[:limit] for group in text.split("="))
+    if len(text) <= limit:
+        return text
+    if vr in ("LO", "SH"):  # identifiers: keep two long IDs with one beginning apart
+        suffix = "~" + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        return text[:limit - len(suffix)] + suffix
+    return text[:limit]
+
+
+def _repair_text(dataset, derived: list[DerivedIdentifier]) -> None:
+    non_ascii = False
+    for element in dataset.iterall():
+        if element.VR not in MAX_TEXT_LENGTH or element.value is None:
+            continue
+        values = list(element.value) if element.VM > 1 else [element.value]
+        texts = [str(value) for value in values]
+        non_ascii = non_ascii or any(not text.isascii() for text in texts)
+        shortened = [shortened_text(text, element.VR) for text in texts]
+        if shortened != texts:
+            element.value = shortened if element.VM > 1 else shortened[0]
+            limit = MAX_TEXT_LENGTH[element.VR]
+            derived.append(DerivedIdentifier(element.keyword or str(element.tag), "\\".join(texts),
+                                             "\\".join(shortened), f"was longer than {element.VR} allows ({limit})"))
+    if non_ascii and not _text(dataset, "SpecificCharacterSet"):
+        dataset.SpecificCharacterSet = UTF8_CHARACTER_SET
+        derived.append(DerivedIdentifier("SpecificCharacterSet", "", UTF8_CHARACTER_SET,
+                                         "was missing for non-ASCII text"))

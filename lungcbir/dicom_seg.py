@@ -215,7 +215,7 @@ def write_dicom_seg(slices: Sequence[CTSlice],
             instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name=MANUFACTURER_MODEL_NAME,
             software_versions=f"lungcbir {__version__}", device_serial_number=DEVICE_SERIAL_NUMBER,
             content_label="LUNGCBIR", omit_empty_frames=False,
-            content_description=("lungcbir masks; source UIDs derived, see frames" if any_derived
+            content_description=("lungcbir masks; source identifiers derived, see frames" if any_derived
                                  else "lungcbir masks"),
             series_description=f"lungcbir {'+'.join(k.value.label for k in kinds)} model {model_id}"[:64])
     except (ValueError, TypeError, AttributeError) as error:

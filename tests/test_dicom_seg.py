@@ -57,7 +57,8 @@ def dciodvfy(path) -> str:
         if os.environ.get("CI"):
             pytest.fail("dciodvfy is not installed; .ci/run should install dicom3tools")
         pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
-    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=120,
+                          check=False)
     report = done.stdout + done.stderr
     assert done.returncode == 0 and "Error" not in report, report
     return report
@@ -243,3 +244,30 @@ def test_real_series_seg_is_valid_and_equals_png_masks(shared_data, bundled_weig
     messy = not is_valid_uid(str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID))
     assert ("derived" in pydicom.dcmread(seg_path).ContentDescription) == messy
     dciodvfy(seg_path)
+
+
+def test_source_text_beyond_dicom_limits_is_fixed_up_recorded_and_valid(phantom_dir, tiny_weights, tmp_path):
+    """A PatientName of 5,000 characters, a PatientID of 300 and non-ASCII text without a
+    Specific Character Set break the SEG's limits; they are fixed up in the SEG, noted, and the
+    SEG stays valid."""
+    out = tmp_path / "long"
+    out.mkdir()
+    for path in sorted(find_image_files([phantom_dir / "dicom" / "phantom01"])):
+        ds = pydicom.dcmread(path)
+        if "SpecificCharacterSet" in ds:
+            del ds.SpecificCharacterSet
+        ds.PatientName = "Doe^" + "N" * 5000
+        ds.PatientID = "P" * 300
+        ds.ReferringPhysicianName = "Müller^Jürgen"
+        ds.save_as(out / Path(path).name)
+    result = invoke("segment", out, "--format", "dicom-seg", "--out", tmp_path / "seg", "--weights", tiny_weights)
+    assert result.exit_code == 0, result.output
+    seg_path = tmp_path / "seg" / "long_seg.dcm"
+    dciodvfy(seg_path)
+    seg = pydicom.dcmread(seg_path)
+    assert len(str(seg.PatientID)) <= 64 and str(seg.PatientID).startswith("P" * 40)
+    assert len(str(seg.PatientName)) <= 64
+    assert "Müller" in str(seg.ReferringPhysicianName)  # kept, with a character set that says how
+    assert "identifiers derived for 6 of 6" in result.output and "derived" in seg.ContentDescription
+    note = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].DerivationDescription
+    assert "PatientID was longer than LO allows (64)" in note and "SpecificCharacterSet" in note
