@@ -478,13 +478,23 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
 
     A resumable state is kept in ``out + ".state"`` after every epoch; ``resume=True`` continues
     from it. Returns one report per epoch run.
+
+    Training is reproducible from ``config.seed`` and leaves the caller's random generators
+    (``random``, NumPy's and torch's global ones) as they were.
     """
+    with torch.random.fork_rng():  # torch's global generator seeds the weights and the loader
+        torch.manual_seed(config.seed)
+        return _train(train_samples, val_samples, out, config, device, resume, on_epoch, on_step, workers,
+                      initial_weights)
+
+
+def _train(train_samples: Sequence[TrainingSample], val_samples: Sequence[TrainingSample], out: str,
+           config: TrainConfig, device: str, resume: bool, on_epoch: Callable[[EpochReport], None] | None,
+           on_step: Callable[[int, int, float], None] | None, workers: int,
+           initial_weights: str | None) -> list[EpochReport]:
     if not train_samples:
         raise LungCBIRError("no training samples")
     lung_head = None  # (weight, bias) of the lung channel, kept fixed while a new lesion head learns
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     preprocess = PreprocessConfig(input_size=config.input_size)
     lesion_branch = config.lesion_levels > 0

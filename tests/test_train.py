@@ -159,3 +159,25 @@ def test_training_samples_take_group_series_and_position_from_the_file_names(pha
         assert sample.pixels.shape == sample.mask.shape == (64, 64) and sample.mask.any()
     no_position = training_samples(folders, 64, r"^(.+?)_")  # one group: no slice number
     assert {s.position for s in no_position} == {None} and {s.group for s in no_position} == {"phantom01", "phantom02"}
+
+
+def test_training_leaves_the_callers_random_generators_alone(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from lungcbir.train import TrainConfig, train
+
+    samples = _noisy_slices(seed=2)[:4]
+    config = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=2, input_size=32, contrastive_weight=0)
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    expected = (random.random(), np.random.random(), torch.rand(1).item())
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    first = [r.loss for r in train(samples, [], str(tmp_path / "a.pt"), config)]
+    assert (random.random(), np.random.random(), torch.rand(1).item()) == expected
+    assert [r.loss for r in train(samples, [], str(tmp_path / "b.pt"), config)] == first  # still reproducible
