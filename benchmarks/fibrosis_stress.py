@@ -22,7 +22,7 @@ from lungcbir.datasets import covid_slices, kaggle_slices
 from lungcbir.inference import LungModel
 from lungcbir.io import CTSlice, read_file, read_mask
 from lungcbir.preprocess import normalize_intensity
-from lungcbir.train import dice_score
+from lungcbir.metrics import dice_score
 
 
 def stressed_slices(seed: int) -> dict[str, list[tuple[CTSlice, CTSlice, np.ndarray]]]:

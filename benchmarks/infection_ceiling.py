@@ -18,7 +18,7 @@ import argparse
 
 import numpy as np
 
-from lungcbir.evaluate import roc_auc
+from lungcbir.metrics import roc_auc
 from lungcbir.focus import focus_queries
 from lungcbir.inference import LungModel
 from lungcbir.research.retrieval_benchmark import (

@@ -41,7 +41,7 @@ from lungcbir import quality as q
 from lungcbir.datasets import LabelledSlice, covid_slices, kaggle_slices
 from lungcbir.inference import LungModel, Segmentation
 from lungcbir.io import CTSlice, read_file, read_mask
-from lungcbir.train import dice_score
+from lungcbir.metrics import dice_score
 
 FAIL_BELOW, GOOD_FROM = 0.80, 0.95
 

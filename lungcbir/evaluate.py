@@ -9,13 +9,30 @@ from typing import Sequence
 import numpy as np
 
 from .datasets import covid_slices, kaggle_slices
+from .errors import LungCBIRError
 from .inference import LungModel
-from .io import read_file, read_mask
-from .train import dice_score, pair_folders
+from .io import file_stem, find_image_files, read_file, read_mask
+from .metrics import dice_score, iou_score, spearman
 
 #: Names of the groups :func:`evaluation_groups` makes.
 GIVEN_FOLDERS = "given folders"
 HELD_OUT_GROUPS = ("kaggle-lungs-2d test", "covid19-ct-lungmask test")
+
+
+def pair_folders(images: str, masks: str) -> list[tuple[str, str]]:
+    """Match images to masks by file name (the extension may differ)."""
+    by_stem = {}
+    for path in find_image_files([masks]):
+        by_stem[file_stem(path)] = path
+    pairs = []
+    for path in find_image_files([images]):
+        mask = by_stem.get(file_stem(path))
+        if mask is None:
+            raise LungCBIRError(f"{path}: no mask with the same name in {masks}")
+        pairs.append((path, mask))
+    if not pairs:
+        raise LungCBIRError(f"{images}: no images found")
+    return pairs
 
 
 @dataclass
@@ -42,12 +59,6 @@ class SegmentationEvaluation:
 
     def worst(self, count: int = 5) -> list[ImageScore]:
         return sorted(self.scores, key=lambda s: s.dice)[:count]
-
-
-def iou_score(prediction: np.ndarray, truth: np.ndarray) -> float:
-    prediction, truth = prediction.astype(bool), truth.astype(bool)
-    union = (prediction | truth).sum()
-    return 1.0 if union == 0 else float((prediction & truth).sum() / union)
 
 
 def evaluate_segmentation(model: LungModel, pairs: Sequence[tuple[str, str]],
@@ -98,42 +109,6 @@ class LesionEvaluation:
                 "dice_pooled": 2 * self.overlap / self.total if self.total else 1.0,
                 "fraction_spearman": spearman(predicted, truth),
                 "fraction_mean_abs_error": float(np.abs(predicted - truth).mean())}
-
-
-def spearman(first: np.ndarray, second: np.ndarray) -> float:
-    """Spearman's rank correlation (ties get mean ranks); NaN when either side is constant.
-
-    Example:
-        >>> round(spearman(np.array([1.0, 2, 3, 4]), np.array([10.0, 20, 20, 40])), 4)
-        0.9487
-    """
-    if len(first) < 2 or np.ptp(first) == 0 or np.ptp(second) == 0:
-        return float("nan")
-    return float(np.corrcoef(_ranks(first), _ranks(second))[0, 1])
-
-
-def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` for telling ``positive`` (bool) from the rest: the
-    chance that a positive scores above a negative, ties counting half; NaN without both kinds.
-
-    Example:
-        >>> roc_auc(np.array([0.9, 0.4, 0.4, 0.1]), np.array([True, True, False, False]))
-        0.875
-    """
-    high, low = scores[positive], scores[~positive]
-    if not len(high) or not len(low):
-        return float("nan")
-    return float((high[:, None] > low[None]).mean() + 0.5 * (high[:, None] == low[None]).mean())
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    for value in np.unique(values):  # ties: the mean of their ranks
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
 
 
 def evaluate_lesions(model: LungModel, triples: Sequence[tuple[str, str, str]],

@@ -28,9 +28,11 @@ from torch import nn
 
 from .augment import add_export, add_pathology
 from .errors import LungCBIRError, ReadError
+from .evaluate import pair_folders
 from .features import pooled_vectors
 from .inference import ModelSettings, load_network, save_weights
-from .io import CTSlice, file_stem, find_image_files, read_file, read_mask
+from .io import CTSlice, file_stem, read_file, read_mask
+from .metrics import dice_score
 from .model import UNet, UNetConfig
 from .preprocess import PreprocessConfig, mask_to_model, normalize_intensity, pad_to_square
 
@@ -126,22 +128,6 @@ class EpochReport:
     seconds: float
     best: bool
     val_lesion_dice: float = float("nan")  # pooled over the val slices with lesion labels (lesion head)
-
-
-def pair_folders(images: str, masks: str) -> list[tuple[str, str]]:
-    """Match images to masks by file name (the extension may differ)."""
-    by_stem = {}
-    for path in find_image_files([masks]):
-        by_stem[_stem(path)] = path
-    pairs = []
-    for path in find_image_files([images]):
-        mask = by_stem.get(_stem(path))
-        if mask is None:
-            raise LungCBIRError(f"{path}: no mask with the same name in {masks}")
-        pairs.append((path, mask))
-    if not pairs:
-        raise LungCBIRError(f"{images}: no images found")
-    return pairs
 
 
 def _stem(path: str) -> str:
@@ -413,13 +399,6 @@ def slice_label_loss(lesion_logits: torch.Tensor, lungs: torch.Tensor, infected:
     inside = lesion_logits.masked_fill(~lungs, -30.0).flatten(1)
     strongest = inside.topk(max(1, round(SLICE_LABEL_SHARE * inside.shape[1])), dim=1).values
     return F.binary_cross_entropy_with_logits(strongest, infected.float()[:, None].expand_as(strongest))
-
-
-def dice_score(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two binary masks; 1.0 when both are empty."""
-    prediction, truth = prediction.astype(bool), truth.astype(bool)
-    total = prediction.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2 * (prediction & truth).sum() / total)
 
 
 def _encoder_modules(network: UNet) -> list[nn.Module]:

@@ -9,7 +9,7 @@ import pytest
 from lungcbir.datasets import covid_slices, kaggle_slices
 from lungcbir.inference import LungModel
 from lungcbir.io import CTSlice, read_file, read_mask
-from lungcbir.train import dice_score
+from lungcbir.metrics import dice_score
 
 pytestmark = pytest.mark.realdata
 
@@ -105,7 +105,7 @@ def test_the_findings_focus_ranks_by_lesion_burden_across_patients(model):
     """Held-out COVID-19 slices searched with the findings focus among the training patients'
     and the other held-out patients': their top-5 neighbours' infection burden follows theirs
     (docs/retrieval.md measures this on every slice; target rho >= 0.65)."""
-    from lungcbir.evaluate import spearman
+    from lungcbir.metrics import spearman
 
     split = covid_slices()
     queries, store = split["test"][::3], split["test"][::3] + split["train"][::3]
@@ -124,7 +124,7 @@ def test_the_lesion_output_tells_infected_from_clean_slices_of_another_hospital(
     """covid-ct-md's report-split patients (HU DICOM of another hospital, radiologists' slice
     labels; never trained or chosen on): ``lesion_fraction`` ranks the infected slices above the
     clean ones (MODEL_CARD.md: AUC 0.822 with the bundled W2, 0.777 with L4 before it)."""
-    from lungcbir.evaluate import roc_auc
+    from lungcbir.metrics import roc_auc
     from lungcbir.research.retrieval_benchmark import REPORT_SPLIT, covid_ct_md_items
 
     labelled = [item for item in covid_ct_md_items(series=REPORT_SPLIT.series) if item.infected is not None]

@@ -44,7 +44,7 @@ def test_bundled_model_keeps_the_lungs_of_mediastinal_window_exports(bundled_wei
     from lungcbir.datasets import kaggle_slices
     from lungcbir.inference import LungModel
     from lungcbir.io import CTSlice, read_file, read_mask
-    from lungcbir.train import dice_score
+    from lungcbir.metrics import dice_score
 
     model = LungModel.load(bundled_weights)
     names = ("ID_0087_Z_0237.tif", "ID_0125_Z_0119.tif", "ID_0126_Z_0139.tif")

@@ -26,6 +26,7 @@ from ..features import POOLINGS, pool_bottleneck
 from ..focus import FOCUSES
 from ..inference import LungModel
 from ..io import CTSlice, dicom_series_positions, find_image_files, read_file
+from ..metrics import spearman
 from ..preprocess import normalize_intensity, to_model_input
 
 #: Slices whose predicted lung fraction is below this are outside the lungs (level measure).
@@ -255,7 +256,7 @@ def measure(items: list[BenchmarkSlice], vectors: np.ndarray) -> dict[tuple[str,
         query_values.append(fractions[q])
         neighbour_values.append(np.mean([fractions[n] for n in order]))
     results[("infection burden (covid19-ct-lungmask)", "Spearman rho, top-5")] = (
-        _spearman(np.array(query_values, float), np.array(neighbour_values, float)), 0.0, False)
+        spearman(np.array(query_values, float), np.array(neighbour_values, float)), 0.0, False)
 
     # confound: neighbours from the query's own dataset when every dataset is in one database
     everything = np.arange(len(items))
@@ -268,12 +269,6 @@ def measure(items: list[BenchmarkSlice], vectors: np.ndarray) -> dict[tuple[str,
     results[("confound: mixed database", "top-10 from own dataset")] = (
         float(np.mean(same)), float(np.mean(expected)), True)
     return results
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ranks_a = np.argsort(np.argsort(a)).astype(float)
-    ranks_b = np.argsort(np.argsort(b)).astype(float)
-    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
 
 
 def compare(items: list[BenchmarkSlice], features: dict[str, np.ndarray]) -> list[Measure]:
@@ -435,7 +430,7 @@ def burden_correlation(items: list[BenchmarkSlice], vectors: np.ndarray, queries
     owners = np.array([items[n].patient for n in covid])
     fractions = np.array([items[n].infection_fraction for n in covid], float)
     neighbours = [fractions[_ranked(similarity[q], np.flatnonzero(owners != owners[q]))[:5]].mean() for q in asked]
-    return _spearman(fractions[asked], np.array(neighbours))
+    return spearman(fractions[asked], np.array(neighbours))
 
 
 def split_measures(items: list[BenchmarkSlice], vectors: np.ndarray, queries: np.ndarray | None,
