@@ -24,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import __version__
 from .errors import LungCBIRError, ReadError, StoreError, UploadRefused
 from .io import CTSlice, read_file
 from .retrieval import Retriever
@@ -70,7 +71,7 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
     """
     settings = settings or WebSettings()
     # Swagger UI and ReDoc from files shipped with fastapi-offline: a hospital network blocks CDNs
-    app = FastAPIOffline(title="lungcbir", version="0.1.0", static_url="/static-docs",
+    app = FastAPIOffline(title="lungcbir", version=__version__, static_url="/static-docs",
                          swagger_ui_parameters={"validatorUrl": None},
                          description="Lung CT retrieval: upload a slice, get its lung mask and the most similar cases.")
     app.state.lungcbir = WebState(retriever, settings, _read_upload_file)
