@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEFAULT_DATA_ROOT, Settings  # noqa: F401 (DEFAULT_DATA_ROOT: importable from here as before)
+from .config import Settings
 
 #: COVID-19 patients held out for the reported test and for checkpoint selection.
 COVID_TEST_PATIENTS = ("coronacases_007", "radiopaedia_p14", "radiopaedia_p7")

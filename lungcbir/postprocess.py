@@ -167,11 +167,6 @@ def _share_in(region: np.ndarray, parts: _Components) -> np.ndarray:
     return np.bincount(parts.labels[region], minlength=parts.count) / np.maximum(parts.areas, 1)
 
 
-def body_hull(unit_image: np.ndarray, threshold: int | None = None) -> np.ndarray:
-    """Convex hull of the patient's body (largest tissue component, table detached)."""
-    return convex_hull(body_mask(unit_image, threshold))
-
-
 def convex_hull(region: np.ndarray) -> np.ndarray:
     """The convex hull of a binary region, filled."""
     # the hull of the outline is the hull of the whole region, from far fewer points
