@@ -467,46 +467,91 @@ def train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Trainin
                       initial_weights)
 
 
+@dataclass
+class _Run:
+    """What one training run updates: the network, the contrastive head and their optimiser."""
+
+    network: UNet
+    head: ProjectionHead
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.OneCycleLR
+    lung_head: tuple[torch.Tensor, torch.Tensor] | None  # (weight, bias) of the lung channel, kept fixed
+    learns_lesions: bool
+
+
 def _train(train_samples: Sequence[TrainingSample], val_samples: Sequence[TrainingSample], out: str,
            config: TrainConfig, device: str, resume: bool, on_epoch: Callable[[EpochReport], None] | None,
            on_step: Callable[[int, int, float], None] | None, workers: int,
            initial_weights: str | None) -> list[EpochReport]:
     if not train_samples:
         raise LungCBIRError("no training samples")
-    lung_head = None  # (weight, bias) of the lung channel, kept fixed while a new lesion head learns
     rng = random.Random(config.seed)
     preprocess = PreprocessConfig(input_size=config.input_size)
+    steps_per_epoch = config.steps_per_epoch or max(1, len(train_samples) // config.batch_size)
+    run = _start_run(config, initial_weights, device, steps_per_epoch)
+    state_path = out + ".state"
+    start_epoch, best = 0, -1.0
+    if resume and os.path.exists(state_path):
+        start_epoch, best = _resume(run, state_path, device, rng, config.epochs * steps_per_epoch)
+    settings = ModelSettings(unet=run.network.config, preprocess=preprocess, pooling=RETRIEVAL_POOLING,
+                             training={**asdict(config), "initial_weights": initial_weights,
+                                       "train_samples": len(train_samples),
+                                       "val_samples": len(val_samples)})
+    reports = []
+    _train_mode(run.network, config.freeze_encoder)
+    neighbours = neighbour_lists(train_samples)
+    order = list(range(len(train_samples)))
+    # workers are started once ("spawn": forking after OpenCV and torch have started threads can hang)
+    steps = _Steps()
+    loader = torch.utils.data.DataLoader(_Views(train_samples, config.augment, preprocess.hu_window,
+                                                config.pathology),
+                                         batch_sampler=steps, num_workers=workers, persistent_workers=workers > 0,
+                                         multiprocessing_context="spawn" if workers else None,
+                                         worker_init_fn=_single_threaded if workers else None)
+    benchmark = torch.backends.cudnn.benchmark
+    # input shapes never change, so on a GPU let cuDNN time its algorithms once and keep the fastest
+    torch.backends.cudnn.benchmark = benchmark or device.startswith("cuda")
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            began = time.perf_counter()
+            steps.batches = _epoch_batches(order, neighbours, rng, config, steps_per_epoch)
+            loss_sum = torch.zeros((), device=device)  # summed on the device: .item() per step would wait for the GPU
+            for step, batch in enumerate(loader):
+                loss_sum += _train_step(run, [tensor.to(device) for tensor in batch], config)
+                if on_step:
+                    on_step(step + 1, steps_per_epoch, float(loss_sum) / (step + 1))
+            scores, lesion_dice = _validate(run.network, val_samples, preprocess.hu_window, device,
+                                            config.freeze_encoder) if val_samples else ([float("nan")], float("nan"))
+            mean_dice = float(np.mean(scores))
+            criterion = mean_dice + (config.lesion_selection_weight * lesion_dice if run.learns_lesions
+                                     and not math.isnan(lesion_dice) else 0.0)
+            improved = not val_samples or criterion > best
+            if improved:
+                best = criterion if val_samples else best
+                settings.training.update(epoch=epoch + 1, val_dice_mean=mean_dice, val_lesion_dice=lesion_dice)
+                save_weights(out, run.network, settings)
+            torch.save({"network": run.network.state_dict(), "head": run.head.state_dict(),
+                        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                        "epoch": epoch + 1, "best": best, "rng": rng.getstate(),
+                        "torch_rng": torch.get_rng_state()}, state_path)
+            report = EpochReport(epoch + 1, float(loss_sum) / steps_per_epoch, mean_dice, float(np.min(scores)),
+                                 time.perf_counter() - began, improved, lesion_dice)
+            reports.append(report)
+            if on_epoch:
+                on_epoch(report)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    return reports
+
+
+def _start_run(config: TrainConfig, initial_weights: str | None, device: str, steps_per_epoch: int) -> _Run:
+    """The network (random, or from ``initial_weights``), which parts of it learn, and the optimiser."""
     lesion_branch = config.lesion_levels > 0
     if lesion_branch and config.infection_head:
         raise LungCBIRError("choose a lesion channel (infection_head) or a lesion branch, not both")
-    learns_lesions = config.infection_head or lesion_branch
     unet_config = UNetConfig(base_channels=config.base_channels, depth=config.depth,
                              out_channels=2 if config.infection_head else 1, lesion_levels=config.lesion_levels)
-    network = UNet(unet_config)
-    if initial_weights is not None:
-        start, start_settings, _ = load_network(None if initial_weights == "bundled" else initial_weights)
-        adding_head = (start_settings.unet.out_channels, unet_config.out_channels) == (1, 2)
-        adding_branch = lesion_branch and not start_settings.unet.lesion_branch
-        comparable = replace(start_settings.unet, out_channels=unet_config.out_channels,
-                             lesion_levels=unet_config.lesion_levels)
-        if comparable != unet_config or start_settings.preprocess.input_size != config.input_size:
-            raise LungCBIRError(f"{initial_weights}: its network ({start_settings.unet}, input "
-                                f"{start_settings.preprocess.input_size}) does not match the training configuration "
-                                f"({unet_config}, input {config.input_size})")
-        state = start.state_dict()
-        if adding_head:  # channel 0 keeps the lung head, channel 1 starts fresh
-            fresh = network.state_dict()
-            for key in ("head.weight", "head.bias"):
-                fresh[key][:1] = state[key]
-                state[key] = fresh[key]
-            state["head.bias"][1] = NEW_HEAD_BIAS
-            lung_head = (state["head.weight"][:1].clone(), state["head.bias"][:1].clone())
-        if adding_branch:  # the branch starts as a copy of the lung decoder, its head with the "few lesions" bias
-            state.update({k: v for k, v in network.state_dict().items() if k.startswith("lesion_")})
-            state["lesion_head.bias"] = torch.full_like(state["lesion_head.bias"], NEW_HEAD_BIAS)
-        network.load_state_dict(state)
-        if adding_branch:
-            network.copy_decoder_into_lesion_branch()
+    network, lung_head = _initial_network(unet_config, config.input_size, initial_weights)
     network = network.to(device)
     if lesion_branch:
         if initial_weights is None:
@@ -523,9 +568,6 @@ def _train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Traini
             raise LungCBIRError("a frozen encoder's bottleneck cannot change: train it with --contrastive 0")
         for module in _encoder_modules(network):
             module.requires_grad_(False)
-    if device.startswith("cuda"):
-        # input shapes never change, so let cuDNN time its algorithms once and keep the fastest
-        torch.backends.cudnn.benchmark = True
     head = ProjectionHead(2 * unet_config.bottleneck_channels).to(device)
     head_parameters = list(network.head.parameters()) if lung_head is not None else []
     parameters = [p for p in network.parameters() if p.requires_grad and all(p is not h for h in head_parameters)] \
@@ -534,105 +576,105 @@ def _train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Traini
     if head_parameters:
         groups.append({"params": head_parameters, "lr": config.learning_rate * config.new_head_lr_factor})
     optimizer = torch.optim.Adam(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
-    neighbours = neighbour_lists(train_samples)
-    steps_per_epoch = config.steps_per_epoch or max(1, len(train_samples) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer,
                                                     max_lr=[g.get("lr", config.learning_rate) for g in groups],
                                                     total_steps=config.epochs * steps_per_epoch,
                                                     pct_start=0.1)
-    state_path = out + ".state"
-    start_epoch, best = 0, -1.0
-    if resume and os.path.exists(state_path):
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        network.load_state_dict(state["network"])
-        if "head" in state:  # states written before the contrastive objective existed have none
-            head.load_state_dict(state["head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scheduler.total_steps = config.epochs * steps_per_epoch  # resuming may extend the run
-        start_epoch, best = state["epoch"], state["best"]
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-    settings = ModelSettings(unet=unet_config, preprocess=preprocess, pooling=RETRIEVAL_POOLING,
-                             training={**asdict(config), "initial_weights": initial_weights,
-                                       "train_samples": len(train_samples),
-                                       "val_samples": len(val_samples)})
-    reports = []
-    _train_mode(network, config.freeze_encoder)
-    order = list(range(len(train_samples)))
-    # workers are started once ("spawn": forking after OpenCV and torch have started threads can hang)
-    steps = _Steps()
-    loader = torch.utils.data.DataLoader(_Views(train_samples, config.augment, preprocess.hu_window,
-                                                config.pathology),
-                                         batch_sampler=steps, num_workers=workers, persistent_workers=workers > 0,
-                                         multiprocessing_context="spawn" if workers else None,
-                                         worker_init_fn=_single_threaded if workers else None)
-    for epoch in range(start_epoch, config.epochs):
-        began = time.perf_counter()
-        rng.shuffle(order)
-        # an epoch of steps_per_epoch steps takes the first views of a fresh shuffle (repeated if it needs more)
-        epoch_order = order * math.ceil(steps_per_epoch * config.batch_size / max(1, len(order)))
-        loss_sum = torch.zeros((), device=device)  # summed on the device: .item() per step would wait for the GPU
-        # the views of each step, decided here and drawn (in worker processes, if any) from a seed
-        # of their own, so a run gives the same result with any number of workers
-        batches = []
-        for step in range(steps_per_epoch):
-            picked = epoch_order[step * config.batch_size:(step + 1) * config.batch_size]
-            if config.contrastive_weight:  # a second view: the same slice, or half the time a neighbour
-                picked = picked + [rng.choice(neighbours[i]) if neighbours[i] and rng.random() < 0.5 else i
-                                   for i in picked]
-            batches.append([(i, rng.randrange(2**31)) for i in picked])
-        steps.batches = batches
-        for step, (images, labels, known, slice_labels) in enumerate(loader):
-            images, labels, known, slice_labels = images.to(device), labels.to(device), known.to(device), \
-                slice_labels.to(device)
-            labelled = slice_labels != NO_SLICE_LABEL
-            logits, bottleneck = network.forward_with_bottleneck(images)
-            loss = dice_loss(logits[:, :1], labels[:, :1])
-            if config.contrastive_weight:
-                vectors = head(pooled_vectors(bottleneck, torch.sigmoid(logits[:, :1]).detach(), CONTRASTIVE_POOLING))
-                first, second = vectors.chunk(2)
-                loss = loss + config.contrastive_weight * contrastive_loss(first, second,
-                                                                           config.contrastive_temperature)
-            if learns_lesions and known.any():  # slices without lesion masks add no lesion loss
-                loss = loss + config.infection_weight * weighted_dice_loss(
-                    logits[known][:, 1:2], labels[known][:, 1:2], labels[known][:, 2:3])
-            if learns_lesions and labelled.any():
-                loss = loss + config.slice_label_weight * slice_label_loss(
-                    logits[labelled][:, 1], labels[labelled][:, 0] > 0.5, slice_labels[labelled])
-            if loss.requires_grad:  # a lesion branch learns nothing from a batch without lesion labels
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
-            if lung_head is not None:
-                with torch.no_grad():
-                    network.head.weight[:1] = lung_head[0]
-                    # torch types Conv2d.bias as Optional; this head is built with a bias
-                    network.head.bias[:1] = lung_head[1]  # type: ignore[index]
-            loss_sum += loss.detach()
-            if on_step:
-                on_step(step + 1, steps_per_epoch, float(loss_sum) / (step + 1))
-        scores, lesion_dice = _validate(network, val_samples, preprocess.hu_window, device,
-                                                config.freeze_encoder) if val_samples \
-            else ([float("nan")], float("nan"))
-        mean_dice = float(np.mean(scores))
-        criterion = mean_dice + (config.lesion_selection_weight * lesion_dice if learns_lesions
-                                 and not math.isnan(lesion_dice) else 0.0)
-        improved = not val_samples or criterion > best
-        if improved:
-            best = criterion if val_samples else best
-            settings.training.update(epoch=epoch + 1, val_dice_mean=mean_dice, val_lesion_dice=lesion_dice)
-            save_weights(out, network, settings)
-        torch.save({"network": network.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
-                    "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, state_path)
-        report = EpochReport(epoch + 1, float(loss_sum) / steps_per_epoch, mean_dice, float(np.min(scores)),
-                             time.perf_counter() - began, improved, lesion_dice)
-        reports.append(report)
-        if on_epoch:
-            on_epoch(report)
-    return reports
+    return _Run(network, head, optimizer, scheduler, lung_head, config.infection_head or lesion_branch)
+
+
+def _initial_network(unet_config: UNetConfig, input_size: int, initial_weights: str | None
+                     ) -> tuple[UNet, tuple[torch.Tensor, torch.Tensor] | None]:
+    """A new network, or one started from ``initial_weights`` (a new lesion head or branch added
+    fresh); with a new lesion head, the lung head's (weight, bias), which then stay fixed."""
+    network = UNet(unet_config)
+    if initial_weights is None:
+        return network, None
+    start, start_settings, _ = load_network(None if initial_weights == "bundled" else initial_weights)
+    adding_head = (start_settings.unet.out_channels, unet_config.out_channels) == (1, 2)
+    adding_branch = unet_config.lesion_levels > 0 and not start_settings.unet.lesion_branch
+    comparable = replace(start_settings.unet, out_channels=unet_config.out_channels,
+                         lesion_levels=unet_config.lesion_levels)
+    if comparable != unet_config or start_settings.preprocess.input_size != input_size:
+        raise LungCBIRError(f"{initial_weights}: its network ({start_settings.unet}, input "
+                            f"{start_settings.preprocess.input_size}) does not match the training configuration "
+                            f"({unet_config}, input {input_size})")
+    state = start.state_dict()
+    lung_head = None
+    if adding_head:  # channel 0 keeps the lung head, channel 1 starts fresh
+        fresh = network.state_dict()
+        for key in ("head.weight", "head.bias"):
+            fresh[key][:1] = state[key]
+            state[key] = fresh[key]
+        state["head.bias"][1] = NEW_HEAD_BIAS
+        lung_head = (state["head.weight"][:1].clone(), state["head.bias"][:1].clone())
+    if adding_branch:  # the branch starts as a copy of the lung decoder, its head with the "few lesions" bias
+        state.update({k: v for k, v in network.state_dict().items() if k.startswith("lesion_")})
+        state["lesion_head.bias"] = torch.full_like(state["lesion_head.bias"], NEW_HEAD_BIAS)
+    network.load_state_dict(state)
+    if adding_branch:
+        network.copy_decoder_into_lesion_branch()
+    return network, lung_head
+
+
+def _resume(run: _Run, state_path: str, device: str, rng: random.Random, total_steps: int) -> tuple[int, float]:
+    """Load the run's state saved after an epoch; returns (epochs done, best criterion)."""
+    state = torch.load(state_path, map_location=device, weights_only=False)
+    run.network.load_state_dict(state["network"])
+    if "head" in state:  # states written before the contrastive objective existed have none
+        run.head.load_state_dict(state["head"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scheduler.total_steps = total_steps  # resuming may extend the run
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"], state["best"]
+
+
+def _epoch_batches(order: list[int], neighbours: list[list[int]], rng: random.Random, config: TrainConfig,
+                   steps_per_epoch: int) -> list[list[tuple[int, int]]]:
+    """The views of each step of an epoch as (sample index, seed), decided here and drawn (in
+    worker processes, if any) from a seed of their own, so a run gives the same result with any
+    number of workers. An epoch takes the first views of a fresh shuffle (repeated if it needs more)."""
+    rng.shuffle(order)
+    epoch_order = order * math.ceil(steps_per_epoch * config.batch_size / max(1, len(order)))
+    batches = []
+    for step in range(steps_per_epoch):
+        picked = epoch_order[step * config.batch_size:(step + 1) * config.batch_size]
+        if config.contrastive_weight:  # a second view: the same slice, or half the time a neighbour
+            picked = picked + [rng.choice(neighbours[i]) if neighbours[i] and rng.random() < 0.5 else i
+                               for i in picked]
+        batches.append([(i, rng.randrange(2**31)) for i in picked])
+    return batches
+
+
+def _train_step(run: _Run, batch: list[torch.Tensor], config: TrainConfig) -> torch.Tensor:
+    """One optimiser step on a batch of (images, labels, lesion labels known, slice labels); its loss."""
+    images, labels, known, slice_labels = batch
+    labelled = slice_labels != NO_SLICE_LABEL
+    logits, bottleneck = run.network.forward_with_bottleneck(images)
+    loss = dice_loss(logits[:, :1], labels[:, :1])
+    if config.contrastive_weight:
+        vectors = run.head(pooled_vectors(bottleneck, torch.sigmoid(logits[:, :1]).detach(), CONTRASTIVE_POOLING))
+        first, second = vectors.chunk(2)
+        loss = loss + config.contrastive_weight * contrastive_loss(first, second, config.contrastive_temperature)
+    if run.learns_lesions and known.any():  # slices without lesion masks add no lesion loss
+        loss = loss + config.infection_weight * weighted_dice_loss(
+            logits[known][:, 1:2], labels[known][:, 1:2], labels[known][:, 2:3])
+    if run.learns_lesions and labelled.any():
+        loss = loss + config.slice_label_weight * slice_label_loss(
+            logits[labelled][:, 1], labels[labelled][:, 0] > 0.5, slice_labels[labelled])
+    if loss.requires_grad:  # a lesion branch learns nothing from a batch without lesion labels
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+    run.scheduler.step()
+    if run.lung_head is not None:
+        with torch.no_grad():
+            run.network.head.weight[:1] = run.lung_head[0]
+            # torch types Conv2d.bias as Optional; this head is built with a bias
+            run.network.head.bias[:1] = run.lung_head[1]  # type: ignore[index]
+    return loss.detach()
 
 
 def split_by_group(samples: Sequence[TrainingSample], val_fraction: float, seed: int = 0
