@@ -324,7 +324,8 @@ VIEWER_FIELDS = ("study_uid", "series_uid", "sop_uid", "patient_id")
 
 
 def check_viewer_template(template: str) -> str:
-    """``template`` if it is an http(s) URL naming ``{study_uid}`` and only :data:`VIEWER_FIELDS`.
+    """``template`` if it is an http(s) URL naming ``{study_uid}`` and only :data:`VIEWER_FIELDS`,
+    as plain ``{name}`` fields.
 
     Example:
         >>> check_viewer_template("https://pacs/ohif/viewer?StudyInstanceUIDs={study_uid}")
@@ -335,9 +336,17 @@ def check_viewer_template(template: str) -> str:
     if not re.match(r"https?://", template):
         raise LungCBIRError(f"viewer URL {template!r}: must start with http:// or https://")
     try:
-        named = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        parts = list(string.Formatter().parse(template))
     except ValueError as error:
         raise LungCBIRError(f"viewer URL {template!r}: {error}") from None
+    named = {name for _, name, _, _ in parts if name is not None}
+    # rebuilt from plain {name} fields, a template with a conversion (!r), a format spec or a
+    # field nested in one differs: those would fail or misbehave at every request, not here
+    plain = "".join(text.replace("{", "{{").replace("}", "}}") + ("" if name is None else "{" + name + "}")
+                    for text, name, _, _ in parts)
+    if plain != template:
+        raise LungCBIRError(f"viewer URL {template!r}: use plain {{name}} fields only "
+                            "(no !conversion, :format or nested fields)")
     unknown = named - set(VIEWER_FIELDS)
     if unknown or "study_uid" not in named:
         raise LungCBIRError(f"viewer URL {template!r}: name {{study_uid}} and only "

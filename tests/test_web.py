@@ -890,3 +890,23 @@ def test_with_a_findings_part_the_focus_changes_the_ranking(findings_client, pha
     # balanced (the fixture's anatomy weight 0.4) weighs the two parts' cosines, slice by slice
     for image_id, score in balanced.items():
         assert score == pytest.approx(0.4 * anatomy[image_id] + 0.6 * findings[image_id], abs=1e-4), image_id
+
+
+@pytest.mark.parametrize("template", ["https://x/{study_uid:{study_uid}}", "https://x/{study_uid!r}",
+                                      "https://x/{study_uid:>80}", "https://x/{study_uid:}",
+                                      "https://x/?s={study_uid}&p={patient_id!s:{series_uid}}"])
+def test_viewer_template_allows_plain_fields_only(template):
+    """Issue 29 item 15: a conversion, format spec or nested field passed the start check and then
+    made every request a 500; it is refused when the server starts."""
+    from lungcbir.websecurity import check_viewer_template
+
+    with pytest.raises(LungCBIRError, match=r"plain \{name\} fields only"):
+        check_viewer_template(template)
+
+
+def test_viewer_template_keeps_escaped_braces():
+    from lungcbir.websecurity import check_viewer_template, viewer_link
+
+    template = "https://x/v?q={{literal}}&s={study_uid}"
+    assert check_viewer_template(template) == template
+    assert viewer_link(template, {"study_uid": "1.2"}) == "https://x/v?q={literal}&s=1.2"
