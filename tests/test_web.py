@@ -910,3 +910,24 @@ def test_viewer_template_keeps_escaped_braces():
     template = "https://x/v?q={{literal}}&s={study_uid}"
     assert check_viewer_template(template) == template
     assert viewer_link(template, {"study_uid": "1.2"}) == "https://x/v?q={literal}&s=1.2"
+
+
+def test_series_query_names_cases_without_identity_by_file_name(phantom_dir, tiny_weights, tmp_path):
+    """Issue 29 item 4: a case of slices without patient or series was named by its server path
+    (``file:/srv/.../x.png``); it is named by its file name, as the neighbours are."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n, path in enumerate(sorted((phantom_dir / "png").glob("*/*.png"))[:4]):  # mixed names: no scan folder
+        (flat / f"ID_000{n}_Z_01{n}{n}.png").write_bytes(path.read_bytes())
+    retriever = Retriever(weights=tiny_weights, db_url=f"sqlite:///{tmp_path}/db.sqlite",
+                          index_dir=str(tmp_path / "index"))
+    retriever.index_dataset([flat])
+    client = TestClient(create_app(retriever), base_url=LOCAL)
+    answer = client.post("/api/query-series", data={"k": "3"},
+                         files=[("files", ("q.png", png_bytes()))])
+    assert answer.status_code == 200, answer.text
+    cases = answer.json()["cases"]
+    assert cases and all(case["patient_id"] is None and case["series_uid"] is None for case in cases)
+    assert str(tmp_path) not in answer.text
+    for case in cases:
+        assert case["case"] == "file:" + case["pairs"][0]["neighbor"]["file_name"]
