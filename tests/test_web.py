@@ -931,3 +931,55 @@ def test_series_query_names_cases_without_identity_by_file_name(phantom_dir, tin
     assert str(tmp_path) not in answer.text
     for case in cases:
         assert case["case"] == "file:" + case["pairs"][0]["neighbor"]["file_name"]
+
+
+@pytest.fixture
+def own_files(phantom_dir, tiny_weights, tmp_path):
+    """A client over copies of the phantom's DICOM files that a test may replace, and the copies."""
+    import shutil
+
+    folder = tmp_path / "indexed"
+    shutil.copytree(phantom_dir / "dicom" / "phantom01", folder)
+    retriever = Retriever(weights=tiny_weights, db_url=f"sqlite:///{tmp_path}/db.sqlite",
+                          index_dir=str(tmp_path / "index"))
+    retriever.index_dataset([folder])
+    paths = {r.id: r.path for r in retriever.store(create=False).records(list(range(1, 7))).values()}
+    return TestClient(create_app(retriever), base_url=LOCAL), paths
+
+
+def test_file_route_refuses_a_file_replaced_by_a_link_or_other_bytes(own_files, tmp_path):
+    """Issue 29 item 3: the file route sent whatever sat at the stored path, a link to a system
+    file included; it sends the file only if its bytes are those indexed and it lies in its
+    indexed folder (410 otherwise, like the picture routes)."""
+    import os
+
+    client, paths = own_files
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    os.replace(paths[1], tmp_path / "away.dcm")
+    os.symlink(secret, paths[1])
+    answer = client.get("/api/images/1/file")
+    assert answer.status_code == 410 and "root:" not in answer.text and str(tmp_path) not in answer.text
+    # the very bytes indexed, but through a link out of the indexed folder
+    os.unlink(paths[1])
+    os.symlink(tmp_path / "away.dcm", paths[1])
+    assert client.get("/api/images/1/file").status_code == 410
+    # other bytes at the stored path
+    with open(paths[2], "r+b") as handle:
+        handle.seek(-1, os.SEEK_END)
+        handle.write(b"\x01" if handle.read(1) != b"\x01" else b"\x02")
+    assert client.get("/api/images/2/file").status_code == 410
+
+
+def test_file_route_sends_a_link_inside_its_folder(own_files):
+    import os
+
+    client, paths = own_files
+    original = open(paths[3], "rb").read()
+    moved = os.path.join(os.path.dirname(paths[3]), "moved.dcm")
+    os.replace(paths[3], moved)
+    os.symlink("moved.dcm", paths[3])
+    answer = client.get("/api/images/3/file")
+    assert answer.status_code == 200 and answer.content == original
+    assert answer.headers["content-type"] == "application/octet-stream"
+    assert answer.headers["content-disposition"] == f'attachment; filename="{os.path.basename(paths[3])}"'
