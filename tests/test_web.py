@@ -983,3 +983,61 @@ def test_file_route_sends_a_link_inside_its_folder(own_files):
     assert answer.status_code == 200 and answer.content == original
     assert answer.headers["content-type"] == "application/octet-stream"
     assert answer.headers["content-disposition"] == f'attachment; filename="{os.path.basename(paths[3])}"'
+
+
+# issue 29 item 17: a client that sends its body slowly is answered 408 -----------------------
+
+def slow_body_call(app, client_pause: float, chunks: int = 4, hang: bool = False) -> tuple[int | None, bytes, float]:
+    """POST a multipart body to ``app`` in ``chunks`` pieces, ``client_pause`` seconds apart
+    (then, with ``hang``, never the rest): (status, answer body, seconds until answered)."""
+    sent = 0
+    status, answer = None, b""
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            await asyncio.sleep(client_pause)
+        if hang and sent == chunks:
+            await asyncio.sleep(3600)
+        sent += 1
+        return {"type": "http.request", "body": PART_HEAD if sent == 1 else b"\0" * 100,
+                "more_body": sent <= chunks}
+
+    async def send(message):
+        nonlocal status, answer
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        else:
+            answer += message.get("body", b"")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/query", "raw_path": b"/api/query", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"localhost"), *MULTIPART], "client": ("127.0.0.1", 1),
+             "server": ("localhost", 80)}
+    start = time.monotonic()
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    return status, answer, time.monotonic() - start
+
+
+def test_a_body_that_never_ends_is_answered_408(retriever):
+    from lungcbir.websecurity import WebSettings
+
+    app = create_app(retriever, WebSettings(body_seconds=0.5))
+    status, answer, seconds = slow_body_call(app, 0.05, chunks=2, hang=True)
+    assert status == 408 and seconds < 5
+    assert json.loads(answer)["detail"] == "request body not received within 0.5 s"
+
+
+def test_the_body_deadline_counts_the_clients_time_only():
+    from lungcbir.websecurity import BodySizeLimit
+
+    async def slow_app(scope, receive, send):  # reads the body with pauses of its own, then answers 200
+        while (await receive()).get("more_body"):
+            await asyncio.sleep(0.2)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    limited = BodySizeLimit(slow_app, max_bytes=10**6, max_seconds=0.5)
+    assert slow_body_call(limited, 0.01, chunks=5)[0] == 200  # 1 s in all, the client's part 0.05 s
+    status, _, seconds = slow_body_call(limited, 0.2, chunks=5)  # the client's part 1 s
+    assert status == 408 and seconds < 3
