@@ -27,6 +27,8 @@ from .focus import DEFAULT_FOCUS, FOCUSES
 from .store import DEFAULT_CLAIM_TIMEOUT_S
 from .vector_index import INDEX_KIND_REGISTRY
 from .websecurity import (
+    KEEP_ALIVE_SECONDS,
+    SlowClientProtocol,
     WebSettings,
     check_exposure,
     check_viewer_template,
@@ -758,11 +760,17 @@ def evaluate(images, masks, held_out, postprocess, as_json, weights, device):
               help="Link each result to the site's viewer, e.g. "
                    "'https://pacs.example.org/ohif/viewer?StudyInstanceUIDs={study_uid}' "
                    "(also {series_uid}, {sop_uid}, {patient_id}).")
+@click.option("--header-timeout", default=WebSettings.header_seconds, show_default=True,
+              type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+              help="Time a client has to send a request's headers; then 408 and the connection is closed.")
+@click.option("--body-timeout", default=WebSettings.body_seconds, show_default=True,
+              type=click.FloatRange(0, min_open=True), metavar="SECONDS",
+              help="Time in all the server waits for a request's body (an upload); then 408.")
 @store_options
 @model_options
 @friendly_errors
-def serve(host, port, token_file, allowed_hosts, insecure, max_decodes, viewer_url, db_url, index_dir, weights,
-          device):
+def serve(host, port, token_file, allowed_hosts, insecure, max_decodes, viewer_url, header_timeout, body_timeout,
+          db_url, index_dir, weights, device):
     """Serve the web page and the REST API (OpenAPI docs at /docs).
 
     Without a token the server listens on loopback addresses only; see docs/deployment.md,
@@ -785,12 +793,13 @@ def serve(host, port, token_file, allowed_hosts, insecure, max_decodes, viewer_u
     if token is None and insecure and not is_loopback(host):
         click.echo(f"warning: serving on {host} without authentication (--insecure)", err=True)
     settings = WebSettings(token=token, allowed_hosts=default_allowed_hosts(host, allowed_hosts),
-                           max_decodes=max_decodes,
+                           max_decodes=max_decodes, header_seconds=header_timeout, body_seconds=body_timeout,
                            viewer_url=check_viewer_template(viewer_url) if viewer_url else None)
     retriever = _retriever(db_url, index_dir, weights, device)
     retriever.model  # load once before the first request, and fail early on bad weights
     retriever.store(create=False, read_only=False)  # saves its index folder when it catches up
-    uvicorn.run(create_app(retriever, settings), host=host, port=port, log_level="info", server_header=False)
+    uvicorn.run(create_app(retriever, settings), host=host, port=port, log_level="info", server_header=False,
+                http=SlowClientProtocol.with_deadline(settings.header_seconds), timeout_keep_alive=KEEP_ALIVE_SECONDS)
 
 
 @main.command("evaluate-retrieval")

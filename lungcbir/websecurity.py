@@ -1,22 +1,30 @@
-"""What stands between the web app and the network: token, Host check, body limit, path scrubbing.
+"""What stands between the web app and the network: token, Host check, body limit, slow
+clients, path scrubbing.
 
 Everything here is plain ASGI middleware or a plain function, so it is independent of the
-FastAPI version and can be tested without a model. :func:`lungcbir.web.create_app` puts the
+FastAPI version and can be tested without a model, except :class:`SlowClientProtocol`, the
+uvicorn connection class ``lungcbir serve`` runs with. :func:`lungcbir.web.create_app` puts the
 middleware around the app in this order (outermost first): Host check, token check, body
 size limit; a refused request is answered before any of its body is read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
 import os
 import re
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Mapping
+
+import anyio
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import config
 from .errors import LungCBIRError
@@ -39,6 +47,8 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 OPEN_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
                         "/favicon.ico"})
 OPEN_PREFIXES = ("/static/", "/static-docs/")
+#: Seconds an idle kept-alive connection stays open between requests (uvicorn's default).
+KEEP_ALIVE_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,10 @@ class WebSettings:
     may be ``form_overhead_bytes`` larger (multipart boundaries and form fields).
     ``max_decodes``: uploads or stored files decoded at the same time (each may take a few
     hundred MB while it is decoded). ``decode_wait_seconds``: how long a request waits for a
-    decoding slot before it is answered 503. ``viewer_url``: a template such as
+    decoding slot before it is answered 503. ``header_seconds``: how long a client may take to
+    send a request's headers (:class:`SlowClientProtocol`); ``body_seconds``: how long in all
+    the server may wait for a request's body (:class:`BodySizeLimit`); 408 after either.
+    ``viewer_url``: a template such as
     ``https://pacs.example.org/ohif/viewer?StudyInstanceUIDs={study_uid}`` (checked by
     :func:`check_viewer_template`).
     """
@@ -62,6 +75,8 @@ class WebSettings:
     form_overhead_bytes: int = 1024 * 1024
     max_decodes: int = 2
     decode_wait_seconds: float = 120.0
+    header_seconds: float = 10.0
+    body_seconds: float = 120.0
     #: link to open a result's study in the site's viewer (see :func:`viewer_link`); None: no link
     viewer_url: str | None = None
 
@@ -234,21 +249,25 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
+class _BodyRefused(Exception):
     pass
 
 
 class BodySizeLimit:
-    """Answer 413 for a request body over ``max_bytes``, before it is parsed or spooled to disk.
+    """Answer 413 for a request body over ``max_bytes``, before it is parsed or spooled to disk,
+    and 408 for one the client takes longer than ``max_seconds`` in all to send.
 
     A ``Content-Length`` over the limit is refused before a byte of the body is read. A body
     without one (chunked) is counted as it arrives; once past the limit the app gets no more
     of it (its parser fails), whatever the app answers is dropped and the client gets 413.
+    Only the time spent waiting for the client's bytes counts towards ``max_seconds``, not
+    the time the app takes between reads, so a busy server does not time out a fast client.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_seconds: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_seconds = max_seconds
 
     def message(self) -> str:
         return f"request body is larger than {self.max_bytes // 2**20} MiB" if self.max_bytes >= 2**20 \
@@ -264,24 +283,36 @@ class BodySizeLimit:
                             self.message() if length.strip().isdigit() else "malformed Content-Length")
             return
         received = 0
-        exceeded = False
+        waited = 0.0
+        complete = False
+        refusal: tuple[int, str] | None = None
         started = False
 
         async def limited_receive() -> Message:
-            nonlocal received, exceeded
-            if exceeded:
-                raise _BodyTooLarge
-            message = await receive()
+            nonlocal received, waited, complete, refusal
+            if refusal is not None:
+                raise _BodyRefused
+            if complete:  # a later call waits for the client to disconnect, not for its body
+                return await receive()
+            began = time.monotonic()
+            message = None
+            with anyio.move_on_after(None if self.max_seconds is None else self.max_seconds - waited):
+                message = await receive()
+            waited += time.monotonic() - began
+            if message is None:
+                refusal = (408, f"request body not received within {self.max_seconds:g} s")
+                raise _BodyRefused
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    exceeded = True
-                    raise _BodyTooLarge
+                    refusal = (413, self.message())
+                    raise _BodyRefused
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if exceeded:  # the app's answer to a body it could not read: ours goes out instead
+            if refusal is not None:  # the app's answer to a body it could not read: ours goes out instead
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -290,10 +321,66 @@ class BodySizeLimit:
         try:
             await self.app(scope, limited_receive, guarded_send)
         except Exception:
-            if not exceeded or started:
+            if refusal is None or started:
                 raise
-        if exceeded and not started:
-            await send_json(send, 413, self.message())
+        if refusal is not None and not started:
+            await send_json(send, *refusal)
+
+
+class SlowClientProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for a request's headers.
+
+    uvicorn's keep-alive timer closes a connection idle between requests, but stops at the
+    next request's first byte and has no other, so a client sending its headers a byte at a
+    time (slowloris), or nothing at all on a new connection, held it for ever. Here a
+    request's headers must be complete within :attr:`header_seconds` of the connection
+    opening or of the request's first byte; else the client gets 408 and the connection is
+    closed. So is one whose client still trickles a body the server has already answered.
+    """
+
+    header_seconds: float = WebSettings.header_seconds
+    _header_timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def with_deadline(cls, header_seconds: float) -> type[SlowClientProtocol]:
+        """This protocol with another deadline (uvicorn takes a class and makes one per connection)."""
+        return type(cls.__name__, (cls,), {"header_seconds": header_seconds})
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if self.timeout_keep_alive_task is not None:  # idle until now: this is a new request's first byte
+            self._arm_header_deadline()
+        super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_seconds, self._header_deadline)
+
+    def _header_deadline(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.IDLE:
+            if self.timeout_keep_alive_task is not None:
+                return  # answered and idle since: the keep-alive timer closes it
+            if self.conn.trailing_data[0]:  # part of a request came: say why it is closed
+                detail = json.dumps({"detail": f"request headers not received within {self.header_seconds:g} s"})
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                     b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                                     % (len(detail), detail.encode()))
+            self.transport.close()
+        elif self.conn.our_state in (h11.DONE, h11.MUST_CLOSE):
+            self.transport.close()  # answered, and the client still sends a body nobody reads
+        # else a request is being answered: its body's deadline is BodySizeLimit's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +400,8 @@ def scrub_paths(text: str, replacements: Mapping[str, str] | None = None) -> str
 
 
 __all__ = ["WebSettings", "load_token", "token_file_warning", "is_loopback", "check_exposure",
-           "default_allowed_hosts", "HostCheck", "BearerAuth", "BodySizeLimit", "scrub_paths", "host_name"]
+           "default_allowed_hosts", "HostCheck", "BearerAuth", "BodySizeLimit", "SlowClientProtocol", "scrub_paths",
+           "host_name"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +412,8 @@ VIEWER_FIELDS = ("study_uid", "series_uid", "sop_uid", "patient_id")
 
 
 def check_viewer_template(template: str) -> str:
-    """``template`` if it is an http(s) URL naming ``{study_uid}`` and only :data:`VIEWER_FIELDS`.
+    """``template`` if it is an http(s) URL naming ``{study_uid}`` and only :data:`VIEWER_FIELDS`,
+    as plain ``{name}`` fields.
 
     Example:
         >>> check_viewer_template("https://pacs/ohif/viewer?StudyInstanceUIDs={study_uid}")
@@ -335,9 +424,17 @@ def check_viewer_template(template: str) -> str:
     if not re.match(r"https?://", template):
         raise LungCBIRError(f"viewer URL {template!r}: must start with http:// or https://")
     try:
-        named = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        parts = list(string.Formatter().parse(template))
     except ValueError as error:
         raise LungCBIRError(f"viewer URL {template!r}: {error}") from None
+    named = {name for _, name, _, _ in parts if name is not None}
+    # rebuilt from plain {name} fields, a template with a conversion (!r), a format spec or a
+    # field nested in one differs: those would fail or misbehave at every request, not here
+    plain = "".join(text.replace("{", "{{").replace("}", "}}") + ("" if name is None else "{" + name + "}")
+                    for text, name, _, _ in parts)
+    if plain != template:
+        raise LungCBIRError(f"viewer URL {template!r}: use plain {{name}} fields only "
+                            "(no !conversion, :format or nested fields)")
     unknown = named - set(VIEWER_FIELDS)
     if unknown or "study_uid" not in named:
         raise LungCBIRError(f"viewer URL {template!r}: name {{study_uid}} and only "

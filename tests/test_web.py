@@ -890,3 +890,154 @@ def test_with_a_findings_part_the_focus_changes_the_ranking(findings_client, pha
     # balanced (the fixture's anatomy weight 0.4) weighs the two parts' cosines, slice by slice
     for image_id, score in balanced.items():
         assert score == pytest.approx(0.4 * anatomy[image_id] + 0.6 * findings[image_id], abs=1e-4), image_id
+
+
+@pytest.mark.parametrize("template", ["https://x/{study_uid:{study_uid}}", "https://x/{study_uid!r}",
+                                      "https://x/{study_uid:>80}", "https://x/{study_uid:}",
+                                      "https://x/?s={study_uid}&p={patient_id!s:{series_uid}}"])
+def test_viewer_template_allows_plain_fields_only(template):
+    """Issue 29 item 15: a conversion, format spec or nested field passed the start check and then
+    made every request a 500; it is refused when the server starts."""
+    from lungcbir.websecurity import check_viewer_template
+
+    with pytest.raises(LungCBIRError, match=r"plain \{name\} fields only"):
+        check_viewer_template(template)
+
+
+def test_viewer_template_keeps_escaped_braces():
+    from lungcbir.websecurity import check_viewer_template, viewer_link
+
+    template = "https://x/v?q={{literal}}&s={study_uid}"
+    assert check_viewer_template(template) == template
+    assert viewer_link(template, {"study_uid": "1.2"}) == "https://x/v?q={literal}&s=1.2"
+
+
+def test_series_query_names_cases_without_identity_by_file_name(phantom_dir, tiny_weights, tmp_path):
+    """Issue 29 item 4: a case of slices without patient or series was named by its server path
+    (``file:/srv/.../x.png``); it is named by its file name, as the neighbours are."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n, path in enumerate(sorted((phantom_dir / "png").glob("*/*.png"))[:4]):  # mixed names: no scan folder
+        (flat / f"ID_000{n}_Z_01{n}{n}.png").write_bytes(path.read_bytes())
+    retriever = Retriever(weights=tiny_weights, db_url=f"sqlite:///{tmp_path}/db.sqlite",
+                          index_dir=str(tmp_path / "index"))
+    retriever.index_dataset([flat])
+    client = TestClient(create_app(retriever), base_url=LOCAL)
+    answer = client.post("/api/query-series", data={"k": "3"},
+                         files=[("files", ("q.png", png_bytes()))])
+    assert answer.status_code == 200, answer.text
+    cases = answer.json()["cases"]
+    assert cases and all(case["patient_id"] is None and case["series_uid"] is None for case in cases)
+    assert str(tmp_path) not in answer.text
+    for case in cases:
+        assert case["case"] == "file:" + case["pairs"][0]["neighbor"]["file_name"]
+
+
+@pytest.fixture
+def own_files(phantom_dir, tiny_weights, tmp_path):
+    """A client over copies of the phantom's DICOM files that a test may replace, and the copies."""
+    import shutil
+
+    folder = tmp_path / "indexed"
+    shutil.copytree(phantom_dir / "dicom" / "phantom01", folder)
+    retriever = Retriever(weights=tiny_weights, db_url=f"sqlite:///{tmp_path}/db.sqlite",
+                          index_dir=str(tmp_path / "index"))
+    retriever.index_dataset([folder])
+    paths = {r.id: r.path for r in retriever.store(create=False).records(list(range(1, 7))).values()}
+    return TestClient(create_app(retriever), base_url=LOCAL), paths
+
+
+def test_file_route_refuses_a_file_replaced_by_a_link_or_other_bytes(own_files, tmp_path):
+    """Issue 29 item 3: the file route sent whatever sat at the stored path, a link to a system
+    file included; it sends the file only if its bytes are those indexed and it lies in its
+    indexed folder (410 otherwise, like the picture routes)."""
+    import os
+
+    client, paths = own_files
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    os.replace(paths[1], tmp_path / "away.dcm")
+    os.symlink(secret, paths[1])
+    answer = client.get("/api/images/1/file")
+    assert answer.status_code == 410 and "root:" not in answer.text and str(tmp_path) not in answer.text
+    # the very bytes indexed, but through a link out of the indexed folder
+    os.unlink(paths[1])
+    os.symlink(tmp_path / "away.dcm", paths[1])
+    assert client.get("/api/images/1/file").status_code == 410
+    # other bytes at the stored path
+    with open(paths[2], "r+b") as handle:
+        handle.seek(-1, os.SEEK_END)
+        handle.write(b"\x01" if handle.read(1) != b"\x01" else b"\x02")
+    assert client.get("/api/images/2/file").status_code == 410
+
+
+def test_file_route_sends_a_link_inside_its_folder(own_files):
+    import os
+
+    client, paths = own_files
+    original = open(paths[3], "rb").read()
+    moved = os.path.join(os.path.dirname(paths[3]), "moved.dcm")
+    os.replace(paths[3], moved)
+    os.symlink("moved.dcm", paths[3])
+    answer = client.get("/api/images/3/file")
+    assert answer.status_code == 200 and answer.content == original
+    assert answer.headers["content-type"] == "application/octet-stream"
+    assert answer.headers["content-disposition"] == f'attachment; filename="{os.path.basename(paths[3])}"'
+
+
+# issue 29 item 17: a client that sends its body slowly is answered 408 -----------------------
+
+def slow_body_call(app, client_pause: float, chunks: int = 4, hang: bool = False) -> tuple[int | None, bytes, float]:
+    """POST a multipart body to ``app`` in ``chunks`` pieces, ``client_pause`` seconds apart
+    (then, with ``hang``, never the rest): (status, answer body, seconds until answered)."""
+    sent = 0
+    status, answer = None, b""
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            await asyncio.sleep(client_pause)
+        if hang and sent == chunks:
+            await asyncio.sleep(3600)
+        sent += 1
+        return {"type": "http.request", "body": PART_HEAD if sent == 1 else b"\0" * 100,
+                "more_body": sent <= chunks}
+
+    async def send(message):
+        nonlocal status, answer
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        else:
+            answer += message.get("body", b"")
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/query", "raw_path": b"/api/query", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"localhost"), *MULTIPART], "client": ("127.0.0.1", 1),
+             "server": ("localhost", 80)}
+    start = time.monotonic()
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    return status, answer, time.monotonic() - start
+
+
+def test_a_body_that_never_ends_is_answered_408(retriever):
+    from lungcbir.websecurity import WebSettings
+
+    app = create_app(retriever, WebSettings(body_seconds=0.5))
+    status, answer, seconds = slow_body_call(app, 0.05, chunks=2, hang=True)
+    assert status == 408 and seconds < 5
+    assert json.loads(answer)["detail"] == "request body not received within 0.5 s"
+
+
+def test_the_body_deadline_counts_the_clients_time_only():
+    from lungcbir.websecurity import BodySizeLimit
+
+    async def slow_app(scope, receive, send):  # reads the body with pauses of its own, then answers 200
+        while (await receive()).get("more_body"):
+            await asyncio.sleep(0.2)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    limited = BodySizeLimit(slow_app, max_bytes=10**6, max_seconds=0.5)
+    assert slow_body_call(limited, 0.01, chunks=5)[0] == 200  # 1 s in all, the client's part 0.05 s
+    status, _, seconds = slow_body_call(limited, 0.2, chunks=5)  # the client's part 1 s
+    assert status == 408 and seconds < 3

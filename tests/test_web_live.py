@@ -53,7 +53,8 @@ def server(tmp_path_factory, tiny_weights, shared_data, server_log):
     port = free_port()
     log = open(server_log, "wb")
     process = subprocess.Popen([*command, "serve", "--port", str(port), "--token-file", str(token_file),
-                                "--viewer-url", VIEWER_URL, *store], stdout=log, stderr=subprocess.STDOUT)
+                                "--viewer-url", VIEWER_URL, "--header-timeout", str(HEADER_TIMEOUT),
+                                "--body-timeout", str(BODY_TIMEOUT), *store], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -70,6 +71,9 @@ def server(tmp_path_factory, tiny_weights, shared_data, server_log):
     log.close()
 
 
+#: the live server's deadlines for a request's headers and body (short, for the slow-client tests)
+HEADER_TIMEOUT = 3
+BODY_TIMEOUT = 5
 #: the site's viewer the live server links results to (serve --viewer-url)
 VIEWER_URL = "https://pacs.example.org/ohif/viewer?StudyInstanceUIDs={study_uid}"
 
@@ -152,6 +156,32 @@ def test_concurrent_clients_never_fail(server, shared_data):
     assert statuses.count(200) == 200, statuses
 
 
+def test_healthz_answers_at_once_under_load(server, shared_data):
+    """Issue 29 item 5: /healthz waited behind the queries for a worker thread (34-36 s under 200
+    queries), so a liveness probe would restart a healthy server; it answers at once."""
+    content = query_file(shared_data).read_bytes()
+
+    def one(_: int) -> int:
+        with httpx.Client(timeout=120) as client:
+            return client.post(f"{server}/api/query", files={"file": ("q.tif", content)}, data={"k": "3"},
+                               headers=AUTH).status_code
+
+    with ThreadPoolExecutor(max_workers=100) as pool:
+        queries = [pool.submit(one, n) for n in range(100)]
+        time.sleep(2)  # all sent: the server's worker threads busy or waiting on the model
+        busy = sum(not query.done() for query in queries)
+        took = []
+        for _ in range(3):
+            start = time.monotonic()
+            assert httpx.get(f"{server}/healthz", timeout=120).status_code == 200
+            took.append(time.monotonic() - start)
+            time.sleep(0.2)
+        statuses = [query.result() for query in queries]
+    assert busy > 40, f"only {busy} queries were still running: not all 40 worker threads taken"
+    assert max(took) < 1, f"/healthz took {took} s under load"
+    assert set(statuses) == {200}, statuses
+
+
 @pytest.mark.browser
 def test_api_docs_page_loads_nothing_from_other_hosts(server):
     need_chromium()
@@ -209,6 +239,62 @@ def test_streamed_upload_is_refused_at_the_limit(server):
                     offered = total * 2**20
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert offered < 100 * 2**20, f"{offered / 2**20:.0f} MiB sent before the answer"
+
+
+def trickle(server: str, head: bytes, drip: bytes, limit: float) -> tuple[bytes, float]:
+    """Send ``head``, then ``drip`` every half second until the server answers or closes, for at
+    most ``limit`` seconds: (what came back, seconds until then)."""
+    host, port = server.removeprefix("http://").split(":")
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=limit) as sock:
+        start = time.monotonic()
+        sock.sendall(head.replace(b"{host}", f"{host}:{port}".encode()))
+        while time.monotonic() - start < limit:
+            if select.select([sock], [], [], 0.5)[0]:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+            elif drip and not answer:
+                try:
+                    sock.sendall(drip)
+                except OSError:
+                    break
+        return answer, time.monotonic() - start
+
+
+def test_slow_headers_are_answered_408_and_closed(server):
+    """Issue 29 item 17: a client sending its headers a byte at a time, or nothing at all on a
+    new connection, held the connection for ever."""
+    answer, seconds = trickle(server, b"GET /healthz HTTP/1.1\r\nHost: {host}\r\n", b"X-Slow: 1\r\n", 12)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"request headers not received within 3 s" in answer and seconds < HEADER_TIMEOUT + 3
+    answer, seconds = trickle(server, b"", b"", 12)
+    assert answer == b"" and seconds < HEADER_TIMEOUT + 3  # closed without a word: nothing was asked
+
+
+def test_a_slow_body_is_answered_408(server):
+    head = (f"POST /api/query HTTP/1.1\r\nHost: {{host}}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: 100000\r\n\r\n"
+            '--XyZ\r\nContent-Disposition: form-data; name="file"; filename="q.png"\r\n\r\n').encode()
+    answer, seconds = trickle(server, head, b"\0", 15)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"request body not received within 5 s" in answer and seconds < BODY_TIMEOUT + 3
+
+
+def test_a_kept_alive_connection_outlives_the_header_deadline(server):
+    """Idle between requests, a connection is the keep-alive timer's (5 s), not the header deadline's."""
+    host, port = server.removeprefix("http://").split(":")
+    request = f"GET /healthz HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for _ in range(2):
+            sock.sendall(request)
+            answer = b""
+            while not answer.endswith(b'{"status":"ok"}'):
+                answer += sock.recv(4096) or b"!closed"
+                assert not answer.endswith(b"!closed"), answer
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            time.sleep(HEADER_TIMEOUT + 0.5)
 
 
 def test_server_log_never_shows_the_token(server, server_log):

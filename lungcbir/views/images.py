@@ -3,14 +3,18 @@ metadata, thumbnail, overlay, pixels, mask and original file."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
+from urllib.parse import quote
 
 import cv2
 from fastapi import APIRouter, HTTPException
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 
 from ..dicomweb import is_dicomweb_url
+from ..errors import ReadError
+from ..io import read_bytes
 from ..visualize import display_image, mask_png, overlay
 from ..websecurity import viewer_link
 from .schemas import ERROR_RESPONSES, ImageMetadata
@@ -85,14 +89,33 @@ def stored_mask(web: AppState, image_id: int) -> Response:
     return Response(png(mask_png(mask)), media_type="image/png")
 
 
-@router.get("/api/images/{image_id}/file", response_class=FileResponse,
+@router.get("/api/images/{image_id}/file", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}}, "description": "The original file"}})
-def stored_file(web: AppState, image_id: int) -> FileResponse:
+def stored_file(web: AppState, image_id: int) -> Response:
     """The stored slice's original file, named by its file name only (an archive's
-    instances are not served here: open their ``url`` in the archive)."""
+    instances are not served here: open their ``url`` in the archive). 410 when the file is
+    gone, is no longer the bytes indexed, or is a link out of the folder it was indexed in."""
     record = web.stored(image_id)
     if is_dicomweb_url(record.path):
         raise HTTPException(404, f"image {image_id} is stored in a DICOMweb archive; open its url there")
-    if not os.path.isfile(record.path):
-        raise HTTPException(410, f"the file of image {image_id} is no longer readable")
-    return FileResponse(record.path, filename=public_name(record.path), media_type="application/octet-stream")
+    gone = HTTPException(410, f"the file of image {image_id} is no longer the file indexed")
+    # a link may move the file within its folder, not swap in one from elsewhere (a system file)
+    real, folder = os.path.realpath(record.path), os.path.realpath(os.path.dirname(record.path))
+    if os.path.commonpath([real, folder]) != folder:
+        raise gone
+    try:
+        with web.decoding():  # the whole file is held in memory: as many at once as decodes
+            data = read_bytes(real)
+    except ReadError:
+        raise gone from None
+    # the bytes sent are the bytes hashed: one read, so nothing can be swapped in between
+    if hashlib.sha256(data).hexdigest() != record.sha256:
+        raise gone
+    return Response(data, media_type="application/octet-stream",
+                    headers={"content-disposition": attachment(public_name(record.path) or "file")})
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition header naming ``filename`` (RFC 6266, as Starlette's FileResponse does)."""
+    quoted = quote(filename)
+    return f'attachment; filename="{filename}"' if quoted == filename else f"attachment; filename*=utf-8''{quoted}"

@@ -168,7 +168,7 @@ class SeriesCase(BaseModel):
     """One stored case ranked for a whole query series."""
 
     rank: int
-    case: str
+    case: str = Field(description="patient:ID, else series:UID, else file:NAME (a file name, never a server path)")
     patient_id: str | None
     series_uid: str | None
     score: float

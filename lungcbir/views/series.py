@@ -18,6 +18,7 @@ from .state import (
     SERIES_PAIRS,
     AppState,
     check_k,
+    public_case,
     result_urls,
     upload_name,
 )
@@ -66,7 +67,7 @@ def api_query_series(web: AppState, files: Annotated[list[UploadFile], File()], 
         for number, _ in match.pairs:
             shown.append({"query": rendered[number], "neighbor": pairs[at]})
             at += 1
-        cases.append({"rank": match.rank, "case": match.case, "patient_id": match.patient_id,
+        cases.append({"rank": match.rank, "case": public_case(match.case), "patient_id": match.patient_id,
                       "series_uid": match.series_uid, "score": round(match.score, 6), "pairs": shown})
     names = sorted({item.path for item in slices})
     return {"query": names[0] if len(names) == 1 else f"{len(names)} files", "slices": len(slices),

@@ -98,6 +98,13 @@ def public_name(path: str | None) -> str | None:
     return os.path.basename(path) if path else path
 
 
+def public_case(case: str) -> str:
+    """What the web API shows of a case key (:func:`lungcbir.retrieval.case_key`): a case of
+    one file, which has no patient or series, by its file name like the neighbours."""
+    kind, _, path = case.partition(":")
+    return f"file:{public_name(path)}" if kind == "file" else case
+
+
 def upload_name(upload: UploadFile) -> str:
     """An upload's file name without any folders the client sent."""
     return os.path.basename((upload.filename or "upload").replace("\\", "/")) or "upload"

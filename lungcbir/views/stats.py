@@ -17,7 +17,9 @@ router = APIRouter()
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    """Liveness. Answered on the event loop, not in the worker threads that queries fill while
+    they wait for the model, so it answers at once however long the queue."""
     return {"status": "ok"}
 
 
