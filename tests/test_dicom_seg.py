@@ -153,7 +153,9 @@ def test_png_format_of_a_volume_writes_a_png_per_slice(tiny_weights, tmp_path):
     import nibabel
 
     volume = tmp_path / "v.nii.gz"
-    nibabel.save(nibabel.Nifti1Image(np.full((48, 40, 3), -900, np.int16), np.eye(4)), str(volume))
+    planes = np.full((48, 40, 3), -900, np.int16)
+    planes[10:30, 5:20] = 40  # a constant plane is refused, as constant images are
+    nibabel.save(nibabel.Nifti1Image(planes, np.eye(4)), str(volume))
     result = invoke("segment", volume, "--format", "png", "--out", tmp_path / "m", "--weights", tiny_weights)
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in (tmp_path / "m").iterdir())

@@ -248,6 +248,69 @@ def test_nifti_bomb_is_refused_from_its_header(tmp_path):
     assert peak < 3 * os.path.getsize(path) + (8 << 20), f"refusing the bomb allocated {peak} bytes"
 
 
+def _peak_allocation(function):
+    """What ``function()`` returns (or raises) and the most memory it held at once (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            outcome = function()
+        except ReadError as error:
+            outcome = error
+        return outcome, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_volume_of_zeros_is_refused_as_constant_plane_by_plane(tmp_path):
+    """Issue 29 item 8: a small .nii.gz of zeros within the voxel limit once expanded to
+    gigabytes; it is now decoded one plane at a time and refused as constant."""
+    path = _gzip_nifti_of_zeros(tmp_path / "zeros.nii.gz", (512, 512, 200))  # 100 MB of int16 once expanded
+    outcome, peak = _peak_allocation(lambda: read_file(path))
+    assert isinstance(outcome, ReadError)
+    assert "volume is constant (every voxel is 0), nothing to segment" in str(outcome)
+    assert peak < 8 << 20, f"refusing a volume of zeros allocated {peak} bytes"
+
+
+def test_constant_slices_of_a_volume_are_left_out_and_masks_keep_the_grid(tmp_path):
+    import nibabel
+
+    from lungcbir.io import reader_for_format
+
+    volume = np.zeros((24, 20, 4), np.int16)  # planes 0 and 3 are blank padding
+    volume[:, :, 1:3] = -1000
+    volume[2:6, 11:17, 1:3] = 40
+    source = str(tmp_path / "v.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), source)
+    slices = read_file(source)
+    assert [s.frame for s in slices] == [1, 2] and all(s.frames_in_file == 4 for s in slices)
+    assert all(s.intensity == "hu" for s in slices)
+    target = reader_for_format("nifti").write_masks(source, slices, [s.pixels > -500 for s in slices], tmp_path,
+                                                    "nifti")
+    assert np.array_equal(np.asarray(nibabel.load(target).dataobj) > 0, volume > 0)
+    with pytest.raises(ReadError, match="slice 0 is constant"):
+        read_file(source, frame=0)
+
+
+def test_one_slice_of_a_volume_is_read_without_keeping_the_others(tmp_path):
+    import nibabel
+
+    from lungcbir.io import MIDDLE
+
+    volume = np.tile(np.arange(256, dtype=np.int16)[:, None, None] * 4 - 1000, (1, 256, 120))
+    volume += np.arange(120, dtype=np.int16)  # every plane its own (and the volume 31 MB as float32)
+    path = str(tmp_path / "v.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), path)
+    (middle,), peak = _peak_allocation(lambda: read_file(path, frame=MIDDLE))
+    assert middle.frame == 60 and middle.frames_in_file == 120 and middle.intensity == "hu"
+    assert np.array_equal(middle.pixels, volume[:, :, 60].T) and len(middle.sha256) == 64
+    assert peak < 8 << 20, f"reading one slice allocated {peak} bytes"
+    assert np.array_equal(read_file(path, frame=7)[0].pixels, volume[:, :, 7].T)
+    with pytest.raises(ReadError, match="no slice 120 "):
+        read_file(path, frame=120)
+
+
 def test_voxel_limit_admits_a_chest_ct_and_is_configurable(tmp_path, monkeypatch):
     from lungcbir.errors import LungCBIRError
     from lungcbir.io import DEFAULT_MAX_VOXELS, voxel_limit
