@@ -571,6 +571,7 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
     rows, columns = _dicom_int(dataset, "Rows") or 0, _dicom_int(dataset, "Columns") or 0
     if rows * columns > MAX_PIXELS:
         raise ReadError(path, f"image is {columns}x{rows}, above the limit of {MAX_PIXELS} pixels")
+    _check_native_pixel_length(path, dataset, rows, columns)
     with quiet_decoding():
         try:
             raw = dataset.pixel_array
@@ -601,6 +602,23 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
         pixel_spacing=_dicom_spacing(dataset),
         position_z=_dicom_position_z(dataset),
     )
+
+
+def _check_native_pixel_length(path: str, dataset, rows: int, columns: int) -> None:
+    """Refuse uncompressed pixel data whose length is not what Rows x Columns say: pydicom
+    would reshape the bytes to the header's size (a 512 x 512 image read as 9 x 512, say).
+    Compressed pixel data carries its own size, which the decoder checks."""
+    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+    if syntax is not None and syntax.is_encapsulated:
+        return
+    samples = _dicom_int(dataset, "SamplesPerPixel") or 1
+    bits = _dicom_int(dataset, "BitsAllocated") or 0
+    values = rows * columns * samples
+    expected = -(-values // 8) if bits == 1 else values * -(-bits // 8)
+    actual = len(dataset.PixelData)
+    if actual not in (expected, expected + 1):  # + 1: the pad byte of an odd length
+        raise ReadError(path, f"pixel data is {actual} bytes, but Rows {rows} x Columns {columns} x "
+                              f"{samples} sample(s) of {bits} bits take {expected}")
 
 
 def read_dicom_bytes(data: bytes, path: str) -> CTSlice:

@@ -404,6 +404,15 @@ def test_malformed_optional_dicom_tags_count_as_unknown(tmp_path, phantom_dir):
     assert set(dicom_series_positions([bad, good])) == {bad, good}
 
 
+@pytest.mark.parametrize("columns", [9, 95, 200])
+def test_dicom_pixel_data_must_be_as_long_as_its_header_says(tmp_path, phantom_dir, columns):
+    """Issue 29 item 11: a header whose Columns lie was read as a picture of the header's size."""
+    path = _dicom(tmp_path, phantom_dir, raw={"Columns": ("US", struct.pack("<H", columns))})
+    with pytest.raises(ReadError, match=f"pixel data is 18432 bytes, but Rows 96 x Columns {columns} x 1 "
+                                        f"sample\\(s\\) of 16 bits take {96 * columns * 2}$"):
+        read_file(path)
+
+
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.float64])
 def test_colour_tiff_of_any_sample_type_becomes_grey(tmp_path, dtype):
     bgr = np.zeros((32, 32, 3), np.float64)
