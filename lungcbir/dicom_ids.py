@@ -15,6 +15,10 @@ Derivation (stable, no randomness):
   UID) or a seed shared by its series (study, series), so all files of a series agree;
 * an empty Frame of Reference UID is derived from the (repaired) Series Instance UID: the
   slices of one series share one frame of reference.
+
+A Patient's Name of one component without a caret (``TCGA-17-Z011``, as anonymisers write
+it) gets the trailing caret that says it is a family name (``TCGA-17-Z011^``, the same name
+by PS3.5 6.2.1.2): without it highdicom warns on every SEG that copies it.
 """
 
 from __future__ import annotations
@@ -122,4 +126,7 @@ def repair_identifiers(dataset, sha256: str, series_seed: str | None = None) -> 
     for keyword, vr in TYPE2_ATTRIBUTES.items():
         if keyword not in dataset:
             dataset.add_new(keyword, vr, "")
+    name = _text(dataset, "PatientName")
+    if name and not any(mark in name for mark in "^="):
+        dataset.PatientName = name + "^"
     return derived

@@ -586,6 +586,7 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
     if "RescaleSlope" in dataset or "RescaleIntercept" in dataset or _dicom_value(dataset, "Modality") == "CT":
         slope = _dicom_float(dataset, "RescaleSlope") or 1.0
         intercept = _dicom_float(dataset, "RescaleIntercept") or 0.0
+        _check_rescale(path, slope, intercept, float(raw.min()), float(raw.max()))
         pixels = pixels * slope + intercept
         intensity = Intensity.HU
     _check_usable(path, pixels)
@@ -602,6 +603,23 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
         pixel_spacing=_dicom_spacing(dataset),
         position_z=_dicom_position_z(dataset),
     )
+
+
+#: Rescaled DICOM values beyond this magnitude are not CT numbers (Hounsfield units run from
+#: -1024 to a few thousand, about 30 000 on extended-range scanners).
+MAX_RESCALED_MAGNITUDE = 1e6
+
+
+def _check_rescale(path: str, slope: float, intercept: float, low: float, high: float) -> None:
+    """Refuse a RescaleSlope/Intercept that is not a number, or that maps the stored values
+    [low, high] beyond :data:`MAX_RESCALED_MAGNITUDE` (checked on the two ends, in Python
+    floats, so a slope of 1e308 fails here instead of overflowing the pixels)."""
+    for name, value in (("RescaleSlope", slope), ("RescaleIntercept", intercept)):
+        if not math.isfinite(value):
+            raise ReadError(path, f"{name} is {value}, not a number")
+    if max(abs(low * slope + intercept), abs(high * slope + intercept)) > MAX_RESCALED_MAGNITUDE:
+        raise ReadError(path, f"RescaleSlope {slope:g} and RescaleIntercept {intercept:g} give values of "
+                              f"magnitude above {MAX_RESCALED_MAGNITUDE:g}, not CT numbers")
 
 
 def _check_native_pixel_length(path: str, dataset, rows: int, columns: int) -> None:

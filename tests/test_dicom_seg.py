@@ -163,6 +163,23 @@ def test_png_format_of_a_volume_writes_a_png_per_slice(tiny_weights, tmp_path):
     assert cv2.imread(str(tmp_path / "m" / written[0]), cv2.IMREAD_UNCHANGED).shape == (40, 48)
 
 
+def test_a_patient_name_of_one_component_is_written_without_a_warning(phantom_dir, tiny_weights, tmp_path):
+    """Issue 29 item 12: highdicom warned about every SEG of a series named like TCGA-17-Z011."""
+    import warnings
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for path in sorted((phantom_dir / "dicom" / "phantom01").iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.PatientName = "TCGA-17-Z011"
+        ds.save_as(folder / path.name)
+    slices = [read_file(path)[0] for path in sorted(folder.iterdir())]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = write_dicom_seg(slices, [s.pixels > -500 for s in slices], tmp_path / "seg.dcm", "model")
+    assert pydicom.dcmread(written.path).PatientName == "TCGA-17-Z011^"  # the same name (PS3.5 6.2.1.2)
+
+
 def messy_copy(series: Path, out: Path) -> list[Path]:
     """The phantom series as de-identified archives leave it (like covid-ct-md's P002)."""
     out.mkdir(parents=True)

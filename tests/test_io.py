@@ -1,4 +1,5 @@
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -402,6 +403,23 @@ def test_malformed_optional_dicom_tags_count_as_unknown(tmp_path, phantom_dir):
     assert item.instance_number is None and item.pixel_spacing is None and item.position_z is None
     assert np.array_equal(item.pixels, read_file(good)[0].pixels)
     assert set(dicom_series_positions([bad, good])) == {bad, good}
+
+
+@pytest.mark.parametrize("slope,intercept,reason", [
+    (b"NaN ", b"0 ", "RescaleSlope is nan, not a number"),
+    (b"1 ", b"-inf", "RescaleIntercept is -inf, not a number"),
+    (b"1e308 ", b"0 ", "RescaleSlope 1e+308 and RescaleIntercept 0 give values of magnitude above 1e+06"),
+    (b"1 ", b"-1e30 ", "RescaleSlope 1 and RescaleIntercept -1e+30 give values of magnitude above 1e+06"),
+])
+def test_unusable_rescale_fails_the_file_without_a_warning(tmp_path, phantom_dir, slope, intercept, reason):
+    """Issue 29 item 12: a NaN or huge RescaleSlope overflowed the pixels (RuntimeWarning on stderr)."""
+    import warnings
+
+    path = _dicom(tmp_path, phantom_dir, raw={"RescaleSlope": ("DS", slope), "RescaleIntercept": ("DS", intercept)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ReadError, match=re.escape(reason + (", not CT numbers" if "give" in reason else ""))):
+            read_file(path)
 
 
 @pytest.mark.parametrize("columns", [9, 95, 200])
