@@ -1205,6 +1205,13 @@ def printable(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "replace")
 
 
+#: The longest reason a decoder's error gives a failure line.
+MAX_REASON_CHARACTERS = 300
+
+
 def _short(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
+    """A decoder's error as one line: its lines joined, so a first line that only introduces
+    the rest ("... raised by all available plugins:") keeps what follows it."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines()]
+    text = "; ".join(line for line in lines if line).replace(":;", ":") or type(error).__name__
+    return text if len(text) <= MAX_REASON_CHARACTERS else text[:MAX_REASON_CHARACTERS - 3] + "..."

@@ -422,6 +422,24 @@ def test_unusable_rescale_fails_the_file_without_a_warning(tmp_path, phantom_dir
             read_file(path)
 
 
+def test_a_decoder_error_of_several_lines_gives_its_useful_part_in_one_line(tmp_path, phantom_dir):
+    """Issue 29 item 13: "... raised by all available plugins:" was cut at the colon."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    dataset = pydicom.dcmread(sorted((phantom_dir / "dicom" / "phantom01").iterdir())[0])
+    dataset.file_meta.TransferSyntaxUID = RLELossless
+    dataset.PixelData = encapsulate([b"not RLE data at all" * 4])
+    dataset["PixelData"].VR = "OB"
+    dataset.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    with pytest.raises(ReadError) as raised:
+        read_file(tmp_path / "x.dcm")
+    reason = raised.value.reason
+    assert "\n" not in reason and len(reason) <= 360, reason
+    assert re.search(r"all available plugins: \w+: \S.*invalid number of segments", reason), reason
+
+
 @pytest.mark.parametrize("columns", [9, 95, 200])
 def test_dicom_pixel_data_must_be_as_long_as_its_header_says(tmp_path, phantom_dir, columns):
     """Issue 29 item 11: a header whose Columns lie was read as a picture of the header's size."""
