@@ -635,7 +635,7 @@ def _check_native_pixel_length(path: str, dataset, rows: int, columns: int) -> N
     expected = -(-values // 8) if bits == 1 else values * -(-bits // 8)
     actual = len(dataset.PixelData)
     if actual not in (expected, expected + 1):  # + 1: the pad byte of an odd length
-        raise ReadError(path, f"pixel data is {actual} bytes, but Rows {rows} x Columns {columns} x "
+        raise ReadError(path, f"DICOM pixel data is {actual} bytes, but Rows {rows} x Columns {columns} x "
                               f"{samples} sample(s) of {bits} bits take {expected}")
 
 

@@ -444,7 +444,7 @@ def test_a_decoder_error_of_several_lines_gives_its_useful_part_in_one_line(tmp_
 def test_dicom_pixel_data_must_be_as_long_as_its_header_says(tmp_path, phantom_dir, columns):
     """Issue 29 item 11: a header whose Columns lie was read as a picture of the header's size."""
     path = _dicom(tmp_path, phantom_dir, raw={"Columns": ("US", struct.pack("<H", columns))})
-    with pytest.raises(ReadError, match=f"pixel data is 18432 bytes, but Rows 96 x Columns {columns} x 1 "
+    with pytest.raises(ReadError, match=f"DICOM pixel data is 18432 bytes, but Rows 96 x Columns {columns} x 1 "
                                         f"sample\\(s\\) of 16 bits take {96 * columns * 2}$"):
         read_file(path)
 
