@@ -24,6 +24,10 @@ would refuse, is fixed up the same way and reported:
   of the whole value's SHA-256, so two long IDs that share a beginning stay apart;
 * non-ASCII text in a header without a Specific Character Set (which DICOM then reads as
   ASCII) gets ``ISO_IR 192``, so it is written as UTF-8 rather than as invalid bytes.
+
+A Patient's Name of one component without a caret (``TCGA-17-Z011``, as anonymisers write
+it) gets the trailing caret that says it is a family name (``TCGA-17-Z011^``, the same name
+by PS3.5 6.2.1.2): without it highdicom warns on every SEG that copies it.
 """
 
 from __future__ import annotations
@@ -146,6 +150,9 @@ def repair_identifiers(dataset, sha256: str, series_seed: str | None = None) -> 
     for keyword, vr in TYPE2_ATTRIBUTES.items():
         if keyword not in dataset:
             dataset.add_new(keyword, vr, "")
+    name = _text(dataset, "PatientName")
+    if name and not any(mark in name for mark in "^="):
+        dataset.PatientName = name + "^"
     _repair_text(dataset, derived)
     return derived
 

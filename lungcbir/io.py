@@ -13,7 +13,8 @@ Intensity kinds (:class:`Intensity`, a ``str`` enum whose values are what is sto
 
 Bad input: every file is read once into memory (at most :data:`MAX_FILE_BYTES`), hashed, and
 decoded from those same bytes; sizes are checked from the header before anything is decoded
-(:data:`MAX_PIXELS` per slice, :func:`voxel_limit` per volume); a raster file is decoded only
+(:data:`MAX_PIXELS` per slice, :func:`voxel_limit` per volume), and a volume is decoded one
+plane at a time (never whole, so memory holds what is returned); a raster file is decoded only
 if its content is PNG, JPEG, BMP or TIFF; anything that is not a regular file (a named pipe,
 a device) is refused without being opened for a blocking read; and whatever the decoding
 libraries print about a broken file is silenced, so each failure is one :class:`ReadError`.
@@ -115,6 +116,7 @@ class CTSlice:
     path: str
     source_format: SourceFormat | str  # str: a format of a reader that adds no SourceFormat value
     frame: int = 0  # position within the file (NIfTI slices); 0 for one-slice files
+    frames_in_file: int = 1  # planes of the file it was read from (a volume's depth)
     slice_index: int | None = None  # position within its volume or DICOM series
     patient_id: str | None = None
     study_uid: str | None = None
@@ -408,10 +410,14 @@ def classify_intensity(pixels: np.ndarray) -> Intensity:
     finite = pixels[np.isfinite(pixels)] if pixels.dtype.kind == "f" else pixels
     if finite.size == 0:
         return Intensity.MINMAX
-    low, high = float(finite.min()), float(finite.max())
-    if pixels.dtype.kind in "if" and low < HU_DETECTION_THRESHOLD:
+    return _classify_range(pixels.dtype.kind, float(finite.min()), float(finite.max()))
+
+
+def _classify_range(kind: str, low: float, high: float) -> Intensity:
+    """:func:`classify_intensity` of values of numpy type ``kind`` whose finite range is [low, high]."""
+    if kind in "if" and low < HU_DETECTION_THRESHOLD:
         return Intensity.HU
-    if pixels.dtype.kind == "f" and low >= 0.0 and high <= 1.0:
+    if kind == "f" and low >= 0.0 and high <= 1.0:
         return Intensity.UNIT
     return Intensity.MINMAX
 
@@ -483,12 +489,12 @@ def _replace_non_finite(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-def _check_usable(path: str, pixels: np.ndarray, allow_constant: bool = False) -> None:
+def _check_usable(path: str, pixels: np.ndarray) -> None:
     if min(pixels.shape) < 8:
         raise ReadError(path, f"image is {pixels.shape[1]}x{pixels.shape[0]} pixels, too small to be a CT slice")
     if pixels.dtype.kind == "f" and not np.isfinite(pixels).any():
         raise ReadError(path, "image holds no finite values")
-    if not allow_constant and pixels.min() == pixels.max():
+    if pixels.min() == pixels.max():
         raise ReadError(path, f"image is constant (every pixel is {pixels.flat[0]}), nothing to segment")
 
 
@@ -565,6 +571,7 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
     rows, columns = _dicom_int(dataset, "Rows") or 0, _dicom_int(dataset, "Columns") or 0
     if rows * columns > MAX_PIXELS:
         raise ReadError(path, f"image is {columns}x{rows}, above the limit of {MAX_PIXELS} pixels")
+    _check_native_pixel_length(path, dataset, rows, columns)
     with quiet_decoding():
         try:
             raw = dataset.pixel_array
@@ -579,6 +586,7 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
     if "RescaleSlope" in dataset or "RescaleIntercept" in dataset or _dicom_value(dataset, "Modality") == "CT":
         slope = _dicom_float(dataset, "RescaleSlope") or 1.0
         intercept = _dicom_float(dataset, "RescaleIntercept") or 0.0
+        _check_rescale(path, slope, intercept, float(raw.min()), float(raw.max()))
         pixels = pixels * slope + intercept
         intensity = Intensity.HU
     _check_usable(path, pixels)
@@ -595,6 +603,40 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
         pixel_spacing=_dicom_spacing(dataset),
         position_z=_dicom_position_z(dataset),
     )
+
+
+#: Rescaled DICOM values beyond this magnitude are not CT numbers (Hounsfield units run from
+#: -1024 to a few thousand, about 30 000 on extended-range scanners).
+MAX_RESCALED_MAGNITUDE = 1e6
+
+
+def _check_rescale(path: str, slope: float, intercept: float, low: float, high: float) -> None:
+    """Refuse a RescaleSlope/Intercept that is not a number, or that maps the stored values
+    [low, high] beyond :data:`MAX_RESCALED_MAGNITUDE` (checked on the two ends, in Python
+    floats, so a slope of 1e308 fails here instead of overflowing the pixels)."""
+    for name, value in (("RescaleSlope", slope), ("RescaleIntercept", intercept)):
+        if not math.isfinite(value):
+            raise ReadError(path, f"{name} is {value}, not a number")
+    if max(abs(low * slope + intercept), abs(high * slope + intercept)) > MAX_RESCALED_MAGNITUDE:
+        raise ReadError(path, f"RescaleSlope {slope:g} and RescaleIntercept {intercept:g} give values of "
+                              f"magnitude above {MAX_RESCALED_MAGNITUDE:g}, not CT numbers")
+
+
+def _check_native_pixel_length(path: str, dataset, rows: int, columns: int) -> None:
+    """Refuse uncompressed pixel data whose length is not what Rows x Columns say: pydicom
+    would reshape the bytes to the header's size (a 512 x 512 image read as 9 x 512, say).
+    Compressed pixel data carries its own size, which the decoder checks."""
+    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+    if syntax is not None and syntax.is_encapsulated:
+        return
+    samples = _dicom_int(dataset, "SamplesPerPixel") or 1
+    bits = _dicom_int(dataset, "BitsAllocated") or 0
+    values = rows * columns * samples
+    expected = -(-values // 8) if bits == 1 else values * -(-bits // 8)
+    actual = len(dataset.PixelData)
+    if actual not in (expected, expected + 1):  # + 1: the pad byte of an odd length
+        raise ReadError(path, f"DICOM pixel data is {actual} bytes, but Rows {rows} x Columns {columns} x "
+                              f"{samples} sample(s) of {bits} bits take {expected}")
 
 
 def read_dicom_bytes(data: bytes, path: str) -> CTSlice:
@@ -667,59 +709,156 @@ def _nifti_layout(path: str, head: bytes) -> tuple[int, tuple[int, ...], int]:
     return header_bytes, shape, max(offset, header_bytes + 4) + voxels * -(-bitpix // 8)
 
 
-def read_nifti(path: str, data: bytes | None = None, max_voxels: int | None = None) -> list[CTSlice]:
-    """Read a NIfTI volume from ``data`` (the file's bytes); every axial slice (last axis) becomes one slice.
+#: What :func:`read_file` is given as ``frame`` for the slice a single-slice query of a volume
+#: uses: the usable slice nearest the middle.
+MIDDLE = "middle"
+
+
+class _NiftiPlanes:
+    """The axial planes of one NIfTI file, decoded one at a time from its bytes.
+
+    nibabel's array proxy reads only the bytes of the plane asked for; a ``.nii.gz`` is
+    decompressed as a stream (forward reads continue where the last stopped), so a volume is
+    never whole in memory, however much it claims once decompressed. Only the fixed header is
+    parsed: extensions are never read.
+    """
+
+    def __init__(self, path: str, data: bytes, max_voxels: int | None) -> None:
+        import gzip
+
+        import nibabel
+        from nibabel.arrayproxy import ArrayProxy
+
+        limit = voxel_limit(max_voxels)
+        compressed = path.lower().endswith(".gz")
+        if compressed and not data.startswith(b"\x1f\x8b"):
+            raise ReadError(path, "unreadable NIfTI (not gzip-compressed; "
+                                  f"the content looks like {describe_content(data)})")
+        head = _gunzip(path, data, max(_NIFTI_HEADER_BYTES)) if compressed else data[:max(_NIFTI_HEADER_BYTES)]
+        header_bytes, shape, needed = _nifti_layout(path, head)
+        voxels = int(np.prod(shape, dtype=object))
+        if voxels > limit:
+            raise ReadError(path, f"volume is {'x'.join(map(str, shape))} = {voxels} voxels, above the limit of "
+                                  f"{limit} (set {MAX_VOXELS_ENV} to change it)")
+        if needed > MAX_FILE_BYTES:  # a .nii.gz expands to no more than a .nii may hold
+            raise ReadError(path, f"volume takes {needed} bytes uncompressed, above the limit of "
+                                  f"{MAX_FILE_BYTES} bytes")
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if len(shape) not in (2, 3):
+            raise ReadError(path, f"expected a 3-D volume, got shape {shape}")
+        if shape[0] * shape[1] > MAX_PIXELS:
+            raise ReadError(path, f"slices are {shape[0]}x{shape[1]}, above the limit of {MAX_PIXELS} pixels")
+        if min(shape[:2]) < 8:
+            raise ReadError(path, f"image is {shape[0]}x{shape[1]} pixels, too small to be a CT slice")
+        header_class = nibabel.Nifti1Header if header_bytes == 348 else nibabel.Nifti2Header
+        try:
+            header = header_class(head[:header_bytes])
+            stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if compressed else io.BytesIO(data)
+            self.proxy = ArrayProxy(stream, header)
+            zooms = header.get_zooms()
+        except Exception as error:
+            raise ReadError(path, f"unreadable NIfTI ({_short(error)})") from None
+        self.path = path
+        self.count = shape[2] if len(shape) > 2 else 1
+        self.depth_axes = len(self.proxy.shape) - 2  # a (x, y, z, 1) volume has a fourth axis of one
+        self.spacing = (float(zooms[1]), float(zooms[0]))
+
+    def plane(self, z: int) -> np.ndarray:
+        """Plane ``z`` on its (x, y) grid as float32; values beyond float32 become infinite
+        (and are then treated as non-finite)."""
+        index = (slice(None), slice(None), z, 0)[:2 + self.depth_axes]
+        try:
+            values = np.asarray(self.proxy[index])
+        except Exception as error:  # truncated data, a broken gzip stream: one line
+            raise ReadError(self.path, f"unreadable NIfTI ({_short(error)})") from None
+        with np.errstate(over="ignore"):
+            return values.astype(np.float32)
+
+
+@dataclass
+class _PlaneRange:
+    """The finite range of one plane (None when it has no finite value) and whether it has
+    non-finite values."""
+
+    low: float | None
+    high: float | None
+    non_finite: bool
+
+    @classmethod
+    def of(cls, plane: np.ndarray) -> "_PlaneRange":
+        finite = np.isfinite(plane)
+        if finite.all():
+            return cls(float(plane.min()), float(plane.max()), False)
+        if not finite.any():
+            return cls(None, None, True)
+        values = plane[finite]
+        return cls(float(values.min()), float(values.max()), True)
+
+    def constant(self, fill: float) -> bool:
+        """Whether the plane is one value once its non-finite values are ``fill``."""
+        values = {value for value in (self.low, self.high) if value is not None}
+        if self.non_finite:
+            values.add(fill)
+        return len(values) == 1
+
+
+def read_nifti(path: str, data: bytes | None = None, max_voxels: int | None = None,
+               frame: int | str | None = None) -> list[CTSlice]:
+    """Read a NIfTI volume from ``data`` (the file's bytes); every axial slice (last axis) that
+    is not constant becomes one slice (``frame``: its plane), or only the slice at ``frame``
+    (an int, or :data:`MIDDLE`: the usable slice nearest the middle).
 
     The voxel count is checked against :func:`voxel_limit` from the header, before anything
-    is decompressed (``.nii.gz``) or decoded.
+    is decompressed (``.nii.gz``) or decoded; planes are then decoded one at a time, so memory
+    holds the slices returned and one plane. A volume of constant planes only is refused.
+    The intensity kind is the volume's (every slice has the same): one pass over all planes
+    finds its range, and non-finite values become its finite minimum.
     """
-    import nibabel
-
-    data = read_bytes(path) if data is None else data
-    limit = voxel_limit(max_voxels)
-    compressed = path.lower().endswith(".gz")
-    if compressed and not data.startswith(b"\x1f\x8b"):
-        raise ReadError(path, "unreadable NIfTI (not gzip-compressed; "
-                              f"the content looks like {describe_content(data)})")
-    head = _gunzip(path, data, max(_NIFTI_HEADER_BYTES)) if compressed else data[:max(_NIFTI_HEADER_BYTES)]
-    header_bytes, shape, needed = _nifti_layout(path, head)
-    voxels = int(np.prod(shape, dtype=object))
-    if voxels > limit:
-        raise ReadError(path, f"volume is {'x'.join(map(str, shape))} = {voxels} voxels, above the limit of "
-                              f"{limit} (set {MAX_VOXELS_ENV} to change it)")
-    if needed > MAX_FILE_BYTES:  # a .nii.gz expands to no more than a .nii may hold
-        raise ReadError(path, f"volume takes {needed} bytes uncompressed, above the limit of {MAX_FILE_BYTES} bytes")
-    content = _gunzip(path, data, needed) if compressed else data
-    image_class = nibabel.Nifti1Image if header_bytes == 348 else nibabel.Nifti2Image
-    try:
-        with quiet_decoding():
-            image = image_class.from_bytes(content)
-            shape = image.shape
-            if len(shape) == 4 and shape[3] == 1:
-                shape = shape[:3]
-            if len(shape) not in (2, 3):
-                raise ReadError(path, f"expected a 3-D volume, got shape {image.shape}")
-            if shape[0] * shape[1] > MAX_PIXELS:
-                raise ReadError(path, f"slices are {shape[0]}x{shape[1]}, above the limit of {MAX_PIXELS} pixels")
-            volume = np.asarray(image.dataobj, dtype=np.float32).reshape(shape)
-            zooms = image.header.get_zooms()
-    except ReadError:
-        raise
-    except Exception as error:
-        raise ReadError(path, f"unreadable NIfTI ({_short(error)})") from None
-    if volume.ndim == 2:
-        volume = volume[:, :, None]
-    volume = _replace_non_finite(volume)
-    intensity = classify_intensity(volume)
-    if intensity in (Intensity.MINMAX, Intensity.UNIT) and volume.min() >= -1024 and volume.max() > 255:
+    volume = _NiftiPlanes(path, read_bytes(path) if data is None else data, max_voxels)
+    if frame == MIDDLE:
+        target: int | None = volume.count // 2
+    elif frame is None or isinstance(frame, int):
+        target = frame
+    else:
+        raise ValueError(f"frame must be a number or {MIDDLE!r}, not {frame!r}")
+    if target is not None and not 0 <= target < volume.count:
+        raise ReadError(path, f"no slice {target} (the volume has {volume.count})")
+    ranges, kept = [], {}
+    for z in range(volume.count):
+        plane = volume.plane(z)
+        ranges.append(_PlaneRange.of(plane))
+        # a plane with only finite values and one of them is constant whatever the volume holds
+        surely_constant = not ranges[-1].non_finite and ranges[-1].low == ranges[-1].high
+        if (target is None and not surely_constant) or z == target:
+            kept[z] = plane
+    lows = [r.low for r in ranges if r.low is not None]
+    if not lows:
+        raise ReadError(path, "volume holds no finite values")
+    low, high = min(lows), max(r.high for r in ranges if r.high is not None)
+    usable = [z for z, r in enumerate(ranges) if not r.constant(low)]
+    if not usable:
+        what = f"volume is constant (every voxel is {low:g})" if low == high else "every slice is constant"
+        raise ReadError(path, f"{what}, nothing to segment")
+    if target is not None:
+        if target not in usable and frame != MIDDLE:
+            raise ReadError(path, f"slice {target} is constant, nothing to segment")
+        chosen = min(usable, key=lambda z: (abs(z - target), z))
+        usable = [chosen]
+        if chosen not in kept:
+            kept[chosen] = volume.plane(chosen)
+    intensity = _classify_range("f", low, high)
+    if intensity in (Intensity.MINMAX, Intensity.UNIT) and low >= -1024 and high > 255:
         intensity = Intensity.HU  # CT volumes stored without the -1024 offset still are HU-like
     slices = []
-    for z in range(volume.shape[2]):
-        pixels = slice_plane(volume[:, :, z])  # NIfTI stores (x, y); see slice_plane
-        _check_usable(path, pixels, allow_constant=True)  # blank slices belong to the volume too
-        slices.append(CTSlice(pixels=pixels, intensity=intensity, path=path, source_format=SourceFormat.NIFTI,
-                              frame=z, slice_index=z,
-                              pixel_spacing=(float(zooms[1]), float(zooms[0]))))
+    for z in usable:
+        plane = kept.pop(z)
+        if ranges[z].non_finite:
+            plane[~np.isfinite(plane)] = low
+        slices.append(CTSlice(pixels=slice_plane(plane),  # NIfTI stores (x, y); see slice_plane
+                              intensity=intensity, path=path, source_format=SourceFormat.NIFTI,
+                              frame=z, slice_index=z, pixel_spacing=volume.spacing,
+                              frames_in_file=volume.count))
     return slices
 
 
@@ -787,6 +926,17 @@ class Reader:
     def read(self, path: str, data: bytes, max_voxels: int | None = None) -> list[CTSlice]:
         """The slices of a file whose whole content is ``data``; raises :class:`ReadError`."""
         raise NotImplementedError
+
+    def read_frame(self, path: str, data: bytes, frame: int | str, max_voxels: int | None = None) -> CTSlice:
+        """The one slice at ``frame`` (an int, or :data:`MIDDLE`: the one nearest the middle).
+        The default reads every slice; a volume's reader decodes only what it needs."""
+        slices = self.read(path, data, max_voxels)
+        if frame == MIDDLE:
+            return slices[len(slices) // 2]
+        chosen = next((item for item in slices if item.frame == frame), None)
+        if chosen is None:
+            raise ReadError(path, f"no usable slice {frame} (the file has {len(slices)})")
+        return chosen
 
     def write_masks(self, source: str, slices: Sequence[CTSlice], masks: Sequence[np.ndarray],
                     folder: Path, mask_format: str) -> str:
@@ -856,9 +1006,13 @@ class NiftiReader(Reader):
     def read(self, path: str, data: bytes, max_voxels: int | None = None) -> list[CTSlice]:
         return read_nifti(path, data, max_voxels)
 
+    def read_frame(self, path: str, data: bytes, frame: int | str, max_voxels: int | None = None) -> CTSlice:
+        return read_nifti(path, data, max_voxels, frame)[0]
+
     def write_masks(self, source: str, slices: Sequence[CTSlice], masks: Sequence[np.ndarray],
                     folder: Path, mask_format: str) -> str:
-        """``nifti``: one ``<volume>_mask.nii.gz`` (0/1 uint8) on the grid and affine of ``source``."""
+        """``nifti``: one ``<volume>_mask.nii.gz`` (0/1 uint8) on the grid and affine of ``source``
+        (planes that gave no slice, being constant, are 0)."""
         if mask_format != "nifti":
             return super().write_masks(source, slices, masks, folder, mask_format)
         import nibabel
@@ -866,7 +1020,10 @@ class NiftiReader(Reader):
 
         # nibabel.load is typed as any image file; a NIfTI source is always a spatial image
         affine = cast(SpatialImage, nibabel.load(source)).affine
-        volume = np.stack([nifti_plane(mask) for mask in masks], axis=2).astype(np.uint8)
+        height, width = slices[0].shape
+        volume = np.zeros((width, height, slices[0].frames_in_file), np.uint8)
+        for item, mask in zip(slices, masks):
+            volume[:, :, item.frame] = nifti_plane(mask)
         target = folder / f"{slices[0].name.rsplit('_z', 1)[0]}_mask.nii.gz"
         nibabel.save(nibabel.Nifti1Image(volume, affine), str(target))
         return str(target)
@@ -914,8 +1071,11 @@ def supported_formats(last: str = " or ") -> str:
     return ", ".join(names[:-1]) + last + names[-1]
 
 
-def read_file(path: str | os.PathLike, max_voxels: int | None = None) -> list[CTSlice]:
-    """Read any supported file; returns its slices (one for 2-D files).
+def read_file(path: str | os.PathLike, max_voxels: int | None = None,
+              frame: int | str | None = None) -> list[CTSlice]:
+    """Read any supported file; returns its slices (one for 2-D files), or only the one at
+    ``frame`` (an int, or :data:`MIDDLE`: a volume's usable slice nearest its middle), which
+    a volume decodes without keeping the others.
 
     The file is read once: its SHA-256 and its pixels come from the same bytes, even if the
     file is replaced meanwhile. ``max_voxels`` bounds volumes (see :func:`voxel_limit`).
@@ -953,7 +1113,8 @@ def read_file(path: str | os.PathLike, max_voxels: int | None = None) -> list[CT
     data = read_bytes(path)
     digest = hashlib.sha256(data).hexdigest()
     try:
-        slices = reader.read(path, data, max_voxels)
+        slices = reader.read(path, data, max_voxels) if frame is None else \
+            [reader.read_frame(path, data, frame, max_voxels)]
     except (ReadError, LungCBIRError):
         raise
     except MemoryError:
@@ -1044,6 +1205,13 @@ def printable(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "replace")
 
 
+#: The longest reason a decoder's error gives a failure line.
+MAX_REASON_CHARACTERS = 300
+
+
 def _short(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
+    """A decoder's error as one line: its lines joined, so a first line that only introduces
+    the rest ("... raised by all available plugins:") keeps what follows it."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines()]
+    text = "; ".join(line for line in lines if line).replace(":;", ":") or type(error).__name__
+    return text if len(text) <= MAX_REASON_CHARACTERS else text[:MAX_REASON_CHARACTERS - 3] + "..."

@@ -70,7 +70,8 @@ def normalize_intensity(pixels: np.ndarray, intensity: Intensity | str,
     low, high = float(values.min()), float(values.max())
     if high <= low:
         return np.zeros_like(values)
-    return ((values - low) / (high - low)).astype(np.float32)
+    # in float64: the range of float32 values (up to 3.4e38 either way) overflows float32
+    return ((values.astype(np.float64) - low) / (high - low)).astype(np.float32)
 
 
 def geometry_for(shape: tuple[int, int]) -> Geometry:

@@ -596,8 +596,7 @@ class Retriever:
 
         if is_dicomweb_url(record.path):  # indexed from a DICOMweb archive: fetch it from there
             return fetch_slice(record.path)
-        slices = read_file(record.path)
-        return slices[min(record.frame, len(slices) - 1)]
+        return read_file(record.path, frame=record.frame)[0]
 
     def stored_masks(self, stored: Sequence[tuple[int, CTSlice]]) -> list[np.ndarray]:
         """Lung masks of stored slices, given as (row id, slice read back from its file).

@@ -53,10 +53,10 @@ log = logging.getLogger("lungcbir.web")
 STATIC = Path(__file__).parent / "web_static"
 
 
-def _read_upload_file(path: str) -> list[CTSlice]:
+def _read_upload_file(path: str, frame: int | str | None = None) -> list[CTSlice]:
     """Decode a saved upload with this module's ``read_file``, looked up at each call (so it can
     be replaced here, as the tests of bounded decoding do)."""
-    return read_file(path)
+    return read_file(path, frame=frame)
 
 
 def create_app(retriever: Retriever, settings: WebSettings | None = None) -> FastAPI:

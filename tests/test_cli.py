@@ -93,7 +93,9 @@ def test_segment_png_and_nifti(run, phantom_dir, tmp_path):
     import nibabel
 
     volume = tmp_path / "v.nii.gz"
-    nibabel.save(nibabel.Nifti1Image(np.full((48, 40, 3), -900, np.int16), np.eye(4)), str(volume))
+    planes = np.full((48, 40, 3), -900, np.int16)
+    planes[10:30, 5:20] = 40  # a constant plane is refused, as constant images are
+    nibabel.save(nibabel.Nifti1Image(planes, np.eye(4)), str(volume))
     image = str(phantom_dir / "png" / "phantom01" / "phantom01_s002.png")
     result = run("segment", image, str(volume), "--out", str(tmp_path / "masks"), store=False)
     assert result.exit_code == 0, result.output

@@ -154,12 +154,31 @@ def test_png_format_of_a_volume_writes_a_png_per_slice(tiny_weights, tmp_path):
     import nibabel
 
     volume = tmp_path / "v.nii.gz"
-    nibabel.save(nibabel.Nifti1Image(np.full((48, 40, 3), -900, np.int16), np.eye(4)), str(volume))
+    planes = np.full((48, 40, 3), -900, np.int16)
+    planes[10:30, 5:20] = 40  # a constant plane is refused, as constant images are
+    nibabel.save(nibabel.Nifti1Image(planes, np.eye(4)), str(volume))
     result = invoke("segment", volume, "--format", "png", "--out", tmp_path / "m", "--weights", tiny_weights)
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert written == [f"v_z{z:03d}_mask.png" for z in range(3)]
     assert cv2.imread(str(tmp_path / "m" / written[0]), cv2.IMREAD_UNCHANGED).shape == (40, 48)
+
+
+def test_a_patient_name_of_one_component_is_written_without_a_warning(phantom_dir, tiny_weights, tmp_path):
+    """Issue 29 item 12: highdicom warned about every SEG of a series named like TCGA-17-Z011."""
+    import warnings
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for path in sorted((phantom_dir / "dicom" / "phantom01").iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.PatientName = "TCGA-17-Z011"
+        ds.save_as(folder / path.name)
+    slices = [read_file(path)[0] for path in sorted(folder.iterdir())]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = write_dicom_seg(slices, [s.pixels > -500 for s in slices], tmp_path / "seg.dcm", "model")
+    assert pydicom.dcmread(written.path).PatientName == "TCGA-17-Z011^"  # the same name (PS3.5 6.2.1.2)
 
 
 def messy_copy(series: Path, out: Path) -> list[Path]:

@@ -1,4 +1,5 @@
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -248,6 +249,69 @@ def test_nifti_bomb_is_refused_from_its_header(tmp_path):
     assert peak < 3 * os.path.getsize(path) + (8 << 20), f"refusing the bomb allocated {peak} bytes"
 
 
+def _peak_allocation(function):
+    """What ``function()`` returns (or raises) and the most memory it held at once (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            outcome = function()
+        except ReadError as error:
+            outcome = error
+        return outcome, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_volume_of_zeros_is_refused_as_constant_plane_by_plane(tmp_path):
+    """Issue 29 item 8: a small .nii.gz of zeros within the voxel limit once expanded to
+    gigabytes; it is now decoded one plane at a time and refused as constant."""
+    path = _gzip_nifti_of_zeros(tmp_path / "zeros.nii.gz", (512, 512, 200))  # 100 MB of int16 once expanded
+    outcome, peak = _peak_allocation(lambda: read_file(path))
+    assert isinstance(outcome, ReadError)
+    assert "volume is constant (every voxel is 0), nothing to segment" in str(outcome)
+    assert peak < 8 << 20, f"refusing a volume of zeros allocated {peak} bytes"
+
+
+def test_constant_slices_of_a_volume_are_left_out_and_masks_keep_the_grid(tmp_path):
+    import nibabel
+
+    from lungcbir.io import reader_for_format
+
+    volume = np.zeros((24, 20, 4), np.int16)  # planes 0 and 3 are blank padding
+    volume[:, :, 1:3] = -1000
+    volume[2:6, 11:17, 1:3] = 40
+    source = str(tmp_path / "v.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), source)
+    slices = read_file(source)
+    assert [s.frame for s in slices] == [1, 2] and all(s.frames_in_file == 4 for s in slices)
+    assert all(s.intensity == "hu" for s in slices)
+    target = reader_for_format("nifti").write_masks(source, slices, [s.pixels > -500 for s in slices], tmp_path,
+                                                    "nifti")
+    assert np.array_equal(np.asarray(nibabel.load(target).dataobj) > 0, volume > 0)
+    with pytest.raises(ReadError, match="slice 0 is constant"):
+        read_file(source, frame=0)
+
+
+def test_one_slice_of_a_volume_is_read_without_keeping_the_others(tmp_path):
+    import nibabel
+
+    from lungcbir.io import MIDDLE
+
+    volume = np.tile(np.arange(256, dtype=np.int16)[:, None, None] * 4 - 1000, (1, 256, 120))
+    volume += np.arange(120, dtype=np.int16)  # every plane its own (and the volume 31 MB as float32)
+    path = str(tmp_path / "v.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), path)
+    (middle,), peak = _peak_allocation(lambda: read_file(path, frame=MIDDLE))
+    assert middle.frame == 60 and middle.frames_in_file == 120 and middle.intensity == "hu"
+    assert np.array_equal(middle.pixels, volume[:, :, 60].T) and len(middle.sha256) == 64
+    assert peak < 8 << 20, f"reading one slice allocated {peak} bytes"
+    assert np.array_equal(read_file(path, frame=7)[0].pixels, volume[:, :, 7].T)
+    with pytest.raises(ReadError, match="no slice 120 "):
+        read_file(path, frame=120)
+
+
 def test_voxel_limit_admits_a_chest_ct_and_is_configurable(tmp_path, monkeypatch):
     from lungcbir.errors import LungCBIRError
     from lungcbir.io import DEFAULT_MAX_VOXELS, voxel_limit
@@ -339,6 +403,50 @@ def test_malformed_optional_dicom_tags_count_as_unknown(tmp_path, phantom_dir):
     assert item.instance_number is None and item.pixel_spacing is None and item.position_z is None
     assert np.array_equal(item.pixels, read_file(good)[0].pixels)
     assert set(dicom_series_positions([bad, good])) == {bad, good}
+
+
+@pytest.mark.parametrize("slope,intercept,reason", [
+    (b"NaN ", b"0 ", "RescaleSlope is nan, not a number"),
+    (b"1 ", b"-inf", "RescaleIntercept is -inf, not a number"),
+    (b"1e308 ", b"0 ", "RescaleSlope 1e+308 and RescaleIntercept 0 give values of magnitude above 1e+06"),
+    (b"1 ", b"-1e30 ", "RescaleSlope 1 and RescaleIntercept -1e+30 give values of magnitude above 1e+06"),
+])
+def test_unusable_rescale_fails_the_file_without_a_warning(tmp_path, phantom_dir, slope, intercept, reason):
+    """Issue 29 item 12: a NaN or huge RescaleSlope overflowed the pixels (RuntimeWarning on stderr)."""
+    import warnings
+
+    path = _dicom(tmp_path, phantom_dir, raw={"RescaleSlope": ("DS", slope), "RescaleIntercept": ("DS", intercept)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ReadError, match=re.escape(reason + (", not CT numbers" if "give" in reason else ""))):
+            read_file(path)
+
+
+def test_a_decoder_error_of_several_lines_gives_its_useful_part_in_one_line(tmp_path, phantom_dir):
+    """Issue 29 item 13: "... raised by all available plugins:" was cut at the colon."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    dataset = pydicom.dcmread(sorted((phantom_dir / "dicom" / "phantom01").iterdir())[0])
+    dataset.file_meta.TransferSyntaxUID = RLELossless
+    dataset.PixelData = encapsulate([b"not RLE data at all" * 4])
+    dataset["PixelData"].VR = "OB"
+    dataset.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    with pytest.raises(ReadError) as raised:
+        read_file(tmp_path / "x.dcm")
+    reason = raised.value.reason
+    assert "\n" not in reason and len(reason) <= 360, reason
+    assert re.search(r"all available plugins: \w+: \S.*invalid number of segments", reason), reason
+
+
+@pytest.mark.parametrize("columns", [9, 95, 200])
+def test_dicom_pixel_data_must_be_as_long_as_its_header_says(tmp_path, phantom_dir, columns):
+    """Issue 29 item 11: a header whose Columns lie was read as a picture of the header's size."""
+    path = _dicom(tmp_path, phantom_dir, raw={"Columns": ("US", struct.pack("<H", columns))})
+    with pytest.raises(ReadError, match=f"DICOM pixel data is 18432 bytes, but Rows 96 x Columns {columns} x 1 "
+                                        f"sample\\(s\\) of 16 bits take {96 * columns * 2}$"):
+        read_file(path)
 
 
 @pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.float64])

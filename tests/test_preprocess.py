@@ -81,3 +81,14 @@ def test_one_pad_to_square_serves_model_input_masks_and_training(tmp_path):
     cv2.imwrite(str(tmp_path / "m.png"), (image > 0).astype(np.uint8) * 255)
     sample = load_sample(str(tmp_path / "i.png"), str(tmp_path / "m.png"), 64)
     assert np.array_equal(sample.pixels > 100, mask.astype(bool)) and sample.name == "i"
+
+
+def test_minmax_of_the_whole_float32_range_warns_nothing():
+    """Issue 29 item 12: values - low overflowed float32 (a RuntimeWarning on stderr)."""
+    import warnings
+
+    values = np.array([[-3e38, 0.0, 3e38]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = normalize_intensity(values, "minmax")
+    assert out.dtype == np.float32 and out.tolist() == [[0.0, 0.5, 1.0]]

@@ -21,7 +21,7 @@ import numpy as np
 from fastapi import Depends, HTTPException, Request, UploadFile
 
 from ..errors import FilterError, LungCBIRError, ReadError
-from ..io import CTSlice, file_suffix, supported_formats, supported_suffixes
+from ..io import MIDDLE, CTSlice, file_suffix, supported_formats, supported_suffixes
 from ..retrieval import Neighbor, QueryResult, Retriever, parse_filters
 from ..visualize import display_image, mask_png, overlay
 from ..websecurity import WebSettings, scrub_paths, viewer_link
@@ -152,7 +152,7 @@ class WebState:
 
     retriever: Retriever
     settings: WebSettings
-    read_file: Callable[[str], list[CTSlice]]
+    read_file: Callable[..., list[CTSlice]]  # (path, frame=None), as read_file
     # one inference at a time: torch's CPU kernels already use every core
     model_lock: threading.Lock = field(default_factory=threading.Lock)
     results: ResultCache = field(default_factory=ResultCache)
@@ -169,8 +169,9 @@ class WebState:
             raise HTTPException(503, "the server is busy decoding other images; try again shortly")
         return _Release(self.decode_slots)
 
-    def read_upload(self, upload: UploadFile) -> list[CTSlice]:
-        """Every slice of one uploaded file (a NIfTI volume has many), named by its file name."""
+    def read_upload(self, upload: UploadFile, frame: int | str | None = None) -> list[CTSlice]:
+        """Every slice of one uploaded file (a NIfTI volume has many), or the one at ``frame``
+        (as :func:`lungcbir.io.read_file`), named by its file name."""
         filename = upload_name(upload)
         suffix = file_suffix(filename)
         if suffix not in UPLOAD_SUFFIXES:
@@ -188,7 +189,7 @@ class WebState:
                     handle.write(data)
                 del data
                 try:
-                    items = self.read_file(path)
+                    items = self.read_file(path, frame=frame)
                 except ReadError as error:
                     # readers quote the file they failed on: that is our temporary file, not the client's
                     reason = scrub_paths(error.reason, {path: filename, folder: "", tempfile.gettempdir(): ""})
@@ -200,8 +201,8 @@ class WebState:
     def middle_slice(self, upload: UploadFile) -> tuple[CTSlice, int]:
         """The slice a single-slice route uses of an upload (a volume's middle one) and how many
         slices the file has."""
-        items = self.read_upload(upload)
-        return items[len(items) // 2], len(items)
+        item = self.read_upload(upload, MIDDLE)[0]  # a volume decodes only that one
+        return item, item.frames_in_file
 
     def render(self, result: QueryResult) -> str:
         """Keep a query's pictures for the page; the token of their URLs."""
