@@ -435,7 +435,7 @@ def segment(images, out, output_format, batch_size, study, stow, as_json, weight
                 click.echo(f"failed: {failure}", err=True)
                 failures.append(failure.path)
             sources.append(source)
-            fetched += series_folders
+            fetched += list(series_folders)
 
         def shown(path: str) -> str:  # a fetched series or file by its URL, never the temporary folder
             return next((url for source in sources if (url := source.cached_url(path))), path)

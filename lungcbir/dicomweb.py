@@ -251,7 +251,8 @@ class _WatchedAdapter(HTTPAdapter):
 class _BoundedSession(requests.Session):
     """A session whose answers are complete within ``seconds`` (connection, headers, body and
     redirects together; requests' own timeout is per read only) and that follows redirects on
-    the same host only."""
+    the same host only. The body is bounded for requests without ``stream=True``: every
+    request this module and dicomweb-client make for it."""
 
     def __init__(self, seconds: float) -> None:
         super().__init__()
@@ -449,14 +450,15 @@ class DicomwebSource:
         keyed, rejected, seen = [], [], set()
         for attributes in found:
             sop = _tag_value(attributes, "00080018")
-            if not sop or sop in seen:
+            if not sop:
                 continue
-            seen.add(sop)
             if not is_uid(sop):
                 rejected.append(ReadError(series_url, f"an instance's SOP Instance UID is not a DICOM UID "
                                                       f"({_shown(sop)})"))
                 continue
-            keyed.append((_order_key(attributes), sop))
+            if sop not in seen:  # an archive may list an instance twice
+                seen.add(sop)
+                keyed.append((_order_key(attributes), sop))
         keyed.sort()
         return [InstanceRef(self.root, series.study_uid, series.series_uid, sop, index)
                 for index, (_, sop) in enumerate(keyed)], rejected

@@ -275,6 +275,19 @@ def test_an_archive_uid_cannot_write_outside_the_cache(hostile_archive, tmp_path
     assert not any(hostile_uid in request for request in hostile_archive.requests)
 
 
+def test_uids_that_are_not_text_are_refused_too(hostile_archive):
+    listing = hostile_archive.listing
+    listing[0]["00080018"] = _element("UI", ["1.2"])
+    listing[1]["00080018"] = _element("UI", {"a": 1})
+    listing.append(listing[2])  # listed twice: indexed once
+    refs, rejected = DicomwebSource(hostile_archive.url).instances(
+        SeriesRef(hostile_archive.study, hostile_archive.series))
+    assert len(refs) == 4 and len({ref.sop_uid for ref in refs}) == 4
+    assert [error.reason for error in rejected] == [
+        "an instance's SOP Instance UID is not a DICOM UID (\"['1.2']\")",
+        "an instance's SOP Instance UID is not a DICOM UID (\"{'a': 1}\")"]
+
+
 def test_only_uids_of_digits_and_dots_are_used():
     from lungcbir.dicomweb import is_uid
 
