@@ -273,8 +273,8 @@ class _BoundedSession(requests.Session):
             for item in in_use:
                 sock = item if isinstance(item, socket.socket) else getattr(item, "sock", None)
                 if sock is not None:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
+                    try:  # the plain socket's shutdown: a TLS socket's own would unwrap it under the reader
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
                     except OSError:
                         pass  # already closed
 
