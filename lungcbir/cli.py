@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -200,8 +201,13 @@ def parse_where(pairs) -> dict[str, str]:
         raise click.BadParameter(str(error), param_hint="--where") from None
 
 
-def _read_inputs(paths):
-    """Read query/segment inputs; yields (path, slices) and collects failures."""
+def _same(path: str) -> str:
+    return path
+
+
+def _read_inputs(paths, name: Callable[[str], str] = _same):
+    """Read query/segment inputs; yields (path, slices) and collects failures. ``name`` says
+    how messages name a path (a fetched file by its archive URL)."""
     from .io import find_image_files, read_file
 
     failures = []
@@ -213,8 +219,8 @@ def _read_inputs(paths):
         try:
             readable.append((path, read_file(path)))
         except ReadError as error:
-            click.echo(f"failed: {error}", err=True)
-            failures.append(path)
+            click.echo(f"failed: {name(error.path)}: {error.reason}", err=True)
+            failures.append(name(path))
     return readable, failures
 
 
@@ -423,7 +429,7 @@ def segment(images, out, output_format, batch_size, study, stow, as_json, weight
     retriever = _retriever(weights=weights, device=device, batch_size=batch_size)
     folder = _ensure_folder(out)
     with tempfile.TemporaryDirectory(prefix="lungcbir-dicomweb-") as download:
-        sources, shown, failures = [], {}, []
+        sources, fetched, failures = [], [], []
         for url in urls:  # fetched to a temporary folder, then read like local series
             source = DicomwebSource(url, cache_dir=Path(download) / str(len(sources)))
             series_folders, fetch_failures = source.download(study)
@@ -431,9 +437,13 @@ def segment(images, out, output_format, batch_size, study, stow, as_json, weight
                 click.echo(f"failed: {failure}", err=True)
                 failures.append(failure.path)
             sources.append(source)
-            shown.update(series_folders)
-        local = [image for image in images if not is_dicomweb_url(image)] + sorted(shown)
-        inputs, unreadable = _read_inputs(local)
+            fetched += list(series_folders)
+
+        def shown(path: str) -> str:  # a fetched series or file by its URL, never the temporary folder
+            return next((url for source in sources if (url := source.cached_url(path))), path)
+
+        local = [image for image in images if not is_dicomweb_url(image)] + sorted(fetched)
+        inputs, unreadable = _read_inputs(local, shown)
         failures += unreadable
         if output_format == "dicom-seg":
             refused, written = _segment_to_seg(retriever, inputs, local, folder, shown)
@@ -442,12 +452,13 @@ def segment(images, out, output_format, batch_size, study, stow, as_json, weight
                 sources[0].store([seg.path for seg in written])
                 click.echo(f"stored {len(written)} SEG(s) in {sources[0].root}")
         else:
-            failures += _segment_to_masks(retriever, inputs, output_format, folder, as_json)
+            failures += _segment_to_masks(retriever, inputs, output_format, folder, as_json, shown)
     if failures:
         sys.exit(EXIT_SOME_FAILED)
 
 
-def _segment_to_masks(retriever, inputs, output_format, folder, as_json=False) -> list[str]:
+def _segment_to_masks(retriever, inputs, output_format, folder, as_json=False, name: Callable[[str], str] = _same
+                      ) -> list[str]:
     from .io import READERS, reader_for_format
 
     failures = []
@@ -456,8 +467,8 @@ def _segment_to_masks(retriever, inputs, output_format, folder, as_json=False) -
         mask_format = output_format or reader.mask_formats[0]
         if mask_format not in reader.mask_formats:
             takes = " or ".join(r.input_description for r in READERS if mask_format in r.mask_formats)
-            click.echo(f"failed: {path}: {mask_format} output needs a {takes} input", err=True)
-            failures.append(path)
+            click.echo(f"failed: {name(path)}: {mask_format} output needs a {takes} input", err=True)
+            failures.append(name(path))
             continue
         results = retriever.segment_slices(slices)
         target = reader.write_masks(path, slices, [r.mask for r in results], folder, mask_format)
@@ -465,38 +476,38 @@ def _segment_to_masks(retriever, inputs, output_format, folder, as_json=False) -
             for item, result in zip(slices, results):
                 mask = folder / f"{item.name}_mask.png" if mask_format == "png" else target
                 frame = {"slice": item.frame} if item.source_format == "nifti" else {}
-                click.echo(json.dumps({"image": path, **frame, "mask": str(mask), **result.summary_json()}))
+                click.echo(json.dumps({"image": name(path), **frame, "mask": str(mask), **result.summary_json()}))
         else:
             counts: dict[str, int] = {}
             for result in results:
                 counts[result.quality.value] = counts.get(result.quality.value, 0) + 1
             verdict = (results[0].quality.value if len(results) == 1
                        else ", ".join(f"{count} {name}" for name, count in counts.items()))
-            click.echo(f"{path} -> {target}  quality {verdict}")
+            click.echo(f"{name(path)} -> {target}  quality {verdict}")
     return failures
 
 
-def _segment_to_seg(retriever, inputs, images, folder, shown=None) -> tuple[list[str], list]:
-    """Write one SEG per series; returns the failed paths and what was written. ``shown``
-    names fetched series folders by their DICOMweb URL in messages."""
+def _segment_to_seg(retriever, inputs, images, folder, name: Callable[[str], str] = _same
+                    ) -> tuple[list[str], list]:
+    """Write one SEG per series; returns the failed paths and what was written. ``name`` says
+    how messages name a path (fetched series folders and files by their DICOMweb URL)."""
     from .dicom_seg import group_series
 
     series, refused = group_series(inputs, named=images)
     for failure in refused:
-        click.echo(f"failed: {failure.path}: {failure.reason}", err=True)
-    failures, written_all = [failure.path for failure in refused], []
+        click.echo(f"failed: {name(failure.path)}: {failure.reason}", err=True)
+    failures, written_all = [name(failure.path) for failure in refused], []
     for item in series:
         try:
             written = retriever.write_dicom_seg(item.slices, folder / f"{item.name}_seg.dcm")
         except (ReadError, SegError) as error:
-            click.echo(f"failed: {error}", err=True)
-            failures.append(error.path)
+            click.echo(f"failed: {name(error.path)}: {error.reason}", err=True)
+            failures.append(name(error.path))
             continue
         written_all.append(written)
         derived = (f", identifiers derived for {written.sources_with_derived} of {len(item.slices)} source files"
                    if written.derived else "")
-        source = (shown or {}).get(item.source, item.source)
-        click.echo(f"{source} -> {written.path} ({written.frames} frames{derived})")
+        click.echo(f"{name(item.source)} -> {written.path} ({written.frames} frames{derived})")
     return failures, written_all
 
 

@@ -13,6 +13,8 @@ it: the CLI's options (``--db``, ``--index-dir``, ``--token-file``), ``Retriever
 | largest volume, voxels | ``LUNGCBIR_MAX_VOXELS`` | 512 x 512 x 768 |
 | web access token | ``LUNGCBIR_TOKEN`` | none (``serve --token-file`` takes precedence) |
 | DICOMweb credentials | ``LUNGCBIR_DICOMWEB_TOKEN``, or ``..._USER`` + ``LUNGCBIR_DICOMWEB_PASSWORD`` | none |
+| longest wait for one DICOMweb answer, seconds | ``LUNGCBIR_DICOMWEB_RESPONSE_SECONDS`` | 300 |
+| most pages of one DICOMweb search (QIDO-RS) | ``LUNGCBIR_DICOMWEB_MAX_PAGES`` | 100 (of 1000 results) |
 
 An empty variable counts as unset. Values are checked here (a bad ``LUNGCBIR_MAX_VOXELS``
 raises :class:`ConfigError`); what a token must look like is checked where it is used
@@ -22,11 +24,14 @@ raises :class:`ConfigError`); what a token must look like is checked where it is
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import LungCBIRError
+
+Number = TypeVar("Number", int, float)
 
 DB_ENV = "LUNGCBIR_DB"
 INDEX_DIR_ENV = "LUNGCBIR_INDEX_DIR"
@@ -36,6 +41,8 @@ TOKEN_ENV = "LUNGCBIR_TOKEN"
 DICOMWEB_TOKEN_ENV = "LUNGCBIR_DICOMWEB_TOKEN"
 DICOMWEB_USER_ENV = "LUNGCBIR_DICOMWEB_USER"
 DICOMWEB_PASSWORD_ENV = "LUNGCBIR_DICOMWEB_PASSWORD"
+DICOMWEB_RESPONSE_SECONDS_ENV = "LUNGCBIR_DICOMWEB_RESPONSE_SECONDS"
+DICOMWEB_MAX_PAGES_ENV = "LUNGCBIR_DICOMWEB_MAX_PAGES"
 
 #: A SQLite file relative to the working directory (``./db/lungcbir.sqlite``), so a first run
 #: needs no setup; a shared installation sets ``LUNGCBIR_DB`` (e.g. a PostgreSQL URL).
@@ -51,6 +58,14 @@ DEFAULT_DATA_ROOT = "../shared/data"
 #: (about 600-770 slices; 0.8 GB as float32) and refuses a 512 x 512 x 1000 volume, which a
 #: 0.5 MB .nii.gz of zeros can claim.
 DEFAULT_MAX_VOXELS = 512 * 512 * 768
+#: An archive answer (headers and body, after any redirect) must be complete within this many
+#: seconds, however slowly it trickles in: the per-read timeout alone lets a server that sends a
+#: byte every few seconds hold a run forever. Kept below the default claim timeout (600 s), so
+#: a run waiting on one answer still renews its claim in time.
+DEFAULT_DICOMWEB_RESPONSE_SECONDS = 300.0
+#: A search (QIDO-RS) reads at most this many pages of results, so an archive that ignores
+#: ``offset`` (it answers the first page again and again) cannot keep a run paging forever.
+DEFAULT_DICOMWEB_MAX_PAGES = 100
 
 
 class ConfigError(LungCBIRError):
@@ -76,6 +91,8 @@ class Settings:
     dicomweb_token: str | None = None
     dicomweb_user: str | None = None
     dicomweb_password: str | None = None
+    dicomweb_response_seconds: float = DEFAULT_DICOMWEB_RESPONSE_SECONDS
+    dicomweb_max_pages: int = DEFAULT_DICOMWEB_MAX_PAGES
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -94,7 +111,11 @@ class Settings:
                    token=text(TOKEN_ENV),
                    dicomweb_token=text(DICOMWEB_TOKEN_ENV),
                    dicomweb_user=text(DICOMWEB_USER_ENV),
-                   dicomweb_password=text(DICOMWEB_PASSWORD_ENV))
+                   dicomweb_password=text(DICOMWEB_PASSWORD_ENV),
+                   dicomweb_response_seconds=_positive(environ, DICOMWEB_RESPONSE_SECONDS_ENV,
+                                                       DEFAULT_DICOMWEB_RESPONSE_SECONDS, float, "number of seconds"),
+                   dicomweb_max_pages=_positive(environ, DICOMWEB_MAX_PAGES_ENV, DEFAULT_DICOMWEB_MAX_PAGES, int,
+                                                "whole number of pages"))
 
 
 def _max_voxels(text: str) -> int:
@@ -107,4 +128,19 @@ def _max_voxels(text: str) -> int:
         value = 0
     if value < 1:
         raise ConfigError(f"{MAX_VOXELS_ENV}={text!r}: expected a positive whole number of voxels")
+    return value
+
+
+def _positive(environ: Mapping[str, str], name: str, default: Number, kind: Callable[[str], Number],
+              unit: str) -> Number:
+    """A positive number from ``environ[name]``, ``default`` when unset or empty."""
+    text = environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value: Number | None = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < float("inf"):  # also refuses "nan"
+        raise ConfigError(f"{name}={text!r}: expected a positive {unit}")
     return value

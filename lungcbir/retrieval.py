@@ -444,14 +444,17 @@ class Retriever:
         if folders and not files:
             raise LungCBIRError(f"no images found in {', '.join(folders)} "
                                 f"({supported_formats()} files)")
-        archives = []
+        archives, unusable = [], []
         for url in urls:  # every archive is asked before anything is written: one unreachable fails the run
             source = DicomwebSource(url, cache_dir=cache_dir)
-            archives.append((source, source.find_series(study, since)))
+            series, rejected = source.find_series(study, since)
+            archives.append((source, series))
+            unusable += rejected
         model, store = self.model, self.store()
         store.check_model(model.model_id, model.dimension)
         identities = IdentityResolver(folders, files, pattern)
         report = IndexReport()
+        report.failures += [ReadFailure(error.path, error.reason) for error in unusable]
         found = {os.path.realpath(path) for path in files}
         report.unmatched_labels = sum(path not in found for path in label_map)
         batch = _Batch(self, store.known_keys(model.model_id), label_map, identities, report)
@@ -497,13 +500,15 @@ class Retriever:
         from .dicomweb import SeriesRef
 
         store, report = self.store(), batch.report
-        series_url = f"{source.root}/studies/{claim.study_uid}/series/{claim.series_uid}"
+        series = SeriesRef(claim.study_uid, claim.series_uid)
+        series_url = source.series_url(series)
         try:
-            refs = source.instances(SeriesRef(claim.study_uid, claim.series_uid))
+            refs, rejected = source.instances(series)
         except DicomwebError as error:
-            reason = str(error).removeprefix(f"{source.root}: ")
+            reason = str(error).removeprefix(f"{source.root}: ").removeprefix(f"{series_url}: ")
             report.failures.append(ReadFailure(series_url, reason))
             return reason
+        report.failures += [ReadFailure(error.path, error.reason) for error in rejected]
         known = store.known_sop_uids(claim.model_id, claim.series_uid)
         report.skipped += sum(1 for ref in refs if ref.sop_uid in known)
         todo = [ref for ref in refs if ref.sop_uid not in known]
@@ -519,8 +524,8 @@ class Retriever:
                     return _LOST
                 renewed = time.monotonic()
         batch.commit()  # the rows are in before the series is marked done
-        failed = len(report.failures) - failed_before
-        return f"{failed} of {len(todo)} instances could not be read" if failed else None
+        failed = len(report.failures) - failed_before + len(rejected)
+        return f"{failed} of {len(todo) + len(rejected)} instances could not be read" if failed else None
 
     def _store_slices(self, slices: list[CTSlice], label_map: dict[str, dict], identities: IdentityResolver) -> int:
         if not slices:

@@ -12,7 +12,8 @@ from lungcbir import config
 from lungcbir.config import ConfigError, Settings
 
 ALL_VARIABLES = (config.DB_ENV, config.INDEX_DIR_ENV, config.DATA_ENV, config.MAX_VOXELS_ENV, config.TOKEN_ENV,
-                 config.DICOMWEB_TOKEN_ENV, config.DICOMWEB_USER_ENV, config.DICOMWEB_PASSWORD_ENV)
+                 config.DICOMWEB_TOKEN_ENV, config.DICOMWEB_USER_ENV, config.DICOMWEB_PASSWORD_ENV,
+                 config.DICOMWEB_RESPONSE_SECONDS_ENV, config.DICOMWEB_MAX_PAGES_ENV)
 
 
 def test_defaults_without_any_variable():
@@ -26,10 +27,11 @@ def test_defaults_without_any_variable():
 def test_every_variable_overrides_its_default():
     environ = {config.DB_ENV: "postgresql+psycopg://u@h/db", config.INDEX_DIR_ENV: "/srv/index",
                config.DATA_ENV: "/data", config.MAX_VOXELS_ENV: " 1234 ", config.TOKEN_ENV: "t" * 20,
-               config.DICOMWEB_TOKEN_ENV: "dt", config.DICOMWEB_USER_ENV: "ann", config.DICOMWEB_PASSWORD_ENV: "pw"}
+               config.DICOMWEB_TOKEN_ENV: "dt", config.DICOMWEB_USER_ENV: "ann", config.DICOMWEB_PASSWORD_ENV: "pw",
+               config.DICOMWEB_RESPONSE_SECONDS_ENV: "2.5", config.DICOMWEB_MAX_PAGES_ENV: "7"}
     settings = Settings.from_environment(environ)
     assert dataclasses.astuple(settings) == ("postgresql+psycopg://u@h/db", "/srv/index", Path("/data"), 1234,
-                                             "t" * 20, "dt", "ann", "pw")
+                                             "t" * 20, "dt", "ann", "pw", 2.5, 7)
     assert sorted(ALL_VARIABLES) == sorted(environ)  # the test names every variable there is
 
 
@@ -43,6 +45,19 @@ def test_empty_variables_count_as_unset_and_os_environ_is_the_default(monkeypatc
 def test_a_bad_voxel_limit_is_one_clear_error(value):
     with pytest.raises(ConfigError, match=f"LUNGCBIR_MAX_VOXELS='{value}': expected a positive whole number"):
         Settings.from_environment({config.MAX_VOXELS_ENV: value})
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    (config.DICOMWEB_RESPONSE_SECONDS_ENV, "soon", "number of seconds"),
+    (config.DICOMWEB_RESPONSE_SECONDS_ENV, "0", "number of seconds"),
+    (config.DICOMWEB_RESPONSE_SECONDS_ENV, "inf", "number of seconds"),
+    (config.DICOMWEB_RESPONSE_SECONDS_ENV, "nan", "number of seconds"),
+    (config.DICOMWEB_MAX_PAGES_ENV, "2.5", "whole number of pages"),
+    (config.DICOMWEB_MAX_PAGES_ENV, "-1", "whole number of pages"),
+])
+def test_a_bad_dicomweb_bound_is_one_clear_error(name, value, expected):
+    with pytest.raises(ConfigError, match=f"^{name}='{value}': expected a positive {expected}$"):
+        Settings.from_environment({name: value})
 
 
 def test_settings_are_frozen():

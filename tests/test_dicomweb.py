@@ -8,9 +8,11 @@ covid-ct-md series. The others need no archive: credentials, URLs, the schema mi
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -21,7 +23,7 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 from lungcbir.cli import main
-from lungcbir.dicomweb import DicomwebSource, display_url, is_dicomweb_url, parse_instance_url
+from lungcbir.dicomweb import DicomwebSource, SeriesRef, display_url, is_dicomweb_url, parse_instance_url
 from lungcbir.io import read_dicom, read_dicom_bytes
 from lungcbir.retrieval import Retriever
 from lungcbir.store import ImageRecord, Store
@@ -147,6 +149,304 @@ def test_segment_from_a_url_needs_a_study_and_stow_needs_a_seg(tmp_path, tiny_we
     png_stow = invoke("segment", "http://127.0.0.1:9/dicom-web", "--study", "1.2", "--stow", "--out", tmp_path,
                       "--weights", tiny_weights)
     assert png_stow.exit_code == 2 and "--stow needs --format dicom-seg" in png_stow.output
+
+
+# -- a hostile archive (a fake one on loopback) ------------------------------------------------------
+
+
+def _element(vr: str, *values) -> dict:
+    return {"vr": vr, "Value": list(values)}
+
+
+class HostileArchive:
+    """A DICOMweb archive served from the test, holding one CT series (the phantom's), whose
+    answers the test makes hostile: ``listing`` replaces the instances' QIDO answer, ``served``
+    maps SOP UIDs to the bytes sent for them (the first file for unknown ones), ``slow_bytes``
+    first bytes of every answer (``slow_part``: "head" or "body") trickle in 0.2 s apart,
+    ``ignore_offset`` and ``page_of_one`` break paging, ``studies_body`` replaces the studies
+    answer, ``redirect_to`` sends every request elsewhere."""
+
+    def __init__(self, files: list[Path]):
+        datasets = [pydicom.dcmread(path) for path in files]
+        self.study, self.series = str(datasets[0].StudyInstanceUID), str(datasets[0].SeriesInstanceUID)
+        self.served = {str(d.SOPInstanceUID): path.read_bytes() for d, path in zip(datasets, files)}
+        self.listing = [{"00080018": _element("UI", str(d.SOPInstanceUID)),
+                         "00200032": _element("DS", *map(float, d.ImagePositionPatient)),
+                         "00200013": _element("IS", int(d.InstanceNumber))} for d in datasets]
+        self.slow_bytes, self.slow_part = 0, "body"
+        self.ignore_offset = self.page_of_one = False
+        self.studies_body: bytes | None = None
+        self.redirect_to: str | None = None
+        self.requests: list[str] = []
+        self.url = ""
+
+    def answer(self, path: str, query: dict) -> tuple[int, dict, bytes]:
+        if self.redirect_to:
+            return 302, {"Location": self.redirect_to + path}, b""
+        if path.endswith("/studies"):
+            if self.studies_body is not None:
+                return 200, {"Content-Type": "application/dicom+json"}, self.studies_body
+            if self.page_of_one:  # honours offset, ignores limit: study after study, without end
+                return self.json([{"0020000D": _element("UI", f"1.2.{len(self.requests)}")}], {})
+            items = [{"0020000D": _element("UI", self.study), "00080020": _element("DA", "20200101")}]
+        elif path.endswith("/series"):
+            items = [{"0020000E": _element("UI", self.series), "00080060": _element("CS", "CT")}]
+        elif path.endswith("/instances"):
+            items = self.listing
+        else:
+            data = self.served.get(path.rsplit("/", 1)[-1], next(iter(self.served.values())))
+            return 200, {"Content-Type": "application/dicom"}, data
+        return self.json(items, query)
+
+    def json(self, items: list, query: dict) -> tuple[int, dict, bytes]:
+        offset = 0 if self.ignore_offset else int(query.get("offset", ["0"])[0])
+        limit = int(query.get("limit", [str(len(items))])[0])
+        if len(self.requests) > 50:  # an old client paging an archive that ignores offset would never stop
+            items = []
+        return 200, {"Content-Type": "application/dicom+json"}, json.dumps(items[offset:offset + limit]).encode()
+
+
+class _HostileHandler(http.server.BaseHTTPRequestHandler):
+    archive: HostileArchive
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        from urllib.parse import parse_qs, urlsplit
+
+        archive = self.server.archive
+        archive.requests.append(self.path)
+        parts = urlsplit(self.path)
+        status, headers, body = archive.answer(parts.path, parse_qs(parts.query))
+        head = f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\nConnection: close\r\n" + "".join(
+            f"{key}: {value}\r\n" for key, value in headers.items()) + "\r\n"
+        message = head.encode() + body
+        slow_from = 0 if archive.slow_part == "head" else len(head)
+        slow_to = slow_from + archive.slow_bytes
+        try:
+            self.wfile.write(message[:slow_from])
+            for index in range(slow_from, min(slow_to, len(message))):
+                self.wfile.flush()
+                self.wfile.write(message[index:index + 1])
+                time.sleep(0.2)
+            self.wfile.write(message[slow_to:])
+        except OSError:
+            pass  # the client hung up on a trickle
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(archive) -> http.server.ThreadingHTTPServer:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HostileHandler)
+    server.archive = archive
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    archive.url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    return server
+
+
+@pytest.fixture
+def hostile_archive(phantom_dir):
+    archive = HostileArchive(sorted((phantom_dir / "dicom" / "phantom01").glob("*.dcm")))
+    server = _serve(archive)
+    yield archive
+    server.shutdown()
+    server.server_close()
+
+
+def index_archive(archive, tmp_path, tiny_weights, *extra, env=None):
+    return invoke("index-dataset", archive.url, "--weights", tiny_weights, *store_args(tmp_path), *extra, env=env)
+
+
+@pytest.mark.parametrize("hostile_uid", ["../../../escaped", "ABSOLUTE"])
+def test_an_archive_uid_cannot_write_outside_the_cache(hostile_archive, tmp_path, tiny_weights, hostile_uid):
+    """Issue 29 item 1: a SOP Instance UID that climbs out of the cache or is an absolute path
+    is refused before it is used in a URL or a file name; the other instances are indexed."""
+    hostile_uid = str(tmp_path / "absolute") if hostile_uid == "ABSOLUTE" else hostile_uid
+    hostile_archive.listing[0]["00080018"] = _element("UI", hostile_uid)
+    cache = tmp_path / "a" / "b" / "cache"
+    result = index_archive(hostile_archive, tmp_path, tiny_weights, "--cache", cache)
+    written = {str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*.dcm*")}
+    assert written and all(path.startswith("a/b/cache/") for path in written), written
+    assert len(written) == len(hostile_archive.listing) - 1
+    series_url = f"{hostile_archive.url}/studies/{hostile_archive.study}/series/{hostile_archive.series}"
+    assert result.exit_code == 1, result.output
+    assert f"failed: {series_url}: an instance's SOP Instance UID is not a DICOM UID ({hostile_uid!r})" \
+        in result.output
+    assert "indexed 5, skipped 0 (already indexed), failed 1" in result.output
+    assert not any(hostile_uid in request for request in hostile_archive.requests)
+
+
+def test_uids_that_are_not_text_are_refused_too(hostile_archive):
+    listing = hostile_archive.listing
+    listing[0]["00080018"] = _element("UI", ["1.2"])
+    listing[1]["00080018"] = _element("UI", {"a": 1})
+    listing.append(listing[2])  # listed twice: indexed once
+    refs, rejected = DicomwebSource(hostile_archive.url).instances(
+        SeriesRef(hostile_archive.study, hostile_archive.series))
+    assert len(refs) == 4 and len({ref.sop_uid for ref in refs}) == 4
+    assert [error.reason for error in rejected] == [
+        "an instance's SOP Instance UID is not a DICOM UID (\"['1.2']\")",
+        "an instance's SOP Instance UID is not a DICOM UID (\"{'a': 1}\")"]
+
+
+def test_only_uids_of_digits_and_dots_are_used():
+    from lungcbir.dicomweb import is_uid
+
+    assert is_uid("1.2.840.10008.5.1.4.1.1.2") and is_uid("0")
+    for bad in ("", ".", "..", "1..2", ".1", "1.", "1.2/3", "/etc/x", "1.2\n", "1" * 65, "1.2.3-a", None, 12):
+        assert not is_uid(bad), bad
+    with pytest.raises(Exception, match="not a DICOMweb instance URL"):
+        parse_instance_url("http://h/dicom-web/studies/1.2/series/../instances/1.4")
+
+
+@pytest.mark.parametrize("slow_part", ["head", "body"])
+def test_a_trickling_answer_is_cut_off_at_the_response_bound(hostile_archive, tmp_path, tiny_weights, slow_part):
+    """Issue 29 item 6: a byte every 0.2 s never trips the per-read timeout; the whole answer
+    (headers or body) is bounded by LUNGCBIR_DICOMWEB_RESPONSE_SECONDS."""
+    hostile_archive.slow_bytes, hostile_archive.slow_part = 20, slow_part  # 4 s of trickle
+    began = time.monotonic()
+    result = index_archive(hostile_archive, tmp_path, tiny_weights,
+                           env={"LUNGCBIR_DICOMWEB_RESPONSE_SECONDS": "1"})
+    assert time.monotonic() - began < 3.5
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {hostile_archive.url}: cannot search the archive (no complete answer "
+                                     f"within 1 s (LUNGCBIR_DICOMWEB_RESPONSE_SECONDS))")
+
+
+def test_a_trickling_instance_fails_alone(hostile_archive, tmp_path, tiny_weights):
+    """An instance whose answer takes too long is one `failed:` line; the run goes on."""
+    slow = "".join(hostile_archive.listing[2]["00080018"]["Value"])
+    original = hostile_archive.answer
+
+    def slow_instance(path, query):
+        hostile_archive.slow_bytes = 20 if path.endswith(slow) else 0
+        return original(path, query)
+
+    hostile_archive.answer = slow_instance
+    result = index_archive(hostile_archive, tmp_path, tiny_weights, env={"LUNGCBIR_DICOMWEB_RESPONSE_SECONDS": "1"})
+    assert result.exit_code == 1, result.output
+    url = f"{hostile_archive.url}/studies/{hostile_archive.study}/series/{hostile_archive.series}/instances/{slow}"
+    assert f"failed: {url}: cannot fetch the instance (no complete answer within 1 s" in result.output
+    assert "indexed 5, skipped 0 (already indexed), failed 1" in result.output
+
+
+def test_an_archive_that_ignores_offset_is_not_paged_forever(hostile_archive, tmp_path, tiny_weights):
+    hostile_archive.ignore_offset = True
+    result = index_archive(hostile_archive, tmp_path, tiny_weights)
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {hostile_archive.url}: cannot search the archive (the archive ignores "
+                                     f"offset (it sent the same page of studies twice))")
+    assert len(hostile_archive.requests) == 2
+
+
+def test_a_search_reads_at_most_max_pages(hostile_archive, tmp_path, tiny_weights):
+    hostile_archive.page_of_one = True
+    result = index_archive(hostile_archive, tmp_path, tiny_weights, env={"LUNGCBIR_DICOMWEB_MAX_PAGES": "5"})
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {hostile_archive.url}: cannot search the archive (more than 5 pages "
+                                     f"of 1000 studies (LUNGCBIR_DICOMWEB_MAX_PAGES))")
+    assert len(hostile_archive.requests) == 5
+
+
+def test_malformed_positions_and_numbers_are_unknown(hostile_archive, tmp_path, tiny_weights):
+    """Issue 29 item 7: QIDO attributes are read like local files' tags: a value that is not a
+    finite number counts as unknown; it neither aborts the run nor decides the order."""
+    listing = hostile_archive.listing
+    listing[0]["00200032"] = _element("DS", "a", "b", "c")
+    listing[1]["00200032"] = _element("DS", 0, 0, "NaN")
+    listing[1]["00200013"] = _element("IS", "x")
+    listing[2]["00200032"] = _element("DS", 0, 0, "1e999")
+    listing[2]["00200013"] = _element("IS", [3])
+    listing[3]["00200032"] = {"vr": "DS", "Value": "not a list"}
+    listing[3]["00200013"] = _element("IS", "9" * 5000)
+    sops = [item["00080018"]["Value"][0] for item in listing]
+    series = SeriesRef(hostile_archive.study, hostile_archive.series)
+    refs, rejected = DicomwebSource(hostile_archive.url).instances(series)
+    assert rejected == []
+    # the two with positions first (superior first), then by Instance Number, unknown as 0
+    z = {sops[i]: listing[i]["00200032"]["Value"][2] for i in (4, 5)}
+    assert listing[0]["00200013"]["Value"][0] > 0  # the one valid Instance Number orders after the unknown (0)
+    assert [ref.sop_uid for ref in refs] == sorted(z, key=lambda sop: -z[sop]) + sorted(sops[1:4]) + [sops[0]]
+    result = index_archive(hostile_archive, tmp_path, tiny_weights)
+    assert result.exit_code == 0 and "indexed 6, skipped 0 (already indexed), failed 0" in result.output
+
+
+def test_an_instance_of_another_modality_in_a_ct_series_is_not_indexed(hostile_archive, tmp_path, tiny_weights):
+    """Issue 29 item 16: the modality is checked per instance, from the file itself."""
+    sop = next(iter(hostile_archive.served))
+    dataset = pydicom.dcmread(io.BytesIO(hostile_archive.served[sop]))
+    dataset.Modality = "MR"
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    hostile_archive.served[sop] = buffer.getvalue()
+    result = index_archive(hostile_archive, tmp_path, tiny_weights, "--cache", tmp_path / "cache")
+    url = f"{hostile_archive.url}/studies/{hostile_archive.study}/series/{hostile_archive.series}/instances/{sop}"
+    assert result.exit_code == 1, result.output
+    assert f"failed: {url}: not a CT instance (Modality 'MR')" in result.output
+    assert sop not in {row.sop_uid for row in rows(tmp_path)} and len(rows(tmp_path)) == 5
+    assert not list((tmp_path / "cache").rglob(f"{sop}.dcm"))  # not kept either
+
+
+@pytest.mark.parametrize("same_host", [False, True])
+def test_a_redirect_to_another_host_is_not_followed(hostile_archive, phantom_dir, tmp_path, tiny_weights, same_host):
+    """Issue 29 item 16: redirects on the archive's own host are followed, others refused."""
+    from urllib.parse import urlencode
+
+    elsewhere = HostileArchive(sorted((phantom_dir / "dicom" / "phantom01").glob("*.dcm")))
+    server = _serve(elsewhere)
+    try:
+        target = elsewhere.url.replace("127.0.0.1", "localhost")  # another host name, another port
+        if same_host:  # the archive moved to another path of the same host: fine
+            hostile_archive.redirect_to = None
+            original = hostile_archive.answer
+            hostile_archive.answer = lambda path, query: (
+                (302, {"Location": f"/moved{path}?{urlencode(query, doseq=True)}"}, b"")
+                if path.startswith("/dicom-web") else original(path.removeprefix("/moved"), query))
+        else:
+            hostile_archive.redirect_to = target.removesuffix("/dicom-web")
+        result = index_archive(hostile_archive, tmp_path, tiny_weights)
+    finally:
+        server.shutdown()
+        server.server_close()
+    if same_host:
+        assert result.exit_code == 0 and "indexed 6, skipped 0" in result.output, result.output
+        return
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {hostile_archive.url}: cannot search the archive (redirected to "
+                                     f"{target}/studies, another host: not followed)")
+    assert elsewhere.requests == []
+
+
+def test_an_answer_that_is_not_json_is_named(hostile_archive, tmp_path, tiny_weights):
+    """Issue 29 item 13: a reason says what was wrong, not only an exception's name."""
+    hostile_archive.studies_body = b"<html>maintenance</html>"
+    result = index_archive(hostile_archive, tmp_path, tiny_weights)
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {hostile_archive.url}: cannot search the archive (the archive's answer " \
+                                    f"is not JSON)"
+
+
+def test_segment_names_what_failed_by_its_url_not_a_temporary_folder(hostile_archive, tmp_path, tiny_weights):
+    """Issue 29 item 13: `segment URL` failures name the instance URL; nothing that could not
+    be read is kept, and no message names the temporary folder."""
+    sop = next(iter(hostile_archive.served))
+    hostile_archive.served[sop] = b"not DICOM at all"
+    result = invoke("segment", hostile_archive.url, "--study", hostile_archive.study, "--format", "dicom-seg",
+                    "--out", tmp_path / "seg", "--weights", tiny_weights)
+    url = f"{hostile_archive.url}/studies/{hostile_archive.study}/series/{hostile_archive.series}/instances/{sop}"
+    assert result.exit_code == 1, result.output
+    assert f"failed: {url}: " in result.output
+    assert "lungcbir-dicomweb-" not in result.output
+    series_url = url.rsplit("/instances/", 1)[0]
+    assert f"{series_url} -> " in result.output and "(5 frames)" in result.output
+
+
+def test_cached_files_are_named_by_their_url(tmp_path):
+    source = DicomwebSource("http://h:1/dicom-web", environ={}, cache_dir=tmp_path / "c")
+    assert source.cached_url(tmp_path / "c" / "1.2" / "1.3") == "http://h:1/dicom-web/studies/1.2/series/1.3"
+    assert source.cached_url(str(tmp_path / "c" / "1.2" / "1.3" / "1.4.dcm")) == \
+        "http://h:1/dicom-web/studies/1.2/series/1.3/instances/1.4"
+    assert source.cached_url(tmp_path / "elsewhere" / "1.2" / "1.3") is None
+    assert source.cached_url(tmp_path / "c" / "x" / "1.3") is None
 
 
 # -- against a real archive (Orthanc) --------------------------------------------------------------

@@ -168,10 +168,10 @@ def test_a_series_claimed_by_a_killed_run_is_indexed_after_the_timeout(dicomweb_
     retriever = Retriever(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index", weights=tiny_weights)
     store, model_id = retriever.store(), retriever.model.model_id
     source = DicomwebSource(url)
-    found = source.find_series()
+    found, _ = source.find_series()
     store.enqueue_series(source.root, [(s.study_uid, s.series_uid) for s in found], model_id)
     held = store.claim_series(source.root, model_id, "dead-host:4242")  # its run was killed (SIGKILL)
-    in_held = {ref.sop_uid for ref in source.instances(found[0])}
+    in_held = {ref.sop_uid for ref in source.instances(found[0])[0]}
     assert held.series_uid == found[0].series_uid
     report = retriever.index_dataset([url])
     assert report.indexed == len(files) - len(in_held) and not in_held & set(archive_sops(tmp_path))
@@ -263,4 +263,4 @@ def test_two_runs_at_once_share_an_archive_without_overlap(dicomweb_archive, bun
     rows = store.records(range(1, store.count() + 1000)).values()
     assert sorted(row.sop_uid for row in rows) == sorted(files.values())  # each stored once
     counts = store.queue_counts()
-    assert counts[QueueState.DONE] == len(DicomwebSource(url).find_series()) and counts[QueueState.CLAIMED] == 0
+    assert counts[QueueState.DONE] == len(DicomwebSource(url).find_series()[0]) and counts[QueueState.CLAIMED] == 0
