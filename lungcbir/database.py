@@ -293,6 +293,10 @@ class Database:
                     raise StoreError(f"no lungcbir database in {safe_url(db_url)}; "
                                      f"create one with `lungcbir index-dataset PATH`")
                 if not self.read_only:
+                    if backend == "sqlite" and not set(Base.metadata.tables) <= tables:
+                        # the same race on SQLite, which has no advisory lock: its write lock,
+                        # taken before create_all looks again, lets one opener create the tables
+                        connection.exec_driver_sql("BEGIN IMMEDIATE")
                     Base.metadata.create_all(connection)  # also adds tables new in this version
                 if backend == "sqlite" and ImageRecord.__tablename__ in tables:
                     schema = connection.exec_driver_sql(
