@@ -43,6 +43,7 @@ from .store import (
     claimer_name,
     encode_mask,
     safe_url,
+    unstorable,
 )
 
 if TYPE_CHECKING:
@@ -290,6 +291,7 @@ class _Batch:
         self.retriever, self.known, self.label_map, self.report = retriever, known, label_map, report
         self.identities = identities
         self.pending: list[CTSlice] = []
+        self.refused: set[str] = set()  # files with a slice that cannot be stored: one failure each
 
     def take(self, outcome: list[CTSlice] | ReadError, slice_index: int | None = None) -> None:
         """One file's or instance's slices (or why it could not be read)."""
@@ -310,10 +312,15 @@ class _Batch:
             self.commit()
 
     def commit(self) -> None:
-        """Store what is pending (a row stored meanwhile by a concurrent run counts as skipped)."""
-        stored = self.retriever._store_slices(self.pending, self.label_map, self.identities)
+        """Store what is pending (a row stored meanwhile by a concurrent run counts as skipped;
+        a slice that cannot be stored fails its file, once)."""
+        stored, refused = self.retriever._store_slices(self.pending, self.label_map, self.identities)
+        for path, reason in refused:
+            if path not in self.refused:
+                self.refused.add(path)
+                self.report.failures.append(ReadFailure(path, reason))
         self.report.indexed += stored
-        self.report.skipped += len(self.pending) - stored
+        self.report.skipped += len(self.pending) - stored - len(refused)
         self.pending = []
 
 
@@ -522,13 +529,23 @@ class Retriever:
         failed = len(report.failures) - failed_before
         return f"{failed} of {len(todo)} instances could not be read" if failed else None
 
-    def _store_slices(self, slices: list[CTSlice], label_map: dict[str, dict], identities: IdentityResolver) -> int:
+    def _store_slices(self, slices: list[CTSlice], label_map: dict[str, dict],
+                      identities: IdentityResolver) -> tuple[int, list[tuple[str, str]]]:
+        """Segment and store slices: how many rows were added, and (path, reason) of each slice
+        that cannot be stored (:func:`~lungcbir.database.unstorable`), so that it fails alone."""
         if not slices:
-            return 0
+            return 0, []
         results = self.segment_slices(slices)
-        records = [self._record(item, result, *identities.resolve(item, label_map.get(os.path.realpath(item.path), {})))
-                   for item, result in zip(slices, results)]
-        return len(self.store().add(records, np.stack([r.vector for r in results])))
+        records, vectors, refused = [], [], []
+        for item, result in zip(slices, results):
+            labels = label_map.get(os.path.realpath(item.path), {})
+            record = self._record(item, result, *identities.resolve(item, labels))
+            if (problem := unstorable(record)) is not None:
+                refused.append((item.path, problem))
+            else:
+                records.append(record)
+                vectors.append(result.vector)
+        return (len(self.store().add(records, np.stack(vectors))) if records else 0), refused
 
     def _record(self, item: CTSlice, result: Segmentation, identity: Identity, labels: dict) -> ImageRecord:
         spacing = item.pixel_spacing or (None, None)

@@ -53,6 +53,7 @@ from .database import (  # noqa: F401
     encode_mask,
     encode_vector,
     safe_url,
+    unstorable,
 )
 from .fileutils import write_atomically as _write_atomically  # noqa: F401 (tests import it from here)
 from .vector_index import (  # noqa: F401

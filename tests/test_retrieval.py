@@ -247,3 +247,32 @@ def test_focus_weighs_the_anatomy_and_findings_parts_of_the_stored_vectors(phant
     assert rankings["anatomy"] != rankings["findings"]
     with pytest.raises(LungCBIRError, match="unknown focus"):
         retriever.query(query, focus="level")
+
+
+def test_a_long_folder_identity_is_stored_whole_on_every_backend(phantom_dir, tiny_weights, store_paths, tmp_path):
+    # a plain archive: two slices of one scan whose folder's relative path is 184 characters
+    relative = "/".join(["study-" + "a" * 40] * 4)[:184].rstrip("/")
+    folder = tmp_path / "archive" / relative
+    folder.mkdir(parents=True)
+    for source in sorted((phantom_dir / "png" / "phantom01").glob("*.png"))[:2]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    report = retriever.index_dataset([tmp_path / "archive"])
+    assert (report.indexed, report.failed) == (2, 0)
+    rows = retriever.store().records(retriever.store().ids_for(under=[tmp_path]))
+    assert {(row.patient_id, row.series_uid) for row in rows.values()} == {(relative, relative)}
+
+
+def test_a_nul_in_a_files_identity_or_labels_fails_that_file_only(phantom_dir, tiny_weights, store_paths, tmp_path):
+    png = phantom_dir / "png" / "phantom01"
+    names = sorted(os.listdir(png))
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"path,patient_id,diagnosis\n{png / names[0]},P\x001,covid\n{png / names[1]},P2,co\x00vid\n"
+                      f"{png / names[2]},P3,covid\n")
+    retriever = Retriever(weights=tiny_weights, files_per_commit=100, **store_paths)
+    report = retriever.index_dataset([png], labels=labels)
+    assert sorted((os.path.basename(f.path), f.reason) for f in report.failures) == [
+        (names[0], "patient_id holds a NUL character, which a database cannot store"),
+        (names[1], "labels hold a NUL character, which a database cannot store")]
+    assert (report.indexed, report.skipped) == (4, 0)
+    assert retriever.store().count() == 4
