@@ -385,6 +385,19 @@ class Database:
                                    .where(ImageRecord.model_id == model_id))
             return {(sha, frame) for sha, frame in rows}
 
+    def contents_at(self, paths: Iterable[str], model_id: str) -> dict[str, list[tuple[int, str, int]]]:
+        """(id, sha256, frame) of the rows indexed with this model at each of these exact paths
+        (paths without rows are left out): what a rerun compares each file's content with."""
+        paths = list(paths)
+        found: dict[str, list[tuple[int, str, int]]] = {}
+        with Session(self.engine) as session:
+            for start in range(0, len(paths), 1000):  # bound the statement's parameter count
+                for row_id, path, sha, frame in session.execute(
+                        select(ImageRecord.id, ImageRecord.path, ImageRecord.sha256, ImageRecord.frame).where(
+                            ImageRecord.model_id == model_id, ImageRecord.path.in_(paths[start:start + 1000]))):
+                    found.setdefault(path, []).append((row_id, sha, frame))
+        return found
+
     @contextlib.contextmanager
     def _change(self):
         """A write transaction numbered by the next database generation, taken first.

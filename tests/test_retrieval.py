@@ -276,3 +276,49 @@ def test_a_nul_in_a_files_identity_or_labels_fails_that_file_only(phantom_dir, t
         (names[1], "labels hold a NUL character, which a database cannot store")]
     assert (report.indexed, report.skipped) == (4, 0)
     assert retriever.store().count() == 4
+
+
+def _copy_slices(phantom_dir, folder, count):
+    """``count`` PNG slices of the phantom copied into ``folder`` (a scan of our own to change)."""
+    folder.mkdir(parents=True)
+    sources = sorted((phantom_dir / "png" / "phantom01").glob("*.png"))[:count]
+    for source in sources:
+        (folder / source.name).write_bytes(source.read_bytes())
+    return [folder / source.name for source in sources]
+
+
+def test_files_that_swapped_content_are_indexed_again(phantom_dir, tiny_weights, store_paths, tmp_path):
+    from lungcbir.io import file_sha256
+
+    first, second, third = _copy_slices(phantom_dir, tmp_path / "scan", 3)
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    assert retriever.index_dataset([tmp_path / "scan"]).indexed == 3
+    one, other = first.read_bytes(), second.read_bytes()
+    first.write_bytes(other)
+    second.write_bytes(one)
+    report = retriever.index_dataset([tmp_path / "scan"])
+    assert (report.indexed, report.skipped, report.failed) == (2, 1, 0)
+    store = retriever.store()
+    rows = store.records(store.ids_for(under=[tmp_path / "scan"]))
+    assert sorted((row.path, row.sha256) for row in rows.values()) == sorted(
+        (str(path), file_sha256(path)) for path in (first, second, third))
+    for path in (first, second):  # the vector (and the index, a cache of the rows) follow the content
+        assert retriever.query(path, k=1, per_patient=0).neighbors[0].path == str(path)
+    assert store.check(verify_files=True) == []
+
+
+def test_a_changed_file_whose_old_content_another_file_now_has_keeps_both(phantom_dir, tiny_weights, store_paths,
+                                                                          tmp_path):
+    # b.png was a copy of a.png (one row: the content is stored once); then a.png changed
+    first, second = _copy_slices(phantom_dir, tmp_path / "scan", 2)
+    copy = tmp_path / "scan" / "z_copy_of_first.png"  # found after it: the row is the first's
+    copy.write_bytes(first.read_bytes())
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    assert retriever.index_dataset([tmp_path / "scan"]).indexed == 2
+    first.write_bytes((phantom_dir / "png" / "phantom02" / "phantom02_s003.png").read_bytes())
+    report = retriever.index_dataset([tmp_path / "scan"])
+    assert (report.indexed, report.failed) == (2, 0)
+    store = retriever.store()
+    paths = {row.path for row in store.records(store.ids_for(under=[tmp_path / "scan"])).values()}
+    assert paths == {str(first), str(second), str(copy)}
+    assert store.check(verify_files=True) == []
