@@ -340,7 +340,6 @@ class _Batch:
         self.report.skipped += len(self.pending) - stored - len(refused)
         self.pending = []
 
-
     def replace_changed(self, positions: dict[str, int]) -> None:
         """Remove the rows of files whose content changed since they were indexed (the index
         follows), then index the slices skipped because one of those rows held their content."""
@@ -357,7 +356,8 @@ class _Batch:
         self.stale, self.held_elsewhere = [], []
         with closing(read_files(sorted(wanted), self.retriever.workers)) as outcomes:
             for path, outcome in outcomes:
-                if isinstance(outcome, ReadError):  # gone or broken since: its failure is reported
+                if isinstance(outcome, ReadError):  # gone or broken since: a failure, no longer a skip
+                    self.report.skipped -= len(wanted[path])
                     self.take(outcome)
                     continue
                 items = [item for item in outcome if (item.sha256 or "", item.frame) in wanted[path]]
