@@ -556,7 +556,9 @@ def check(verify_files, db_url, index_dir):
     for problem in problems:
         click.echo(f"problem: {problem}")
     if problems:
-        click.echo(f"{len(problems)} problem(s); `lungcbir rebuild-index` repairs index problems", err=True)
+        click.echo(f"{len(problems)} problem(s); `lungcbir rebuild-index` repairs problems of the index, "
+                   f"`lungcbir index-dataset PATH` indexes changed files again, `lungcbir remove PATH` "
+                   f"forgets files that are gone", err=True)
         sys.exit(4)
     click.echo("ok: database and index agree")
 

@@ -48,7 +48,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.sql.expression import Executable
@@ -82,6 +82,9 @@ DEFAULT_CLAIM_TIMEOUT_S = 600.0
 MAX_CLAIM_ATTEMPTS = 3
 #: Most distinct values listed per label key by :meth:`Database.label_values`.
 MAX_LABEL_VALUES = 200
+#: Longest SOP Instance UID stored, in UTF-8 bytes: the column is indexed, and a PostgreSQL
+#: index entry holds at most about 2,700 bytes (a valid UID has at most 64).
+MAX_SOP_UID_BYTES = 1024
 
 
 class Base(DeclarativeBase):
@@ -103,10 +106,12 @@ class ImageRecord(Base):
     source_format: Mapped[str] = mapped_column(String(16))
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
-    patient_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    study_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    series_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    sop_uid: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    # identifiers are TEXT, kept whole: a folder's relative path is a patient, and messy DICOM
+    # has long UIDs; VARCHAR(128), as earlier versions made them, is widened on open
+    patient_id: Mapped[str | None] = mapped_column(Text, nullable=True)
+    study_uid: Mapped[str | None] = mapped_column(Text, nullable=True)
+    series_uid: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sop_uid: Mapped[str | None] = mapped_column(Text, nullable=True, index=True)
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     slice_location: Mapped[float | None] = mapped_column(Float, nullable=True)
     #: what PACS lists a study and series by; NULL for non-DICOM rows and rows indexed before
@@ -173,9 +178,9 @@ class QueueEntry(Base):
                       {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    root: Mapped[str] = mapped_column(String(512))
-    study_uid: Mapped[str] = mapped_column(String(128))
-    series_uid: Mapped[str] = mapped_column(String(128))
+    root: Mapped[str] = mapped_column(Text)
+    study_uid: Mapped[str] = mapped_column(Text)
+    series_uid: Mapped[str] = mapped_column(Text)
     model_id: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(8), index=True)
     claimed_by: Mapped[str | None] = mapped_column(String(160), nullable=True)
@@ -293,7 +298,13 @@ class Database:
                     raise StoreError(f"no lungcbir database in {safe_url(db_url)}; "
                                      f"create one with `lungcbir index-dataset PATH`")
                 if not self.read_only:
+                    if backend == "sqlite" and not set(Base.metadata.tables) <= tables:
+                        # the same race on SQLite, which has no advisory lock: its write lock,
+                        # taken before create_all looks again, lets one opener create the tables
+                        connection.exec_driver_sql("BEGIN IMMEDIATE")
                     Base.metadata.create_all(connection)  # also adds tables new in this version
+                    if backend == "postgresql":
+                        _widen_text_columns(connection)
                 if backend == "sqlite" and ImageRecord.__tablename__ in tables:
                     schema = connection.exec_driver_sql(
                         "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'images'").scalar()
@@ -373,6 +384,19 @@ class Database:
             rows = session.execute(select(ImageRecord.sha256, ImageRecord.frame)
                                    .where(ImageRecord.model_id == model_id))
             return {(sha, frame) for sha, frame in rows}
+
+    def contents_at(self, paths: Iterable[str], model_id: str) -> dict[str, list[tuple[int, str, int]]]:
+        """(id, sha256, frame) of the rows indexed with this model at each of these exact paths
+        (paths without rows are left out): what a rerun compares each file's content with."""
+        paths = list(paths)
+        found: dict[str, list[tuple[int, str, int]]] = {}
+        with Session(self.engine) as session:
+            for start in range(0, len(paths), 1000):  # bound the statement's parameter count
+                for row_id, path, sha, frame in session.execute(
+                        select(ImageRecord.id, ImageRecord.path, ImageRecord.sha256, ImageRecord.frame).where(
+                            ImageRecord.model_id == model_id, ImageRecord.path.in_(paths[start:start + 1000]))):
+                    found.setdefault(path, []).append((row_id, sha, frame))
+        return found
 
     @contextlib.contextmanager
     def _change(self):
@@ -536,6 +560,9 @@ class Database:
         """
         if not records:
             return None
+        for record in records:
+            if (problem := unstorable(record)) is not None:
+                raise StoreError(f"{record.path}: {problem}")
         now = datetime.now(timezone.utc)
         columns = [c.key for c in ImageRecord.__table__.columns if c.key != "id"]
         rows = []
@@ -881,6 +908,55 @@ def _image_table() -> Table:
     """The table of :class:`ImageRecord`; SQLAlchemy types ``__table__`` as any FROM clause,
     while a declarative class always has a :class:`Table`."""
     return ImageRecord.__table__  # type: ignore[return-value]  # stubs: FromClause
+
+
+def unstorable(record: ImageRecord) -> str | None:
+    """Why a row cannot be stored alike on every backend (None when it can).
+
+    PostgreSQL refuses a NUL character in text, and one in JSON fails every later filter on
+    that row, while SQLite stores both: a NUL is refused on both, so that both hold the same.
+    """
+    for column in _image_table().columns:
+        value = getattr(record, column.key, None)
+        if column.key == "labels" and _holds_nul(value):
+            return "labels hold a NUL character, which a database cannot store"
+        if isinstance(value, str) and "\x00" in value:
+            return f"{column.key} holds a NUL character, which a database cannot store"
+    if record.sop_uid and len(record.sop_uid.encode("utf-8", "replace")) > MAX_SOP_UID_BYTES:
+        return f"sop_uid is longer than {MAX_SOP_UID_BYTES} bytes (a valid UID has at most 64)"
+    return None
+
+
+def _holds_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_nul(item) for item in value)
+    return False
+
+
+def _widen_text_columns(connection: Connection) -> None:
+    """Make TEXT the columns that a database made by an earlier version has as VARCHAR(n).
+
+    PostgreSQL enforces n (SQLite does not), so a long identifier would fail a whole batch
+    there. VARCHAR to TEXT is a change of the catalogue only: no row is rewritten. A role
+    that may not alter the table keeps the old columns (a savepoint undoes the attempt).
+    """
+    inspector = inspect(connection)
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        lengths = {column["name"]: getattr(column["type"], "length", None)
+                   for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if isinstance(column.type, Text) and lengths.get(column.name):
+                try:
+                    with connection.begin_nested():
+                        connection.exec_driver_sql(f"ALTER TABLE {table.name} ALTER COLUMN {column.name} TYPE TEXT")
+                except SQLAlchemyError:
+                    return
 
 
 def _missing_columns(engine: Engine) -> list:

@@ -43,6 +43,7 @@ from .store import (
     claimer_name,
     encode_mask,
     safe_url,
+    unstorable,
 )
 
 if TYPE_CHECKING:
@@ -283,24 +284,42 @@ _LOST = object()  # _index_claimed's answer when its claim was taken over
 
 class _Batch:
     """Slices read but not yet stored: they go through the model and into the database every
-    ``files_per_commit`` slices, so a killed run loses at most that many."""
+    ``files_per_commit`` slices, so a killed run loses at most that many.
+
+    ``stored_at`` holds the rows of this run's files as indexed before (by path,
+    :meth:`Store.contents_at`): a file whose content is no longer what its rows hold was
+    changed since, and :meth:`replace_changed` indexes it again.
+    """
 
     def __init__(self, retriever: Retriever, known: set[tuple[str, int]], label_map: dict,
-                 identities: IdentityResolver, report: IndexReport):
+                 identities: IdentityResolver, report: IndexReport,
+                 stored_at: dict[str, list[tuple[int, str, int]]] | None = None):
         self.retriever, self.known, self.label_map, self.report = retriever, known, label_map, report
         self.identities = identities
         self.pending: list[CTSlice] = []
+        self.refused: set[str] = set()  # files with a slice that cannot be stored: one failure each
+        self.stored_at = dict(stored_at or {})
+        self.stale: list[tuple[int, str, int]] = []  # (id, sha256, frame) of rows of changed files
+        # (file, key) of slices skipped because another path's row holds their content: if that
+        # row is stale (two files swapped content), they must be indexed after all
+        self.held_elsewhere: list[tuple[str, tuple[str, int]]] = []
 
     def take(self, outcome: list[CTSlice] | ReadError, slice_index: int | None = None) -> None:
         """One file's or instance's slices (or why it could not be read)."""
         if isinstance(outcome, ReadError):
             self.report.failures.append(ReadFailure(outcome.path, outcome.reason))
             return
+        before = self.stored_at.pop(_stored_path(outcome[0].path), []) if outcome else []
+        # the readers always set sha256; "" stands in for a missing one, which no stored row has
+        now = {(item.sha256 or "", item.frame) for item in outcome}
+        self.stale += [row for row in before if (row[1], row[2]) not in now]
+        here = {(sha, frame) for _, sha, frame in before}
         for item in outcome:
-            # the readers always set sha256; "" stands in for a missing one, which no stored row has
             key = (item.sha256 or "", item.frame)
             if key in self.known:
                 self.report.skipped += 1
+                if key not in here:
+                    self.held_elsewhere.append((item.path, key))
                 continue
             self.known.add(key)
             if item.slice_index is None:
@@ -310,11 +329,48 @@ class _Batch:
             self.commit()
 
     def commit(self) -> None:
-        """Store what is pending (a row stored meanwhile by a concurrent run counts as skipped)."""
-        stored = self.retriever._store_slices(self.pending, self.label_map, self.identities)
+        """Store what is pending (a row stored meanwhile by a concurrent run counts as skipped;
+        a slice that cannot be stored fails its file, once)."""
+        stored, refused = self.retriever._store_slices(self.pending, self.label_map, self.identities)
+        for path, reason in refused:
+            if path not in self.refused:
+                self.refused.add(path)
+                self.report.failures.append(ReadFailure(path, reason))
         self.report.indexed += stored
-        self.report.skipped += len(self.pending) - stored
+        self.report.skipped += len(self.pending) - stored - len(refused)
         self.pending = []
+
+    def replace_changed(self, positions: dict[str, int]) -> None:
+        """Remove the rows of files whose content changed since they were indexed (the index
+        follows), then index the slices skipped because one of those rows held their content."""
+        self.commit()
+        if not self.stale:
+            return
+        self.retriever.store().remove([row_id for row_id, _, _ in self.stale])
+        gone = {(sha, frame) for _, sha, frame in self.stale}
+        self.known -= gone
+        wanted: dict[str, set[tuple[str, int]]] = {}
+        for path, key in self.held_elsewhere:
+            if key in gone:
+                wanted.setdefault(path, set()).add(key)
+        self.stale, self.held_elsewhere = [], []
+        with closing(read_files(sorted(wanted), self.retriever.workers)) as outcomes:
+            for path, outcome in outcomes:
+                if isinstance(outcome, ReadError):  # gone or broken since: a failure, no longer a skip
+                    self.report.skipped -= len(wanted[path])
+                    self.take(outcome)
+                    continue
+                items = [item for item in outcome if (item.sha256 or "", item.frame) in wanted[path]]
+                self.report.skipped -= len(items)  # counted as skipped by the first look
+                self.take(items, positions.get(path))
+        self.commit()
+
+
+def _stored_path(path: str) -> str:
+    """A slice's path as its row holds it: absolute, or an archive instance's WADO-RS URL."""
+    from .dicomweb import is_dicomweb_url
+
+    return path if is_dicomweb_url(path) else os.path.abspath(path)
 
 
 class _Progress:
@@ -405,6 +461,9 @@ class Retriever:
                       claim_timeout: float = DEFAULT_CLAIM_TIMEOUT_S) -> IndexReport:
         """Index every image under ``paths``; already indexed files (same sha256) are skipped.
 
+        A file whose content is no longer what its rows hold (changed, or swapped with another
+        indexed file) is indexed again and its old rows are removed, the index following.
+
         A path starting with ``http://`` or ``https://`` is a DICOMweb service root: its CT
         series (of ``study`` only, or of studies dated ``since`` or later, when given) go into
         the database's indexing queue, and this run claims them one at a time, so runs on
@@ -457,14 +516,15 @@ class Retriever:
         report.failures += [ReadFailure(error.path, error.reason) for error in unusable]
         found = {os.path.realpath(path) for path in files}
         report.unmatched_labels = sum(path not in found for path in label_map)
-        batch = _Batch(self, store.known_keys(model.model_id), label_map, identities, report)
+        batch = _Batch(self, store.known_keys(model.model_id), label_map, identities, report,
+                       store.contents_at([os.path.abspath(path) for path in files], model.model_id))
         progress = _Progress(on_file, on_total, len(files))
         positions = dicom_series_positions(files)
         with closing(read_files(files, self.workers)) as file_outcomes:  # an interrupt stops the readers too
             for path, outcome in file_outcomes:
                 batch.take(outcome, positions.get(path))
                 progress.done(path)
-        batch.commit()
+        batch.replace_changed(positions)
         for source, series in archives:
             self._index_archive(source, series, study, claim_timeout, batch, progress)
         store.index()  # make sure the saved index matches what was committed
@@ -527,20 +587,27 @@ class Retriever:
         failed = len(report.failures) - failed_before + len(rejected)
         return f"{failed} of {len(todo) + len(rejected)} instances could not be read" if failed else None
 
-    def _store_slices(self, slices: list[CTSlice], label_map: dict[str, dict], identities: IdentityResolver) -> int:
+    def _store_slices(self, slices: list[CTSlice], label_map: dict[str, dict],
+                      identities: IdentityResolver) -> tuple[int, list[tuple[str, str]]]:
+        """Segment and store slices: how many rows were added, and (path, reason) of each slice
+        that cannot be stored (:func:`~lungcbir.database.unstorable`), so that it fails alone."""
         if not slices:
-            return 0
+            return 0, []
         results = self.segment_slices(slices)
-        records = [self._record(item, result, *identities.resolve(item, label_map.get(os.path.realpath(item.path), {})))
-                   for item, result in zip(slices, results)]
-        return len(self.store().add(records, np.stack([r.vector for r in results])))
+        records, vectors, refused = [], [], []
+        for item, result in zip(slices, results):
+            labels = label_map.get(os.path.realpath(item.path), {})
+            record = self._record(item, result, *identities.resolve(item, labels))
+            if (problem := unstorable(record)) is not None:
+                refused.append((item.path, problem))
+            else:
+                records.append(record)
+                vectors.append(result.vector)
+        return (len(self.store().add(records, np.stack(vectors))) if records else 0), refused
 
     def _record(self, item: CTSlice, result: Segmentation, identity: Identity, labels: dict) -> ImageRecord:
         spacing = item.pixel_spacing or (None, None)
-        from .dicomweb import is_dicomweb_url
-
-        path = item.path if is_dicomweb_url(item.path) else os.path.abspath(item.path)
-        return ImageRecord(path=path, sha256=item.sha256, frame=item.frame, sop_uid=item.sop_uid,
+        return ImageRecord(path=_stored_path(item.path), sha256=item.sha256, frame=item.frame, sop_uid=item.sop_uid,
                            source_format=str(item.source_format), width=item.shape[1], height=item.shape[0],
                            patient_id=identity.patient_id, study_uid=item.study_uid, series_uid=identity.series_uid,
                            identity_source=identity.source.value,

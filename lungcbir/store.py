@@ -53,6 +53,7 @@ from .database import (  # noqa: F401
     encode_mask,
     encode_vector,
     safe_url,
+    unstorable,
 )
 from .fileutils import write_atomically as _write_atomically  # noqa: F401 (tests import it from here)
 from .vector_index import (  # noqa: F401
@@ -167,6 +168,9 @@ class Store:
 
     def known_keys(self, model_id: str) -> set[tuple[str, int]]:
         return self.database.known_keys(model_id)
+
+    def contents_at(self, paths: Iterable[str], model_id: str) -> dict[str, list[tuple[int, str, int]]]:
+        return self.database.contents_at(paths, model_id)
 
     def known_sop_uids(self, model_id: str, series_uid: str | None = None) -> set[str]:
         return self.database.known_sop_uids(model_id, series_uid)

@@ -277,3 +277,22 @@ def test_query_json_says_which_focus_it_searched_with(run, phantom_dir):
         result = run("query", image, "--k", "2", "--no-pictures", *arguments)
         assert result.exit_code == 0, result.output
         assert json.loads(result.output.splitlines()[0])["focus"] == focus
+
+
+def test_check_files_advice_repairs_swapped_files(run, phantom_dir, tmp_path):
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    first, second = sorted((phantom_dir / "png" / "phantom01").glob("*.png"))[:2]
+    (folder / first.name).write_bytes(second.read_bytes())  # the two files swapped content
+    (folder / second.name).write_bytes(first.read_bytes())
+    assert run("index-dataset", str(folder), "--quiet").exit_code == 0
+    (folder / first.name).write_bytes(first.read_bytes())
+    (folder / second.name).write_bytes(second.read_bytes())
+    result = run("check", "--files", weights=False)
+    assert result.exit_code == 4
+    assert result.output.count("file changed since it was indexed") == 2
+    advice = result.output.splitlines()[-1]
+    assert "`lungcbir index-dataset PATH`" in advice and "changed files" in advice, advice
+    assert run("index-dataset", str(folder), "--quiet").exit_code == 0  # what the advice says
+    result = run("check", "--files", weights=False)
+    assert result.exit_code == 0, result.output

@@ -81,3 +81,30 @@ def test_simultaneous_catch_up_from_threads(store_paths, tmp_path):
     ids = server.search(unit(10, seed=3), 420)[1]
     assert all(len(set(row.tolist())) == len(row) for row in ids)
     assert Store(store_paths["db_url"], tmp_path / "server-index").check() == []
+
+
+def test_openings_of_a_new_sqlite_database_at_once_all_get_its_tables(tmp_path):
+    """Machines starting at once on a database file that does not exist yet (here threads, each
+    with its own engine, as processes would have): each creates the schema, and none may fail
+    with "table images already exists"."""
+    import threading
+
+    from lungcbir.database import Database
+
+    for trial in range(5):  # the race is narrow: several fresh files make it show
+        url = f"sqlite:///{tmp_path / f'new{trial}.sqlite'}"
+        barrier, errors = threading.Barrier(8), []
+
+        def open_database():
+            barrier.wait()
+            try:
+                Database(url).engine.dispose()
+            except Exception as error:  # noqa: BLE001 - the test reports whatever went wrong
+                errors.append(str(error))
+
+        threads = [threading.Thread(target=open_database) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []

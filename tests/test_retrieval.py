@@ -258,3 +258,78 @@ def test_scores_are_clipped_to_minus_one_one():
     neighbors = _collapse(np.array([1.000047, -1.00002], np.float32), np.array([1, 2]), rows, k=2,
                           per_patient=0, leave_out=set())
     assert [n.score for n in neighbors] == [1.0, -1.0]
+
+
+def test_a_long_folder_identity_is_stored_whole_on_every_backend(phantom_dir, tiny_weights, store_paths, tmp_path):
+    # a plain archive: two slices of one scan whose folder's relative path is 184 characters
+    relative = "/".join(["study-" + "a" * 40] * 4)[:184].rstrip("/")
+    folder = tmp_path / "archive" / relative
+    folder.mkdir(parents=True)
+    for source in sorted((phantom_dir / "png" / "phantom01").glob("*.png"))[:2]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    report = retriever.index_dataset([tmp_path / "archive"])
+    assert (report.indexed, report.failed) == (2, 0)
+    rows = retriever.store().records(retriever.store().ids_for(under=[tmp_path]))
+    assert {(row.patient_id, row.series_uid) for row in rows.values()} == {(relative, relative)}
+
+
+def test_a_nul_in_a_files_identity_or_labels_fails_that_file_only(phantom_dir, tiny_weights, store_paths, tmp_path):
+    png = phantom_dir / "png" / "phantom01"
+    names = sorted(os.listdir(png))
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"path,patient_id,diagnosis\n{png / names[0]},P\x001,covid\n{png / names[1]},P2,co\x00vid\n"
+                      f"{png / names[2]},P3,covid\n")
+    retriever = Retriever(weights=tiny_weights, files_per_commit=100, **store_paths)
+    report = retriever.index_dataset([png], labels=labels)
+    assert sorted((os.path.basename(f.path), f.reason) for f in report.failures) == [
+        (names[0], "patient_id holds a NUL character, which a database cannot store"),
+        (names[1], "labels hold a NUL character, which a database cannot store")]
+    assert (report.indexed, report.skipped) == (4, 0)
+    assert retriever.store().count() == 4
+
+
+def _copy_slices(phantom_dir, folder, count):
+    """``count`` PNG slices of the phantom copied into ``folder`` (a scan of our own to change)."""
+    folder.mkdir(parents=True)
+    sources = sorted((phantom_dir / "png" / "phantom01").glob("*.png"))[:count]
+    for source in sources:
+        (folder / source.name).write_bytes(source.read_bytes())
+    return [folder / source.name for source in sources]
+
+
+def test_files_that_swapped_content_are_indexed_again(phantom_dir, tiny_weights, store_paths, tmp_path):
+    from lungcbir.io import file_sha256
+
+    first, second, third = _copy_slices(phantom_dir, tmp_path / "scan", 3)
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    assert retriever.index_dataset([tmp_path / "scan"]).indexed == 3
+    one, other = first.read_bytes(), second.read_bytes()
+    first.write_bytes(other)
+    second.write_bytes(one)
+    report = retriever.index_dataset([tmp_path / "scan"])
+    assert (report.indexed, report.skipped, report.failed) == (2, 1, 0)
+    store = retriever.store()
+    rows = store.records(store.ids_for(under=[tmp_path / "scan"]))
+    assert sorted((row.path, row.sha256) for row in rows.values()) == sorted(
+        (str(path), file_sha256(path)) for path in (first, second, third))
+    for path in (first, second):  # the vector (and the index, a cache of the rows) follow the content
+        assert retriever.query(path, k=1, per_patient=0).neighbors[0].path == str(path)
+    assert store.check(verify_files=True) == []
+
+
+def test_a_changed_file_whose_old_content_another_file_now_has_keeps_both(phantom_dir, tiny_weights, store_paths,
+                                                                          tmp_path):
+    # b.png was a copy of a.png (one row: the content is stored once); then a.png changed
+    first, second = _copy_slices(phantom_dir, tmp_path / "scan", 2)
+    copy = tmp_path / "scan" / "z_copy_of_first.png"  # found after it: the row is the first's
+    copy.write_bytes(first.read_bytes())
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    assert retriever.index_dataset([tmp_path / "scan"]).indexed == 2
+    first.write_bytes((phantom_dir / "png" / "phantom02" / "phantom02_s003.png").read_bytes())
+    report = retriever.index_dataset([tmp_path / "scan"])
+    assert (report.indexed, report.failed) == (2, 0)
+    store = retriever.store()
+    paths = {row.path for row in store.records(store.ids_for(under=[tmp_path / "scan"])).values()}
+    assert paths == {str(first), str(second), str(copy)}
+    assert store.check(verify_files=True) == []

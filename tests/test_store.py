@@ -389,3 +389,60 @@ def test_writers_starting_together_on_an_empty_database_all_claim_it(store_paths
     assert all(store.model_id == "m1" and store.dimension == 8 for store in stores)
     with pytest.raises(StoreError, match="holds vectors of model m1"):
         stores[0].check_model("m2", 8)
+
+
+# -- hardening (issue 29) ---------------------------------------------------------------------
+
+
+def test_long_identifiers_are_stored_whole_on_every_backend(store_paths):
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    rows = records(2)
+    long_id = "case/" + "x" * 600  # a folder's relative path as identity, a messy DICOM UID
+    rows[0].patient_id = rows[0].series_uid = rows[0].study_uid = long_id
+    rows[1].sop_uid = "1.2." + "3" * 300
+    ids = store.add(rows, unit(2))
+    stored = Store(**store_paths).records(ids)
+    assert stored[ids[0]].patient_id == stored[ids[0]].series_uid == stored[ids[0]].study_uid == long_id
+    assert stored[ids[1]].sop_uid == rows[1].sop_uid
+    assert store.ids_matching({"patient_id": long_id}).tolist() == [ids[0]]
+
+
+@pytest.mark.parametrize("field", ["patient_id", "series_uid", "sop_uid", "label"])
+def test_a_nul_character_is_refused_alike_on_every_backend(store_paths, field):
+    """PostgreSQL cannot store NUL in text (nor extract it from JSON); SQLite can. Both refuse it,
+    naming the file and the field, and store nothing of the batch."""
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    rows = records(2)
+    if field == "label":
+        rows[1].labels = {"diagnosis": "covid\x00"}
+    else:
+        setattr(rows[1], field, "P\x001")
+    with pytest.raises(StoreError, match=f"/x/1.png: {'labels' if field == 'label' else field} holds? a NUL character"):
+        store.add(rows, unit(2))
+    assert store.count() == 0
+
+
+@pytest.mark.postgres
+def test_a_postgresql_database_with_128_character_identifiers_is_widened_on_open(tmp_path):
+    from conftest import postgres_url
+    from sqlalchemy import inspect, text
+
+    url = postgres_url()
+    store = Store(url, tmp_path / "index")
+    store.check_model("m1", 8)
+    with store.engine.begin() as connection:  # as versions before issue 29 made the tables
+        for column in ("patient_id", "study_uid", "series_uid", "sop_uid"):
+            connection.execute(text(f"ALTER TABLE images ALTER COLUMN {column} TYPE VARCHAR(128)"))
+        for column in ("study_uid", "series_uid"):
+            connection.execute(text(f"ALTER TABLE index_queue ALTER COLUMN {column} TYPE VARCHAR(128)"))
+        connection.execute(text("ALTER TABLE index_queue ALTER COLUMN root TYPE VARCHAR(512)"))
+    store.engine.dispose()
+    reopened = Store(url, tmp_path / "index")
+    for table in ("images", "index_queue"):
+        lengths = {c["name"]: getattr(c["type"], "length", None) for c in inspect(reopened.engine).get_columns(table)}
+        assert all(lengths[name] is None for name in ("study_uid", "series_uid")), lengths
+    rows = records(1)
+    rows[0].patient_id = "p" * 200
+    assert len(reopened.add(rows, unit(1))) == 1
