@@ -684,10 +684,13 @@ def train(images, masks, out, epochs, batch_size, learning_rate, val_fraction, g
               help="Use the bundled model's held-out test slices of ../shared/data, reported per dataset.")
 @click.option("--postprocess/--no-postprocess", default=None,
               help="Force mask clean-up on or off (default: as saved with the weights).")
+@click.option("--include-lesions/--lung-output-only", default=None,
+              help="Force joining the lesion output's pixels that touch the lungs to the mask on or off "
+                   "(default: as saved with the weights; see MODEL_CARD.md, issue 31).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary and per-image scores as JSON.")
 @model_options
 @friendly_errors
-def evaluate(images, masks, held_out, postprocess, as_json, weights, device):
+def evaluate(images, masks, held_out, postprocess, include_lesions, as_json, weights, device):
     """Per-image Dice and IoU of the model against ground-truth masks (at the masks' resolution).
 
     With --held-out and a model with a lesion head, also the lesion Dice and the Spearman rho of
@@ -712,6 +715,8 @@ def evaluate(images, masks, held_out, postprocess, as_json, weights, device):
     model = LungModel.load(weights, device)
     if postprocess is not None:
         model.settings.postprocess = postprocess
+    if include_lesions is not None:
+        model.settings.include_lesions = include_lesions
     report = {}
     for name, pairs in groups.items():
         evaluation = evaluate_segmentation(model, pairs)

@@ -23,7 +23,7 @@ from .fileutils import write_atomically
 from .focus import DEFAULT_FOCUS, Focus, anatomy_weight, focus_queries
 from .io import CTSlice
 from .model import UNet, UNetConfig, fuse_batch_norm
-from .postprocess import clean_probability
+from .postprocess import clean_probability, include_lesions
 from .preprocess import (
     Geometry,
     PreprocessConfig,
@@ -80,6 +80,11 @@ class ModelSettings:
     #: a findings part after the anatomy part of the vector (lungcbir.features.FindingsConfig);
     #: None: the vector is the anatomy part only. Needs a lesion output.
     findings: FindingsConfig | None = None
+    #: join the lesion output's pixels that touch the lungs inside the body to the lung mask
+    #: (lungcbir.postprocess.include_lesions), after the clean-up; needs a lesion output. Off for
+    #: the bundled model: its lesion output misses consolidation in HU and marks heart and liver
+    #: beside the lung bases in 8-bit exports, so the union cost val Dice (MODEL_CARD.md, issue 31)
+    include_lesions: bool = False
     #: judge masks with lungcbir.quality's mask signals (calibrated on the bundled model); when
     #: False only the input signals count (not CT -> no-lungs), e.g. for untrained test networks
     quality: bool = True
@@ -87,7 +92,7 @@ class ModelSettings:
     def to_dict(self) -> dict:
         values = {"unet": self.unet.to_dict(), "preprocess": self.preprocess.to_dict(),
                   "pooling": self.pooling, "postprocess": self.postprocess, "training": self.training,
-                  "quality": self.quality}
+                  "quality": self.quality, "include_lesions": self.include_lesions}
         if self.centre is not None:
             values["centre"] = list(self.centre)
         if self.findings is not None:
@@ -103,6 +108,7 @@ class ModelSettings:
                    training=dict(values.get("training", {})),
                    centre=[float(v) for v in values["centre"]] if values.get("centre") is not None else None,
                    quality=bool(values.get("quality", True)),
+                   include_lesions=bool(values.get("include_lesions", False)),
                    findings=FindingsConfig.from_dict(values["findings"]) if values.get("findings") else None)
 
 
@@ -279,8 +285,13 @@ class LungModel:
             for index, (item, (image, geometry), raw, vector) in enumerate(zip(chunk, prepared, probabilities,
                                                                                vectors)):
                 probability = clean_probability(raw, image) if self.settings.postprocess else raw
-                mask = probabilities_to_original(probability, geometry) > 0.5
+                # the verdict judges the lung output; lesions it joins below are not a fault of it
                 verdict = judge(raw, probability, image, item.colour_share, self.settings.quality)
+                if lesions is not None and self.settings.postprocess and self.settings.include_lesions:
+                    lungs = probability > 0.5
+                    joined = include_lesions(lungs, lesions[index] > 0.5, image)
+                    probability = np.where(joined & ~lungs, np.float32(1.0), probability)
+                mask = probabilities_to_original(probability, geometry) > 0.5
                 result = Segmentation(mask, float(mask.mean()), vector, verdict.quality, verdict.score,
                                       None, verdict.signals)
                 if lesions is not None:  # lesions only inside the (cleaned) lung mask

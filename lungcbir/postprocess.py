@@ -175,3 +175,37 @@ def convex_hull(region: np.ndarray) -> np.ndarray:
     if outlines:
         cv2.fillConvexPoly(hull, cv2.convexHull(np.concatenate(outlines)), 1)
     return hull.astype(bool)
+
+
+def include_lesions(lungs: np.ndarray, lesions: np.ndarray, unit_image: np.ndarray) -> np.ndarray:
+    """The cleaned lung mask joined by the lesion output's pixels that belong to the lungs.
+
+    The lung output can follow the aerated lung only and leave dense consolidation out; the
+    lesion output may still see it. A lesion component (``lesions``: bool, model resolution)
+    joins the lungs when it lies in the thoracic cavity, as far as one slice shows it: it
+    touches the lung mask (disease grows from the lung, the heart or liver beside it is not
+    reached through it), does not touch the image border and lies at least half inside the
+    convex hull of the body (the lesion output's false alarms sit in the air or fill outside
+    the field of view). Holes the union encloses are filled as in :func:`clean_mask`.
+
+    Example:
+        >>> unit = np.zeros((64, 64), np.float32); unit[4:60, 4:60] = 0.7; unit[10:54, 10:30] = 0.1
+        >>> lungs = np.zeros((64, 64), bool); lungs[10:40, 10:30] = True
+        >>> lesions = np.zeros((64, 64), bool); lesions[38:54, 10:30] = True; lesions[0:3, 0:3] = True
+        >>> joined = include_lesions(lungs, lesions, unit)
+        >>> bool(joined[50, 20]), bool(joined[1, 1]), int(joined.sum() - lungs.sum())
+        (True, False, 280)
+    """
+    candidates = lesions & ~lungs
+    if not lungs.any() or not candidates.any():
+        return lungs
+    parts = _Components(candidates, connectivity=8)
+    near = cv2.dilate(lungs.view(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    touching = np.bincount(parts.labels[near], minlength=parts.count) > 0
+    keep = touching & ~parts.touching_border(max(1, round(min(lungs.shape) / 100)))
+    keep[0] = False
+    if not keep.any():
+        return lungs
+    keep &= _share_in(convex_hull(body_mask(unit_image)), parts) >= 0.5
+    keep[0] = False
+    return clean_mask(lungs | parts.select(keep)) if keep.any() else lungs

@@ -210,3 +210,44 @@ def test_lesion_branch_learns_from_slice_labels_without_lesion_masks(tmp_path, t
           initial_weights=tiny_weights)
     unchanged = {k: v for k, v in load_network(fresh)[0].state_dict().items() if k.startswith("lesion_head")}
     assert any(not torch.equal(branch_weights[k], unchanged[k]) for k in branch_weights)
+
+
+def test_include_lesions_joins_consolidation_to_the_mask_and_leaves_the_verdict(tmp_path, monkeypatch):
+    """Issue 31: the lung output leaves dense consolidation out, the lesion output sees it; with
+    ``include_lesions`` the mask (and the lesion fraction's denominator) includes it, and the
+    quality verdict, which judges the lung output, does not change for it."""
+    import cv2
+
+    unit = np.zeros((64, 64), np.float32)
+    cv2.ellipse(unit, (32, 32), (29, 24), 0, 0, 360, 0.7, -1)
+    lungs = np.zeros((64, 64), np.uint8)
+    for centre in (19, 45):
+        cv2.ellipse(lungs, (centre, 30), (8, 15), 0, 0, 360, 1, -1)
+    consolidation = lungs.astype(bool) & (np.arange(64)[:, None] >= 36) & (np.arange(64)[None, :] < 32)
+    unit[lungs.astype(bool)] = 0.1
+    unit[consolidation] = 0.68
+    lung_probability = np.where(lungs.astype(bool) & ~consolidation, 0.95, 0.02).astype(np.float32)
+    lesion_probability = np.where(consolidation, 0.9, 0.0).astype(np.float32)
+    path = _two_channel_weights(tmp_path / "two.pt", 0.0)
+    results = {}
+    for joined in (False, True):
+        model = LungModel.load(path)
+        model.settings.postprocess, model.settings.include_lesions = True, joined
+        monkeypatch.setattr(model, "run_all", lambda inputs, model=model: (
+            lung_probability[None], np.zeros((1, model.dimension), np.float32), lesion_probability[None]))
+        results[joined] = model.segment([CTSlice(unit, "unit", "chest.png", "png")])[0]
+    before, after = results[False], results[True]
+    assert not (before.mask & consolidation).any()
+    assert (after.mask & consolidation).sum() == consolidation.sum()
+    assert (after.mask & ~consolidation == before.mask).all()
+    assert (after.quality, after.quality_score) == (before.quality, before.quality_score)
+    assert before.lesion_fraction == 0.0
+    assert after.lesion_fraction == pytest.approx(consolidation.sum() / after.mask.sum())
+
+
+def test_include_lesions_is_saved_with_the_weights_and_off_by_default(tmp_path):
+    assert not ModelSettings().include_lesions
+    assert not ModelSettings.from_dict(ModelSettings().to_dict() | {"include_lesions": None}).include_lesions
+    network = UNet(TWO)
+    save_weights(tmp_path / "on.pt", network, ModelSettings(unet=TWO, include_lesions=True))
+    assert load_network(tmp_path / "on.pt")[1].include_lesions

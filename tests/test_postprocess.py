@@ -54,3 +54,40 @@ def test_bundled_model_keeps_the_lungs_of_mediastinal_window_exports(bundled_wei
                                 * 255).astype(np.uint8), "uint8", s.image, "png") for s in chosen]
     for sample, result in zip(chosen, model.segment(exports)):
         assert dice_score(result.mask, read_mask(sample.mask)) > 0.9, sample.image
+
+
+def _chest_with_consolidation() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A body with two lungs; the lower part of the left lung is consolidated (tissue-bright),
+    the lung output covers only its aerated part and the lesion output the consolidation."""
+    unit = np.zeros((128, 128), np.float32)
+    cv2.ellipse(unit, (64, 64), (58, 48), 0, 0, 360, 0.7, -1)
+    lungs = np.zeros((128, 128), bool)
+    for centre in (38, 90):
+        cv2.ellipse(unit, (centre, 60), (16, 30), 0, 0, 360, 0.1, -1)
+    unit[70:92, 20:58] = np.where(unit[70:92, 20:58] < 0.5, 0.68, unit[70:92, 20:58])  # consolidation
+    lungs[:] = unit < 0.5
+    lungs[:, :8] = lungs[:, -8:] = False  # (no air around this body)
+    lesions = (unit > 0.6) & (unit < 0.69)
+    return unit, lungs, lesions
+
+
+def test_include_lesions_joins_consolidation_that_touches_the_lungs():
+    from lungcbir.postprocess import include_lesions
+
+    unit, lungs, lesions = _chest_with_consolidation()
+    joined = include_lesions(lungs, lesions, unit)
+    assert joined[80, 38] and not lungs[80, 38]
+    assert (joined & ~lungs).sum() == lesions.sum()
+
+
+def test_include_lesions_leaves_out_what_does_not_touch_the_lungs_or_lies_outside_the_body():
+    from lungcbir.postprocess import include_lesions
+
+    unit, lungs, _ = _chest_with_consolidation()
+    lesions = np.zeros_like(lungs)
+    lesions[60:70, 60:68] = True  # mediastinum, apart from both lungs
+    lesions[0:4, 0:4] = True  # the corner outside the field of view
+    lesions[118:126, 30:40] = True  # under the body, not on the border
+    lesions[118:121, 40:44] = True
+    assert (include_lesions(lungs, lesions, unit) == lungs).all()
+    assert (include_lesions(np.zeros_like(lungs), lesions, unit) == 0).all()
