@@ -39,12 +39,13 @@ from datetime import datetime, timezone
 import faiss
 import numpy as np
 
+from lungcbir.database import ImageRecord, encode_vector
 from lungcbir.datasets import covid_slices, kaggle_slices
 from lungcbir.features import centre_vectors
 from lungcbir.inference import LungModel
 from lungcbir.io import read_file
-from lungcbir.store import ImageRecord, Store, build_index, encode_vector
-from lungcbir.vector_index import COMPACT_RERANK, INDEX_KIND_REGISTRY, _ivf_lists
+from lungcbir.store import Store
+from lungcbir.vector_index import COMPACT_RERANK, INDEX_KIND_REGISTRY, _ivf_lists, build_index
 
 
 def grown(real: np.ndarray, dimension: int, seed: int = 3) -> np.ndarray:

@@ -16,7 +16,7 @@ _EXPORTS = {
     "LungCBIRError": "errors", "ReadError": "errors", "StoreError": "errors", "WeightsError": "errors",
     "LungModel": "inference", "Segmentation": "inference",
     "CTSlice": "io", "read_file": "io",
-    "IndexReport": "retrieval", "Neighbor": "retrieval", "QueryResult": "retrieval", "Retriever": "retrieval",
+    "IndexReport": "indexing", "Neighbor": "retrieval", "QueryResult": "retrieval", "Retriever": "retrieval",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -28,11 +28,11 @@ if TYPE_CHECKING:
     from .errors import ReadError as ReadError
     from .errors import StoreError as StoreError
     from .errors import WeightsError as WeightsError
+    from .indexing import IndexReport as IndexReport
     from .inference import LungModel as LungModel
     from .inference import Segmentation as Segmentation
     from .io import CTSlice as CTSlice
     from .io import read_file as read_file
-    from .retrieval import IndexReport as IndexReport
     from .retrieval import Neighbor as Neighbor
     from .retrieval import QueryResult as QueryResult
     from .retrieval import Retriever as Retriever

@@ -25,7 +25,6 @@ import click
 from .config import DB_ENV, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, INDEX_DIR_ENV, Settings
 from .errors import FilterError, LungCBIRError, ReadError, SegError
 from .focus import DEFAULT_FOCUS, FOCUSES
-from .store import DEFAULT_CLAIM_TIMEOUT_S
 from .vector_index import INDEX_KIND_REGISTRY
 from .websecurity import (
     KEEP_ALIVE_SECONDS,
@@ -38,6 +37,7 @@ from .websecurity import (
     load_token,
     token_file_warning,
 )
+from .work_queue import DEFAULT_CLAIM_TIMEOUT_S
 
 EXIT_SOME_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -577,7 +577,8 @@ def rebuild_index(kind, wait, db_url, index_dir):
     Example:
       lungcbir rebuild-index --kind ivf
     """
-    from .store import Store, describe_index
+    from .store import Store
+    from .vector_index import describe_index
 
     store = Store(db_url, index_dir, create=False)
     with store.write_lock(wait):

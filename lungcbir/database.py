@@ -18,10 +18,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from enum import Enum
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -37,7 +35,6 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    and_,
     cast,
     create_engine,
     delete,
@@ -51,7 +48,6 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from sqlalchemy.sql.expression import Executable
 
 from .config import DEFAULT_DB_URL
 from .errors import StoreError
@@ -73,13 +69,6 @@ INSERT_PARAMETERS = 30_000
 STATE_KEYS = ("model_id", "dimension", "generation", "count", "min_id", "max_id")
 #: Metadata columns a filter may name; a label of the same name takes precedence.
 FILTER_COLUMNS = ("patient_id", "series_uid", "study_uid", "source_format")
-#: Seconds after which a claimed series whose claim was not renewed (its run was killed, or
-#: its machine lost) may be claimed by another run. A working run renews its claim well
-#: within this (see :meth:`Database.renew_claim`).
-DEFAULT_CLAIM_TIMEOUT_S = 600.0
-#: A series claimed this many times without being finished (every run that took it died on
-#: it) is marked failed instead of being handed out again; a later run's enqueue retries it.
-MAX_CLAIM_ATTEMPTS = 3
 #: Most distinct values listed per label key by :meth:`Database.label_values`.
 MAX_LABEL_VALUES = 200
 #: Longest SOP Instance UID stored, in UTF-8 bytes: the column is indexed, and a PostgreSQL
@@ -156,15 +145,6 @@ class StoreChange(Base):
     changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-class QueueState(str, Enum):
-    """Where a series of the indexing queue stands."""
-
-    PENDING = "pending"  # found, waiting for a run to claim it
-    CLAIMED = "claimed"  # a run is indexing it (``claimed_by``), renewing ``claimed_at``
-    DONE = "done"  # every instance is indexed
-    FAILED = "failed"  # some instance (or the series listing) failed; ``error`` says why
-
-
 class QueueEntry(Base):
     """One series of a DICOMweb archive to index with one model: the work shared by runs.
 
@@ -188,24 +168,6 @@ class QueueEntry(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     enqueued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-
-
-@dataclass(frozen=True)
-class SeriesClaim:
-    """A series a run has claimed from the queue (what :meth:`Database.claim_series` returns)."""
-
-    id: int
-    root: str
-    study_uid: str
-    series_uid: str
-    model_id: str
-    claimed_by: str
-    attempts: int  # this claim's number: 1 for the first run that took the series
-
-
-def claimer_name() -> str:
-    """``host:pid``, what a claim records as its holder."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class _Unchanged(Exception):
@@ -286,7 +248,7 @@ class Database:
                              f"not installed; SQLite and PostgreSQL are supported "
                              f"(postgresql+psycopg://: pip install 'lungcbir[postgres]')") from None
         except SQLAlchemyError as error:
-            raise StoreError(f"cannot open database {safe_url(db_url)}: {_reason(error)}") from None
+            raise StoreError(f"cannot open database {safe_url(db_url)}: {sql_reason(error)}") from None
         try:
             with engine.begin() as connection:
                 if backend == "postgresql" and not self.read_only:
@@ -317,7 +279,7 @@ class Database:
                                  f"column {', '.join(c.name for c in missing)}); upgrade it by running a writing "
                                  f"command on it once (`lungcbir index-dataset PATH` or `lungcbir rebuild-index`)")
         except SQLAlchemyError as error:
-            raise StoreError(f"cannot open database {safe_url(db_url)}: {_reason(error)}") from None
+            raise StoreError(f"cannot open database {safe_url(db_url)}: {sql_reason(error)}") from None
         return engine
 
     # -- settings -----------------------------------------------------------------------------
@@ -359,11 +321,11 @@ class Database:
             # claim stands (INSERT ... ON CONFLICT DO NOTHING), the others read it back
             try:
                 with self.engine.begin() as connection:
-                    connection.execute(_insert_ignoring_duplicates(
+                    connection.execute(insert_ignoring_duplicates(
                         self.engine.dialect.name, StoreSetting,
                         [{"key": "model_id", "value": model_id}, {"key": "dimension", "value": str(dimension)}]))
             except SQLAlchemyError as error:
-                raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
+                raise StoreError(f"cannot write to {safe_url(self.db_url)}: {sql_reason(error)}") from None
             with Session(self.engine) as session:
                 stored = self._setting(session, "model_id")
         if stored != model_id:
@@ -409,7 +371,7 @@ class Database:
         self.refuse_if_read_only()
         try:
             with self.engine.begin() as connection:
-                connection.execute(_insert_ignoring_duplicates(
+                connection.execute(insert_ignoring_duplicates(
                     self.engine.dialect.name, StoreSetting, [{"key": GENERATION_KEY, "value": "0"}]))
                 generation = int(connection.execute(
                     update(StoreSetting).where(StoreSetting.key == GENERATION_KEY)
@@ -419,7 +381,7 @@ class Database:
         except _Unchanged:
             pass
         except SQLAlchemyError as error:
-            raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
+            raise StoreError(f"cannot write to {safe_url(self.db_url)}: {sql_reason(error)}") from None
 
     def known_sop_uids(self, model_id: str, series_uid: str | None = None) -> set[str]:
         """SOP Instance UIDs of every DICOM slice already indexed with this model (of one
@@ -429,127 +391,6 @@ class Database:
             conditions.append(ImageRecord.series_uid == series_uid)
         with Session(self.engine) as session:
             return set(session.scalars(select(ImageRecord.sop_uid).where(*conditions)))
-
-    # -- the indexing queue (series of DICOMweb archives shared by concurrent runs) -------------
-
-    def _now(self):
-        """The time claims are stamped and compared with: the database's own clock on
-        PostgreSQL (the claimers run on machines whose clocks differ), this machine's on SQLite
-        (one machine), where the database has no time type to compare stamps with."""
-        if self.engine.dialect.name == "postgresql":
-            return func.now()
-        return datetime.now(timezone.utc)
-
-    def _queue_write(self, statement: Executable) -> tuple[list, int]:
-        """Run one statement in its own short transaction; its returned rows and row count."""
-        self.refuse_if_read_only()
-        try:
-            with self.engine.begin() as connection:
-                if self.engine.dialect.name == "sqlite":
-                    # take the write lock before reading: two deferred transactions that both read
-                    # and then want to write get "database is locked" at once, without waiting
-                    connection.exec_driver_sql("BEGIN IMMEDIATE")
-                result = connection.execute(statement)
-                return (list(result.all()) if result.returns_rows else []), result.rowcount
-        except SQLAlchemyError as error:
-            raise StoreError(f"cannot write to {safe_url(self.db_url)}: {_reason(error)}") from None
-
-    def enqueue_series(self, root: str, series: Iterable[tuple[str, str]], model_id: str) -> int:
-        """Put (study_uid, series_uid) pairs of the archive at ``root`` into the queue for this model.
-
-        Idempotent: a series already queued is not added again (the unique constraint on
-        root, series and model decides, so concurrent runs may enqueue the same series). One
-        that is done or failed becomes pending again, so that this run looks at it: a done
-        series costs one instance listing (its indexed instances are not fetched again) and
-        gets any new instances indexed; a failed one is retried. A claimed one is left to its
-        run. Returns how many series were new to the queue.
-        """
-        pairs = sorted(set(series), key=lambda pair: pair[1])  # one order: concurrent inserts cannot deadlock
-        now = datetime.now(timezone.utc)
-        added = 0
-        for start in range(0, len(pairs), 500):
-            chunk = pairs[start:start + 500]
-            rows = [{"root": root, "study_uid": study, "series_uid": uid, "model_id": model_id,
-                     "state": QueueState.PENDING.value, "attempts": 0, "enqueued_at": now} for study, uid in chunk]
-            added += len(self._queue_write(_insert_ignoring_duplicates(
-                self.engine.dialect.name, QueueEntry, rows).returning(QueueEntry.id))[0])
-            self._queue_write(update(QueueEntry).where(
-                QueueEntry.root == root, QueueEntry.model_id == model_id,
-                QueueEntry.series_uid.in_([uid for _, uid in chunk]),
-                QueueEntry.state.in_([QueueState.DONE.value, QueueState.FAILED.value]))
-                .values(state=QueueState.PENDING.value, attempts=0, error=None))
-        return added
-
-    def claim_series(self, root: str, model_id: str, claimer: str,
-                     timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S, study_uid: str | None = None) -> SeriesClaim | None:
-        """Claim the next series of ``root`` to index with this model (of one study, if given).
-
-        A pending series, or a claimed one whose claim was not renewed for ``timeout_s``
-        seconds (its run was killed), is marked claimed by ``claimer`` in one short UPDATE,
-        so two runs never get the same series: on PostgreSQL the candidate row is picked with
-        ``SELECT ... FOR UPDATE SKIP LOCKED`` (concurrent claimers take different rows
-        without waiting); SQLite serialises writers, and the UPDATE re-checks the state, so
-        a row another run took meanwhile is not updated. A series whose claims expired
-        :data:`MAX_CLAIM_ATTEMPTS` times is marked failed instead. Returns None when nothing
-        is left to claim.
-        """
-        now = self._now()
-        cutoff = now - timedelta(seconds=timeout_s)
-        scope = [QueueEntry.root == root, QueueEntry.model_id == model_id]
-        if study_uid is not None:
-            scope.append(QueueEntry.study_uid == study_uid)
-        expired = and_(QueueEntry.state == QueueState.CLAIMED.value, QueueEntry.claimed_at < cutoff)
-        self._queue_write(update(QueueEntry).where(*scope, expired, QueueEntry.attempts >= MAX_CLAIM_ATTEMPTS).values(
-            state=QueueState.FAILED.value,
-            error=f"claimed {MAX_CLAIM_ATTEMPTS} times and never finished (every run that took it stopped)"))
-        claimable = or_(QueueEntry.state == QueueState.PENDING.value, expired)
-        candidate = select(QueueEntry.id).where(*scope, claimable).order_by(QueueEntry.id).limit(1)
-        if self.engine.dialect.name == "postgresql":
-            candidate = candidate.with_for_update(skip_locked=True)
-        rows, _ = self._queue_write(update(QueueEntry).where(QueueEntry.id == candidate.scalar_subquery(), claimable)
-                                .values(state=QueueState.CLAIMED.value, claimed_by=claimer, claimed_at=now,
-                                        attempts=QueueEntry.attempts + 1)
-                                .returning(QueueEntry.id, QueueEntry.study_uid, QueueEntry.series_uid,
-                                           QueueEntry.attempts))
-        if not rows:
-            return None
-        row = rows[0]
-        return SeriesClaim(row[0], root, row[1], row[2], model_id, claimer, row[3])
-
-    def _own(self, claim: SeriesClaim):
-        """The condition that a queue row is still held by this claim (not expired and taken over)."""
-        return and_(QueueEntry.id == claim.id, QueueEntry.state == QueueState.CLAIMED.value,
-                    QueueEntry.claimed_by == claim.claimed_by, QueueEntry.attempts == claim.attempts)
-
-    def renew_claim(self, claim: SeriesClaim) -> bool:
-        """Stamp the claim's ``claimed_at`` again (a heartbeat while a long series is indexed).
-        False when the claim is no longer ours: it expired and another run took the series."""
-        return self._queue_write(update(QueueEntry).where(self._own(claim))
-                                 .values(claimed_at=self._now()))[1] == 1
-
-    def finish_claim(self, claim: SeriesClaim, error: str | None = None) -> bool:
-        """Mark a claimed series done, or failed with ``error``; False when it is no longer ours."""
-        state = QueueState.FAILED if error else QueueState.DONE
-        return self._queue_write(update(QueueEntry).where(self._own(claim)).values(
-            state=state.value, error=error, claimed_at=self._now()))[1] == 1
-
-    def release_claim(self, claim: SeriesClaim) -> bool:
-        """Give a claimed series back (the run was interrupted): pending again at once, and this
-        claim does not count towards :data:`MAX_CLAIM_ATTEMPTS`."""
-        return self._queue_write(update(QueueEntry).where(self._own(claim)).values(
-            state=QueueState.PENDING.value, claimed_by=None, claimed_at=None,
-            attempts=QueueEntry.attempts - 1))[1] == 1
-
-    def queue_counts(self, root: str | None = None, model_id: str | None = None) -> dict[QueueState, int]:
-        """How many queued series are in each state (of one archive and model, if given)."""
-        conditions = [column == value for column, value in ((QueueEntry.root, root), (QueueEntry.model_id, model_id))
-                      if value is not None]
-        with Session(self.engine) as session:
-            rows = session.execute(select(QueueEntry.state, func.count(QueueEntry.id)).where(*conditions)
-                                   .group_by(QueueEntry.state)).all()
-        counts = {state: 0 for state in QueueState}
-        counts.update({QueueState(state): number for state, number in rows})
-        return counts
 
     def add(self, records: Sequence[ImageRecord], vectors: np.ndarray) -> Committed | None:
         """Insert rows with their vectors in one transaction, logged as one generation.
@@ -582,7 +423,7 @@ class Database:
             # go in several statements of the same transaction
             per_statement = max(1, INSERT_PARAMETERS // len(columns))
             for start in range(0, len(rows), per_statement):
-                inserted += connection.execute(_insert_ignoring_duplicates(
+                inserted += connection.execute(insert_ignoring_duplicates(
                     self.engine.dialect.name, ImageRecord, rows[start:start + per_statement]).returning(
                     ImageRecord.id, ImageRecord.sha256, ImageRecord.frame, ImageRecord.model_id)).all()
             inserted.sort()
@@ -695,7 +536,7 @@ class Database:
                 found = session.scalars(select(ImageRecord.id).where(*conditions).order_by(ImageRecord.id))
                 return np.fromiter(found, dtype=np.int64)
         except SQLAlchemyError as error:
-            raise StoreError(f"cannot read {safe_url(self.db_url)}: {_reason(error)}") from None
+            raise StoreError(f"cannot read {safe_url(self.db_url)}: {sql_reason(error)}") from None
 
     def records_with_content(self, keys: Iterable[tuple[str | None, int]]) -> dict[tuple[str, int], list[ImageRecord]]:
         """Stored rows by (sha256, frame): where a query slice is itself stored."""
@@ -731,7 +572,7 @@ class Database:
                         if value is not None:
                             values.setdefault(str(key), set()).add(str(value))
         except SQLAlchemyError as error:
-            raise StoreError(f"cannot read {safe_url(self.db_url)}: {_reason(error)}") from None
+            raise StoreError(f"cannot read {safe_url(self.db_url)}: {sql_reason(error)}") from None
         return {key: sorted(found)[:max_values] for key, found in sorted(values.items())}
 
     def series_members(self, image_id: int) -> list[int]:
@@ -751,7 +592,7 @@ class Database:
                 ordered = sorted(found, key=lambda r: (r.slice_index is None, r.slice_index or 0, r.frame, r.id))
                 return [r.id for r in ordered]
         except SQLAlchemyError as error:
-            raise StoreError(f"cannot read {safe_url(self.db_url)}: {_reason(error)}") from None
+            raise StoreError(f"cannot read {safe_url(self.db_url)}: {sql_reason(error)}") from None
 
     def iter_vectors(self, chunk: int = REBUILD_CHUNK, after: int = -1,
                      up_to: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -887,13 +728,13 @@ class Database:
         return RowStats(images, patients, series, identity, database_bytes)
 
 
-def _reason(error: SQLAlchemyError) -> str:
+def sql_reason(error: SQLAlchemyError) -> str:
     original = getattr(error, "orig", None) or error
     text = str(original).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
 
 
-def _insert_ignoring_duplicates(dialect: str, table: type[Base], rows: list[dict]):
+def insert_ignoring_duplicates(dialect: str, table: type[Base], rows: list[dict]):
     """INSERT ... ON CONFLICT DO NOTHING for the backends we support."""
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as postgresql_insert

@@ -3,7 +3,7 @@
 :class:`Store` is a thin coordinator over two parts:
 
 * :class:`lungcbir.database.Database` (``database.py``): the SQLAlchemy schema, the connection,
-  every read and write of rows, the settings, the change log and the indexing queue. The
+  every read and write of rows, the settings, the change log and the indexing queue's table. The
   database is the source of truth: every row holds its vector.
 * :class:`lungcbir.vector_index.VectorIndex` (``vector_index.py``): the FAISS index, a cache
   whose ids are the rows' primary keys, written atomically after each commit with a note of the
@@ -11,14 +11,14 @@
   of step; the index kinds (:data:`~lungcbir.vector_index.INDEX_KIND_REGISTRY`); the write lock.
 
 The Store adds what needs both (adding and removing rows with the index following, ``check``,
-``stats``) and re-exports the names other modules import from ``lungcbir.store``.
+``stats``); the indexing queue of the same database is :attr:`Store.queue`
+(:class:`lungcbir.work_queue.WorkQueue`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile  # noqa: F401 (the doctests use it)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -27,54 +27,21 @@ import faiss
 import numpy as np
 
 from .config import DEFAULT_DB_URL, DEFAULT_INDEX_DIR
-from .database import (  # noqa: F401
-    DEFAULT_CLAIM_TIMEOUT_S,
-    FILTER_COLUMNS,
-    GENERATION_KEY,
-    MAX_CLAIM_ATTEMPTS,
+from .database import (
     MAX_LABEL_VALUES,
     REBUILD_CHUNK,
-    SCHEMA_LOCK_KEY,
-    STATE_KEYS,
-    SUPPORTED_BACKENDS,
-    VECTOR_BYTES,
     VECTOR_DTYPE,
-    Base,
     Database,
     ImageRecord,
-    QueueEntry,
-    QueueState,
-    SeriesClaim,
-    StoreChange,
-    StoreSetting,
-    claimer_name,
-    decode_mask,
-    decode_vector,
-    encode_mask,
-    encode_vector,
     safe_url,
-    unstorable,
 )
-from .fileutils import write_atomically as _write_atomically  # noqa: F401 (tests import it from here)
-from .vector_index import (  # noqa: F401
-    AUTO_IVF_FROM,
+from .vector_index import (
     EXACT_RESTRICTED_SEARCH_MAX,
-    HNSW_EF_SEARCH,
-    INDEX_FILE,
-    INDEX_KIND_REGISTRY,
-    INDEX_KINDS,
-    INDEX_META_FILE,
-    INDEX_NOTE_FORMAT,
-    IVF_NPROBE,
-    LOCK_FILE,
-    REBUILD_ATTEMPTS,
     SCORE_TOLERANCE,
-    IndexKind,
     VectorIndex,
-    build_index,
     describe_index,
-    index_ids,
 )
+from .work_queue import WorkQueue
 
 
 @dataclass
@@ -103,9 +70,11 @@ class Store:
     and no index file written; an index out of step with the database is brought up to date
     in memory only; adding and removing rows is refused. One Store may be used from many
     threads (a web server's request pool): catch-up, rebuild and search are serialised.
-    ``database`` and ``vectors`` are the two parts; the row methods below only pass through.
+    ``database`` and ``vectors`` are the two parts, ``queue`` the database's indexing queue;
+    the row methods below only pass through.
 
     Example:
+        >>> import tempfile
         >>> store = Store("sqlite://", index_dir=tempfile.mkdtemp())
         >>> store.stats().images
         0
@@ -119,6 +88,7 @@ class Store:
         self.database = Database(db_url, create=create, read_only=read_only)
         self.engine = self.database.engine
         self.vectors = VectorIndex(self.index_dir, self.database)
+        self.queue = WorkQueue(self.database)
 
     # -- settings -----------------------------------------------------------------------------
 
@@ -203,30 +173,6 @@ class Store:
                      up_to: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return self.database.iter_vectors(chunk, after, up_to)
 
-    def training_sample(self, size: int) -> np.ndarray:
-        return self.database.training_sample(size)
-
-    # -- the indexing queue (see :class:`Database`) -----------------------------------------------
-
-    def enqueue_series(self, root: str, series: Iterable[tuple[str, str]], model_id: str) -> int:
-        return self.database.enqueue_series(root, series, model_id)
-
-    def claim_series(self, root: str, model_id: str, claimer: str,
-                     timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S, study_uid: str | None = None) -> SeriesClaim | None:
-        return self.database.claim_series(root, model_id, claimer, timeout_s, study_uid)
-
-    def renew_claim(self, claim: SeriesClaim) -> bool:
-        return self.database.renew_claim(claim)
-
-    def finish_claim(self, claim: SeriesClaim, error: str | None = None) -> bool:
-        return self.database.finish_claim(claim, error)
-
-    def release_claim(self, claim: SeriesClaim) -> bool:
-        return self.database.release_claim(claim)
-
-    def queue_counts(self, root: str | None = None, model_id: str | None = None) -> dict[QueueState, int]:
-        return self.database.queue_counts(root, model_id)
-
     # -- index (see :class:`VectorIndex`) -----------------------------------------------------------
 
     @property
@@ -254,12 +200,12 @@ class Store:
             self.vectors.set_kind(kind)
         return self.vectors.rebuild()
 
-    def search(self, vectors: np.ndarray, k: int,
-               restrict_to: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, vectors: np.ndarray, k: int, restrict_to: np.ndarray | None = None,
+               exact_up_to: int = EXACT_RESTRICTED_SEARCH_MAX) -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids of the ``k`` nearest stored vectors, best first (see
         :meth:`VectorIndex.search`); ``restrict_to``, e.g. from :meth:`ids_matching`, searches
         among those rows only."""
-        return self.vectors.search(vectors, k, restrict_to, exact_up_to=EXACT_RESTRICTED_SEARCH_MAX)
+        return self.vectors.search(vectors, k, restrict_to, exact_up_to=exact_up_to)
 
     @contextlib.contextmanager
     def write_lock(self, wait: bool = False) -> Iterator[None]:

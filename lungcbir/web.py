@@ -29,25 +29,10 @@ from .errors import LungCBIRError, ReadError, StoreError, UploadRefused
 from .io import CTSlice, read_file
 from .retrieval import Retriever
 from .views import ROUTERS
-from .views.state import (  # noqa: F401 (importable from here)
-    HU_OFFSET,
-    KEPT_RESULTS,
-    MAX_IMAGE_ID,
-    MAX_SERIES_K,
-    PIXEL_KIND_HEADER,
-    SERIES_BYTES_FACTOR,
-    SERIES_PAIRS,
-    THUMBNAIL_SIDE,
-    UPLOAD_SUFFIXES,
-    RenderedResult,
-    ResultCache,
-    WebState,
-    pixel_png,
-    public_name,
-)
+from .views.state import WebState
 from .websecurity import BearerAuth, BodySizeLimit, HostCheck, WebSettings, scrub_paths
 
-__all__ = ["WebSettings", "WebState", "create_app", "pixel_png", "public_name"]
+__all__ = ["create_app"]
 
 log = logging.getLogger("lungcbir.web")
 STATIC = Path(__file__).parent / "web_static"

@@ -77,7 +77,7 @@ def postgres_url() -> str:
         pytest.skip("no PostgreSQL server: set LUNGCBIR_TEST_POSTGRES=postgresql+psycopg://user:pw@host/db")
     from sqlalchemy import create_engine
 
-    from lungcbir.store import Base
+    from lungcbir.database import Base
 
     engine = create_engine(POSTGRES_URL)
     Base.metadata.drop_all(engine)

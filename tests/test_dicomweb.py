@@ -21,14 +21,15 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
+from test_dicom_seg import dciodvfy
 
 from lungcbir.cli import main
+from lungcbir.database import ImageRecord
 from lungcbir.dicomweb import DicomwebSource, SeriesRef, display_url, is_dicomweb_url, parse_instance_url
 from lungcbir.io import read_dicom, read_dicom_bytes
 from lungcbir.retrieval import Retriever
-from lungcbir.store import ImageRecord, Store
+from lungcbir.store import Store
 from lungcbir.web import create_app
-from test_dicom_seg import dciodvfy
 
 
 def invoke(*args, env=None):

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import postgres_url
 from sqlalchemy import update
 
-from conftest import postgres_url
+from lungcbir.database import QueueEntry
 from lungcbir.dicomweb import DicomwebSource, is_dicomweb_url
 from lungcbir.retrieval import Retriever
-from lungcbir.store import MAX_CLAIM_ATTEMPTS, QueueEntry, QueueState, Store
+from lungcbir.store import Store
+from lungcbir.work_queue import MAX_CLAIM_ATTEMPTS, QueueState
 
 ROOT = "http://pacs.example/dicom-web"
 MODEL = "model-a"
@@ -45,90 +47,90 @@ def age_claims(store: Store, seconds: float) -> None:
 
 def test_enqueueing_is_idempotent_and_looks_again_at_done_and_failed_series(store_paths):
     store = Store(**store_paths)
-    assert store.enqueue_series(ROOT, series(3), MODEL) == 3
-    assert store.enqueue_series(ROOT, series(3), MODEL) == 0  # the unique constraint decides
-    assert store.enqueue_series(ROOT, series(3), "model-b") == 3  # another model indexes them again
-    assert store.queue_counts(ROOT, MODEL)[QueueState.PENDING] == 3
-    done, failed, claimed = (store.claim_series(ROOT, MODEL, f"run:{n}") for n in range(3))
-    assert store.finish_claim(done) and store.finish_claim(failed, "1 of 20 instances could not be read")
-    assert store.queue_counts(ROOT, MODEL) == {QueueState.PENDING: 0, QueueState.CLAIMED: 1,
+    assert store.queue.enqueue_series(ROOT, series(3), MODEL) == 3
+    assert store.queue.enqueue_series(ROOT, series(3), MODEL) == 0  # the unique constraint decides
+    assert store.queue.enqueue_series(ROOT, series(3), "model-b") == 3  # another model indexes them again
+    assert store.queue.counts(ROOT, MODEL)[QueueState.PENDING] == 3
+    done, failed, claimed = (store.queue.claim_series(ROOT, MODEL, f"run:{n}") for n in range(3))
+    assert store.queue.finish_claim(done) and store.queue.finish_claim(failed, "1 of 20 instances could not be read")
+    assert store.queue.counts(ROOT, MODEL) == {QueueState.PENDING: 0, QueueState.CLAIMED: 1,
                                                QueueState.DONE: 1, QueueState.FAILED: 1}
-    assert store.enqueue_series(ROOT, series(4), MODEL) == 1  # a nightly run finds one new series
+    assert store.queue.enqueue_series(ROOT, series(4), MODEL) == 1  # a nightly run finds one new series
     # done and failed series are looked at again (new instances, retry); the claimed one is left alone
-    assert store.queue_counts(ROOT, MODEL) == {QueueState.PENDING: 3, QueueState.CLAIMED: 1,
+    assert store.queue.counts(ROOT, MODEL) == {QueueState.PENDING: 3, QueueState.CLAIMED: 1,
                                                QueueState.DONE: 0, QueueState.FAILED: 0}
-    assert store.renew_claim(claimed)
+    assert store.queue.renew_claim(claimed)
 
 
 def test_each_series_is_claimed_once_then_nothing_is_left(store_paths):
     store = Store(**store_paths)
-    store.enqueue_series(ROOT, series(3), MODEL)
-    store.enqueue_series("http://other/dicom-web", series(2), MODEL)
-    claims = [store.claim_series(ROOT, MODEL, f"host:{n}") for n in range(4)]
+    store.queue.enqueue_series(ROOT, series(3), MODEL)
+    store.queue.enqueue_series("http://other/dicom-web", series(2), MODEL)
+    claims = [store.queue.claim_series(ROOT, MODEL, f"host:{n}") for n in range(4)]
     assert claims[3] is None
     assert sorted(claim.series_uid for claim in claims[:3]) == [uid for _, uid in series(3)]
     assert all(claim.attempts == 1 and claim.root == ROOT for claim in claims[:3])
-    assert store.claim_series(ROOT, "model-b", "host:9") is None  # other models' and archives' work is apart
-    assert store.claim_series("http://other/dicom-web", MODEL, "host:9") is not None
+    assert store.queue.claim_series(ROOT, "model-b", "host:9") is None  # other models' and archives' work is apart
+    assert store.queue.claim_series("http://other/dicom-web", MODEL, "host:9") is not None
 
 
 def test_claims_of_one_study(store_paths):
     store = Store(**store_paths)
-    store.enqueue_series(ROOT, series(2, "1.2.1") + series(2, "1.2.2"), MODEL)
-    claimed = [store.claim_series(ROOT, MODEL, "host:1", study_uid="1.2.2") for _ in range(3)]
+    store.queue.enqueue_series(ROOT, series(2, "1.2.1") + series(2, "1.2.2"), MODEL)
+    claimed = [store.queue.claim_series(ROOT, MODEL, "host:1", study_uid="1.2.2") for _ in range(3)]
     assert [claim.study_uid for claim in claimed[:2]] == ["1.2.2", "1.2.2"] and claimed[2] is None
-    assert store.queue_counts(ROOT, MODEL)[QueueState.PENDING] == 2
+    assert store.queue.counts(ROOT, MODEL)[QueueState.PENDING] == 2
 
 
 def test_an_expired_claim_is_taken_over_and_its_old_holder_loses_it(store_paths):
     store = Store(**store_paths)
-    store.enqueue_series(ROOT, series(1), MODEL)
-    killed = store.claim_series(ROOT, MODEL, "host-a:11", timeout_s=600)
-    assert store.claim_series(ROOT, MODEL, "host-b:22", timeout_s=600) is None  # not expired yet
+    store.queue.enqueue_series(ROOT, series(1), MODEL)
+    killed = store.queue.claim_series(ROOT, MODEL, "host-a:11", timeout_s=600)
+    assert store.queue.claim_series(ROOT, MODEL, "host-b:22", timeout_s=600) is None  # not expired yet
     age_claims(store, 601)
-    assert store.claim_series(ROOT, MODEL, "host-b:22", timeout_s=3600) is None  # a longer timeout: still held
-    taken = store.claim_series(ROOT, MODEL, "host-b:22", timeout_s=600)
+    assert store.queue.claim_series(ROOT, MODEL, "host-b:22", timeout_s=3600) is None  # a longer timeout: still held
+    taken = store.queue.claim_series(ROOT, MODEL, "host-b:22", timeout_s=600)
     assert (taken.series_uid, taken.claimed_by, taken.attempts) == (killed.series_uid, "host-b:22", 2)
-    assert not store.renew_claim(killed) and not store.finish_claim(killed)  # the old run cannot mark it
-    assert store.finish_claim(taken)
-    assert store.queue_counts(ROOT, MODEL)[QueueState.DONE] == 1
+    assert not store.queue.renew_claim(killed) and not store.queue.finish_claim(killed)  # the old run cannot mark it
+    assert store.queue.finish_claim(taken)
+    assert store.queue.counts(ROOT, MODEL)[QueueState.DONE] == 1
 
 
 def test_a_renewed_claim_does_not_expire(store_paths):
     store = Store(**store_paths)
-    store.enqueue_series(ROOT, series(1), MODEL)
-    working = store.claim_series(ROOT, MODEL, "host-a:11", timeout_s=600)
+    store.queue.enqueue_series(ROOT, series(1), MODEL)
+    working = store.queue.claim_series(ROOT, MODEL, "host-a:11", timeout_s=600)
     age_claims(store, 500)
-    assert store.renew_claim(working)  # the heartbeat of a run on a long series
-    assert store.claim_series(ROOT, MODEL, "host-b:22", timeout_s=600) is None
+    assert store.queue.renew_claim(working)  # the heartbeat of a run on a long series
+    assert store.queue.claim_series(ROOT, MODEL, "host-b:22", timeout_s=600) is None
 
 
 def test_a_released_claim_is_pending_at_once_and_does_not_count(store_paths):
     store = Store(**store_paths)
-    store.enqueue_series(ROOT, series(1), MODEL)
-    interrupted = store.claim_series(ROOT, MODEL, "host-a:11")
-    assert store.release_claim(interrupted)
-    again = store.claim_series(ROOT, MODEL, "host-a:11")
+    store.queue.enqueue_series(ROOT, series(1), MODEL)
+    interrupted = store.queue.claim_series(ROOT, MODEL, "host-a:11")
+    assert store.queue.release_claim(interrupted)
+    again = store.queue.claim_series(ROOT, MODEL, "host-a:11")
     assert again.series_uid == interrupted.series_uid and again.attempts == 1
 
 
 def test_a_series_every_run_dies_on_is_failed(store_paths):
     store = Store(**store_paths)
-    store.enqueue_series(ROOT, series(1), MODEL)
+    store.queue.enqueue_series(ROOT, series(1), MODEL)
     for attempt in range(1, MAX_CLAIM_ATTEMPTS + 1):
-        claim = store.claim_series(ROOT, MODEL, f"host:{attempt}", timeout_s=60)
+        claim = store.queue.claim_series(ROOT, MODEL, f"host:{attempt}", timeout_s=60)
         assert claim is not None and claim.attempts == attempt
         age_claims(store, 61)
-    assert store.claim_series(ROOT, MODEL, "host:last", timeout_s=60) is None
-    assert store.queue_counts(ROOT, MODEL)[QueueState.FAILED] == 1
-    store.enqueue_series(ROOT, series(1), MODEL)  # a later run retries it, with fresh attempts
-    assert store.claim_series(ROOT, MODEL, "host:next", timeout_s=60).attempts == 1
+    assert store.queue.claim_series(ROOT, MODEL, "host:last", timeout_s=60) is None
+    assert store.queue.counts(ROOT, MODEL)[QueueState.FAILED] == 1
+    store.queue.enqueue_series(ROOT, series(1), MODEL)  # a later run retries it, with fresh attempts
+    assert store.queue.claim_series(ROOT, MODEL, "host:next", timeout_s=60).attempts == 1
 
 
 def test_racing_claimers_never_get_the_same_series(store_paths):
     """Eight claimers (threads, each with its own Store and connections, as separate processes
     would have) start at once on 120 series; every series goes to exactly one of them."""
-    Store(**store_paths).enqueue_series(ROOT, series(120), MODEL)
+    Store(**store_paths).queue.enqueue_series(ROOT, series(120), MODEL)
     claimers = 8
     start, got, errors = threading.Barrier(claimers), {n: [] for n in range(claimers)}, []
 
@@ -136,9 +138,9 @@ def test_racing_claimers_never_get_the_same_series(store_paths):
         try:
             store = Store(**store_paths)
             start.wait()
-            while (claim := store.claim_series(ROOT, MODEL, f"host:{number}")) is not None:
+            while (claim := store.queue.claim_series(ROOT, MODEL, f"host:{number}")) is not None:
                 got[number].append(claim.series_uid)
-                assert store.finish_claim(claim)
+                assert store.queue.finish_claim(claim)
         except Exception as error:  # reported by the main thread
             errors.append(error)
 
@@ -151,7 +153,7 @@ def test_racing_claimers_never_get_the_same_series(store_paths):
     claimed = [uid for uids in got.values() for uid in uids]
     assert sorted(claimed) == sorted(uid for _, uid in series(120))  # all of them, none twice
     assert sum(1 for uids in got.values() if uids) > 1  # they really raced
-    assert Store(**store_paths).queue_counts(ROOT, MODEL)[QueueState.DONE] == 120
+    assert Store(**store_paths).queue.counts(ROOT, MODEL)[QueueState.DONE] == 120
 
 
 # -- against a real archive (Orthanc) ---------------------------------------------------------------
@@ -169,18 +171,18 @@ def test_a_series_claimed_by_a_killed_run_is_indexed_after_the_timeout(dicomweb_
     store, model_id = retriever.store(), retriever.model.model_id
     source = DicomwebSource(url)
     found, _ = source.find_series()
-    store.enqueue_series(source.root, [(s.study_uid, s.series_uid) for s in found], model_id)
-    held = store.claim_series(source.root, model_id, "dead-host:4242")  # its run was killed (SIGKILL)
+    store.queue.enqueue_series(source.root, [(s.study_uid, s.series_uid) for s in found], model_id)
+    held = store.queue.claim_series(source.root, model_id, "dead-host:4242")  # its run was killed (SIGKILL)
     in_held = {ref.sop_uid for ref in source.instances(found[0])[0]}
     assert held.series_uid == found[0].series_uid
     report = retriever.index_dataset([url])
     assert report.indexed == len(files) - len(in_held) and not in_held & set(archive_sops(tmp_path))
-    assert store.queue_counts(source.root, model_id)[QueueState.CLAIMED] == 1  # not taken within the timeout
+    assert store.queue.counts(source.root, model_id)[QueueState.CLAIMED] == 1  # not taken within the timeout
     age_claims(store, 601)
     report = retriever.index_dataset([url], claim_timeout=600)
     assert (report.indexed, report.skipped) == (len(in_held), len(files) - len(in_held))
     assert sorted(archive_sops(tmp_path)) == sorted(files.values())  # each once
-    assert store.queue_counts(source.root, model_id)[QueueState.DONE] == len(found)
+    assert store.queue.counts(source.root, model_id)[QueueState.DONE] == len(found)
 
 
 @pytest.mark.realdata
@@ -198,13 +200,13 @@ def test_a_long_series_keeps_its_claim_by_renewing_it(dicomweb_archive, tiny_wei
         seen.append(path)
         time.sleep(0.4)
         if len(seen) % 5 == 0:
-            taken.append(rival.claim_series(DicomwebSource(url).root, retriever.model.model_id, "rival:1",
+            taken.append(rival.queue.claim_series(DicomwebSource(url).root, retriever.model.model_id, "rival:1",
                                             timeout_s=1.0))
 
     report = retriever.index_dataset([url], study=study, on_file=slow, claim_timeout=1.0)
     assert len(seen) >= 15 and report.failed == 0  # the run outlasted its timeout several times
     assert taken and taken == [None] * len(taken)
-    assert retriever.store().queue_counts()[QueueState.DONE] == 1
+    assert retriever.store().queue.counts()[QueueState.DONE] == 1
 
 
 @pytest.mark.realdata
@@ -262,5 +264,5 @@ def test_two_runs_at_once_share_an_archive_without_overlap(dicomweb_archive, bun
     store = Store(db_url, tmp_path / "check")
     rows = store.records(range(1, store.count() + 1000)).values()
     assert sorted(row.sop_uid for row in rows) == sorted(files.values())  # each stored once
-    counts = store.queue_counts()
+    counts = store.queue.counts()
     assert counts[QueueState.DONE] == len(DicomwebSource(url).find_series()[0]) and counts[QueueState.CLAIMED] == 0

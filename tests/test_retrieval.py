@@ -113,7 +113,7 @@ def test_per_patient_collapses_cases(phantom_dir, tiny_weights, store_paths):
 
 def _store_around(retriever, probe, rows):
     """Stored rows with vectors at chosen distances from ``probe``'s vector: (labels, patient, noise)."""
-    from lungcbir.store import ImageRecord
+    from lungcbir.database import ImageRecord
 
     model, store = retriever.model, retriever.store()
     store.check_model(model.model_id, model.dimension)

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
+from lungcbir.database import ImageRecord, safe_url
 from lungcbir.errors import StoreError
-from lungcbir.store import ImageRecord, Store, safe_url
+from lungcbir.store import Store
 
 
 def records(count, start=0):
@@ -111,7 +112,7 @@ def legacy_database(store_paths):
     from sqlalchemy import create_engine
     from sqlalchemy.schema import CreateTable
 
-    from lungcbir.store import Base
+    from lungcbir.database import Base
 
     url = store_paths["db_url"]
     if url.startswith("sqlite"):
@@ -213,7 +214,7 @@ def test_abandoned_temporary_files_are_removed(store_paths, tmp_path):
         return textwrap.dedent(f"""
             import os, signal, sys, time
             from pathlib import Path
-            from lungcbir.store import _write_atomically
+            from lungcbir.fileutils import write_atomically as _write_atomically
             def write(path):
                 Path(path).write_bytes(b"x" * 100000)
                 {finish}
@@ -336,7 +337,7 @@ def test_restricted_search_returns_k_matches_behind_nearer_others(store_paths, k
 
 
 def test_masks_are_kept_compressed_in_their_rows(store_paths):
-    from lungcbir.store import encode_mask
+    from lungcbir.database import encode_mask
 
     store = Store(**store_paths)
     store.check_model("m1", 8)

@@ -8,8 +8,8 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from ..database import FILTER_COLUMNS
 from ..focus import VECTOR_PARTS
-from ..store import FILTER_COLUMNS
 from .schemas import ERROR_RESPONSES, Health, Labels, Stats
 from .state import AppState
 
