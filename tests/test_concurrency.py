@@ -60,14 +60,17 @@ def test_simultaneous_catch_up_from_threads(store_paths, tmp_path):
     server = Store(store_paths["db_url"], tmp_path / "server-index")
     server.index()
     writer.add(records(400, start=100), unit(400, seed=2))
-    stream = server.iter_vectors
+    stream = server.database.iter_vectors  # what the index catches up and rebuilds from
+    streamed = []
 
     def slow_stream(*args, **kwargs):  # a slow database widens the window between check and add
+        kwargs.setdefault("chunk", 50)
         for chunk in stream(*args, **kwargs):
+            streamed.append(len(chunk[0]))
             time.sleep(0.05)
             yield chunk
 
-    server.iter_vectors = slow_stream
+    server.database.iter_vectors = slow_stream
     start = threading.Barrier(30)
 
     def request(number: int) -> int:
@@ -76,6 +79,7 @@ def test_simultaneous_catch_up_from_threads(store_paths, tmp_path):
 
     with ThreadPoolExecutor(30) as pool:
         answers = list(pool.map(request, range(30)))
+    assert streamed, "the slow stream never ran: the index reads its vectors elsewhere"
     assert answers == [420] * 30  # every request saw the index of exactly the rows stored
     assert server.index().ntotal == server.count() == 420
     ids = server.search(unit(10, seed=3), 420)[1]
