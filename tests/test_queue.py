@@ -186,10 +186,21 @@ def test_a_series_claimed_by_a_killed_run_is_indexed_after_the_timeout(dicomweb_
 
 
 @pytest.mark.realdata
-def test_a_long_series_keeps_its_claim_by_renewing_it(dicomweb_archive, tiny_weights, tmp_path):
-    """A run slower than the claim timeout on one series renews its claim: nobody takes it over."""
-    import time
+def test_a_long_series_keeps_its_claim_by_renewing_it(dicomweb_archive, tiny_weights, tmp_path, monkeypatch):
+    """A run slower than the claim timeout on one series renews its claim: nobody takes it over.
 
+    Time is a clock the test moves (0.4 s per instance), read by the run's renewals and by the
+    queue's claim stamps alike, so a loaded machine cannot make the claim expire for real."""
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    import lungcbir.indexing
+    from lungcbir.work_queue import WorkQueue
+
+    clock, start = [0.0], datetime.now(timezone.utc)
+    monkeypatch.setattr(lungcbir.indexing, "time", SimpleNamespace(monotonic=lambda: clock[0],
+                                                                    perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(WorkQueue, "_now", lambda self: start + timedelta(seconds=clock[0]))
     url = dicomweb_archive["url"]
     study = next(iter(dicomweb_archive["studies"]))
     retriever = Retriever(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index", weights=tiny_weights)
@@ -198,10 +209,10 @@ def test_a_long_series_keeps_its_claim_by_renewing_it(dicomweb_archive, tiny_wei
 
     def slow(path):  # one instance per 0.4 s: the whole series takes several claim timeouts
         seen.append(path)
-        time.sleep(0.4)
+        clock[0] += 0.4
         if len(seen) % 5 == 0:
             taken.append(rival.queue.claim_series(DicomwebSource(url).root, retriever.model.model_id, "rival:1",
-                                            timeout_s=1.0))
+                                                  timeout_s=1.0))
 
     report = retriever.index_dataset([url], study=study, on_file=slow, claim_timeout=1.0)
     assert len(seen) >= 15 and report.failed == 0  # the run outlasted its timeout several times
