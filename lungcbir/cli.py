@@ -886,5 +886,24 @@ def make_phantom(out, slices, patients):
     click.echo(f"synthetic data (not patient data) in {out}: dicom/, png/, masks/")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``lungcbir`` program: the command line, in a process of its own.
+
+    As the owner of its process it quiets what the libraries print about broken files, which
+    the command line reports in one line each: C decoders' stderr goes through a filter
+    (:mod:`lungcbir.stderr_filter`) and Python warnings are off, for the reader processes it
+    starts too (``PYTHONWARNINGS``). ``main`` itself, as tests and embedders call it, changes
+    nothing of the process.
+    """
+    import warnings
+
+    from .stderr_filter import install
+
+    install()
+    warnings.simplefilter("ignore")
+    os.environ["PYTHONWARNINGS"] = "ignore"
     main()
+
+
+if __name__ == "__main__":
+    run()

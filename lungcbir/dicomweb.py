@@ -50,7 +50,7 @@ from .config import (
     Settings,
 )
 from .errors import DicomwebError, ReadError
-from .io import CTSlice, quiet_decoding, read_dicom_bytes
+from .io import CTSlice, read_dicom_bytes
 
 TOKEN_ENV = DICOMWEB_TOKEN_ENV
 USER_ENV = DICOMWEB_USER_ENV
@@ -600,9 +600,8 @@ def _modality(data: bytes) -> str | None:
     import pydicom
 
     try:
-        with quiet_decoding():
-            value = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["Modality"]).get(
-                "Modality")
+        value = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["Modality"]).get(
+            "Modality")
     except Exception:  # pydicom raises many kinds on malformed headers
         return None
     text = str(value or "").strip()

@@ -25,17 +25,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import logging
 import math
 import os
 import stat
 import struct
-import sys
-import threading
-import warnings
 import zlib
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from fnmatch import fnmatch
@@ -361,48 +356,6 @@ def _tiff_size(data: bytes) -> tuple[int, int] | None:
     return found[256], found[257]
 
 
-#: File descriptor 2 belongs to the whole process: one silenced decode at a time, so two
-#: threads never save and restore it out of order.
-_QUIET_LOCK = threading.Lock()
-
-
-@contextmanager
-def quiet_decoding():
-    """Silence what decoding libraries print about a broken file; the caller reports it in one line.
-
-    Python warnings (Pillow, pydicom, nibabel) are ignored, pydicom's logger is muted, and file
-    descriptor 2 points at /dev/null while C code runs (libpng, libjpeg, libtiff and OpenCV's
-    log write there directly). Other threads' stderr is silenced for that moment too.
-    """
-    with _QUIET_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logger = logging.getLogger("pydicom")
-        was_disabled, logger.disabled = logger.disabled, True
-        saved = None
-        try:
-            saved = _point_stderr_at_null()
-            yield
-        finally:
-            if saved is not None:
-                os.dup2(saved, 2)
-                os.close(saved)
-            logger.disabled = was_disabled
-
-
-def _point_stderr_at_null() -> int | None:
-    """Point descriptor 2 at /dev/null; returns a copy of the old one, or None if there is none."""
-    try:
-        if sys.stderr is not None:
-            sys.stderr.flush()  # what Python wrote before belongs to the real stderr
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        return None  # no usable descriptor 2 (a daemon): nothing to silence
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 2)
-    os.close(null)
-    return saved
-
-
 def classify_intensity(pixels: np.ndarray) -> Intensity:
     """Decide how raw values map to [0, 1] (see the module docstring)."""
     if pixels.dtype == np.uint8:
@@ -440,8 +393,7 @@ def read_raster(path: str, data: bytes | None = None) -> CTSlice:
     width, height = size
     if width * height > MAX_PIXELS:
         raise ReadError(path, f"image is {width}x{height}, above the limit of {MAX_PIXELS} pixels")
-    with quiet_decoding():
-        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise ReadError(path, "not a decodable image (corrupt, truncated or not the format its name says)")
     colour = 0.0
@@ -499,10 +451,10 @@ def _check_usable(path: str, pixels: np.ndarray) -> None:
 
 
 def _pydicom():
-    """pydicom, told not to warn about values that de-identified archives often break (UIDs)."""
+    """pydicom, imported when a DICOM file is first read (its settings are the embedder's:
+    values that de-identified archives break, such as UUID-text UIDs, are read either way)."""
     import pydicom
 
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     return pydicom
 
 
@@ -556,13 +508,12 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
     pydicom = _pydicom()
     from pydicom.errors import InvalidDicomError
 
-    with quiet_decoding():
-        try:
-            dataset = pydicom.dcmread(io.BytesIO(data))
-        except InvalidDicomError:
-            raise ReadError(path, "not a DICOM file") from None
-        except Exception as error:  # pydicom raises many kinds on truncated files
-            raise ReadError(path, f"unreadable DICOM ({_short(error)})") from None
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError:
+        raise ReadError(path, "not a DICOM file") from None
+    except Exception as error:  # pydicom raises many kinds on truncated files
+        raise ReadError(path, f"unreadable DICOM ({_short(error)})") from None
     if "PixelData" not in dataset:
         raise ReadError(path, "DICOM file has no pixel data (not an image)")
     frames = _dicom_int(dataset, "NumberOfFrames") or 1
@@ -572,11 +523,10 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
     if rows * columns > MAX_PIXELS:
         raise ReadError(path, f"image is {columns}x{rows}, above the limit of {MAX_PIXELS} pixels")
     _check_native_pixel_length(path, dataset, rows, columns)
-    with quiet_decoding():
-        try:
-            raw = dataset.pixel_array
-        except Exception as error:
-            raise ReadError(path, f"cannot decode DICOM pixel data ({_short(error)})") from None
+    try:
+        raw = dataset.pixel_array
+    except Exception as error:
+        raise ReadError(path, f"cannot decode DICOM pixel data ({_short(error)})") from None
     if raw.ndim == 3 and raw.shape[2] == 3:  # colour (secondary capture)
         raw = cv2.cvtColor(raw.astype(np.uint8), cv2.COLOR_RGB2GRAY)
     if raw.ndim != 2:
@@ -1180,7 +1130,7 @@ def dicom_series_positions(paths: Iterable[str]) -> dict[str, int]:
         if file_kind(path) != "dicom":
             continue
         try:
-            with _open_regular(path) as handle, quiet_decoding():  # a pipe named .dcm must not hang us
+            with _open_regular(path) as handle:  # a pipe named .dcm must not hang us
                 header = pydicom.dcmread(handle, stop_before_pixels=True)
         except Exception:
             continue  # reported when the file itself is read

@@ -430,7 +430,7 @@ def test_ctrl_c_while_a_reader_worker_starts_is_not_lost():
     (it was ignored, and so lost: an interrupted run went on to the end, exit status 0)."""
     import signal
 
-    from lungcbir.retrieval import _interrupts_inherited_as_ignored
+    from lungcbir.indexing import _interrupts_inherited_as_ignored
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see run_cli)
     try:

@@ -584,3 +584,47 @@ def test_intensity_and_source_format_are_enums_equal_to_their_stored_strings(tmp
     assert made.intensity is Intensity.HU and made.source_format is SourceFormat.DICOM
     with pytest.raises(ValueError):
         CTSlice(np.zeros((8, 8), np.float32), "bright", "x", "png")
+
+
+def test_reading_leaves_pydicoms_settings_and_the_process_stderr_alone(phantom_dir, capfd):
+    """An embedder's pydicom settings stay theirs, and their stderr is not redirected while we decode."""
+    import pydicom
+
+    before = pydicom.config.settings.reading_validation_mode
+    path = sorted((phantom_dir / "dicom" / "phantom01").iterdir())[0]
+    read_file(path)
+    assert pydicom.config.settings.reading_validation_mode == before
+    os.write(2, b"the embedder's line\n")
+    assert "the embedder's line" in capfd.readouterr().err
+
+
+def test_decodes_in_threads_run_at_the_same_time(phantom_dir, monkeypatch):
+    """Two threads decode at once (a web server's uploads): a process-wide lock around decoders
+    would leave the second waiting, and the barrier both decoders wait at would break."""
+    import threading
+
+    import cv2
+
+    barrier = threading.Barrier(2, timeout=10)
+    real = cv2.imdecode
+
+    def meeting_decode(*args):
+        barrier.wait()  # both decodes must be under way at once
+        return real(*args)
+
+    monkeypatch.setattr(cv2, "imdecode", meeting_decode)
+    path = phantom_dir / "png" / "phantom01" / "phantom01_s001.png"
+    errors = []
+
+    def read():
+        try:
+            read_file(path)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=read) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
