@@ -118,8 +118,9 @@ def group_series(inputs: Sequence[tuple[str, list[CTSlice]]], named: Sequence[st
 
 
 def _superior_first(item: CTSlice) -> tuple:
-    """Slice order within a series: by ImagePositionPatient z (head first), then InstanceNumber."""
-    z = item.position_z if item.position_z is not None else item.slice_location
+    """Slice order within a series: by position along the slice normal (head first for axial
+    slices, :func:`lungcbir.io.slice_axis_position`), then InstanceNumber."""
+    z = item.axis_position if item.axis_position is not None else item.slice_location
     return (0, -z) if z is not None else (1, item.instance_number or 0, item.path)
 
 

@@ -50,7 +50,7 @@ from .config import (
     Settings,
 )
 from .errors import DicomwebError, ReadError
-from .io import CTSlice, read_dicom_bytes
+from .io import CTSlice, read_dicom_bytes, slice_axis_position
 
 TOKEN_ENV = DICOMWEB_TOKEN_ENV
 USER_ENV = DICOMWEB_USER_ENV
@@ -159,11 +159,10 @@ def _number(value: object, kind: Callable[[Any], float | int]) -> float | int | 
 
 
 def _order_key(attributes: object) -> tuple:
-    """Where an instance sits in its series from its QIDO attributes: by Image Position (z,
-    superior first), else Instance Number; malformed values count as unknown (0), as in
-    :func:`lungcbir.io.dicom_series_positions`."""
-    position = _tag_values(attributes, "00200032")
-    z = _number(position[2], float) if len(position) == 3 else None
+    """Where an instance sits in its series from its QIDO attributes: by Image Position along the
+    slice normal from Image Orientation (superior first for axial slices), else Instance Number;
+    malformed values count as unknown (0), as in :func:`lungcbir.io.dicom_series_positions`."""
+    z = slice_axis_position(_tag_values(attributes, "00200032"), _tag_values(attributes, "00200037"))
     if z is not None:
         return (0, -z)
     return (1, _number(_tag_value(attributes, "00200013"), int) or 0)
@@ -443,7 +442,7 @@ class DicomwebSource:
         try:
             found = self._search(functools.partial(
                 self.client.search_for_instances, series.study_uid, series.series_uid,
-                fields=["00200032", "00200013"]), f"instances of series {series.series_uid}")
+                fields=["00200032", "00200037", "00200013"]), f"instances of series {series.series_uid}")
         except Exception as error:
             raise DicomwebError(f"{self.root}: cannot list the instances of series {series.series_uid} "
                                 f"({_reason(error)})") from None

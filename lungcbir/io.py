@@ -122,7 +122,8 @@ class CTSlice:
     study_date: str | None = None  # DICOM StudyDate as stored (YYYYMMDD)
     series_description: str | None = None
     pixel_spacing: tuple[float, float] | None = None
-    position_z: float | None = None  # ImagePositionPatient[2], for ordering a series
+    #: ImagePositionPatient along the slice normal (:func:`slice_axis_position`), for ordering a series
+    axis_position: float | None = None
     sha256: str | None = None
     colour_share: float = 0.0  # share of strongly coloured pixels before grey conversion (not CT if high)
 
@@ -551,7 +552,7 @@ def read_dicom(path: str, data: bytes | None = None) -> CTSlice:
         study_date=_dicom_text(dataset, "StudyDate"),
         series_description=_dicom_text(dataset, "SeriesDescription"),
         pixel_spacing=_dicom_spacing(dataset),
-        position_z=_dicom_position_z(dataset),
+        axis_position=_dicom_axis_position(dataset),
     )
 
 
@@ -597,12 +598,43 @@ def read_dicom_bytes(data: bytes, path: str) -> CTSlice:
     return item
 
 
-def _dicom_position_z(dataset) -> float | None:
-    position = _dicom_value(dataset, "ImagePositionPatient")
-    try:
-        return float(position[2]) if position is not None and len(position) == 3 else None
-    except (TypeError, ValueError, IndexError, OverflowError):
+def _dicom_axis_position(dataset) -> float | None:
+    return slice_axis_position(_dicom_value(dataset, "ImagePositionPatient"),
+                               _dicom_value(dataset, "ImageOrientationPatient"))
+
+
+def slice_axis_position(position: object, orientation: object = None) -> float | None:
+    """Where a slice lies along its series' axis: ImagePositionPatient projected on the slice
+    normal (the row direction x the column direction of ImageOrientationPatient), so tilted
+    and oblique series sort by where their slices are, not by their corners' z. For axial
+    slices this is z (larger: superior). Without a usable orientation, the position's z;
+    None when the position is missing or not three finite numbers.
+
+    Example:
+        >>> slice_axis_position([0, 0, -52.5], [1, 0, 0, 0, 1, 0])
+        -52.5
+        >>> round(slice_axis_position([0, -100, 40], [1, 0, 0, 0, 0.866, 0.5]), 3)  # 30 degrees of gantry tilt
+        84.642
+        >>> slice_axis_position(["1", "x", "3"], None) is None
+        True
+    """
+    point = _finite_numbers(position, 3)
+    if point is None:
         return None
+    cosines = _finite_numbers(orientation, 6)
+    normal = np.cross(cosines[:3], cosines[3:]) if cosines is not None else np.zeros(3)
+    length = float(np.linalg.norm(normal))
+    if length < 1e-6:  # no orientation, or not two directions
+        return float(point[2])
+    return float(point @ normal / length)
+
+
+def _finite_numbers(values: object, count: int) -> np.ndarray | None:
+    try:
+        numbers = np.array([float(value) for value in values], dtype=np.float64)  # type: ignore[attr-defined]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return numbers if len(numbers) == count and np.isfinite(numbers).all() else None
 
 
 #: Bytes of a NIfTI-1 and a NIfTI-2 header; the first field (sizeof_hdr) says which.
@@ -1121,8 +1153,9 @@ def find_image_files(paths: Iterable[str | os.PathLike], exclude: Iterable[str] 
 def dicom_series_positions(paths: Iterable[str]) -> dict[str, int]:
     """Position of each DICOM file within its series (0 = most superior), from headers only.
 
-    Files are grouped by folder and SeriesInstanceUID and ordered by ImagePositionPatient
-    (then SliceLocation, then InstanceNumber), whatever their file names.
+    Files are grouped by folder and SeriesInstanceUID and ordered by ImagePositionPatient along
+    the slice normal (:func:`slice_axis_position`; then SliceLocation, then InstanceNumber),
+    whatever their file names.
     """
     pydicom = _pydicom()
     series: dict[tuple[str, str], list[tuple[tuple, str]]] = defaultdict(list)
@@ -1137,7 +1170,7 @@ def dicom_series_positions(paths: Iterable[str]) -> dict[str, int]:
         uid = _dicom_text(header, "SeriesInstanceUID")
         if uid is None:
             continue
-        position = _dicom_position_z(header)
+        position = _dicom_axis_position(header)
         if position is None:
             position = _dicom_float(header, "SliceLocation")
         # a malformed InstanceNumber counts as unknown (0), like a missing one

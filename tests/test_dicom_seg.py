@@ -108,7 +108,7 @@ def test_segment_dicom_seg_frames_equal_png_masks(phantom_dir, bundled_weights, 
 def test_write_dicom_seg_keeps_every_mask_bit(phantom_dir, tmp_path):
     """Known, non-trivial masks (the phantom's ground truth, two segments) come back bit for bit."""
     series = phantom_dir / "dicom" / "phantom02"
-    slices = sorted((read_file(f)[0] for f in find_image_files([series])), key=lambda s: -s.position_z)
+    slices = sorted((read_file(f)[0] for f in find_image_files([series])), key=lambda s: -s.axis_position)
     truth = sorted(find_image_files([phantom_dir / "masks" / "phantom02"]))  # superior first, like slices
     lungs = [cv2.imread(path, cv2.IMREAD_UNCHANGED) > 0 for path in truth]
     lesions = [np.roll(mask, 5, axis=1) & ~mask for mask in lungs]  # overlapping-free, other shapes
@@ -118,7 +118,7 @@ def test_write_dicom_seg_keeps_every_mask_bit(phantom_dir, tmp_path):
     assert written.segments == ["Lung", "Lesion"] and written.frames == 2 * len(slices)
     frames = seg_frames(written.path)
     for item, lung, lesion in zip(slices, lungs, lesions):
-        z = round(item.position_z, 3)
+        z = round(item.axis_position, 3)
         assert np.array_equal(frames[(z, 1)], lung) and np.array_equal(frames[(z, 2)], lesion)
     labels = [s.SegmentLabel for s in pydicom.dcmread(written.path).SegmentSequence]
     assert labels == ["Lung", "Lesion"]

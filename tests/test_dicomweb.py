@@ -625,3 +625,22 @@ def test_round_trip_index_query_seg_stow_fetch_back(dicomweb_archive, bundled_we
     again = invoke("index-dataset", url, "--study", study, "--weights", bundled_weights, *db)
     assert again.exit_code == 0 and f"indexed 0, skipped {len(local)}" in again.output, again.output
 
+
+
+def test_instances_of_a_tilted_series_are_ordered_along_its_normal():
+    """QIDO's Image Position and Orientation give the order (by z alone this series is reversed)."""
+    import numpy as np
+
+    from lungcbir.dicomweb import _order_key
+
+    tilt = np.radians(30)
+    column = np.array([0.0, np.cos(tilt), np.sin(tilt)])
+    normal = np.cross([1.0, 0.0, 0.0], column)
+    found = []
+    for number in range(5):
+        position = -5.0 * number * normal + 30.0 * number * column  # superior first; z grows
+        found.append({"00200032": {"vr": "DS", "Value": [float(v) for v in position]},
+                      "00200037": {"vr": "DS", "Value": [1.0, 0.0, 0.0, *map(float, column)]},
+                      "00200013": {"vr": "IS", "Value": [5 - number]}})
+    order = sorted(range(5), key=lambda number: _order_key(found[number]))
+    assert order == [0, 1, 2, 3, 4]

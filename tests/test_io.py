@@ -400,7 +400,7 @@ def test_malformed_optional_dicom_tags_count_as_unknown(tmp_path, phantom_dir):
                  remove=("ImagePositionPatient", "SliceLocation"))
     good = _dicom(tmp_path, phantom_dir, "good.dcm")
     item = read_file(bad)[0]
-    assert item.instance_number is None and item.pixel_spacing is None and item.position_z is None
+    assert item.instance_number is None and item.pixel_spacing is None and item.axis_position is None
     assert np.array_equal(item.pixels, read_file(good)[0].pixels)
     assert set(dicom_series_positions([bad, good])) == {bad, good}
 
@@ -628,3 +628,50 @@ def test_decodes_in_threads_run_at_the_same_time(phantom_dir, monkeypatch):
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+def _tilted_series(phantom_dir, out, tilt_degrees: float = 30.0) -> list:
+    """The phantom series with a gantry tilt: slices 5 mm apart along the tilted normal, each
+    slice's corner moved along its column direction so that the corners' z fall from head to
+    feet in the opposite order (z alone sorts this series backwards). Returns the files in true
+    order, superior first."""
+    import pydicom
+
+    out.mkdir()
+    tilt = np.radians(tilt_degrees)
+    column = np.array([0.0, np.cos(tilt), np.sin(tilt)])
+    normal = np.cross([1.0, 0.0, 0.0], column)
+    files = []
+    for number, path in enumerate(sorted((phantom_dir / "dicom" / "phantom01").iterdir())):
+        ds = pydicom.dcmread(path)
+        position = -5.0 * number * normal + 30.0 * number * column  # superior first, along the normal
+        ds.ImageOrientationPatient = [1, 0, 0, *[round(float(v), 6) for v in column]]
+        ds.ImagePositionPatient = [round(float(v), 4) for v in position]
+        target = out / f"{(7 * number) % 6}.dcm"  # file names unrelated to the order
+        ds.save_as(target)
+        files.append(str(target))
+    return files
+
+
+def test_a_tilted_series_is_ordered_along_its_normal_not_by_z(phantom_dir, tmp_path):
+    from lungcbir.io import dicom_series_positions
+
+    files = _tilted_series(phantom_dir, tmp_path / "tilted")
+    z = [pydicom_z(path) for path in files]
+    assert z != sorted(z, reverse=True)  # by z alone the series would come out wrong
+    positions = dicom_series_positions(files)
+    assert [positions[path] for path in files] == list(range(len(files)))
+
+
+def pydicom_z(path) -> float:
+    import pydicom
+
+    return float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2])
+
+
+def test_a_tilted_series_gets_its_seg_frames_in_order_along_its_normal(phantom_dir, tmp_path):
+    from lungcbir.dicom_seg import group_series
+
+    files = _tilted_series(phantom_dir, tmp_path / "tilted")
+    series, failures = group_series([(path, read_file(path)) for path in sorted(files)])
+    assert failures == [] and [item.path for item in series[0].slices] == files
