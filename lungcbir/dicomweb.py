@@ -30,12 +30,14 @@ import os
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
+from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
@@ -52,6 +54,9 @@ from .config import (
 from .errors import DicomwebError, ReadError
 from .io import CTSlice, read_dicom_bytes, slice_axis_position
 
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
 TOKEN_ENV = DICOMWEB_TOKEN_ENV
 USER_ENV = DICOMWEB_USER_ENV
 PASSWORD_ENV = DICOMWEB_PASSWORD_ENV
@@ -63,6 +68,13 @@ FETCH_WORKERS = 4
 TIMEOUT_S = (10.0, 120.0)
 #: Results asked for per page of a search (QIDO-RS ``limit``); an archive may send fewer.
 QIDO_PAGE_SIZE = 1000
+#: Attempts per request when the archive answers "busy" (429, 502, 503, 504): a PACS under load
+#: or behind a restarting proxy answers one of these now and then, and one should not fail a
+#: whole series. Waits between attempts grow exponentially from RETRY_WAIT_MS.
+RETRY_ATTEMPTS = 3
+RETRY_WAIT_MS = 500
+RETRY_STATUSES = (HTTPStatus.TOO_MANY_REQUESTS, HTTPStatus.BAD_GATEWAY, HTTPStatus.SERVICE_UNAVAILABLE,
+                  HTTPStatus.GATEWAY_TIMEOUT)
 #: The modality of the series and instances that are indexed.
 CT_MODALITY = "CT"
 #: The longest UID DICOM allows.
@@ -344,20 +356,16 @@ class DicomwebSource:
         return f"DicomwebSource({self.root!r})"
 
     @property
-    def client(self):
-        """This thread's dicomweb-client (retries off: a failure is reported, the run goes on)."""
+    def client(self) -> _Client:
+        """This thread's connection to the archive (busy answers retried, see :data:`RETRY_ATTEMPTS`)."""
         client = getattr(self._local, "client", None)
         if client is None:
-            from dicomweb_client.api import DICOMwebClient
-
             session = _BoundedSession(self.response_seconds)
             if self._basic:
                 session.auth = self._basic
             if self._token:
                 session.headers["Authorization"] = f"Bearer {self._token}"
-            client = DICOMwebClient(self.root, session=session, timeout=TIMEOUT_S)
-            client.set_http_retry_params(retry=False)
-            self._local.client = client
+            client = self._local.client = _Client(self.root, session)
         return client
 
     # -- QIDO-RS --------------------------------------------------------------------------------
@@ -402,7 +410,7 @@ class DicomwebSource:
             filters["StudyDate"] = f"{since:%Y%m%d}-"
         found, rejected = [], []
         try:
-            studies = self._search(functools.partial(self.client.search_for_studies, search_filters=filters),
+            studies = self._search(functools.partial(self.client.search_studies, search_filters=filters),
                                    "studies")
             for attributes in studies:
                 study_uid = _tag_value(attributes, "0020000D")
@@ -414,7 +422,7 @@ class DicomwebSource:
                     continue
                 study_date = _tag_value(attributes, "00080020")
                 series_found = self._search(functools.partial(
-                    self.client.search_for_series, study_uid, search_filters={"Modality": CT_MODALITY}),
+                    self.client.search_series, study_uid, search_filters={"Modality": CT_MODALITY}),
                     f"series of study {study_uid}")
                 for series in series_found:
                     series_uid = _tag_value(series, "0020000E")
@@ -441,7 +449,7 @@ class DicomwebSource:
             raise DicomwebError(f"{series_url}: not a DICOM UID (digits and dots)")
         try:
             found = self._search(functools.partial(
-                self.client.search_for_instances, series.study_uid, series.series_uid,
+                self.client.search_instances, series.study_uid, series.series_uid,
                 fields=["00200032", "00200037", "00200013"]), f"instances of series {series.series_uid}")
         except Exception as error:
             raise DicomwebError(f"{self.root}: cannot list the instances of series {series.series_uid} "
@@ -492,13 +500,8 @@ class DicomwebSource:
         cached = self._cache_path(ref)
         if cached is not None and cached.is_file():
             return cached.read_bytes()
-        client = self.client
         try:
-            response = client._http_get(ref.url, headers={"Accept": _ACCEPT_ANY_TRANSFER_SYNTAX})
-            if response.headers.get("Content-Type", "").startswith("application/dicom"):
-                parts = [response.content]  # some servers send the single part bare
-            else:
-                parts = [part for part in client._decode_multipart_message(response, stream=False) if part]
+            parts = self.client.instance_parts(ref.url)
         except Exception as error:
             raise ReadError(ref.url, f"cannot fetch the instance ({_reason(error)})") from None
         if len(parts) != 1:
@@ -582,7 +585,7 @@ class DicomwebSource:
 
         datasets = [pydicom.dcmread(str(path)) for path in paths]
         try:
-            answer = self.client.store_instances(datasets)
+            answer = self.client.store(datasets)
         except Exception as error:
             raise DicomwebError(f"{self.root}: cannot store ({_reason(error)})") from None
         failed = answer.get("FailedSOPSequence") if answer is not None else None
@@ -591,6 +594,51 @@ class DicomwebSource:
             raise DicomwebError(f"{self.root}: the archive refused {len(failed)} instances "
                                 f"(failure reason {', '.join(reasons)})")
         return [str(dataset.SOPInstanceUID) for dataset in datasets]
+
+
+class _Client:
+    """The one place lungcbir talks to dicomweb-client (its private calls included), so a new
+    version of it changes this class only. A busy answer (:data:`RETRY_STATUSES`) is asked
+    again, at most :data:`RETRY_ATTEMPTS` times in all; nothing else is (a refused or too slow
+    answer fails at once: the response bound is per answer, not per attempt)."""
+
+    def __init__(self, root: str, session: requests.Session) -> None:
+        from dicomweb_client.api import DICOMwebClient
+
+        self.session = session
+        self._client = DICOMwebClient(root, session=session, timeout=TIMEOUT_S)
+        self._client.set_http_retry_params(retry=False)  # its retries would also repeat timeouts
+
+    def search_studies(self, **options) -> list:
+        return _retried(lambda: self._client.search_for_studies(**options))
+
+    def search_series(self, study_uid: str, **options) -> list:
+        return _retried(lambda: self._client.search_for_series(study_uid, **options))
+
+    def search_instances(self, study_uid: str, series_uid: str, **options) -> list:
+        return _retried(lambda: self._client.search_for_instances(study_uid, series_uid, **options))
+
+    def instance_parts(self, url: str) -> list[bytes]:
+        """The parts of a WADO-RS answer for one instance (any transfer syntax)."""
+        response = _retried(lambda: self._client._http_get(url, headers={"Accept": _ACCEPT_ANY_TRANSFER_SYNTAX}))
+        if response.headers.get("Content-Type", "").startswith("application/dicom"):
+            return [response.content]  # some servers send the single part bare
+        return [part for part in self._client._decode_multipart_message(response, stream=False) if part]
+
+    def store(self, datasets: list) -> Dataset | None:
+        """STOW-RS; the archive's answer (a FailedSOPSequence names refused instances)."""
+        return _retried(lambda: self._client.store_instances(datasets))
+
+
+def _retried(call: Callable[[], Any]) -> Any:
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return call()
+        except requests.HTTPError as error:
+            status = error.response.status_code if error.response is not None else None
+            if status not in RETRY_STATUSES or attempt == RETRY_ATTEMPTS:
+                raise
+        time.sleep(RETRY_WAIT_MS / 1000 * 2 ** (attempt - 1))
 
 
 def _modality(data: bytes) -> str | None:

@@ -180,6 +180,6 @@ def dicomweb_archive(shared_data) -> dict:
         pytest.skip(f"{root} holds no DICOM files")
     source = DicomwebSource(DICOMWEB_URL)
     for start in range(0, len(datasets), 32):
-        answer = source.client.store_instances(datasets[start:start + 32])
+        answer = source.client.store(datasets[start:start + 32])
         assert not answer.get("FailedSOPSequence"), f"the archive refused files: {answer}"
     return {"url": DICOMWEB_URL, "files": files, "study_of": study_of, "studies": studies}

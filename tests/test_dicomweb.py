@@ -57,7 +57,7 @@ def test_urls_are_shown_without_credentials():
     assert ref.url == "http://h:1/dicom-web/studies/1.2/series/1.3/instances/1.4"
     source = DicomwebSource("https://ann:secret@pacs.example/dicom-web", environ={})
     assert "secret" not in repr(source) and source.root == "https://pacs.example/dicom-web"
-    assert source.client._session.auth == ("ann", "secret")  # taken as basic auth
+    assert source.client.session.auth == ("ann", "secret")  # taken as basic auth
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -544,7 +544,7 @@ def test_an_instance_that_cannot_be_read_is_listed(dicomweb_archive, tiny_weight
         setattr(dataset, keyword, pydicom.uid.generate_uid())
     dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     source = DicomwebSource(dicomweb_archive["url"])
-    assert not source.client.store_instances([dataset]).get("FailedSOPSequence")
+    assert not source.client.store([dataset]).get("FailedSOPSequence")
     try:
         result = invoke("index-dataset", dicomweb_archive["url"], "--study", dataset.StudyInstanceUID,
                         "--weights", tiny_weights, *store_args(tmp_path))
@@ -605,10 +605,12 @@ def test_round_trip_index_query_seg_stow_fetch_back(dicomweb_archive, bundled_we
     assert segged.exit_code == 0, segged.output
     assert f"stored 1 SEG(s) in {url}" in segged.output
     written = pydicom.dcmread(next((tmp_path / "seg").glob("*_seg.dcm")))
-    source = DicomwebSource(url)
-    seg_series = source.client.search_for_series(study, search_filters={"Modality": "SEG"})
+    from dicomweb_client.api import DICOMwebClient
+
+    archive = DICOMwebClient(url)  # checked with the library itself, not through lungcbir
+    seg_series = archive.search_for_series(study, search_filters={"Modality": "SEG"})
     assert [s["0020000E"]["Value"][0] for s in seg_series] == [written.SeriesInstanceUID]
-    fetched = source.client.retrieve_instance(study, written.SeriesInstanceUID, written.SOPInstanceUID)
+    fetched = archive.retrieve_instance(study, written.SeriesInstanceUID, written.SOPInstanceUID)
     assert invoke("segment", *local, "--format", "png", "--out", tmp_path / "png",
                   "--weights", bundled_weights).exit_code == 0
     frames = fetched.pixel_array.reshape(int(fetched.NumberOfFrames), int(fetched.Rows), int(fetched.Columns))
@@ -644,3 +646,20 @@ def test_instances_of_a_tilted_series_are_ordered_along_its_normal():
                       "00200013": {"vr": "IS", "Value": [5 - number]}})
     order = sorted(range(5), key=lambda number: _order_key(found[number]))
     assert order == [0, 1, 2, 3, 4]
+
+
+def test_a_busy_answer_is_retried_not_a_failed_instance(hostile_archive, tmp_path, tiny_weights):
+    """One 503 from a PACS under load no longer fails its instance (retries were off)."""
+    busy = "".join(hostile_archive.listing[2]["00080018"]["Value"])
+    original, answered = hostile_archive.answer, []
+
+    def busy_once(path, query):
+        if path.endswith(busy) and not answered:
+            answered.append(path)
+            return 503, {"Retry-After": "0"}, b"busy"
+        return original(path, query)
+
+    hostile_archive.answer = busy_once
+    result = index_archive(hostile_archive, tmp_path, tiny_weights)
+    assert answered and result.exit_code == 0, result.output
+    assert "indexed 6, skipped 0 (already indexed), failed 0" in result.output

@@ -232,7 +232,7 @@ def test_a_done_series_with_a_new_instance_gets_only_that_one(dicomweb_archive, 
     added = pydicom.dcmread(clean)
     added.SOPInstanceUID = pydicom.uid.generate_uid()
     added.file_meta.MediaStorageSOPInstanceUID = added.SOPInstanceUID
-    assert not DicomwebSource(url).client.store_instances([added]).get("FailedSOPSequence")
+    assert not DicomwebSource(url).client.store([added]).get("FailedSOPSequence")
     try:
         again = retriever.index_dataset([url], study=study)
         assert (again.indexed, again.skipped, again.failed) == (1, first.indexed, 0)
