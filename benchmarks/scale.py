@@ -21,9 +21,22 @@ cache; its latency is printed). ``sq8`` and ``sq4`` (IVF with 8- or 4-bit scalar
 benchmark-only comparisons. ``--repeats`` repeats the query pass with fresh queries (build
 once) and prints the median, with the range over repeats.
 
+``--incremental`` measures what indexing new studies into a large store costs (issue 28): the
+same 640 real slices (158 Kaggle + 482 COVID-19 CT files) indexed with ``Retriever.index_dataset``
+into an empty store and into a store of ``--incremental-rows`` rows (1 M; synthetic vectors
+fitted to the 640 real ones, the ``compact`` kind, SQLite), interleaved ``--repeats`` times, the
+model shared (its start-up is the same for both). Each run is a fresh ``Retriever`` and
+``Store``, as a new ``lungcbir index-dataset`` process would be: it loads the index file, adds its
+batches and checkpoints at the end; its rows are removed again after each run on the large store.
+Then query latency (``Store.search``, batch 1, 200 queries, the generation check included) and
+the index's memory at that size. ``--store-dir`` keeps the large store for a later run (its
+build is most of the time: ~30 s insert and ~150 s index on 2 cores).
+
 Usage: python benchmarks/scale.py [--sizes 10000,100000,1000000] [--kinds flat,ivf,hnsw,compact,sq8]
                                   [--dimension 773] [--repeats 3] [--nprobes 8,16,32,64,128] [--reranks 100,200]
                                   [--rebuild-rows 1000000] [--weights W.pt]
+       python benchmarks/scale.py --incremental [--incremental-rows 1000000] [--repeats 3] [--store-dir DIR]
+                                  [--runtime auto] [--weights W.pt]
 """
 
 from __future__ import annotations
@@ -39,13 +52,15 @@ from datetime import datetime, timezone
 import faiss
 import numpy as np
 
+from lungcbir.config import Settings
 from lungcbir.database import ImageRecord, encode_vector
-from lungcbir.datasets import covid_slices, kaggle_slices
+from lungcbir.datasets import covid_slices, data_root, kaggle_slices
 from lungcbir.features import centre_vectors
 from lungcbir.inference import LungModel
-from lungcbir.io import read_file
+from lungcbir.io import find_image_files, read_file
+from lungcbir.retrieval import Retriever
 from lungcbir.store import Store
-from lungcbir.vector_index import COMPACT_RERANK, INDEX_KIND_REGISTRY, _ivf_lists, build_index
+from lungcbir.vector_index import COMPACT_RERANK, INDEX_KIND_REGISTRY, _ivf_lists, build_index, describe_index
 
 
 def grown(real: np.ndarray, dimension: int, seed: int = 3) -> np.ndarray:
@@ -203,7 +218,7 @@ def measure_in_store(kind: str, vectors: np.ndarray, query_sets: list[tuple[np.n
     return rows
 
 
-def insert_rows(store: Store, vectors: np.ndarray) -> None:
+def insert_rows(store: Store, vectors: np.ndarray, model_id: str = "synthetic") -> None:
     """Rows as lungcbir stores them (float16 vectors), ids 1..n, in one transaction."""
     now = datetime.now(timezone.utc)
     with store.engine.begin() as connection:
@@ -211,7 +226,7 @@ def insert_rows(store: Store, vectors: np.ndarray) -> None:
             connection.execute(ImageRecord.__table__.insert(), [
                 {"id": n + 1, "path": f"/synthetic/{n}.dcm", "sha256": f"{n:064d}", "frame": 0,
                  "source_format": "dicom", "width": 512, "height": 512, "labels": {}, "lung_fraction": 0.2,
-                 "model_id": "synthetic", "indexed_at": now, "vector": encode_vector(vectors[n])}
+                 "model_id": model_id, "indexed_at": now, "vector": encode_vector(vectors[n])}
                 for n in range(start, min(start + 20_000, len(vectors)))])
 
 
@@ -231,8 +246,114 @@ def rebuild_from_database(vectors: np.ndarray) -> None:
               f"{index.ntotal} vectors")
 
 
+def incremental_files(count: int = 640) -> list[str]:
+    """``count`` real slice files: the Kaggle images, then COVID-19 CT slices (one slice each)."""
+    root = data_root()
+    files = [path for folder in ("kaggle-lungs-2d/images", "covid19-ct-lungmask/ct")
+             for path in find_image_files([str(root / folder)])]
+    if len(files) < count:
+        raise SystemExit(f"only {len(files)} slice files under {root}; {count} wanted")
+    return files[:count]
+
+
+def timed_run(model: LungModel, db_url: str, index_dir: str, files: list[str]) -> tuple[float, int]:
+    """Seconds and slices of one ``index_dataset`` run through a fresh Retriever and Store."""
+    retriever = Retriever(db_url=db_url, index_dir=index_dir, settings=Settings.from_environment())
+    retriever._model = model  # the model's start-up is the same for both stores: not timed
+    began = time.perf_counter()
+    report = retriever.index_dataset(files)
+    seconds = time.perf_counter() - began
+    retriever.store().engine.dispose()
+    if report.failures or report.indexed != len(files):
+        raise SystemExit(f"indexed {report.indexed} of {len(files)} ({len(report.failures)} failures)")
+    return seconds, report.indexed
+
+
+def large_store(folder: str, rows: int, model: LungModel, real: np.ndarray) -> tuple[str, str]:
+    """A store of ``rows`` synthetic rows of ``model``'s id and dimension, compact index built
+    and saved; reused when ``folder`` holds one already."""
+    db_url, index_dir = f"sqlite:///{folder}/large.sqlite", f"{folder}/index"
+    store = Store(db_url, index_dir)
+    if store.count() == rows and store.model_id == model.model_id and store.index_kind == "compact":
+        print(f"  reusing the {rows}-row store in {folder}", flush=True)
+        store.engine.dispose()
+        return db_url, index_dir
+    if store.count():
+        raise SystemExit(f"{folder} holds another store; give an empty or new folder")
+    store.check_model(model.model_id, model.dimension)
+    began = time.perf_counter()
+    insert_rows(store, synthetic(real, rows), model.model_id)
+    inserted = time.perf_counter() - began
+    began = time.perf_counter()
+    store.rebuild_index("compact")
+    print(f"  large store: {rows} rows inserted in {inserted:.0f} s, compact index built and saved in "
+          f"{time.perf_counter() - began:.0f} s", flush=True)
+    store.engine.dispose()
+    return db_url, index_dir
+
+
+def incremental(model: LungModel, rows: int, repeats: int, store_dir: str | None, slices: int = 640) -> None:
+    """Index the same real slices into an empty and into a large store, interleaved (see the module note)."""
+    files = incremental_files(slices)
+    scratch = tempfile.mkdtemp()
+    print(f"incremental: {len(files)} real slices, model {model.model_id} ({model.runtime} runtime), "
+          f"{faiss.omp_get_max_threads()} FAISS threads, {repeats} interleaved repeats; load average "
+          f"{os.getloadavg()[0]:.1f} at the start", flush=True)
+    warm = f"{scratch}/warm"  # the model's first batches (ONNX session, caches) outside the timings
+    timed_run(model, f"sqlite:///{warm}.sqlite", f"{warm}-index", files[:32])
+    folder = store_dir or f"{scratch}/large"
+    os.makedirs(folder, exist_ok=True)
+    rates: dict[str, list[float]] = {"empty": [], "large": []}
+    large: tuple[str, str] | None = None
+    for repeat in range(repeats):
+        for name in ("empty", "large"):
+            if name == "empty":
+                db_url, index_dir = f"sqlite:///{scratch}/empty{repeat}.sqlite", f"{scratch}/empty{repeat}-index"
+            else:
+                if large is None:  # fitted to the first empty run's real vectors
+                    real = np.concatenate([v for _, v in Store(f"sqlite:///{scratch}/empty0.sqlite",
+                                                               f"{scratch}/empty0-index").iter_vectors()])
+                    large = large_store(folder, rows, model, real)
+                db_url, index_dir = large
+            seconds, count = timed_run(model, db_url, index_dir, files)
+            rates[name].append(count / seconds)
+            print(f"  repeat {repeat + 1}: {name:>5} store {count / seconds:6.1f} slices/s ({seconds:.1f} s, load "
+                  f"average {os.getloadavg()[0]:.1f})", flush=True)
+            if name == "large":  # back to the same store for the next repeat (a removal: written at once)
+                store = Store(db_url, index_dir)
+                store.remove(store.ids_for(paths=files))
+                store.engine.dispose()
+    ratios = [large / empty for large, empty in zip(rates["large"], rates["empty"])]
+    empty_rate, large_rate, ratio = (float(np.median(values)) for values in (rates["empty"], rates["large"], ratios))
+    print(f"incremental: empty {empty_rate:.1f} slices/s, 1M {large_rate:.1f} slices/s, ratio {ratio:.2f} "
+          f"(median of {repeats}; ratios {', '.join(f'{r:.2f}' for r in ratios)}; {rows} rows)")
+    assert large is not None
+    store = Store(*large)
+    index = store.index()
+    memory = len(faiss.serialize_index(index)) / 2**20
+    queries = synthetic(real, 400, seed=77)
+    for query in queries[:200]:  # the database's pages into the page cache: not counted
+        store.search(query[None], 10)
+    latencies = []
+    for query in queries[200:]:
+        began = time.perf_counter()
+        store.search(query[None], 10)
+        latencies.append((time.perf_counter() - began) * 1000)
+    print(f"  query through Store.search at {index.ntotal} rows ({describe_index(index)}): p50 "
+          f"{np.percentile(latencies, 50):.2f} ms, p95 {np.percentile(latencies, 95):.2f} ms; index memory "
+          f"{memory:.1f} MiB", flush=True)
+    store.engine.dispose()
+    shutil.rmtree(scratch, ignore_errors=True)  # 2 GB at 1 M rows, unless kept in --store-dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--incremental", action="store_true",
+                        help="index 640 real slices into an empty and into a large store, interleaved")
+    parser.add_argument("--incremental-rows", type=int, default=1_000_000, help="rows of the large store")
+    parser.add_argument("--incremental-slices", type=int, default=640, help="real slices indexed (a smoke test: fewer)")
+    parser.add_argument("--store-dir", help="--incremental: keep (and reuse) the large store in this folder")
+    parser.add_argument("--runtime", help="where the network runs (default: the settings', auto)")
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--kinds", default="flat,ivf,hnsw,compact")
     parser.add_argument("--dimension", type=int, default=0, help="vector length (default: the model's)")
@@ -243,7 +364,10 @@ def main() -> None:
     parser.add_argument("--rebuild-rows", type=int, default=0)
     parser.add_argument("--weights")
     args = parser.parse_args()
-    model = LungModel.load(args.weights)
+    model = LungModel.load(args.weights, runtime=args.runtime)
+    if args.incremental:
+        incremental(model, args.incremental_rows, args.repeats, args.store_dir, args.incremental_slices)
+        return
     real = grown(real_vectors(model), args.dimension or model.dimension)
     print(f"fitted to {len(real)} real feature vectors of dimension {real.shape[1]} (model {model.dimension}, "
           f"centred: {model.settings.centre is not None}); {faiss.omp_get_max_threads()} threads; "

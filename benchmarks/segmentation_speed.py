@@ -7,15 +7,20 @@ cannot be downloaded here, so its R231 architecture runs with random weights: sp
 depend on weight values.
 
 ``--compare OTHER.pt`` ("bundled" for the package's model) also times that model's full pipeline,
-interleaved with this one's in the same run, and prints the ratio.
+interleaved with this one's in the same run, and prints the ratio. ``--runtime`` picks where the
+network runs (default ``auto``: ONNX Runtime on the CPU); ``--compare-runtime torch`` times the
+same model in that runtime too, network (batch 16) and full pipeline interleaved with the first,
+and prints the ratios per repeat.
 
 Usage: python benchmarks/segmentation_speed.py [--weights W.pt] [--threads 2] [--repeats 3] [--compare W.pt]
+                                               [--runtime auto] [--compare-runtime torch]
 The lungmask comparison needs: pip install lungmask (not a lungcbir dependency); without it, it is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from lungcbir.config import Settings
 from lungcbir.datasets import kaggle_slices
 from lungcbir.inference import LungModel
 from lungcbir.io import read_file
@@ -45,14 +51,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare", help='another model to time in the same run ("bundled": the package\'s)')
+    parser.add_argument("--runtime", default=None, help="where the network runs (auto, onnx, torch)")
+    parser.add_argument("--compare-runtime", help="time the same model in this runtime too, interleaved")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = LungModel.load(args.weights)
+    settings = dataclasses.replace(Settings.from_environment(), threads=args.threads)
+    model = LungModel.load(args.weights, runtime=args.runtime, settings=settings)
     size = model.input_size
     parameters = sum(p.numel() for p in UNet(model.settings.unet).parameters())  # as trained, before folding
     with FlopCounterMode(display=False) as counter:
         with torch.inference_mode():
             model.network(torch.zeros(1, 1, size, size))
+    print(f"runtime {model.runtime}; load average {os.getloadavg()[0]:.1f}")
     print(f"lungcbir model {model.model_id}: {parameters / 1e6:.2f} M parameters, "
           f"{counter.get_total_flops() / 2 / 1e9:.2f} GMAC ({counter.get_total_flops() / 1e9:.2f} GFLOP) per slice "
           f"at {size}x{size}, {args.threads} threads")
@@ -79,6 +89,22 @@ def main() -> None:
     with_quality, without = 16 / min(timings["with"]), 16 / min(timings["without"])
     print(f"  full pipeline without the quality verdict: {without:7.1f} slices/s; with it {with_quality:7.1f} "
           f"(ratio {with_quality / without:.3f})")
+    if args.compare_runtime:
+        other = LungModel.load(args.weights, runtime=args.compare_runtime, settings=settings)
+        inputs = np.random.default_rng(0).random((16, size, size), dtype=np.float32)
+        other.run(inputs)  # warm-up (and the ONNX export, if not cached)
+        network: dict[str, list[float]] = {"this": [], "other": []}
+        pipeline: dict[str, list[float]] = {"this": [], "other": []}
+        for _ in range(args.repeats):  # interleaved, so both see the same load on a shared machine
+            for name, candidate in (("this", model), ("other", other)):
+                network[name].append(16 / best_of(1, lambda: candidate.run(inputs)))
+                pipeline[name].append(16 / best_of(1, lambda: candidate.segment(slices, batch_size=16)))
+        for label, measured in (("network, batch 16", network), ("full pipeline", pipeline)):
+            ratios = [a / b for a, b in zip(measured["this"], measured["other"])]
+            print(f"  {label}: {model.runtime} {', '.join(f'{r:.1f}' for r in measured['this'])} slices/s; "
+                  f"{other.runtime} {', '.join(f'{r:.1f}' for r in measured['other'])}; ratios "
+                  f"{', '.join(f'{r:.2f}' for r in ratios)} (median {np.median(ratios):.2f}); load average "
+                  f"{os.getloadavg()[0]:.1f}")
     if args.compare:
         other = LungModel.load(None if args.compare == "bundled" else args.compare)
         other.segment(slices[:2])

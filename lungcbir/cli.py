@@ -13,6 +13,7 @@ Exit status (every command):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -22,9 +23,10 @@ from pathlib import Path
 
 import click
 
-from .config import DB_ENV, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, INDEX_DIR_ENV, Settings
+from .config import DB_ENV, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, DEFAULT_RUNTIME, INDEX_DIR_ENV, RUNTIME_ENV, Settings
 from .errors import FilterError, LungCBIRError, ReadError, SegError
 from .focus import DEFAULT_FOCUS, FOCUSES
+from .runtimes import RUNTIMES
 from .vector_index import INDEX_KIND_REGISTRY
 from .websecurity import (
     KEEP_ALIVE_SECONDS,
@@ -78,7 +80,23 @@ def store_options(command):
     return command
 
 
+def _set_runtime(context: click.Context, parameter: click.Parameter, value: str | None) -> None:
+    """``--runtime``: kept in the invocation's Settings, which every model of it is loaded with."""
+    if value is not None:
+        root = context.find_root()
+        root.obj = dataclasses.replace(_settings(), runtime=value)
+
+
+def _load_model(weights, device):
+    from .inference import LungModel
+
+    return LungModel.load(weights, device, settings=_settings())
+
+
 def model_options(command):
+    command = click.option("--runtime", type=click.Choice(RUNTIMES), expose_value=False, callback=_set_runtime,
+                           help=f"Where the network runs (env {RUNTIME_ENV}; default {DEFAULT_RUNTIME}: "
+                                f"ONNX Runtime on the CPU, torch on CUDA).")(command)
     command = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)(command)
     command = click.option("--weights", type=click.Path(dir_okay=False), default=None,
                            help="Model weights file (default: the bundled model).")(command)
@@ -706,14 +724,13 @@ def evaluate(images, masks, held_out, postprocess, include_lesions, as_json, wei
 
     from .datasets import covid_slices, kaggle_slices
     from .evaluate import evaluate_lesions, evaluate_segmentation, evaluation_groups, lesion_fractions
-    from .inference import LungModel
 
     if len(images) != len(masks):
         raise click.UsageError("give --images and --masks the same number of times")
     if not images and not held_out:
         raise click.UsageError("give --images DIR --masks DIR, or --held-out")
     groups = evaluation_groups(list(zip(images, masks)), held_out)
-    model = LungModel.load(weights, device)
+    model = _load_model(weights, device)
     if postprocess is not None:
         model.settings.postprocess = postprocess
     if include_lesions is not None:
@@ -847,15 +864,14 @@ def evaluate_retrieval(data, segmentation_only, variants, split_name, baselines,
     """
     from pathlib import Path
 
-    from .inference import LungModel
     from .research.retrieval_benchmark import SPLITS, focus_comparison, format_table, standard_comparison
 
-    model = LungModel.load(weights, device)
-    baseline = LungModel.load(segmentation_only, device) if segmentation_only else None
+    model = _load_model(weights, device)
+    baseline = _load_model(segmentation_only, device) if segmentation_only else None
     root = Path(data) if data else None
     count, measures = standard_comparison(model, baseline, variants, root)
     others = {"seg-only U-Net": baseline} if baseline else {}
-    others.update({Path(path).stem: LungModel.load(path, device) for path in baselines})
+    others.update({Path(path).stem: _load_model(path, device) for path in baselines})
     focus = focus_comparison(model, SPLITS[split_name], others, root)
     if as_json:
         click.echo(json.dumps({"measures": [vars(m) for m in measures], "focus": [vars(m) for m in focus]}))

@@ -11,6 +11,9 @@ it: the CLI's options (``--db``, ``--index-dir``, ``--token-file``), ``Retriever
 | FAISS index folder | ``LUNGCBIR_INDEX_DIR`` | ``index``, relative to the working directory |
 | shared real data (tests, benchmarks, training) | ``LUNGCBIR_DATA`` | ``../shared/data``, relative to it too |
 | largest volume, voxels | ``LUNGCBIR_MAX_VOXELS`` | 512 x 512 x 768 |
+| the ONNX model made from the weights | ``LUNGCBIR_CACHE_DIR`` | ``$XDG_CACHE_HOME/lungcbir`` or ``~/.cache/...`` |
+| where the network runs (``lungcbir.runtimes``) | ``LUNGCBIR_RUNTIME`` | ``auto``: ONNX Runtime on CPU, torch on CUDA |
+| threads of the ONNX Runtime session | ``LUNGCBIR_THREADS`` | the CPUs this process may use |
 | web access token | ``LUNGCBIR_TOKEN`` | none (``serve --token-file`` takes precedence) |
 | DICOMweb credentials | ``LUNGCBIR_DICOMWEB_TOKEN``, or ``..._USER`` + ``LUNGCBIR_DICOMWEB_PASSWORD`` | none |
 | longest wait for one DICOMweb answer, seconds | ``LUNGCBIR_DICOMWEB_RESPONSE_SECONDS`` | 300 |
@@ -37,6 +40,9 @@ DB_ENV = "LUNGCBIR_DB"
 INDEX_DIR_ENV = "LUNGCBIR_INDEX_DIR"
 DATA_ENV = "LUNGCBIR_DATA"
 MAX_VOXELS_ENV = "LUNGCBIR_MAX_VOXELS"
+CACHE_DIR_ENV = "LUNGCBIR_CACHE_DIR"
+RUNTIME_ENV = "LUNGCBIR_RUNTIME"
+THREADS_ENV = "LUNGCBIR_THREADS"
 TOKEN_ENV = "LUNGCBIR_TOKEN"
 DICOMWEB_TOKEN_ENV = "LUNGCBIR_DICOMWEB_TOKEN"
 DICOMWEB_USER_ENV = "LUNGCBIR_DICOMWEB_USER"
@@ -66,6 +72,8 @@ DEFAULT_DICOMWEB_RESPONSE_SECONDS = 300.0
 #: A search (QIDO-RS) reads at most this many pages of results, so an archive that ignores
 #: ``offset`` (it answers the first page again and again) cannot keep a run paging forever.
 DEFAULT_DICOMWEB_MAX_PAGES = 100
+#: ``auto``: ONNX Runtime on the CPU (faster there, see docs/scale.md), torch on CUDA.
+DEFAULT_RUNTIME = "auto"
 
 
 class ConfigError(LungCBIRError):
@@ -93,6 +101,11 @@ class Settings:
     dicomweb_password: str | None = None
     dicomweb_response_seconds: float = DEFAULT_DICOMWEB_RESPONSE_SECONDS
     dicomweb_max_pages: int = DEFAULT_DICOMWEB_MAX_PAGES
+    #: derived files kept between runs (the ONNX model generated from the weights); never a
+    #: source of truth: anything in it may be deleted and is generated again
+    cache_dir: Path = Path("~/.cache/lungcbir").expanduser()
+    runtime: str = DEFAULT_RUNTIME  # checked where it is used (lungcbir.runtimes.RUNTIME_REGISTRY)
+    threads: int | None = None  # None: the CPUs this process may use
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -115,7 +128,31 @@ class Settings:
                    dicomweb_response_seconds=_positive(environ, DICOMWEB_RESPONSE_SECONDS_ENV,
                                                        DEFAULT_DICOMWEB_RESPONSE_SECONDS, float, "number of seconds"),
                    dicomweb_max_pages=_positive(environ, DICOMWEB_MAX_PAGES_ENV, DEFAULT_DICOMWEB_MAX_PAGES, int,
-                                                "whole number of pages"))
+                                                "whole number of pages"),
+                   cache_dir=_cache_dir(text(CACHE_DIR_ENV), text("XDG_CACHE_HOME")),
+                   runtime=text(RUNTIME_ENV) or DEFAULT_RUNTIME,
+                   threads=_threads(environ.get(THREADS_ENV, "")))
+
+
+def _cache_dir(explicit: str | None, xdg_cache: str | None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser()
+    # the XDG base directory rule: $XDG_CACHE_HOME when set to an absolute path, else ~/.cache
+    base = Path(xdg_cache) if xdg_cache and os.path.isabs(xdg_cache) else Path("~/.cache").expanduser()
+    return base / "lungcbir"
+
+
+def _threads(text: str) -> int | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{THREADS_ENV}={text!r}: expected a positive whole number of threads")
+    return value
 
 
 def _max_voxels(text: str) -> int:

@@ -322,7 +322,7 @@ class Indexer:
         batch.replace_changed(positions)
         for source, series in archives:
             self._index_archive(source, series, study, claim_timeout, batch, progress)
-        store.index()  # make sure the saved index matches what was committed
+        store.checkpoint()  # the saved index matches what was committed (additions wait for checkpoints)
         report.seconds = time.perf_counter() - began
         return report
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .config import Settings
 from .errors import WeightsError
 from .features import FindingsConfig, centre_parts, findings_vectors, pool_bottleneck
 from .fileutils import write_atomically
@@ -32,6 +34,7 @@ from .preprocess import (
     to_model_input,
 )
 from .quality import Quality, QualitySignals, judge
+from .runtimes import Forward, RuntimeOptions, start_runtime
 
 WEIGHTS_FORMAT = "lungcbir-weights/1"
 BUNDLED_WEIGHTS = "lung_unet.pt"
@@ -181,21 +184,36 @@ class LungModel:
     """
 
     def __init__(self, network: UNet, settings: ModelSettings, model_id: str,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", runtime: str = "torch", runtime_options: RuntimeOptions | None = None) -> None:
         # Module.to takes memory_format at run time; torch's overloads do not list it
         self.network = fuse_batch_norm(network.to(device)).to(
             memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.settings = settings
         self.model_id = model_id
         self.device = device
+        #: where the network runs (lungcbir.runtimes.RUNTIME_REGISTRY); a network built here
+        #: runs in torch unless told otherwise, loaded weights in the default (see ``load``)
+        self.runtime = runtime
+        self.runtime_options = runtime_options or RuntimeOptions()
+        self._runner: Forward | None = None  # started on first use: loading stays cheap
+        self._starting = threading.Lock()  # one start (one ONNX export) for a web server's threads
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, device: str = "cpu") -> "LungModel":
-        """Load weights from ``path`` or, when None, the weights bundled with the package."""
+    def load(cls, path: str | os.PathLike | None = None, device: str = "cpu", runtime: str | None = None,
+             settings: Settings | None = None) -> "LungModel":
+        """Load weights from ``path`` or, when None, the weights bundled with the package.
+
+        ``runtime`` (a name of :data:`lungcbir.runtimes.RUNTIME_REGISTRY`; default
+        ``settings.runtime``, ``auto``: ONNX Runtime on the CPU) runs the network with
+        ``settings.threads`` threads and its ONNX model cached in ``settings.cache_dir``
+        (``settings`` default: :meth:`Settings.from_environment`).
+        """
         if device == "cuda" and not torch.cuda.is_available():
             raise WeightsError("--device cuda asked for, but no CUDA device is available")
-        network, settings, state = load_network(path)
-        return cls(network, settings, _model_digest(state, settings), device)
+        config = Settings.from_environment() if settings is None else settings
+        network, model_settings, state = load_network(path)
+        return cls(network, model_settings, _model_digest(state, model_settings), device, runtime or config.runtime,
+                   RuntimeOptions(threads=config.threads, cache_dir=config.cache_dir))
 
     @property
     def input_size(self) -> int:
@@ -254,11 +272,13 @@ class LungModel:
     @torch.inference_mode()
     def outputs(self, inputs: np.ndarray) -> NetworkOutputs:
         """The network's raw outputs for prepared inputs ``(N, S, S)``, before any pooling."""
-        batch = torch.from_numpy(np.ascontiguousarray(inputs[:, None])).to(self.device)
-        batch = batch.to(memory_format=torch.channels_last)
-        logits, bottleneck = self.network.forward_with_bottleneck(batch)
-        lesions = torch.sigmoid(logits[:, 1:2].float()) if self.has_lesion_head else None
-        return NetworkOutputs(bottleneck, torch.sigmoid(logits[:, :1].float()), lesions)  # channel 0: lungs
+        with self._starting:
+            if self._runner is None:
+                self._runner = start_runtime(self.runtime, self.network, self.model_id, self.device,
+                                              self.input_size, self.runtime_options)
+        probabilities, bottleneck = self._runner(inputs[:, None])
+        lesions = probabilities[:, 1:2] if self.has_lesion_head else None
+        return NetworkOutputs(bottleneck, probabilities[:, :1], lesions)  # channel 0: lungs
 
     def _forward(self, inputs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
         out = self.outputs(inputs)

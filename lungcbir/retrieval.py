@@ -165,6 +165,7 @@ class Retriever:
                  files_per_commit: int = FILES_PER_COMMIT, workers: int = 1,
                  settings: Settings | None = None) -> None:
         settings = Settings.from_environment() if settings is None else settings
+        self.settings = settings  # the model's runtime, threads and cache too
         self.db_url = db_url or settings.db_url
         self.index_dir = index_dir or settings.index_dir
         self.weights = weights
@@ -178,7 +179,7 @@ class Retriever:
     @property
     def model(self) -> LungModel:
         if self._model is None:
-            self._model = LungModel.load(self.weights, self.device)
+            self._model = LungModel.load(self.weights, self.device, settings=self.settings)
         return self._model
 
     def store(self, create: bool = True, read_only: bool | None = None) -> Store:

@@ -6,9 +6,10 @@
   every read and write of rows, the settings, the change log and the indexing queue's table. The
   database is the source of truth: every row holds its vector.
 * :class:`lungcbir.vector_index.VectorIndex` (``vector_index.py``): the FAISS index, a cache
-  whose ids are the rows' primary keys, written atomically after each commit with a note of the
-  database generation it holds and caught up or rebuilt whenever it is missing, corrupt or out
-  of step; the index kinds (:data:`~lungcbir.vector_index.INDEX_KIND_REGISTRY`); the write lock.
+  whose ids are the rows' primary keys, written atomically as checkpoints (not after every
+  commit) with a note of the database generation it holds and caught up or rebuilt whenever it
+  is missing, corrupt or out of step; the index kinds
+  (:data:`~lungcbir.vector_index.INDEX_KIND_REGISTRY`); the write lock.
 
 The Store adds what needs both (adding and removing rows with the index following, ``check``,
 ``stats``); the indexing queue of the same database is :attr:`Store.queue`
@@ -107,7 +108,7 @@ class Store:
     # -- rows and the index together ----------------------------------------------------------------
 
     def add(self, records: Sequence[ImageRecord], vectors: np.ndarray) -> list[int]:
-        """Insert rows with their vectors in one transaction, then update the index file.
+        """Insert rows with their vectors in one transaction, then the index (its file at the next checkpoint).
 
         A row whose (sha256, frame, model) is already stored, by this or a concurrent run, is
         left alone (the unique constraint decides, not a check-then-insert). Returns the ids of
@@ -190,6 +191,11 @@ class Store:
     def index(self) -> faiss.Index:
         """The FAISS index matching the database now (caught up or rebuilt if need be)."""
         return self.vectors.current()
+
+    def checkpoint(self) -> faiss.Index:
+        """The index matching the database now, its file written if behind (end of a run;
+        see :meth:`VectorIndex.checkpoint`)."""
+        return self.vectors.checkpoint()
 
     def rebuild_index(self, kind: str | None = None) -> faiss.Index:
         """Build a fresh index from the stored vectors, streamed in chunks, and save it.

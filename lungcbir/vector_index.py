@@ -1,11 +1,19 @@
 """The vector side of a store: a FAISS index of the stored vectors, a cache of the database.
 
-The index's ids are the rows' primary keys. It is written atomically after each commit, with a
-note beside it recording the database state it holds (generation, count, lowest and highest
-id, model; see :meth:`lungcbir.database.Database.state`) and the file's SHA-256. An index is
-used as it is only at the database's current generation; it is caught up by adding rows only
-when every change since its generation was an addition, and rebuilt from the stored vectors
-otherwise (missing, corrupt, of another model, or rows were removed).
+The index's ids are the rows' primary keys. It is written atomically, with a note beside it
+recording the database state it holds (generation, count, lowest and highest id, model; see
+:meth:`lungcbir.database.Database.state`) and the file's SHA-256. An index is used as it is
+only at the database's current generation; it is caught up by adding rows only when every
+change since its generation was an addition, and rebuilt from the stored vectors otherwise
+(missing, corrupt, of another model, or rows were removed).
+
+The file is a checkpoint, not a copy kept in step: rewriting it after every committed batch
+would cost the whole index (199 MiB at 1 M compact rows) per batch. Additions are written
+when the rows added since the file reach :data:`CHECKPOINT_SHARE` of the index or the file
+is :data:`CHECKPOINT_SECONDS` old, and at the end of an indexing run
+(:meth:`VectorIndex.checkpoint`); rebuilds and removals are written at once. A run killed
+between checkpoints leaves a file of an earlier generation, which the next load catches up
+from the database (rows added since) like any index out of step: the database is the truth.
 
 Index kinds are one registry, :data:`INDEX_KIND_REGISTRY` (name, description, build, tune,
 describe, search parameters, whether it can remove, how many candidates it re-ranks); a new
@@ -47,6 +55,14 @@ COMPACT_RERANK = 200
 HNSW_EF_SEARCH = 128
 #: How long a search trusts an unchanged generation before it reads the full database state again.
 FULL_CHECK_SECONDS = 10.0
+#: Additions are written to the index file once the rows added since it was written reach this
+#: share of the rows in it: the cost of a write (the whole index) is then spread over a number of
+#: new rows that grows with the index, so indexing into a large store costs what it costs into
+#: an empty one, and a load after a crash catches up at most this share from the database.
+CHECKPOINT_SHARE = 0.05
+#: ... or once the file is this old (seconds; in a long run into a very large store, writes of
+#: the whole index at most this often), whichever comes first.
+CHECKPOINT_SECONDS = 600.0
 #: Version of the note written beside the index file; notes of other versions are not trusted.
 INDEX_NOTE_FORMAT = 2
 #: Stored vectors are unit vectors, so a similarity beyond the query's norm, give or take
@@ -299,6 +315,10 @@ class VectorIndex:
         self._index: faiss.Index | None = None
         self._index_state: dict | None = None  # the database state self._index holds exactly
         self._verified_at = -float("inf")  # time.monotonic() of the last full state check that matched
+        #: the state the index file holds as this process last wrote or read it, and when it
+        #: wrote it: how far the index in memory is ahead of its checkpoint
+        self._file_state: dict | None = None
+        self._written_at = -float("inf")
         self._lock = threading.RLock()
 
     @property
@@ -328,20 +348,50 @@ class VectorIndex:
 
     # -- files ----------------------------------------------------------------------------------
 
-    def _save(self, index: faiss.Index, state: dict) -> None:
+    def _save(self, index: faiss.Index, state: dict, force: bool = True) -> None:
         """Keep ``index`` as the one in use, holding exactly ``state``, and (unless read-only)
-        write it with a note of that state and the file's checksum, each file atomically."""
+        write it with a note of that state and the file's checksum, each file atomically.
+
+        ``force=False`` (``index`` is the file's index plus added rows): write only when a
+        checkpoint is due (:data:`CHECKPOINT_SHARE`, :data:`CHECKPOINT_SECONDS`)."""
         self._index, self._index_state = index, state
         if self.read_only or state["count"] != index.ntotal:
+            return
+        if not force and not self._checkpoint_due(index, state):
             return
         try:
             digest = _write_atomically(self.path, lambda path: faiss.write_index(index, path))
             note = dict(state, sha256=digest, format=INDEX_NOTE_FORMAT)
             _write_atomically(self.meta_path, lambda path: Path(path).write_text(json.dumps(note, indent=1)))
+            self._file_state, self._written_at = dict(state), time.monotonic()
         except OSError as error:
             if self.index_dir.exists() and not os.access(self.index_dir, os.W_OK):
                 return  # a read-only index folder (a query node): serve from memory
             raise StoreError(f"cannot write the index in {self.index_dir}: {error.strerror}") from None
+
+    def _checkpoint_due(self, index: faiss.Index, state: dict) -> bool:
+        """Whether the rows added since the file was written call for writing it again."""
+        saved = self._file_state
+        if same_state(saved, state):
+            return False
+        if saved is None or saved.get("model_id") != state.get("model_id") \
+                or saved.get("generation", 0) > state.get("generation", 0):
+            return True  # the file is not known to be an earlier state of this index
+        in_file = int(saved.get("count") or 0)
+        behind = index.ntotal - in_file
+        if behind <= 0:
+            return True  # not rows added to the file's: not its descendant
+        return behind >= CHECKPOINT_SHARE * in_file or time.monotonic() - self._written_at >= CHECKPOINT_SECONDS
+
+    def checkpoint(self) -> faiss.Index:
+        """The index matching the database now, written to the file if the file is behind (the
+        end of an indexing run: ``check`` then finds the file current)."""
+        with self._lock:
+            index = self.current()
+            state = self._index_state
+            if state is not None and self._index is index and not same_state(self._file_state, state):
+                self._save(index, state)
+            return index
 
     def _read_file(self) -> tuple[faiss.Index, dict] | None:
         """The saved index and the state its note records, if the file is the one the note
@@ -365,6 +415,9 @@ class VectorIndex:
                 or index.ntotal != state["count"]:
             return None
         tune_index(index)
+        if self._file_state is None or state.get("generation", 0) >= self._file_state.get("generation", 0):
+            self._file_state = dict(state)  # the checkpoint the index in memory will grow from
+            self._written_at = time.monotonic()  # its age counts from here (its mtime may be another host's)
         return index, state
 
     # -- keeping up with the database -------------------------------------------------------------
@@ -389,17 +442,17 @@ class VectorIndex:
             if self._index is not None and same_state(self._index_state, meta):
                 self._verified_at = time.monotonic()
                 return self._index
-            candidates = []
-            if self._index is not None and self._index_state is not None:
-                candidates.append((self._index, self._index_state))
+            # the index in memory first: catching it up reads only the rows added, where
+            # considering the file reads and hashes the whole index
+            if self._index is not None and self._index_state is not None \
+                    and self._catch_up(self._index, self._index_state, meta):
+                return self._index
             saved = self._read_file()
             if saved is not None:
-                candidates.append(saved)
-            for index, state in candidates:
+                index, state = saved
                 if same_state(state, meta):
                     self._index, self._index_state = index, state
                     return index
-            for index, state in candidates:
                 if self._catch_up(index, state, meta):
                     return index
             return self.rebuild()
@@ -427,7 +480,7 @@ class VectorIndex:
             added += len(ids)
         if added != expected:
             return False  # rows removed meanwhile: the index is dropped and rebuilt
-        self._save(index, meta)
+        self._save(index, meta, force=False)  # additions: written when a checkpoint is due
         return True
 
     def rebuild(self) -> faiss.Index:
@@ -480,7 +533,9 @@ class VectorIndex:
                     except RuntimeError:  # a kind that cannot do it after all
                         index = None
                 if index is not None and index.ntotal == state["count"]:
-                    self._save(index, state)
+                    # additions wait for a checkpoint (the database has them); a removal is
+                    # written at once, as catching up cannot replay it (it would rebuild)
+                    self._save(index, state, force=removes)
                     return
             self.current()  # catches up or rebuilds
 

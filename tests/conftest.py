@@ -16,6 +16,14 @@ from lungcbir.preprocess import PreprocessConfig
 TINY = UNetConfig(base_channels=4, depth=3)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache(tmp_path_factory):
+    """The ONNX models the tests generate go to a folder of this session, not the user's cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LUNGCBIR_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 def _tiny_weights(folder: Path, seed: int) -> str:
     import torch
 

@@ -13,7 +13,8 @@ from lungcbir.config import ConfigError, Settings
 
 ALL_VARIABLES = (config.DB_ENV, config.INDEX_DIR_ENV, config.DATA_ENV, config.MAX_VOXELS_ENV, config.TOKEN_ENV,
                  config.DICOMWEB_TOKEN_ENV, config.DICOMWEB_USER_ENV, config.DICOMWEB_PASSWORD_ENV,
-                 config.DICOMWEB_RESPONSE_SECONDS_ENV, config.DICOMWEB_MAX_PAGES_ENV)
+                 config.DICOMWEB_RESPONSE_SECONDS_ENV, config.DICOMWEB_MAX_PAGES_ENV, config.CACHE_DIR_ENV,
+                 config.RUNTIME_ENV, config.THREADS_ENV)
 
 
 def test_defaults_without_any_variable():
@@ -28,10 +29,11 @@ def test_every_variable_overrides_its_default():
     environ = {config.DB_ENV: "postgresql+psycopg://u@h/db", config.INDEX_DIR_ENV: "/srv/index",
                config.DATA_ENV: "/data", config.MAX_VOXELS_ENV: " 1234 ", config.TOKEN_ENV: "t" * 20,
                config.DICOMWEB_TOKEN_ENV: "dt", config.DICOMWEB_USER_ENV: "ann", config.DICOMWEB_PASSWORD_ENV: "pw",
-               config.DICOMWEB_RESPONSE_SECONDS_ENV: "2.5", config.DICOMWEB_MAX_PAGES_ENV: "7"}
+               config.DICOMWEB_RESPONSE_SECONDS_ENV: "2.5", config.DICOMWEB_MAX_PAGES_ENV: "7",
+               config.CACHE_DIR_ENV: "/srv/cache", config.RUNTIME_ENV: "torch", config.THREADS_ENV: "3"}
     settings = Settings.from_environment(environ)
     assert dataclasses.astuple(settings) == ("postgresql+psycopg://u@h/db", "/srv/index", Path("/data"), 1234,
-                                             "t" * 20, "dt", "ann", "pw", 2.5, 7)
+                                             "t" * 20, "dt", "ann", "pw", 2.5, 7, Path("/srv/cache"), "torch", 3)
     assert sorted(ALL_VARIABLES) == sorted(environ)  # the test names every variable there is
 
 
@@ -58,6 +60,18 @@ def test_a_bad_voxel_limit_is_one_clear_error(value):
 def test_a_bad_dicomweb_bound_is_one_clear_error(name, value, expected):
     with pytest.raises(ConfigError, match=f"^{name}='{value}': expected a positive {expected}$"):
         Settings.from_environment({name: value})
+
+
+@pytest.mark.parametrize("value", ["many", "0", "-2"])
+def test_a_bad_thread_count_is_one_clear_error(value):
+    with pytest.raises(ConfigError, match=f"LUNGCBIR_THREADS='{value}': expected a positive whole number"):
+        Settings.from_environment({config.THREADS_ENV: value})
+
+
+def test_the_cache_follows_xdg_cache_home_when_absolute():
+    assert Settings.from_environment({"XDG_CACHE_HOME": "/xdg"}).cache_dir == Path("/xdg/lungcbir")
+    assert Settings.from_environment({"XDG_CACHE_HOME": "relative"}).cache_dir == Path.home() / ".cache/lungcbir"
+    assert Settings.from_environment({}).cache_dir == Path.home() / ".cache/lungcbir"
 
 
 def test_settings_are_frozen():

@@ -161,3 +161,100 @@ def test_an_unchanged_generation_is_checked_in_full_again_after_a_while(store_pa
     monkeypatch.setattr(store.database, "state", lambda *a: seen.append(1) or full_state(*a))
     store.search(vectors[:1], 1)
     assert seen
+
+
+# -- checkpoints: the index file is not rewritten after every committed batch (issue 28 item 3) --------
+
+
+def _note_generation(store: Store) -> int:
+    import json
+
+    return json.loads(store.index_meta_path.read_text())["generation"]
+
+
+def _counting_writes(monkeypatch) -> list[str]:
+    from lungcbir import vector_index
+
+    written: list[str] = []
+    real = vector_index._write_atomically
+
+    def counted(path, write):
+        written.append(str(path))
+        return real(path, write)
+
+    monkeypatch.setattr(vector_index, "_write_atomically", counted)
+    return written
+
+
+def test_added_batches_are_written_by_checkpoints_not_each_time(store_paths, monkeypatch):
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    store.add(records(100), unit(100))
+    written = _counting_writes(monkeypatch)
+    for batch in range(4):  # 4 rows: under 5 % of the index
+        store.add(records(1, start=200 + batch), unit(1, seed=10 + batch))
+    assert written == []
+    store.add(records(1, start=300), unit(1, seed=30))  # the fifth: a checkpoint is due
+    assert [path.endswith(".json") for path in written] == [False, True]  # the index, then its note
+    assert _note_generation(store) == store.database.generation()
+
+
+def test_an_old_checkpoint_is_written_with_the_next_batch(store_paths, monkeypatch):
+    from lungcbir import vector_index
+
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    store.add(records(100), unit(100))
+    store.add(records(1, start=200), unit(1, seed=3))
+    assert _note_generation(store) < store.database.generation()
+    monkeypatch.setattr(vector_index, "CHECKPOINT_SECONDS", 0.0)
+    store.add(records(1, start=201), unit(1, seed=4))
+    assert _note_generation(store) == store.database.generation()
+
+
+def test_a_run_killed_between_checkpoints_is_caught_up_from_the_database_not_rebuilt(store_paths, monkeypatch):
+    from lungcbir import vector_index
+
+    writer = Store(**store_paths)
+    writer.check_model("m1", 8)
+    writer.add(records(100), unit(100))
+    late = unit(3, seed=7)
+    late_ids = writer.add(records(3, start=500), late)
+    assert _note_generation(writer) < writer.database.generation()  # as a killed run leaves it
+    problems = Store(**store_paths).check()
+    assert any("out of date" in problem for problem in problems)  # check says so, and writes nothing
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("rebuilt, where adding the rows since the checkpoint is enough")
+
+    monkeypatch.setattr(vector_index, "build_index", no_rebuild)
+    reader = Store(**store_paths)  # the next run
+    scores, found = reader.search(late, 1)
+    assert found[:, 0].tolist() == late_ids and np.allclose(scores[:, 0], 1, atol=1e-3)
+    assert reader.index().ntotal == 103
+    reader.checkpoint()
+    assert reader.check() == []
+
+
+def test_the_end_of_a_run_checkpoints_and_a_removal_is_written_at_once(store_paths):
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    ids = store.add(records(100), unit(100))
+    store.add(records(2, start=500), unit(2, seed=7))
+    assert _note_generation(store) < store.database.generation()
+    store.checkpoint()
+    assert _note_generation(store) == store.database.generation() and store.check() == []
+    store.add(records(1, start=600), unit(1, seed=8))
+    store.remove(ids[:1])  # catching up cannot replay a removal: written at once
+    assert _note_generation(store) == store.database.generation() and store.check() == []
+
+
+def test_index_dataset_leaves_a_current_index_file(store_paths, tiny_weights, phantom_dir, monkeypatch):
+    from lungcbir import vector_index
+    from lungcbir.retrieval import Retriever
+
+    monkeypatch.setattr(vector_index, "CHECKPOINT_SHARE", 100.0)  # no checkpoint during the run
+    retriever = Retriever(weights=tiny_weights, files_per_commit=4, **store_paths)
+    retriever.index_dataset([phantom_dir / "png"])
+    store = Store(**store_paths)
+    assert store.count() == 12 and store.check() == []
