@@ -907,9 +907,9 @@ def run() -> None:
 
     As the owner of its process it quiets what the libraries print about broken files, which
     the command line reports in one line each: C decoders' stderr goes through a filter
-    (:mod:`lungcbir.stderr_filter`) and Python warnings are off, for the reader processes it
-    starts too (``PYTHONWARNINGS``). ``main`` itself, as tests and embedders call it, changes
-    nothing of the process.
+    (:mod:`lungcbir.stderr_filter`) and Python warnings are off (reader processes turn them
+    off themselves). ``main`` itself, as tests and embedders call it, changes nothing of the
+    process.
     """
     import warnings
 
@@ -917,7 +917,6 @@ def run() -> None:
 
     install()
     warnings.simplefilter("ignore")
-    os.environ["PYTHONWARNINGS"] = "ignore"
     main()
 
 

@@ -27,6 +27,7 @@ import os
 import re
 import signal
 import time
+import warnings
 from collections import deque
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -117,7 +118,7 @@ def read_files(files: Sequence[str],
     from multiprocessing import get_context
 
     window = workers * 4
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_ignore_interrupts)
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_reader)
     try:
         pending: deque[tuple[str, Future[list[CTSlice] | ReadError]]] = deque()
         for path in files:
@@ -133,9 +134,11 @@ def read_files(files: Sequence[str],
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _ignore_interrupts() -> None:
-    """Worker initializer: Ctrl-C is the parent's to report, in one line."""
+def _start_reader() -> None:
+    """Initializer of a reader process (a process of ours, started for decoding only): Ctrl-C
+    is the parent's to report, in one line, and so is a file the decoders warn about."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    warnings.simplefilter("ignore")
 
 
 @contextmanager
