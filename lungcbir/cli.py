@@ -371,17 +371,15 @@ def _query_series(retriever, inputs, k, filters, as_json, focus) -> bool:
         slices = series_in_order(readable)
         matches = retriever.query_series(slices, k, filters, focus=focus)
         if as_json:
-            click.echo(json.dumps({"query": source, "slices": len(slices), "focus": focus, "cases": [
-                {"rank": m.rank, "case": m.case, "patient_id": m.patient_id, "series_uid": m.series_uid,
-                 "score": round(m.score, 6),
-                 "pairs": [{"query_slice": q, "id": n.id, "path": n.path, "slice_index": n.slice_index,
-                            "score": round(n.score, 6)} for q, n in m.pairs]} for m in matches]}))
+            click.echo(json.dumps({"query": source, "slices": len(slices), "focus": focus,
+                                   "cases": [m.to_json() for m in matches]}))
             continue
         click.echo(f"{source}: {len(slices)} slices")
         for m in matches:
             click.echo(f"  {m.rank:>3}  {m.score:6.3f}  {m.case}")
-            for q, n in m.pairs:
-                click.echo(f"         query slice {q} ~ {n.path} (slice {n.slice_index}, {n.score:.3f})")
+            for pair in m.pairs:
+                n = pair.neighbor
+                click.echo(f"         query slice {pair.query_slice} ~ {n.path} (slice {n.slice_index}, {n.score:.3f})")
     return any_failed
 
 

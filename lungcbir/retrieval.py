@@ -14,7 +14,7 @@ from collections import deque
 from contextlib import closing, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import date
-from typing import TYPE_CHECKING, Callable, Generator, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Sequence
 
 import numpy as np
 
@@ -94,13 +94,13 @@ class Neighbor:
     rank: int
     id: int
     path: str
-    score: float
+    score: float = field(metadata={"description": "cosine similarity to the query"})
     patient_id: str | None
     series_uid: str | None
     slice_index: int | None
-    labels: dict
+    labels: dict[str, Any]
     study_uid: str | None = None
-    sop_uid: str | None = None  # DICOM SOP Instance UID, when known
+    sop_uid: str | None = field(default=None, metadata={"description": "DICOM SOP Instance UID, when known"})
 
     @property
     def url(self) -> str | None:
@@ -117,6 +117,19 @@ class Neighbor:
 
 
 @dataclass
+class SeriesPair:
+    """A query slice and the stored slice of a case that matched it best."""
+
+    query_slice: int  # the query slice's number in the series (slice order)
+    query_path: str
+    neighbor: Neighbor
+
+    def to_json(self) -> dict:
+        """A pair of ``query --by-series --json``: the query slice, then the neighbour's fields."""
+        return {"query_slice": self.query_slice, "query_path": self.query_path, **self.neighbor.to_json()}
+
+
+@dataclass
 class SeriesMatch:
     """A stored case ranked by how well its slices match a query series."""
 
@@ -125,7 +138,12 @@ class SeriesMatch:
     patient_id: str | None
     series_uid: str | None
     score: float  # mean over query slices of the best slice similarity in this case
-    pairs: list[tuple[int, Neighbor]]  # (query slice number, best stored slice), best first
+    pairs: list[SeriesPair]  # best first
+
+    def to_json(self) -> dict:
+        """A case of ``query --by-series --json`` and of the web API."""
+        return {"rank": self.rank, "case": self.case, "patient_id": self.patient_id, "series_uid": self.series_uid,
+                "score": round(self.score, 6), "pairs": [pair.to_json() for pair in self.pairs]}
 
 
 @dataclass
@@ -133,18 +151,34 @@ class QueryResult:
     """The answer to one query slice."""
 
     query: CTSlice
-    mask: np.ndarray
-    lung_fraction: float
+    segmentation: Segmentation  # of the query slice (mask, lung and lesion fractions, quality)
     neighbors: list[Neighbor]
-    quality: Quality = Quality.OK  # of the query's own segmentation (lungcbir.quality)
-    quality_score: float = 1.0
-    lesion_fraction: float | None = None  # None until the model has a lesion output
     warning: str | None = None  # set when the query was not searched (quality no-lungs)
 
+    @property
+    def mask(self) -> np.ndarray:
+        return self.segmentation.mask
+
+    @property
+    def lung_fraction(self) -> float:
+        return self.segmentation.lung_fraction
+
+    @property
+    def lesion_fraction(self) -> float | None:
+        return self.segmentation.lesion_fraction
+
+    @property
+    def quality(self) -> Quality:
+        return self.segmentation.quality
+
+    @property
+    def quality_score(self) -> float:
+        return self.segmentation.quality_score
+
     def summary_json(self) -> dict:
-        """The per-query fields of ``query --json`` and the web API (``warning`` only when set)."""
-        fields = {"lung_fraction": round(self.lung_fraction, 6), "lesion_fraction": self.lesion_fraction,
-                  "quality": self.quality.value, "quality_score": round(self.quality_score, 4)}
+        """The per-query fields of ``query --json`` and the web API: the segmentation's
+        (:meth:`Segmentation.summary_json`) and ``warning`` only when set."""
+        fields = self.segmentation.summary_json()
         return {**fields, "warning": self.warning} if self.warning else fields
 
 
@@ -676,7 +710,8 @@ class Retriever:
         matches = []
         for rank, (case, found) in enumerate(ranked[:k], 1):
             example = next(iter(found.values()))
-            top = sorted(found.items(), key=lambda item: -item[1].score)[:pairs]
+            top = [SeriesPair(number, slices[number].path, neighbor)
+                   for number, neighbor in sorted(found.items(), key=lambda item: -item[1].score)[:pairs]]
             matches.append(SeriesMatch(rank, case, example.patient_id, example.series_uid,
                                        sum(n.score for n in found.values()) / len(slices), top))
         return matches
@@ -705,9 +740,7 @@ class Retriever:
             found = dict(zip(searched, self._neighbors(store, vectors, k, where, per_patient, excluded, focus)))
         answers = []
         for number, (item, result) in enumerate(zip(slices, results)):
-            answers.append(QueryResult(item, result.mask, result.lung_fraction, found.get(number, []),
-                                       quality=result.quality, quality_score=result.quality_score,
-                                       lesion_fraction=result.lesion_fraction,
+            answers.append(QueryResult(item, result, found.get(number, []),
                                        warning=None if number in found else NO_LUNGS_WARNING))
         return answers
 

@@ -1041,3 +1041,29 @@ def test_the_body_deadline_counts_the_clients_time_only():
     assert slow_body_call(limited, 0.01, chunks=5)[0] == 200  # 1 s in all, the client's part 0.05 s
     status, _, seconds = slow_body_call(limited, 0.2, chunks=5)  # the client's part 1 s
     assert status == 408 and seconds < 3
+
+
+def test_web_answers_are_the_core_json_with_public_names(client, retriever, phantom_dir):
+    # one answer shape: the web's neighbours and series cases are the core's to_json with every
+    # server path replaced by its file name, in one place (views.state.public_json)
+    from lungcbir.io import read_file
+    from lungcbir.retrieval import series_in_order
+    from lungcbir.views.state import public_json
+
+    query = phantom_dir / "png" / "phantom01" / "phantom01_s002.png"
+    core = retriever.query(query, k=3, per_patient=0).neighbors
+    answer = client.post("/api/query", files={"file": ("q.png", query.read_bytes())},
+                         data={"k": "3", "per_patient": "0"}).json()
+    for mine, theirs in zip(core, answer["neighbors"]):
+        expected = public_json(mine.to_json())
+        assert {key: theirs[key] for key in expected} == expected
+        assert "/" not in theirs["path"]
+    series = sorted((phantom_dir / "dicom" / "phantom01").iterdir())
+    matches = retriever.query_series(series_in_order([(str(p), read_file(p)) for p in series]), k=2)
+    cases = client.post("/api/query-series", files=[("files", (p.name, p.read_bytes())) for p in series],
+                        data={"k": "2"}).json()["cases"]
+    for match, case in zip(matches, cases):
+        core_case = public_json(match.to_json())
+        assert {key: case[key] for key in core_case if key != "pairs"} == \
+            {key: value for key, value in core_case.items() if key != "pairs"}
+        assert [pair["neighbor"]["id"] for pair in case["pairs"]] == [pair["id"] for pair in core_case["pairs"]]

@@ -10,7 +10,6 @@ from fastapi.responses import Response
 
 from ..focus import DEFAULT_FOCUS, Focus
 from ..io import CTSlice
-from ..retrieval import QueryResult
 from .schemas import ERROR_RESPONSES, QueryAnswer, SegmentAnswer, TogetherAnswer
 from .state import PIXEL_KIND_HEADER, AppState, check_k, result_urls
 
@@ -45,7 +44,7 @@ def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[i
     item, count = web.middle_slice(file)
     with web.model_lock:
         result = web.retriever.query_slices([item], k, filters, max(0, per_patient), other_patients, focus)[0]
-    token = web.render(result)
+    token = web.render(item, result.segmentation)
     volume = {}
     if count > 1:
         volume = {"note": f"{item.path} is a volume of {count} slices: slice {item.frame + 1} (the middle "
@@ -84,7 +83,7 @@ def api_segment(web: AppState, file: Annotated[UploadFile, File()]) -> dict[str,
     item, count = web.middle_slice(file)
     with web.model_lock:
         segmentation = web.retriever.segment_slices([item])[0]
-    token = web.render(QueryResult(item, segmentation.mask, segmentation.lung_fraction, []))
+    token = web.render(item, segmentation)
     return {"query": item.path, **result_urls(token), "frame": item.frame, "slices_in_file": count,
             **segmentation.summary_json(), "width": item.shape[1], "height": item.shape[0]}
 

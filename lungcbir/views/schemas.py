@@ -10,10 +10,12 @@ keys, so a field added there reaches the client without a change here.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from .. import retrieval
 from ..focus import Focus
 
 #: How every search answer describes its ``focus``.
@@ -58,22 +60,39 @@ class StoredImageLinks(BaseModel):
     series_url: str
 
 
-class Neighbor(StoredImageLinks):
-    """One stored slice found for a query: the CLI's neighbour object (``query --json``), what a
-    reader needs to identify the slice and the URLs of its pictures, file and series."""
+def core_model(name: str, core: type, exclude: tuple[str, ...] = (), **overrides: Any) -> type[BaseModel]:
+    """A pydantic model of a core answer's dataclass (:mod:`lungcbir.retrieval`): its fields,
+    types, defaults and descriptions (``field(metadata={"description": ...})``) are the core's,
+    so the answer's shape is written once. ``overrides``: (type, Field) of fields the web shows
+    otherwise (a path as a file name); ``exclude``: fields the web answers in another shape."""
+    hints = get_type_hints(core)
+    fields: dict[str, Any] = {}
+    for item in dataclasses.fields(core):
+        if item.name in exclude:
+            continue
+        description = item.metadata.get("description")
+        if item.default is not dataclasses.MISSING:
+            default = Field(item.default, description=description)
+        elif item.default_factory is not dataclasses.MISSING:
+            default = Field(default_factory=item.default_factory, description=description)
+        else:
+            default = Field(description=description)
+        fields[item.name] = overrides.get(item.name, (hints[item.name], default))
+    # keys the core adds to its JSON (to_json) pass through
+    return create_model(name, __config__=ConfigDict(extra="allow"), **fields)
+
+
+CoreNeighbor = core_model("CoreNeighbor", retrieval.Neighbor,
+                          path=(str | None, Field(description="file name only, never server folders")))
+
+
+class Neighbor(StoredImageLinks, CoreNeighbor):  # type: ignore[misc,valid-type]
+    """One stored slice found for a query: the core's neighbour (:meth:`lungcbir.retrieval.Neighbor.to_json`,
+    as ``query --json`` prints it, paths as file names), what a reader needs to identify the slice
+    and the URLs of its pictures, file and series."""
 
     model_config = ConfigDict(extra="allow")  # keys added by Neighbor.to_json pass through
 
-    rank: int
-    id: int
-    path: str | None = Field(description="file name only, never server folders")
-    score: float = Field(description="cosine similarity to the query")
-    patient_id: str | None
-    series_uid: str | None
-    slice_index: int | None
-    labels: dict[str, Any]
-    study_uid: str | None = None
-    sop_uid: str | None = None
     url: str | None = Field(None, description="WADO-RS URL; only for slices indexed from a DICOMweb archive")
     # of the stored row; absent if the row was removed meanwhile
     instance_number: int | None = None
@@ -164,14 +183,15 @@ class SeriesPair(BaseModel):
     neighbor: Neighbor
 
 
-class SeriesCase(BaseModel):
-    """One stored case ranked for a whole query series."""
+CoreSeriesCase = core_model(
+    "CoreSeriesCase", retrieval.SeriesMatch, exclude=("pairs",),
+    case=(str, Field(description="patient:ID, else series:UID, else file:NAME (a file name, never a server path)")))
 
-    rank: int
-    case: str = Field(description="patient:ID, else series:UID, else file:NAME (a file name, never a server path)")
-    patient_id: str | None
-    series_uid: str | None
-    score: float
+
+class SeriesCase(CoreSeriesCase):  # type: ignore[misc,valid-type]
+    """One stored case ranked for a whole query series (:meth:`lungcbir.retrieval.SeriesMatch.to_json`),
+    each pair with its query slice's pictures."""
+
     pairs: list[SeriesPair]
 
 

@@ -8,7 +8,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
 from ..focus import DEFAULT_FOCUS, Focus
-from ..retrieval import QueryResult
 from ..uploads import SeriesLimits, read_series
 from ..websecurity import scrub_paths
 from .schemas import ERROR_RESPONSES, SeriesAnswer, SeriesMembers
@@ -18,7 +17,7 @@ from .state import (
     SERIES_PAIRS,
     AppState,
     check_k,
-    public_case,
+    public_json,
     result_urls,
     upload_name,
 )
@@ -51,24 +50,20 @@ def api_query_series(web: AppState, files: Annotated[list[UploadFile], File()], 
         slices, failures = read_series(blobs, limits)
     with web.model_lock:
         matches = web.retriever.query_series(slices, k, filters, pairs=SERIES_PAIRS, focus=focus)
-        used_slices = sorted({number for match in matches for number, _ in match.pairs})
+        used_slices = sorted({pair.query_slice for match in matches for pair in match.pairs})
         segmentations = web.retriever.segment_slices([slices[n] for n in used_slices]) if used_slices else []
     rendered = {}
     for number, segmentation in zip(used_slices, segmentations):
         item = slices[number]
-        token = web.render(QueryResult(item, segmentation.mask, segmentation.lung_fraction, []))
+        token = web.render(item, segmentation)
         rendered[number] = {"query_slice": number, "name": item.path, "frame": item.frame,
                             "instance_number": item.instance_number,
                             "lung_fraction": round(segmentation.lung_fraction, 6), **result_urls(token)}
-    pairs = web.neighbors_json([n for match in matches for _, n in match.pairs])
-    cases, at = [], 0
-    for match in matches:
-        shown = []
-        for number, _ in match.pairs:
-            shown.append({"query": rendered[number], "neighbor": pairs[at]})
-            at += 1
-        cases.append({"rank": match.rank, "case": public_case(match.case), "patient_id": match.patient_id,
-                      "series_uid": match.series_uid, "score": round(match.score, 6), "pairs": shown})
+    shown = iter(web.neighbors_json([pair.neighbor for match in matches for pair in match.pairs]))
+    # the core's case (SeriesMatch.to_json), its pairs with the query slice's pictures and the web's neighbour
+    cases = [{**public_json(match.to_json()),
+              "pairs": [{"query": rendered[pair.query_slice], "neighbor": next(shown)} for pair in match.pairs]}
+             for match in matches]
     names = sorted({item.path for item in slices})
     return {"query": names[0] if len(names) == 1 else f"{len(names)} files", "slices": len(slices),
             "failed": [{"file": f.path, "reason": scrub_paths(f.reason)} for f in failures], "focus": focus.value,

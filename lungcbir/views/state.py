@@ -21,8 +21,9 @@ import numpy as np
 from fastapi import Depends, HTTPException, Request, UploadFile
 
 from ..errors import FilterError, LungCBIRError, ReadError
+from ..inference import Segmentation
 from ..io import MIDDLE, CTSlice, file_suffix, supported_formats, supported_suffixes
-from ..retrieval import Neighbor, QueryResult, Retriever, parse_filters
+from ..retrieval import Neighbor, Retriever, parse_filters
 from ..visualize import display_image, mask_png, overlay
 from ..websecurity import WebSettings, scrub_paths, viewer_link
 
@@ -103,6 +104,23 @@ def public_case(case: str) -> str:
     one file, which has no patient or series, by its file name like the neighbours."""
     kind, _, path = case.partition(":")
     return f"file:{public_name(path)}" if kind == "file" else case
+
+
+#: Keys of the core's JSON (``to_json`` of :mod:`lungcbir.retrieval`'s answers) that hold a
+#: server path or name one, and what the web shows instead.
+_PATH_KEYS: dict[str, Callable[[str], str | None]] = {"path": public_name, "query_path": public_name,
+                                                      "case": public_case}
+
+
+def public_json(value: Any) -> Any:
+    """The core's JSON as the web shows it: every server path replaced by its public name (the
+    one place that does it, so a field added to the core cannot leak a server folder)."""
+    if isinstance(value, dict):
+        return {key: _PATH_KEYS[key](item) if key in _PATH_KEYS and isinstance(item, str) else public_json(item)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [public_json(item) for item in value]
+    return value
 
 
 def upload_name(upload: UploadFile) -> str:
@@ -204,11 +222,11 @@ class WebState:
         item = self.read_upload(upload, MIDDLE)[0]  # a volume decodes only that one
         return item, item.frames_in_file
 
-    def render(self, result: QueryResult) -> str:
-        """Keep a query's pictures for the page; the token of their URLs."""
-        pixels, kind = pixel_png(result.query)
-        return self.results.put(RenderedResult(png(mask_png(result.mask)), png(overlay(result.query, result.mask)),
-                                               pixels, kind))
+    def render(self, item: CTSlice, segmentation: Segmentation) -> str:
+        """Keep a query slice's pictures for the page; the token of their URLs."""
+        pixels, kind = pixel_png(item)
+        mask = segmentation.mask
+        return self.results.put(RenderedResult(png(mask_png(mask)), png(overlay(item, mask)), pixels, kind))
 
     def neighbors_json(self, neighbors: list[Neighbor]) -> list[dict[str, Any]]:
         """The CLI's neighbour objects plus what a reader of the page needs to identify the slice
@@ -228,7 +246,7 @@ class WebState:
             link = viewer_link(self.settings.viewer_url, {"study_uid": neighbor.study_uid, "sop_uid": neighbor.sop_uid,
                                                          "series_uid": neighbor.series_uid,
                                                          "patient_id": neighbor.patient_id})
-            out.append({**extra, **neighbor.to_json(), "path": public_name(neighbor.path),
+            out.append({**extra, **public_json(neighbor.to_json()),
                         "file_name": public_name(neighbor.path), **image_urls(neighbor.id),
                         **({"viewer_url": link} if link else {})})
         return out
