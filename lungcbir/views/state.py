@@ -23,6 +23,7 @@ from fastapi import Depends, HTTPException, Request, UploadFile
 from ..errors import FilterError, LungCBIRError, ReadError
 from ..inference import Segmentation
 from ..io import MIDDLE, CTSlice, file_suffix, supported_formats, supported_suffixes
+from ..quality import Quality
 from ..retrieval import Neighbor, Retriever, parse_filters
 from ..visualize import display_image, mask_png, overlay
 from ..websecurity import WebSettings, scrub_paths, viewer_link
@@ -50,10 +51,30 @@ MAX_K = 100
 
 @dataclass
 class RenderedResult:
-    mask: bytes
-    overlay: bytes
-    pixels: bytes = b""
-    kind: str = "display"
+    """A query slice's pictures, made when first asked for (a series keeps every slice, the page
+    fetches few): its mask (0/255), its overlay (lung contour and lesion map), its raw pixels
+    (:func:`pixel_png`) and its lesion map (0/255; empty without a lesion output)."""
+
+    item: CTSlice
+    mask_array: np.ndarray
+    lesion_array: np.ndarray | None = None
+    _made: dict[str, bytes] = field(default_factory=dict)
+    kind: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kind = "hu" if self.item.intensity == "hu" else "display"
+
+    def picture(self, name: str) -> bytes:
+        """The PNG ``name`` (mask, overlay, pixels or lesion)."""
+        if name not in self._made:
+            lesion = self.lesion_array
+            self._made[name] = {
+                "mask": lambda: png(mask_png(self.mask_array)),
+                "overlay": lambda: png(overlay(self.item, self.mask_array, lesion)),
+                "pixels": lambda: pixel_png(self.item)[0],
+                "lesion": lambda: png(mask_png(lesion if lesion is not None else np.zeros_like(self.mask_array))),
+            }[name]()
+        return self._made[name]
 
 
 class ResultCache:
@@ -132,13 +153,14 @@ def image_urls(image_id: int) -> dict[str, str]:
     """The URLs of a stored slice's pictures, file and series."""
     base = f"/api/images/{image_id}"
     return {"thumbnail_url": f"{base}/thumbnail", "overlay_url": f"{base}/overlay", "pixels_url": f"{base}/pixels",
-            "mask_url": f"{base}/mask.png", "file_url": f"{base}/file", "series_url": f"{base}/series"}
+            "mask_url": f"{base}/mask.png", "lesion_url": f"{base}/lesion.png", "file_url": f"{base}/file",
+            "series_url": f"{base}/series"}
 
 
 def result_urls(token: str) -> dict[str, str]:
     """The URLs of a query's pictures kept under ``token``."""
     return {"mask": f"/api/results/{token}/mask.png", "overlay": f"/api/results/{token}/overlay.png",
-            "pixels": f"/api/results/{token}/pixels.png"}
+            "pixels": f"/api/results/{token}/pixels.png", "lesion": f"/api/results/{token}/lesion.png"}
 
 
 def check_k(k: int, most: int = MAX_K, what: str = "") -> None:
@@ -223,10 +245,14 @@ class WebState:
         return item, item.frames_in_file
 
     def render(self, item: CTSlice, segmentation: Segmentation) -> str:
-        """Keep a query slice's pictures for the page; the token of their URLs."""
-        pixels, kind = pixel_png(item)
-        mask = segmentation.mask
-        return self.results.put(RenderedResult(png(mask_png(mask)), png(overlay(item, mask)), pixels, kind))
+        """Keep a query slice's pictures for the page (made when fetched); the token of their URLs.
+
+        A slice judged ``no-lungs`` shows no lungs and no lesions: a contour drawn around a
+        cat's eyes would contradict the verdict beside it."""
+        if segmentation.quality == Quality.NO_LUNGS:
+            empty = np.zeros_like(segmentation.mask)
+            return self.results.put(RenderedResult(item, empty, empty))
+        return self.results.put(RenderedResult(item, segmentation.mask, segmentation.lesion_mask))
 
     def neighbors_json(self, neighbors: list[Neighbor]) -> list[dict[str, Any]]:
         """The CLI's neighbour objects plus what a reader of the page needs to identify the slice
