@@ -1151,3 +1151,19 @@ def test_lesion_maps_of_the_query_and_neighbours(phantom_dir, findings_weights, 
         lesion = cv2.imdecode(np.frombuffer(response.content, np.uint8), cv2.IMREAD_UNCHANGED)
         assert response.status_code == 200 and lesion.shape == (96, 96) and lesion.any()
     assert "label_summary" in answer and answer["neighbors"][0]["percentile"] is not None
+
+
+def test_a_patient_without_a_series_steps_through_the_patients_slices(phantom_dir, tiny_weights, tmp_path):
+    # issue 27 defect 9: "no other stored slice" when the identity gives a patient but no series
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n, path in enumerate(sorted((phantom_dir / "png" / "phantom01").glob("*.png"))[:3]):
+        (flat / f"ID_0001_Z_{n + 8}.png").write_bytes(path.read_bytes())
+    retriever = Retriever(weights=tiny_weights, db_url=f"sqlite:///{tmp_path}/db.sqlite",
+                          index_dir=str(tmp_path / "index"))
+    retriever.index_dataset([flat], case_pattern=r"^(ID_[0-9]+)_Z")
+    client = TestClient(create_app(retriever), base_url=LOCAL)
+    ids = sorted(retriever.store(create=False).ids_for(under=[str(flat)]))
+    series = client.get(f"/api/images/{ids[0]}/series").json()
+    names = [client.get(f"/api/images/{i}").json()["file_name"] for i in series["ids"]]
+    assert names == ["ID_0001_Z_8.png", "ID_0001_Z_9.png", "ID_0001_Z_10.png"]  # numbers compared as numbers
