@@ -291,35 +291,43 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
         _query_together(retriever, images, unlike, k, filters, per_patient, other_patients, as_json, focus)
         return
     if by_series:
-        if _query_series(retriever, images, k, filters, as_json, focus):
+        if _query_series(retriever, images, k, filters, as_json, focus, other_patients):
             sys.exit(EXIT_SOME_FAILED)
         return
     folder = None if no_pictures else _ensure_folder(out)
     inputs, failures = _read_inputs(images)
     for path, slices in inputs:
         for result in retriever.query_slices(slices, k, filters, per_patient, other_patients, focus):
-            mask_path = overlay_path = matches_path = None
+            mask_path = overlay_path = matches_path = lesion_path = None
             written = {}
             if folder is not None:
                 name = result.query.name
+                lesion = result.segmentation.lesion_mask
                 mask_path, overlay_path = folder / f"{name}_mask.png", folder / f"{name}_overlay.png"
                 write_png(str(mask_path), mask_png(result.mask))
-                query_overlay = overlay(result.query, result.mask)
+                if lesion is not None:  # a model with a lesion output: the lesion map beside the mask
+                    lesion_path = folder / f"{name}_lesion.png"
+                    write_png(str(lesion_path), mask_png(lesion))
+                query_overlay = overlay(result.query, result.mask, lesion)
                 write_png(str(overlay_path), query_overlay)
                 matches_path = folder / f"{name}_matches.png"
-                pictures = [(overlay(item, mask), f"#{neighbor.rank}  {neighbor.score:.3f}") for neighbor, item, mask
-                            in retriever.neighbor_slices(result.neighbors[:MATCH_PICTURE_NEIGHBORS])]
+                found = retriever.neighbor_slices(result.neighbors[:MATCH_PICTURE_NEIGHBORS])
+                lesions = retriever.lesion_masks([item for _, item, _ in found])
+                pictures = [(overlay(item, mask, found_lesion), f"#{neighbor.rank}  {neighbor.score:.3f}")
+                            for (neighbor, item, mask), found_lesion in zip(found, lesions)]
                 write_png(str(matches_path), match_strip(query_overlay, pictures))
                 if result.query.source_format == "dicom":
                     try:
-                        seg = retriever.write_dicom_seg([result.query], folder / f"{name}_seg.dcm", [result.mask])
+                        seg = retriever.write_dicom_seg([result.query], folder / f"{name}_seg.dcm", [result.mask],
+                                                        [lesion])
                         written["seg"] = str(seg.path)
                     except (ReadError, SegError) as error:  # the rest of the answer still stands
                         click.echo(f"failed: {error}", err=True)
                         failures.append(error.path)
             if as_json:
                 click.echo(json.dumps({
-                    "query": path, "mask": _text(mask_path), "overlay": _text(overlay_path),
+                    "query": path, "mask": _text(mask_path), "lesion_mask": _text(lesion_path),
+                    "overlay": _text(overlay_path),
                     "matches": _text(matches_path), **written, **result.summary_json(), "focus": focus,
                     "neighbors": [n.to_json() for n in result.neighbors]}))
             else:
@@ -331,6 +339,9 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
                 if result.warning:
                     click.echo(f"  warning: {result.warning}")
                     continue
+                if result.note:
+                    click.echo(f"  note: {result.note}")
+                _print_label_summary(result.label_summary(), len(result.neighbors))
                 _print_neighbors(result.neighbors)
     if failures:
         sys.exit(EXIT_SOME_FAILED)
@@ -341,12 +352,20 @@ def _text(path: Path | None) -> str | None:
 
 
 def _print_neighbors(neighbors) -> None:
-    click.echo(f"  {'rank':>4}  {'score':>6}  {'patient/series/slice':<32}  path  labels")
+    click.echo(f"  {'rank':>4}  {'score':>6}  {'pct':>5}  {'anat':>5}  {'find':>5}  {'patient/series/slice':<32}  "
+               "path  labels")
+
+    def number(value, width=5, digits=2):
+        return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
     for n in neighbors:
         where = "/".join(str(v) if v is not None else "-" for v in
                          (n.patient_id, (n.series_uid or "")[-12:] or None, n.slice_index))
         labels = ", ".join(f"{key}={value}" for key, value in n.labels.items())
-        click.echo(f"  {n.rank:>4}  {n.score:6.3f}  {where:<32}  {_shown_path(n)}  {labels}")
+        copies = f"  (+{len(n.copies)} cop{'y' if len(n.copies) == 1 else 'ies'}: " \
+                 f"{', '.join(os.path.relpath(c['path']) for c in n.copies)})" if n.copies else ""
+        click.echo(f"  {n.rank:>4}  {n.score:6.3f}  {number(n.percentile, 5, 1)}  {number(n.anatomy_score)}  "
+                   f"{number(n.findings_score)}  {where:<32}  {_shown_path(n)}  {labels}{copies}")
 
 
 def _shown_path(neighbor) -> str:
@@ -376,7 +395,14 @@ def _query_together(retriever, images, unlike, k, filters, per_patient, other_pa
         sys.exit(EXIT_SOME_FAILED)
 
 
-def _query_series(retriever, inputs, k, filters, as_json, focus) -> bool:
+def _print_label_summary(summary: dict[str, dict[str, int]], count: int) -> None:
+    """"6 of 8: diagnosis COVID-19" for each label key (its most frequent value)."""
+    for key, values in summary.items():
+        value, times = next(iter(values.items()))
+        click.echo(f"  {times} of {count}: {key} {value}")
+
+
+def _query_series(retriever, inputs, k, filters, as_json, focus, other_patients=False) -> bool:
     """Answer every source (a series folder or a volume); True when any file of any source failed."""
     from .retrieval import series_in_order
 
@@ -387,19 +413,32 @@ def _query_series(retriever, inputs, k, filters, as_json, focus) -> bool:
         if not readable:
             continue  # every file of this source failed; each was listed
         slices = series_in_order(readable)
-        matches = retriever.query_series(slices, k, filters, focus=focus)
-        if as_json:
-            click.echo(json.dumps({"query": source, "slices": len(slices), "focus": focus, "cases": [
-                {"rank": m.rank, "case": m.case, "patient_id": m.patient_id, "series_uid": m.series_uid,
-                 "score": round(m.score, 6),
-                 "pairs": [{"query_slice": q, "id": n.id, "path": n.path, "slice_index": n.slice_index,
-                            "score": round(n.score, 6)} for q, n in m.pairs]} for m in matches]}))
+        try:
+            result = retriever.query_series(slices, k, filters, focus=focus, other_patients=other_patients)
+        except LungCBIRError as error:  # not one series: this source only
+            click.echo(f"failed: {source}: {error}", err=True)
+            any_failed = True
             continue
-        click.echo(f"{source}: {len(slices)} slices")
+        matches = result.matches
+        if as_json:
+            note = {"note": result.note} if result.note else {}
+            click.echo(json.dumps({"query": source, "slices": len(slices), "focus": focus, **note,
+                                   "label_summary": result.label_summary(),
+                                   "cases": [m.to_json() for m in matches]}))
+            continue
+        click.echo(f"{source}: {len(slices)} slices, {sum(level is not None for level in result.levels)} "
+                   "with lungs (paired by lung level)")
+        if result.note:
+            click.echo(f"  note: {result.note}")
+        _print_label_summary(result.label_summary(), len(matches))
         for m in matches:
             click.echo(f"  {m.rank:>3}  {m.score:6.3f}  {m.case}")
-            for q, n in m.pairs:
-                click.echo(f"         query slice {q} ~ {n.path} (slice {n.slice_index}, {n.score:.3f})")
+            for pair in m.pairs:
+                n = pair.neighbor
+                levels = "" if pair.level_difference is None else \
+                    f", level {pair.query_level:.2f} ~ {n.level:.2f}"
+                click.echo(f"         query slice {pair.query_slice} ~ {n.path} (slice {n.slice_index}, "
+                           f"{n.score:.3f}{levels})")
     return any_failed
 
 
@@ -623,9 +662,15 @@ def remove(paths, ids, under, wait, db_url, index_dir):
     if not (paths or ids or under):
         raise click.UsageError("name what to remove: PATH..., --id N or --under FOLDER")
     store = Store(db_url, index_dir, create=False)
+    # a PATH that names no stored image is a mistake (a typo, another spelling): say so, exit 1
+    missing = [path for path in paths if not store.ids_for([path])]
+    for path in missing:
+        click.echo(f"failed: {path}: not stored (nothing removed for it)", err=True)
     with store.write_lock(wait):
         removed = store.remove(store.ids_for(paths, ids, under))
     click.echo(f"removed {removed} image(s)")
+    if missing:
+        sys.exit(EXIT_SOME_FAILED)
 
 
 @main.command()

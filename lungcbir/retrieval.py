@@ -7,14 +7,15 @@ line and the web app call; they add nothing but parsing and formatting.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field
 from datetime import date
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from .config import Settings
-from .database import FILTER_COLUMNS, ImageRecord, safe_url
+from .database import FILTER_COLUMNS, ImageRecord, decode_vector, safe_url
 from .errors import FilterError, LungCBIRError, ReadError, StoreError
 from .focus import DEFAULT_FOCUS, Focus
 from .identity import compile_case_pattern
@@ -36,6 +37,23 @@ MIN_CANDIDATES = 500
 #: (unit) mean of the examples, before renormalising. 0.5: "less like that" steers the
 #: answer without turning it into "the opposite of that".
 UNLIKE_WEIGHT = 0.5
+#: A slice has a lung level (:func:`lung_levels`) when its lung area is at least this share of
+#: the largest of its series: the apex and base slivers and the slices below the lungs have none.
+LUNG_LEVEL_SHARE = 0.1
+#: ... and at least this share of the slice (a series without lungs has no levels at all).
+MIN_LUNG_FRACTION = 0.005
+#: A query slice's pair in a case is the most similar of the case's slices within this much
+#: relative lung level of it (the nearest in level when none is that near).
+LEVEL_WINDOW = 0.06
+#: A series query scores this many times k cases by aligned pairs: the best by the index's
+#: candidates (the sum of each query slice's best similarity in the case).
+CASES_SCORED_PER_RESULT = 4
+#: Score percentiles (``Neighbor.percentile``) are taken among the pairs of at most this many
+#: stored slices (a sample spread over the store).
+PERCENTILE_SAMPLE = 1000
+#: ... taken from at most this many rows (the first by id).
+PERCENTILE_READ_LIMIT = 50_000
+
 #: What a query answers instead of neighbours when its slice has no lungs or is not CT.
 NO_LUNGS_WARNING = ("no lungs found in this picture (not a CT slice, or no lungs in view): "
                     "not searched")
@@ -48,13 +66,28 @@ class Neighbor:
     rank: int
     id: int
     path: str
-    score: float
+    score: float = field(metadata={"description": "cosine similarity to the query"})
     patient_id: str | None
     series_uid: str | None
     slice_index: int | None
-    labels: dict
+    labels: dict[str, Any]
     study_uid: str | None = None
-    sop_uid: str | None = None  # DICOM SOP Instance UID, when known
+    sop_uid: str | None = field(default=None, metadata={"description": "DICOM SOP Instance UID, when known"})
+    anatomy_score: float | None = field(default=None, metadata={
+        "description": "cosine similarity of the anatomy parts (lung level, body shape); null: a model "
+                       "without a findings part, whose score is all anatomy"})
+    findings_score: float | None = field(default=None, metadata={
+        "description": "cosine similarity of the findings parts (kind and amount of disease); null: a model "
+                       "without a findings part"})
+    percentile: float | None = field(default=None, metadata={
+        "description": "0-100: the share of pairs of stored slices (a sample) less similar than this pair, "
+                       "with the same focus: 99 = among the 1 % most alike"})
+    level: float | None = field(default=None, metadata={
+        "description": "relative lung level of the stored slice in its series (0 = first slice with lungs, "
+                       "1 = last; series order); null when unknown or outside the lungs"})
+    copies: list[dict[str, Any]] = field(default_factory=list, metadata={
+        "description": "other stored files of the same pixels (same vector): [{id, path}]; they are not "
+                       "listed again"})
 
     @property
     def url(self) -> str | None:
@@ -67,7 +100,35 @@ class Neighbor:
         """The documented JSON object of ``query --json`` and the web API (``url`` only for
         slices indexed from a DICOMweb archive)."""
         url = {"url": self.url} if self.url else {}
-        return {**asdict(self), "score": round(self.score, 6), **url}
+        fields = asdict(self)
+        for key in ("anatomy_score", "findings_score", "level"):
+            fields[key] = None if fields[key] is None else round(fields[key], 4)
+        if self.percentile is not None:
+            fields["percentile"] = round(self.percentile, 1)
+        return {**fields, "score": round(self.score, 6), **url}
+
+
+@dataclass
+class SeriesPair:
+    """A query slice and the stored slice of a case that matched it best."""
+
+    query_slice: int  # the query slice's number in the series (slice order)
+    query_path: str
+    neighbor: Neighbor  # its ``level``: the stored slice's
+    query_level: float | None = None  # relative lung level of the query slice (lung_levels)
+
+    @property
+    def level_difference(self) -> float | None:
+        """Stored minus query level; None when either is unknown."""
+        level = self.neighbor.level
+        return None if level is None or self.query_level is None else level - self.query_level
+
+    def to_json(self) -> dict:
+        """A pair of ``query --by-series --json``: the query slice, then the neighbour's fields."""
+        difference = self.level_difference
+        return {"query_slice": self.query_slice, "query_path": self.query_path,
+                "query_level": None if self.query_level is None else round(self.query_level, 4),
+                "level_difference": None if difference is None else round(difference, 4), **self.neighbor.to_json()}
 
 
 @dataclass
@@ -78,8 +139,36 @@ class SeriesMatch:
     case: str  # patient, series or volume
     patient_id: str | None
     series_uid: str | None
-    score: float  # mean over query slices of the best slice similarity in this case
-    pairs: list[tuple[int, Neighbor]]  # (query slice number, best stored slice), best first
+    score: float = field(metadata={"description": "mean over the query slices with lungs of their level-aligned "
+                                                  "pair's similarity in this case"})
+    pairs: list[SeriesPair]  # best first
+    aligned: list[SeriesPair] = field(default_factory=list)  # every query slice with lungs, in slice order
+    labels: dict[str, Any] = field(default_factory=dict)  # of the case's best pair
+
+    def to_json(self) -> dict:
+        """A case of ``query --by-series --json`` and of the web API (``aligned``: query slice
+        number to the id of its stored slice, for viewers that scroll both series together)."""
+        return {"rank": self.rank, "case": self.case, "patient_id": self.patient_id, "series_uid": self.series_uid,
+                "score": round(self.score, 6), "labels": self.labels,
+                "pairs": [pair.to_json() for pair in self.pairs],
+                "aligned": [{"query_slice": pair.query_slice, "id": pair.neighbor.id,
+                             "query_level": None if pair.query_level is None else round(pair.query_level, 4),
+                             "level": None if pair.neighbor.level is None else round(pair.neighbor.level, 4)}
+                            for pair in self.aligned]}
+
+
+@dataclass
+class SeriesResult:
+    """The answer to a whole query series: each slice's segmentation and level, the ranked cases."""
+
+    slices: list[QueryResult]  # in slice order; no neighbours (the cases hold the pairs)
+    levels: list[float | None]  # relative lung level of each query slice (lung_levels)
+    matches: list[SeriesMatch]
+    note: str | None = None  # why fewer than k cases, or why nothing was searched
+
+    def label_summary(self) -> dict[str, dict[str, int]]:
+        """The cases' labels counted (:func:`label_summary` of each case's best pair)."""
+        return label_summary([match.labels for match in self.matches])
 
 
 @dataclass
@@ -87,19 +176,44 @@ class QueryResult:
     """The answer to one query slice."""
 
     query: CTSlice
-    mask: np.ndarray
-    lung_fraction: float
+    segmentation: Segmentation  # of the query slice (mask, lung and lesion fractions, quality)
     neighbors: list[Neighbor]
-    quality: Quality = Quality.OK  # of the query's own segmentation (lungcbir.quality)
-    quality_score: float = 1.0
-    lesion_fraction: float | None = None  # None until the model has a lesion output
     warning: str | None = None  # set when the query was not searched (quality no-lungs)
+    note: str | None = None  # set when fewer than k neighbours came back, and why
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.segmentation.mask
+
+    @property
+    def lung_fraction(self) -> float:
+        return self.segmentation.lung_fraction
+
+    @property
+    def lesion_fraction(self) -> float | None:
+        return self.segmentation.lesion_fraction
+
+    @property
+    def quality(self) -> Quality:
+        return self.segmentation.quality
+
+    @property
+    def quality_score(self) -> float:
+        return self.segmentation.quality_score
 
     def summary_json(self) -> dict:
-        """The per-query fields of ``query --json`` and the web API (``warning`` only when set)."""
-        fields = {"lung_fraction": round(self.lung_fraction, 6), "lesion_fraction": self.lesion_fraction,
-                  "quality": self.quality.value, "quality_score": round(self.quality_score, 4)}
-        return {**fields, "warning": self.warning} if self.warning else fields
+        """The per-query fields of ``query --json`` and the web API: the segmentation's
+        (:meth:`Segmentation.summary_json`) and ``warning`` only when set."""
+        fields = self.segmentation.summary_json()
+        if self.warning:
+            fields["warning"] = self.warning
+        if self.note:
+            fields["note"] = self.note
+        return {**fields, "label_summary": self.label_summary()}
+
+    def label_summary(self) -> dict[str, dict[str, int]]:
+        """The neighbours' labels counted (:func:`label_summary`)."""
+        return label_summary([neighbor.labels for neighbor in self.neighbors])
 
 
 @dataclass
@@ -128,6 +242,80 @@ def parse_filters(pairs: Iterable[str]) -> dict[str, str]:
             raise FilterError(f"filter {pair!r}: expected KEY=VALUE")
         filters[key.strip()] = value.strip()
     return filters
+
+
+def label_summary(labels: Iterable[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """How often each label value occurs among answers ({key: {value: count}}, most frequent
+    first), so "6 of 8: diagnosis COVID-19" can be read off at once.
+
+    Example:
+        >>> label_summary([{"diagnosis": "COVID-19"}, {"diagnosis": "COVID-19"}, {"diagnosis": "normal"}, {}])
+        {'diagnosis': {'COVID-19': 2, 'normal': 1}}
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for item in labels:
+        for key, value in (item or {}).items():
+            values = counts.setdefault(key, {})
+            values[str(value)] = values.get(str(value), 0) + 1
+    return {key: dict(sorted(values.items(), key=lambda pair: (-pair[1], pair[0])))
+            for key, values in sorted(counts.items())}
+
+
+def has_lungs(lung_fractions: Sequence[float]) -> list[bool]:
+    """Which slices of one series take part in level matching: lungs at least
+    :data:`LUNG_LEVEL_SHARE` of the series' largest and :data:`MIN_LUNG_FRACTION` of the slice."""
+    largest = max(lung_fractions, default=0.0)
+    return [fraction >= max(LUNG_LEVEL_SHARE * largest, MIN_LUNG_FRACTION) for fraction in lung_fractions]
+
+
+def lung_levels(lung_fractions: Sequence[float]) -> list[float | None]:
+    """The relative lung level of each slice of one series, given in slice order by its lung
+    fraction: 0 at the first slice with lungs (:func:`has_lungs`), 1 at the last, by position
+    in between; None for slices without lungs (below or above the lungs, or not CT) and for a
+    series with fewer than two slices with lungs (no level to speak of). The levels of two
+    series compare when both are in the same order (DICOM: by position along the slice normal).
+
+    Example:
+        >>> lung_levels([0.0, 0.1, 0.3, 0.2, 0.25, 0.01])
+        [None, 0.0, 0.333, 0.667, 1.0, None]
+    """
+    lungs = has_lungs(lung_fractions)
+    inside = [number for number, ok in enumerate(lungs) if ok]
+    if len(inside) < 2:
+        return [None] * len(lung_fractions)
+    first, last = inside[0], inside[-1]
+    return [round((number - first) / (last - first), 3) if ok else None for number, ok in enumerate(lungs)]
+
+
+def level_pairs(query_levels: Sequence[float | None], query_lungs: Sequence[bool],
+                stored_levels: Sequence[float | None], stored_lungs: Sequence[bool],
+                scores: np.ndarray, window: float = LEVEL_WINDOW) -> list[int | None]:
+    """For each query slice, the stored slice it is paired with (its index), or None.
+
+    ``scores[q, s]`` is the similarity of query slice q and stored slice s. A slice without
+    lungs (``*_lungs`` False, :func:`has_lungs`) is never paired. A query slice with a level is
+    paired with the most similar stored slice within ``window`` of its level (the nearest in
+    level when none is that near); where either side has no levels (a single slice), with the
+    most similar stored slice with lungs.
+
+    Example:
+        >>> level_pairs([0.0, 0.5, None], [True, True, False], [0.0, 0.48, 1.0], [True] * 3,
+        ...             np.array([[0.5, 0.9, 0.1]] * 3))
+        [0, 1, None]
+    """
+    levelled = [s for s, level in enumerate(stored_levels) if level is not None and stored_lungs[s]]
+    usable = [s for s, ok in enumerate(stored_lungs) if ok]
+    answer: list[int | None] = []
+    for number, (level, lungs) in enumerate(zip(query_levels, query_lungs)):
+        if not lungs or not usable:
+            answer.append(None)
+            continue
+        candidates = usable
+        if level is not None and levelled:
+            gaps = {s: abs(stored_levels[s] - level) for s in levelled}  # type: ignore[operator]
+            candidates = [s for s in levelled if gaps[s] <= window] or [min(levelled, key=lambda s: gaps[s])]
+        answer.append(max(candidates, key=lambda s: scores[number, s]))
+    return answer
 
 
 def series_in_order(files: Sequence[tuple[str, Sequence[CTSlice]]]) -> list[CTSlice]:
@@ -175,6 +363,7 @@ class Retriever:
         self.workers = workers
         self._model: LungModel | None = None
         self._store: Store | None = None
+        self._pair_cache: dict[tuple, np.ndarray] = {}  # _pair_scores' last answer
 
     @property
     def model(self) -> LungModel:
@@ -200,16 +389,23 @@ class Retriever:
         return self.model.segment(slices, self.batch_size)
 
     def write_dicom_seg(self, slices: Sequence[CTSlice], out_path: str | os.PathLike,
-                        masks: Sequence[np.ndarray] | None = None) -> SegWritten:
-        """Write one DICOM series' masks as a DICOM SEG (segmenting it unless ``masks`` are given).
+                        masks: Sequence[np.ndarray] | None = None,
+                        lesions: Sequence[np.ndarray | None] | None = None) -> SegWritten:
+        """Write one DICOM series' masks as a DICOM SEG (segmenting it unless ``masks`` are given):
+        segment "Lung" and, when ``lesions`` are given (a model with a lesion output), segment
+        "Lesion" (as ``query --out`` writes it).
 
         See :func:`lungcbir.dicom_seg.write_dicom_seg`; raises ReadError or SegError.
         """
-        from .dicom_seg import write_dicom_seg
+        from .dicom_seg import SegmentKind, write_dicom_seg
 
         if masks is None:
             masks = [result.mask for result in self.segment_slices(slices)]
-        return write_dicom_seg(slices, masks, out_path, self.model.model_id)
+        if lesions is None or any(lesion is None for lesion in lesions):
+            return write_dicom_seg(slices, masks, out_path, self.model.model_id)
+        segments = {SegmentKind.LUNG: list(masks),
+                    SegmentKind.LESION: [lesion for lesion in lesions if lesion is not None]}
+        return write_dicom_seg(slices, segments, out_path, self.model.model_id)
 
     def index_dataset(self, paths: Iterable[str | os.PathLike], labels: str | os.PathLike | dict | None = None,
                       exclude: Iterable[str] = (), wait: bool = False,
@@ -315,6 +511,13 @@ class Retriever:
             masks[n] = segmentation.mask
         return masks  # type: ignore[return-value]
 
+    def lesion_masks(self, slices: Sequence[CTSlice]) -> list[np.ndarray | None]:
+        """The lesion maps of slices (the model runs, batched: rows keep no lesion map); None for
+        each without a lesion output, and no model run at all then."""
+        if not slices or not self.model.has_lesion_head:
+            return [None] * len(slices)
+        return [result.lesion_mask for result in self.segment_slices(slices)]
+
     def neighbor_slices(self, neighbors: Sequence[Neighbor]) -> list[tuple[Neighbor, CTSlice, np.ndarray]]:
         """Each neighbour with its stored slice, read back from its file, and its lung mask
         (:meth:`stored_masks`); neighbours whose file is gone are left out."""
@@ -356,29 +559,128 @@ class Retriever:
         return filters
 
     def query_series(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
-                     pairs: int = 3, focus: Focus | str = DEFAULT_FOCUS) -> list[SeriesMatch]:
-        """Rank stored cases by aggregated slice similarity to a whole query series or volume.
+                     pairs: int = 3, focus: Focus | str = DEFAULT_FOCUS,
+                     other_patients: bool = False) -> SeriesResult:
+        """Rank stored cases against a whole query series or volume (its slices in slice order),
+        pairing slices by lung level.
 
-        For every query slice the best-matching slice of each stored case counts; a case's score
-        is the mean of those best similarities over the query slices (0 where none was among
-        the candidates), so cases that match along the whole series rank first.
+        Each query slice with lungs has a relative lung level (:func:`lung_levels`: 0 at the
+        first slice with lungs, 1 at the last); slices without lungs (below or above the lungs,
+        not CT) take no part. The index proposes candidate cases (each query slice's nearest
+        stored slices); in each candidate series every query slice is paired with the stored
+        slice at its level (:func:`level_pairs`), and a case's score is the mean similarity of
+        its aligned pairs over the query slices with lungs (its best series). ``pairs``: the
+        best aligned pairs shown per case; ``other_patients`` leaves out the cases of the
+        query's own patient(s) (as :meth:`query`). Raises :class:`LungCBIRError` when the
+        slices are of several patients or DICOM series: they are not one series.
         """
-        answers = self.query_slices(slices, k=max(50, 10 * k), where=where, per_patient=0, focus=focus)
-        best: dict[str, dict[int, Neighbor]] = {}
-        for number, answer in enumerate(answers):
-            for neighbor in answer.neighbors:
-                record_case = case_key(neighbor)
-                current = best.setdefault(record_case, {}).get(number)
-                if current is None or neighbor.score > current.score:
-                    best[record_case][number] = neighbor
-        ranked = sorted(best.items(), key=lambda item: -sum(n.score for n in item[1].values()))
+        if k < 1:
+            raise LungCBIRError("k must be at least 1")
+        check_one_series(slices)
+        store = self._searchable_store()
+        segmentations = self.segment_slices(slices)
+        fractions = [0.0 if seg.quality == Quality.NO_LUNGS else seg.lung_fraction for seg in segmentations]
+        lungs, levels = has_lungs(fractions), lung_levels(fractions)
+        results = [QueryResult(item, seg, [], warning=None if ok else NO_LUNGS_WARNING)
+                   for item, seg, ok in zip(slices, segmentations, lungs)]
+        searched = [number for number, ok in enumerate(lungs) if ok]
+        if not searched:
+            return SeriesResult(results, levels, [], note=f"no lungs found in any of the {len(slices)} slice(s) "
+                                                         "(not CT, or no lungs in view): not searched")
+        try:
+            focused = self.model.focused(np.stack([segmentations[n].vector for n in searched]), focus)
+        except ValueError as error:
+            raise LungCBIRError(str(error)) from None
+        excluded: set[str] = set()
+        if other_patients:
+            stored = store.records_with_content([(slices[n].sha256, slices[n].frame) for n in searched])
+            for number in searched:
+                excluded |= _own_cases(slices[number], stored)
+        candidates = self._neighbors(store, np.stack([segmentations[n].vector for n in searched]),
+                                     max(50, 10 * k), where, 0, [excluded] * len(searched), focus)
+        # the cases worth aligning: those whose slices the index found nearest, summed over the query
+        totals: dict[str, float] = {}
+        series_of: dict[str, dict[str, int]] = {}  # case -> series key -> a member id
+        for answer in candidates:
+            best: dict[str, float] = {}
+            for neighbor in answer:
+                case = case_key(neighbor)
+                best[case] = max(best.get(case, -1.0), neighbor.score)
+                series_of.setdefault(case, {}).setdefault(_series_key(neighbor), neighbor.id)
+            for case, score in best.items():
+                totals[case] = totals.get(case, 0.0) + score
+        chosen = sorted(totals, key=lambda case: -totals[case])[:CASES_SCORED_PER_RESULT * k]
+        allowed = set(store.ids_matching(where).tolist()) if where else None
+        members = {key: [i for i in self.series_members(first) if allowed is None or i in allowed]
+                   for case in chosen for key, first in series_of[case].items()}
+        rows = store.records({i for ids in members.values() for i in ids})
+        scored: list[tuple[float, str, list[SeriesPair]]] = []
+        for case in chosen:
+            best_series: tuple[float, list[SeriesPair]] | None = None
+            for key in series_of[case]:
+                series_rows = [rows[i] for i in members[key] if i in rows]
+                if not series_rows:
+                    continue
+                stored_fractions = [row.lung_fraction for row in series_rows]
+                stored_lungs, stored_levels = has_lungs(stored_fractions), lung_levels(stored_fractions)
+                vectors = np.stack([decode_vector(row.vector) for row in series_rows])
+                similarity = np.clip(focused @ vectors.T, -1.0, 1.0)
+                chosen_pairs = level_pairs([levels[n] for n in searched], [True] * len(searched),
+                                           stored_levels, stored_lungs, similarity)
+                aligned = []
+                for row_number, (number, at) in enumerate(zip(searched, chosen_pairs)):
+                    if at is None:
+                        continue
+                    neighbor = _neighbor(series_rows[at], float(similarity[row_number, at]), 0)
+                    neighbor.level = stored_levels[at]
+                    aligned.append(SeriesPair(number, slices[number].path, neighbor, levels[number]))
+                total = sum(pair.neighbor.score for pair in aligned) / len(searched)
+                if best_series is None or total > best_series[0]:
+                    best_series = (total, aligned)
+            if best_series is not None and best_series[1]:
+                scored.append((best_series[0], case, best_series[1]))
+        scored.sort(key=lambda item: -item[0])
         matches = []
-        for rank, (case, found) in enumerate(ranked[:k], 1):
-            example = next(iter(found.values()))
-            top = sorted(found.items(), key=lambda item: -item[1].score)[:pairs]
-            matches.append(SeriesMatch(rank, case, example.patient_id, example.series_uid,
-                                       sum(n.score for n in found.values()) / len(slices), top))
-        return matches
+        for rank, (score, case, aligned) in enumerate(scored[:k], 1):
+            top = sorted(aligned, key=lambda pair: -pair.neighbor.score)[:pairs]
+            for number, pair in enumerate(top, 1):
+                pair.neighbor.rank = number
+            example = top[0].neighbor
+            matches.append(SeriesMatch(rank, case, example.patient_id, example.series_uid, score, top, aligned,
+                                       dict(example.labels)))
+        shown = [pair for match in matches for pair in match.pairs]
+        self._explain(store, np.stack([segmentations[p.query_slice].vector for p in shown]) if shown
+                      else np.zeros((0, 1), np.float32), [[p.neighbor] for p in shown], focus)
+        note = None
+        if len(matches) < k:
+            note = (f"{len(matches)} of {k} cases: no other stored case "
+                    f"{'matches the filter' if where else 'has slices with lungs'}"
+                    f"{' (the query patient left out)' if other_patients else ''}")
+        return SeriesResult(results, levels, matches, note)
+
+    def stored_levels(self, ids: Sequence[int]) -> list[float | None]:
+        """The relative lung levels (:func:`lung_levels`) of the stored slices of one series,
+        given in slice order (:meth:`series_members`)."""
+        rows = self.store(create=False).records(ids)
+        return lung_levels([rows[i].lung_fraction if i in rows else 0.0 for i in ids])
+
+    def series_members(self, image_id: int) -> list[int]:
+        """Ids of the stored slices of ``image_id``'s series (or volume), in slice order: its
+        DICOM series, else its file's frames, else, for slices whose identity gives a patient but
+        no series (a ``--case-pattern`` without a series group), the patient's slices without a
+        series, by slice position and then file name (numbers in names compared as numbers)."""
+        store = self.store(create=False)
+        ids = store.series_members(image_id)
+        if len(ids) > 1:
+            return ids
+        record = store.records([image_id]).get(image_id)
+        if record is None or record.series_uid or not record.patient_id:
+            return ids
+        mates = [row for row in store.records(store.ids_matching({"patient_id": record.patient_id})).values()
+                 if not row.series_uid and row.model_id == record.model_id]
+        mates.sort(key=lambda row: (row.slice_index is None, row.slice_index or 0, _natural(row.path), row.frame,
+                                    row.id))
+        return [row.id for row in mates] or ids
 
     def query_slices(self, slices: Sequence[CTSlice], k: int = 5, where: dict[str, str] | None = None,
                      per_patient: int = 1, other_patients: bool = False,
@@ -404,10 +706,16 @@ class Retriever:
             found = dict(zip(searched, self._neighbors(store, vectors, k, where, per_patient, excluded, focus)))
         answers = []
         for number, (item, result) in enumerate(zip(slices, results)):
-            answers.append(QueryResult(item, result.mask, result.lung_fraction, found.get(number, []),
-                                       quality=result.quality, quality_score=result.quality_score,
-                                       lesion_fraction=result.lesion_fraction,
-                                       warning=None if number in found else NO_LUNGS_WARNING))
+            neighbors = found.get(number, [])
+            note = None
+            if number in found and len(neighbors) < k:  # say why, rather than look like a short list
+                note = (f"{len(neighbors)} of {k} results: only {len(neighbors)} "
+                        f"{'cases' if per_patient else 'stored slices'}"
+                        f"{' match the filter' if where else ' are stored'}"
+                        f"{' apart from the query patient' if other_patients else ''}"
+                        f"{f' ({per_patient} slice(s) per patient: per_patient 0 for more)' if per_patient else ''}")
+            answers.append(QueryResult(item, result, neighbors,
+                                       warning=None if number in found else NO_LUNGS_WARNING, note=note))
         return answers
 
     def _searchable_store(self) -> Store:
@@ -428,20 +736,23 @@ class Retriever:
         """The k best stored slices per query vector (weighted for the search ``focus``) among the
         rows matching ``where`` (decided in the database), at most ``per_patient`` of one case,
         and without the rows and cases in ``excluded`` (``id:N`` and :func:`case_key` strings):
-        the candidate list grows until k are found or the store is exhausted."""
+        the candidate list grows until k are found or the store is exhausted. Stored copies of
+        the same pixels come once, listing the others (``copies``); each neighbour has its
+        parts' similarities and its score's percentile."""
         if k < 1:
             raise LungCBIRError("k must be at least 1")
         try:
-            vectors = self.model.focused(vectors, focus)
+            focused = self.model.focused(vectors, focus)
         except ValueError as error:
             raise LungCBIRError(str(error)) from None
         allowed = store.ids_matching(where) if where else None
         collapsing = per_patient or any(excluded)
-        fetch = max(k * CANDIDATES_PER_RESULT, MIN_CANDIDATES) if collapsing else k
+        # beyond k: copies of the same pixels among them come once (more are fetched if needed)
+        fetch = max(k * CANDIDATES_PER_RESULT, MIN_CANDIDATES) if collapsing else 2 * k
         answers: list[list[Neighbor] | None] = [None] * len(vectors)
         pending = list(range(len(vectors)))
         while pending:
-            scores, ids = store.search(vectors[pending], fetch, restrict_to=allowed)
+            scores, ids = store.search(focused[pending], fetch, restrict_to=allowed)
             rows = store.records(np.unique(ids[ids >= 0]))
             exhausted = ids.shape[1] < fetch  # every (allowed) stored vector was a candidate
             still = []
@@ -452,35 +763,101 @@ class Retriever:
                 else:
                     still.append(number)
             pending, fetch = still, fetch * 4
-        return answers  # type: ignore[return-value]
+        found: list[list[Neighbor]] = answers  # type: ignore[assignment]
+        self._explain(store, vectors, found, focus)
+        return found
+
+    def _explain(self, store: Store, vectors: np.ndarray, answers: Sequence[Sequence[Neighbor]],
+                 focus: Focus | str) -> None:
+        """Set each neighbour's part similarities (anatomy, findings: a model with a findings
+        part) and the percentile of its score among pairs of stored slices."""
+        neighbors = [n for answer in answers for n in answer]
+        if not neighbors:
+            return
+        reference = self._pair_scores(store, focus)
+        parts = self.model.parts
+        stored = {row.id: decode_vector(row.vector) for row in store.records([n.id for n in neighbors]).values()}
+        for vector, answer in zip(vectors, answers):
+            for neighbor in answer:
+                if len(reference):
+                    neighbor.percentile = 100.0 * float(np.searchsorted(reference, neighbor.score)) / len(reference)
+                other = stored.get(neighbor.id)
+                if len(parts) > 1 and other is not None:
+                    # vectors are [anatomy | findings] / sqrt(2) with unit parts: 2 x a part's dot is its cosine
+                    neighbor.anatomy_score = float(np.clip(2 * vector[:parts[0]] @ other[:parts[0]], -1, 1))
+                    neighbor.findings_score = float(np.clip(2 * vector[parts[0]:] @ other[parts[0]:], -1, 1))
+
+    def _pair_scores(self, store: Store, focus: Focus | str) -> np.ndarray:
+        """Sorted scores of the pairs of up to :data:`PERCENTILE_SAMPLE` stored slices spread over
+        the store, with this focus: what a score is compared with (kept until the store changes)."""
+        key = (store.count(), self.model.model_id, str(focus))
+        cached = self._pair_cache.get(key)
+        if cached is not None:
+            return cached
+        vectors, read = [], 0
+        for _, chunk in store.iter_vectors():
+            vectors.append(chunk)
+            read += len(chunk)
+            if read >= PERCENTILE_READ_LIMIT:  # a huge store: its first rows stand for it
+                break
+        if not vectors:
+            return np.zeros(0, np.float32)
+        every = np.concatenate(vectors)
+        sample = every[np.linspace(0, len(every) - 1, min(len(every), PERCENTILE_SAMPLE)).astype(int)]
+        sample = np.unique(sample, axis=0)  # copies of the same pixels are not pairs of slices
+        scores = np.clip(self.model.focused(sample, focus) @ sample.T, -1, 1)
+        upper = scores[np.triu_indices(len(sample), 1)]
+        self._pair_cache = {key: np.sort(upper).astype(np.float32)}
+        return self._pair_cache[key]
+
+
+#: Two stored vectors this close (largest difference of a component) are copies of the same
+#: pixels: the TCGA DICOMs and their TIFF exports differ by at most 6e-5 (a few float16 steps),
+#: while an 8-bit PNG export of a DICOM (other pixels) differs by far more.
+COPY_TOLERANCE = 2e-4
 
 
 def _collapse(scores: np.ndarray, ids: np.ndarray, rows: dict[int, ImageRecord], k: int,
               per_patient: int, leave_out: set[str]) -> list[Neighbor]:
     """The first k candidates (best first) with at most ``per_patient`` of one case (0: any),
-    none of the rows or cases in ``leave_out``."""
+    none of the rows or cases in ``leave_out``; a candidate with the same pixels as one seen
+    before (:data:`COPY_TOLERANCE`) is a copy of it: listed in its ``copies``, or left out with
+    it, never shown twice."""
     neighbors: list[Neighbor] = []
     per_case: dict[str, int] = {}
+    seen: list[tuple[np.ndarray, Neighbor | None]] = []  # vectors met, and their neighbour when listed
     for score, identifier in zip(scores, ids):
         record = rows.get(int(identifier))
         if record is None:
             continue  # removed since the index was read
+        vector = decode_vector(record.vector) if record.vector else np.zeros(0, np.float32)
+        original = next((item for item in seen if len(vector) and item[0].shape == vector.shape
+                         and float(np.abs(item[0] - vector).max()) <= COPY_TOLERANCE), None)
+        if original is not None:
+            if original[1] is not None:
+                original[1].copies.append({"id": record.id, "path": record.path})
+            continue
+        listed = None
         if leave_out and (f"id:{record.id}" in leave_out or case_key(record) in leave_out):
+            seen.append((vector, None))
             continue
         if len(neighbors) == k:
             break
-        if per_patient:
-            case = case_key(record)
-            if per_case.get(case, 0) >= per_patient:
-                continue
+        case = case_key(record)
+        if not per_patient or per_case.get(case, 0) < per_patient:
             per_case[case] = per_case.get(case, 0) + 1
-        # a score is a (weighted) cosine; float16 vectors and float32 sums overshoot 1 slightly
-        neighbors.append(Neighbor(rank=len(neighbors) + 1, id=record.id, path=record.path,
-                                  score=float(np.clip(score, -1.0, 1.0)),
-                                  patient_id=record.patient_id, series_uid=record.series_uid,
-                                  slice_index=record.slice_index, labels=dict(record.labels or {}),
-                                  study_uid=record.study_uid, sop_uid=record.sop_uid))
+            listed = _neighbor(record, float(score), len(neighbors) + 1)
+            neighbors.append(listed)
+        seen.append((vector, listed))
     return neighbors
+
+
+def _neighbor(record: ImageRecord, score: float, rank: int) -> Neighbor:
+    """A stored row as a neighbour with this score and rank."""
+    # a score is a (weighted) cosine; float16 vectors and float32 sums overshoot 1 slightly
+    return Neighbor(rank=rank, id=record.id, path=record.path, score=float(np.clip(score, -1.0, 1.0)),
+                    patient_id=record.patient_id, series_uid=record.series_uid, slice_index=record.slice_index,
+                    labels=dict(record.labels or {}), study_uid=record.study_uid, sop_uid=record.sop_uid)
 
 
 def together_vector(examples: np.ndarray, unlike: np.ndarray | None = None,
@@ -509,6 +886,31 @@ def _own_cases(item: CTSlice, stored: dict[tuple[str, int], list[ImageRecord]]) 
     if copies:
         return {case_key(record) for record in copies}
     return {f"patient:{item.patient_id}"} if item.patient_id else set()
+
+
+def check_one_series(slices: Sequence[CTSlice]) -> None:
+    """Raise :class:`LungCBIRError` when slices given as one series are of several patients or
+    several DICOM series (as their files say): pairing their levels would mix two scans."""
+    patients = sorted({item.patient_id for item in slices if item.patient_id})
+    if len(patients) > 1:
+        shown = ", ".join(patients[:3]) + (", ..." if len(patients) > 3 else "")
+        raise LungCBIRError(f"the slices are of {len(patients)} patients ({shown}), not one series: "
+                            "query one series at a time")
+    series = {item.series_uid for item in slices if item.series_uid}
+    if len(series) > 1:
+        raise LungCBIRError(f"the slices are of {len(series)} DICOM series, not one: query one series at a time")
+
+
+def _series_key(neighbor: Neighbor) -> str:
+    """Which stored series a neighbour is of (as :meth:`Retriever.series_members` groups them)."""
+    if neighbor.series_uid:
+        return f"series:{neighbor.series_uid}"
+    return f"patient:{neighbor.patient_id}" if neighbor.patient_id else f"file:{neighbor.path}"
+
+
+def _natural(text: str) -> list:
+    """A sort key comparing the numbers in a text as numbers (slice_2 before slice_10)."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
 
 
 def case_key(record: ImageRecord | Neighbor) -> str:

@@ -9,6 +9,8 @@ from .io import CTSlice
 from .preprocess import normalize_intensity
 
 CONTOUR_COLOUR = (0, 200, 255)  # BGR: amber, visible on grey
+LESION_COLOUR = (60, 60, 255)  # BGR: red, filled half-transparent so the texture below stays visible
+LESION_OPACITY = 0.45
 
 
 def display_image(item: CTSlice, hu_window: tuple[float, float] = (-1000.0, 400.0)) -> np.ndarray:
@@ -22,9 +24,14 @@ def mask_png(mask: np.ndarray) -> np.ndarray:
     return (mask.astype(np.uint8) * 255)
 
 
-def overlay(item: CTSlice, mask: np.ndarray) -> np.ndarray:
-    """The slice in colour with the lung contour drawn on it (BGR, the slice's own size)."""
+def overlay(item: CTSlice, mask: np.ndarray, lesion: np.ndarray | None = None) -> np.ndarray:
+    """The slice in colour with the lung contour drawn on it and, when given, the lesion map
+    filled in half-transparent red (BGR, the slice's own size)."""
     picture = cv2.cvtColor(display_image(item), cv2.COLOR_GRAY2BGR)
+    if lesion is not None and lesion.any():
+        tinted = picture.astype(np.float32)
+        tinted[lesion] = (1 - LESION_OPACITY) * tinted[lesion] + LESION_OPACITY * np.array(LESION_COLOUR, np.float32)
+        picture = np.round(tinted).astype(np.uint8)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
     thickness = max(1, round(max(mask.shape) / 256))
     cv2.drawContours(picture, contours, -1, CONTOUR_COLOUR, thickness)

@@ -97,7 +97,8 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
         _document_bearer(app)
     # added innermost first: the Host check runs first, then the token, then the body limit,
     # so a refused request is answered before a byte of its body is read
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, max_seconds=settings.body_seconds)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, max_seconds=settings.body_seconds,
+                       upload_bytes=settings.max_upload_bytes)
     if settings.token:
         app.add_middleware(BearerAuth, token=settings.token)
     app.add_middleware(HostCheck, allowed_hosts=settings.allowed_hosts)

@@ -253,6 +253,11 @@ class _BodyRefused(Exception):
     pass
 
 
+def _size(count: int) -> str:
+    """A byte count as people write limits: whole MiB when it is one, else bytes."""
+    return f"{count // 2**20} MiB" if count >= 2**20 and count % 2**20 == 0 else f"{count} bytes"
+
+
 class BodySizeLimit:
     """Answer 413 for a request body over ``max_bytes``, before it is parsed or spooled to disk,
     and 408 for one the client takes longer than ``max_seconds`` in all to send.
@@ -264,14 +269,19 @@ class BodySizeLimit:
     the time the app takes between reads, so a busy server does not time out a fast client.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_seconds: float | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_seconds: float | None = None,
+                 upload_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.max_seconds = max_seconds
+        # the limit people are told: the upload's (the body may be a little larger: form fields),
+        # so the page and the README say the same number
+        self.upload_bytes = upload_bytes
 
     def message(self) -> str:
-        return f"request body is larger than {self.max_bytes // 2**20} MiB" if self.max_bytes >= 2**20 \
-            else f"request body is larger than {self.max_bytes} bytes"
+        if self.upload_bytes is not None:
+            return f"the upload is larger than {_size(self.upload_bytes)}"
+        return f"request body is larger than {_size(self.max_bytes)}"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -10,8 +10,7 @@ from click.testing import CliRunner
 from lungcbir.cli import main
 
 
-@pytest.fixture
-def run(store_paths, tiny_weights):
+def _runner(store_paths, weights_path):
     runner = CliRunner()
 
     def invoke(*args, store=True, weights=True):
@@ -19,10 +18,22 @@ def run(store_paths, tiny_weights):
         if store:
             extra += ["--db", store_paths["db_url"], "--index-dir", store_paths["index_dir"]]
         if weights:
-            extra += ["--weights", tiny_weights]
+            extra += ["--weights", weights_path]
         return runner.invoke(main, [*args, *extra], catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture
+def run(store_paths, tiny_weights):
+    return _runner(store_paths, tiny_weights)
+
+
+@pytest.fixture
+def run_bundled(store_paths, bundled_weights):
+    """As ``run``, with the bundled model: series queries pair slices by lung level, which needs
+    masks that find the lungs."""
+    return _runner(store_paths, bundled_weights)
 
 
 def test_help_lists_commands():
@@ -52,11 +63,12 @@ def test_index_query_stats(run, phantom_dir, tmp_path):
     assert result.exit_code == 0, result.output
     answer = json.loads(result.output.strip().splitlines()[0])
     assert set(answer) == {"query", "mask", "overlay", "matches", "lung_fraction", "lesion_fraction", "quality",
-                           "quality_score", "focus", "neighbors"}
+                           "quality_score", "focus", "neighbors", "label_summary", "lesion_mask"}
     assert cv2.imread(answer["matches"]).shape[0] == 256
     assert answer["neighbors"][0]["path"] == os.path.abspath(image)
     assert set(answer["neighbors"][0]) == {"rank", "id", "path", "score", "patient_id", "study_uid", "series_uid",
-                                           "sop_uid", "slice_index", "labels"}
+                                           "sop_uid", "slice_index", "labels", "anatomy_score", "findings_score",
+                                           "percentile", "level", "copies"}
     mask = cv2.imread(answer["mask"], cv2.IMREAD_UNCHANGED)
     assert mask.shape == (96, 96) and set(np.unique(mask)) <= {0, 255}
     assert cv2.imread(answer["overlay"]).shape == (96, 96, 3)
@@ -148,7 +160,8 @@ def test_second_writer_is_refused(run, phantom_dir, store_paths):
     assert result.exit_code == 5 and "holds the lock" in result.output
 
 
-def test_query_by_series(run, phantom_dir):
+def test_query_by_series(run_bundled, phantom_dir):
+    run = run_bundled
     assert run("index-dataset", str(phantom_dir / "dicom"), "--quiet").exit_code == 0
     result = run("query", str(phantom_dir / "dicom" / "phantom02"), "--by-series", "--json", "--k", "2")
     assert result.exit_code == 0, result.output
@@ -296,3 +309,39 @@ def test_check_files_advice_repairs_swapped_files(run, phantom_dir, tmp_path):
     assert run("index-dataset", str(folder), "--quiet").exit_code == 0  # what the advice says
     result = run("check", "--files", weights=False)
     assert result.exit_code == 0, result.output
+
+
+def test_series_query_with_other_patients_leaves_out_the_own_patient(run_bundled, phantom_dir):
+    # issue 27 defect 1: --other-patients was ignored with --by-series (own patient first, 1.000)
+    assert run_bundled("index-dataset", str(phantom_dir / "dicom"), "--quiet").exit_code == 0
+    result = run_bundled("query", str(phantom_dir / "dicom" / "phantom02"), "--by-series", "--other-patients",
+                         "--json", "--k", "2")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert [case["patient_id"] for case in answer["cases"]] == ["PHANTOM01"]
+    pair = answer["cases"][0]["pairs"][0]
+    assert {"query_slice", "query_path", "query_level", "level", "level_difference"} <= set(pair)
+    assert "label_summary" in answer and "1 of 2" in answer["note"]
+
+
+def test_removing_a_path_that_is_not_stored_fails(run, phantom_dir, tmp_path):
+    # issue 27 defect 10: `remove PATH` of a path not stored printed "removed 0 image(s)", exit 0
+    assert run("index-dataset", str(phantom_dir / "png"), "--quiet").exit_code == 0
+    result = run("remove", str(tmp_path / "never-indexed.png"), weights=False)
+    assert result.exit_code == 1 and "not stored" in result.output
+
+
+def test_query_writes_the_lesion_map_and_a_two_segment_seg(phantom_dir, findings_weights, store_paths, tmp_path):
+    # issue 27 expectation 2: the lesion map was computed but never shown or written
+    import pydicom
+
+    run = _runner(store_paths, findings_weights)
+    assert run("index-dataset", str(phantom_dir / "dicom"), "--quiet").exit_code == 0
+    image = sorted((phantom_dir / "dicom" / "phantom01").iterdir())[2]
+    result = run("query", str(image), "--k", "2", "--out", str(tmp_path / "out"), "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    lesion = cv2.imread(answer["lesion_mask"], cv2.IMREAD_UNCHANGED)
+    assert lesion.shape == (96, 96) and set(np.unique(lesion)) <= {0, 255} and lesion.any()
+    seg = pydicom.dcmread(answer["seg"])
+    assert [segment.SegmentLabel for segment in seg.SegmentSequence] == ["Lung", "Lesion"]

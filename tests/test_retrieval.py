@@ -333,3 +333,109 @@ def test_a_changed_file_whose_old_content_another_file_now_has_keeps_both(phanto
     paths = {row.path for row in store.records(store.ids_for(under=[tmp_path / "scan"])).values()}
     assert paths == {str(first), str(second), str(copy)}
     assert store.check(verify_files=True) == []
+
+
+def _series(folder):
+    from lungcbir.retrieval import series_in_order
+
+    return series_in_order([(str(p), read_file(p)) for p in sorted(folder.iterdir())])
+
+
+@pytest.fixture
+def bundled_phantom(phantom_dir, bundled_weights, store_paths):
+    """The phantom's DICOM series indexed with the bundled model (its masks find the lungs)."""
+    retriever = Retriever(weights=bundled_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "dicom"])
+    return retriever
+
+
+def test_series_query_with_other_patients_leaves_out_the_own_patient(bundled_phantom, phantom_dir):
+    # issue 27 defect 1: --other-patients was ignored for series: the own patient ranked first at 1.000
+    result = bundled_phantom.query_series(_series(phantom_dir / "dicom" / "phantom02"), k=2, other_patients=True)
+    assert result.matches and {m.patient_id for m in result.matches} == {"PHANTOM01"}
+    assert result.note and "1 of 2 cases" in result.note  # says why there are fewer than k
+
+
+def test_series_pairs_are_level_aligned_and_leave_out_slices_without_lungs(bundled_phantom, phantom_dir):
+    # issue 27 defect 2: pairs ignored the level, and slices without lungs took part
+    series = _series(phantom_dir / "dicom" / "phantom02")
+    blank = read_file(series[0].path)[0]
+    blank.pixels = np.full_like(blank.pixels, -1000)  # air: a slice above the lungs
+    slices = [blank, *series]
+    result = bundled_phantom.query_series(slices, k=2, other_patients=True)
+    assert result.levels[0] is None and result.slices[0].warning  # not matched
+    best = result.matches[0]
+    assert best.aligned and all(pair.query_slice != 0 for pair in best.aligned)
+    assert all(abs(pair.level_difference) <= 0.1 for pair in best.aligned)
+    answer = best.to_json()
+    assert {"query_slice", "query_path", "query_level", "level", "level_difference"} <= set(answer["pairs"][0])
+
+
+def test_slices_of_two_patients_are_not_one_series(bundled_phantom, phantom_dir):
+    # issue 27 defect 6: two patients uploaded as one series were accepted without a word
+    slices = _series(phantom_dir / "dicom" / "phantom01")[:2] + _series(phantom_dir / "dicom" / "phantom02")[:2]
+    with pytest.raises(LungCBIRError, match="2 patients"):
+        bundled_phantom.query_series(slices, k=2)
+
+
+def test_a_short_answer_says_why(phantom_dir, tiny_weights, store_paths):
+    # issue 27 defect 11: query(k=5) returned 2 results on a two-patient store without a word
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "dicom"])
+    result = retriever.query(phantom_dir / "png" / "phantom01" / "phantom01_s002.png", k=5)
+    assert len(result.neighbors) == 2
+    assert result.note and "2 of 5" in result.note and "per patient" in result.note
+    assert "note" in result.summary_json()
+    assert retriever.query(phantom_dir / "png" / "phantom01" / "phantom01_s002.png", k=2).note is None
+
+
+def test_the_same_pixels_stored_twice_come_once_with_their_copies(phantom_dir, tiny_weights, store_paths, tmp_path):
+    # issue 27 defect 3 / expectation 7: a DICOM and its TIFF export came back at ranks 2 and 3
+    import cv2
+
+    source = phantom_dir / "png" / "phantom01" / "phantom01_s002.png"
+    pixels = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    cv2.imwrite(str(tmp_path / "a" / "x.png"), pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    cv2.imwrite(str(tmp_path / "b" / "x.tif"), pixels)  # other bytes, other format, the same pixels
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "png", tmp_path / "a", tmp_path / "b"])
+    result = retriever.query(source, k=5, per_patient=0)
+    paths = [n.path for n in result.neighbors] + [c["path"] for n in result.neighbors for c in n.copies]
+    assert len(set(paths)) == len(paths)
+    first = result.neighbors[0]
+    assert len(first.copies) == 2 and {os.path.basename(c["path"]) for c in first.copies} | \
+        {os.path.basename(first.path)} == {"phantom01_s002.png", "x.png", "x.tif"}
+    assert sum(n.score > 0.999 for n in result.neighbors) == 1
+
+
+def test_neighbours_explain_themselves(phantom_dir, findings_weights, store_paths, tmp_path):
+    # issue 27 expectation 4: label summary, the parts' similarities and a percentile
+    labels = tmp_path / "labels.csv"
+    files = sorted((phantom_dir / "png" / "phantom01").glob("*.png"))
+    labels.write_text("path,diagnosis\n" + "".join(f"{p},{'COVID-19' if n % 3 else 'normal'}\n"
+                                                   for n, p in enumerate(files)))
+    retriever = Retriever(weights=findings_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "png"], labels=labels)
+    result = retriever.query(files[2], k=6, per_patient=0)
+    summary = result.label_summary()
+    assert sum(summary["diagnosis"].values()) == sum("diagnosis" in n.labels for n in result.neighbors)
+    assert result.summary_json()["label_summary"] == summary
+    for neighbor in result.neighbors:
+        assert 0 <= neighbor.percentile <= 100
+        assert -1 <= neighbor.anatomy_score <= 1 and -1 <= neighbor.findings_score <= 1
+    assert result.neighbors[0].percentile >= result.neighbors[-1].percentile
+    # balanced with weight 0.4: the score is the weighted sum of the parts' cosines
+    first = result.neighbors[0]
+    assert first.score == pytest.approx(0.4 * first.anatomy_score + 0.6 * first.findings_score, abs=2e-3)
+
+
+def test_lung_levels_and_pairs():
+    from lungcbir.retrieval import level_pairs, lung_levels
+
+    assert lung_levels([0.0, 0.2, 0.2, 0.2, 0.0]) == [None, 0.0, 0.5, 1.0, None]
+    assert lung_levels([0.001, 0.002]) == [None, None]  # no lungs anywhere: no levels
+    scores = np.array([[0.9, 0.1, 0.95], [0.1, 0.9, 0.2]])
+    # the most similar slice is at another level: the pair is the one at the same level
+    assert level_pairs([0.0, 1.0], [True, True], [0.0, 1.0, 0.5], [True] * 3, scores) == [0, 1]

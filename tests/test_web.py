@@ -26,6 +26,20 @@ def client(retriever):
     return TestClient(create_app(retriever), base_url=LOCAL, raise_server_exceptions=False)
 
 
+@pytest.fixture
+def bundled_retriever(phantom_dir, bundled_weights, store_paths):
+    """The phantom's DICOM series indexed with the bundled model: series queries pair slices by
+    lung level, which needs masks that find the lungs (a random network finds none)."""
+    retriever = Retriever(weights=bundled_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "dicom"])
+    return retriever
+
+
+@pytest.fixture
+def bundled_client(bundled_retriever):
+    return TestClient(create_app(bundled_retriever), base_url=LOCAL, raise_server_exceptions=False)
+
+
 def png_bytes(pixels=None) -> bytes:
     pixels = np.tile(np.arange(80, dtype=np.uint8), (80, 1)) if pixels is None else pixels
     return cv2.imencode(".png", pixels)[1].tobytes()
@@ -696,13 +710,15 @@ def test_volume_query_says_which_slice_was_used(client):
     assert "5 slices" in answer["note"] and "slice 3" in answer["note"] and "whole series" in answer["note"]
 
 
-def test_series_query_of_files_zip_and_volume(client, phantom_dir):
+def test_series_query_of_files_zip_and_volume(bundled_client, phantom_dir):
+    client = bundled_client
+    # the whole series: levels are relative to the query's own first and last slice with lungs
     files = sorted((phantom_dir / "dicom" / "phantom01").glob("*.dcm"))
-    answer = client.post("/api/query-series", files=[("files", (p.name, p.read_bytes())) for p in files[:4]],
+    answer = client.post("/api/query-series", files=[("files", (p.name, p.read_bytes())) for p in files],
                          data={"k": "2"})
     assert answer.status_code == 200, answer.text
     answer = answer.json()
-    assert answer["slices"] == 4 and answer["failed"] == [] and len(answer["cases"]) == 2
+    assert answer["slices"] == 6 and answer["failed"] == [] and len(answer["cases"]) == 2
     best = answer["cases"][0]
     assert best["patient_id"] == "PHANTOM01" and best["rank"] == 1 and best["score"] >= answer["cases"][1]["score"]
     pair = best["pairs"][0]
@@ -711,13 +727,13 @@ def test_series_query_of_files_zip_and_volume(client, phantom_dir):
     # the same files in a ZIP (with a folder inside, a README and a name trying to leave the folder)
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for p in files[:3]:
+        for p in files[:5]:
             archive.writestr(f"series/{p.name}", p.read_bytes())
-        archive.writestr("../../outside.dcm", files[3].read_bytes())
+        archive.writestr("../../outside.dcm", files[5].read_bytes())
         archive.writestr("README.txt", "not an image")
     zipped = client.post("/api/query-series", files=[("files", ("series.zip", buffer.getvalue()))], data={"k": "2"})
     assert zipped.status_code == 200, zipped.text
-    assert zipped.json()["slices"] == 4 and zipped.json()["cases"][0]["patient_id"] == "PHANTOM01"
+    assert zipped.json()["slices"] == 6 and zipped.json()["cases"][0]["patient_id"] == "PHANTOM01"
     volume = client.post("/api/query-series", files=[("files", ("scan.nii", nifti_volume(4)))], data={"k": "1"})
     assert volume.status_code == 200 and volume.json()["slices"] == 4
 
@@ -912,19 +928,19 @@ def test_viewer_template_keeps_escaped_braces():
     assert viewer_link(template, {"study_uid": "1.2"}) == "https://x/v?q={literal}&s=1.2"
 
 
-def test_series_query_names_cases_without_identity_by_file_name(phantom_dir, tiny_weights, tmp_path):
+def test_series_query_names_cases_without_identity_by_file_name(phantom_dir, bundled_weights, tmp_path):
     """Issue 29 item 4: a case of slices without patient or series was named by its server path
     (``file:/srv/.../x.png``); it is named by its file name, as the neighbours are."""
     flat = tmp_path / "flat"
     flat.mkdir()
     for n, path in enumerate(sorted((phantom_dir / "png").glob("*/*.png"))[:4]):  # mixed names: no scan folder
         (flat / f"ID_000{n}_Z_01{n}{n}.png").write_bytes(path.read_bytes())
-    retriever = Retriever(weights=tiny_weights, db_url=f"sqlite:///{tmp_path}/db.sqlite",
+    retriever = Retriever(weights=bundled_weights, db_url=f"sqlite:///{tmp_path}/db.sqlite",
                           index_dir=str(tmp_path / "index"))
     retriever.index_dataset([flat])
     client = TestClient(create_app(retriever), base_url=LOCAL)
     answer = client.post("/api/query-series", data={"k": "3"},
-                         files=[("files", ("q.png", png_bytes()))])
+                         files=[("files", ("q.png", phantom_png(phantom_dir)))])
     assert answer.status_code == 200, answer.text
     cases = answer.json()["cases"]
     assert cases and all(case["patient_id"] is None and case["series_uid"] is None for case in cases)
@@ -1041,3 +1057,113 @@ def test_the_body_deadline_counts_the_clients_time_only():
     assert slow_body_call(limited, 0.01, chunks=5)[0] == 200  # 1 s in all, the client's part 0.05 s
     status, _, seconds = slow_body_call(limited, 0.2, chunks=5)  # the client's part 1 s
     assert status == 408 and seconds < 3
+
+
+def test_web_answers_are_the_core_json_with_public_names(bundled_client, bundled_retriever, phantom_dir):
+    client, retriever = bundled_client, bundled_retriever
+    # one answer shape: the web's neighbours and series cases are the core's to_json with every
+    # server path replaced by its file name, in one place (views.state.public_json)
+    from lungcbir.io import read_file
+    from lungcbir.retrieval import series_in_order
+    from lungcbir.views.state import public_json
+
+    query = phantom_dir / "png" / "phantom01" / "phantom01_s002.png"
+    core = retriever.query(query, k=3, per_patient=0).neighbors
+    answer = client.post("/api/query", files={"file": ("q.png", query.read_bytes())},
+                         data={"k": "3", "per_patient": "0"}).json()
+    for mine, theirs in zip(core, answer["neighbors"]):
+        expected = public_json(mine.to_json())
+        assert {key: theirs[key] for key in expected} == expected
+        assert "/" not in theirs["path"]
+    series = sorted((phantom_dir / "dicom" / "phantom01").iterdir())
+    matches = retriever.query_series(series_in_order([(str(p), read_file(p)) for p in series]), k=2).matches
+    cases = client.post("/api/query-series", files=[("files", (p.name, p.read_bytes())) for p in series],
+                        data={"k": "2"}).json()["cases"]
+    for match, case in zip(matches, cases):
+        core_case = public_json(match.to_json())
+        assert {key: case[key] for key in core_case if key != "pairs"} == \
+            {key: value for key, value in core_case.items() if key != "pairs"}
+        assert [pair["neighbor"]["id"] for pair in case["pairs"]] == [pair["id"] for pair in core_case["pairs"]]
+
+
+def test_series_query_takes_other_patients(bundled_client, phantom_dir):
+    # issue 27 defect 1: /api/query-series had no other_patients field (the page's box did nothing)
+    files = [("files", (p.name, p.read_bytes())) for p in sorted((phantom_dir / "dicom" / "phantom02").iterdir())]
+    answer = bundled_client.post("/api/query-series", files=files, data={"k": "2", "other_patients": "1"}).json()
+    assert [case["patient_id"] for case in answer["cases"]] == ["PHANTOM01"]
+    case = answer["cases"][0]
+    assert case["aligned"] and all(abs(a["level"] - a["query_level"]) <= 0.1 for a in case["aligned"])
+    assert answer["query_slices"] and all(q["level"] is not None for q in answer["query_slices"])
+    assert bundled_client.get(answer["query_slices"][0]["pixels"]).status_code == 200
+    series = bundled_client.get(case["pairs"][0]["neighbor"]["series_url"]).json()
+    assert len(series["levels"]) == len(series["ids"])
+
+
+def test_two_patients_as_one_series_are_refused(bundled_client, phantom_dir):
+    # issue 27 defect 6: accepted without a word
+    files = [("files", (f"{p.parent.name}_{p.name}", p.read_bytes()))
+             for name in ("phantom01", "phantom02") for p in sorted((phantom_dir / "dicom" / name).iterdir())[:2]]
+    response = bundled_client.post("/api/query-series", files=files)
+    assert response.status_code == 422 and "2 patients" in response.json()["detail"]
+
+
+def test_a_zip_without_ct_says_so_and_is_named_as_uploaded(bundled_client):
+    # issue 27 defect 7: "cat.jpg: 1 slices queried ... No stored case matches the filter"
+    buffer = io.BytesIO()
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("cat.jpg", cv2.imencode(".jpg", rng.integers(0, 255, (64, 64, 3), np.uint8))[1].tobytes())
+    answer = bundled_client.post("/api/query-series", files=[("files", ("pets.zip", buffer.getvalue()))]).json()
+    assert answer["query"] == "pets.zip" and answer["cases"] == []
+    assert "no lungs found" in answer["note"] and "filter" not in answer["note"]
+
+
+def test_a_no_lungs_picture_shows_no_lungs(bundled_client):
+    # issue 27 defect 8: contours around a cat's eyes beside "no lungs"
+    picture = np.zeros((128, 128, 3), np.uint8)
+    picture[:] = (40, 140, 220)  # an orange cat (colour: not CT) with two dark eyes the model calls lungs
+    for x in (44, 84):
+        cv2.ellipse(picture, (x, 64), (14, 22), 0, 0, 360, (10, 30, 10), -1)
+    data = cv2.imencode(".png", picture)[1].tobytes()
+    answer = bundled_client.post("/api/query", files={"file": ("cat.png", data)}).json()
+    assert answer["quality"] == "no-lungs" and answer["neighbors"] == [] and answer["lung_fraction"] > 0
+    mask = cv2.imdecode(np.frombuffer(bundled_client.get(answer["mask"]).content, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert not mask.any()
+    overlay = cv2.imdecode(np.frombuffer(bundled_client.get(answer["overlay"]).content, np.uint8), cv2.IMREAD_COLOR)
+    assert not (overlay == (0, 200, 255)).all(axis=2).any()  # no amber contour
+
+
+def test_the_size_limit_is_the_upload_limit(client):
+    # issue 27 defect 10: the page said "65 MiB" (the body limit), the README 64 MiB
+    response = client.post("/api/query", content=b"x", headers={"content-length": str(70 * 2**20),
+                                                                "content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 413 and "64 MiB" in response.json()["detail"]
+
+
+def test_lesion_maps_of_the_query_and_neighbours(phantom_dir, findings_weights, store_paths):
+    # issue 27 expectation 2: the lesion map on the query and on every neighbour
+    retriever = Retriever(weights=findings_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "png"])
+    client = TestClient(create_app(retriever), base_url=LOCAL)
+    answer = client.post("/api/query", files={"file": ("q.png", phantom_png(phantom_dir))}, data={"k": "2"}).json()
+    for url in (answer["lesion"], answer["neighbors"][0]["lesion_url"]):
+        response = client.get(url)
+        lesion = cv2.imdecode(np.frombuffer(response.content, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert response.status_code == 200 and lesion.shape == (96, 96) and lesion.any()
+    assert "label_summary" in answer and answer["neighbors"][0]["percentile"] is not None
+
+
+def test_a_patient_without_a_series_steps_through_the_patients_slices(phantom_dir, tiny_weights, tmp_path):
+    # issue 27 defect 9: "no other stored slice" when the identity gives a patient but no series
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for n, path in enumerate(sorted((phantom_dir / "png" / "phantom01").glob("*.png"))[:3]):
+        (flat / f"ID_0001_Z_{n + 8}.png").write_bytes(path.read_bytes())
+    retriever = Retriever(weights=tiny_weights, db_url=f"sqlite:///{tmp_path}/db.sqlite",
+                          index_dir=str(tmp_path / "index"))
+    retriever.index_dataset([flat], case_pattern=r"^(ID_[0-9]+)_Z")
+    client = TestClient(create_app(retriever), base_url=LOCAL)
+    ids = sorted(retriever.store(create=False).ids_for(under=[str(flat)]))
+    series = client.get(f"/api/images/{ids[0]}/series").json()
+    names = [client.get(f"/api/images/{i}").json()["file_name"] for i in series["ids"]]
+    assert names == ["ID_0001_Z_8.png", "ID_0001_Z_9.png", "ID_0001_Z_10.png"]  # numbers compared as numbers

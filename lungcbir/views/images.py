@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 import cv2
+import numpy as np
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import Response
 
@@ -87,6 +88,17 @@ def stored_mask(web: AppState, image_id: int) -> Response:
     with web.model_lock:
         mask = web.retriever.stored_masks([(image_id, item)])[0]
     return Response(png(mask_png(mask)), media_type="image/png")
+
+
+@router.get("/api/images/{image_id}/lesion.png", response_class=Response, responses=PNG_RESPONSE)
+def stored_lesion(web: AppState, image_id: int) -> Response:
+    """The stored slice's lesion map (0/255, the slice's own size; empty for a model without a
+    lesion output). Rows keep no lesion map: the model runs on the slice."""
+    item = web.stored_slice(image_id)
+    with web.model_lock:
+        lesion = web.retriever.lesion_masks([item])[0]
+    return Response(png(mask_png(lesion if lesion is not None else np.zeros(item.shape, bool))),
+                    media_type="image/png")
 
 
 @router.get("/api/images/{image_id}/file", response_class=Response,

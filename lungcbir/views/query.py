@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from ..focus import DEFAULT_FOCUS, Focus
 from ..io import CTSlice
-from ..retrieval import QueryResult
+from ..retrieval import label_summary
 from .schemas import ERROR_RESPONSES, QueryAnswer, SegmentAnswer, TogetherAnswer
 from .state import PIXEL_KIND_HEADER, AppState, check_k, result_urls
 
@@ -45,14 +45,15 @@ def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[i
     item, count = web.middle_slice(file)
     with web.model_lock:
         result = web.retriever.query_slices([item], k, filters, max(0, per_patient), other_patients, focus)[0]
-    token = web.render(result)
-    volume = {}
-    if count > 1:
-        volume = {"note": f"{item.path} is a volume of {count} slices: slice {item.frame + 1} (the middle "
-                          "one) was queried; query the whole series to use them all"}
-    return {"query": item.path, **result_urls(token), **result.summary_json(),
+    token = web.render(item, result.segmentation)
+    summary = result.summary_json()
+    if count > 1:  # one note: which slice of the volume, then the core's (fewer results, and why)
+        summary["note"] = " ".join(filter(None, [
+            f"{item.path} is a volume of {count} slices: slice {item.frame + 1} (the middle one) was queried; "
+            "query the whole series to use them all.", result.note]))
+    return {"query": item.path, **result_urls(token), **summary,
             "width": item.shape[1], "height": item.shape[0], "frame": item.frame,
-            "slices_in_file": count, **volume, "query_tags": query_tags(item), "focus": focus.value,
+            "slices_in_file": count, "query_tags": query_tags(item), "focus": focus.value,
             "neighbors": web.neighbors_json(result.neighbors)}
 
 
@@ -74,7 +75,7 @@ def api_query_together(web: AppState, files: Annotated[list[UploadFile], File()]
         result = web.retriever.query_together(examples, disliked, k, filters, max(0, per_patient), other_patients,
                                               focus=focus)
     return {"queries": [item.path for item in examples], "unlike": [item.path for item in disliked],
-            "focus": focus.value,
+            "focus": focus.value, "label_summary": label_summary([n.labels for n in result.neighbors]),
             "neighbors": web.neighbors_json(result.neighbors)}
 
 
@@ -84,7 +85,7 @@ def api_segment(web: AppState, file: Annotated[UploadFile, File()]) -> dict[str,
     item, count = web.middle_slice(file)
     with web.model_lock:
         segmentation = web.retriever.segment_slices([item])[0]
-    token = web.render(QueryResult(item, segmentation.mask, segmentation.lung_fraction, []))
+    token = web.render(item, segmentation)
     return {"query": item.path, **result_urls(token), "frame": item.frame, "slices_in_file": count,
             **segmentation.summary_json(), "width": item.shape[1], "height": item.shape[0]}
 
@@ -92,7 +93,7 @@ def api_segment(web: AppState, file: Annotated[UploadFile, File()]) -> dict[str,
 @router.get("/api/results/{token}/{kind}.png", include_in_schema=False)
 def result_picture(web: AppState, token: str, kind: str) -> Response:
     rendered = web.results.get(token)
-    if rendered is None or kind not in ("mask", "overlay", "pixels"):
+    if rendered is None or kind not in ("mask", "overlay", "pixels", "lesion"):
         raise HTTPException(404, "result not found (results are kept for the most recent queries only)")
     headers = {PIXEL_KIND_HEADER: rendered.kind} if kind == "pixels" else None
-    return Response(getattr(rendered, kind), media_type="image/png", headers=headers)
+    return Response(rendered.picture(kind), media_type="image/png", headers=headers)

@@ -10,12 +10,17 @@ keys, so a field added there reaches the client without a change here.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from .. import retrieval
 from ..focus import Focus
 
+#: How every search answer describes its ``label_summary``.
+LABEL_SUMMARY = ('the neighbours\' labels counted, {key: {value: count}}, most frequent first: "6 of 8: '
+                 'diagnosis COVID-19"')
 #: How every search answer describes its ``focus``.
 FOCUS_DESCRIPTION = ("the search focus used (anatomy, findings or balanced); with a model without a findings "
                      "part (/api/stats focus_available false) every focus gives the same answer")
@@ -54,26 +59,44 @@ class StoredImageLinks(BaseModel):
     overlay_url: str
     pixels_url: str
     mask_url: str
+    lesion_url: str = Field(description="the slice's lesion map (0/255 PNG; empty without a lesion output)")
     file_url: str
     series_url: str
 
 
-class Neighbor(StoredImageLinks):
-    """One stored slice found for a query: the CLI's neighbour object (``query --json``), what a
-    reader needs to identify the slice and the URLs of its pictures, file and series."""
+def core_model(name: str, core: type, exclude: tuple[str, ...] = (), **overrides: Any) -> type[BaseModel]:
+    """A pydantic model of a core answer's dataclass (:mod:`lungcbir.retrieval`): its fields,
+    types, defaults and descriptions (``field(metadata={"description": ...})``) are the core's,
+    so the answer's shape is written once. ``overrides``: (type, Field) of fields the web shows
+    otherwise (a path as a file name); ``exclude``: fields the web answers in another shape."""
+    hints = get_type_hints(core)
+    fields: dict[str, Any] = {}
+    for item in dataclasses.fields(core):
+        if item.name in exclude:
+            continue
+        description = item.metadata.get("description")
+        if item.default is not dataclasses.MISSING:
+            default = Field(item.default, description=description)
+        elif item.default_factory is not dataclasses.MISSING:
+            default = Field(default_factory=item.default_factory, description=description)
+        else:
+            default = Field(description=description)
+        fields[item.name] = overrides.get(item.name, (hints[item.name], default))
+    # keys the core adds to its JSON (to_json) pass through
+    return create_model(name, __config__=ConfigDict(extra="allow"), **fields)
+
+
+CoreNeighbor = core_model("CoreNeighbor", retrieval.Neighbor,
+                          path=(str | None, Field(description="file name only, never server folders")))
+
+
+class Neighbor(StoredImageLinks, CoreNeighbor):  # type: ignore[misc,valid-type]
+    """One stored slice found for a query: the core's neighbour (:meth:`lungcbir.retrieval.Neighbor.to_json`,
+    as ``query --json`` prints it, paths as file names), what a reader needs to identify the slice
+    and the URLs of its pictures, file and series."""
 
     model_config = ConfigDict(extra="allow")  # keys added by Neighbor.to_json pass through
 
-    rank: int
-    id: int
-    path: str | None = Field(description="file name only, never server folders")
-    score: float = Field(description="cosine similarity to the query")
-    patient_id: str | None
-    series_uid: str | None
-    slice_index: int | None
-    labels: dict[str, Any]
-    study_uid: str | None = None
-    sop_uid: str | None = None
     url: str | None = Field(None, description="WADO-RS URL; only for slices indexed from a DICOMweb archive")
     # of the stored row; absent if the row was removed meanwhile
     instance_number: int | None = None
@@ -109,8 +132,9 @@ class Segmented(BaseModel):
 
     query: str = Field(description="the uploaded file's name")
     mask: str = Field(description="URL of the lung mask PNG (0/255)")
-    overlay: str = Field(description="URL of the slice with its lung contour")
+    overlay: str = Field(description="URL of the slice with its lung contour and lesion map (red)")
     pixels: str = Field(description="URL of the 16-bit pixel PNG for windowing (header X-Pixel-Kind)")
+    lesion: str = Field(description="URL of the lesion map PNG (0/255; empty without a lesion output or lungs)")
     lung_fraction: float
     lesion_fraction: float | None
     quality: str = Field(description='"ok", "doubtful" or "no-lungs"')
@@ -125,9 +149,11 @@ class QueryAnswer(Segmented):
     """``/api/query``: the query's segmentation and its nearest stored slices."""
 
     warning: str | None = Field(None, description="only when the slice was not searched (no lungs)")
-    note: str | None = Field(None, description="only for a volume: which slice was queried")
+    note: str | None = Field(None, description="only when there is something to say: fewer than k results and "
+                                                "why, which slice of a volume was queried")
     query_tags: QueryTags
     focus: Focus = Field(description=FOCUS_DESCRIPTION)
+    label_summary: dict[str, dict[str, int]] = Field(default_factory=dict, description=LABEL_SUMMARY)
     neighbors: list[Neighbor]
 
 
@@ -141,6 +167,7 @@ class TogetherAnswer(BaseModel):
     queries: list[str]
     unlike: list[str]
     focus: Focus = Field(description=FOCUS_DESCRIPTION)
+    label_summary: dict[str, dict[str, int]] = Field(default_factory=dict, description=LABEL_SUMMARY)
     neighbors: list[Neighbor]
 
 
@@ -152,9 +179,12 @@ class SeriesQuerySlice(BaseModel):
     frame: int
     instance_number: int | None
     lung_fraction: float
+    level: float | None = Field(None, description="relative lung level (0 first slice with lungs, 1 last); null: "
+                                                  "no lungs, left out of matching")
     mask: str
     overlay: str
     pixels: str
+    lesion: str | None = None
 
 
 class SeriesPair(BaseModel):
@@ -164,14 +194,26 @@ class SeriesPair(BaseModel):
     neighbor: Neighbor
 
 
-class SeriesCase(BaseModel):
-    """One stored case ranked for a whole query series."""
+class AlignedSlice(BaseModel):
+    """A query slice with lungs and the stored slice of the case at its lung level."""
 
-    rank: int
-    case: str = Field(description="patient:ID, else series:UID, else file:NAME (a file name, never a server path)")
-    patient_id: str | None
-    series_uid: str | None
-    score: float
+    query_slice: int
+    id: int = Field(description="the stored slice's image id")
+    query_level: float | None
+    level: float | None
+
+
+CoreSeriesCase = core_model(
+    "CoreSeriesCase", retrieval.SeriesMatch, exclude=("pairs",),
+    aligned=(list[AlignedSlice], Field(default_factory=list, description="every query slice with lungs and its "
+                                                                       "level-aligned stored slice, in slice order")),
+    case=(str, Field(description="patient:ID, else series:UID, else file:NAME (a file name, never a server path)")))
+
+
+class SeriesCase(CoreSeriesCase):  # type: ignore[misc,valid-type]
+    """One stored case ranked for a whole query series (:meth:`lungcbir.retrieval.SeriesMatch.to_json`),
+    each pair with its query slice's pictures."""
+
     pairs: list[SeriesPair]
 
 
@@ -185,10 +227,16 @@ class FailedFile(BaseModel):
 class SeriesAnswer(BaseModel):
     """``/api/query-series``: stored cases ranked against a whole uploaded series."""
 
-    query: str = Field(description='the file name, or "N files"')
+    query: str = Field(description='the uploaded file\'s name (a ZIP\'s, a volume\'s), or "N files"')
     slices: int
     failed: list[FailedFile]
     focus: Focus = Field(description=FOCUS_DESCRIPTION)
+    note: str | None = Field(None, description="only when fewer than k cases came back (why), or nothing was "
+                                                "searched (no slice with lungs)")
+    label_summary: dict[str, dict[str, int]] = Field(default_factory=dict,
+                                                     description=LABEL_SUMMARY + " (of each case's best pair)")
+    query_slices: list[SeriesQuerySlice] = Field(default_factory=list, description="every query slice with lungs "
+                                                  "(slice order), for viewers that step through the query series")
     cases: list[SeriesCase]
 
 
@@ -225,6 +273,8 @@ class SeriesMembers(BaseModel):
     id: int
     ids: list[int]
     position: int | None = Field(description="where ``id`` is in ``ids``")
+    levels: list[float | None] = Field(default_factory=list, description="relative lung level of each of ``ids`` "
+                                                                         "(null: no lungs)")
 
 
 class Labels(BaseModel):

@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
+from ..errors import LungCBIRError
 from ..focus import DEFAULT_FOCUS, Focus
-from ..retrieval import QueryResult
 from ..uploads import SeriesLimits, read_series
 from ..websecurity import scrub_paths
 from .schemas import ERROR_RESPONSES, SeriesAnswer, SeriesMembers
@@ -18,7 +18,7 @@ from .state import (
     SERIES_PAIRS,
     AppState,
     check_k,
-    public_case,
+    public_json,
     result_urls,
     upload_name,
 )
@@ -29,12 +29,15 @@ router = APIRouter(responses=ERROR_RESPONSES)
 @router.post("/api/query-series", response_model=SeriesAnswer, response_model_exclude_unset=True)
 def api_query_series(web: AppState, files: Annotated[list[UploadFile], File()], k: Annotated[int, Form()] = 5,
                      where: Annotated[str, Form()] = "", labels: Annotated[str, Form()] = "",
+                     other_patients: Annotated[bool, Form()] = False,
                      focus: Annotated[Focus, Form()] = DEFAULT_FOCUS) -> dict[str, Any]:
     """Upload a whole series (several files, a ZIP of them, or a NIfTI volume); get stored
-    cases ranked as ``query --by-series`` ranks them, each with its best-matching slice pairs.
+    cases ranked as ``query --by-series`` ranks them (slices paired by lung level), each with its
+    best-matching slice pairs and every level-aligned pair (``aligned``).
 
-    ``focus`` as in ``/api/query``. Bounded: at most :data:`lungcbir.uploads.MAX_SERIES_FILES`
-    files and 4x the upload limit once unpacked; ZIP sizes are checked before anything is extracted.
+    ``other_patients`` and ``focus`` as in ``/api/query``. Slices of several patients or DICOM
+    series are refused (422). Bounded: at most :data:`lungcbir.uploads.MAX_SERIES_FILES` files
+    and 4x the upload limit once unpacked; ZIP sizes are checked before anything is extracted.
     """
     check_k(k, MAX_SERIES_K, " for a series")
     filters = web.filters(where, labels)
@@ -50,34 +53,40 @@ def api_query_series(web: AppState, files: Annotated[list[UploadFile], File()], 
             blobs.append((upload_name(upload), data))
         slices, failures = read_series(blobs, limits)
     with web.model_lock:
-        matches = web.retriever.query_series(slices, k, filters, pairs=SERIES_PAIRS, focus=focus)
-        used_slices = sorted({number for match in matches for number, _ in match.pairs})
-        segmentations = web.retriever.segment_slices([slices[n] for n in used_slices]) if used_slices else []
-    rendered = {}
-    for number, segmentation in zip(used_slices, segmentations):
-        item = slices[number]
-        token = web.render(QueryResult(item, segmentation.mask, segmentation.lung_fraction, []))
-        rendered[number] = {"query_slice": number, "name": item.path, "frame": item.frame,
-                            "instance_number": item.instance_number,
-                            "lung_fraction": round(segmentation.lung_fraction, 6), **result_urls(token)}
-    pairs = web.neighbors_json([n for match in matches for _, n in match.pairs])
-    cases, at = [], 0
-    for match in matches:
-        shown = []
-        for number, _ in match.pairs:
-            shown.append({"query": rendered[number], "neighbor": pairs[at]})
-            at += 1
-        cases.append({"rank": match.rank, "case": public_case(match.case), "patient_id": match.patient_id,
-                      "series_uid": match.series_uid, "score": round(match.score, 6), "pairs": shown})
-    names = sorted({item.path for item in slices})
-    return {"query": names[0] if len(names) == 1 else f"{len(names)} files", "slices": len(slices),
+        try:
+            result = web.retriever.query_series(slices, k, filters, pairs=SERIES_PAIRS, focus=focus,
+                                                other_patients=other_patients)
+        except LungCBIRError as error:  # several patients or series: not one series
+            raise HTTPException(422, str(error)) from None
+    # every slice with lungs, its pictures made when the page asks for them (it steps through them)
+    query_slices = {}
+    for number, (answer, level) in enumerate(zip(result.slices, result.levels)):
+        if answer.warning:
+            continue
+        item = answer.query
+        query_slices[number] = {"query_slice": number, "name": item.path, "frame": item.frame,
+                                "instance_number": item.instance_number, "level": level,
+                                "lung_fraction": round(answer.lung_fraction, 6),
+                                **result_urls(web.render(item, answer.segmentation))}
+    shown = iter(web.neighbors_json([pair.neighbor for match in result.matches for pair in match.pairs]))
+    # the core's case (SeriesMatch.to_json), its pairs with the query slice's pictures and the web's neighbour
+    cases = [{**public_json(match.to_json()),
+              "pairs": [{"query": query_slices[pair.query_slice], "neighbor": next(shown)} for pair in match.pairs]}
+             for match in result.matches]
+    uploads = [name for name, _ in blobs]
+    note = {"note": result.note} if result.note else {}
+    return {"query": uploads[0] if len(uploads) == 1 else f"{len(uploads)} files", "slices": len(slices),
             "failed": [{"file": f.path, "reason": scrub_paths(f.reason)} for f in failures], "focus": focus.value,
+            **note, "label_summary": result.label_summary(), "query_slices": list(query_slices.values()),
             "cases": cases}
 
 
 @router.get("/api/images/{image_id}/series", response_model=SeriesMembers)
 def stored_series(web: AppState, image_id: int) -> dict[str, Any]:
-    """The ids of the stored slices of this slice's series (or volume), in slice order."""
+    """The ids of the stored slices of this slice's series (or volume, or, for a patient known
+    without a series, of the patient's slices), in slice order, with their lung levels."""
     web.stored(image_id)
-    ids = web.retriever.store(create=False).series_members(image_id)
-    return {"id": image_id, "ids": ids, "position": ids.index(image_id) if image_id in ids else None}
+    ids = web.retriever.series_members(image_id)
+    levels = web.retriever.stored_levels(ids)
+    return {"id": image_id, "ids": ids, "position": ids.index(image_id) if image_id in ids else None,
+            "levels": levels}

@@ -21,8 +21,10 @@ import numpy as np
 from fastapi import Depends, HTTPException, Request, UploadFile
 
 from ..errors import FilterError, LungCBIRError, ReadError
+from ..inference import Segmentation
 from ..io import MIDDLE, CTSlice, file_suffix, supported_formats, supported_suffixes
-from ..retrieval import Neighbor, QueryResult, Retriever, parse_filters
+from ..quality import Quality
+from ..retrieval import Neighbor, Retriever, parse_filters
 from ..visualize import display_image, mask_png, overlay
 from ..websecurity import WebSettings, scrub_paths, viewer_link
 
@@ -49,10 +51,30 @@ MAX_K = 100
 
 @dataclass
 class RenderedResult:
-    mask: bytes
-    overlay: bytes
-    pixels: bytes = b""
-    kind: str = "display"
+    """A query slice's pictures, made when first asked for (a series keeps every slice, the page
+    fetches few): its mask (0/255), its overlay (lung contour and lesion map), its raw pixels
+    (:func:`pixel_png`) and its lesion map (0/255; empty without a lesion output)."""
+
+    item: CTSlice
+    mask_array: np.ndarray
+    lesion_array: np.ndarray | None = None
+    _made: dict[str, bytes] = field(default_factory=dict)
+    kind: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kind = "hu" if self.item.intensity == "hu" else "display"
+
+    def picture(self, name: str) -> bytes:
+        """The PNG ``name`` (mask, overlay, pixels or lesion)."""
+        if name not in self._made:
+            lesion = self.lesion_array
+            self._made[name] = {
+                "mask": lambda: png(mask_png(self.mask_array)),
+                "overlay": lambda: png(overlay(self.item, self.mask_array, lesion)),
+                "pixels": lambda: pixel_png(self.item)[0],
+                "lesion": lambda: png(mask_png(lesion if lesion is not None else np.zeros_like(self.mask_array))),
+            }[name]()
+        return self._made[name]
 
 
 class ResultCache:
@@ -105,6 +127,23 @@ def public_case(case: str) -> str:
     return f"file:{public_name(path)}" if kind == "file" else case
 
 
+#: Keys of the core's JSON (``to_json`` of :mod:`lungcbir.retrieval`'s answers) that hold a
+#: server path or name one, and what the web shows instead.
+_PATH_KEYS: dict[str, Callable[[str], str | None]] = {"path": public_name, "query_path": public_name,
+                                                      "case": public_case}
+
+
+def public_json(value: Any) -> Any:
+    """The core's JSON as the web shows it: every server path replaced by its public name (the
+    one place that does it, so a field added to the core cannot leak a server folder)."""
+    if isinstance(value, dict):
+        return {key: _PATH_KEYS[key](item) if key in _PATH_KEYS and isinstance(item, str) else public_json(item)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [public_json(item) for item in value]
+    return value
+
+
 def upload_name(upload: UploadFile) -> str:
     """An upload's file name without any folders the client sent."""
     return os.path.basename((upload.filename or "upload").replace("\\", "/")) or "upload"
@@ -114,13 +153,14 @@ def image_urls(image_id: int) -> dict[str, str]:
     """The URLs of a stored slice's pictures, file and series."""
     base = f"/api/images/{image_id}"
     return {"thumbnail_url": f"{base}/thumbnail", "overlay_url": f"{base}/overlay", "pixels_url": f"{base}/pixels",
-            "mask_url": f"{base}/mask.png", "file_url": f"{base}/file", "series_url": f"{base}/series"}
+            "mask_url": f"{base}/mask.png", "lesion_url": f"{base}/lesion.png", "file_url": f"{base}/file",
+            "series_url": f"{base}/series"}
 
 
 def result_urls(token: str) -> dict[str, str]:
     """The URLs of a query's pictures kept under ``token``."""
     return {"mask": f"/api/results/{token}/mask.png", "overlay": f"/api/results/{token}/overlay.png",
-            "pixels": f"/api/results/{token}/pixels.png"}
+            "pixels": f"/api/results/{token}/pixels.png", "lesion": f"/api/results/{token}/lesion.png"}
 
 
 def check_k(k: int, most: int = MAX_K, what: str = "") -> None:
@@ -204,11 +244,15 @@ class WebState:
         item = self.read_upload(upload, MIDDLE)[0]  # a volume decodes only that one
         return item, item.frames_in_file
 
-    def render(self, result: QueryResult) -> str:
-        """Keep a query's pictures for the page; the token of their URLs."""
-        pixels, kind = pixel_png(result.query)
-        return self.results.put(RenderedResult(png(mask_png(result.mask)), png(overlay(result.query, result.mask)),
-                                               pixels, kind))
+    def render(self, item: CTSlice, segmentation: Segmentation) -> str:
+        """Keep a query slice's pictures for the page (made when fetched); the token of their URLs.
+
+        A slice judged ``no-lungs`` shows no lungs and no lesions: a contour drawn around a
+        cat's eyes would contradict the verdict beside it."""
+        if segmentation.quality == Quality.NO_LUNGS:
+            empty = np.zeros_like(segmentation.mask)
+            return self.results.put(RenderedResult(item, empty, empty))
+        return self.results.put(RenderedResult(item, segmentation.mask, segmentation.lesion_mask))
 
     def neighbors_json(self, neighbors: list[Neighbor]) -> list[dict[str, Any]]:
         """The CLI's neighbour objects plus what a reader of the page needs to identify the slice
@@ -228,7 +272,7 @@ class WebState:
             link = viewer_link(self.settings.viewer_url, {"study_uid": neighbor.study_uid, "sop_uid": neighbor.sop_uid,
                                                          "series_uid": neighbor.series_uid,
                                                          "patient_id": neighbor.patient_id})
-            out.append({**extra, **neighbor.to_json(), "path": public_name(neighbor.path),
+            out.append({**extra, **public_json(neighbor.to_json()),
                         "file_name": public_name(neighbor.path), **image_urls(neighbor.id),
                         **({"viewer_url": link} if link else {})})
         return out
