@@ -349,8 +349,9 @@ class Database:
 
     def contents_at(self, paths: Iterable[str], model_id: str) -> dict[str, list[tuple[int, str, int]]]:
         """(id, sha256, frame) of the rows indexed with this model at each of these exact paths
-        (paths without rows are left out): what a rerun compares each file's content with."""
-        paths = list(paths)
+        (paths without rows are left out): what a rerun compares each file's content with. A path
+        that is not valid UTF-8 has no row (such a file is refused when it is read)."""
+        paths = [path for path in paths if _storable_text(path)]
         found: dict[str, list[tuple[int, str, int]]] = {}
         with Session(self.engine) as session:
             for start in range(0, len(paths), 1000):  # bound the statement's parameter count
@@ -766,6 +767,14 @@ def unstorable(record: ImageRecord) -> str | None:
     if record.sop_uid and len(record.sop_uid.encode("utf-8", "replace")) > MAX_SOP_UID_BYTES:
         return f"sop_uid is longer than {MAX_SOP_UID_BYTES} bytes (a valid UID has at most 64)"
     return None
+
+
+def _storable_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _holds_nul(value: object) -> bool:
