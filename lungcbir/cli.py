@@ -235,7 +235,7 @@ def _read_inputs(paths, name: Callable[[str], str] = _same):
     readable = []
     for path in files:
         try:
-            readable.append((path, read_file(path)))
+            readable.append((path, read_file(path, max_voxels=_settings().max_voxels)))
         except ReadError as error:
             click.echo(f"failed: {name(error.path)}: {error.reason}", err=True)
             failures.append(name(path))

@@ -2,7 +2,7 @@
 
 QIDO-RS finds the CT series (optionally of one study, or of studies dated on or after a day),
 WADO-RS fetches their instances (a few at a time, concurrently), STOW-RS stores what we write
-back (a DICOM SEG). Fetched instances are decoded with :func:`lungcbir.io.read_dicom_bytes`;
+back (a DICOM SEG). Fetched instances are decoded with :func:`lungcbir.io.decode`;
 each slice's ``path`` is its WADO-RS URL, which is what gets stored as its source. An archive
 is a *source* (where bytes come from), not a file format: it adds no reader class to
 :data:`lungcbir.io.READERS` but reuses the DICOM one, and :class:`lungcbir.retrieval.Retriever`
@@ -52,7 +52,7 @@ from .config import (
     Settings,
 )
 from .errors import DicomwebError, ReadError
-from .io import CTSlice, read_dicom_bytes, slice_axis_position
+from .io import CTSlice, decode, slice_axis_position
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -513,7 +513,7 @@ class DicomwebSource:
         it cannot be decoded, is another instance than the one asked for, or is not CT. Only
         then is it written to the cache."""
         data = self.fetch(ref)
-        item = read_dicom_bytes(data, ref.url)
+        item = decode(data, ref.url, kind="dicom")[0]
         item.slice_index = ref.slice_index
         if item.sop_uid and item.sop_uid != ref.sop_uid:
             raise ReadError(ref.url, f"the archive sent instance {_shown(item.sop_uid)}")

@@ -95,16 +95,17 @@ def read_labels(csv_path: str | os.PathLike) -> dict[str, dict[str, str]]:
         raise LungCBIRError(f"{csv_path}: cannot read labels ({error.strerror})") from None
 
 
-def _read_or_error(path: str) -> list[CTSlice] | ReadError:
+def _read_or_error(path: str, max_voxels: int | None = None) -> list[CTSlice] | ReadError:
     try:
-        return read_file(path)
+        return read_file(path, max_voxels=max_voxels)
     except ReadError as error:
         return error
 
 
-def read_files(files: Sequence[str],
-               workers: int = 1) -> Generator[tuple[str, list[CTSlice] | ReadError], None, None]:
-    """Read files in order, in ``workers`` processes when above 1, so decoding overlaps inference.
+def read_files(files: Sequence[str], workers: int = 1,
+               max_voxels: int | None = None) -> Generator[tuple[str, list[CTSlice] | ReadError], None, None]:
+    """Read files in order, in ``workers`` processes when above 1, so decoding overlaps inference
+    (``max_voxels``: as :func:`~lungcbir.io.read_file`).
 
     At most a few files per worker are read ahead, to keep memory bounded. Workers ignore
     Ctrl-C (it reaches the whole process group): only this process reports the interrupt,
@@ -112,7 +113,7 @@ def read_files(files: Sequence[str],
     """
     if workers <= 1:
         for path in files:
-            yield path, _read_or_error(path)
+            yield path, _read_or_error(path, max_voxels)
         return
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
@@ -123,7 +124,7 @@ def read_files(files: Sequence[str],
         pending: deque[tuple[str, Future[list[CTSlice] | ReadError]]] = deque()
         for path in files:
             with _interrupts_inherited_as_ignored():
-                pending.append((path, pool.submit(_read_or_error, path)))  # may start a worker
+                pending.append((path, pool.submit(_read_or_error, path, max_voxels)))  # may start a worker
             if len(pending) >= window:
                 done_path, future = pending.popleft()
                 yield done_path, future.result()
@@ -232,7 +233,7 @@ class _Batch:
             if key in gone:
                 wanted.setdefault(path, set()).add(key)
         self.stale, self.held_elsewhere = [], []
-        with closing(read_files(sorted(wanted), self.indexer.workers)) as outcomes:
+        with closing(read_files(sorted(wanted), self.indexer.workers, self.indexer.max_voxels)) as outcomes:
             for path, outcome in outcomes:
                 if isinstance(outcome, ReadError):  # gone or broken since: a failure, no longer a skip
                     self.report.skipped -= len(wanted[path])
@@ -274,13 +275,15 @@ class Indexer:
     """One indexing run's machinery: the model, the store and how work is batched.
 
     ``batch_size`` slices go through the model at once; every ``files_per_commit`` slices are
-    committed in one transaction; ``workers`` processes read files (1: this process).
+    committed in one transaction; ``workers`` processes read files (1: this process);
+    ``max_voxels`` bounds volumes (:func:`~lungcbir.io.read_file`).
     """
 
     def __init__(self, model: LungModel, store: Store, batch_size: int = 16,
-                 files_per_commit: int = FILES_PER_COMMIT, workers: int = 1) -> None:
+                 files_per_commit: int = FILES_PER_COMMIT, workers: int = 1, max_voxels: int | None = None) -> None:
         self.model, self.store = model, store
         self.batch_size, self.files_per_commit, self.workers = batch_size, files_per_commit, workers
+        self.max_voxels = max_voxels
 
     def run(self, paths: Iterable[str | os.PathLike], labels: str | os.PathLike | dict | None = None,
             exclude: Iterable[str] = (), on_file: Callable[[str], None] | None = None,
@@ -318,7 +321,8 @@ class Indexer:
                        store.contents_at([os.path.abspath(path) for path in files], model.model_id))
         progress = _Progress(on_file, on_total, len(files))
         positions = dicom_series_positions(files)
-        with closing(read_files(files, self.workers)) as file_outcomes:  # an interrupt stops the readers too
+        # closing: an interrupt stops the readers too
+        with closing(read_files(files, self.workers, self.max_voxels)) as file_outcomes:
             for path, outcome in file_outcomes:
                 batch.take(outcome, positions.get(path))
                 progress.done(path)

@@ -163,16 +163,15 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def voxel_limit(max_voxels: int | None = None) -> int:
-    """The voxel limit for volumes: ``max_voxels`` if given, else the configured one
-    (:class:`lungcbir.config.Settings`: $LUNGCBIR_MAX_VOXELS, else the default).
+    """The voxel limit for volumes: ``max_voxels`` if given, else
+    :data:`lungcbir.config.DEFAULT_MAX_VOXELS` (the library reads no environment; the program
+    passes ``Settings.max_voxels``, from ``LUNGCBIR_MAX_VOXELS``).
 
     Example:
-        >>> voxel_limit(1000)
-        1000
+        >>> voxel_limit(1000), voxel_limit() == config.DEFAULT_MAX_VOXELS
+        (1000, True)
     """
-    if max_voxels is not None:
-        return int(max_voxels)
-    return config.Settings.from_environment().max_voxels
+    return config.DEFAULT_MAX_VOXELS if max_voxels is None else int(max_voxels)
 
 
 def _file_type(mode: int) -> str:
@@ -590,14 +589,6 @@ def _check_native_pixel_length(path: str, dataset, rows: int, columns: int) -> N
                               f"{samples} sample(s) of {bits} bits take {expected}")
 
 
-def read_dicom_bytes(data: bytes, path: str) -> CTSlice:
-    """:func:`read_dicom` for a DICOM file held in memory (fetched from an archive, say);
-    ``path`` names it in the slice and in errors. The slice's ``sha256`` is that of ``data``."""
-    item = read_dicom(path, data)
-    item.sha256 = hashlib.sha256(data).hexdigest()
-    return item
-
-
 def _dicom_axis_position(dataset) -> float | None:
     return slice_axis_position(_dicom_value(dataset, "ImagePositionPatient"),
                                _dicom_value(dataset, "ImageOrientationPatient"))
@@ -852,7 +843,7 @@ def read_nifti(path: str, data: bytes | None = None, max_voxels: int | None = No
 # messages, the web upload check, ``segment``'s mask files) is derived from it. A new format
 # (MHA, NRRD...) is one new class added to READERS. Sources that are not files have their own
 # modules: :mod:`lungcbir.dicomweb` fetches instances from an archive and decodes them with the
-# DICOM reader (:func:`read_dicom_bytes`); :mod:`lungcbir.dicom_seg` writes a DICOM series'
+# DICOM reader (:func:`decode` with ``kind="dicom"``); :mod:`lungcbir.dicom_seg` writes a DICOM series'
 # masks as one DICOM SEG object (``segment --format dicom-seg``), beside the per-format mask
 # writers here.
 
@@ -1089,20 +1080,51 @@ def read_file(path: str | os.PathLike, max_voxels: int | None = None,
         raise ReadError(path, "permission denied")
     if os.path.getsize(path) == 0:
         raise ReadError(path, "file is empty")
-    reader = reader_for(path)
-    if reader is None:
+    if reader_for(path) is None:
         raise ReadError(path, f"not a supported image type ({supported_formats(', ')})")
-    data = read_bytes(path)
-    digest = hashlib.sha256(data).hexdigest()
+    return decode(read_bytes(path), path, max_voxels, frame)
+
+
+def decode(data: bytes, name: str, max_voxels: int | None = None, frame: int | str | None = None,
+           kind: str | None = None) -> list[CTSlice]:
+    """The readers' entry point: the slices of a file held in memory (an upload, an archive's
+    instance), or only the one at ``frame`` (as :func:`read_file`). ``name`` (a file name or
+    URL) picks the reader by its suffix, or by content when it has none (DICOM without a
+    suffix), unless ``kind`` names it (:attr:`Reader.kind`: an archive's instance is
+    ``"dicom"`` whatever its URL), and names the slices and errors. The slices' ``sha256`` is that of ``data``.
+    ``max_voxels`` bounds volumes (default :data:`DEFAULT_MAX_VOXELS`; the program passes its
+    setting). Raises :class:`ReadError` with a one-line reason for anything unusable.
+
+    Example:
+        >>> import cv2
+        >>> png = cv2.imencode(".png", np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1)))[1].tobytes()
+        >>> [(item.path, item.shape) for item in decode(png, "upload.png")]
+        [('upload.png', (64, 64))]
+        >>> decode(b"hello", "notes.txt")
+        Traceback (most recent call last):
+        lungcbir.errors.ReadError: notes.txt: not a supported image type (PNG, JPEG, BMP, TIFF, DICOM, NIfTI)
+    """
+    if not data:
+        raise ReadError(name, "file is empty")
+    if len(data) > MAX_FILE_BYTES:
+        raise ReadError(name, f"file is {len(data)} bytes, above the limit of {MAX_FILE_BYTES} bytes")
+    suffix = "" if kind is not None else file_suffix(name)
+    reader = next((reader for reader in READERS if (reader.kind == kind if kind else suffix in reader.suffixes)),
+                  None)
+    if reader is None and suffix == "" and kind is None:
+        reader = next((reader for reader in READERS if reader.content_matches(data)), None)
+    if reader is None:
+        raise ReadError(name, f"not a supported image type ({supported_formats(', ')})")
     try:
-        slices = reader.read(path, data, max_voxels) if frame is None else \
-            [reader.read_frame(path, data, frame, max_voxels)]
+        slices = reader.read(name, data, max_voxels) if frame is None else \
+            [reader.read_frame(name, data, frame, max_voxels)]
     except (ReadError, LungCBIRError):
         raise
     except MemoryError:
-        raise ReadError(path, "not enough memory to decode this file") from None
+        raise ReadError(name, "not enough memory to decode this file") from None
     except Exception as error:  # a decoder's own error on a malformed file: one line, never a traceback
-        raise ReadError(path, f"cannot decode ({type(error).__name__}: {_short(error)})") from None
+        raise ReadError(name, f"cannot decode ({type(error).__name__}: {_short(error)})") from None
+    digest = hashlib.sha256(data).hexdigest()
     for item in slices:
         item.sha256 = digest
     return slices
@@ -1150,6 +1172,20 @@ def find_image_files(paths: Iterable[str | os.PathLike], exclude: Iterable[str] 
             yield path
 
 
+def series_order_key(axis_position: float | None, slice_location: float | None,
+                     instance_number: int | None) -> tuple:
+    """Where a DICOM slice sorts in its series: by position along the slice normal (superior
+    first for axial slices), else SliceLocation, else InstanceNumber (a missing or malformed
+    one counts as 0).
+
+    Example:
+        >>> sorted([series_order_key(-10.0, None, 1), series_order_key(5.0, None, 2), series_order_key(None, None, 3)])
+        [(0, -5.0), (0, 10.0), (1, 3)]
+    """
+    position = axis_position if axis_position is not None else slice_location
+    return (0, -position) if position is not None else (1, instance_number or 0)
+
+
 def dicom_series_positions(paths: Iterable[str]) -> dict[str, int]:
     """Position of each DICOM file within its series (0 = most superior), from headers only.
 
@@ -1170,11 +1206,8 @@ def dicom_series_positions(paths: Iterable[str]) -> dict[str, int]:
         uid = _dicom_text(header, "SeriesInstanceUID")
         if uid is None:
             continue
-        position = _dicom_axis_position(header)
-        if position is None:
-            position = _dicom_float(header, "SliceLocation")
-        # a malformed InstanceNumber counts as unknown (0), like a missing one
-        key = (0, -position) if position is not None else (1, _dicom_int(header, "InstanceNumber") or 0)
+        key = series_order_key(_dicom_axis_position(header), _dicom_float(header, "SliceLocation"),
+                               _dicom_int(header, "InstanceNumber"))
         series[(os.path.dirname(path), uid)].append((key, path))
     positions = {}
     for members in series.values():

@@ -327,7 +327,7 @@ def series_in_order(files: Sequence[tuple[str, Sequence[CTSlice]]]) -> list[CTSl
     return sorted(slices, key=lambda item: (positions.get(item.path, 0), item.frame))
 
 
-def as_slice(image: str | os.PathLike | CTSlice | np.ndarray) -> CTSlice:
+def as_slice(image: str | os.PathLike | CTSlice | np.ndarray, max_voxels: int | None = None) -> CTSlice:
     """Accept a path, a :class:`CTSlice` or a 2-D array; a multi-slice file gives its first slice."""
     if isinstance(image, CTSlice):
         return image
@@ -335,7 +335,7 @@ def as_slice(image: str | os.PathLike | CTSlice | np.ndarray) -> CTSlice:
         if image.ndim != 2:
             raise ReadError("<array>", f"expected a 2-D array, got shape {image.shape}")
         return CTSlice(image, classify_intensity(image), "<array>", SourceFormat.ARRAY)
-    return read_file(image)[0]
+    return read_file(image, max_voxels=max_voxels)[0]
 
 
 class Retriever:
@@ -382,7 +382,7 @@ class Retriever:
 
     def segment(self, image: str | os.PathLike | CTSlice | np.ndarray) -> np.ndarray:
         """Boolean lung mask at the image's own resolution."""
-        return self.model.segment([as_slice(image)])[0].mask
+        return self.model.segment([as_slice(image, self.settings.max_voxels)])[0].mask
 
     def segment_slices(self, slices: Sequence[CTSlice]) -> list[Segmentation]:
         """Masks, lung fractions and vectors for many slices (batched)."""
@@ -442,7 +442,8 @@ class Retriever:
         pattern = compile_case_pattern(case_pattern)  # a bad pattern fails before anything is read
         store = self.store()
         with store.write_lock(wait):
-            indexer = Indexer(self.model, store, self.batch_size, self.files_per_commit, self.workers)
+            indexer = Indexer(self.model, store, self.batch_size, self.files_per_commit, self.workers,
+                              self.settings.max_voxels)
             return indexer.run(paths, labels, exclude, on_file, on_total, pattern, study, since, cache_dir,
                                claim_timeout)
 
@@ -460,7 +461,8 @@ class Retriever:
         (anatomy, findings or balanced; :class:`lungcbir.focus.Focus`) says what "similar"
         means for a model whose vector has a findings part.
         """
-        return self.query_slices([as_slice(image)], k, where, per_patient, other_patients, focus)[0]
+        item = as_slice(image, self.settings.max_voxels)
+        return self.query_slices([item], k, where, per_patient, other_patients, focus)[0]
 
     def query_together(self, examples: Sequence[str | os.PathLike | CTSlice | np.ndarray],
                        unlike: Sequence[str | os.PathLike | CTSlice | np.ndarray] = (), k: int = 5,
@@ -475,7 +477,8 @@ class Retriever:
         """
         if not examples:
             raise LungCBIRError("give at least one example to search with")
-        liked, disliked = [as_slice(item) for item in examples], [as_slice(item) for item in unlike]
+        liked, disliked = [as_slice(item, self.settings.max_voxels) for item in examples], \
+            [as_slice(item, self.settings.max_voxels) for item in unlike]
         store = self._searchable_store()
         vectors = np.stack([r.vector for r in self.segment_slices(liked + disliked)])
         vector = together_vector(vectors[:len(liked)], vectors[len(liked):], unlike_weight)
@@ -496,7 +499,7 @@ class Retriever:
 
         if is_dicomweb_url(record.path):  # indexed from a DICOMweb archive: fetch it from there
             return fetch_slice(record.path)
-        return read_file(record.path, frame=record.frame)[0]
+        return read_file(record.path, frame=record.frame, max_voxels=self.settings.max_voxels)[0]
 
     def stored_masks(self, stored: Sequence[tuple[int, CTSlice]]) -> list[np.ndarray]:
         """Lung masks of stored slices, given as (row id, slice read back from its file).

@@ -4,20 +4,19 @@ A whole-series query arrives as several files, one ZIP of them, or one NIfTI vol
 they become CT slices in series order, without trusting anything the client sent: a ZIP's
 member count and uncompressed sizes are checked from its directory *before* anything is
 extracted (a ZIP bomb is refused unread), every member is read with a hard cap on its size
-(a lying directory cannot get past it), and members are written under generated names in a
-private temporary folder, so no name from the archive ever becomes a path (no ``../``).
+(a lying directory cannot get past it), and everything is decoded in memory
+(:func:`lungcbir.io.decode`): no name from the client or the archive ever becomes a path.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
 from .errors import ReadError, UploadRefused
-from .io import CTSlice, ReadFailure, dicom_series_positions, read_file, voxel_limit
+from .io import CTSlice, ReadFailure, SourceFormat, decode, series_order_key, voxel_limit
 
 #: Files accepted in one series upload (loose files plus ZIP members).
 MAX_SERIES_FILES = 1000
@@ -30,11 +29,13 @@ IMAGE_SUFFIXES = (".dcm", ".dicom", ".ima", ".png", ".jpg", ".jpeg", ".bmp", ".t
 
 @dataclass(frozen=True)
 class SeriesLimits:
-    """Bounds of one series upload: ``max_files`` files, ``max_bytes`` in all once unpacked."""
+    """Bounds of one series upload: ``max_files`` files, ``max_bytes`` in all once unpacked,
+    ``max_voxels`` in all once decoded (None: :func:`lungcbir.io.voxel_limit`'s default)."""
 
     max_files: int = MAX_SERIES_FILES
     max_bytes: int = 256 * 2**20
     max_ratio: int = MAX_ZIP_RATIO
+    max_voxels: int | None = None
 
 
 def suffix_of(name: str) -> str:
@@ -122,31 +123,40 @@ def read_series(files: list[tuple[str, bytes]], limits: SeriesLimits | None = No
     """
     limits = limits or SeriesLimits()
     files = expand(files, limits)
-    slices: list[tuple[int, int, CTSlice]] = []
+    limit = voxel_limit(limits.max_voxels)
+    decoded: list[tuple[int, CTSlice]] = []
     failures: list[ReadFailure] = []
     pixels = 0
-    with tempfile.TemporaryDirectory() as folder:
-        paths = []
-        for number, (_, data) in enumerate(files):
-            path = os.path.join(folder, f"{number:05d}{suffix_of(files[number][0]) or '.dcm'}")
-            with open(path, "wb") as handle:  # a generated name: nothing from the client
-                handle.write(data)
-            paths.append(path)
-        positions = dicom_series_positions(paths)
-        for number, ((name, _), path) in enumerate(zip(files, paths)):
-            try:
-                items = read_file(path)
-            except ReadError as error:
-                failures.append(ReadFailure(name, error.reason.replace(path, name).replace(folder, "")))
-                continue
-            for item in items:
-                pixels += item.pixels.size
-                if pixels > voxel_limit():
-                    raise UploadRefused(f"the series has more than {voxel_limit()} voxels")
-                item.path = os.path.basename(name)
-                slices.append((positions.get(path, number), item.frame, item))
+    for number, (name, data) in enumerate(files):
+        try:
+            items = decode(data, name, limit)
+        except ReadError as error:
+            failures.append(ReadFailure(name, error.reason))
+            continue
+        for item in items:
+            pixels += item.pixels.size
+            if pixels > limit:
+                raise UploadRefused(f"the series has more than {limit} voxels")
+            item.path = os.path.basename(name)
+            decoded.append((number, item))
+    ranks = _positions_in_series([item for _, item in decoded if item.source_format == SourceFormat.DICOM])
+    slices = [(ranks.get(id(item), number), item.frame, item) for number, item in decoded]
     if not slices:
         shown = "; ".join(f"{f.path}: {f.reason}" for f in failures[:3])
         raise UploadRefused(f"no readable slice in the upload ({shown})")
     slices.sort(key=lambda entry: (entry[0], entry[1]))
     return [item for _, _, item in slices], failures
+
+
+def _positions_in_series(items: list[CTSlice]) -> dict[int, int]:
+    """The rank of each DICOM slice (by ``id``) within the uploaded slices of its series, by
+    its headers (as :func:`lungcbir.io.dicom_series_positions` ranks files), whatever the
+    file names."""
+    by_series: dict[str | None, list[CTSlice]] = {}
+    for item in items:
+        by_series.setdefault(item.series_uid, []).append(item)
+    ranks = {}
+    for members in by_series.values():
+        members.sort(key=lambda item: series_order_key(item.axis_position, item.slice_location, item.instance_number))
+        ranks.update({id(item): rank for rank, item in enumerate(members)})
+    return ranks

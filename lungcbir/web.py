@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .errors import LungCBIRError, ReadError, StoreError, UploadRefused
-from .io import CTSlice, read_file
+from .io import CTSlice, decode
 from .retrieval import Retriever
 from .views import ROUTERS
 from .views.state import WebState
@@ -38,10 +38,11 @@ log = logging.getLogger("lungcbir.web")
 STATIC = Path(__file__).parent / "web_static"
 
 
-def _read_upload_file(path: str, frame: int | str | None = None) -> list[CTSlice]:
-    """Decode a saved upload with this module's ``read_file``, looked up at each call (so it can
-    be replaced here, as the tests of bounded decoding do)."""
-    return read_file(path, frame=frame)
+def _decode_upload(data: bytes, name: str, max_voxels: int | None = None,
+                   frame: int | str | None = None) -> list[CTSlice]:
+    """Decode an upload with this module's ``decode``, looked up at each call (so it can be
+    replaced here, as the tests of bounded decoding do)."""
+    return decode(data, name, max_voxels, frame)
 
 
 def create_app(retriever: Retriever, settings: WebSettings | None = None) -> FastAPI:
@@ -59,7 +60,7 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
     app = FastAPIOffline(title="lungcbir", version=__version__, static_url="/static-docs",
                          swagger_ui_parameters={"validatorUrl": None},
                          description="Lung CT retrieval: upload a slice, get its lung mask and the most similar cases.")
-    app.state.lungcbir = WebState(retriever, settings, _read_upload_file)
+    app.state.lungcbir = WebState(retriever, settings, _decode_upload)
 
     @app.exception_handler(LungCBIRError)
     async def our_error(_: Request, error: LungCBIRError) -> JSONResponse:

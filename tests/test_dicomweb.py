@@ -26,7 +26,7 @@ from test_dicom_seg import dciodvfy
 from lungcbir.cli import main
 from lungcbir.database import ImageRecord
 from lungcbir.dicomweb import DicomwebSource, SeriesRef, display_url, is_dicomweb_url, parse_instance_url
-from lungcbir.io import read_dicom, read_dicom_bytes
+from lungcbir.io import decode, read_dicom
 from lungcbir.retrieval import Retriever
 from lungcbir.store import Store
 from lungcbir.web import create_app
@@ -107,10 +107,11 @@ def test_unreachable_archive_is_one_line(tmp_path, tiny_weights):
     assert result.output.strip() == "error: http://127.0.0.1:9/dicom-web: cannot search the archive (cannot connect)"
 
 
-def test_read_dicom_bytes_reads_like_read_dicom(phantom_dir):
+def test_an_instance_in_memory_decodes_like_its_file(phantom_dir):
     path = next((phantom_dir / "dicom" / "phantom01").glob("*.dcm"))
-    from_file, from_bytes = read_dicom(str(path)), read_dicom_bytes(path.read_bytes(), "http://x/instances/1")
-    assert np.array_equal(from_file.pixels, from_bytes.pixels) and from_bytes.path == "http://x/instances/1"
+    url = "http://x/instances/1.2.3"  # no file suffix: the kind says DICOM
+    from_file, from_bytes = read_dicom(str(path)), decode(path.read_bytes(), url, kind="dicom")[0]
+    assert np.array_equal(from_file.pixels, from_bytes.pixels) and from_bytes.path == url
     assert (from_bytes.sop_uid, from_bytes.study_uid, from_bytes.series_uid) == \
         (from_file.sop_uid, from_file.study_uid, from_file.series_uid)
     assert from_file.sop_uid == str(pydicom.dcmread(path).SOPInstanceUID)

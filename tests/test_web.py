@@ -224,7 +224,7 @@ PART_HEAD = b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="bi
 def test_concurrent_uploads_are_decoded_two_at_a_time(retriever, monkeypatch):
     import lungcbir.web
 
-    real_read = lungcbir.web.read_file
+    real_read = lungcbir.web.decode
     lock = threading.Lock()
     running = peak = 0
 
@@ -240,7 +240,7 @@ def test_concurrent_uploads_are_decoded_two_at_a_time(retriever, monkeypatch):
             with lock:
                 running -= 1
 
-    monkeypatch.setattr(lungcbir.web, "read_file", slow_read)
+    monkeypatch.setattr(lungcbir.web, "decode", slow_read)
     client = TestClient(create_app(retriever), base_url=LOCAL)
     with ThreadPoolExecutor(6) as pool:
         statuses = list(pool.map(lambda _: client.post("/api/segment", files={"file": ("s.png", png_bytes())})
@@ -255,14 +255,14 @@ def test_decode_slots_are_configurable_and_busy_answers_503(retriever, monkeypat
 
     started = threading.Event()
     release = threading.Event()
-    real_read = lungcbir.web.read_file
+    real_read = lungcbir.web.decode
 
     def blocking_read(path, *args, **kwargs):
         started.set()
         release.wait(10)
         return real_read(path, *args, **kwargs)
 
-    monkeypatch.setattr(lungcbir.web, "read_file", blocking_read)
+    monkeypatch.setattr(lungcbir.web, "decode", blocking_read)
     client = TestClient(create_app(retriever, WebSettings(max_decodes=1, decode_wait_seconds=0.2)), base_url=LOCAL)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(client.post, "/api/segment", files={"file": ("a.png", png_bytes())})

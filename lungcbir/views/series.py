@@ -42,7 +42,7 @@ def api_query_series(web: AppState, files: Annotated[list[UploadFile], File()], 
     check_k(k, MAX_SERIES_K, " for a series")
     filters = web.filters(where, labels)
     most = web.settings.max_upload_bytes
-    limits = SeriesLimits(max_bytes=SERIES_BYTES_FACTOR * most)
+    limits = SeriesLimits(max_bytes=SERIES_BYTES_FACTOR * most, max_voxels=web.retriever.settings.max_voxels)
     with web.decoding():
         blobs, used = [], 0
         for upload in files:

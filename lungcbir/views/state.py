@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from ..io import MIDDLE, CTSlice, file_suffix, supported_formats, supported_suff
 from ..quality import Quality
 from ..retrieval import Neighbor, Retriever, parse_filters
 from ..visualize import display_image, mask_png, overlay
-from ..websecurity import WebSettings, scrub_paths, viewer_link
+from ..websecurity import WebSettings, viewer_link
 
 #: Largest image id asked for (SQL BIGINT); larger ids are unknown (404), not a database error.
 MAX_IMAGE_ID = 2**63 - 1
@@ -186,13 +185,13 @@ class _Release:
 class WebState:
     """Everything the routes of one app share.
 
-    ``read_file`` decodes an uploaded file (saved to a temporary path) into slices; the app
-    passes :func:`lungcbir.io.read_file` looked up at call time.
+    ``decode`` turns an uploaded file's bytes into slices, in memory; the app passes
+    :func:`lungcbir.io.decode` looked up at call time.
     """
 
     retriever: Retriever
     settings: WebSettings
-    read_file: Callable[..., list[CTSlice]]  # (path, frame=None), as read_file
+    decode: Callable[..., list[CTSlice]]  # (data, name, max_voxels, frame), as lungcbir.io.decode
     # one inference at a time: torch's CPU kernels already use every core
     model_lock: threading.Lock = field(default_factory=threading.Lock)
     results: ResultCache = field(default_factory=ResultCache)
@@ -211,7 +210,7 @@ class WebState:
 
     def read_upload(self, upload: UploadFile, frame: int | str | None = None) -> list[CTSlice]:
         """Every slice of one uploaded file (a NIfTI volume has many), or the one at ``frame``
-        (as :func:`lungcbir.io.read_file`), named by its file name."""
+        (as :func:`lungcbir.io.decode`), named by its file name; decoded in memory."""
         filename = upload_name(upload)
         suffix = file_suffix(filename)
         if suffix not in UPLOAD_SUFFIXES:
@@ -223,17 +222,12 @@ class WebState:
                 raise HTTPException(413, f"{filename}: file is larger than {limit // 2**20} MiB")
             if not data:
                 raise HTTPException(422, f"{filename}: file is empty")
-            with tempfile.TemporaryDirectory() as folder:
-                path = os.path.join(folder, "upload" + suffix)
-                with open(path, "wb") as handle:
-                    handle.write(data)
+            try:
+                items = self.decode(data, filename, self.retriever.settings.max_voxels, frame)
+            except ReadError as error:
+                raise HTTPException(422, f"{filename}: {error.reason}") from None
+            finally:
                 del data
-                try:
-                    items = self.read_file(path, frame=frame)
-                except ReadError as error:
-                    # readers quote the file they failed on: that is our temporary file, not the client's
-                    reason = scrub_paths(error.reason, {path: filename, folder: "", tempfile.gettempdir(): ""})
-                    raise HTTPException(422, f"{filename}: {reason}") from None
         for item in items:
             item.path = filename
         return items
