@@ -1,10 +1,17 @@
 """lungcbir: content-based retrieval of lung CT slices with a U-Net.
 
-Example:
+Example (on synthetic slices, in a temporary folder):
+    >>> import tempfile
     >>> from lungcbir import Retriever
-    >>> retriever = Retriever()                        # doctest: +SKIP
-    >>> retriever.index_dataset(["scans/"])            # doctest: +SKIP
-    >>> retriever.query("slice.dcm", k=5).neighbors    # doctest: +SKIP
+    >>> from lungcbir.phantom import write_phantom
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = write_phantom(folder, slices=4, size=64, patients=2)
+    >>> retriever = Retriever(db_url=f"sqlite:///{folder}/db.sqlite", index_dir=f"{folder}/index")
+    >>> retriever.index_dataset([f"{folder}/dicom"]).indexed
+    8
+    >>> result = retriever.query(f"{folder}/png/phantom01/phantom01_s002.png", k=2, per_patient=0)
+    >>> len(result.neighbors), result.mask.shape
+    (2, (64, 64))
 """
 
 from importlib import import_module

@@ -325,11 +325,13 @@ class DicomwebSource:
     ``<cache_dir>/<study>/<series>/<sop>.dcm`` and reads it from there next time instead of
     fetching it again.
 
-    Example:
-        >>> source = DicomwebSource("http://localhost:8042/dicom-web")          # doctest: +SKIP
-        >>> series, unusable = source.find_series()                            # doctest: +SKIP
-        >>> refs = [r for s in series for r in source.instances(s)[0]]           # doctest: +SKIP
-        >>> slices = [item for _, item in source.read_many(refs)]              # doctest: +SKIP
+    Example (needs an archive, so not run as a doctest; ``tests/test_dicomweb.py`` runs the
+    same against a fake archive and a real Orthanc)::
+
+        source = DicomwebSource("http://localhost:8042/dicom-web")
+        series, unusable = source.find_series()
+        refs = [r for s in series for r in source.instances(s)[0]]
+        slices = [item for _, item in source.read_many(refs)]
     """
 
     def __init__(self, root: str, environ: Mapping[str, str] | None = None,

@@ -70,8 +70,14 @@ def evaluate_segmentation(model: LungModel, pairs: Sequence[tuple[str, str]],
     as Dice and IoU 1, with any predicted lung pixel as 0.
 
     Example:
-        >>> evaluation = evaluate_segmentation(LungModel.load(), [("ct.png", "mask.png")])  # doctest: +SKIP
-        >>> evaluation.summary()["dice_mean"]                                                # doctest: +SKIP
+        >>> import tempfile
+        >>> from lungcbir.phantom import write_phantom
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = write_phantom(folder, slices=3, size=96, patients=1)
+        >>> pairs = pair_folders(f"{folder}/png/phantom01", f"{folder}/masks/phantom01")
+        >>> evaluation = evaluate_segmentation(LungModel.load(), pairs)
+        >>> len(evaluation.scores), evaluation.summary()["dice_mean"] > 0.5
+        (3, True)
     """
     scores = []
     for start in range(0, len(pairs), batch_size):

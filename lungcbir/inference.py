@@ -177,10 +177,16 @@ class LungModel:
     """A trained lung U-Net ready for inference.
 
     Example:
-        >>> model = LungModel.load()                      # the bundled weights  # doctest: +SKIP
-        >>> result = model.segment([slice_])[0]           # doctest: +SKIP
-        >>> result.mask.shape == slice_.shape             # doctest: +SKIP
-        True
+        >>> import tempfile
+        >>> from lungcbir.io import read_file
+        >>> from lungcbir.phantom import write_phantom
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = write_phantom(folder, slices=3, size=64, patients=1)
+        >>> slice_ = read_file(f"{folder}/png/phantom01/phantom01_s002.png")[0]
+        >>> model = LungModel.load()                      # the bundled weights
+        >>> result = model.segment([slice_])[0]
+        >>> result.mask.shape == slice_.shape, 0.0 < result.lung_fraction < 1.0
+        (True, True)
     """
 
     def __init__(self, network: UNet, settings: ModelSettings, model_id: str,

@@ -342,10 +342,15 @@ class Retriever:
     """Index CT slices and find the most similar stored ones.
 
     Example:
-        >>> retriever = Retriever(db_url="sqlite:///db/lungcbir.sqlite", index_dir="index")  # doctest: +SKIP
-        >>> report = retriever.index_dataset(["scans/"])                                    # doctest: +SKIP
-        >>> result = retriever.query("query.png", k=5)                                      # doctest: +SKIP
-        >>> result.neighbors[0].path, result.mask.shape                                     # doctest: +SKIP
+        >>> import tempfile
+        >>> from lungcbir.phantom import write_phantom
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = write_phantom(folder, slices=4, size=64, patients=2)
+        >>> retriever = Retriever(db_url=f"sqlite:///{folder}/db.sqlite", index_dir=f"{folder}/index")
+        >>> report = retriever.index_dataset([f"{folder}/dicom"])
+        >>> result = retriever.query(f"{folder}/png/phantom02/phantom02_s002.png", k=2)
+        >>> sorted(n.patient_id for n in result.neighbors), result.mask.shape   # one slice per patient
+        (['PHANTOM01', 'PHANTOM02'], (64, 64))
     """
 
     def __init__(self, db_url: str | None = None, index_dir: str | os.PathLike | None = None,

@@ -706,8 +706,14 @@ def training_samples(folders: Sequence[tuple[str, str]], input_size: int, group_
     series (the same group) and its position in that series (the pattern's second group).
 
     Example:
-        >>> samples = training_samples([("ct/", "lungs/")], 256, r"^(.+?)_[kzs]_?(\\d+)")  # doctest: +SKIP
-        >>> train_set, val_set = split_by_group(samples, 0.15)                            # doctest: +SKIP
+        >>> import tempfile
+        >>> from lungcbir.phantom import write_phantom
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = write_phantom(folder, slices=3, size=64, patients=2)
+        >>> samples = training_samples([(f"{folder}/png", f"{folder}/masks")], 64, r"^(.+?)_s(\\d+)")
+        >>> train_set, val_set = split_by_group(samples, 0.4)
+        >>> len(samples), sorted({s.group for s in val_set})
+        (6, ['phantom01'])
     """
     samples = []
     for image_dir, mask_dir in folders:

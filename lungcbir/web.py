@@ -52,8 +52,16 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
     a time) says how the app protects itself; see :class:`lungcbir.websecurity.WebSettings`.
 
     Example:
-        >>> app = create_app(Retriever(), WebSettings(token="..."))   # doctest: +SKIP
-        >>> uvicorn.run(app)                                          # doctest: +SKIP
+        >>> import tempfile
+        >>> from fastapi.testclient import TestClient
+        >>> folder = tempfile.mkdtemp()
+        >>> retriever = Retriever(db_url=f"sqlite:///{folder}/db.sqlite", index_dir=f"{folder}/index")
+        >>> app = create_app(retriever, WebSettings(token="s3cret-t0ken-of-20-chars"))
+        >>> client = TestClient(app, base_url="http://localhost")
+        >>> client.get("/healthz").json(), client.get("/api/stats").status_code   # no token: 401
+        ({'status': 'ok'}, 401)
+
+    Serve it with ``uvicorn.run(app)``, as ``lungcbir serve`` does.
     """
     settings = settings or WebSettings()
     # Swagger UI and ReDoc from files shipped with fastapi-offline: a hospital network blocks CDNs
