@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from lungcbir.database import ImageRecord
 from lungcbir.datasets import data_root
 from lungcbir.inference import ModelSettings, bundled_weights_path, save_weights
 from lungcbir.model import UNet, UNetConfig
@@ -191,3 +195,31 @@ def dicomweb_archive(shared_data) -> dict:
         answer = source.client.store(datasets[start:start + 32])
         assert not answer.get("FailedSOPSequence"), f"the archive refused files: {answer}"
     return {"url": DICOMWEB_URL, "files": files, "study_of": study_of, "studies": studies}
+
+
+# -- helpers shared by several test modules (import them from conftest) -------------------------
+
+
+def records(count, start=0):
+    """``count`` rows of model "m1" with distinct contents (paths /x/N.png), for store tests."""
+    return [ImageRecord(path=f"/x/{start + i}.png", sha256=f"{start + i:064d}", frame=0, source_format="png",
+                        width=8, height=8, labels={}, lung_fraction=0.2, model_id="m1") for i in range(count)]
+
+
+def unit(count, dim=8, seed=0):
+    """``count`` random unit vectors of ``dim`` dimensions."""
+    vectors = np.random.default_rng(seed).normal(size=(count, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def dciodvfy(path) -> str:
+    """dciodvfy's report; fails on any error. Skips outside CI when dicom3tools is missing."""
+    if shutil.which("dciodvfy") is None:
+        if os.environ.get("CI"):
+            pytest.fail("dciodvfy is not installed; .ci/run should install dicom3tools")
+        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
+    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=120,
+                          check=False)
+    report = done.stdout + done.stderr
+    assert done.returncode == 0 and "Error" not in report, report
+    return report

@@ -52,7 +52,7 @@ def test_simultaneous_catch_up_from_threads(store_paths, tmp_path):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from test_store import records, unit
+    from conftest import records, unit
 
     writer = Store(**store_paths)
     writer.check_model("m1", 8)

@@ -4,9 +4,6 @@ it, and messy sources (empty or UUID-text UIDs, missing Type 2 attributes) still
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
+from conftest import dciodvfy
 
 from lungcbir.cli import main
 from lungcbir.dicom_ids import derived_uid, is_valid_uid, repair_identifiers
@@ -49,19 +47,6 @@ def referenced_sops(path) -> list[str]:
 
 def source_z(path) -> float:
     return round(float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2]), 3)
-
-
-def dciodvfy(path) -> str:
-    """dciodvfy's report; fails on any error. Skips outside CI when dicom3tools is missing."""
-    if shutil.which("dciodvfy") is None:
-        if os.environ.get("CI"):
-            pytest.fail("dciodvfy is not installed; .ci/run should install dicom3tools")
-        pytest.skip("dciodvfy is not installed (apt-get install dicom3tools)")
-    done = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=120,
-                          check=False)
-    report = done.stdout + done.stderr
-    assert done.returncode == 0 and "Error" not in report, report
-    return report
 
 
 def assert_frames_equal_pngs(seg_path, dicom_files, png_folder):

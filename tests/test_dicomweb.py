@@ -20,8 +20,8 @@ import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
+from conftest import dciodvfy
 from fastapi.testclient import TestClient
-from test_dicom_seg import dciodvfy
 
 from lungcbir.cli import main
 from lungcbir.database import ImageRecord

@@ -1,19 +1,10 @@
 import numpy as np
 import pytest
+from conftest import records, unit
 
 from lungcbir.database import ImageRecord, safe_url
 from lungcbir.errors import StoreError
 from lungcbir.store import Store
-
-
-def records(count, start=0):
-    return [ImageRecord(path=f"/x/{start + i}.png", sha256=f"{start + i:064d}", frame=0, source_format="png",
-                        width=8, height=8, labels={}, lung_fraction=0.2, model_id="m1") for i in range(count)]
-
-
-def unit(count, dim=8, seed=0):
-    vectors = np.random.default_rng(seed).normal(size=(count, dim)).astype(np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def test_index_ids_are_row_keys(store_paths):

@@ -3,7 +3,7 @@
 import faiss
 import numpy as np
 import pytest
-from test_store import records, unit
+from conftest import records, unit
 
 from lungcbir.store import Store
 from lungcbir.vector_index import (
