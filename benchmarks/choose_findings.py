@@ -1,4 +1,4 @@
-"""Choose the findings part of the vector on the CHOICE split only (issue 14).
+"""Choose the findings part of the vector on the CHOICE split only.
 
 Usage: python benchmarks/choose_findings.py W.pt [--statistics 0,0.5,1,2,4]
                                                   [--anatomy 0.3,0.4,0.5,0.6,0.7]

@@ -1,4 +1,4 @@
-"""How good must a slice's infection signal be for the mixed-store targets (issue 14)?
+"""How good must a slice's infection signal be for the mixed-store targets?
 
 Usage: python benchmarks/infection_ceiling.py [--split choice|report] [--noise 0,0.25,0.5,1]
                                                [--anatomy 0.5,0.7,0.9]

@@ -1,4 +1,4 @@
-"""The mixed store of issue 14: all six covid-ct-md series (normals included) in one store.
+"""The mixed store: all six covid-ct-md series (normals included) in one store.
 
 Usage: python benchmarks/mixed_store.py [--weights W.pt]
 

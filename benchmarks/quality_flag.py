@@ -245,7 +245,7 @@ def calibrate(outcomes: list[Outcome]) -> None:
 
 
 def postprocess_check(model: LungModel) -> None:
-    """How much true lung post-processing removes (item 4 of issue 13): every held-out slice and
+    """How much true lung post-processing removes: every held-out slice and
     variant with lungs, segmented with and without post-processing; removed = lung in the raw
     mask but not in the cleaned one, true = also in the ground truth."""
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ cache; its latency is printed). ``sq8`` and ``sq4`` (IVF with 8- or 4-bit scalar
 benchmark-only comparisons. ``--repeats`` repeats the query pass with fresh queries (build
 once) and prints the median, with the range over repeats.
 
-``--incremental`` measures what indexing new studies into a large store costs (issue 28): the
+``--incremental`` measures what indexing new studies into a large store costs: the
 same 640 real slices (158 Kaggle + 482 COVID-19 CT files) indexed with ``Retriever.index_dataset``
 into an empty store and into a store of ``--incremental-rows`` rows (1 M; synthetic vectors
 fitted to the 640 real ones, the ``compact`` kind, SQLite), interleaved ``--repeats`` times, the

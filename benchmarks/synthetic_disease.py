@@ -1,4 +1,4 @@
-"""Lesion-inclusive lung masks on SYNTHETIC disease in HU (issue 31 item 3).
+"""Lesion-inclusive lung masks on SYNTHETIC disease in HU.
 
 Real lesion shapes and nodules pasted into the lesion-free HU lungs of ``kaggle-lungs-2d``
 (:mod:`lungcbir.research.synthetic_disease`); the slice's own lung mask is the truth, so the

@@ -1,4 +1,4 @@
-"""Training augmentation that shows the network what the shared data lacks (issue 13 item 1).
+"""Training augmentation that shows the network what the shared data lacks.
 
 Two kinds, both on an image already mapped to [0, 1] (see :func:`lungcbir.train.random_unit_image`):
 

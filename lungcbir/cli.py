@@ -750,7 +750,7 @@ def train(images, masks, out, epochs, batch_size, learning_rate, val_fraction, g
               help="Force mask clean-up on or off (default: as saved with the weights).")
 @click.option("--include-lesions/--lung-output-only", default=None,
               help="Force joining the lesion output's pixels that touch the lungs to the mask on or off "
-                   "(default: as saved with the weights; see MODEL_CARD.md, issue 31).")
+                   "(default: as saved with the weights; see MODEL_CARD.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary and per-image scores as JSON.")
 @model_options
 @friendly_errors

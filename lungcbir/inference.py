@@ -86,7 +86,7 @@ class ModelSettings:
     #: join the lesion output's pixels that touch the lungs inside the body to the lung mask
     #: (lungcbir.postprocess.include_lesions), after the clean-up; needs a lesion output. Off for
     #: the bundled model: its lesion output misses consolidation in HU and marks heart and liver
-    #: beside the lung bases in 8-bit exports, so the union cost val Dice (MODEL_CARD.md, issue 31)
+    #: beside the lung bases in 8-bit exports, so the union cost val Dice (MODEL_CARD.md)
     include_lesions: bool = False
     #: judge masks with lungcbir.quality's mask signals (calibrated on the bundled model); when
     #: False only the input signals count (not CT -> no-lungs), e.g. for untrained test networks

@@ -1,4 +1,4 @@
-"""The layout of the package (issue 18): one core, thin shells."""
+"""The layout of the package: one core, thin shells."""
 
 from __future__ import annotations
 

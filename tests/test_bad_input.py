@@ -228,7 +228,7 @@ def test_labels_csv_problems(tmp_path, tiny_weights, phantom_dir, store_paths):
     assert result.exit_code == 2 and "cannot read labels" in result.output
 
 
-# --- hardening (issue 15): bad tags, odd files, library noise, interrupts ---------------------
+# --- hardening: bad tags, odd files, library noise, interrupts ---------------------
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -312,7 +312,7 @@ def test_check_files_advice_repairs_swapped_files(run, phantom_dir, tmp_path):
 
 
 def test_series_query_with_other_patients_leaves_out_the_own_patient(run_bundled, phantom_dir):
-    # issue 27 defect 1: --other-patients was ignored with --by-series (own patient first, 1.000)
+    # --other-patients was ignored with --by-series (own patient first, 1.000)
     assert run_bundled("index-dataset", str(phantom_dir / "dicom"), "--quiet").exit_code == 0
     result = run_bundled("query", str(phantom_dir / "dicom" / "phantom02"), "--by-series", "--other-patients",
                          "--json", "--k", "2")
@@ -325,14 +325,14 @@ def test_series_query_with_other_patients_leaves_out_the_own_patient(run_bundled
 
 
 def test_removing_a_path_that_is_not_stored_fails(run, phantom_dir, tmp_path):
-    # issue 27 defect 10: `remove PATH` of a path not stored printed "removed 0 image(s)", exit 0
+    # `remove PATH` of a path not stored printed "removed 0 image(s)", exit 0
     assert run("index-dataset", str(phantom_dir / "png"), "--quiet").exit_code == 0
     result = run("remove", str(tmp_path / "never-indexed.png"), weights=False)
     assert result.exit_code == 1 and "not stored" in result.output
 
 
 def test_query_writes_the_lesion_map_and_a_two_segment_seg(phantom_dir, findings_weights, store_paths, tmp_path):
-    # issue 27 expectation 2: the lesion map was computed but never shown or written
+    # the lesion map was computed but never shown or written
     import pydicom
 
     run = _runner(store_paths, findings_weights)

@@ -1,4 +1,4 @@
-"""lungcbir.config: every environment variable and default in one place (issue 18 item 4)."""
+"""lungcbir.config: every environment variable and default in one place."""
 
 from __future__ import annotations
 

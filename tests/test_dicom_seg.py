@@ -150,7 +150,7 @@ def test_png_format_of_a_volume_writes_a_png_per_slice(tiny_weights, tmp_path):
 
 
 def test_a_patient_name_of_one_component_is_written_without_a_warning(phantom_dir, tiny_weights, tmp_path):
-    """Issue 29 item 12: highdicom warned about every SEG of a series named like TCGA-17-Z011."""
+    """Highdicom warned about every SEG of a series named like TCGA-17-Z011."""
     import warnings
 
     folder = tmp_path / "series"

@@ -260,7 +260,7 @@ def index_archive(archive, tmp_path, tiny_weights, *extra, env=None):
 
 @pytest.mark.parametrize("hostile_uid", ["../../../escaped", "ABSOLUTE"])
 def test_an_archive_uid_cannot_write_outside_the_cache(hostile_archive, tmp_path, tiny_weights, hostile_uid):
-    """Issue 29 item 1: a SOP Instance UID that climbs out of the cache or is an absolute path
+    """A SOP Instance UID that climbs out of the cache or is an absolute path
     is refused before it is used in a URL or a file name; the other instances are indexed."""
     hostile_uid = str(tmp_path / "absolute") if hostile_uid == "ABSOLUTE" else hostile_uid
     hostile_archive.listing[0]["00080018"] = _element("UI", hostile_uid)
@@ -302,7 +302,7 @@ def test_only_uids_of_digits_and_dots_are_used():
 
 @pytest.mark.parametrize("slow_part", ["head", "body"])
 def test_a_trickling_answer_is_cut_off_at_the_response_bound(hostile_archive, tmp_path, tiny_weights, slow_part):
-    """Issue 29 item 6: a byte every 0.2 s never trips the per-read timeout; the whole answer
+    """A byte every 0.2 s never trips the per-read timeout; the whole answer
     (headers or body) is bounded by LUNGCBIR_DICOMWEB_RESPONSE_SECONDS."""
     hostile_archive.slow_bytes, hostile_archive.slow_part = 20, slow_part  # 4 s of trickle
     began = time.monotonic()
@@ -350,7 +350,7 @@ def test_a_search_reads_at_most_max_pages(hostile_archive, tmp_path, tiny_weight
 
 
 def test_malformed_positions_and_numbers_are_unknown(hostile_archive, tmp_path, tiny_weights):
-    """Issue 29 item 7: QIDO attributes are read like local files' tags: a value that is not a
+    """QIDO attributes are read like local files' tags: a value that is not a
     finite number counts as unknown; it neither aborts the run nor decides the order."""
     listing = hostile_archive.listing
     listing[0]["00200032"] = _element("DS", "a", "b", "c")
@@ -373,7 +373,7 @@ def test_malformed_positions_and_numbers_are_unknown(hostile_archive, tmp_path, 
 
 
 def test_an_instance_of_another_modality_in_a_ct_series_is_not_indexed(hostile_archive, tmp_path, tiny_weights):
-    """Issue 29 item 16: the modality is checked per instance, from the file itself."""
+    """The modality is checked per instance, from the file itself."""
     sop = next(iter(hostile_archive.served))
     dataset = pydicom.dcmread(io.BytesIO(hostile_archive.served[sop]))
     dataset.Modality = "MR"
@@ -390,7 +390,7 @@ def test_an_instance_of_another_modality_in_a_ct_series_is_not_indexed(hostile_a
 
 @pytest.mark.parametrize("same_host", [False, True])
 def test_a_redirect_to_another_host_is_not_followed(hostile_archive, phantom_dir, tmp_path, tiny_weights, same_host):
-    """Issue 29 item 16: redirects on the archive's own host are followed, others refused."""
+    """Redirects on the archive's own host are followed, others refused."""
     from urllib.parse import urlencode
 
     elsewhere = HostileArchive(sorted((phantom_dir / "dicom" / "phantom01").glob("*.dcm")))
@@ -419,7 +419,7 @@ def test_a_redirect_to_another_host_is_not_followed(hostile_archive, phantom_dir
 
 
 def test_an_answer_that_is_not_json_is_named(hostile_archive, tmp_path, tiny_weights):
-    """Issue 29 item 13: a reason says what was wrong, not only an exception's name."""
+    """A reason says what was wrong, not only an exception's name."""
     hostile_archive.studies_body = b"<html>maintenance</html>"
     result = index_archive(hostile_archive, tmp_path, tiny_weights)
     assert result.exit_code == 2
@@ -428,7 +428,7 @@ def test_an_answer_that_is_not_json_is_named(hostile_archive, tmp_path, tiny_wei
 
 
 def test_segment_names_what_failed_by_its_url_not_a_temporary_folder(hostile_archive, tmp_path, tiny_weights):
-    """Issue 29 item 13: `segment URL` failures name the instance URL; nothing that could not
+    """`segment URL` failures name the instance URL; nothing that could not
     be read is kept, and no message names the temporary folder."""
     sop = next(iter(hostile_archive.served))
     hostile_archive.served[sop] = b"not DICOM at all"

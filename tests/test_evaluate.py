@@ -57,7 +57,7 @@ def test_evaluate_command_goes_on_past_a_mask_without_lungs(tmp_path, tiny_weigh
 
 
 def test_evaluation_groups_name_the_given_folders_and_each_held_out_dataset(phantom_dir, monkeypatch):
-    # issue 18 item 3: the CLI's `evaluate` assembles its groups through this core function
+    # the CLI's `evaluate` assembles its groups through this core function
     import lungcbir.evaluate as evaluate
     from lungcbir.train import pair_folders
 

@@ -145,7 +145,7 @@ def test_walk_skips_non_images_and_honours_exclude(tmp_path):
     assert file_kind("x.nii.gz") == "nifti" and file_kind("x.csv") is None
 
 
-# --- hardening (issue 15): one read, bounded decoding, bad tags, odd files -------------------
+# --- hardening: one read, bounded decoding, bad tags, odd files -------------------
 
 def _dicom(tmp_path, phantom_dir, name="x.dcm", raw=None, remove=(), frames=None):
     """A phantom DICOM, with tags replaced by raw (possibly invalid) bytes or removed."""
@@ -265,7 +265,7 @@ def _peak_allocation(function):
 
 
 def test_a_volume_of_zeros_is_refused_as_constant_plane_by_plane(tmp_path):
-    """Issue 29 item 8: a small .nii.gz of zeros within the voxel limit once expanded to
+    """A small .nii.gz of zeros within the voxel limit once expanded to
     gigabytes; it is now decoded one plane at a time and refused as constant."""
     path = _gzip_nifti_of_zeros(tmp_path / "zeros.nii.gz", (512, 512, 200))  # 100 MB of int16 once expanded
     outcome, peak = _peak_allocation(lambda: read_file(path))
@@ -415,7 +415,7 @@ def test_malformed_optional_dicom_tags_count_as_unknown(tmp_path, phantom_dir):
     (b"1 ", b"-1e30 ", "RescaleSlope 1 and RescaleIntercept -1e+30 give values of magnitude above 1e+06"),
 ])
 def test_unusable_rescale_fails_the_file_without_a_warning(tmp_path, phantom_dir, slope, intercept, reason):
-    """Issue 29 item 12: a NaN or huge RescaleSlope overflowed the pixels (RuntimeWarning on stderr)."""
+    """A NaN or huge RescaleSlope overflowed the pixels (RuntimeWarning on stderr)."""
     import warnings
 
     path = _dicom(tmp_path, phantom_dir, raw={"RescaleSlope": ("DS", slope), "RescaleIntercept": ("DS", intercept)})
@@ -426,7 +426,7 @@ def test_unusable_rescale_fails_the_file_without_a_warning(tmp_path, phantom_dir
 
 
 def test_a_decoder_error_of_several_lines_gives_its_useful_part_in_one_line(tmp_path, phantom_dir):
-    """Issue 29 item 13: "... raised by all available plugins:" was cut at the colon."""
+    """"... raised by all available plugins:" was cut at the colon."""
     import pydicom
     from pydicom.encaps import encapsulate
     from pydicom.uid import RLELossless
@@ -445,7 +445,7 @@ def test_a_decoder_error_of_several_lines_gives_its_useful_part_in_one_line(tmp_
 
 @pytest.mark.parametrize("columns", [9, 95, 200])
 def test_dicom_pixel_data_must_be_as_long_as_its_header_says(tmp_path, phantom_dir, columns):
-    """Issue 29 item 11: a header whose Columns lie was read as a picture of the header's size."""
+    """A header whose Columns lie was read as a picture of the header's size."""
     path = _dicom(tmp_path, phantom_dir, raw={"Columns": ("US", struct.pack("<H", columns))})
     with pytest.raises(ReadError, match=f"DICOM pixel data is 18432 bytes, but Rows 96 x Columns {columns} x 1 "
                                         f"sample\\(s\\) of 16 bits take {96 * columns * 2}$"):
@@ -503,7 +503,7 @@ def test_named_pipes_are_refused_without_blocking(tmp_path):
     assert outcome["errors"] == ["not a regular file (named pipe)"] * 2
 
 
-# --- the reader registry (issue 18 item 2) ----------------------------------------------------
+# --- the reader registry ----------------------------------------------------
 
 def test_every_suffix_has_one_reader_and_the_message_text_comes_from_the_registry():
     from lungcbir import io

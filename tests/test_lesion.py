@@ -213,7 +213,7 @@ def test_lesion_branch_learns_from_slice_labels_without_lesion_masks(tmp_path, t
 
 
 def test_include_lesions_joins_consolidation_to_the_mask_and_leaves_the_verdict(tmp_path, monkeypatch):
-    """Issue 31: the lung output leaves dense consolidation out, the lesion output sees it; with
+    """The lung output leaves dense consolidation out, the lesion output sees it; with
     ``include_lesions`` the mask (and the lesion fraction's denominator) includes it, and the
     quality verdict, which judges the lung output, does not change for it."""
     import cv2

@@ -1,4 +1,4 @@
-"""Post-processing must never delete a real lung (issue 13, item 4)."""
+"""Post-processing must never delete a real lung."""
 
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def test_one_pad_to_square_serves_model_input_masks_and_training(tmp_path):
 
 
 def test_minmax_of_the_whole_float32_range_warns_nothing():
-    """Issue 29 item 12: values - low overflowed float32 (a RuntimeWarning on stderr)."""
+    """Values - low overflowed float32 (a RuntimeWarning on stderr)."""
     import warnings
 
     values = np.array([[-3e38, 0.0, 3e38]], np.float32)

@@ -181,7 +181,7 @@ def test_stored_masks_come_from_the_rows_and_old_rows_fall_back_to_the_model(pha
     assert calls == [1] and all(np.array_equal(a, b) for a, b in zip(again, made))
 
 
-# issue 18 item 3: filters and series order in the core, for the CLI and the web alike -----------
+# filters and series order in the core, for the CLI and the web alike -----------
 
 def test_parse_filters_strips_and_refuses_what_is_not_key_value():
     from lungcbir.errors import FilterError
@@ -350,14 +350,14 @@ def bundled_phantom(phantom_dir, bundled_weights, store_paths):
 
 
 def test_series_query_with_other_patients_leaves_out_the_own_patient(bundled_phantom, phantom_dir):
-    # issue 27 defect 1: --other-patients was ignored for series: the own patient ranked first at 1.000
+    # --other-patients was ignored for series: the own patient ranked first at 1.000
     result = bundled_phantom.query_series(_series(phantom_dir / "dicom" / "phantom02"), k=2, other_patients=True)
     assert result.matches and {m.patient_id for m in result.matches} == {"PHANTOM01"}
     assert result.note and "1 of 2 cases" in result.note  # says why there are fewer than k
 
 
 def test_series_pairs_are_level_aligned_and_leave_out_slices_without_lungs(bundled_phantom, phantom_dir):
-    # issue 27 defect 2: pairs ignored the level, and slices without lungs took part
+    # pairs ignored the level, and slices without lungs took part
     series = _series(phantom_dir / "dicom" / "phantom02")
     blank = read_file(series[0].path)[0]
     blank.pixels = np.full_like(blank.pixels, -1000)  # air: a slice above the lungs
@@ -372,14 +372,14 @@ def test_series_pairs_are_level_aligned_and_leave_out_slices_without_lungs(bundl
 
 
 def test_slices_of_two_patients_are_not_one_series(bundled_phantom, phantom_dir):
-    # issue 27 defect 6: two patients uploaded as one series were accepted without a word
+    # two patients uploaded as one series were accepted without a word
     slices = _series(phantom_dir / "dicom" / "phantom01")[:2] + _series(phantom_dir / "dicom" / "phantom02")[:2]
     with pytest.raises(LungCBIRError, match="2 patients"):
         bundled_phantom.query_series(slices, k=2)
 
 
 def test_a_short_answer_says_why(phantom_dir, tiny_weights, store_paths):
-    # issue 27 defect 11: query(k=5) returned 2 results on a two-patient store without a word
+    # query(k=5) returned 2 results on a two-patient store without a word
     retriever = Retriever(weights=tiny_weights, **store_paths)
     retriever.index_dataset([phantom_dir / "dicom"])
     result = retriever.query(phantom_dir / "png" / "phantom01" / "phantom01_s002.png", k=5)
@@ -390,7 +390,7 @@ def test_a_short_answer_says_why(phantom_dir, tiny_weights, store_paths):
 
 
 def test_the_same_pixels_stored_twice_come_once_with_their_copies(phantom_dir, tiny_weights, store_paths, tmp_path):
-    # issue 27 defect 3 / expectation 7: a DICOM and its TIFF export came back at ranks 2 and 3
+    # a DICOM and its TIFF export came back at ranks 2 and 3
     import cv2
 
     source = phantom_dir / "png" / "phantom01" / "phantom01_s002.png"
@@ -411,7 +411,7 @@ def test_the_same_pixels_stored_twice_come_once_with_their_copies(phantom_dir, t
 
 
 def test_neighbours_explain_themselves(phantom_dir, findings_weights, store_paths, tmp_path):
-    # issue 27 expectation 4: label summary, the parts' similarities and a percentile
+    # label summary, the parts' similarities and a percentile
     labels = tmp_path / "labels.csv"
     files = sorted((phantom_dir / "png" / "phantom01").glob("*.png"))
     labels.write_text("path,diagnosis\n" + "".join(f"{p},{'COVID-19' if n % 3 else 'normal'}\n"

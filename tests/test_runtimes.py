@@ -1,4 +1,4 @@
-"""lungcbir.runtimes: ONNX Runtime as the CPU default, torch on request (issue 28 item 1)."""
+"""lungcbir.runtimes: ONNX Runtime as the CPU default, torch on request."""
 
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ def test_vectors_are_stored_as_float16(store_paths):
     assert len(store.records([1])[1].vector) == 8 * 2
 
 
-# -- hardening (issue 15) ---------------------------------------------------------------------
+# -- hardening ---------------------------------------------------------------------
 
 
 def legacy_database(store_paths):
@@ -383,7 +383,7 @@ def test_writers_starting_together_on_an_empty_database_all_claim_it(store_paths
         stores[0].check_model("m2", 8)
 
 
-# -- hardening (issue 29) ---------------------------------------------------------------------
+# -- hardening ---------------------------------------------------------------------
 
 
 def test_long_identifiers_are_stored_whole_on_every_backend(store_paths):
@@ -424,7 +424,7 @@ def test_a_postgresql_database_with_128_character_identifiers_is_widened_on_open
     url = postgres_url()
     store = Store(url, tmp_path / "index")
     store.check_model("m1", 8)
-    with store.engine.begin() as connection:  # as versions before issue 29 made the tables
+    with store.engine.begin() as connection:  # as earlier versions made the tables (VARCHAR(128))
         for column in ("patient_id", "study_uid", "series_uid", "sop_uid"):
             connection.execute(text(f"ALTER TABLE images ALTER COLUMN {column} TYPE VARCHAR(128)"))
         for column in ("study_uid", "series_uid"):

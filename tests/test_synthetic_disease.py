@@ -1,4 +1,4 @@
-"""The SYNTHETIC HU disease benchmark's cases (lungcbir.research.synthetic_disease, issue 31)."""
+"""The SYNTHETIC HU disease benchmark's cases (lungcbir.research.synthetic_disease)."""
 
 from __future__ import annotations
 

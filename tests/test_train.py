@@ -144,7 +144,7 @@ def test_training_can_start_from_trained_weights(tmp_path):
 
 
 def test_training_samples_take_group_series_and_position_from_the_file_names(phantom_dir):
-    # issue 18 item 3: the CLI's `train` assembles its samples through this core function
+    # the CLI's `train` assembles its samples through this core function
     from pathlib import Path
 
     from lungcbir.train import pair_folders, training_samples

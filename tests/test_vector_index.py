@@ -163,7 +163,7 @@ def test_an_unchanged_generation_is_checked_in_full_again_after_a_while(store_pa
     assert seen
 
 
-# -- checkpoints: the index file is not rewritten after every committed batch (issue 28 item 3) --------
+# -- checkpoints: the index file is not rewritten after every committed batch --------
 
 
 def _note_generation(store: Store) -> int:

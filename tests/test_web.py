@@ -65,7 +65,7 @@ NOT_JSON = {"image/png", "application/octet-stream"}
 
 
 def test_openapi_documents_a_schema_for_every_answer(client):
-    # issue 18 item 3: every JSON answer and error has a response model, so /openapi.json (and
+    # every JSON answer and error has a response model, so /openapi.json (and
     # /docs) says what each route answers; picture and file routes say their media type
     document = client.get("/openapi.json").json()
     components = document["components"]["schemas"]
@@ -175,7 +175,7 @@ def test_internal_errors_do_not_leak(phantom_dir, tiny_weights, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# hardening (issue 15): memory, body size, ids, authentication, Host header, paths, /docs
+# hardening: memory, body size, ids, authentication, Host header, paths, /docs
 
 import asyncio  # noqa: E402
 import gzip  # noqa: E402
@@ -582,7 +582,7 @@ def test_stored_overlay_uses_the_mask_kept_in_the_row(client, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 16: what the page needs from the API (pixels, masks, files, series, labels, series query)
+# what the page needs from the API (pixels, masks, files, series, labels, series query)
 
 import io  # noqa: E402
 import json  # noqa: E402
@@ -805,7 +805,7 @@ def test_results_say_study_date_and_series_description(client):
 
 
 # ---------------------------------------------------------------------------------------------
-# the search focus (issue 14 item 2): every search route takes it, answers echo it, and
+# the search focus: every search route takes it, answers echo it, and
 # /api/stats says whether the model's vectors have a findings part to weigh
 
 from lungcbir.features import FindingsConfig  # noqa: E402
@@ -912,7 +912,7 @@ def test_with_a_findings_part_the_focus_changes_the_ranking(findings_client, pha
                                       "https://x/{study_uid:>80}", "https://x/{study_uid:}",
                                       "https://x/?s={study_uid}&p={patient_id!s:{series_uid}}"])
 def test_viewer_template_allows_plain_fields_only(template):
-    """Issue 29 item 15: a conversion, format spec or nested field passed the start check and then
+    """A conversion, format spec or nested field passed the start check and then
     made every request a 500; it is refused when the server starts."""
     from lungcbir.websecurity import check_viewer_template
 
@@ -929,7 +929,7 @@ def test_viewer_template_keeps_escaped_braces():
 
 
 def test_series_query_names_cases_without_identity_by_file_name(phantom_dir, bundled_weights, tmp_path):
-    """Issue 29 item 4: a case of slices without patient or series was named by its server path
+    """A case of slices without patient or series was named by its server path
     (``file:/srv/.../x.png``); it is named by its file name, as the neighbours are."""
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -964,7 +964,7 @@ def own_files(phantom_dir, tiny_weights, tmp_path):
 
 
 def test_file_route_refuses_a_file_replaced_by_a_link_or_other_bytes(own_files, tmp_path):
-    """Issue 29 item 3: the file route sent whatever sat at the stored path, a link to a system
+    """The file route sent whatever sat at the stored path, a link to a system
     file included; it sends the file only if its bytes are those indexed and it lies in its
     indexed folder (410 otherwise, like the picture routes)."""
     import os
@@ -1001,7 +1001,7 @@ def test_file_route_sends_a_link_inside_its_folder(own_files):
     assert answer.headers["content-disposition"] == f'attachment; filename="{os.path.basename(paths[3])}"'
 
 
-# issue 29 item 17: a client that sends its body slowly is answered 408 -----------------------
+# a client that sends its body slowly is answered 408 -----------------------
 
 def slow_body_call(app, client_pause: float, chunks: int = 4, hang: bool = False) -> tuple[int | None, bytes, float]:
     """POST a multipart body to ``app`` in ``chunks`` pieces, ``client_pause`` seconds apart
@@ -1087,7 +1087,7 @@ def test_web_answers_are_the_core_json_with_public_names(bundled_client, bundled
 
 
 def test_series_query_takes_other_patients(bundled_client, phantom_dir):
-    # issue 27 defect 1: /api/query-series had no other_patients field (the page's box did nothing)
+    # /api/query-series had no other_patients field (the page's box did nothing)
     files = [("files", (p.name, p.read_bytes())) for p in sorted((phantom_dir / "dicom" / "phantom02").iterdir())]
     answer = bundled_client.post("/api/query-series", files=files, data={"k": "2", "other_patients": "1"}).json()
     assert [case["patient_id"] for case in answer["cases"]] == ["PHANTOM01"]
@@ -1100,7 +1100,7 @@ def test_series_query_takes_other_patients(bundled_client, phantom_dir):
 
 
 def test_two_patients_as_one_series_are_refused(bundled_client, phantom_dir):
-    # issue 27 defect 6: accepted without a word
+    # accepted without a word
     files = [("files", (f"{p.parent.name}_{p.name}", p.read_bytes()))
              for name in ("phantom01", "phantom02") for p in sorted((phantom_dir / "dicom" / name).iterdir())[:2]]
     response = bundled_client.post("/api/query-series", files=files)
@@ -1108,7 +1108,7 @@ def test_two_patients_as_one_series_are_refused(bundled_client, phantom_dir):
 
 
 def test_a_zip_without_ct_says_so_and_is_named_as_uploaded(bundled_client):
-    # issue 27 defect 7: "cat.jpg: 1 slices queried ... No stored case matches the filter"
+    # "cat.jpg: 1 slices queried ... No stored case matches the filter"
     buffer = io.BytesIO()
     rng = np.random.default_rng(0)
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -1119,7 +1119,7 @@ def test_a_zip_without_ct_says_so_and_is_named_as_uploaded(bundled_client):
 
 
 def test_a_no_lungs_picture_shows_no_lungs(bundled_client):
-    # issue 27 defect 8: contours around a cat's eyes beside "no lungs"
+    # contours around a cat's eyes beside "no lungs"
     picture = np.zeros((128, 128, 3), np.uint8)
     picture[:] = (40, 140, 220)  # an orange cat (colour: not CT) with two dark eyes the model calls lungs
     for x in (44, 84):
@@ -1134,14 +1134,14 @@ def test_a_no_lungs_picture_shows_no_lungs(bundled_client):
 
 
 def test_the_size_limit_is_the_upload_limit(client):
-    # issue 27 defect 10: the page said "65 MiB" (the body limit), the README 64 MiB
+    # the page said "65 MiB" (the body limit), the README 64 MiB
     response = client.post("/api/query", content=b"x", headers={"content-length": str(70 * 2**20),
                                                                 "content-type": "multipart/form-data; boundary=x"})
     assert response.status_code == 413 and "64 MiB" in response.json()["detail"]
 
 
 def test_lesion_maps_of_the_query_and_neighbours(phantom_dir, findings_weights, store_paths):
-    # issue 27 expectation 2: the lesion map on the query and on every neighbour
+    # the lesion map on the query and on every neighbour
     retriever = Retriever(weights=findings_weights, **store_paths)
     retriever.index_dataset([phantom_dir / "png"])
     client = TestClient(create_app(retriever), base_url=LOCAL)
@@ -1154,7 +1154,7 @@ def test_lesion_maps_of_the_query_and_neighbours(phantom_dir, findings_weights, 
 
 
 def test_a_patient_without_a_series_steps_through_the_patients_slices(phantom_dir, tiny_weights, tmp_path):
-    # issue 27 defect 9: "no other stored slice" when the identity gives a patient but no series
+    # "no other stored slice" when the identity gives a patient but no series
     flat = tmp_path / "flat"
     flat.mkdir()
     for n, path in enumerate(sorted((phantom_dir / "png" / "phantom01").glob("*.png"))[:3]):

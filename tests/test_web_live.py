@@ -157,7 +157,7 @@ def test_concurrent_clients_never_fail(server, shared_data):
 
 
 def test_healthz_answers_at_once_under_load(server, shared_data):
-    """Issue 29 item 5: /healthz waited behind the queries for a worker thread (34-36 s under 200
+    """/healthz waited behind the queries for a worker thread (34-36 s under 200
     queries), so a liveness probe would restart a healthy server; it answers at once."""
     content = query_file(shared_data).read_bytes()
 
@@ -264,7 +264,7 @@ def trickle(server: str, head: bytes, drip: bytes, limit: float) -> tuple[bytes,
 
 
 def test_slow_headers_are_answered_408_and_closed(server):
-    """Issue 29 item 17: a client sending its headers a byte at a time, or nothing at all on a
+    """A client sending its headers a byte at a time, or nothing at all on a
     new connection, held the connection for ever."""
     answer, seconds = trickle(server, b"GET /healthz HTTP/1.1\r\nHost: {host}\r\n", b"X-Slow: 1\r\n", 12)
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
@@ -308,7 +308,7 @@ def test_server_log_never_shows_the_token(server, server_log):
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 16: keyboard, errors, identification, window/level, side by side, series, filters,
+# keyboard, errors, identification, window/level, side by side, series, filters,
 # downloads, accessibility, and how long a click takes to answer
 
 

@@ -342,7 +342,7 @@ def symmetric_focus(model: LungModel, vectors: np.ndarray, focus: str) -> np.nda
     return (vectors * np.sqrt(multipliers)).astype(np.float32)
 
 
-# -- the mixed store and the search focus (issue 14), on a choice / report split ---------------
+# -- the mixed store and the search focus, on a choice / report split ---------------
 
 #: The neighbour whose score the mixed-store measure reports (median over all queries).
 SCORE_RANK = 50

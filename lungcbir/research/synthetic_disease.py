@@ -1,4 +1,4 @@
-"""SYNTHETIC disease in Hounsfield units with the truth known (issue 31 item 3).
+"""SYNTHETIC disease in Hounsfield units with the truth known.
 
 Real lesions are pasted into the lesion-free HU lungs of ``kaggle-lungs-2d`` and the slice's own
 lung mask stays the truth: a lesion-inclusive mask must cover the pasted lesions too.
