@@ -22,8 +22,16 @@ import torch
 from lungcbir.inference import LungModel
 from lungcbir.preprocess import normalize_intensity
 from lungcbir.regions import region_features
-from lungcbir.research.nodule_benchmark import (CANDIDATE_BLOCKS, MEASURES, Labels, cross_validated,
-                                                cross_validated_learned, export_8bit, pasted_nodules, summary)
+from lungcbir.research.nodule_benchmark import (
+    CANDIDATE_BLOCKS,
+    MEASURES,
+    Labels,
+    cross_validated,
+    cross_validated_learned,
+    export_8bit,
+    pasted_nodules,
+    summary,
+)
 
 INPUTS = ("hu", "uint8")
 
@@ -45,7 +53,8 @@ def features(model: LungModel, cache: Path, limit: int | None) -> tuple[dict[str
             if number % 100 == 0:
                 print(f"  {number}/{len(cases)} nodules, {time.time() - started:.0f} s", flush=True)
         cache.mkdir(parents=True, exist_ok=True)
-        arrays = {f"{kind}/{name}": np.stack(values) for kind, blocks in rows.items() for name, values in blocks.items()}
+        arrays = {f"{kind}/{name}": np.stack(values)
+                  for kind, blocks in rows.items() for name, values in blocks.items()}
         arrays["patient"] = np.array([case.patient for case in cases])
         arrays["malignancy"] = np.array([case.malignancy for case in cases])
         arrays["texture"] = np.array([case.texture for case in cases])

@@ -156,7 +156,8 @@ def encoder_region_pool(network: UNet, views: list[tuple[np.ndarray, np.ndarray]
         maps = encoded[level]
         # area pooling keeps each cell's share of the region, so a nodule smaller than a cell
         # still weighs the cell it sits in
-        cell = torch.nn.functional.adaptive_avg_pool2d(weight, maps.shape[-2:]).clamp_min(1e-6)
+        size = (int(maps.shape[-2]), int(maps.shape[-1]))
+        cell = torch.nn.functional.adaptive_avg_pool2d(weight, size).clamp_min(1e-6)
         parts.append(((maps * cell).sum((2, 3)) / cell.sum((2, 3))).numpy())
     if logits.shape[1] > 1:
         lesion = torch.sigmoid(logits[:, -1:]).numpy()[:, 0]

@@ -7,8 +7,8 @@ import pytest
 
 from lungcbir.research.nodule_benchmark import (
     Labels,
-    choose_weights,
     block_distances,
+    choose_weights,
     cross_validated,
     cross_validated_learned,
     export_8bit,

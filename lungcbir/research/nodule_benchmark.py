@@ -25,8 +25,8 @@ each feature block is standardised with the other folds' mean and spread, and th
 (each 0, 1 or 2; the baseline's histogram bins and size among the blocks) are those with the best
 mean of malignancy agreement and ground-glass share on the other folds alone (their own
 leave-patient-out retrieval), found by coordinate ascent. A learnt distance (two Fisher
-directions, malignancy and ground glass, over every block) is fitted on the other folds too. The neighbours of a query are every
-other patient's nodules. Intervals: 95 % percentile bootstrap resampling patients.
+directions, malignancy and ground glass, over every block) is fitted on the other folds too.
+The neighbours of a query are every other patient's nodules. Intervals: 95 % percentile bootstrap resampling patients.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def pasted_nodules(root: Path | None = None, limit: int | None = None) -> list[N
     backgrounds = []
     for sample in split["val"] + split["test"]:
         lungs = read_mask(sample.mask).astype(bool)
-        backgrounds.append((Path(sample.image).name, calibrated(read_file(sample.image)[0].pixels, lungs), lungs))
+        pixels = read_file(sample.image)[0].pixels
+        backgrounds.append((Path(sample.image).name, calibrated(pixels, lungs), lungs))
     with open(folder / "nodules.csv", newline="") as handle:
         rows = sorted(csv.DictReader(handle), key=lambda row: row["file"])[:limit]
     cases = []
@@ -192,30 +193,37 @@ def query_scores(distance: np.ndarray, queries: np.ndarray, database: np.ndarray
         same = malignant[top] == malignant[rated_queries][:, None]
         out["malignancy"][rows] = same.mean(1)
         out["malignant_share"][rows] = malignant[top].mean(1)
-        for row, query in zip(rows, rated_queries) if chance else ():
-            pool = database[rated[database] & (labels.patient[database] != labels.patient[query])]
-            out["chance_malignancy"][row] = np.mean(malignant[pool] == malignant[query])
+        for row, query in zip(rows, rated_queries):
+            if chance:
+                pool = database[rated[database] & (labels.patient[database] != labels.patient[query])]
+                out["chance_malignancy"][row] = np.mean(malignant[pool] == malignant[query])
     top = top_neighbours(distance, queries, database, labels.patient)
     out["texture"] = (labels.texture[top] == labels.texture[queries][:, None]).mean(1)
     glass = labels.texture[queries] == GROUND_GLASS
     out["ground_glass"][glass] = (labels.texture[top[glass]] == GROUND_GLASS).mean(1)
-    for row, query in enumerate(queries) if chance else ():
-        pool = database[labels.patient[database] != labels.patient[query]]
-        out["chance_texture"][row] = np.mean(labels.texture[pool] == labels.texture[query])
-        if glass[row]:
-            out["chance_ground_glass"][row] = np.mean(labels.texture[pool] == GROUND_GLASS)
+    if chance:
+        for index, query in enumerate(queries):
+            pool = database[labels.patient[database] != labels.patient[query]]
+            out["chance_texture"][index] = np.mean(labels.texture[pool] == labels.texture[query])
+            if glass[index]:
+                out["chance_ground_glass"][index] = np.mean(labels.texture[pool] == GROUND_GLASS)
     return out
 
 
 def objective(scores: dict[str, np.ndarray]) -> float:
     """What the folds choose by: the mean of malignancy agreement and ground-glass share."""
     parts = [scores[key][~np.isnan(scores[key])] for key in ("malignancy", "ground_glass")]
-    return float(np.mean([part.mean() for part in parts if len(part)])) if any(len(p) for p in parts) else 0.0
+    means = [part.mean() for part in parts if len(part)]
+    return float(np.mean(means)) if means else 0.0
 
 
 def combined(distances: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
-    total = sum(weights.values())
-    return sum(w * distances[name] for name, w in weights.items() if w) / total
+    """The weighted mean of the blocks' distances."""
+    total = np.zeros_like(next(iter(distances.values())))
+    for name, weight in weights.items():
+        if weight:
+            total += weight * distances[name]
+    return total / sum(weights.values())
 
 
 def choose_weights(distances: dict[str, np.ndarray], train: np.ndarray, labels: Labels,
@@ -275,7 +283,8 @@ def fisher_direction(values: np.ndarray, positive: np.ndarray, shrinkage: float)
         >>> fisher_direction(x, y, 0.5).round(3).tolist()
         [1.0, 0.0]
     """
-    centred = np.concatenate([values[positive] - values[positive].mean(0), values[~positive] - values[~positive].mean(0)])
+    centred = np.concatenate([values[positive] - values[positive].mean(0),
+                              values[~positive] - values[~positive].mean(0)])
     within = centred.T @ centred / max(1, len(centred) - 2)
     within = (1 - shrinkage) * within + shrinkage * np.trace(within) / len(within) * np.eye(len(within))
     direction = np.linalg.solve(within, values[positive].mean(0) - values[~positive].mean(0))
@@ -306,7 +315,8 @@ def choose_shrinkage(blocks: dict[str, np.ndarray], train: np.ndarray, labels: L
         parts: dict[str, list[np.ndarray]] = {"malignancy": [], "ground_glass": []}
         for fold in range(4):
             fit, held = train[inner != fold], train[inner == fold]
-            found = query_scores(learned_distances(blocks, fit, labels, shrinkage), held, train, labels, chance=False)
+            distance = learned_distances(blocks, fit, labels, shrinkage)
+            found = query_scores(distance, held, train, labels, chance=False)
             for key in parts:
                 parts[key].append(found[key])
         value = objective({key: np.concatenate(values) for key, values in parts.items()})
