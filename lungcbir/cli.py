@@ -486,7 +486,9 @@ def segment(images, out, output_format, batch_size, study, stow, as_json, weight
     retriever = _retriever(weights=weights, device=device, batch_size=batch_size)
     folder = _ensure_folder(out)
     with tempfile.TemporaryDirectory(prefix="lungcbir-dicomweb-") as download:
-        sources, fetched, failures = [], [], []
+        sources: list[DicomwebSource] = []
+        fetched: list[str] = []
+        failures: list[str] = []
         for url in urls:  # fetched to a temporary folder, then read like local series
             source = DicomwebSource(url, cache_dir=Path(download) / str(len(sources)))
             series_folders, fetch_failures = source.download(study)
@@ -797,7 +799,8 @@ def evaluate(images, masks, held_out, postprocess, include_lesions, as_json, wei
             click.echo(f"    {score.dice:.4f}  {score.path}")
     lesions = None
     if held_out and model.has_lesion_head:  # the lesion head, on the held-out COVID-19 patients
-        lesions = evaluate_lesions(model, [(s.image, s.mask, s.infection) for s in covid_slices()["test"]])
+        lesions = evaluate_lesions(model, [(s.image, s.mask, s.infection) for s in covid_slices()["test"]
+                                           if s.infection is not None])
         if not as_json:
             summary = lesions.summary()
             click.echo(f"covid19-ct-lungmask test lesions: {summary['images']} images "
