@@ -261,7 +261,8 @@ def postprocess_check(model: LungModel) -> None:
             false = np.array([(raw[i] & ~cleaned[i] & ~cases[i].truth).sum() / cases[i].truth.sum() for i in chosen])
             gain = np.array([dice_score(cleaned[i], cases[i].truth) - dice_score(raw[i], cases[i].truth)
                              for i in chosen])
-            print(f"{split} {kind:<26} {len(chosen):>4}: true lung removed: mean {lost.mean():.4f} max {lost.max():.4f} "
+            print(f"{split} {kind:<26} {len(chosen):>4}: true lung removed: "
+                  f"mean {lost.mean():.4f} max {lost.max():.4f} "
                   f"(> 1 % of the lung in {int((lost > 0.01).sum())}); non-lung removed mean {false.mean():.4f}; "
                   f"Dice change mean {gain.mean():+.4f} min {gain.min():+.4f}")
 

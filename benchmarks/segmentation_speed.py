@@ -113,7 +113,8 @@ def main() -> None:
             for name, candidate in (("this", model), ("other", other)):
                 rates[name].append(16 / best_of(1, lambda: candidate.segment(slices, batch_size=16)))
         print(f"  interleaved full pipelines: this model {max(rates['this']):.1f} slices/s, "
-              f"{other.model_id} {max(rates['other']):.1f} slices/s, ratio {max(rates['this']) / max(rates['other']):.2f}")
+              f"{other.model_id} {max(rates['other']):.1f} slices/s, "
+              f"ratio {max(rates['this']) / max(rates['other']):.2f}")
 
     try:
         from lungmask import LMInferer

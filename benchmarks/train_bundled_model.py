@@ -53,8 +53,9 @@ def load_split(config: TrainConfig) -> dict[str, dict[str, list[TrainingSample]]
     """Train and val samples of each source, resized to the model input."""
     split = {}
     for name, parts in (("kaggle", kaggle_slices()), ("covid19", covid_slices())):
+        lesions = config.infection_head or config.lesion_levels
         split[name] = {part: [dataclasses.replace(load_sample(s.image, s.mask, config.input_size, s.group,
-                                                              s.infection if config.infection_head or config.lesion_levels else None),
+                                                              s.infection if lesions else None),
                                                   series=s.series, position=s.position)
                               for s in parts[part]] for part in ("train", "val")}
     return split

@@ -88,8 +88,10 @@ def test_add_pathology_labels_pasted_consolidation_and_marks_other_findings_unkn
 def test_exports_keep_range_and_shape(name):
     image, lung = _slice()
     rng = random.Random(2)
-    function = {"jpeg": lambda: augment.jpeg_compress(image, rng), "fov": lambda: augment.circular_fov(image, lung, rng),
-                "low dose": lambda: augment.low_dose_noise(image, rng), "sharpen": lambda: augment.sharpen(image, rng)}[name]
+    function = {"jpeg": lambda: augment.jpeg_compress(image, rng),
+                "fov": lambda: augment.circular_fov(image, lung, rng),
+                "low dose": lambda: augment.low_dose_noise(image, rng),
+                "sharpen": lambda: augment.sharpen(image, rng)}[name]
     new = function()
     assert new.shape == image.shape and new.dtype == np.float32
     assert 0.0 <= new.min() and new.max() <= 1.0 and not np.array_equal(new, image)

@@ -28,7 +28,8 @@ def huge_png_header(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
 
 
 def dicom_bytes(phantom_dir, **changes) -> bytes:
@@ -90,7 +91,8 @@ def corpus_entries(phantom_dir):
         "4-D nifti": ("fourd.nii.gz", nifti_bytes((16, 16, 2, 3)), "expected a 3-D volume"),
         "30000x30000 png": ("huge.png", huge_png_header(30000, 30000), "above the limit"),
         "gif": ("anim.gif", b"GIF89a" + b"\0" * 20, None),  # not an image type by name: passed over
-        "float RGB tiff": ("float_rgb.tif", encoded(".tif", np.dstack([GOOD, GOOD, GOOD]).astype(np.float32) / 255), None),
+        "float RGB tiff": ("float_rgb.tif",
+                           encoded(".tif", np.dstack([GOOD, GOOD, GOOD]).astype(np.float32) / 255), None),
     }
 
 

@@ -55,7 +55,8 @@ def test_same_slice_exported_or_turned_finds_itself_among_other_real_slices(mode
     vectors = np.stack([r.vector for r in model.segment(stored)])
     for index in (0, 3, 6):
         hu = stored[index].pixels.astype(np.float32)
-        exports = [CTSlice(np.round(np.clip((hu - low) / (high - low), 0, 1) * 255).astype(np.uint8), "uint8", "x", "png")
+        exports = [CTSlice(np.round(np.clip((hu - low) / (high - low), 0, 1) * 255).astype(np.uint8),
+                           "uint8", "x", "png")
                    for low, high in ((-1000, 400), (-160, 240), (-500, 1500))]  # lung, mediastinal, bone
         turned = [CTSlice(np.ascontiguousarray(view), "hu", "x", "tiff")
                   for view in (hu[:, ::-1], hu[::-1], np.rot90(hu), np.rot90(hu, 2), np.rot90(hu, 3))]

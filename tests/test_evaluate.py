@@ -47,7 +47,8 @@ def test_empty_truth_and_lungs_predicted_score_zero(slice_without_lungs):
 
 def test_evaluate_command_goes_on_past_a_mask_without_lungs(tmp_path, tiny_weights):
     runner = CliRunner()
-    assert runner.invoke(main, ["make-phantom", str(tmp_path / "ph"), "--slices", "3", "--patients", "1"]).exit_code == 0
+    made = runner.invoke(main, ["make-phantom", str(tmp_path / "ph"), "--slices", "3", "--patients", "1"])
+    assert made.exit_code == 0
     masks = sorted((tmp_path / "ph" / "masks").rglob("*.png"))
     cv2.imwrite(str(masks[0]), np.zeros(cv2.imread(str(masks[0]), cv2.IMREAD_UNCHANGED).shape, np.uint8))
     result = runner.invoke(main, ["evaluate", "--images", str(tmp_path / "ph" / "png"), "--masks",

@@ -166,7 +166,8 @@ def test_lesion_branch_learns_on_frozen_lung_weights(tmp_path, tiny_weights):
         assert torch.equal(value.half(), trained.state_dict()[key].half()), key
     items = _slices()
     for old, new in zip(before.segment(items), after.segment(items)):
-        assert np.array_equal(old.mask, new.mask) and np.abs(old.vector - new.vector).max() < 1e-5, np.abs(old.vector - new.vector).max()
+        difference = np.abs(old.vector - new.vector).max()
+        assert np.array_equal(old.mask, new.mask) and difference < 1e-5, difference
         assert new.lesion_mask is not None and not (new.lesion_mask & ~new.mask).any()
 
 

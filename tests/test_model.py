@@ -31,7 +31,8 @@ def test_poolings_are_an_enum_whose_values_are_the_recorded_names():
 
     from lungcbir.features import Pooling
 
-    assert POOLINGS == tuple(p.value for p in Pooling) and json.dumps(Pooling.LUNG_MEAN_GLOBAL_MAX) == '"lung-mean+global-max"'
+    assert POOLINGS == tuple(p.value for p in Pooling)
+    assert json.dumps(Pooling.LUNG_MEAN_GLOBAL_MAX) == '"lung-mean+global-max"'
     bottleneck = torch.rand(2, 4, 3, 3)
     for pooling in Pooling:  # the enum and its name give the same vectors
         assert torch.equal(pooled_vectors(bottleneck, None, pooling), pooled_vectors(bottleneck, None, pooling.value))
@@ -67,8 +68,9 @@ def test_weights_round_trip_and_model_id(tmp_path, tiny_weights, other_tiny_weig
 
 
 def test_bad_weights_file(tmp_path):
-    from lungcbir.errors import WeightsError
     import pytest
+
+    from lungcbir.errors import WeightsError
 
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from lungcbir.research.retrieval_benchmark import BenchmarkSlice, compare, measure, whiten
 from lungcbir.io import CTSlice
+from lungcbir.research.retrieval_benchmark import BenchmarkSlice, compare, measure, whiten
 
 
 def synthetic_items():
@@ -60,8 +60,8 @@ def test_encode_sends_batches_to_the_model_device(tiny_weights):
     """`evaluate-retrieval --device cuda` must feed the network on its device, not on the CPU."""
     import torch
 
-    from lungcbir.research.retrieval_benchmark import encode
     from lungcbir.inference import LungModel
+    from lungcbir.research.retrieval_benchmark import encode
 
     model = LungModel.load(tiny_weights)
     channels = model.settings.unet.bottleneck_channels
@@ -93,7 +93,8 @@ def test_research_code_is_outside_the_core():
     import lungcbir
 
     package = Path(lungcbir.__file__).parent
-    assert not (package / "evaluate_retrieval.py").exists() and (package / "research" / "retrieval_benchmark.py").is_file()
+    assert not (package / "evaluate_retrieval.py").exists()
+    assert (package / "research" / "retrieval_benchmark.py").is_file()
     importers = sorted(path.name for path in package.glob("*.py")
                        if re.search(r"from \.research\b|from lungcbir\.research\b|import lungcbir\.research\b",
                                     path.read_text()))
@@ -134,9 +135,11 @@ def test_report_split_measures_do_not_depend_on_the_choice_split():
     items = split_items()
     vectors = anatomy_and_findings(items)
     scrambled = vectors.copy()
-    choice = [n for n, i in enumerate(items) if i.series in CHOICE_SPLIT.series or i.patient in CHOICE_SPLIT.burden_patients]
+    choice = [n for n, i in enumerate(items)
+              if i.series in CHOICE_SPLIT.series or i.patient in CHOICE_SPLIT.burden_patients]
     scrambled[choice] = np.random.default_rng(0).permutation(scrambled[choice])
-    before, after = split_measures(items, vectors, None, REPORT_SPLIT), split_measures(items, scrambled, None, REPORT_SPLIT)
+    before = split_measures(items, vectors, None, REPORT_SPLIT)
+    after = split_measures(items, scrambled, None, REPORT_SPLIT)
     own = [name for name in before if "six-series" not in name]
     assert own and all(before[name] == after[name] for name in own)
     assert split_measures(items, vectors, None, CHOICE_SPLIT) != split_measures(items, scrambled, None, CHOICE_SPLIT)

@@ -216,7 +216,8 @@ def asgi_call(app, path: str, headers: list[tuple[bytes, bytes]], chunks, method
 
 
 MULTIPART = [(b"content-type", b"multipart/form-data; boundary=XyZ")]
-PART_HEAD = b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\nContent-Type: image/png\r\n\r\n'
+PART_HEAD = (b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+             b"Content-Type: image/png\r\n\r\n")
 
 
 # item 5: bounded decoding --------------------------------------------------------------------
@@ -722,7 +723,8 @@ def test_series_query_of_files_zip_and_volume(bundled_client, phantom_dir):
     best = answer["cases"][0]
     assert best["patient_id"] == "PHANTOM01" and best["rank"] == 1 and best["score"] >= answer["cases"][1]["score"]
     pair = best["pairs"][0]
-    assert client.get(pair["query"]["pixels"]).status_code == 200 and client.get(pair["query"]["mask"]).status_code == 200
+    assert client.get(pair["query"]["pixels"]).status_code == 200
+    assert client.get(pair["query"]["mask"]).status_code == 200
     assert pair["neighbor"]["patient_id"] == "PHANTOM01" and "pixels_url" in pair["neighbor"]
     # the same files in a ZIP (with a folder inside, a README and a name trying to leave the folder)
     buffer = io.BytesIO()
@@ -808,10 +810,7 @@ def test_results_say_study_date_and_series_description(client):
 # the search focus: every search route takes it, answers echo it, and
 # /api/stats says whether the model's vectors have a findings part to weigh
 
-from lungcbir.features import FindingsConfig  # noqa: E402
-from lungcbir.inference import ModelSettings, save_weights  # noqa: E402
-from lungcbir.model import UNet, UNetConfig  # noqa: E402
-from lungcbir.preprocess import PreprocessConfig  # noqa: E402
+
 
 @pytest.fixture
 def findings_client(phantom_dir, findings_weights, tmp_path):
