@@ -406,8 +406,8 @@ def test_keyboard_only_upload_results_and_detail(page, shared_data):
     page.keyboard.press("Escape")
     page.wait_for_function("!document.getElementById('detail').open")
     assert page.evaluate("document.activeElement.dataset.id") == card_id  # back on the card
-    page.keyboard.press("Tab")
-    assert page.evaluate("document.activeElement.classList.contains('card')")
+    tab_to(page, "e.classList.contains('card')", limit=4)  # past its "more/less like this"
+    assert page.evaluate("document.activeElement.dataset.id") != card_id
     page.keyboard.press(" ")  # Space opens it too
     page.wait_for_selector("#detail[open]")
     print(f"\nclick-to-answer {timings[0]['clickToAnswer']:.0f} ms, "
@@ -831,3 +831,26 @@ def test_lesions_toggle_and_answers_explain_themselves(real_page, shared_data):
     assert "lesion" in page.inner_text("#query-lesion-text") and "lesion" in page.inner_text("#neighbor-lesion-text")
     page.uncheck("#lesions")
     assert page.get_attribute("#detail", "data-lesions") == "off"
+
+
+@pytest.mark.browser
+def test_more_like_this_less_like_that(page, shared_data):
+    """Issue 27 expectation 5: mark results "more like this" / "less like this" (keyboard too)
+    and search again with them (/api/query-together); the examples are not answered again."""
+    page.uncheck("#per-patient")
+    search(page, dicom_query(shared_data), k="6")
+    assert page.is_disabled("#refine")
+    ids = page.evaluate("lastAnswer.neighbors.map(n => n.id)")
+    like = page.locator(f"#results .card[data-id='{ids[1]}']").locator("xpath=..").locator(".mark.like")
+    like.focus()
+    page.keyboard.press("Enter")
+    assert like.get_attribute("aria-pressed") == "true"
+    page.locator(f"#results .card[data-id='{ids[2]}']").locator("xpath=..").locator(".mark.unlike").click()
+    assert page.inner_text("#refine-text") == "1 more like, 1 less like"
+    page.click("#refine")
+    page.wait_for_function("lastAnswer && lastAnswer.queries && lastAnswer.queries.length === 2", timeout=60_000)
+    assert page.evaluate("lastAnswer.unlike.length") == 1
+    page.wait_for_selector("#results .card")
+    shown = page.evaluate("[...document.querySelectorAll('#results .card')].map(c => Number(c.dataset.id))")
+    assert ids[1] not in shown
+    assert "Searched like 2 examples, less like 1" in page.inner_text("#message")

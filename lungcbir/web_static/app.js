@@ -230,6 +230,85 @@ function qualityText(answer) {
   return `Image quality: ${answer.quality}${score}${lesion}`;
 }
 
+let shownQuery = null;  // the query slice the shown cards are compared with
+
+// the result cards, each with "more like this" / "less like this" (a search with several examples)
+function showNeighbors(answer) {
+  show($("label-summary"), summaryText(answer.label_summary, answer.neighbors.length) || null);
+  $("results").replaceChildren(...answer.neighbors.map((neighbor) => {
+    const element = card(neighbor, (from) => openDetail(shownQuery, neighbor, from));
+    const item = document.createElement("div"); item.setAttribute("role", "listitem"); item.className = "result";
+    const marks = document.createElement("div"); marks.className = "marks";
+    [["like", "More like this"], ["unlike", "Less like this"]].forEach(([kind, label]) => {
+      const button = document.createElement("button");
+      button.type = "button"; button.className = "secondary mark " + kind; button.textContent = label;
+      button.dataset.kind = kind;
+      button.setAttribute("aria-pressed", "false");
+      button.setAttribute("aria-label", `${label}: #${neighbor.rank}`);
+      button.addEventListener("click", () => mark(item, neighbor, kind));
+      marks.append(button);
+    });
+    item.append(element, marks);
+    return item;
+  }));
+  marked.clear();
+  updateRefine();
+}
+
+const marked = new Map();  // neighbour id -> { neighbor, kind }
+
+function mark(item, neighbor, kind) {
+  const was = marked.get(neighbor.id);
+  if (was && was.kind === kind) marked.delete(neighbor.id); else marked.set(neighbor.id, { neighbor, kind });
+  item.querySelectorAll(".mark").forEach((button) => {
+    const on = marked.has(neighbor.id) && marked.get(neighbor.id).kind === button.dataset.kind;
+    button.setAttribute("aria-pressed", String(on));
+  });
+  updateRefine();
+}
+
+function updateRefine() {
+  const marks = [...marked.values()];
+  const likes = marks.filter((m) => m.kind === "like").length, unlikes = marks.length - likes;
+  $("refine").disabled = !marks.length || !chosenFiles.length;
+  $("refine-text").textContent = marks.length ? `${likes} more like, ${unlikes} less like` : "";
+}
+
+// one search with the query and every "more like this" as examples, every "less like this"
+// as counter-examples (/api/query-together); the stored files are fetched to be sent
+$("refine").addEventListener("click", async () => {
+  const marks = [...marked.values()];
+  if (!marks.length || !chosenFiles.length) return;
+  const body = new FormData();
+  body.append("files", chosenFiles[0]);
+  $("refine").disabled = true;
+  showMessage("Searching with your examples…");
+  try {
+    for (const { neighbor, kind } of marks) {
+      const response = await api(neighbor.file_url);
+      if (!response.ok) throw new Error(`#${neighbor.rank} cannot be used as an example (its file is not served here)`);
+      body.append(kind === "like" ? "files" : "unlike", await response.blob(), neighbor.file_name || `image-${neighbor.id}`);
+    }
+    filterFields(body);
+    body.delete("labels");  // the label drop-downs are not taken here: the free-text filter is
+    body.append("per_patient", $("per-patient").checked ? "1" : "0");
+    if (features.otherPatients) body.append("other_patients", $("other-patients").checked ? "1" : "0");
+    if (features.focus) body.append("focus", chosenFocus());
+    const response = await api("/api/query-together", { method: "POST", body });
+    const answer = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(describeDetail(answer.detail, `${response.status} ${response.statusText}`));
+    lastAnswer = { ...answer, query: answer.queries[0] };
+    showNeighbors(answer);
+    $("downloads").classList.toggle("hidden", !answer.neighbors.length);
+    const unlike = answer.unlike.length ? `, less like ${answer.unlike.length}` : "";
+    showMessage(`Searched like ${answer.queries.length} example${answer.queries.length === 1 ? "" : "s"}${unlike}.` +
+      (answer.neighbors.length ? "" : " " + emptyText()));
+  } catch (error) {
+    if (!(error instanceof NeedsToken)) showMessage(String(error.message || error), true);
+    updateRefine();
+  }
+});
+
 async function showSliceAnswer(answer) {
   $("query-overlay").src = await picture(answer.overlay);
   $("query-name").textContent = answer.query;
@@ -244,14 +323,8 @@ async function showSliceAnswer(answer) {
   show($("focus-used"), focusText(answer.focus));
   $("mask-link").href = await picture(answer.mask);
   $("mask-link").download = stem(answer.query) + "_mask.png";
-  const query = { name: answer.query, pixels: answer.pixels, mask: answer.mask };
-  show($("label-summary"), summaryText(answer.label_summary, answer.neighbors.length) || null);
-  $("results").replaceChildren(...answer.neighbors.map((neighbor) => {
-    const element = card(neighbor, (from) => openDetail({ ...query, lesion: answer.lesion }, neighbor, from));
-    element.setAttribute("role", "button");
-    const item = document.createElement("div"); item.setAttribute("role", "listitem"); item.append(element);
-    return item;
-  }));
+  shownQuery = { name: answer.query, pixels: answer.pixels, mask: answer.mask, lesion: answer.lesion };
+  showNeighbors(answer);
   $("answer").classList.remove("hidden");
   // nothing to download over an empty list
   $("downloads").classList.toggle("hidden", !answer.neighbors.length);
