@@ -38,16 +38,28 @@ def server_log(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_weights, shared_data, server_log):
     """`lungcbir serve --token-file` on a free port over a small index of real slices."""
-    folder = tmp_path_factory.mktemp("live")
+    yield from serve(tmp_path_factory.mktemp("live"), tiny_weights, shared_data, server_log)
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory, bundled_weights, shared_data):
+    """The same with the bundled model: lungs are found, so series are matched by lung level
+    (the tiny random model finds none) and lesion maps and the parts' similarities exist."""
+    folder = tmp_path_factory.mktemp("live-real")
+    yield from serve(folder, bundled_weights, shared_data, folder / "server.log")
+
+
+def serve(folder: Path, weights: str, shared_data: Path, server_log: Path):
     token_file = folder / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    store = ["--db", f"sqlite:///{folder}/db.sqlite", "--index-dir", str(folder / "index"), "--weights", tiny_weights]
+    store = ["--db", f"sqlite:///{folder}/db.sqlite", "--index-dir", str(folder / "index"), "--weights", weights]
     command = [sys.executable, "-m", "lungcbir.cli"]
     md = shared_data / "covid-ct-md"
     slices = [path for series in sorted(md.glob("*/*")) if series.is_dir()
               for path in sorted(series.glob("*.dcm"))[8:10]]
     slices += sorted((shared_data / "kaggle-lungs-2d" / "images").glob("*.tif"))[:6]
+    slices += sorted((shared_data / "covid19-ct-lungmask" / "ct").glob("*.png"))[40:42]  # 8-bit exports
     subprocess.run([*command, "index-dataset", *map(str, slices), "--quiet", "--labels", str(md / "slice_labels.csv"),
                     *store], check=True, capture_output=True)
     port = free_port()
@@ -321,6 +333,16 @@ def dicom_query(shared_data) -> Path:
 @pytest.fixture
 def page(server):
     """A Chromium page on the server, signed in (the token in sessionStorage, as the login does)."""
+    yield from signed_in_page(server)
+
+
+@pytest.fixture
+def real_page(real_server):
+    """The same on the server with the bundled model."""
+    yield from signed_in_page(real_server)
+
+
+def signed_in_page(server: str):
     need_chromium()
     from playwright.sync_api import sync_playwright
 
@@ -384,8 +406,8 @@ def test_keyboard_only_upload_results_and_detail(page, shared_data):
     page.keyboard.press("Escape")
     page.wait_for_function("!document.getElementById('detail').open")
     assert page.evaluate("document.activeElement.dataset.id") == card_id  # back on the card
-    page.keyboard.press("Tab")
-    assert page.evaluate("document.activeElement.classList.contains('card')")
+    tab_to(page, "e.classList.contains('card')", limit=4)  # past its "more/less like this"
+    assert page.evaluate("document.activeElement.dataset.id") != card_id
     page.keyboard.press(" ")  # Space opens it too
     page.wait_for_selector("#detail[open]")
     print(f"\nclick-to-answer {timings[0]['clickToAnswer']:.0f} ms, "
@@ -515,7 +537,8 @@ def test_window_level_presets_drag_zoom_and_slice_steps(page, shared_data, serve
     page.wait_for_function(f"document.getElementById('detail').dataset.neighborId === '{dicom_id}'")
 
 
-def test_whole_series_upload_ranks_cases(page, shared_data):
+def test_whole_series_upload_ranks_cases(real_page, shared_data):
+    page = real_page  # the tiny random model finds no lungs: a series would not be searched
     series = sorted(p for p in (shared_data / "covid-ct-md").glob("*/*") if p.is_dir())[1]
     files = [str(p) for p in sorted(series.glob("*.dcm"))[11:15]]
     page.set_input_files("#file", files)
@@ -647,3 +670,187 @@ def pydicom_patient(path: Path) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).PatientID)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 27, the page: the viewer's window, answers with nothing in them, series by lung level,
+# lesions on screen, answers that explain themselves
+
+
+def open_card(page, predicate: str) -> str:
+    """Open the comparison of the first result card whose neighbour (from lastAnswer) matches."""
+    card_id = page.evaluate(f"String(lastAnswer.neighbors.find(n => {predicate}).id)")
+    page.click(f"#results .card[data-id='{card_id}']")
+    page.wait_for_function(f"document.getElementById('detail').dataset.neighborId === '{card_id}'")
+    return card_id
+
+
+def drag(page, canvas: str) -> None:
+    box = page.locator(canvas).bounding_box()
+    page.mouse.move(box["x"] + 100, box["y"] + 100)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 160, box["y"] + 130, steps=4)
+    page.mouse.up()
+
+
+@pytest.mark.browser
+def test_a_drag_leaves_the_preset_and_choosing_it_again_restores_it(page, shared_data):
+    """Issue 27 defect 5: the select kept "Lung" after a drag changed the window, so choosing
+    Lung again did nothing."""
+    search(page, dicom_query(shared_data), k="12")
+    open_card(page, "n.source_format === 'dicom'")
+    assert page.input_value("#preset") == "lung"
+    drag(page, "#query-canvas")
+    assert page.get_attribute("#detail", "data-window") != "1500/-600"
+    assert page.input_value("#preset") == "custom"
+    page.select_option("#preset", "lung")
+    assert page.get_attribute("#detail", "data-window") == "1500/-600"
+    assert "W 1500 L -600" in page.inner_text("#query-window")
+
+
+@pytest.mark.browser
+def test_an_8_bit_neighbour_is_not_shown_as_windowable(page, shared_data):
+    """Issue 27 defect 9: an 8-bit neighbour (a TIFF export) beside an HU query read
+    "W 1500 L -600" as if it were windowed in HU."""
+    page.uncheck("#per-patient")
+    search(page, dicom_query(shared_data), k="30")
+    open_card(page, "n.source_format === 'png'")
+    assert "W 1500 L -600" in page.inner_text("#query-window")  # the DICOM query is in HU
+    neighbour = page.inner_text("#neighbor-window")
+    assert "8-bit" in neighbour and "shown as stored" in neighbour and "W 1500" not in neighbour
+    drag(page, "#neighbor-canvas")
+    assert "contrast changed" in page.inner_text("#neighbor-window")
+
+
+def no_ct_picture(tmp_path) -> Path:
+    import cv2
+    import numpy as np
+
+    path = tmp_path / "cat.jpg"
+    cv2.imwrite(str(path), np.random.default_rng(0).integers(0, 255, (200, 300, 3), np.uint8))
+    return path
+
+
+@pytest.mark.browser
+def test_a_zip_without_ct_says_why_nothing_was_searched(page, tmp_path):
+    """Issue 27 defect 7: a ZIP with no CT said "No stored case matches the filter" with no
+    filter set; the answer's note says why."""
+    import zipfile
+
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.write(no_ct_picture(tmp_path), "cat.jpg")
+    page.set_input_files("#file", str(archive))
+    assert page.is_checked("#as-series")
+    page.click("#search")
+    page.wait_for_selector("#series-answer:not(.hidden)", timeout=60_000)
+    message = page.inner_text("#message")
+    assert "no lungs found" in message and "filter" not in message, message
+    assert page.inner_text("#series-summary").startswith("photos.zip: 1 slice queried")
+    assert page.locator("#cases .case").count() == 0
+
+
+@pytest.mark.browser
+def test_a_picture_without_lungs_shows_no_lung_fraction_nor_downloads(page, tmp_path):
+    """Issue 27 defect 8: a picture without lungs showed a lung fraction, and the CSV/JSON
+    buttons stood over an empty list."""
+    page.set_input_files("#file", str(no_ct_picture(tmp_path)))
+    page.click("#search")
+    page.wait_for_selector("#warning:not(.hidden)", timeout=60_000)
+    assert page.evaluate("lastAnswer.quality") == "no-lungs"
+    assert not page.is_visible("#lung-fraction-line")
+    assert not page.is_visible("#download-csv") and not page.is_visible("#download-json")
+    assert "no lungs found" in page.inner_text("#message")
+
+
+def series_files(shared_data) -> list[str]:
+    series = sorted(p for p in (shared_data / "covid-ct-md").glob("*/*") if p.is_dir())[1]
+    return [str(p) for p in sorted(series.glob("*.dcm"))[11:15]]
+
+
+@pytest.mark.browser
+def test_series_other_patients_and_both_series_scroll_by_level(real_page, shared_data):
+    """Issue 27 defect 1 (the page sends "other patients only" with a series) and expectation 1:
+    opened from a pair, the query and the case's series step together, locked by lung level."""
+    page = real_page
+    own = pydicom_patient(Path(series_files(shared_data)[0]))
+    page.set_input_files("#file", series_files(shared_data))
+    page.click("#search")
+    page.wait_for_selector("#cases .case .card", timeout=60_000)
+    assert any(case["patient_id"] == own for case in page.evaluate("lastAnswer.cases"))  # its series is stored
+    page.check("#other-patients")
+    page.click("#search")
+    page.wait_for_function(f"lastAnswer && !lastAnswer.cases.some(c => c.patient_id === {own!r})", timeout=60_000)
+    page.wait_for_selector("#cases .case .card")
+    cases = page.evaluate("lastAnswer.cases")
+    assert cases and all(case["patient_id"] != own for case in cases)
+    first = cases[0]
+    pair = first["pairs"][0]
+    page.locator("#cases .case").first.locator(".card").first.click()
+    page.wait_for_function(f"document.getElementById('detail').dataset.neighborId === '{pair['neighbor']['id']}'")
+    assert page.is_visible("#lock") and page.is_checked("#lock")
+    assert page.get_attribute("#detail", "data-query-slice") == str(pair["query"]["query_slice"])
+    aligned = first["aligned"]
+    at = next(i for i, item in enumerate(aligned) if item["query_slice"] == pair["query"]["query_slice"])
+    direction, key = (1, "ArrowDown") if at + 1 < len(aligned) else (-1, "ArrowUp")
+    target = aligned[at + direction]
+    page.focus("#neighbor-canvas")
+    page.keyboard.press(key)
+    page.wait_for_function(f"document.getElementById('detail').dataset.querySlice === '{target['query_slice']}'")
+    page.wait_for_function(f"document.getElementById('detail').dataset.neighborId === '{target['id']}'")
+    page.wait_for_function("document.getElementById('slice-position').textContent"
+                           f".startsWith('query slice {target['query_slice'] + 1} ')")
+    assert "level" in page.inner_text("#query-caption")
+    # unlocked, the stored series steps alone
+    page.uncheck("#lock")
+    assert page.get_attribute("#slice-prev", "aria-label") == "previous slice of the stored series"
+
+
+@pytest.mark.browser
+def test_lesions_toggle_and_answers_explain_themselves(real_page, shared_data):
+    """Issue 27 expectations 2 and 4: a lesion overlay on the query and the neighbour; the
+    neighbours' labels summed up; per neighbour the parts' similarities, level and percentile."""
+    page = real_page
+    search(page, dicom_query(shared_data), k="6")
+    answer = page.evaluate("lastAnswer")
+    assert page.is_visible("#label-summary")
+    key, values = next((k, v) for k, v in answer["label_summary"].items() if k == "diagnosis")
+    value, count = next(iter(values.items()))
+    if count > 1:
+        assert f"{count} of {len(answer['neighbors'])}: diagnosis {value}" in page.inner_text("#label-summary")
+    first = answer["neighbors"][0]
+    explain = page.locator(f"#results .card[data-id='{first['id']}'] .explain").inner_text()
+    assert f"anatomy {first['anatomy_score']:.2f}" in explain and f"findings {first['findings_score']:.2f}" in explain
+    assert f"percentile {round(first['percentile'])}" in explain
+    open_card(page, f"n.id === {first['id']}")
+    assert page.get_attribute("#detail", "data-lesions") == "off"
+    page.check("#lesions")
+    page.wait_for_function("!/-/.test(document.getElementById('detail').dataset.lesions)", timeout=60_000)
+    counts = page.get_attribute("#detail", "data-lesions").split("/")
+    assert len(counts) == 2 and all(c.isdigit() for c in counts)
+    assert "lesion" in page.inner_text("#query-lesion-text") and "lesion" in page.inner_text("#neighbor-lesion-text")
+    page.uncheck("#lesions")
+    assert page.get_attribute("#detail", "data-lesions") == "off"
+
+
+@pytest.mark.browser
+def test_more_like_this_less_like_that(page, shared_data):
+    """Issue 27 expectation 5: mark results "more like this" / "less like this" (keyboard too)
+    and search again with them (/api/query-together); the examples are not answered again."""
+    page.uncheck("#per-patient")
+    search(page, dicom_query(shared_data), k="6")
+    assert page.is_disabled("#refine")
+    ids = page.evaluate("lastAnswer.neighbors.map(n => n.id)")
+    like = page.locator(f"#results .card[data-id='{ids[1]}']").locator("xpath=..").locator(".mark.like")
+    like.focus()
+    page.keyboard.press("Enter")
+    assert like.get_attribute("aria-pressed") == "true"
+    page.locator(f"#results .card[data-id='{ids[2]}']").locator("xpath=..").locator(".mark.unlike").click()
+    assert page.inner_text("#refine-text") == "1 more like, 1 less like"
+    page.click("#refine")
+    page.wait_for_function("lastAnswer && lastAnswer.queries && lastAnswer.queries.length === 2", timeout=60_000)
+    assert page.evaluate("lastAnswer.unlike.length") == 1
+    page.wait_for_selector("#results .card")
+    shown = page.evaluate("[...document.querySelectorAll('#results .card')].map(c => Number(c.dataset.id))")
+    assert ids[1] not in shown
+    assert "Searched like 2 examples, less like 1" in page.inner_text("#message")

@@ -135,7 +135,36 @@ function labelText(labels) {
   return Object.entries(labels || {}).map(([k, v]) => `${k}: ${v}`).join(", ");
 }
 
-function card(neighbor, open) {
+function fixed(value, digits) { return typeof value === "number" ? value.toFixed(digits) : null; }
+
+// why this neighbour ranks where it does: the parts' similarities apart, its lung level (and how
+// far from the query slice's), and how its score ranks among all stored pairs
+function explainText(neighbor, queryLevel) {
+  const parts = [];
+  if (typeof neighbor.anatomy_score === "number") parts.push(`anatomy ${fixed(neighbor.anatomy_score, 2)}`);
+  if (typeof neighbor.findings_score === "number") parts.push(`findings ${fixed(neighbor.findings_score, 2)}`);
+  if (typeof neighbor.level === "number") {
+    const difference = typeof queryLevel === "number" ? neighbor.level - queryLevel : null;
+    parts.push(`level ${fixed(neighbor.level, 2)}` +
+      (difference === null ? "" : ` (${difference >= 0 ? "+" : "−"}${Math.abs(difference).toFixed(2)} from the query's)`));
+  }
+  if (typeof neighbor.percentile === "number") parts.push(`percentile ${Math.round(neighbor.percentile)}`);
+  return parts.join(" · ");
+}
+
+// "6 of 8: diagnosis COVID-19": the most frequent value of each label key among the answers;
+// keys whose values all differ (file names, rows) say nothing and are left out
+function summaryText(summary, total) {
+  if (!summary || !total) return "";
+  return Object.entries(summary).map(([key, values]) => {
+    const [value, count] = Object.entries(values)[0] || [];
+    return { key, value, count, kinds: Object.keys(values).length };
+  }).filter((item) => item.count && (total === 1 ? item.kinds <= 1 : item.count > 1))
+    .sort((a, b) => b.count - a.count || a.key.localeCompare(b.key)).slice(0, 4)
+    .map((item) => `${item.count} of ${total}: ${item.key} ${item.value}`).join(" · ");
+}
+
+function card(neighbor, open, queryLevel) {
   const element = document.createElement("div");
   element.className = "card";
   element.dataset.id = neighbor.id;
@@ -154,6 +183,8 @@ function card(neighbor, open) {
   score.title = "score: " + SCORE_HELP;
   head.append(score, ` · #${neighbor.rank}`);
   info.append(head, line("where", place));
+  const why = explainText(neighbor, queryLevel);
+  if (why) info.append(line("explain", why));
   if (known(neighbor.slice_location)) info.append(line("location", `location ${Number(neighbor.slice_location).toFixed(1)} mm`));
   const study = [studyDate(neighbor.study_date), neighbor.series_description].filter(known).join(" · ");
   if (study) info.append(line("study", study));
@@ -199,10 +230,92 @@ function qualityText(answer) {
   return `Image quality: ${answer.quality}${score}${lesion}`;
 }
 
+let shownQuery = null;  // the query slice the shown cards are compared with
+
+// the result cards, each with "more like this" / "less like this" (a search with several examples)
+function showNeighbors(answer) {
+  show($("label-summary"), summaryText(answer.label_summary, answer.neighbors.length) || null);
+  $("results").replaceChildren(...answer.neighbors.map((neighbor) => {
+    const element = card(neighbor, (from) => openDetail(shownQuery, neighbor, from));
+    const item = document.createElement("div"); item.setAttribute("role", "listitem"); item.className = "result";
+    const marks = document.createElement("div"); marks.className = "marks";
+    [["like", "More like this"], ["unlike", "Less like this"]].forEach(([kind, label]) => {
+      const button = document.createElement("button");
+      button.type = "button"; button.className = "secondary mark " + kind; button.textContent = label;
+      button.dataset.kind = kind;
+      button.setAttribute("aria-pressed", "false");
+      button.setAttribute("aria-label", `${label}: #${neighbor.rank}`);
+      button.addEventListener("click", () => mark(item, neighbor, kind));
+      marks.append(button);
+    });
+    item.append(element, marks);
+    return item;
+  }));
+  marked.clear();
+  updateRefine();
+}
+
+const marked = new Map();  // neighbour id -> { neighbor, kind }
+
+function mark(item, neighbor, kind) {
+  const was = marked.get(neighbor.id);
+  if (was && was.kind === kind) marked.delete(neighbor.id); else marked.set(neighbor.id, { neighbor, kind });
+  item.querySelectorAll(".mark").forEach((button) => {
+    const on = marked.has(neighbor.id) && marked.get(neighbor.id).kind === button.dataset.kind;
+    button.setAttribute("aria-pressed", String(on));
+  });
+  updateRefine();
+}
+
+function updateRefine() {
+  const marks = [...marked.values()];
+  const likes = marks.filter((m) => m.kind === "like").length, unlikes = marks.length - likes;
+  $("refine").disabled = !marks.length || !chosenFiles.length;
+  $("refine-text").textContent = marks.length ? `${likes} more like, ${unlikes} less like` : "";
+}
+
+// one search with the query and every "more like this" as examples, every "less like this"
+// as counter-examples (/api/query-together); the stored files are fetched to be sent
+$("refine").addEventListener("click", async () => {
+  const marks = [...marked.values()];
+  if (!marks.length || !chosenFiles.length) return;
+  const body = new FormData();
+  body.append("files", chosenFiles[0]);
+  $("refine").disabled = true;
+  showMessage("Searching with your examples…");
+  try {
+    for (const { neighbor, kind } of marks) {
+      const response = await api(neighbor.file_url);
+      if (!response.ok) throw new Error(`#${neighbor.rank} cannot be used as an example (its file is not served here)`);
+      body.append(kind === "like" ? "files" : "unlike", await response.blob(), neighbor.file_name || `image-${neighbor.id}`);
+    }
+    filterFields(body);
+    body.delete("labels");  // the label drop-downs are not taken here: the free-text filter is
+    body.append("per_patient", $("per-patient").checked ? "1" : "0");
+    if (features.otherPatients) body.append("other_patients", $("other-patients").checked ? "1" : "0");
+    if (features.focus) body.append("focus", chosenFocus());
+    const response = await api("/api/query-together", { method: "POST", body });
+    const answer = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(describeDetail(answer.detail, `${response.status} ${response.statusText}`));
+    lastAnswer = { ...answer, query: answer.queries[0] };
+    showNeighbors(answer);
+    $("downloads").classList.toggle("hidden", !answer.neighbors.length);
+    const unlike = answer.unlike.length ? `, less like ${answer.unlike.length}` : "";
+    showMessage(`Searched like ${answer.queries.length} example${answer.queries.length === 1 ? "" : "s"}${unlike}.` +
+      (answer.neighbors.length ? "" : " " + emptyText()));
+  } catch (error) {
+    if (!(error instanceof NeedsToken)) showMessage(String(error.message || error), true);
+    updateRefine();
+  }
+});
+
 async function showSliceAnswer(answer) {
   $("query-overlay").src = await picture(answer.overlay);
   $("query-name").textContent = answer.query;
-  $("lung-fraction").textContent = percent(answer.lung_fraction);
+  // a picture without lungs has no lung fraction to speak of (and the server draws no contour)
+  const noLungs = answer.quality === "no-lungs";
+  $("lung-fraction").textContent = noLungs ? "" : percent(answer.lung_fraction);
+  $("lung-fraction-line").classList.toggle("hidden", noLungs);
   show($("query-note"), answer.note);
   show($("quality"), qualityText(answer));
   show($("warning"), answer.warning);
@@ -210,24 +323,22 @@ async function showSliceAnswer(answer) {
   show($("focus-used"), focusText(answer.focus));
   $("mask-link").href = await picture(answer.mask);
   $("mask-link").download = stem(answer.query) + "_mask.png";
-  const query = { name: answer.query, pixels: answer.pixels, mask: answer.mask };
-  $("results").replaceChildren(...answer.neighbors.map((neighbor) => {
-    const element = card(neighbor, (from) => openDetail(query, neighbor, from));
-    element.setAttribute("role", "button");
-    const item = document.createElement("div"); item.setAttribute("role", "listitem"); item.append(element);
-    return item;
-  }));
+  shownQuery = { name: answer.query, pixels: answer.pixels, mask: answer.mask, lesion: answer.lesion };
+  showNeighbors(answer);
   $("answer").classList.remove("hidden");
-  const none = answer.warning || (answer.neighbors.length ? "" : "No stored slice matches the filter.");
-  showMessage(none);
+  // nothing to download over an empty list
+  $("downloads").classList.toggle("hidden", !answer.neighbors.length);
+  showMessage(answer.warning || (answer.neighbors.length ? "" : answer.note || emptyText()));
 }
 
 function showSeriesAnswer(answer) {
   const failed = (answer.failed || []).length ? ` · ${answer.failed.length} files could not be read: ` +
     answer.failed.slice(0, 3).map((f) => `${f.file} (${f.reason})`).join("; ") : "";
   const focus = focusText(answer.focus);
-  $("series-summary").textContent = `${answer.query}: ${answer.slices} slices queried as one series` +
-    `${focus ? " · " + focus : ""}${failed}`;
+  $("series-summary").textContent = `${answer.query}: ${answer.slices} slice${answer.slices === 1 ? "" : "s"} ` +
+    `queried as one series${focus ? " · " + focus : ""}${failed}`;
+  show($("series-note"), answer.note);
+  show($("series-label-summary"), summaryText(answer.label_summary, answer.cases.length) || null);
   $("cases").replaceChildren(...answer.cases.map((match) => {
     const item = document.createElement("li");
     item.className = "case";
@@ -237,8 +348,9 @@ function showSeriesAnswer(answer) {
     pairs.className = "grid";
     match.pairs.forEach((pair) => {
       const neighbor = { ...pair.neighbor };
-      const element = card(neighbor, (from) => openDetail({ name: pair.query.name, pixels: pair.query.pixels,
-        mask: pair.query.mask, slice: pair.query.query_slice }, neighbor, from));
+      // the comparison can scroll both series together: the query's slices and the case's aligned ones
+      const element = card(neighbor, (from) => openDetail(seriesQuery(pair.query), neighbor, from,
+        { slices: answer.query_slices || [], aligned: match.aligned || [] }), pair.query.level);
       const caption = document.createElement("div");
       caption.className = "pair-query";
       caption.textContent = `query slice ${pair.query.query_slice + 1} (${pair.query.name})`;
@@ -249,7 +361,19 @@ function showSeriesAnswer(answer) {
     return item;
   }));
   $("series-answer").classList.remove("hidden");
-  showMessage(answer.cases.length ? "" : "No stored case matches the filter.");
+  // the server says why nothing came back (no lungs in any slice, ...); else the filter is why
+  showMessage(answer.cases.length ? "" : answer.note || emptyText(), !answer.cases.length && !!answer.note);
+}
+
+// why a search found nothing, when the server does not say: a filter, or an empty store
+function emptyText() {
+  const filtered = $("where").value.trim() || document.querySelector("#label-filters option:checked");
+  return filtered ? "No stored case matches the filter." : "No stored case found.";
+}
+
+function seriesQuery(slice) {
+  return { name: slice.name, pixels: slice.pixels, mask: slice.mask, lesion: slice.lesion, slice: slice.query_slice,
+    level: slice.level };
 }
 
 const FOCUS_NAMES = { anatomy: "anatomy", findings: "findings", balanced: "both (balanced)" };
@@ -439,7 +563,28 @@ async function loadContour(url) {
 // ---------------------------------------------------------------------------------------------
 // the comparison view: two canvases, one zoom/pan, window/level per image kind
 
-const viewState = { zoom: 1, panX: 0, panY: 0, preset: "lung", width: 1500, level: -600, contours: true };
+const viewState = { zoom: 1, panX: 0, panY: 0, preset: "lung", width: 1500, level: -600, contours: true,
+  lesions: false };
+
+// a lesion map (0/255 PNG) as a translucent red layer
+async function loadLesion(url) {
+  const response = await api(url);
+  if (!response.ok) throw new Error(`${url}: ${response.status}`);
+  const bitmap = await createImageBitmap(await response.blob());
+  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+  const context = canvas.getContext("2d");
+  context.drawImage(bitmap, 0, 0);
+  const map = context.getImageData(0, 0, bitmap.width, bitmap.height);
+  let pixels = 0;
+  for (let i = 0; i < map.data.length; i += 4) {
+    const on = map.data[i] > 127;
+    pixels += on;
+    map.data.set(on ? [230, 30, 30, 110] : [0, 0, 0, 0], i);
+  }
+  context.putImageData(map, 0, 0);
+  canvas.lesionPixels = pixels;
+  return canvas;
+}
 
 class Viewer {
   constructor(canvas) {
@@ -447,6 +592,17 @@ class Viewer {
     this.image = null;
     this.contour = null;
     this.grey = null;  // the image in the current window, native size
+    this.lesionUrl = null; this.lesion = null;  // the lesion map: fetched when first shown
+  }
+
+  setLesion(url) { this.lesionUrl = url || null; this.lesion = null; }
+
+  // the lesion layer, fetched once it is asked for (a stored slice's map runs the model)
+  async ensureLesion() {
+    if (!viewState.lesions || this.lesion || !this.lesionUrl) return;
+    const url = this.lesionUrl;
+    const lesion = await loadLesion(url).catch(() => null);
+    if (url === this.lesionUrl) { this.lesion = lesion; this.render(); updateLesionText(); }
   }
 
   set(image, contour) {
@@ -458,6 +614,13 @@ class Viewer {
   windowFor() {
     if (this.image.kind === "hu") return [viewState.width, viewState.level + HU_OFFSET];
     return [256 * viewState.storedWidth, 127.5 + 256 * viewState.storedShift];
+  }
+
+  windowText() {
+    if (!this.image) return "";
+    if (this.image.kind === "hu") return `W ${Math.round(viewState.width)} L ${Math.round(viewState.level)} (HU)`;
+    const changed = viewState.storedWidth !== 1 || viewState.storedShift !== 0;
+    return `8-bit picture, no HU: ${changed ? "contrast changed by dragging" : "shown as stored"}`;
   }
 
   render() {
@@ -488,17 +651,31 @@ class Viewer {
     context.imageSmoothingEnabled = viewState.zoom < 2;
     context.drawImage(this.grey.canvas, 0, 0);
     if (viewState.contours && this.contour) context.drawImage(this.contour, 0, 0, width, height);
+    if (viewState.lesions && this.lesion) context.drawImage(this.lesion, 0, 0, width, height);
   }
 }
 
 viewState.storedWidth = 1; viewState.storedShift = 0;
 const viewers = { query: new Viewer($("query-canvas")), neighbor: new Viewer($("neighbor-canvas")) };
-const detail = { opener: null, series: [], position: null, neighbor: null, query: null, loading: 0 };
+const detail = { opener: null, series: [], position: null, neighbor: null, query: null, loading: 0, queryLoading: 0,
+  querySlices: [], aligned: [] };
+
+function updateLesionText() {
+  const said = (viewer) => !viewState.lesions ? "" : !viewer.lesion ? " · lesions: loading"
+    : viewer.lesion.lesionPixels ? " · lesions in red" : " · no lesion found";
+  $("detail").dataset.lesions = viewState.lesions ? [viewers.query, viewers.neighbor]
+    .map((v) => v.lesion ? String(v.lesion.lesionPixels) : "-").join("/") : "off";
+  $("query-lesion-text").textContent = said(viewers.query);
+  $("neighbor-lesion-text").textContent = said(viewers.neighbor);
+}
 
 function renderAll() {
   viewers.query.render(); viewers.neighbor.render();
-  const anyHu = [viewers.query, viewers.neighbor].some((v) => v.image && v.image.kind === "hu");
-  $("wl").textContent = anyHu ? `W ${Math.round(viewState.width)} L ${Math.round(viewState.level)}` : "as stored";
+  updateLesionText();
+  Object.values(viewers).forEach((viewer) => viewer.ensureLesion());
+  // each side says how it is shown: an 8-bit picture (a PNG/TIFF export) has no HU to window
+  $("query-window").textContent = viewers.query.windowText();
+  $("neighbor-window").textContent = viewers.neighbor.windowText();
   $("detail").dataset.zoom = viewState.zoom.toFixed(3);
   $("detail").dataset.window = `${Math.round(viewState.width)}/${Math.round(viewState.level)}`;
 }
@@ -521,6 +698,11 @@ $("zoom-in").addEventListener("click", () => zoomBy(1.25));
 $("zoom-out").addEventListener("click", () => zoomBy(0.8));
 $("zoom-reset").addEventListener("click", () => { viewState.zoom = 1; viewState.panX = viewState.panY = 0; renderAll(); });
 $("contours").addEventListener("change", () => { viewState.contours = $("contours").checked; renderAll(); });
+$("lock").addEventListener("change", () => {
+  const pair = detail.aligned[alignedIndex()];  // locked again: the case's slice at the query's level
+  if (locked() && pair) showNeighbor(pair.id, detail.neighbor); else updateLockedPosition();
+});
+$("lesions").addEventListener("change", () => { viewState.lesions = $("lesions").checked; renderAll(); });
 $("slice-prev").addEventListener("click", () => step(-1));
 $("slice-next").addEventListener("click", () => step(1));
 
@@ -543,6 +725,7 @@ Object.values(viewers).forEach((viewer) => {
       viewState.storedWidth = Math.max(0.02, viewState.storedWidth + dx / 200);
       viewState.storedShift += dy / 200;
       viewState.preset = "custom";
+      $("preset").value = "custom";  // no longer the preset: choosing it again restores it
     }
     renderAll();
   });
@@ -597,6 +780,7 @@ async function showNeighbor(id, neighbor) {
   const [pixels, contour] = await Promise.all([loadPixels(meta.pixels_url), loadContour(meta.mask_url).catch(() => null)]);
   if (ticket !== detail.loading) return;  // a later step won
   viewers.neighbor.set(pixels, contour);
+  viewers.neighbor.setLesion(meta.lesion_url);
   const ranked = neighbor && neighbor.id === id ? neighbor : null;
   $("detail-meta").replaceChildren(...metaRows(meta, ranked).map(([k, v]) => {
     const row = document.createElement("tr");
@@ -624,6 +808,7 @@ async function showNeighbor(id, neighbor) {
     ? `slice ${detail.position + 1} of ${detail.series.length} stored` : "no other stored slice";
   $("slice-prev").disabled = !(detail.position > 0);
   $("slice-next").disabled = !(detail.position >= 0 && detail.position < detail.series.length - 1);
+  updateLockedPosition();
   renderAll();
 }
 
@@ -643,7 +828,51 @@ async function showNeighbor(id, neighbor) {
   } catch (error) { $("detail-score").textContent = "Download failed: " + (error.message || error); }
 }));
 
+// a series query opened from one of its pairs: both sides step together, locked by lung level
+// (the query's slices with lungs in order, each with the case's slice at its level: "aligned")
+function locked() { return detail.aligned.length > 1 && $("lock").checked; }
+function alignedIndex() { return detail.aligned.findIndex((pair) => pair.query_slice === detail.query.slice); }
+function level(value) { return typeof value === "number" ? value.toFixed(2) : "–"; }
+
+function showQuery(query, pixels, contour) {
+  viewers.query.set(pixels, contour);
+  viewers.query.setLesion(query.lesion);
+  $("query-caption").textContent = `Query: ${query.name}${known(query.slice) ? " · slice " + (query.slice + 1) : ""}` +
+    (typeof query.level === "number" ? ` · level ${level(query.level)}` : "");
+  $("detail").dataset.querySlice = known(query.slice) ? String(query.slice) : "";
+}
+
+function updateLockedPosition() {
+  $("lock-box").classList.toggle("hidden", detail.aligned.length <= 1);
+  const both = locked();
+  $("slice-prev").setAttribute("aria-label", both ? "previous slice of both series" : "previous slice of the stored series");
+  $("slice-next").setAttribute("aria-label", both ? "next slice of both series" : "next slice of the stored series");
+  if (!both) return;
+  const at = alignedIndex();
+  const pair = detail.aligned[at];
+  $("slice-position").textContent = pair ? `query slice ${pair.query_slice + 1} (${at + 1} of ${detail.aligned.length} ` +
+    `with lungs) · level ${level(pair.query_level)} ⇄ stored ${level(pair.level)}` : "";
+  $("slice-prev").disabled = !(at > 0);
+  $("slice-next").disabled = !(at >= 0 && at < detail.aligned.length - 1);
+}
+
+async function stepLocked(direction) {
+  const next = alignedIndex() + direction;
+  if (alignedIndex() < 0 || next < 0 || next >= detail.aligned.length) return;
+  const pair = detail.aligned[next];
+  const slice = detail.querySlices.find((item) => item.query_slice === pair.query_slice);
+  if (!slice) return;
+  const query = seriesQuery(slice);
+  detail.query = query;  // at once, so that a quick second step goes on from here
+  updateLockedPosition();
+  const ticket = ++detail.queryLoading;
+  const [pixels, contour] = await Promise.all([loadPixels(query.pixels), loadContour(query.mask).catch(() => null)]);
+  if (ticket === detail.queryLoading) showQuery(query, pixels, contour);
+  await showNeighbor(pair.id, detail.neighbor);
+}
+
 async function step(direction) {
+  if (locked()) { await stepLocked(direction); return; }
   if (detail.position === null || detail.position < 0) return;
   const next = detail.position + direction;
   if (next < 0 || next >= detail.series.length) return;
@@ -651,16 +880,17 @@ async function step(direction) {
   await showNeighbor(detail.series[next], detail.neighbor);
 }
 
-async function openDetail(query, neighbor, opener) {
+async function openDetail(query, neighbor, opener, seriesQueried = null) {
   detail.opener = opener; detail.neighbor = neighbor; detail.query = query;
   detail.series = [];
+  detail.querySlices = seriesQueried ? seriesQueried.slices : [];
+  detail.aligned = seriesQueried ? seriesQueried.aligned : [];
   try {
     const [queryPixels, queryContour, series] = await Promise.all([
       loadPixels(query.pixels), loadContour(query.mask).catch(() => null),
       api(`/api/images/${neighbor.id}/series`).then((r) => r.json()).catch(() => ({ ids: [] }))]);
     detail.series = series.ids || [];
-    viewers.query.set(queryPixels, queryContour);
-    $("query-caption").textContent = `Query: ${query.name}${known(query.slice) ? " · slice " + (query.slice + 1) : ""}`;
+    showQuery(query, queryPixels, queryContour);
     viewState.zoom = 1; viewState.panX = viewState.panY = 0;
     $("detail-title").textContent = `Query and #${neighbor.rank} side by side`;
     await showNeighbor(neighbor.id, neighbor);
