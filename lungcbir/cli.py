@@ -223,16 +223,30 @@ def _same(path: str) -> str:
     return path
 
 
-def _read_inputs(paths, name: Callable[[str], str] = _same):
+def _read_inputs(paths, name: Callable[[str], str] = _same, study: str | None = None, series: str | None = None):
     """Read query/segment inputs; yields (path, slices) and collects failures. ``name`` says
-    how messages name a path (a fetched file by its archive URL)."""
+    how messages name a path (a fetched file by its archive URL). A DICOMweb URL stands for
+    one series of ``study`` in that archive (``series``, or the study's only CT series)."""
+    from .dicomweb import DicomwebSource, is_dicomweb_url
     from .io import find_image_files, read_file
 
     failures = []
+    readable = []
+    for url in [path for path in paths if is_dicomweb_url(path)]:
+        if study is None:
+            raise click.UsageError(f"{url}: a DICOMweb archive needs --study (and --series when it has several)")
+        slices, fetch_failures = DicomwebSource(url).series_slices(study, series)
+        for failure in fetch_failures:
+            click.echo(f"failed: {failure}", err=True)
+            failures.append(failure.path)
+        if slices:
+            readable.append((f"{url}/studies/{study}" + (f"/series/{series}" if series else ""), slices))
+    paths = [path for path in paths if not is_dicomweb_url(path)]
+    if not paths:
+        return readable, failures
     files = list(find_image_files(paths))
     if not files:
         raise LungCBIRError(f"no images found in {', '.join(paths)}")
-    readable = []
     for path in files:
         try:
             readable.append((path, read_file(path, max_voxels=_settings().max_voxels)))
@@ -261,6 +275,9 @@ def _read_inputs(paths, name: Callable[[str], str] = _same):
               help="Search once with all IMAGEs together (the mean of their vectors): more like these.")
 @click.option("--unlike", multiple=True, type=click.Path(), metavar="IMAGE",
               help="With --together: less like this (repeatable; the mean of these is subtracted).")
+@click.option("--study", metavar="UID", help="With a DICOMweb URL as IMAGE: the study to fetch the query from.")
+@click.option("--series", "series_uid", metavar="UID",
+              help="With --study: the series (default: the study's only CT series).")
 @click.option("--focus", type=click.Choice(FOCUSES), default=str(DEFAULT_FOCUS), show_default=True,
               help="What similar means: the same level of the lungs (anatomy), the same kind and amount of "
                    "disease (findings), or both (balanced).")
@@ -268,7 +285,7 @@ def _read_inputs(paths, name: Callable[[str], str] = _same):
 @model_options
 @friendly_errors
 def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, other_patients, together, unlike,
-          focus, db_url, index_dir, weights, device):
+          study, series_uid, focus, db_url, index_dir, weights, device):
     """Find the K stored slices most similar to each query IMAGE.
 
     Writes the lung mask (0/255, the image's own size), an overlay of the lung contour and a
@@ -280,6 +297,7 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
     Example:
       lungcbir query scan.dcm --k 5 --out results/ --json
       lungcbir query scan.dcm --focus findings --other-patients
+      lungcbir query https://pacs/dicom-web --study 1.2.3 --series 1.2.3.4 --by-series
     """
     from .visualize import mask_png, match_strip, overlay, write_png
 
@@ -291,11 +309,11 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
         _query_together(retriever, images, unlike, k, filters, per_patient, other_patients, as_json, focus)
         return
     if by_series:
-        if _query_series(retriever, images, k, filters, as_json, focus, other_patients):
+        if _query_series(retriever, images, k, filters, as_json, focus, other_patients, study, series_uid):
             sys.exit(EXIT_SOME_FAILED)
         return
     folder = None if no_pictures else _ensure_folder(out)
-    inputs, failures = _read_inputs(images)
+    inputs, failures = _read_inputs(images, study=study, series=series_uid)
     for path, slices in inputs:
         for result in retriever.query_slices(slices, k, filters, per_patient, other_patients, focus):
             mask_path = overlay_path = matches_path = lesion_path = None
@@ -402,13 +420,14 @@ def _print_label_summary(summary: dict[str, dict[str, int]], count: int) -> None
         click.echo(f"  {times} of {count}: {key} {value}")
 
 
-def _query_series(retriever, inputs, k, filters, as_json, focus, other_patients=False) -> bool:
+def _query_series(retriever, inputs, k, filters, as_json, focus, other_patients=False, study=None,
+                  series=None) -> bool:
     """Answer every source (a series folder or a volume); True when any file of any source failed."""
     from .retrieval import series_in_order
 
     any_failed = False
     for source in inputs:
-        readable, failures = _read_inputs([source])
+        readable, failures = _read_inputs([source], study=study, series=series)
         any_failed = any_failed or bool(failures)
         if not readable:
             continue  # every file of this source failed; each was listed

@@ -550,6 +550,31 @@ class DicomwebSource:
             for done, future in pending:
                 yield done, future.result()
 
+    def series_slices(self, study: str, series: str | None = None) -> tuple[list[CTSlice], list[ReadError]]:
+        """The slices of one CT series of ``study`` (the study's only one when ``series`` is not
+        given), fetched into memory in series order, and what could not be fetched. Raises
+        :class:`DicomwebError` when the study holds no such series, or several and none was chosen."""
+        if series is not None and not is_uid(series):
+            raise DicomwebError(f"series {_shown(series)}: not a DICOM UID (digits and dots, "
+                                f"at most {MAX_UID_LENGTH} characters)")
+        found, failures = self.find_series(study)
+        chosen = [ref for ref in found if series is None or ref.series_uid == series]
+        if not chosen:
+            what = f"series {series}" if series else "CT series"
+            raise DicomwebError(f"{self.root}: no {what} in study {study}")
+        if len(chosen) > 1:
+            raise DicomwebError(f"{self.root}: study {study} has {len(chosen)} CT series; choose one with --series "
+                                f"({', '.join(ref.series_uid for ref in chosen[:5])})")
+        refs, rejected = self.instances(chosen[0])
+        failures += rejected
+        slices: list[CTSlice] = []
+        for _, outcome in self.read_many(refs):
+            if isinstance(outcome, ReadError):
+                failures.append(outcome)
+            else:
+                slices.append(outcome)
+        return slices, failures
+
     def download(self, study: str) -> tuple[dict[str, str], list[ReadError]]:
         """Fetch the CT series of one study into :attr:`cache_dir` (one folder per series), so
         that they can be read like local series. Returns {series folder: series URL} and what

@@ -664,3 +664,27 @@ def test_a_busy_answer_is_retried_not_a_failed_instance(hostile_archive, tmp_pat
     result = index_archive(hostile_archive, tmp_path, tiny_weights)
     assert answered and result.exit_code == 0, result.output
     assert "indexed 6, skipped 0 (already indexed), failed 0" in result.output
+
+
+def test_a_query_is_fetched_from_the_archive_by_study_and_series(hostile_archive, phantom_dir, tmp_path,
+                                                                 tiny_weights):
+    """`query URL --study UID --series UID`: the query series comes from the archive, no export."""
+    assert invoke("index-dataset", phantom_dir / "png", "--weights", tiny_weights, *store_args(tmp_path),
+                  "--quiet").exit_code == 0
+    url, study, series = hostile_archive.url, hostile_archive.study, hostile_archive.series
+    result = invoke("query", url, "--study", study, "--series", series, "--json", "--k", "2", "--no-pictures",
+                    "--weights", tiny_weights, *store_args(tmp_path))
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(line) for line in result.output.splitlines()]
+    assert len(answers) == len(hostile_archive.listing)  # one answer per slice of the series
+    assert all(answer["query"] == f"{url}/studies/{study}/series/{series}" for answer in answers)
+    assert any("/instances" in request for request in hostile_archive.requests)
+    whole = invoke("query", url, "--study", study, "--by-series", "--json", "--weights", tiny_weights,
+                   *store_args(tmp_path))  # the study's only CT series
+    assert whole.exit_code in (0, 1), whole.output  # 1: the tiny random model may find no lungs
+    assert json.loads(whole.output.splitlines()[-1])["slices"] == len(hostile_archive.listing)
+    missing = invoke("query", url, "--weights", tiny_weights, *store_args(tmp_path))
+    assert missing.exit_code == 2 and "needs --study" in missing.output
+    other = invoke("query", url, "--study", study, "--series", "1.2.3", "--weights", tiny_weights,
+                   *store_args(tmp_path))
+    assert other.exit_code != 0 and f"no series 1.2.3 in study {study}" in other.output
