@@ -859,6 +859,9 @@ def evaluate(images, masks, held_out, postprocess, include_lesions, as_json, wei
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
 @click.option("--max-decodes", default=WebSettings.max_decodes, show_default=True, type=click.IntRange(1, 64),
               help="Uploads decoded at the same time (each may take hundreds of MB while decoded).")
+@click.option("--archive", "archive_url", metavar="URL",
+              help="A DICOMweb root the page may fetch a query series from: /?study=UID&series=UID, a viewer's "
+                   "launch link (credentials from LUNGCBIR_DICOMWEB_*).")
 @click.option("--viewer-url", metavar="TEMPLATE",
               help="Link each result to the site's viewer, e.g. "
                    "'https://pacs.example.org/ohif/viewer?StudyInstanceUIDs={study_uid}' "
@@ -872,8 +875,8 @@ def evaluate(images, masks, held_out, postprocess, include_lesions, as_json, wei
 @store_options
 @model_options
 @friendly_errors
-def serve(host, port, token_file, allowed_hosts, insecure, max_decodes, viewer_url, header_timeout, body_timeout,
-          db_url, index_dir, weights, device):
+def serve(host, port, token_file, allowed_hosts, insecure, max_decodes, archive_url, viewer_url, header_timeout,
+          body_timeout, db_url, index_dir, weights, device):
     """Serve the web page and the REST API (OpenAPI docs at /docs).
 
     Without a token the server listens on loopback addresses only; see docs/deployment.md,
@@ -897,7 +900,8 @@ def serve(host, port, token_file, allowed_hosts, insecure, max_decodes, viewer_u
         click.echo(f"warning: serving on {host} without authentication (--insecure)", err=True)
     settings = WebSettings(token=token, allowed_hosts=default_allowed_hosts(host, allowed_hosts),
                            max_decodes=max_decodes, header_seconds=header_timeout, body_seconds=body_timeout,
-                           viewer_url=check_viewer_template(viewer_url) if viewer_url else None)
+                           viewer_url=check_viewer_template(viewer_url) if viewer_url else None,
+                           archive_url=archive_url)
     retriever = _retriever(db_url, index_dir, weights, device)
     retriever.model  # load once before the first request, and fail early on bad weights
     retriever.store(create=False, read_only=False)  # saves its index folder when it catches up

@@ -66,7 +66,8 @@ class WebSettings:
     the server may wait for a request's body (:class:`BodySizeLimit`); 408 after either.
     ``viewer_url``: a template such as
     ``https://pacs.example.org/ohif/viewer?StudyInstanceUIDs={study_uid}`` (checked by
-    :func:`check_viewer_template`).
+    :func:`check_viewer_template`). ``archive_url``: a DICOMweb root the page may fetch a query
+    series from (``/?study=UID&series=UID``, a viewer's launch link); None: no such launch.
     """
 
     token: str | None = field(default=None, repr=False)  # never shown in a log or traceback
@@ -79,6 +80,8 @@ class WebSettings:
     body_seconds: float = 120.0
     #: link to open a result's study in the site's viewer (see :func:`viewer_link`); None: no link
     viewer_url: str | None = None
+    #: DICOMweb root of ``/api/query-archive`` (credentials from LUNGCBIR_DICOMWEB_*); None: off
+    archive_url: str | None = None
 
     @property
     def max_body_bytes(self) -> int:

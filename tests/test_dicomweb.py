@@ -688,3 +688,28 @@ def test_a_query_is_fetched_from_the_archive_by_study_and_series(hostile_archive
     other = invoke("query", url, "--study", study, "--series", "1.2.3", "--weights", tiny_weights,
                    *store_args(tmp_path))
     assert other.exit_code != 0 and f"no series 1.2.3 in study {study}" in other.output
+
+
+def test_the_web_api_fetches_a_query_series_from_its_archive(hostile_archive, phantom_dir, bundled_weights,
+                                                             tmp_path):
+    """`/?study=UID&series=UID` (a viewer's launch link): the page asks /api/query-archive, which
+    fetches the series from the server's archive: no export, no upload."""
+    from fastapi.testclient import TestClient
+
+    from lungcbir.retrieval import Retriever
+    from lungcbir.websecurity import WebSettings
+
+    retriever = Retriever(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index", weights=bundled_weights)
+    retriever.index_dataset([phantom_dir / "png"])
+    study, series = hostile_archive.study, hostile_archive.series
+    without = TestClient(create_app(retriever), base_url="http://localhost")
+    assert without.post("/api/query-archive", data={"study": study}).status_code == 404
+    client = TestClient(create_app(retriever, WebSettings(archive_url=hostile_archive.url)),
+                        base_url="http://localhost")
+    answer = client.post("/api/query-archive", data={"study": study, "series": series, "k": 2})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["slices"] == len(hostile_archive.listing) and body["cases"]
+    assert body["query"] == f"study {study}, series {series}"
+    assert client.post("/api/query-archive", data={"study": study, "series": "1.2.3"}).status_code == 422
+    assert client.post("/api/query-archive", data={"study": "../etc"}).status_code == 422

@@ -3,12 +3,14 @@ series) and ``/api/images/{id}/series`` (the stored slices of a slice's series).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
-from ..errors import LungCBIRError
+from ..errors import LungCBIRError, ReadError
 from ..focus import DEFAULT_FOCUS, Focus
+from ..io import CTSlice, ReadFailure
 from ..uploads import SeriesLimits, read_series
 from ..websecurity import scrub_paths
 from .schemas import ERROR_RESPONSES, SeriesAnswer, SeriesMembers
@@ -52,6 +54,42 @@ def api_query_series(web: AppState, files: Annotated[list[UploadFile], File()], 
                 raise HTTPException(413, f"the upload is larger than {most // 2**20} MiB")
             blobs.append((upload_name(upload), data))
         slices, failures = read_series(blobs, limits)
+    uploads = [name for name, _ in blobs]
+    return _series_answer(web, slices, failures, uploads[0] if len(uploads) == 1 else f"{len(uploads)} files", k,
+                          filters, other_patients, focus)
+
+
+@router.post("/api/query-archive", response_model=SeriesAnswer, response_model_exclude_unset=True)
+def api_query_archive(web: AppState, study: Annotated[str, Form()], series: Annotated[str, Form()] = "",
+                      k: Annotated[int, Form()] = 5, where: Annotated[str, Form()] = "",
+                      labels: Annotated[str, Form()] = "", other_patients: Annotated[bool, Form()] = False,
+                      focus: Annotated[Focus, Form()] = DEFAULT_FOCUS) -> dict[str, Any]:
+    """Rank stored cases against a series fetched from the server's DICOMweb archive (``serve
+    --archive``), as ``/api/query-series`` does for an upload: what ``/?study=UID&series=UID``
+    (a viewer's launch link) asks for. 404 when the server has no archive; 422 when the study
+    holds no such series, or several CT series and none was chosen."""
+    if web.settings.archive_url is None:
+        raise HTTPException(404, "this server has no DICOMweb archive to fetch from (serve --archive URL)")
+    check_k(k, MAX_SERIES_K, " for a series")
+    filters = web.filters(where, labels)
+    from ..dicomweb import DicomwebSource
+
+    source = DicomwebSource(web.settings.archive_url)
+    with web.decoding():
+        try:
+            slices, failures = source.series_slices(study, series or None)
+        except LungCBIRError as error:
+            raise HTTPException(422, scrub_paths(str(error))) from None
+    if not slices:
+        raise HTTPException(422, f"no slice of study {study} could be fetched")
+    return _series_answer(web, slices, failures, f"study {study}" + (f", series {series}" if series else ""), k,
+                          filters, other_patients, focus)
+
+
+def _series_answer(web: AppState, slices: list[CTSlice], failures: Sequence[ReadFailure | ReadError], name: str,
+                   k: int, filters: dict, other_patients: bool, focus: Focus) -> dict[str, Any]:
+    """A series query's answer, the same for an upload and an archive series (whose slices are
+    named by their instance URLs, as stored archive slices are)."""
     with web.model_lock:
         try:
             result = web.retriever.query_series(slices, k, filters, pairs=SERIES_PAIRS, focus=focus,
@@ -73,9 +111,8 @@ def api_query_series(web: AppState, files: Annotated[list[UploadFile], File()], 
     cases = [{**public_json(match.to_json()),
               "pairs": [{"query": query_slices[pair.query_slice], "neighbor": next(shown)} for pair in match.pairs]}
              for match in result.matches]
-    uploads = [name for name, _ in blobs]
     note = {"note": result.note} if result.note else {}
-    return {"query": uploads[0] if len(uploads) == 1 else f"{len(uploads)} files", "slices": len(slices),
+    return {"query": name, "slices": len(slices),
             "failed": [{"file": f.path, "reason": scrub_paths(f.reason)} for f in failures], "focus": focus.value,
             **note, "label_summary": result.label_summary(), "query_slices": list(query_slices.values()),
             "cases": cases}

@@ -943,5 +943,33 @@ async function detectFeatures() {
   updateFocusControl();
 }
 
-detectFeatures();
+// a viewer's launch link, /?study=UID[&series=UID]: the query series comes from the server's
+// DICOMweb archive (serve --archive), nothing is exported or uploaded
+async function launchFromArchive() {
+  const params = new URLSearchParams(window.location.search);
+  const study = params.get("study");
+  if (!study) return;
+  const body = new FormData();
+  body.append("study", study);
+  if (params.get("series")) body.append("series", params.get("series"));
+  filterFields(body);
+  if (features.otherPatients) body.append("other_patients", $("other-patients").checked ? "1" : "0");
+  if (features.focus) body.append("focus", chosenFocus());
+  showMessage(`Fetching study ${study} from the archive and searching…`);
+  try {
+    const response = await api("/api/query-archive", { method: "POST", body });
+    let answer;
+    try { answer = await response.json(); } catch (error) { answer = {}; }
+    if (!response.ok) throw new Error(describeDetail(answer.detail, `${response.status} ${response.statusText}`));
+    clearAnswer();
+    lastAnswer = answer;
+    showSeriesAnswer(answer);
+  } catch (error) {
+    clearAnswer();
+    showMessage(error instanceof NeedsToken ? "Enter the access token, then reload the page."
+      : String(error.message || error), true);
+  }
+}
+
+detectFeatures().then(launchFromArchive);
 refreshStats();
