@@ -120,7 +120,7 @@ class Settings:
         return cls(db_url=text(DB_ENV) or DEFAULT_DB_URL,
                    index_dir=text(INDEX_DIR_ENV) or DEFAULT_INDEX_DIR,
                    data_root=Path(text(DATA_ENV) or DEFAULT_DATA_ROOT),
-                   max_voxels=_max_voxels(environ.get(MAX_VOXELS_ENV, "")),
+                   max_voxels=_positive(environ, MAX_VOXELS_ENV, DEFAULT_MAX_VOXELS, int, "whole number of voxels"),
                    token=text(TOKEN_ENV),
                    dicomweb_token=text(DICOMWEB_TOKEN_ENV),
                    dicomweb_user=text(DICOMWEB_USER_ENV),
@@ -131,7 +131,7 @@ class Settings:
                                                 "whole number of pages"),
                    cache_dir=_cache_dir(text(CACHE_DIR_ENV), text("XDG_CACHE_HOME")),
                    runtime=text(RUNTIME_ENV) or DEFAULT_RUNTIME,
-                   threads=_threads(environ.get(THREADS_ENV, "")))
+                   threads=_positive(environ, THREADS_ENV, 0, int, "whole number of threads") or None)  # 0: unset
 
 
 def _cache_dir(explicit: str | None, xdg_cache: str | None) -> Path:
@@ -140,32 +140,6 @@ def _cache_dir(explicit: str | None, xdg_cache: str | None) -> Path:
     # the XDG base directory rule: $XDG_CACHE_HOME when set to an absolute path, else ~/.cache
     base = Path(xdg_cache) if xdg_cache and os.path.isabs(xdg_cache) else Path("~/.cache").expanduser()
     return base / "lungcbir"
-
-
-def _threads(text: str) -> int | None:
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigError(f"{THREADS_ENV}={text!r}: expected a positive whole number of threads")
-    return value
-
-
-def _max_voxels(text: str) -> int:
-    text = text.strip()
-    if not text:
-        return DEFAULT_MAX_VOXELS
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigError(f"{MAX_VOXELS_ENV}={text!r}: expected a positive whole number of voxels")
-    return value
 
 
 def _positive(environ: Mapping[str, str], name: str, default: Number, kind: Callable[[str], Number],
