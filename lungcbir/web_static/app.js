@@ -533,14 +533,19 @@ async function loadPixels(url) {
   return { ...(await decodeGreyPng(await response.arrayBuffer())), kind };
 }
 
-async function loadContour(url) {
+// a 0/255 mask PNG drawn on a canvas of its size: the canvas, its context and its pixels
+async function loadMask(url) {
   const response = await api(url);
   if (!response.ok) throw new Error(`${url}: ${response.status}`);
   const bitmap = await createImageBitmap(await response.blob());
   const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
   const context = canvas.getContext("2d");
   context.drawImage(bitmap, 0, 0);
-  const mask = context.getImageData(0, 0, bitmap.width, bitmap.height);
+  return { canvas, context, pixels: context.getImageData(0, 0, bitmap.width, bitmap.height) };
+}
+
+async function loadContour(url) {
+  const { canvas, context, pixels: mask } = await loadMask(url);
   const { width, height, data } = mask;
   const inside = (x, y) => x >= 0 && y >= 0 && x < width && y < height && data[4 * (y * width + x)] > 127;
   const edge = context.createImageData(width, height);
@@ -568,13 +573,7 @@ const viewState = { zoom: 1, panX: 0, panY: 0, preset: "lung", width: 1500, leve
 
 // a lesion map (0/255 PNG) as a translucent red layer
 async function loadLesion(url) {
-  const response = await api(url);
-  if (!response.ok) throw new Error(`${url}: ${response.status}`);
-  const bitmap = await createImageBitmap(await response.blob());
-  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
-  const context = canvas.getContext("2d");
-  context.drawImage(bitmap, 0, 0);
-  const map = context.getImageData(0, 0, bitmap.width, bitmap.height);
+  const { canvas, context, pixels: map } = await loadMask(url);
   let pixels = 0;
   for (let i = 0; i < map.data.length; i += 4) {
     const on = map.data[i] > 127;
