@@ -221,29 +221,35 @@ def _collection_weights(cache: FindingsCache, rows: np.ndarray) -> np.ndarray:
 ALPHAS = (0.01, 0.1, 1.0, 10.0)
 
 
-def _logistic(features: Callable[[FindingsCache, np.ndarray], np.ndarray],
-              usable: Callable[[FindingsCache], np.ndarray], alphas: tuple[float, ...] = ALPHAS):
-    """A read-out fitter: the penalty is chosen from ``alphas`` by the slice AUC of an inner
-    leave-one-patient-out over the covid-ct-md patients of the training rows (their original
-    slices), then the read-out is fitted on every training row with it."""
-    def fitted(cache: FindingsCache, rows: np.ndarray, alpha: float) -> FindingsReadout:
+def fit_chosen(cache: FindingsCache, train: np.ndarray, features: Callable[[FindingsCache, np.ndarray], np.ndarray],
+               usable: Callable[[FindingsCache], np.ndarray], alphas: tuple[float, ...] = ALPHAS) -> FindingsReadout:
+    """A read-out fitted on the usable labelled ``train`` rows; its penalty is chosen from
+    ``alphas`` by the slice AUC of an inner leave-one-patient-out over the covid-ct-md patients
+    of those rows (their original slices), so nothing outside ``train`` decides anything."""
+    def fitted(rows: np.ndarray, alpha: float) -> FindingsReadout:
         return fit_readout(features(cache, rows), cache.infected[rows] == 1, _collection_weights(cache, rows), alpha)
 
+    train = train[usable(cache)[train] & ~np.isnan(cache.infected[train])]
+    inner = train[(cache.collection[train] == MD) & (cache.form[train] == FORMS[0])]
+    alpha = alphas[0]
+    if len(alphas) > 1 and len(np.unique(cache.infected[inner])) == 2:
+        aucs = []
+        for value in alphas:
+            scores = np.empty(len(inner))
+            for patient in np.unique(cache.patient[inner]):
+                mine = cache.patient[inner] == patient
+                scores[mine] = fitted(train[cache.patient[train] != patient], value).probability(
+                    features(cache, inner[mine]))
+            aucs.append(roc_auc(scores, cache.infected[inner] == 1))
+        alpha = alphas[int(np.argmax(aucs))]
+    return fitted(train, alpha)
+
+
+def _logistic(features: Callable[[FindingsCache, np.ndarray], np.ndarray],
+              usable: Callable[[FindingsCache], np.ndarray], alphas: tuple[float, ...] = ALPHAS):
+    """A fitter for :class:`Signal`: :func:`fit_chosen`, returned as a scorer of rows."""
     def fit(cache: FindingsCache, train: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-        train = train[usable(cache)[train] & ~np.isnan(cache.infected[train])]
-        inner = train[(cache.collection[train] == MD) & (cache.form[train] == FORMS[0])]
-        alpha = alphas[0]
-        if len(alphas) > 1 and len(np.unique(cache.infected[inner])) == 2:
-            aucs = []
-            for value in alphas:
-                scores = np.empty(len(inner))
-                for patient in np.unique(cache.patient[inner]):
-                    mine = cache.patient[inner] == patient
-                    readout = fitted(cache, train[cache.patient[train] != patient], value)
-                    scores[mine] = readout.probability(features(cache, inner[mine]))
-                aucs.append(roc_auc(scores, cache.infected[inner] == 1))
-            alpha = alphas[int(np.argmax(aucs))]
-        readout = fitted(cache, train, alpha)
+        readout = fit_chosen(cache, train, features, usable, alphas)
         return lambda rows: readout.probability(features(cache, rows))
     return fit
 
@@ -253,7 +259,7 @@ def _density_or_network(cache: FindingsCache, train: np.ndarray) -> Callable[[np
     export's grey values are not HU, so there the read-out is all that works."""
     with_density = _logistic(lambda c, r: np.concatenate([c.findings_raw[r], c.density[r]], axis=1),
                              _hu_original)(cache, train)
-    network = _logistic(lambda c, r: c.findings_raw[r], lambda c: np.ones(len(c.form), bool))(cache, train)
+    network = _logistic(network_features, every_row)(cache, train)
 
     def score(rows: np.ndarray) -> np.ndarray:
         usable = _hu_original(cache)[rows]
@@ -279,9 +285,18 @@ def _burden(cache: FindingsCache, rows: np.ndarray) -> np.ndarray:
     return np.sqrt(cache.lesion_fraction[rows])
 
 
+def network_features(cache: FindingsCache, rows: np.ndarray) -> np.ndarray:
+    """What the shipped read-out reads: the pooled findings part before centring."""
+    return cache.findings_raw[rows]
+
+
+def every_row(cache: FindingsCache) -> np.ndarray:
+    return np.ones(len(cache.form), bool)
+
+
 def learned_signal(infection_weight: float = 0.5) -> Signal:
     """The read-out of :mod:`lungcbir.readout` on the network's findings part (every form)."""
-    return Signal("learned read-out", _logistic(lambda c, r: c.findings_raw[r], lambda c: np.ones(len(c.form), bool)),
+    return Signal("learned read-out", _logistic(network_features, every_row),
                   lambda c, r, p: angle_embedding(p, _burden(c, r), infection_weight))
 
 
@@ -562,10 +577,12 @@ def default_cache_path() -> Path:
     return Path("runs") / "findings_lopo_cache.npz"
 
 
-def cached(model: LungModel, path: Path | None = None, root: Path | None = None) -> FindingsCache:
-    """The cache at ``path`` (default runs/findings_lopo_cache.npz), built first if missing."""
+def cached(model: LungModel | None, path: Path | None = None, root: Path | None = None) -> FindingsCache:
+    """The cache at ``path`` (default runs/findings_lopo_cache.npz), built with ``model`` first if missing."""
     path = path or default_cache_path()
     if not path.is_file():
+        if model is None:
+            raise ValueError(f"{path} does not exist: a model is needed to build it")
         torch.set_num_threads(1)
         build_cache(model, root).save(path)
     return FindingsCache.load(path)
