@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .readout import READOUT_DIMENSION, FindingsReadout, findings_embedding
+from .readout import FindingsReadout, findings_embedding
 
 
 class Pooling(str, Enum):
@@ -119,7 +119,7 @@ class FindingsConfig:
 
     def dimension(self, bottleneck_channels: int) -> int:
         """Length of the findings part for a bottleneck of this many channels."""
-        return READOUT_DIMENSION if self.readout is not None else bottleneck_channels + LESION_STATISTICS
+        return self.readout.dimension if self.readout is not None else bottleneck_channels + LESION_STATISTICS
 
     def to_dict(self) -> dict:
         values: dict = {"statistics_weight": self.statistics_weight,
@@ -179,7 +179,7 @@ def findings_vectors(bottleneck: torch.Tensor, lung_probability: torch.Tensor, l
     lesion probability x lung probability (plus a trace of the lung weight, so that a slice
     without lesions is described by its lungs), L2-normalised, joined with
     ``config.statistics_weight`` x :func:`lesion_statistics`; with a read-out
-    (``config.readout``), its ``(N, 4)`` embedding of that (:func:`lungcbir.readout.findings_embedding`)."""
+    (``config.readout``), the findings part it makes of that (:func:`lungcbir.readout.findings_embedding`)."""
     features = bottleneck.float()
     grid = (features.shape[-2], features.shape[-1])
     lungs = F.adaptive_avg_pool2d(lung_probability.float(), grid)

@@ -39,25 +39,39 @@ READOUT_DIMENSION = 4
 @dataclass(frozen=True)
 class FindingsReadout:
     """A logistic read-out of the uncentred findings part: ``p = sigmoid(((x - mean) / scale) .
-    weights + intercept)``; ``infection_weight`` is ``w`` of the module's formula."""
+    weights + intercept)``; ``infection_weight`` is ``w`` of the module's formula.
+
+    With ``pooled_weight`` a > 0 the findings part keeps the pooled part it reads too, centred on
+    ``pooled_centre`` and scaled: ``[sqrt(a) pooled | sqrt(1 - a) embedding]``, so the findings
+    cosine is a x the pooled parts' cosine + (1 - a) x the read-out's similarity."""
 
     mean: list[float]
     scale: list[float]
     weights: list[float]
     intercept: float
     infection_weight: float = 0.5
+    pooled_weight: float = 0.0
+    pooled_centre: list[float] | None = None
+
+    @property
+    def dimension(self) -> int:
+        """Length of the findings part this read-out makes."""
+        return READOUT_DIMENSION + (len(self.mean) if self.pooled_weight > 0 else 0)
 
     def to_dict(self) -> dict:
         # plain floats: weights files are loaded with weights_only, which refuses NumPy scalars
         return {"mean": [float(v) for v in self.mean], "scale": [float(v) for v in self.scale],
                 "weights": [float(v) for v in self.weights], "intercept": float(self.intercept),
-                "infection_weight": float(self.infection_weight)}
+                "infection_weight": float(self.infection_weight), "pooled_weight": float(self.pooled_weight),
+                "pooled_centre": None if self.pooled_centre is None else [float(v) for v in self.pooled_centre]}
 
     @classmethod
     def from_dict(cls, values: dict) -> "FindingsReadout":
+        centre = values.get("pooled_centre")
         return cls([float(v) for v in values["mean"]], [float(v) for v in values["scale"]],
                    [float(v) for v in values["weights"]], float(values["intercept"]),
-                   float(values.get("infection_weight", 0.5)))
+                   float(values.get("infection_weight", 0.5)), float(values.get("pooled_weight", 0.0)),
+                   None if centre is None else [float(v) for v in centre])
 
     def probability(self, features: np.ndarray) -> np.ndarray:
         """Infection probability of each row of ``features`` (the uncentred findings part)."""
@@ -115,8 +129,22 @@ def angle_embedding(probability: np.ndarray, burden: np.ndarray, infection_weigh
 def findings_embedding(readout: FindingsReadout, features: np.ndarray, burden: np.ndarray) -> np.ndarray:
     """The findings part of a model with a read-out: :func:`angle_embedding` of the read-out's
     probability of the pooled findings part ``features`` and the ``burden``, the square root of
-    the lesion share of the lung (the first lesion statistic)."""
-    return angle_embedding(readout.probability(features), burden, readout.infection_weight)
+    the lesion share of the lung (the first lesion statistic); with ``readout.pooled_weight`` > 0
+    the centred pooled part before it (:class:`FindingsReadout`)."""
+    embedding = angle_embedding(readout.probability(features), burden, readout.infection_weight)
+    if readout.pooled_weight <= 0:
+        return embedding
+    return joined_embedding(np.asarray(features, np.float32), readout.pooled_centre, embedding, readout.pooled_weight)
+
+
+def joined_embedding(pooled: np.ndarray, centre: list[float] | np.ndarray | None, embedding: np.ndarray,
+                     pooled_weight: float) -> np.ndarray:
+    """``[sqrt(a) unit(pooled - centre) | sqrt(1 - a) embedding]``: a unit vector whose cosines are
+    a x the centred pooled parts' cosine + (1 - a) x the embeddings' (``embedding`` rows are unit)."""
+    centred = pooled - (0.0 if centre is None else np.asarray(centre, np.float32))
+    centred = centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-8)
+    return np.concatenate([np.sqrt(pooled_weight) * centred, np.sqrt(1 - pooled_weight) * embedding],
+                          axis=1).astype(np.float32)
 
 
 #: Hounsfield ranges of :func:`lung_density`: ground glass and consolidation.

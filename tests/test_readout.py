@@ -14,6 +14,7 @@ from lungcbir.readout import (
     READOUT_DIMENSION,
     FindingsReadout,
     angle_embedding,
+    findings_embedding,
     fit_readout,
     lung_density,
 )
@@ -80,3 +81,19 @@ def test_a_model_with_a_readout_stores_a_4_number_findings_part_and_has_another_
         assert result.vector.shape == (learned.dimension,)
         assert np.linalg.norm(result.vector) == pytest.approx(1, abs=1e-5)
         assert np.linalg.norm(result.vector[plain.parts[0]:]) == pytest.approx(np.sqrt(0.5), abs=1e-5)
+
+
+def test_a_joined_findings_part_weighs_the_pooled_cosine_and_the_readout_similarity():
+    rng = np.random.default_rng(1)
+    pooled = rng.normal(size=(2, 6)).astype(np.float32)
+    centre = rng.normal(size=6).astype(np.float32)
+    readout = FindingsReadout([0.0] * 6, [1.0] * 6, list(rng.normal(size=6)), 0.0, 0.5, 0.25,
+                              [float(v) for v in centre])
+    burden = np.array([0.2, 0.5])
+    joined = findings_embedding(readout, pooled, burden)
+    assert joined.shape == (2, readout.dimension) == (2, 10)
+    assert np.allclose(np.linalg.norm(joined, axis=1), 1, atol=1e-6)
+    centred = (pooled - centre) / np.linalg.norm(pooled - centre, axis=1, keepdims=True)
+    alone = findings_embedding(dataclasses.replace(readout, pooled_weight=0.0), pooled, burden)
+    assert joined[0] @ joined[1] == pytest.approx(0.25 * centred[0] @ centred[1] + 0.75 * alone[0] @ alone[1], abs=1e-5)
+    assert FindingsReadout.from_dict(readout.to_dict()) == readout

@@ -52,7 +52,7 @@ from ..inference import LungModel
 from ..io import CTSlice, Intensity, SourceFormat, read_file
 from ..metrics import roc_auc, spearman
 from ..preprocess import normalize_intensity
-from ..readout import DENSITY_FEATURES, FindingsReadout, angle_embedding, fit_readout, lung_density
+from ..readout import DENSITY_FEATURES, FindingsReadout, angle_embedding, fit_readout, joined_embedding, lung_density
 from .retrieval_benchmark import LUNG_PRESENT, assign_levels, covid_ct_md_items, raw_pixel_features
 
 MD, COVID, KAGGLE = "covid-ct-md", "covid19-ct-lungmask", "kaggle-lungs-2d"
@@ -202,6 +202,8 @@ class Signal:
     name: str
     fit: Callable[[FindingsCache, np.ndarray], Callable[[np.ndarray], np.ndarray]] | None
     embed: Callable[[FindingsCache, np.ndarray, np.ndarray], np.ndarray]
+    #: another signal whose fits this one uses (the same read-out, another findings part)
+    shares: str | None = None
 
 
 def _collection_weights(cache: FindingsCache, rows: np.ndarray) -> np.ndarray:
@@ -217,6 +219,8 @@ def _collection_weights(cache: FindingsCache, rows: np.ndarray) -> np.ndarray:
     return weight
 
 
+#: The pooled part's share of the findings cosine in the joined findings part (fixed beforehand).
+POOLED_WEIGHT = 0.5
 #: Penalties a read-out chooses from inside its fold (:func:`_logistic`).
 ALPHAS = (0.01, 0.1, 1.0, 10.0)
 
@@ -302,6 +306,11 @@ def learned_signal(infection_weight: float = 0.5) -> Signal:
 
 SIGNALS: dict[str, Signal] = {
     "learned read-out": learned_signal(),
+    # the learned read-out's embedding joined to the findings part it reads (half each)
+    "read-out + pooled part": Signal(
+        "read-out + pooled part", _logistic(network_features, every_row),
+        lambda c, r, p: joined_embedding(c.findings[r], None, angle_embedding(p, _burden(c, r), 0.5), POOLED_WEIGHT),
+        shares="learned read-out"),
     # the same, plus lung density in HU where the slice is HU (fitted and used on HU originals)
     "read-out + HU density": Signal("read-out + HU density", _density_or_network,
                                     lambda c, r, p: angle_embedding(p, _burden(c, r), 0.5)),
@@ -322,6 +331,10 @@ class CrossFitted:
     def __init__(self, cache: FindingsCache, signal: Signal, train_rows: np.ndarray) -> None:
         self.cache, self.signal, self.train_rows = cache, signal, train_rows
         self._fits: dict[frozenset[str], Callable[[np.ndarray], np.ndarray]] = {}
+
+    def share_fits(self, other: "CrossFitted") -> None:
+        """Use (and add to) ``other``'s fits: both signals read the rows with the same read-out."""
+        self._fits = other._fits
 
     def scorer(self, excluded: frozenset[str]) -> Callable[[np.ndarray], np.ndarray]:
         if excluded not in self._fits:
@@ -467,6 +480,8 @@ COLUMNS: tuple[tuple[str, str, float | str], ...] = (
     ("before, balanced", "findings part before", 0.5),
     ("learned, findings", "learned read-out", 0.0),
     ("learned, balanced", "learned read-out", "chosen"),
+    ("joined, findings", "read-out + pooled part", 0.0),
+    ("joined, balanced", "read-out + pooled part", "chosen"),
     ("+density, findings", "read-out + HU density", 0.0),
     ("+density, balanced", "read-out + HU density", "chosen"),
 )
@@ -481,6 +496,9 @@ def lopo_table(cache: FindingsCache) -> tuple[dict[str, dict[str, Figure]], dict
     covid = originals[cache.collection[originals] == COVID]
     md_patients = sorted(set(cache.patient[md]))
     fitted = {name: CrossFitted(cache, signal, train_rows) for name, signal in SIGNALS.items()}
+    for name, signal in SIGNALS.items():
+        if signal.shares is not None:  # one read-out, fitted once per set of excluded patients
+            fitted[name].share_fits(fitted[signal.shares])
     table: dict[str, dict[str, Figure]] = {}
     chosen: dict[str, list[float]] = {}
 
@@ -510,6 +528,7 @@ def lopo_table(cache: FindingsCache) -> tuple[dict[str, dict[str, Figure]], dict
     labelled = md[np.isin(cache.patient[md], list(set(cache.patient[md][cache.infected[md] == 1])))]
     truth = cache.infected[labelled] == 1
     for signal_name, column in (("level-only read-out", "level-only, findings"),
+                                ("read-out + pooled part", "joined, findings"),
                                 ("learned read-out", "learned, findings"),
                                 ("read-out + HU density", "+density, findings")):
         scores = fitted[signal_name].scores(labelled, frozenset())
@@ -563,7 +582,8 @@ def format_lopo(table: dict[str, dict[str, Figure]], chosen: dict[str, list[floa
                      + " |")
     lines += ["", "Per patient (mean / median / worst patient):", ""]
     for row, cells in table.items():
-        for column in ("level-only, findings", "learned, findings", "learned, balanced"):
+        for column in ("level-only, findings", "learned, findings", "learned, balanced", "joined, findings",
+                       "joined, balanced"):
             if column in cells:
                 f = cells[column]
                 lines.append(f"- {row}, {column}: {f.patient_mean:.3f} / {f.patient_median:.3f} / "
