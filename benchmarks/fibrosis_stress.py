@@ -21,8 +21,8 @@ from lungcbir.augment import add_honeycomb
 from lungcbir.datasets import covid_slices, kaggle_slices
 from lungcbir.inference import LungModel
 from lungcbir.io import CTSlice, read_file, read_mask
-from lungcbir.preprocess import normalize_intensity
 from lungcbir.metrics import dice_score
+from lungcbir.preprocess import normalize_intensity
 
 
 def stressed_slices(seed: int) -> dict[str, list[tuple[CTSlice, CTSlice, np.ndarray]]]:

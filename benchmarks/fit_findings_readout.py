@@ -65,7 +65,8 @@ def main() -> None:
     anatomy = 2 * settings.unet.bottleneck_channels
     readout = dataclasses.replace(fit_chosen(cache, every, network_features, every_row),
                                   pooled_weight=args.pooled_weight,
-                                  pooled_centre=[float(v) for v in settings.centre[anatomy:]])
+                                  pooled_centre=[float(v) for v in settings.centre[anatomy:]]
+                                  if args.pooled_weight > 0 else None)
     md = np.flatnonzero((cache.form == FORMS[0]) & (cache.collection == MD) & (cache.lung_fraction >= LUNG_PRESENT))
     signal = SIGNALS["read-out + pooled part"] if args.pooled_weight > 0 else SIGNALS["learned read-out"]
     if args.pooled_weight not in (0.0, POOLED_WEIGHT):

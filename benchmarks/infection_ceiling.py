@@ -18,9 +18,9 @@ import argparse
 
 import numpy as np
 
-from lungcbir.metrics import roc_auc
 from lungcbir.focus import focus_queries
 from lungcbir.inference import LungModel
+from lungcbir.metrics import roc_auc
 from lungcbir.research.retrieval_benchmark import (
     SPLITS,
     assign_levels,
