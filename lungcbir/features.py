@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .readout import FindingsReadout, findings_embedding
+
 
 class Pooling(str, Enum):
     """How the bottleneck becomes a vector (see :func:`pool_bottleneck`); equal to its value,
@@ -106,19 +108,32 @@ class FindingsConfig:
     statistics_weight: float = 1.0
     #: weight of the anatomy part in the ``balanced`` focus (the findings part gets the rest)
     balanced_anatomy_weight: float = 0.5
+    #: a read-out learned from slice labels (lungcbir.readout); when set, the findings part is its
+    #: 4-d embedding instead of the pooled part it reads (issue 25). None: the pooled part.
+    readout: FindingsReadout | None = None
 
     @property
     def statistics_dimension(self) -> int:
         """How many numbers :func:`lesion_statistics` gives per slice."""
         return LESION_STATISTICS
 
+    def dimension(self, bottleneck_channels: int) -> int:
+        """Length of the findings part for a bottleneck of this many channels."""
+        return self.readout.dimension if self.readout is not None else bottleneck_channels + LESION_STATISTICS
+
     def to_dict(self) -> dict:
-        return {"statistics_weight": self.statistics_weight, "balanced_anatomy_weight": self.balanced_anatomy_weight}
+        values: dict = {"statistics_weight": self.statistics_weight,
+                        "balanced_anatomy_weight": self.balanced_anatomy_weight}
+        if self.readout is not None:  # absent otherwise, so models without one keep their ids
+            values["readout"] = self.readout.to_dict()
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "FindingsConfig":
+        readout = values.get("readout")
         return cls(statistics_weight=float(values["statistics_weight"]),
-                   balanced_anatomy_weight=float(values["balanced_anatomy_weight"]))
+                   balanced_anatomy_weight=float(values["balanced_anatomy_weight"]),
+                   readout=FindingsReadout.from_dict(readout) if readout else None)
 
 
 #: Numbers per slice from :func:`lesion_statistics`.
@@ -163,14 +178,18 @@ def findings_vectors(bottleneck: torch.Tensor, lung_probability: torch.Tensor, l
     """The findings part before centring: ``(N, C + 5)`` of the bottleneck pooled with weight
     lesion probability x lung probability (plus a trace of the lung weight, so that a slice
     without lesions is described by its lungs), L2-normalised, joined with
-    ``config.statistics_weight`` x :func:`lesion_statistics`."""
+    ``config.statistics_weight`` x :func:`lesion_statistics`; with a read-out
+    (``config.readout``), the findings part it makes of that (:func:`lungcbir.readout.findings_embedding`)."""
     features = bottleneck.float()
     grid = (features.shape[-2], features.shape[-1])
     lungs = F.adaptive_avg_pool2d(lung_probability.float(), grid)
     weights = F.adaptive_avg_pool2d((lesion_probability * lung_probability).float(), grid) + 1e-3 * lungs + 1e-6
     mean = F.normalize((features * weights).sum((2, 3)) / weights.sum((2, 3)), dim=1).cpu().numpy()
     statistics = lesion_statistics(lung_probability[:, 0].cpu().numpy(), lesion_probability[:, 0].cpu().numpy())
-    return np.concatenate([mean, config.statistics_weight * statistics], axis=1).astype(np.float32)
+    pooled = np.concatenate([mean, config.statistics_weight * statistics], axis=1).astype(np.float32)
+    if config.readout is None:
+        return pooled
+    return findings_embedding(config.readout, pooled, statistics[:, 0])
 
 
 def centre_parts(vectors: np.ndarray, centre: np.ndarray | list[float] | None, parts: Sequence[int]) -> np.ndarray:

@@ -232,7 +232,7 @@ class LungModel:
         findings = self.settings.findings
         if findings is None:
             return (anatomy,)
-        return anatomy, self.settings.unet.bottleneck_channels + findings.statistics_dimension
+        return anatomy, findings.dimension(self.settings.unet.bottleneck_channels)
 
     @property
     def dimension(self) -> int:

@@ -49,7 +49,12 @@ def test_same_slice_in_other_windows_and_orientations(model):
 
 def test_same_slice_exported_or_turned_finds_itself_among_other_real_slices(model):
     """A stored HU slice must come back first when it is queried as an 8-bit export in any
-    window, flipped or turned (a guard; docs/retrieval.md measures this on more slices)."""
+    window, as a JPEG or a CLAHE export, flipped or turned (a guard; docs/retrieval.md measures
+    this on more slices: benchmarks/retrieval_invariance.py)."""
+    import cv2
+
+    from lungcbir.research.findings_lopo import clahe_export
+
     stored = ([read_file(s.image)[0] for s in kaggle_slices()["test"][::4]]
               + [read_file(s.image)[0] for s in covid_slices()["test"][::40]])
     vectors = np.stack([r.vector for r in model.segment(stored)])
@@ -58,6 +63,10 @@ def test_same_slice_exported_or_turned_finds_itself_among_other_real_slices(mode
         exports = [CTSlice(np.round(np.clip((hu - low) / (high - low), 0, 1) * 255).astype(np.uint8),
                            "uint8", "x", "png")
                    for low, high in ((-1000, 400), (-160, 240), (-500, 1500))]  # lung, mediastinal, bone
+        # the lung-window export saved as a JPEG, and an export like covid19-ct-lungmask's (CLAHE)
+        _, jpeg = cv2.imencode(".jpg", exports[0].pixels, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        exports += [CTSlice(cv2.imdecode(jpeg, cv2.IMREAD_UNCHANGED), "uint8", "x", "jpeg"),
+                    clahe_export(stored[index])]
         turned = [CTSlice(np.ascontiguousarray(view), "hu", "x", "tiff")
                   for view in (hu[:, ::-1], hu[::-1], np.rot90(hu), np.rot90(hu, 2), np.rot90(hu, 3))]
         for result in model.segment(exports + turned):
