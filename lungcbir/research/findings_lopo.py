@@ -44,7 +44,6 @@ from typing import Callable, Iterable
 
 import cv2
 import numpy as np
-import torch
 
 from ..datasets import COVID_TEST_PATIENTS, COVID_VAL_PATIENTS, data_root
 from ..features import centre_parts
@@ -603,6 +602,5 @@ def cached(model: LungModel | None, path: Path | None = None, root: Path | None 
     if not path.is_file():
         if model is None:
             raise ValueError(f"{path} does not exist: a model is needed to build it")
-        torch.set_num_threads(1)
         build_cache(model, root).save(path)
     return FindingsCache.load(path)
