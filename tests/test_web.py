@@ -1166,3 +1166,53 @@ def test_a_patient_without_a_series_steps_through_the_patients_slices(phantom_di
     series = client.get(f"/api/images/{ids[0]}/series").json()
     names = [client.get(f"/api/images/{i}").json()["file_name"] for i in series["ids"]]
     assert names == ["ID_0001_Z_8.png", "ID_0001_Z_9.png", "ID_0001_Z_10.png"]  # numbers compared as numbers
+
+
+def test_healthz_answers_at_once_while_every_worker_thread_is_busy(retriever):
+    """/healthz waited for a worker thread behind the queries (34-36 s under load), so a liveness
+    probe would restart a healthy server. Here every worker thread is held by a query (they wait
+    in their filter parsing until released), in a real server on loopback, and /healthz answers."""
+    import httpx
+    import uvicorn
+
+    app = create_app(retriever)
+    state = app.state.lungcbir
+    real_filters, release, entered, lock = state.filters, threading.Event(), [0], threading.Lock()
+
+    def held_filters(*args, **kwargs):
+        with lock:
+            entered[0] += 1
+        release.wait(60)
+        return real_filters(*args, **kwargs)
+
+    state.filters = held_filters
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        url = f"http://localhost:{server.servers[0].sockets[0].getsockname()[1]}"
+
+        def one(_: int) -> int:
+            return httpx.post(f"{url}/api/query", files={"file": ("q.png", png_bytes())}, timeout=120).status_code
+
+        with ThreadPoolExecutor(max_workers=45) as pool:
+            queries = [pool.submit(one, n) for n in range(45)]
+            while entered[0] < 40 and time.monotonic() < deadline:  # anyio's 40 worker threads, all held
+                time.sleep(0.05)
+            assert entered[0] == 40, f"{entered[0]} queries hold a worker thread"
+            try:
+                start = time.monotonic()
+                assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+                took = time.monotonic() - start
+            finally:
+                release.set()
+            statuses = [query.result() for query in queries]
+        assert took < 1, f"/healthz took {took:.2f} s with every worker thread busy"
+        assert set(statuses) == {200}, statuses
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(10)
