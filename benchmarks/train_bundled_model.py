@@ -41,19 +41,25 @@ import os
 import numpy as np
 import torch
 
+from lungcbir.augment import PATHOLOGY_KINDS
 from lungcbir.centring import add_training_centre
 from lungcbir.datasets import covid_slices, kaggle_slices
 from lungcbir.features import FindingsConfig
 from lungcbir.inference import LungModel
+from lungcbir.io import CTSlice
+from lungcbir.preprocess import mask_to_model
 from lungcbir.research.retrieval_benchmark import CHOICE_SPLIT, covid_ct_md_items
-from lungcbir.train import TrainConfig, TrainingSample, load_sample, slice_labelled_sample, train
+from lungcbir.research.synthetic_disease import diseased_slices
+from lungcbir.train import TrainConfig, TrainingSample, load_sample, model_pixels, slice_labelled_sample, train
 
 
 def load_split(config: TrainConfig) -> dict[str, dict[str, list[TrainingSample]]]:
     """Train and val samples of each source, resized to the model input."""
     split = {}
     for name, parts in (("kaggle", kaggle_slices()), ("covid19", covid_slices())):
-        lesions = config.infection_head or config.lesion_levels
+        # lesion masks teach a lesion output, and give the shapes pasted consolidation is cut from
+        lesions = config.infection_head or config.lesion_levels or (config.pathology
+                                                                    and "consolidation" in config.pathology_kinds)
         split[name] = {part: [dataclasses.replace(load_sample(s.image, s.mask, config.input_size, s.group,
                                                               s.infection if lesions else None),
                                                   series=s.series, position=s.position)
@@ -71,6 +77,18 @@ def slice_labelled_samples(config: TrainConfig, lungs_from: str | None) -> list[
     masks = [result.mask for result in model.segment([item.slice for item in items])]
     return [slice_labelled_sample(item.slice, mask, bool(item.infected), config.input_size, item.patient,
                                   item.series, item.index_in_series) for item, mask in zip(items, masks)]
+
+
+def synthetic_val_samples(config: TrainConfig) -> list[TrainingSample]:
+    """The val split's SYNTHETIC dense disease in HU as val samples: the Kaggle val slices with
+    pasted consolidation or dependent density, whose lung mask (the truth) includes them."""
+    samples = []
+    for case in diseased_slices("val", kinds=("consolidation", "dependent")):
+        item = CTSlice(case.pixels, "hu", case.name, "tiff")
+        samples.append(TrainingSample(f"{case.name}:{case.kind}", f"synthetic:{case.name}",
+                                      model_pixels(item, config.input_size), "hu",
+                                      mask_to_model(case.truth, config.input_size)))
+    return samples
 
 
 def save_cache(path: str, split: dict) -> None:
@@ -131,6 +149,20 @@ def main() -> None:
     parser.add_argument("--slice-labels", type=int, default=0, metavar="REPEATS",
                         help="also learn lesions from covid-ct-md's choice-split series by slice label "
                              "(lesion branch on frozen --init weights), each slice REPEATS times an epoch")
+    parser.add_argument("--pathology-kinds", default=",".join(PATHOLOGY_KINDS),
+                        help=f"the synthetic findings --pathology draws, comma-separated ({','.join(PATHOLOGY_KINDS)})")
+    parser.add_argument("--lung-levels", type=int, default=0,
+                        help="train only the lung decoder's last N levels and the lung head on frozen --init "
+                             "weights (the bottleneck and the levels a lesion branch of depth-N levels reads "
+                             "stay as they are)")
+    parser.add_argument("--teacher", help='with --lesion-levels: a model ("bundled" or W.pt) whose lesion output the '
+                                          "branch also learns (distillation), its branch's last levels the start")
+    parser.add_argument("--distillation-weight", type=float, default=1.0,
+                        help="weight of the teacher's lesion probabilities in the loss (with --teacher)")
+    parser.add_argument("--synthetic-val", action="store_true",
+                        help="also validate on the val split's SYNTHETIC dense disease in HU (consolidation and "
+                             "dependent density pasted into Kaggle val slices, the lung mask the truth; "
+                             "lungcbir.research.synthetic_disease), so the checkpoint is chosen on both")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--centre-only", action="store_true",
                         help="only compute the training centre and save it in OUT (no training)")
@@ -150,7 +182,9 @@ def main() -> None:
                          lesion_levels=args.lesion_levels,
                          steps_per_epoch=args.steps_per_epoch, freeze_encoder=args.freeze_encoder,
                          base_channels=args.base_channels, contrastive_weight=args.contrastive,
-                         learning_rate=args.learning_rate, seed=args.seed)
+                         learning_rate=args.learning_rate, seed=args.seed,
+                         pathology_kinds=tuple(args.pathology_kinds.split(",")), lung_levels=args.lung_levels,
+                         teacher=args.teacher, distillation_weight=args.distillation_weight if args.teacher else 0.0)
     if args.cache and os.path.exists(args.cache):
         split = load_cache(args.cache)
     else:
@@ -171,6 +205,8 @@ def main() -> None:
         if not args.lesion_levels:
             raise SystemExit("--slice-labels teaches a lesion branch: give --lesion-levels")
         train_set += slice_labelled_samples(config, args.init) * args.slice_labels
+    if args.synthetic_val:
+        val_set += synthetic_val_samples(config)
     print(f"train {len(train_set)} views, val {len(val_set)} slices", flush=True)
     for report in train(train_set, val_set, args.out, config, device=args.device, resume=True,
                         on_epoch=lambda r: print(r, flush=True), workers=args.workers,

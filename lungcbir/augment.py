@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Sequence, cast
+from typing import Collection, Sequence, cast
 
 import cv2
 import numpy as np
@@ -45,6 +45,8 @@ JPEG_P = 0.15
 FOV_P = 0.15
 LOW_DOSE_P = 0.15
 SHARPEN_P = 0.15
+#: The synthetic findings :func:`add_pathology` can draw.
+PATHOLOGY_KINDS = ("consolidation", "honeycomb", "emphysema", "dependent")
 
 
 @dataclass
@@ -235,22 +237,26 @@ def sharpen(image: np.ndarray, rng: random.Random) -> np.ndarray:
 
 
 def add_pathology(image: np.ndarray, lung: np.ndarray, lesion: np.ndarray | None, rng: random.Random,
-                  donors: Sequence[np.ndarray] = ()) -> PathologyView:
-    """Draw each pathology ingredient with its probability; keep the lesion label and its weight.
+                  donors: Sequence[np.ndarray] = (), kinds: Collection[str] = PATHOLOGY_KINDS) -> PathologyView:
+    """Draw each pathology ingredient of ``kinds`` with its probability; keep the lesion label and its weight.
 
     ``lesion`` None means the slice's lesions are unknown (weight 0 everywhere, as for the
     Kaggle slices); ``donors`` are infection masks of other slices to paste from.
     """
+    unknown = set(kinds) - set(PATHOLOGY_KINDS)
+    if unknown:
+        raise ValueError(f"unknown pathology kinds {sorted(unknown)}; known: {', '.join(PATHOLOGY_KINDS)}")
     known = lesion is not None
     label = lesion.astype(np.uint8).copy() if lesion is not None else np.zeros(lung.shape, np.uint8)
     weight = np.full(lung.shape, 1.0 if known else 0.0, np.float32)
     image = image.astype(np.float32)
-    if donors and rng.random() < CONSOLIDATION_P:
+    if "consolidation" in kinds and donors and rng.random() < CONSOLIDATION_P:
         image, region = add_consolidation(image, lung, donors[rng.randrange(len(donors))], rng)
         label[region] = 1  # a pasted finding is a lesion label where the slice's lesions are known
-    for probability, function in ((HONEYCOMB_P, add_honeycomb), (EMPHYSEMA_P, add_emphysema),
-                                  (DEPENDENT_P, add_dependent_density)):
-        if rng.random() < probability:
+    for kind, probability, function in (("honeycomb", HONEYCOMB_P, add_honeycomb),
+                                        ("emphysema", EMPHYSEMA_P, add_emphysema),
+                                        ("dependent", DEPENDENT_P, add_dependent_density)):
+        if kind in kinds and rng.random() < probability:
             image, region = function(image, lung, rng)
             weight[region] = 0.0  # not the infection masks' kind of finding: unknown, not "no lesion"
     return PathologyView(image, label, weight)

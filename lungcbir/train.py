@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import add_export, add_pathology
+from .augment import PATHOLOGY_KINDS, add_export, add_pathology
 from .errors import LungCBIRError, ReadError
 from .evaluate import pair_folders
 from .features import pooled_vectors
@@ -82,6 +82,19 @@ class TrainConfig:
     # synthetic disease in the lung field (honeycombing, pasted consolidation, emphysema, dependent
     # density) and further exports (JPEG, reconstruction circle, low-dose noise, sharp kernel)
     pathology: bool = False
+    # which synthetic findings ``pathology`` draws (lungcbir.augment.PATHOLOGY_KINDS); a lung decoder
+    # taught to include dense disease sees consolidation and dependent density only
+    pathology_kinds: tuple[str, ...] = PATHOLOGY_KINDS
+    # > 0: train only the lung decoder's last ``lung_levels`` levels and the lung head on initial
+    # lung-only weights: the encoder, the bottleneck (the retrieval vector's source) and the decoder
+    # levels a lesion branch of ``depth - lung_levels`` or fewer levels reads stay as initialised
+    lung_levels: int = 0
+    # > 0 (lesion branch only): also learn the lesion output of a teacher model (``teacher``, a
+    # weights file or "bundled") on every view, binary cross-entropy towards its probabilities:
+    # a cheaper branch learns from dense soft targets on every slice, HU ones included, not only
+    # from the few lesion masks
+    distillation_weight: float = 0.0
+    teacher: str | None = None
     # train the decoder and heads only: the encoder (and so the retrieval bottleneck, batch-norm
     # statistics included) stays as initialised; needs initial weights; about 3x cheaper a step on CPU
     freeze_encoder: bool = False
@@ -213,7 +226,8 @@ class TrainingView:
 
 
 def augment_view(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, float],
-                 pathology: bool = False, donors: Sequence[np.ndarray] = ()) -> TrainingView:
+                 pathology: bool = False, donors: Sequence[np.ndarray] = (),
+                 pathology_kinds: Sequence[str] = PATHOLOGY_KINDS) -> TrainingView:
     """One random training view; with ``pathology``, synthetic disease and further exports too.
 
     The lesion weight is 0 where the lesion label is unknown: everywhere on slices without lesion
@@ -221,7 +235,7 @@ def augment_view(sample: TrainingSample, rng: random.Random, hu_window: tuple[fl
     """
     image = random_unit_image(sample, rng, hu_window)
     if pathology:  # before the geometry, so the synthetic findings turn with the slice
-        view = add_pathology(image, sample.mask, sample.infection, rng, donors)
+        view = add_pathology(image, sample.mask, sample.infection, rng, donors, pathology_kinds)
         image = view.image
         labels = np.stack([sample.mask.astype(np.float32), view.lesion.astype(np.float32), view.lesion_weight])
     else:
@@ -327,8 +341,9 @@ class _Views(torch.utils.data.Dataset):
     lesions, lesion weight), lesions known, slice label (1 infected, 0 clean, NO_SLICE_LABEL)."""
 
     def __init__(self, samples: Sequence[TrainingSample], augmented: bool, hu_window: tuple[float, float],
-                 pathology: bool = False) -> None:
+                 pathology: bool = False, pathology_kinds: Sequence[str] = PATHOLOGY_KINDS) -> None:
         self.samples, self.augmented, self.hu_window, self.pathology = samples, augmented, hu_window, pathology
+        self.pathology_kinds = pathology_kinds
         # lesion shapes to paste into other slices: every distinct infected training slice
         donors = {id(s.infection): (s.group, s.infection) for s in samples
                   if s.infection is not None and s.infection.any()}
@@ -344,7 +359,7 @@ class _Views(torch.utils.data.Dataset):
             rng = random.Random(seed)
             # donors from another patient only: a slice's own lesion pasted back would teach nothing new
             donors = [mask for group, mask in self.donors if group != sample.group] if self.pathology else ()
-            view = augment_view(sample, rng, self.hu_window, self.pathology, donors)
+            view = augment_view(sample, rng, self.hu_window, self.pathology, donors, self.pathology_kinds)
             image, labels = view.image, view.labels
         else:
             image = normalize_intensity(sample.pixels, sample.intensity, self.hu_window)
@@ -405,13 +420,23 @@ def _encoder_modules(network: UNet) -> list[nn.Module]:
     return [network.down_blocks, network.bottleneck]
 
 
-def _train_mode(network: UNet, freeze_encoder: bool) -> None:
+def _last_lung_levels(network: UNet, levels: int) -> list[nn.Module]:
+    """The lung decoder's last ``levels`` levels and the lung head."""
+    return [*network.up_convs[-levels:], *network.up_blocks[-levels:], network.head]
+
+
+def _train_mode(network: UNet, freeze_encoder: bool, lung_levels: int = 0) -> None:
     """Training mode; frozen parts stay in eval mode so their batch-norm statistics do not move
-    (the encoder when it is frozen; everything but the branch when a lesion branch learns)."""
+    (the encoder when it is frozen; everything but the branch when a lesion branch learns;
+    everything but the last lung levels when only those learn)."""
     network.train()
     if network.config.lesion_branch:  # trained only on frozen lung weights (see train)
         network.eval()
         for module in network.lesion_modules():
+            module.train()
+    elif lung_levels:
+        network.eval()
+        for module in _last_lung_levels(network, lung_levels):
             module.train()
     elif freeze_encoder:
         for module in _encoder_modules(network):
@@ -419,7 +444,7 @@ def _train_mode(network: UNet, freeze_encoder: bool) -> None:
 
 
 def _validate(network: UNet, samples: Sequence[TrainingSample], hu_window, device: str,
-              freeze_encoder: bool = False) -> tuple[list[float], float]:
+              freeze_encoder: bool = False, lung_levels: int = 0) -> tuple[list[float], float]:
     """Lung Dice per val slice, and the pooled lesion Dice (lesion = channel 1 AND lung) over the
     val slices with lesion labels (NaN without a lesion head or such slices)."""
     network.eval()
@@ -438,7 +463,7 @@ def _validate(network: UNet, samples: Sequence[TrainingSample], hu_window, devic
                     if s.infection is not None:
                         overlap += int((lesion & (s.infection > 0)).sum())
                         total += int(lesion.sum() + (s.infection > 0).sum())
-    _train_mode(network, freeze_encoder)
+    _train_mode(network, freeze_encoder, lung_levels)
     return scores, (2 * overlap / total if total else float("nan"))
 
 
@@ -477,6 +502,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.OneCycleLR
     lung_head: tuple[torch.Tensor, torch.Tensor] | None  # (weight, bias) of the lung channel, kept fixed
     learns_lesions: bool
+    teacher: UNet | None = None  # whose lesion output the branch also learns (TrainConfig.distillation_weight)
 
 
 def _train(train_samples: Sequence[TrainingSample], val_samples: Sequence[TrainingSample], out: str,
@@ -498,13 +524,13 @@ def _train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Traini
                                        "train_samples": len(train_samples),
                                        "val_samples": len(val_samples)})
     reports = []
-    _train_mode(run.network, config.freeze_encoder)
+    _train_mode(run.network, config.freeze_encoder, config.lung_levels)
     neighbours = neighbour_lists(train_samples)
     order = list(range(len(train_samples)))
     # workers are started once ("spawn": forking after OpenCV and torch have started threads can hang)
     steps = _Steps()
     loader = torch.utils.data.DataLoader(_Views(train_samples, config.augment, preprocess.hu_window,
-                                                config.pathology),
+                                                config.pathology, config.pathology_kinds),
                                          batch_sampler=steps, num_workers=workers, persistent_workers=workers > 0,
                                          multiprocessing_context="spawn" if workers else None,
                                          worker_init_fn=_single_threaded if workers else None)
@@ -520,8 +546,9 @@ def _train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Traini
                 loss_sum += _train_step(run, [tensor.to(device) for tensor in batch], config)
                 if on_step:
                     on_step(step + 1, steps_per_epoch, float(loss_sum) / (step + 1))
-            scores, lesion_dice = _validate(run.network, val_samples, preprocess.hu_window, device,
-                                            config.freeze_encoder) if val_samples else ([float("nan")], float("nan"))
+            scores, lesion_dice = (_validate(run.network, val_samples, preprocess.hu_window, device,
+                                             config.freeze_encoder, config.lung_levels)
+                                   if val_samples else ([float("nan")], float("nan")))
             mean_dice = float(np.mean(scores))
             criterion = mean_dice + (config.lesion_selection_weight * lesion_dice if run.learns_lesions
                                      and not math.isnan(lesion_dice) else 0.0)
@@ -561,6 +588,21 @@ def _start_run(config: TrainConfig, initial_weights: str | None, device: str, st
         branch = {id(p) for module in network.lesion_modules() for p in module.parameters()}
         for parameter in network.parameters():
             parameter.requires_grad_(id(parameter) in branch)
+    if config.lung_levels:
+        if initial_weights is None:
+            raise LungCBIRError("training the last lung levels needs initial weights (--init)")
+        if lesion_branch or config.infection_head or config.contrastive_weight:
+            raise LungCBIRError("the last lung levels learn alone: no lesion output, --contrastive 0")
+        if not 0 < config.lung_levels <= config.depth:
+            raise LungCBIRError(f"lung levels must be between 1 and the depth ({config.depth})")
+        learning = {id(p) for module in _last_lung_levels(network, config.lung_levels) for p in module.parameters()}
+        for parameter in network.parameters():
+            parameter.requires_grad_(id(parameter) in learning)
+    teacher = None
+    if config.distillation_weight:
+        if not lesion_branch or config.teacher is None:
+            raise LungCBIRError("distillation teaches a lesion branch: give --lesion-levels and a teacher")
+        teacher = _teacher(config.teacher, network).to(device)
     if config.freeze_encoder:
         if initial_weights is None:
             raise LungCBIRError("freezing the encoder needs initial weights (--init)")
@@ -580,7 +622,32 @@ def _start_run(config: TrainConfig, initial_weights: str | None, device: str, st
                                                     max_lr=[g.get("lr", config.learning_rate) for g in groups],
                                                     total_steps=config.epochs * steps_per_epoch,
                                                     pct_start=0.1)
-    return _Run(network, head, optimizer, scheduler, lung_head, config.infection_head or lesion_branch)
+    return _Run(network, head, optimizer, scheduler, lung_head, config.infection_head or lesion_branch, teacher)
+
+
+def _teacher(weights: str, student: UNet) -> UNet:
+    """The teacher network, frozen, in eval mode. It must share the student's lung network up to the
+    levels the student's branch reads, so both see the same features. The student's branch starts
+    from the teacher branch's last levels (their inputs differ only in how much was computed
+    before), which learns far faster than a copy of the lung decoder."""
+    teacher, settings, _ = load_network(None if weights == "bundled" else weights)
+    if not settings.unet.lesion_branch or settings.unet.lesion_levels < student.config.lesion_levels:
+        raise LungCBIRError(f"{weights}: the teacher needs a lesion branch of at least "
+                            f"{student.config.lesion_levels} levels")
+    shared = student.config.depth - student.config.lesion_levels
+    keys = [k for k in student.state_dict() if k.startswith(("down_blocks.", "bottleneck."))
+            or any(k.startswith(f"{part}.{level}.") for part in ("up_convs", "up_blocks") for level in range(shared))]
+    ours, theirs = student.state_dict(), teacher.state_dict()
+    if any(not torch.equal(ours[k], theirs[k]) for k in keys):
+        raise LungCBIRError(f"{weights}: the teacher's lung network differs from the student's")
+    skip = settings.unet.lesion_levels - student.config.lesion_levels
+    with torch.no_grad():
+        for index in range(student.config.lesion_levels):
+            student.lesion_up_convs[index].load_state_dict(teacher.lesion_up_convs[skip + index].state_dict())
+            student.lesion_up_blocks[index].load_state_dict(teacher.lesion_up_blocks[skip + index].state_dict())
+        student.lesion_head.load_state_dict(teacher.lesion_head.state_dict())
+    teacher.eval().requires_grad_(False)
+    return teacher
 
 
 def _initial_network(unet_config: UNetConfig, input_size: int, initial_weights: str | None
@@ -592,7 +659,7 @@ def _initial_network(unet_config: UNetConfig, input_size: int, initial_weights: 
         return network, None
     start, start_settings, _ = load_network(None if initial_weights == "bundled" else initial_weights)
     adding_head = (start_settings.unet.out_channels, unet_config.out_channels) == (1, 2)
-    adding_branch = unet_config.lesion_levels > 0 and not start_settings.unet.lesion_branch
+    adding_branch = unet_config.lesion_levels > 0 and start_settings.unet.lesion_levels != unet_config.lesion_levels
     comparable = replace(start_settings.unet, out_channels=unet_config.out_channels,
                          lesion_levels=unet_config.lesion_levels)
     if comparable != unet_config or start_settings.preprocess.input_size != input_size:
@@ -600,6 +667,9 @@ def _initial_network(unet_config: UNetConfig, input_size: int, initial_weights: 
                             f"{start_settings.preprocess.input_size}) does not match the training configuration "
                             f"({unet_config}, input {input_size})")
     state = start.state_dict()
+    if start_settings.unet.lesion_levels != unet_config.lesion_levels:
+        # another branch shape (or none): the start's branch is left behind, a new one starts below
+        state = {k: v for k, v in state.items() if not k.startswith("lesion_")}
     lung_head = None
     if adding_head:  # channel 0 keeps the lung head, channel 1 starts fresh
         fresh = network.state_dict()
@@ -661,6 +731,10 @@ def _train_step(run: _Run, batch: list[torch.Tensor], config: TrainConfig) -> to
     if run.learns_lesions and known.any():  # slices without lesion masks add no lesion loss
         loss = loss + config.infection_weight * weighted_dice_loss(
             logits[known][:, 1:2], labels[known][:, 1:2], labels[known][:, 2:3])
+    if run.teacher is not None:
+        with torch.no_grad():
+            taught = torch.sigmoid(run.teacher(images)[:, 1:2])
+        loss = loss + config.distillation_weight * F.binary_cross_entropy_with_logits(logits[:, 1:2], taught)
     if run.learns_lesions and labelled.any():
         loss = loss + config.slice_label_weight * slice_label_loss(
             logits[labelled][:, 1], labels[labelled][:, 0] > 0.5, slice_labels[labelled])

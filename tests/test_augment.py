@@ -114,3 +114,22 @@ def test_training_view_with_pathology_keeps_the_lung_label_binary_and_weights_un
         assert set(np.unique(view.labels[0])) <= {0.0, 1.0} and view.labels[0].sum() > 0
         assert (view.labels[2] == 0).all()  # Kaggle-like slice: lesion label unknown everywhere
         assert 0.0 <= view.image.min() and view.image.max() <= 1.0
+
+
+def test_add_pathology_draws_only_the_kinds_asked_for(monkeypatch):
+    import random
+
+    from lungcbir import augment
+
+    drawn = []
+    for name in ("add_honeycomb", "add_emphysema", "add_dependent_density", "add_consolidation"):
+        monkeypatch.setattr(augment, name, lambda image, lung, *rest, _name=name: (drawn.append(_name) or image,
+                                                                                   np.zeros_like(lung, bool)))
+    monkeypatch.setattr(augment, "CONSOLIDATION_P", 1.0)
+    for name in ("HONEYCOMB_P", "EMPHYSEMA_P", "DEPENDENT_P"):
+        monkeypatch.setattr(augment, name, 1.0)
+    image, lung = np.zeros((16, 16), np.float32), np.ones((16, 16), bool)
+    augment.add_pathology(image, lung, None, random.Random(0), [lung], kinds=("consolidation", "dependent"))
+    assert drawn == ["add_consolidation", "add_dependent_density"]
+    with pytest.raises(ValueError, match="unknown pathology kinds"):
+        augment.add_pathology(image, lung, None, random.Random(0), kinds=("fibrosis",))

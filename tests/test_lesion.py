@@ -252,3 +252,80 @@ def test_include_lesions_is_saved_with_the_weights_and_off_by_default(tmp_path):
     network = UNet(TWO)
     save_weights(tmp_path / "on.pt", network, ModelSettings(unet=TWO, include_lesions=True))
     assert load_network(tmp_path / "on.pt")[1].include_lesions
+
+
+def test_last_lung_levels_learn_alone(tmp_path, tiny_weights):
+    """Only the last lung levels and the lung head move: the encoder, the bottleneck (the vector's
+    source) and the decoder levels a lesion branch of the other levels reads stay bit-identical."""
+    from lungcbir.train import TrainConfig, train
+
+    samples = lesion_samples(seed=2)
+    out = str(tmp_path / "lungs.pt")
+    config = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=3, input_size=64, lung_levels=1,
+                         contrastive_weight=0.0, pathology=True, pathology_kinds=("consolidation", "dependent"),
+                         steps_per_epoch=3, learning_rate=1e-2)
+    train(samples, samples[:1], out, config, initial_weights=tiny_weights)
+    start, trained = (load_network(path)[0].state_dict() for path in (tiny_weights, out))
+    moved = {key for key in start if not torch.equal(start[key].half(), trained[key].half())}
+    assert moved and all(key.startswith(("up_convs.2.", "up_blocks.2.", "head.")) for key in moved), moved
+    assert any(key.startswith("up_blocks.2.") for key in moved)
+
+
+def test_last_lung_levels_refuse_a_lesion_output_or_no_start(tmp_path, tiny_weights):
+    from lungcbir.errors import LungCBIRError
+    from lungcbir.train import TrainConfig, train
+
+    base = {"epochs": 1, "batch_size": 2, "base_channels": 4, "depth": 3, "input_size": 64, "lung_levels": 1,
+            "contrastive_weight": 0.0}
+    samples = lesion_samples(seed=3)
+    with pytest.raises(LungCBIRError, match="initial weights"):
+        train(samples, [], str(tmp_path / "a.pt"), TrainConfig(**base))
+    with pytest.raises(LungCBIRError, match="no lesion output"):
+        train(samples, [], str(tmp_path / "b.pt"), TrainConfig(**base, lesion_levels=1), initial_weights=tiny_weights)
+
+
+def test_a_cheaper_branch_learns_from_a_teacher_branch(tmp_path, tiny_weights):
+    """Distillation: a one-level branch starts from the last level of a two-level teacher branch
+    (head included), learns towards its lesion probabilities, and leaves the lungs alone."""
+    from lungcbir.train import TrainConfig, train
+
+    samples = lesion_samples(seed=4)
+    teacher = str(tmp_path / "teacher.pt")
+    base = {"epochs": 1, "batch_size": 2, "base_channels": 4, "depth": 3, "input_size": 64,
+            "contrastive_weight": 0.0, "steps_per_epoch": 2}
+    train(samples, [], teacher, TrainConfig(**base, lesion_levels=2), initial_weights=tiny_weights)
+    student = str(tmp_path / "student.pt")
+    untaught = TrainConfig(**base, lesion_levels=1, teacher=teacher, distillation_weight=1.0, learning_rate=0.0)
+    train(samples, [], student, untaught, initial_weights=tiny_weights)
+    taught, learnt = (load_network(path)[0].state_dict() for path in (teacher, student))
+    # learning rate 0: the weights are the start, the teacher's level 1 (batch-norm statistics still move)
+    for part in ("lesion_up_convs", "lesion_up_blocks"):
+        for key in [k for k in learnt if k.startswith(f"{part}.0.") and "running_" not in k and "batches" not in k]:
+            assert torch.equal(learnt[key], taught[key.replace(f"{part}.0.", f"{part}.1.")]), key
+    assert torch.equal(learnt["lesion_head.weight"], taught["lesion_head.weight"])
+    for key, value in load_network(tiny_weights)[0].state_dict().items():
+        assert torch.equal(value.half(), learnt[key].half()), key
+    losses = []
+    for weight in (0.0, 1.0):  # the same views with and without the teacher's term
+        config = TrainConfig(**base, lesion_levels=1, teacher=teacher, distillation_weight=weight, seed=5)
+        losses.append(train(samples, [], str(tmp_path / f"s{weight}.pt"), config,
+                            initial_weights=tiny_weights)[0].loss)
+    assert losses[1] > losses[0]
+
+
+def test_a_teacher_must_share_the_lung_network_and_have_a_branch(tmp_path, tiny_weights, other_tiny_weights):
+    from lungcbir.errors import LungCBIRError
+    from lungcbir.train import TrainConfig, train
+
+    samples = lesion_samples(seed=6)
+    base = {"epochs": 1, "batch_size": 2, "base_channels": 4, "depth": 3, "input_size": 64,
+            "contrastive_weight": 0.0, "steps_per_epoch": 1, "lesion_levels": 1, "distillation_weight": 1.0}
+    with pytest.raises(LungCBIRError, match="lesion branch of at least"):
+        train(samples, [], str(tmp_path / "a.pt"), TrainConfig(**base, teacher=other_tiny_weights),
+              initial_weights=tiny_weights)
+    other_teacher = str(tmp_path / "other.pt")
+    train(samples, [], other_teacher, TrainConfig(**{**base, "distillation_weight": 0.0}),
+          initial_weights=other_tiny_weights)
+    with pytest.raises(LungCBIRError, match="lung network differs"):
+        train(samples, [], str(tmp_path / "b.pt"), TrainConfig(**base, teacher=other_teacher),
+              initial_weights=tiny_weights)
