@@ -50,7 +50,15 @@ from lungcbir.io import CTSlice
 from lungcbir.preprocess import mask_to_model
 from lungcbir.research.retrieval_benchmark import CHOICE_SPLIT, covid_ct_md_items
 from lungcbir.research.synthetic_disease import diseased_slices
-from lungcbir.train import TrainConfig, TrainingSample, load_sample, model_pixels, slice_labelled_sample, train
+from lungcbir.train import (
+    TrainConfig,
+    TrainingSample,
+    graft_lung_levels,
+    load_sample,
+    model_pixels,
+    slice_labelled_sample,
+    train,
+)
 
 
 def load_split(config: TrainConfig) -> dict[str, dict[str, list[TrainingSample]]]:
@@ -170,10 +178,15 @@ def main() -> None:
                         help="models with a lesion output: weight of the lesion statistics in the findings part")
     parser.add_argument("--balanced-anatomy", type=float, default=FindingsConfig.balanced_anatomy_weight,
                         help="models with a lesion output: the anatomy part's weight in the balanced focus")
+    parser.add_argument("--graft", nargs=2, metavar=("BRANCH.pt", "LUNGS.pt"),
+                        help="no training: OUT = BRANCH's model with the last lung levels of LUNGS (trained with "
+                             "--lung-levels on the same frozen lungs), then its centre and findings part")
     args = parser.parse_args()
     findings = FindingsConfig(statistics_weight=args.findings_statistics,
                               balanced_anatomy_weight=args.balanced_anatomy)
-    if args.centre_only:
+    if args.graft:
+        graft_lung_levels(*args.graft, args.out)
+    if args.centre_only or args.graft:
         finish(args.out, findings)
         return
     if args.threads:

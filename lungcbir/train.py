@@ -751,6 +751,34 @@ def _train_step(run: _Run, batch: list[torch.Tensor], config: TrainConfig) -> to
     return loss.detach()
 
 
+def graft_lung_levels(branch_weights: str, lung_weights: str, out: str) -> None:
+    """Write ``out``: the model of ``branch_weights`` (a lesion branch trained on frozen lungs) with
+    the last lung levels and lung head of ``lung_weights`` (trained alone, ``TrainConfig.lung_levels``).
+
+    Both must have learnt on the same frozen lung network: everything the branch reads (encoder,
+    bottleneck, the shared decoder levels) must be identical in both, so each part sees exactly
+    the features it was trained on. The two trainings are then independent and can run side by side.
+    """
+    branch, branch_settings, _ = load_network(branch_weights)
+    lungs, lung_settings, _ = load_network(lung_weights)
+    if not branch.config.lesion_branch or lungs.config.lesion_branch:
+        raise LungCBIRError("graft: give a model with a lesion branch and a lung-only model")
+    levels = int(lung_settings.training.get("lung_levels") or 0)
+    if levels <= 0 or levels > branch.config.lesion_levels:
+        raise LungCBIRError(f"{lung_weights}: its last lung levels ({levels}) must be trained alone and no more "
+                            f"than the branch's ({branch.config.lesion_levels})")
+    taken = [f"{part}.{level}." for part in ("up_convs", "up_blocks")
+             for level in range(branch.config.depth - levels, branch.config.depth)] + ["head."]
+    theirs, ours = lungs.state_dict(), branch.state_dict()
+    for key, value in theirs.items():
+        if not key.startswith(tuple(taken)) and not torch.equal(value, ours[key]):
+            raise LungCBIRError(f"graft: {key} differs between the two models; they did not learn on the same lungs")
+    ours.update({key: value for key, value in theirs.items() if key.startswith(tuple(taken))})
+    branch.load_state_dict(ours)
+    training = {**branch_settings.training, "grafted_lungs": lung_weights, "lung_training": lung_settings.training}
+    save_weights(out, branch, replace(branch_settings, training=training, centre=None))
+
+
 def split_by_group(samples: Sequence[TrainingSample], val_fraction: float, seed: int = 0
                    ) -> tuple[list[TrainingSample], list[TrainingSample]]:
     """Hold out whole groups (patients/volumes) until about ``val_fraction`` of the slices."""

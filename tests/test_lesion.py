@@ -329,3 +329,28 @@ def test_a_teacher_must_share_the_lung_network_and_have_a_branch(tmp_path, tiny_
     with pytest.raises(LungCBIRError, match="lung network differs"):
         train(samples, [], str(tmp_path / "b.pt"), TrainConfig(**base, teacher=other_teacher),
               initial_weights=tiny_weights)
+
+
+def test_graft_joins_a_branch_and_last_lung_levels_trained_apart(tmp_path, tiny_weights, other_tiny_weights):
+    from lungcbir.errors import LungCBIRError
+    from lungcbir.train import TrainConfig, graft_lung_levels, train
+
+    samples = lesion_samples(seed=7)
+    base = {"epochs": 1, "batch_size": 2, "base_channels": 4, "depth": 3, "input_size": 64,
+            "contrastive_weight": 0.0, "steps_per_epoch": 2, "learning_rate": 1e-2}
+    branch, lungs, out = (str(tmp_path / name) for name in ("branch.pt", "lungs.pt", "out.pt"))
+    train(samples, [], branch, TrainConfig(**base, lesion_levels=2), initial_weights=tiny_weights)
+    train(samples, [], lungs, TrainConfig(**base, lung_levels=2), initial_weights=tiny_weights)
+    graft_lung_levels(branch, lungs, out)
+    grafted, from_branch, from_lungs = (load_network(path)[0].state_dict() for path in (out, branch, lungs))
+    for key, value in grafted.items():
+        source = from_lungs if key.startswith(("up_convs.1.", "up_blocks.1.", "up_convs.2.", "up_blocks.2.",
+                                               "head.")) else from_branch
+        assert torch.equal(value, source[key]), key
+    assert not torch.equal(from_lungs["head.weight"], from_branch["head.weight"])  # the lungs did learn
+    other = str(tmp_path / "other.pt")
+    train(samples, [], other, TrainConfig(**base, lung_levels=2), initial_weights=other_tiny_weights)
+    with pytest.raises(LungCBIRError, match="did not learn on the same lungs"):
+        graft_lung_levels(branch, other, str(tmp_path / "bad.pt"))
+    with pytest.raises(LungCBIRError, match="lung-only"):
+        graft_lung_levels(lungs, branch, str(tmp_path / "bad.pt"))
