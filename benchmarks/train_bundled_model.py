@@ -159,6 +159,11 @@ def main() -> None:
                              "(lesion branch on frozen --init weights), each slice REPEATS times an epoch")
     parser.add_argument("--pathology-kinds", default=",".join(PATHOLOGY_KINDS),
                         help=f"the synthetic findings --pathology draws, comma-separated ({','.join(PATHOLOGY_KINDS)})")
+    parser.add_argument("--pathology-probability", type=float, default=0.0,
+                        help="draw every --pathology kind with this probability (0: each kind's own)")
+    parser.add_argument("--lesion-lung-weight", type=float, default=0.0,
+                        help="add the lung output's cross-entropy over lesion pixels (real and pasted) with "
+                             "this weight: dense disease must be lung")
     parser.add_argument("--lung-levels", type=int, default=0,
                         help="train only the lung decoder's last N levels and the lung head on frozen --init "
                              "weights (the bottleneck and the levels a lesion branch of depth-N levels reads "
@@ -197,6 +202,8 @@ def main() -> None:
                          base_channels=args.base_channels, contrastive_weight=args.contrastive,
                          learning_rate=args.learning_rate, seed=args.seed,
                          pathology_kinds=tuple(args.pathology_kinds.split(",")), lung_levels=args.lung_levels,
+                         pathology_probability=args.pathology_probability,
+                         lesion_lung_weight=args.lesion_lung_weight,
                          teacher=args.teacher, distillation_weight=args.distillation_weight if args.teacher else 0.0)
     if args.cache and os.path.exists(args.cache):
         split = load_cache(args.cache)

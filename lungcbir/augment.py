@@ -237,8 +237,10 @@ def sharpen(image: np.ndarray, rng: random.Random) -> np.ndarray:
 
 
 def add_pathology(image: np.ndarray, lung: np.ndarray, lesion: np.ndarray | None, rng: random.Random,
-                  donors: Sequence[np.ndarray] = (), kinds: Collection[str] = PATHOLOGY_KINDS) -> PathologyView:
-    """Draw each pathology ingredient of ``kinds`` with its probability; keep the lesion label and its weight.
+                  donors: Sequence[np.ndarray] = (), kinds: Collection[str] = PATHOLOGY_KINDS,
+                  probability: float = 0.0) -> PathologyView:
+    """Draw each pathology ingredient of ``kinds`` with its probability (``probability`` > 0: that
+    one for every kind); keep the lesion label and its weight.
 
     ``lesion`` None means the slice's lesions are unknown (weight 0 everywhere, as for the
     Kaggle slices); ``donors`` are infection masks of other slices to paste from.
@@ -250,13 +252,13 @@ def add_pathology(image: np.ndarray, lung: np.ndarray, lesion: np.ndarray | None
     label = lesion.astype(np.uint8).copy() if lesion is not None else np.zeros(lung.shape, np.uint8)
     weight = np.full(lung.shape, 1.0 if known else 0.0, np.float32)
     image = image.astype(np.float32)
-    if "consolidation" in kinds and donors and rng.random() < CONSOLIDATION_P:
+    if "consolidation" in kinds and donors and rng.random() < (probability or CONSOLIDATION_P):
         image, region = add_consolidation(image, lung, donors[rng.randrange(len(donors))], rng)
         label[region] = 1  # a pasted finding is a lesion label where the slice's lesions are known
-    for kind, probability, function in (("honeycomb", HONEYCOMB_P, add_honeycomb),
-                                        ("emphysema", EMPHYSEMA_P, add_emphysema),
-                                        ("dependent", DEPENDENT_P, add_dependent_density)):
-        if kind in kinds and rng.random() < probability:
+    for kind, default, function in (("honeycomb", HONEYCOMB_P, add_honeycomb),
+                                    ("emphysema", EMPHYSEMA_P, add_emphysema),
+                                    ("dependent", DEPENDENT_P, add_dependent_density)):
+        if kind in kinds and rng.random() < (probability or default):
             image, region = function(image, lung, rng)
             weight[region] = 0.0  # not the infection masks' kind of finding: unknown, not "no lesion"
     return PathologyView(image, label, weight)

@@ -89,6 +89,13 @@ class TrainConfig:
     # lung-only weights: the encoder, the bottleneck (the retrieval vector's source) and the decoder
     # levels a lesion branch of ``depth - lung_levels`` or fewer levels reads stay as initialised
     lung_levels: int = 0
+    # > 0: the lung output's cross-entropy over lesion pixels (real infection masks and pasted
+    # consolidation, all inside the lung mask) is added with this weight: dense disease is a small
+    # share of the lung, which the Dice loss lets go for a few per cent, and it is exactly what a
+    # lesion-inclusive mask must keep
+    lesion_lung_weight: float = 0.0
+    # > 0: every pathology kind is drawn with this probability instead of its own default
+    pathology_probability: float = 0.0
     # > 0 (lesion branch only): also learn the lesion output of a teacher model (``teacher``, a
     # weights file or "bundled") on every view, binary cross-entropy towards its probabilities:
     # a cheaper branch learns from dense soft targets on every slice, HU ones included, not only
@@ -227,7 +234,8 @@ class TrainingView:
 
 def augment_view(sample: TrainingSample, rng: random.Random, hu_window: tuple[float, float],
                  pathology: bool = False, donors: Sequence[np.ndarray] = (),
-                 pathology_kinds: Sequence[str] = PATHOLOGY_KINDS) -> TrainingView:
+                 pathology_kinds: Sequence[str] = PATHOLOGY_KINDS, pathology_probability: float = 0.0
+                 ) -> TrainingView:
     """One random training view; with ``pathology``, synthetic disease and further exports too.
 
     The lesion weight is 0 where the lesion label is unknown: everywhere on slices without lesion
@@ -235,7 +243,8 @@ def augment_view(sample: TrainingSample, rng: random.Random, hu_window: tuple[fl
     """
     image = random_unit_image(sample, rng, hu_window)
     if pathology:  # before the geometry, so the synthetic findings turn with the slice
-        view = add_pathology(image, sample.mask, sample.infection, rng, donors, pathology_kinds)
+        view = add_pathology(image, sample.mask, sample.infection, rng, donors, pathology_kinds,
+                             pathology_probability)
         image = view.image
         labels = np.stack([sample.mask.astype(np.float32), view.lesion.astype(np.float32), view.lesion_weight])
     else:
@@ -341,9 +350,10 @@ class _Views(torch.utils.data.Dataset):
     lesions, lesion weight), lesions known, slice label (1 infected, 0 clean, NO_SLICE_LABEL)."""
 
     def __init__(self, samples: Sequence[TrainingSample], augmented: bool, hu_window: tuple[float, float],
-                 pathology: bool = False, pathology_kinds: Sequence[str] = PATHOLOGY_KINDS) -> None:
+                 pathology: bool = False, pathology_kinds: Sequence[str] = PATHOLOGY_KINDS,
+                 pathology_probability: float = 0.0) -> None:
         self.samples, self.augmented, self.hu_window, self.pathology = samples, augmented, hu_window, pathology
-        self.pathology_kinds = pathology_kinds
+        self.pathology_kinds, self.pathology_probability = pathology_kinds, pathology_probability
         # lesion shapes to paste into other slices: every distinct infected training slice
         donors = {id(s.infection): (s.group, s.infection) for s in samples
                   if s.infection is not None and s.infection.any()}
@@ -359,7 +369,8 @@ class _Views(torch.utils.data.Dataset):
             rng = random.Random(seed)
             # donors from another patient only: a slice's own lesion pasted back would teach nothing new
             donors = [mask for group, mask in self.donors if group != sample.group] if self.pathology else ()
-            view = augment_view(sample, rng, self.hu_window, self.pathology, donors, self.pathology_kinds)
+            view = augment_view(sample, rng, self.hu_window, self.pathology, donors, self.pathology_kinds,
+                                self.pathology_probability)
             image, labels = view.image, view.labels
         else:
             image = normalize_intensity(sample.pixels, sample.intensity, self.hu_window)
@@ -530,7 +541,8 @@ def _train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Traini
     # workers are started once ("spawn": forking after OpenCV and torch have started threads can hang)
     steps = _Steps()
     loader = torch.utils.data.DataLoader(_Views(train_samples, config.augment, preprocess.hu_window,
-                                                config.pathology, config.pathology_kinds),
+                                                config.pathology, config.pathology_kinds,
+                                                config.pathology_probability),
                                          batch_sampler=steps, num_workers=workers, persistent_workers=workers > 0,
                                          multiprocessing_context="spawn" if workers else None,
                                          worker_init_fn=_single_threaded if workers else None)
@@ -724,6 +736,11 @@ def _train_step(run: _Run, batch: list[torch.Tensor], config: TrainConfig) -> to
     labelled = slice_labels != NO_SLICE_LABEL
     logits, bottleneck = run.network.forward_with_bottleneck(images)
     loss = dice_loss(logits[:, :1], labels[:, :1])
+    if config.lesion_lung_weight:
+        lesion_pixels = labels[:, 1:2] > 0.5
+        if lesion_pixels.any():
+            loss = loss + config.lesion_lung_weight * F.binary_cross_entropy_with_logits(
+                logits[:, :1][lesion_pixels], torch.ones_like(logits[:, :1][lesion_pixels]))
     if config.contrastive_weight:
         vectors = run.head(pooled_vectors(bottleneck, torch.sigmoid(logits[:, :1]).detach(), CONTRASTIVE_POOLING))
         first, second = vectors.chunk(2)

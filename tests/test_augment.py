@@ -133,3 +133,21 @@ def test_add_pathology_draws_only_the_kinds_asked_for(monkeypatch):
     assert drawn == ["add_consolidation", "add_dependent_density"]
     with pytest.raises(ValueError, match="unknown pathology kinds"):
         augment.add_pathology(image, lung, None, random.Random(0), kinds=("fibrosis",))
+
+
+def test_add_pathology_can_draw_every_kind_with_one_probability(monkeypatch):
+    import random
+
+    from lungcbir import augment
+
+    drawn = []
+    for name in ("add_honeycomb", "add_emphysema", "add_dependent_density", "add_consolidation"):
+        monkeypatch.setattr(augment, name, lambda image, lung, *rest, _name=name: (drawn.append(_name) or image,
+                                                                                   np.zeros_like(lung, bool)))
+    for name in ("CONSOLIDATION_P", "HONEYCOMB_P", "EMPHYSEMA_P", "DEPENDENT_P"):
+        monkeypatch.setattr(augment, name, 0.0)
+    image, lung = np.zeros((16, 16), np.float32), np.ones((16, 16), bool)
+    augment.add_pathology(image, lung, None, random.Random(0), [lung])
+    assert drawn == []
+    augment.add_pathology(image, lung, None, random.Random(0), [lung], probability=1.0)
+    assert sorted(drawn) == ["add_consolidation", "add_dependent_density", "add_emphysema", "add_honeycomb"]

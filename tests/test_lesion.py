@@ -354,3 +354,18 @@ def test_graft_joins_a_branch_and_last_lung_levels_trained_apart(tmp_path, tiny_
         graft_lung_levels(branch, other, str(tmp_path / "bad.pt"))
     with pytest.raises(LungCBIRError, match="lung-only"):
         graft_lung_levels(lungs, branch, str(tmp_path / "bad.pt"))
+
+
+def test_lesion_pixels_can_weigh_more_in_the_lung_loss(tmp_path, tiny_weights):
+    """A lesion-inclusive lung output: the lung logits over lesion pixels get a cross-entropy of
+    their own on top of the lung loss."""
+    from lungcbir.train import TrainConfig, train
+
+    samples = lesion_samples(seed=8)
+    losses = []
+    for weight in (0.0, 1.0):
+        config = TrainConfig(epochs=1, batch_size=2, base_channels=4, depth=3, input_size=64, lung_levels=2,
+                             contrastive_weight=0.0, steps_per_epoch=2, augment=False, lesion_lung_weight=weight)
+        losses.append(train(samples[:2], [], str(tmp_path / f"w{weight}.pt"), config,
+                            initial_weights=tiny_weights)[0].loss)
+    assert losses[1] > losses[0]
