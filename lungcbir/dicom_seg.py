@@ -136,15 +136,22 @@ def _series_seed(slices: Sequence[CTSlice]) -> str:
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
-def _source_headers(slices: Sequence[CTSlice]) -> tuple[list, list[list[DerivedIdentifier]]]:
+def _source_headers(slices: Sequence[CTSlice], given: Sequence | None = None) -> tuple[
+        list, list[list[DerivedIdentifier]]]:
+    """The slices' DICOM headers (``given``, else read from their files), identifiers repaired."""
     pydicom = _pydicom()  # tolerant of the invalid UIDs we are about to repair
     seed = _series_seed(slices)
+    if given is not None and len(given) != len(slices):
+        raise SegError(slices[0].path, f"{len(given)} DICOM headers for {len(slices)} slices")
     headers, derived = [], []
-    for item in slices:
-        try:
-            header = pydicom.dcmread(item.path, stop_before_pixels=True)
-        except Exception as error:  # pydicom raises many kinds on truncated files
-            raise ReadError(item.path, f"unreadable DICOM header ({type(error).__name__})") from None
+    for number, item in enumerate(slices):
+        if given is not None:
+            header = given[number]
+        else:
+            try:
+                header = pydicom.dcmread(item.path, stop_before_pixels=True)
+            except Exception as error:  # pydicom raises many kinds on truncated files
+                raise ReadError(item.path, f"unreadable DICOM header ({type(error).__name__})") from None
         digest = item.sha256 or hashlib.sha256(Path(item.path).read_bytes()).hexdigest()
         derived.append(repair_identifiers(header, digest, seed))
         headers.append(header)
@@ -170,10 +177,12 @@ def _stack(masks: Sequence[np.ndarray] | Mapping[SegmentKind, Sequence[np.ndarra
 
 def write_dicom_seg(slices: Sequence[CTSlice],
                     masks: Sequence[np.ndarray] | Mapping[SegmentKind, Sequence[np.ndarray]],
-                    out_path: str | os.PathLike, model_id: str) -> SegWritten:
+                    out_path: str | os.PathLike, model_id: str, headers: Sequence | None = None) -> SegWritten:
     """Write the masks of one DICOM series as a binary DICOM SEG at ``out_path``.
 
-    ``slices`` are the series' slices as read (their files are read again for the headers);
+    ``slices`` are the series' slices as read (their files are read again for the headers,
+    unless ``headers`` gives them: pydicom datasets of slices held in memory, such as those
+    fetched from an archive, :meth:`lungcbir.dicomweb.DicomwebSource.headers`);
     ``masks`` one boolean mask per slice (lungs), or per :class:`SegmentKind` a list of them.
     Every slice gets a frame per segment, empty or not. The SEG's own UIDs are derived from the
     model, the source and the mask bits, so the same input gives the same SEG.
@@ -190,7 +199,7 @@ def write_dicom_seg(slices: Sequence[CTSlice],
     for item in slices:
         if item.source_format != "dicom":
             raise ReadError(item.path, NEEDS_DICOM)
-    headers, derived = _source_headers(slices)
+    headers, derived = _source_headers(slices, headers)
     source = slices[0].path if len(slices) == 1 else os.path.dirname(slices[0].path)
     kinds, pixels = _stack(masks, headers, source)
     algorithm = hd.AlgorithmIdentificationSequence(

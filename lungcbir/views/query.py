@@ -12,6 +12,7 @@ from ..focus import DEFAULT_FOCUS, Focus
 from ..io import CTSlice
 from ..retrieval import label_summary
 from .schemas import ERROR_RESPONSES, QueryAnswer, SegmentAnswer, TogetherAnswer
+from .seg import upload_offer
 from .state import PIXEL_KIND_HEADER, AppState, check_k, result_urls
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -54,7 +55,7 @@ def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[i
     return {"query": item.path, **result_urls(token), **summary,
             "width": item.shape[1], "height": item.shape[0], "frame": item.frame,
             "slices_in_file": count, "query_tags": query_tags(item), "focus": focus.value,
-            "neighbors": web.neighbors_json(result.neighbors)}
+            "seg": upload_offer([item]), "neighbors": web.neighbors_json(result.neighbors)}
 
 
 @router.post("/api/query-together", response_model=TogetherAnswer, response_model_exclude_unset=True)

@@ -13,12 +13,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 import cv2
 import numpy as np
 from fastapi import Depends, HTTPException, Request, UploadFile
 
+from ..dicom_seg import SegWritten
 from ..errors import FilterError, LungCBIRError, ReadError
 from ..inference import Segmentation
 from ..io import MIDDLE, CTSlice, file_suffix, supported_formats, supported_suffixes
@@ -46,6 +47,8 @@ SERIES_PAIRS = 3
 SERIES_BYTES_FACTOR = 4
 #: Most neighbours one slice query returns.
 MAX_K = 100
+#: Archive query series kept for their DICOM SEG (the most recent ones): each holds its slices.
+KEPT_SERIES = 8
 
 
 @dataclass
@@ -76,15 +79,32 @@ class RenderedResult:
         return self._made[name]
 
 
-class ResultCache:
-    """Recent query pictures by random token, so the page can fetch them as URLs."""
+@dataclass
+class QuerySeries:
+    """A query series fetched from the server's archive, kept for its DICOM SEG: its slices
+    (pixels only; the headers are fetched again when the SEG is made), the model's lung and
+    lesion masks, and the SEG once made (a download and a store-back make it once)."""
+
+    slices: list[CTSlice]
+    masks: list[np.ndarray]
+    lesions: list[np.ndarray | None]
+    seg: bytes | None = None
+    written: SegWritten | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+T = TypeVar("T")
+
+
+class ResultCache(Generic[T]):
+    """Recent query answers (pictures, series) by random token, so the page can fetch them as URLs."""
 
     def __init__(self, size: int = KEPT_RESULTS) -> None:
-        self._items: OrderedDict[str, RenderedResult] = OrderedDict()
+        self._items: OrderedDict[str, T] = OrderedDict()
         self._lock = threading.Lock()
         self._size = size
 
-    def put(self, item: RenderedResult) -> str:
+    def put(self, item: T) -> str:
         token = secrets.token_urlsafe(12)
         with self._lock:
             self._items[token] = item
@@ -92,7 +112,7 @@ class ResultCache:
                 self._items.popitem(last=False)
         return token
 
-    def get(self, token: str) -> RenderedResult | None:
+    def get(self, token: str) -> T | None:
         with self._lock:
             return self._items.get(token)
 
@@ -194,7 +214,8 @@ class WebState:
     decode: Callable[..., list[CTSlice]]  # (data, name, max_voxels, frame), as lungcbir.io.decode
     # one inference at a time: torch's CPU kernels already use every core
     model_lock: threading.Lock = field(default_factory=threading.Lock)
-    results: ResultCache = field(default_factory=ResultCache)
+    results: ResultCache[RenderedResult] = field(default_factory=ResultCache)
+    series: ResultCache[QuerySeries] = field(default_factory=lambda: ResultCache(KEPT_SERIES))
     decode_slots: threading.BoundedSemaphore = field(init=False)
 
     def __post_init__(self) -> None:
