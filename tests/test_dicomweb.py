@@ -819,3 +819,36 @@ def test_an_uploaded_query_says_why_it_gets_no_seg(phantom_dir, tiny_weights, tm
     series = client.post("/api/query-series", files=[("files", (p.name, p.read_bytes())) for p in dicoms]).json()
     assert series["seg"] == {"download": None, "store": None, "reason": UPLOADED}
     assert "uploaded" in UPLOADED and "DICOM source UIDs" in NOT_DICOM
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_the_page_stores_an_archive_query_seg_in_orthanc(dicomweb_archive, bundled_weights, phantom_dir, tmp_path):
+    """The web's store-back against a real archive: a covid-ct-md series of Orthanc queried by
+    /api/query-archive, its SEG stored by /api/seg/{token}/stow, then found there with the
+    archive's own client: a SEG of that study, Lung and Lesion, referring to every instance."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from lungcbir.websecurity import WebSettings
+
+    url, files, study_of = dicomweb_archive["url"], dicomweb_archive["files"], dicomweb_archive["study_of"]
+    study = next(uid for uid, date in sorted(dicomweb_archive["studies"].items()) if date)
+    local = [path for path in files if study_of[path] == study]
+    retriever = Retriever(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index", weights=bundled_weights)
+    retriever.index_dataset([phantom_dir / "png"])
+    client = TestClient(create_app(retriever, WebSettings(archive_url=url)), base_url="http://localhost")
+    answer = client.post("/api/query-archive", data={"study": study, "k": 2})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["slices"] == len(local)
+    stored = client.post(answer.json()["seg"]["store"])
+    assert stored.status_code == 200, stored.text
+    body = stored.json()
+    assert body["study_uid"] == study and body["frames"] == 2 * len(local)
+    archive = DICOMwebClient(url)  # checked with the library itself, not through lungcbir
+    seg_series = archive.search_for_series(study, search_filters={"Modality": "SEG"})
+    assert body["series_instance_uid"] in [s["0020000E"]["Value"][0] for s in seg_series]
+    fetched = archive.retrieve_instance(study, body["series_instance_uid"], body["sop_instance_uid"])
+    assert [s.SegmentLabel for s in fetched.SegmentSequence] == ["Lung", "Lesion"]
+    referenced = {str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                  for item in fetched.PerFrameFunctionalGroupsSequence}
+    assert referenced == {files[path] for path in local}
