@@ -21,6 +21,7 @@ the model id, so it lives here and ``segment --format dicom-seg`` calls it inste
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -134,6 +135,26 @@ def _series_seed(slices: Sequence[CTSlice]) -> str:
     """What seeds missing study/series UIDs: the sorted digests of the series' files (stable)."""
     digests = sorted({item.sha256 or os.path.abspath(item.path) for item in slices})
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def dicom_headers(files: Sequence[tuple[str, bytes]], slices: Sequence[CTSlice]) -> list | None:
+    """The DICOM headers (no pixels) of ``slices`` decoded from ``files`` (name, bytes) held in
+    memory, such as an upload, matched by their ``sha256``: what :func:`write_dicom_seg` needs
+    for slices without a file. None unless every slice is DICOM and its header was found."""
+    if not slices or any(item.source_format != "dicom" for item in slices):
+        return None
+    pydicom = _pydicom()
+    wanted = {item.sha256 for item in slices}
+    found = {}
+    for _, data in files:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in wanted and digest not in found:
+            try:
+                found[digest] = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            except Exception:  # pydicom raises many kinds; the reader already judged the file
+                return None
+    headers = [found.get(item.sha256 or "") for item in slices]
+    return headers if all(header is not None for header in headers) else None
 
 
 def _source_headers(slices: Sequence[CTSlice], given: Sequence | None = None) -> tuple[

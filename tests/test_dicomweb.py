@@ -30,6 +30,7 @@ from lungcbir.io import decode, read_dicom
 from lungcbir.retrieval import Retriever
 from lungcbir.store import Store
 from lungcbir.web import create_app
+from lungcbir.websecurity import WebSettings
 
 
 def invoke(*args, env=None):
@@ -804,9 +805,10 @@ def test_the_seg_of_an_archive_query_is_downloaded_and_stored_back(hostile_archi
     assert without.get(offer["download"]).status_code == 404
 
 
-def test_an_uploaded_query_says_why_it_gets_no_seg(phantom_dir, tiny_weights, tmp_path):
-    """An upload has no SEG to download or store back, and the answer says why: a picture has
-    no DICOM source UIDs; an uploaded DICOM series may not be in the archive."""
+def test_an_uploaded_query_gets_a_seg_only_when_dicom_and_never_stores_it_back(phantom_dir, tiny_weights, tmp_path):
+    """An uploaded DICOM slice or series gets its SEG (headers from the upload's own bytes) but
+    no store-back, and the answer says why (the archive may not hold its instances); a picture
+    gets no SEG, and the answer says why (no DICOM source UIDs)."""
     from lungcbir.views.seg import NOT_DICOM, UPLOADED
 
     retriever = Retriever(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index", weights=tiny_weights)
@@ -815,10 +817,29 @@ def test_an_uploaded_query_says_why_it_gets_no_seg(phantom_dir, tiny_weights, tm
     png = next((phantom_dir / "png" / "phantom01").glob("*.png"))
     picture = client.post("/api/query", files={"file": (png.name, png.read_bytes())}).json()
     assert picture["seg"] == {"download": None, "store": None, "reason": NOT_DICOM}
+    assert "DICOM source UIDs" in NOT_DICOM and "uploaded" in UPLOADED
+
     dicoms = sorted((phantom_dir / "dicom" / "phantom01").glob("*.dcm"))
-    series = client.post("/api/query-series", files=[("files", (p.name, p.read_bytes())) for p in dicoms]).json()
-    assert series["seg"] == {"download": None, "store": None, "reason": UPLOADED}
-    assert "uploaded" in UPLOADED and "DICOM source UIDs" in NOT_DICOM
+    for answer, sources in [
+            (client.post("/api/query", files={"file": (dicoms[2].name, dicoms[2].read_bytes())}).json(), dicoms[2:3]),
+            (client.post("/api/query-series", files=[("files", (p.name, p.read_bytes())) for p in dicoms]).json(),
+             dicoms)]:
+        offer = answer["seg"]
+        assert offer["store"] is None and offer["reason"] == UPLOADED and offer["download"].startswith("/api/seg/")
+        seg = client.get(offer["download"])
+        assert seg.status_code == 200, seg.text
+        written = pydicom.dcmread(io.BytesIO(seg.content))
+        referenced = {str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                      for item in written.PerFrameFunctionalGroupsSequence}
+        assert referenced == {str(pydicom.dcmread(path).SOPInstanceUID) for path in sources}
+        assert int(written.NumberOfFrames) == len(sources) * len(written.SegmentSequence)
+        # no archive here, and an upload is never stored back: the same reason, whatever the server
+        assert client.post(offer["download"] + "/stow").status_code == 404
+        stored = TestClient(create_app(retriever, WebSettings(archive_url="http://127.0.0.1:9/dicom-web")),
+                            base_url="http://localhost")
+        token_elsewhere = stored.post("/api/query", files={"file": (dicoms[0].name, dicoms[0].read_bytes())}).json()
+        refused = stored.post(token_elsewhere["seg"]["download"] + "/stow")
+        assert refused.status_code == 409 and refused.json()["detail"] == UPLOADED
 
 
 @pytest.mark.realdata

@@ -916,8 +916,9 @@ def archive_page(archive_server):
 def test_the_query_seg_is_downloaded_and_stored_back_from_the_comparison(archive_page, archive_server, archive,
                                                                          phantom_dir, tmp_path):
     """Issue 27 expectation 6: in the comparison of an archive query, the query's DICOM SEG
-    (Lung + Lesion) downloads, and a button stores it back in the archive; an uploaded query's
-    comparison says why it has no SEG instead."""
+    (Lung + Lesion) downloads, and a button stores it back in the archive; an uploaded DICOM
+    query's SEG downloads but is not stored back, and an uploaded picture has none: the
+    comparison says why."""
     import pydicom
 
     page = archive_page
@@ -951,3 +952,19 @@ def test_the_query_seg_is_downloaded_and_stored_back_from_the_comparison(archive
     assert not page.is_visible("#seg-download") and not page.is_visible("#seg-store")
     assert "without DICOM source UIDs" in page.inner_text("#seg-why")
     assert serious_violations(page, archive_server) == []
+    page.keyboard.press("Escape")
+
+    # an uploaded DICOM slice: its SEG downloads, and why it is not stored back
+    dicom = sorted((phantom_dir / "dicom" / "phantom02").glob("*.dcm"))[2]
+    search(page, dicom, k="2")
+    page.wait_for_function(f"lastAnswer && lastAnswer.query === {dicom.name!r}", timeout=60_000)  # not the last
+    page.locator("#results .card").first.click()
+    page.wait_for_selector("#detail[open]")
+    page.wait_for_selector("#seg-why:not(.hidden)")
+    assert page.is_visible("#seg-download") and not page.is_visible("#seg-store")
+    assert "Not stored back in the archive: this query was uploaded" in page.inner_text("#seg-why")
+    with page.expect_download(timeout=60_000) as download:
+        page.click("#seg-download")
+    uploaded = pydicom.dcmread(download.value.path())
+    assert uploaded.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(dicom).SeriesInstanceUID
+    assert len(archive.stored) == stored_before + 1  # nothing more went to the archive

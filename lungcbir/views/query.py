@@ -43,7 +43,7 @@ def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[i
     """
     check_k(k)
     filters = web.filters(where, labels)
-    item, count = web.middle_slice(file)
+    item, count, headers = web.middle_slice_and_header(file)
     with web.model_lock:
         result = web.retriever.query_slices([item], k, filters, max(0, per_patient), other_patients, focus)[0]
     token = web.render(item, result.segmentation)
@@ -55,7 +55,8 @@ def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[i
     return {"query": item.path, **result_urls(token), **summary,
             "width": item.shape[1], "height": item.shape[0], "frame": item.frame,
             "slices_in_file": count, "query_tags": query_tags(item), "focus": focus.value,
-            "seg": upload_offer([item]), "neighbors": web.neighbors_json(result.neighbors)}
+            "seg": upload_offer(web, [item], [result.segmentation], headers),
+            "neighbors": web.neighbors_json(result.neighbors)}
 
 
 @router.post("/api/query-together", response_model=TogetherAnswer, response_model_exclude_unset=True)

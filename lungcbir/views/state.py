@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from fastapi import Depends, HTTPException, Request, UploadFile
 
-from ..dicom_seg import SegWritten
+from ..dicom_seg import SegWritten, dicom_headers
 from ..errors import FilterError, LungCBIRError, ReadError
 from ..inference import Segmentation
 from ..io import MIDDLE, CTSlice, file_suffix, supported_formats, supported_suffixes
@@ -81,13 +81,16 @@ class RenderedResult:
 
 @dataclass
 class QuerySeries:
-    """A query series fetched from the server's archive, kept for its DICOM SEG: its slices
-    (pixels only; the headers are fetched again when the SEG is made), the model's lung and
-    lesion masks, and the SEG once made (a download and a store-back make it once)."""
+    """A DICOM query (a series, or one slice) kept for its DICOM SEG: its slices, the model's
+    lung and lesion masks, the slices' DICOM headers (None for a series fetched from the
+    server's archive, ``from_archive``: they are fetched again when the SEG is made) and the
+    SEG once made (a download and a store-back make it once)."""
 
     slices: list[CTSlice]
     masks: list[np.ndarray]
     lesions: list[np.ndarray | None]
+    headers: list | None
+    from_archive: bool
     seg: bytes | None = None
     written: SegWritten | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -232,6 +235,10 @@ class WebState:
     def read_upload(self, upload: UploadFile, frame: int | str | None = None) -> list[CTSlice]:
         """Every slice of one uploaded file (a NIfTI volume has many), or the one at ``frame``
         (as :func:`lungcbir.io.decode`), named by its file name; decoded in memory."""
+        return self._read_upload(upload, frame)[0]
+
+    def _read_upload(self, upload: UploadFile, frame: int | str | None = None) -> tuple[list[CTSlice], list | None]:
+        """:meth:`read_upload`, and the slices' DICOM headers (None for another format), for a SEG."""
         filename = upload_name(upload)
         suffix = file_suffix(filename)
         if suffix not in UPLOAD_SUFFIXES:
@@ -245,19 +252,25 @@ class WebState:
                 raise HTTPException(422, f"{filename}: file is empty")
             try:
                 items = self.decode(data, filename, self.retriever.settings.max_voxels, frame)
+                headers = dicom_headers([(filename, data)], items)
             except ReadError as error:
                 raise HTTPException(422, f"{filename}: {error.reason}") from None
             finally:
                 del data
         for item in items:
             item.path = filename
-        return items
+        return items, headers
 
     def middle_slice(self, upload: UploadFile) -> tuple[CTSlice, int]:
         """The slice a single-slice route uses of an upload (a volume's middle one) and how many
         slices the file has."""
-        item = self.read_upload(upload, MIDDLE)[0]  # a volume decodes only that one
-        return item, item.frames_in_file
+        item, count, _ = self.middle_slice_and_header(upload)
+        return item, count
+
+    def middle_slice_and_header(self, upload: UploadFile) -> tuple[CTSlice, int, list | None]:
+        """:meth:`middle_slice`, and its DICOM header in a list (None when it is not DICOM)."""
+        items, headers = self._read_upload(upload, MIDDLE)  # a volume decodes only that one
+        return items[0], items[0].frames_in_file, headers
 
     def render(self, item: CTSlice, segmentation: Segmentation) -> str:
         """Keep a query slice's pictures for the page (made when fetched); the token of their URLs.

@@ -911,7 +911,7 @@ async function openDetail(query, neighbor, opener, seriesQueried = null) {
 }
 
 // the query's DICOM SEG (lung and lesion segments): downloaded, and stored back in the archive
-// the query series came from; an uploaded query says why it has none
+// the query series came from; an uploaded query says why it is not stored back (or has none)
 function showSegOffer() {
   const offer = segOffer || {};
   $("seg-part").classList.toggle("hidden", !offer.download);
@@ -919,7 +919,7 @@ function showSegOffer() {
   $("seg-store").disabled = false;
   $("seg-status").textContent = "";
   $("seg-status").classList.remove("error");
-  show($("seg-why"), offer.download ? null : offer.reason);
+  show($("seg-why"), offer.reason);
 }
 
 function segStatus(textValue, isError = false) {
