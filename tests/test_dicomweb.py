@@ -873,3 +873,18 @@ def test_the_page_stores_an_archive_query_seg_in_orthanc(dicomweb_archive, bundl
     referenced = {str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
                   for item in fetched.PerFrameFunctionalGroupsSequence}
     assert referenced == {files[path] for path in local}
+
+
+def test_headers_are_fetched_from_this_archive_only(hostile_archive):
+    """DicomwebSource.headers sends its credentials to its own archive only: a URL of another
+    host is refused before any request; its own instances come back in order, without pixels."""
+    from lungcbir.errors import ReadError
+
+    source = DicomwebSource(hostile_archive.url, environ={"LUNGCBIR_DICOMWEB_TOKEN": "tok-123"})
+    with pytest.raises(ReadError, match="not an instance of this archive"):
+        source.headers(["http://attacker.example/dicom-web/studies/1.2/series/1.3/instances/1.4"])
+    assert not hostile_archive.requests
+    sops = list(hostile_archive.served)[:3]
+    base = f"{hostile_archive.url}/studies/{hostile_archive.study}/series/{hostile_archive.series}/instances"
+    headers = source.headers([f"{base}/{sop}" for sop in sops])
+    assert [str(h.SOPInstanceUID) for h in headers] == sops and "PixelData" not in headers[0]
