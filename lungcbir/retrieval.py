@@ -400,12 +400,17 @@ class Retriever:
         """Write one DICOM series' masks as a DICOM SEG (segmenting it unless ``masks`` are given):
         segment "Lung" and, when ``lesions`` are given (a model with a lesion output), segment
         "Lesion" (as ``query --out`` writes it). ``headers``: the slices' DICOM headers when
-        their files are not at hand (fetched from an archive).
+        their files are not at hand; slices fetched from a DICOMweb archive (``path`` their
+        WADO-RS URL) have theirs fetched again from it when not given.
 
         See :func:`lungcbir.dicom_seg.write_dicom_seg`; raises ReadError or SegError.
         """
         from .dicom_seg import SegmentKind, write_dicom_seg
+        from .dicomweb import DicomwebSource, is_dicomweb_url, parse_instance_url
 
+        if headers is None and slices and all(is_dicomweb_url(item.path) for item in slices):
+            # in memory only (pixels): there is no file to read the headers from
+            headers = DicomwebSource(parse_instance_url(slices[0].path).root).headers([item.path for item in slices])
         if masks is None:
             masks = [result.mask for result in self.segment_slices(slices)]
         if lesions is None or any(lesion is None for lesion in lesions):

@@ -888,3 +888,19 @@ def test_headers_are_fetched_from_this_archive_only(hostile_archive):
     base = f"{hostile_archive.url}/studies/{hostile_archive.study}/series/{hostile_archive.series}/instances"
     headers = source.headers([f"{base}/{sop}" for sop in sops])
     assert [str(h.SOPInstanceUID) for h in headers] == sops and "PixelData" not in headers[0]
+
+
+def test_a_query_from_the_archive_writes_its_seg_too(hostile_archive, phantom_dir, tmp_path, tiny_weights):
+    """`query URL --study UID --series UID --out DIR` writes each DICOM query's SEG as for a
+    file (its header fetched again from the archive); it failed, reading the URL as a path."""
+    assert invoke("index-dataset", phantom_dir / "png", "--weights", tiny_weights, *store_args(tmp_path),
+                  "--quiet").exit_code == 0
+    url, study, series = hostile_archive.url, hostile_archive.study, hostile_archive.series
+    result = invoke("query", url, "--study", study, "--series", series, "--json", "--k", "1", "--out",
+                    tmp_path / "out", "--weights", tiny_weights, *store_args(tmp_path))
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(line) for line in result.output.splitlines()]
+    assert len(answers) == len(hostile_archive.listing) and all("seg" in answer for answer in answers)
+    written = {str(pydicom.dcmread(answer["seg"]).ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+                   .ReferencedSOPInstanceUID) for answer in answers}
+    assert written == set(hostile_archive.served)
