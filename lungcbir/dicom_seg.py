@@ -21,6 +21,7 @@ the model id, so it lives here and ``segment --format dicom-seg`` calls it inste
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -136,15 +137,42 @@ def _series_seed(slices: Sequence[CTSlice]) -> str:
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
-def _source_headers(slices: Sequence[CTSlice]) -> tuple[list, list[list[DerivedIdentifier]]]:
+def dicom_headers(files: Sequence[tuple[str, bytes]], slices: Sequence[CTSlice]) -> list | None:
+    """The DICOM headers (no pixels) of ``slices`` decoded from ``files`` (name, bytes) held in
+    memory, such as an upload, matched by their ``sha256``: what :func:`write_dicom_seg` needs
+    for slices without a file. None unless every slice is DICOM and its header was found."""
+    if not slices or any(item.source_format != "dicom" for item in slices):
+        return None
+    pydicom = _pydicom()
+    wanted = {item.sha256 for item in slices}
+    found = {}
+    for _, data in files:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in wanted and digest not in found:
+            try:
+                found[digest] = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            except Exception:  # pydicom raises many kinds; the reader already judged the file
+                return None
+    headers = [found.get(item.sha256 or "") for item in slices]
+    return headers if all(header is not None for header in headers) else None
+
+
+def _source_headers(slices: Sequence[CTSlice], given: Sequence | None = None) -> tuple[
+        list, list[list[DerivedIdentifier]]]:
+    """The slices' DICOM headers (``given``, else read from their files), identifiers repaired."""
     pydicom = _pydicom()  # tolerant of the invalid UIDs we are about to repair
     seed = _series_seed(slices)
+    if given is not None and len(given) != len(slices):
+        raise SegError(slices[0].path, f"{len(given)} DICOM headers for {len(slices)} slices")
     headers, derived = [], []
-    for item in slices:
-        try:
-            header = pydicom.dcmread(item.path, stop_before_pixels=True)
-        except Exception as error:  # pydicom raises many kinds on truncated files
-            raise ReadError(item.path, f"unreadable DICOM header ({type(error).__name__})") from None
+    for number, item in enumerate(slices):
+        if given is not None:
+            header = given[number]
+        else:
+            try:
+                header = pydicom.dcmread(item.path, stop_before_pixels=True)
+            except Exception as error:  # pydicom raises many kinds on truncated files
+                raise ReadError(item.path, f"unreadable DICOM header ({type(error).__name__})") from None
         digest = item.sha256 or hashlib.sha256(Path(item.path).read_bytes()).hexdigest()
         derived.append(repair_identifiers(header, digest, seed))
         headers.append(header)
@@ -170,10 +198,12 @@ def _stack(masks: Sequence[np.ndarray] | Mapping[SegmentKind, Sequence[np.ndarra
 
 def write_dicom_seg(slices: Sequence[CTSlice],
                     masks: Sequence[np.ndarray] | Mapping[SegmentKind, Sequence[np.ndarray]],
-                    out_path: str | os.PathLike, model_id: str) -> SegWritten:
+                    out_path: str | os.PathLike, model_id: str, headers: Sequence | None = None) -> SegWritten:
     """Write the masks of one DICOM series as a binary DICOM SEG at ``out_path``.
 
-    ``slices`` are the series' slices as read (their files are read again for the headers);
+    ``slices`` are the series' slices as read (their files are read again for the headers,
+    unless ``headers`` gives them: pydicom datasets of slices held in memory, such as those
+    fetched from an archive, :meth:`lungcbir.dicomweb.DicomwebSource.headers`);
     ``masks`` one boolean mask per slice (lungs), or per :class:`SegmentKind` a list of them.
     Every slice gets a frame per segment, empty or not. The SEG's own UIDs are derived from the
     model, the source and the mask bits, so the same input gives the same SEG.
@@ -190,7 +220,7 @@ def write_dicom_seg(slices: Sequence[CTSlice],
     for item in slices:
         if item.source_format != "dicom":
             raise ReadError(item.path, NEEDS_DICOM)
-    headers, derived = _source_headers(slices)
+    headers, derived = _source_headers(slices, headers)
     source = slices[0].path if len(slices) == 1 else os.path.dirname(slices[0].path)
     kinds, pixels = _stack(masks, headers, source)
     algorithm = hd.AlgorithmIdentificationSequence(

@@ -550,6 +550,33 @@ class DicomwebSource:
             for done, future in pending:
                 yield done, future.result()
 
+    def headers(self, urls: Sequence[str]) -> list[Dataset]:
+        """The DICOM headers (no pixels) of this archive's instances, by their WADO-RS URLs, in
+        order: what a SEG of slices fetched into memory needs (:meth:`series_slices` keeps the
+        pixels only). Raises ReadError for a URL of another archive, an instance that cannot be
+        fetched or parsed, or another instance than the one asked for."""
+        import pydicom
+
+        refs = [parse_instance_url(url) for url in urls]
+        for ref in refs:
+            if ref.root != self.root:  # our credentials go to this archive only
+                raise ReadError(ref.url, "not an instance of this archive")
+
+        def header(ref: InstanceRef) -> Dataset:
+            data = self.fetch(ref)
+            try:
+                found = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            except Exception as error:  # pydicom raises many kinds on malformed headers
+                raise ReadError(ref.url, f"unreadable DICOM header ({type(error).__name__})") from None
+            sop = str(found.get("SOPInstanceUID", "") or "")
+            if sop and sop != ref.sop_uid:
+                raise ReadError(ref.url, f"the archive sent instance {_shown(sop)}")
+            found.SOPInstanceUID = ref.sop_uid  # as read() names it: the SEG refers to what the archive holds
+            return found
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(header, refs))
+
     def series_slices(self, study: str, series: str | None = None) -> tuple[list[CTSlice], list[ReadError]]:
         """The slices of one CT series of ``study`` (the study's only one when ``series`` is not
         given), fetched into memory in series order, and what could not be fetched. Raises

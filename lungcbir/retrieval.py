@@ -395,22 +395,29 @@ class Retriever:
 
     def write_dicom_seg(self, slices: Sequence[CTSlice], out_path: str | os.PathLike,
                         masks: Sequence[np.ndarray] | None = None,
-                        lesions: Sequence[np.ndarray | None] | None = None) -> SegWritten:
+                        lesions: Sequence[np.ndarray | None] | None = None,
+                        headers: Sequence | None = None) -> SegWritten:
         """Write one DICOM series' masks as a DICOM SEG (segmenting it unless ``masks`` are given):
         segment "Lung" and, when ``lesions`` are given (a model with a lesion output), segment
-        "Lesion" (as ``query --out`` writes it).
+        "Lesion" (as ``query --out`` writes it). ``headers``: the slices' DICOM headers when
+        their files are not at hand; slices fetched from a DICOMweb archive (``path`` their
+        WADO-RS URL) have theirs fetched again from it when not given.
 
         See :func:`lungcbir.dicom_seg.write_dicom_seg`; raises ReadError or SegError.
         """
         from .dicom_seg import SegmentKind, write_dicom_seg
+        from .dicomweb import DicomwebSource, is_dicomweb_url, parse_instance_url
 
+        if headers is None and slices and all(is_dicomweb_url(item.path) for item in slices):
+            # in memory only (pixels): there is no file to read the headers from
+            headers = DicomwebSource(parse_instance_url(slices[0].path).root).headers([item.path for item in slices])
         if masks is None:
             masks = [result.mask for result in self.segment_slices(slices)]
         if lesions is None or any(lesion is None for lesion in lesions):
-            return write_dicom_seg(slices, masks, out_path, self.model.model_id)
+            return write_dicom_seg(slices, masks, out_path, self.model.model_id, headers)
         segments = {SegmentKind.LUNG: list(masks),
                     SegmentKind.LESION: [lesion for lesion in lesions if lesion is not None]}
-        return write_dicom_seg(slices, segments, out_path, self.model.model_id)
+        return write_dicom_seg(slices, segments, out_path, self.model.model_id, headers)
 
     def index_dataset(self, paths: Iterable[str | os.PathLike], labels: str | os.PathLike | dict | None = None,
                       exclude: Iterable[str] = (), wait: bool = False,

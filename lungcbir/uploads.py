@@ -112,9 +112,11 @@ def expand(files: list[tuple[str, bytes]], limits: SeriesLimits) -> list[tuple[s
     return out
 
 
-def read_series(files: list[tuple[str, bytes]], limits: SeriesLimits | None = None
+def read_series(files: list[tuple[str, bytes]], limits: SeriesLimits | None = None, unpacked: bool = False
                 ) -> tuple[list[CTSlice], list[ReadFailure]]:
-    """Every slice of the uploaded files (ZIPs unpacked), in series order, and the files that failed.
+    """Every slice of the uploaded files (ZIPs unpacked, unless ``unpacked`` says they are
+    :func:`expand`'s answer already: a ZIP inside is then not unpacked), in series order, and
+    the files that failed.
 
     Slices keep the client's file name (``path``: the member name inside a ZIP, never a
     server path). DICOM files are ordered by their headers (as ``query --by-series`` does),
@@ -122,7 +124,8 @@ def read_series(files: list[tuple[str, bytes]], limits: SeriesLimits | None = No
     file could be read.
     """
     limits = limits or SeriesLimits()
-    files = expand(files, limits)
+    if not unpacked:
+        files = expand(files, limits)
     limit = voxel_limit(limits.max_voxels)
     decoded: list[tuple[int, CTSlice]] = []
     failures: list[ReadFailure] = []

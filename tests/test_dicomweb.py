@@ -30,6 +30,7 @@ from lungcbir.io import decode, read_dicom
 from lungcbir.retrieval import Retriever
 from lungcbir.store import Store
 from lungcbir.web import create_app
+from lungcbir.websecurity import WebSettings
 
 
 def invoke(*args, env=None):
@@ -166,7 +167,8 @@ class HostileArchive:
     maps SOP UIDs to the bytes sent for them (the first file for unknown ones), ``slow_bytes``
     first bytes of every answer (``slow_part``: "head" or "body") trickle in 0.2 s apart,
     ``ignore_offset`` and ``page_of_one`` break paging, ``studies_body`` replaces the studies
-    answer, ``redirect_to`` sends every request elsewhere."""
+    answer, ``redirect_to`` sends every request elsewhere. What is stored (STOW-RS) lands in
+    ``stored`` (the request bodies), or is refused with ``store_status``."""
 
     def __init__(self, files: list[Path]):
         datasets = [pydicom.dcmread(path) for path in files]
@@ -180,6 +182,8 @@ class HostileArchive:
         self.studies_body: bytes | None = None
         self.redirect_to: str | None = None
         self.requests: list[str] = []
+        self.stored: list[bytes] = []
+        self.store_status = 200
         self.url = ""
 
     def answer(self, path: str, query: dict) -> tuple[int, dict, bytes]:
@@ -232,6 +236,19 @@ class _HostileHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(message[slow_to:])
         except OSError:
             pass  # the client hung up on a trickle
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        archive = self.server.archive
+        archive.requests.append("POST " + self.path)
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if archive.store_status == 200:
+            archive.stored.append(body)
+        answer = b"{}"
+        self.send_response(archive.store_status)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
 
     def log_message(self, *args):
         pass
@@ -713,3 +730,177 @@ def test_the_web_api_fetches_a_query_series_from_its_archive(hostile_archive, ph
     assert body["query"] == f"study {study}, series {series}"
     assert client.post("/api/query-archive", data={"study": study, "series": "1.2.3"}).status_code == 422
     assert client.post("/api/query-archive", data={"study": "../etc"}).status_code == 422
+
+
+def stored_parts(body: bytes) -> list[pydicom.Dataset]:
+    """The DICOM instances of a STOW-RS request body (multipart/related)."""
+    boundary = body.lstrip(b"\r\n").split(b"\r\n", 1)[0]
+    parts = [part.split(b"\r\n\r\n", 1)[1] for part in body.split(boundary)[1:-1]]
+    return [pydicom.dcmread(io.BytesIO(part.removesuffix(b"\r\n"))) for part in parts]
+
+
+def test_the_seg_of_an_archive_query_is_downloaded_and_stored_back(hostile_archive, phantom_dir, bundled_weights,
+                                                                   tmp_path):
+    """Issue 27 expectation 6: from an archive query's answer, its DICOM SEG (Lung and Lesion,
+    one frame per slice each, referring to the archive's instances) can be downloaded and
+    stored back in that archive; nothing the client can send names a file or reaches another
+    archive, and no error names the archive's address or a server folder."""
+    from lungcbir.websecurity import WebSettings
+
+    retriever = Retriever(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index", weights=bundled_weights)
+    retriever.index_dataset([phantom_dir / "png"])
+    client = TestClient(create_app(retriever, WebSettings(archive_url=hostile_archive.url)),
+                        base_url="http://localhost")
+    study, series = hostile_archive.study, hostile_archive.series
+    answer = client.post("/api/query-archive", data={"study": study, "series": series, "k": 2})
+    assert answer.status_code == 200, answer.text
+    offer = answer.json()["seg"]
+    assert offer["download"].startswith("/api/seg/") and offer["store"] == offer["download"] + "/stow"
+    assert offer["reason"] is None
+
+    seg = client.get(offer["download"])
+    assert seg.status_code == 200, seg.text
+    assert seg.headers["content-type"] == "application/dicom"
+    assert seg.headers["content-disposition"] == f'attachment; filename="{series}_seg.dcm"'
+    written = pydicom.dcmread(io.BytesIO(seg.content))
+    slices = len(hostile_archive.listing)
+    assert [s.SegmentLabel for s in written.SegmentSequence] == ["Lung", "Lesion"]
+    assert int(written.NumberOfFrames) == 2 * slices  # every slice, empty frames kept
+    assert written.StudyInstanceUID == study
+    assert written.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    referenced = {str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                  for item in written.PerFrameFunctionalGroupsSequence}
+    assert referenced == set(hostile_archive.served)
+    frames = written.pixel_array.reshape(2 * slices, int(written.Rows), int(written.Columns))
+    assert frames[:slices].any()  # the bundled model finds the phantom's lungs
+
+    stored = client.post(offer["store"])
+    assert stored.status_code == 200, stored.text
+    body = stored.json()
+    assert body["sop_instance_uid"] == written.SOPInstanceUID and body["study_uid"] == study
+    assert body["referenced_series_uid"] == series and body["segments"] == ["Lung", "Lesion"]
+    assert body["frames"] == 2 * slices
+    assert len(hostile_archive.stored) == 1
+    [sent] = stored_parts(hostile_archive.stored[0])
+    assert sent.SOPInstanceUID == written.SOPInstanceUID and sent.Modality == "SEG"
+
+    # refused by the archive: 502, saying so without its address
+    hostile_archive.store_status = 409
+    refused = client.post(offer["store"])
+    assert refused.status_code == 502 and "the archive" in refused.json()["detail"]
+    # unknown or hostile tokens name nothing
+    for token in ["x", "..%2F..%2Fetc%2Fpasswd", "a" * 300]:
+        assert client.get(f"/api/seg/{token}").status_code == 404
+        assert client.post(f"/api/seg/{token}/stow").status_code == 404
+    # the archive sends another instance for a header: refused, not written into a SEG
+    other = client.post("/api/query-archive", data={"study": study, "k": 2}).json()["seg"]
+    first = next(iter(hostile_archive.served))
+    hostile_archive.served = {sop: hostile_archive.served[first] for sop in hostile_archive.served}
+    swapped = client.get(other["download"])
+    assert swapped.status_code == 502 and "the archive sent instance" in swapped.json()["detail"]
+    for text in (refused.text, swapped.text):
+        assert hostile_archive.url not in text and "127.0.0.1" not in text and str(tmp_path) not in text
+    # without an archive there is nothing to fetch from or store in
+    without = TestClient(create_app(retriever), base_url="http://localhost")
+    assert without.get(offer["download"]).status_code == 404
+
+
+def test_an_uploaded_query_gets_a_seg_only_when_dicom_and_never_stores_it_back(phantom_dir, tiny_weights, tmp_path):
+    """An uploaded DICOM slice or series gets its SEG (headers from the upload's own bytes) but
+    no store-back, and the answer says why (the archive may not hold its instances); a picture
+    gets no SEG, and the answer says why (no DICOM source UIDs)."""
+    from lungcbir.views.seg import NOT_DICOM, UPLOADED
+
+    retriever = Retriever(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index", weights=tiny_weights)
+    retriever.index_dataset([phantom_dir / "png"])
+    client = TestClient(create_app(retriever), base_url="http://localhost")
+    png = next((phantom_dir / "png" / "phantom01").glob("*.png"))
+    picture = client.post("/api/query", files={"file": (png.name, png.read_bytes())}).json()
+    assert picture["seg"] == {"download": None, "store": None, "reason": NOT_DICOM}
+    assert "DICOM source UIDs" in NOT_DICOM and "uploaded" in UPLOADED
+
+    dicoms = sorted((phantom_dir / "dicom" / "phantom01").glob("*.dcm"))
+    for answer, sources in [
+            (client.post("/api/query", files={"file": (dicoms[2].name, dicoms[2].read_bytes())}).json(), dicoms[2:3]),
+            (client.post("/api/query-series", files=[("files", (p.name, p.read_bytes())) for p in dicoms]).json(),
+             dicoms)]:
+        offer = answer["seg"]
+        assert offer["store"] is None and offer["reason"] == UPLOADED and offer["download"].startswith("/api/seg/")
+        seg = client.get(offer["download"])
+        assert seg.status_code == 200, seg.text
+        written = pydicom.dcmread(io.BytesIO(seg.content))
+        referenced = {str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                      for item in written.PerFrameFunctionalGroupsSequence}
+        assert referenced == {str(pydicom.dcmread(path).SOPInstanceUID) for path in sources}
+        assert int(written.NumberOfFrames) == len(sources) * len(written.SegmentSequence)
+        # no archive here, and an upload is never stored back: the same reason, whatever the server
+        assert client.post(offer["download"] + "/stow").status_code == 404
+        stored = TestClient(create_app(retriever, WebSettings(archive_url="http://127.0.0.1:9/dicom-web")),
+                            base_url="http://localhost")
+        token_elsewhere = stored.post("/api/query", files={"file": (dicoms[0].name, dicoms[0].read_bytes())}).json()
+        refused = stored.post(token_elsewhere["seg"]["download"] + "/stow")
+        assert refused.status_code == 409 and refused.json()["detail"] == UPLOADED
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_the_page_stores_an_archive_query_seg_in_orthanc(dicomweb_archive, bundled_weights, phantom_dir, tmp_path):
+    """The web's store-back against a real archive: a covid-ct-md series of Orthanc queried by
+    /api/query-archive, its SEG stored by /api/seg/{token}/stow, then found there with the
+    archive's own client: a SEG of that study, Lung and Lesion, referring to every instance."""
+    from dicomweb_client.api import DICOMwebClient
+
+    from lungcbir.websecurity import WebSettings
+
+    url, files, study_of = dicomweb_archive["url"], dicomweb_archive["files"], dicomweb_archive["study_of"]
+    study = next(uid for uid, date in sorted(dicomweb_archive["studies"].items()) if date)
+    local = [path for path in files if study_of[path] == study]
+    retriever = Retriever(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "index", weights=bundled_weights)
+    retriever.index_dataset([phantom_dir / "png"])
+    client = TestClient(create_app(retriever, WebSettings(archive_url=url)), base_url="http://localhost")
+    answer = client.post("/api/query-archive", data={"study": study, "k": 2})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["slices"] == len(local)
+    stored = client.post(answer.json()["seg"]["store"])
+    assert stored.status_code == 200, stored.text
+    body = stored.json()
+    assert body["study_uid"] == study and body["frames"] == 2 * len(local)
+    archive = DICOMwebClient(url)  # checked with the library itself, not through lungcbir
+    seg_series = archive.search_for_series(study, search_filters={"Modality": "SEG"})
+    assert body["series_instance_uid"] in [s["0020000E"]["Value"][0] for s in seg_series]
+    fetched = archive.retrieve_instance(study, body["series_instance_uid"], body["sop_instance_uid"])
+    assert [s.SegmentLabel for s in fetched.SegmentSequence] == ["Lung", "Lesion"]
+    referenced = {str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+                  for item in fetched.PerFrameFunctionalGroupsSequence}
+    assert referenced == {files[path] for path in local}
+
+
+def test_headers_are_fetched_from_this_archive_only(hostile_archive):
+    """DicomwebSource.headers sends its credentials to its own archive only: a URL of another
+    host is refused before any request; its own instances come back in order, without pixels."""
+    from lungcbir.errors import ReadError
+
+    source = DicomwebSource(hostile_archive.url, environ={"LUNGCBIR_DICOMWEB_TOKEN": "tok-123"})
+    with pytest.raises(ReadError, match="not an instance of this archive"):
+        source.headers(["http://attacker.example/dicom-web/studies/1.2/series/1.3/instances/1.4"])
+    assert not hostile_archive.requests
+    sops = list(hostile_archive.served)[:3]
+    base = f"{hostile_archive.url}/studies/{hostile_archive.study}/series/{hostile_archive.series}/instances"
+    headers = source.headers([f"{base}/{sop}" for sop in sops])
+    assert [str(h.SOPInstanceUID) for h in headers] == sops and "PixelData" not in headers[0]
+
+
+def test_a_query_from_the_archive_writes_its_seg_too(hostile_archive, phantom_dir, tmp_path, tiny_weights):
+    """`query URL --study UID --series UID --out DIR` writes each DICOM query's SEG as for a
+    file (its header fetched again from the archive); it failed, reading the URL as a path."""
+    assert invoke("index-dataset", phantom_dir / "png", "--weights", tiny_weights, *store_args(tmp_path),
+                  "--quiet").exit_code == 0
+    url, study, series = hostile_archive.url, hostile_archive.study, hostile_archive.series
+    result = invoke("query", url, "--study", study, "--series", series, "--json", "--k", "1", "--out",
+                    tmp_path / "out", "--weights", tiny_weights, *store_args(tmp_path))
+    assert result.exit_code == 0, result.output
+    answers = [json.loads(line) for line in result.output.splitlines()]
+    assert len(answers) == len(hostile_archive.listing) and all("seg" in answer for answer in answers)
+    written = {str(pydicom.dcmread(answer["seg"]).ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+                   .ReferencedSOPInstanceUID) for answer in answers}
+    assert written == set(hostile_archive.served)

@@ -40,3 +40,13 @@ def test_shared_data_labels_example_writes_a_row_per_shared_file(shared_data, tm
     rows = (tmp_path / "labels.csv").read_text().splitlines()
     assert rows[0] == "path,dataset,diagnosis,contrast,infection" and len(rows) > 100
     assert f"wrote {len(rows) - 1} rows" in output
+
+
+def test_the_screenshot_script_says_why_it_stops_without_the_shared_data(tmp_path):
+    """docs/make_screenshot.py pictures the shared data; without it there is nothing to picture."""
+    script = EXAMPLES.parent / "docs" / "make_screenshot.py"
+    done = subprocess.run([sys.executable, str(script), "--data", str(tmp_path / "missing"), "--out-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    assert done.stdout.startswith(f"skipped: {tmp_path / 'missing'} has no covid-ct-md")
+    assert not list(tmp_path.iterdir())

@@ -61,7 +61,7 @@ def test_health_page_and_openapi(client):
 
 
 #: What an answer that is not JSON may be documented as.
-NOT_JSON = {"image/png", "application/octet-stream"}
+NOT_JSON = {"image/png", "application/octet-stream", "application/dicom"}
 
 
 def test_openapi_documents_a_schema_for_every_answer(client):
@@ -345,7 +345,7 @@ def bearer(token: str = TOKEN) -> dict:
 
 def test_api_needs_the_token(secured, phantom_dir):
     for path in ("/api/stats", "/api/images/1", "/api/images/1/thumbnail", "/api/images/1/overlay",
-                 "/api/results/abc/mask.png", "/api/nothing-here"):
+                 "/api/results/abc/mask.png", "/api/seg/abc", "/api/nothing-here"):
         for headers in ({}, bearer("wrong-token-0123456789abcdef"), {"Authorization": TOKEN},
                         {"Authorization": f"Basic {TOKEN}"}, bearer(TOKEN + "x"), bearer(TOKEN[:-1])):
             response = secured.get(path, headers=headers)

@@ -49,24 +49,33 @@ def real_server(tmp_path_factory, bundled_weights, shared_data):
     yield from serve(folder, bundled_weights, shared_data, folder / "server.log")
 
 
-def serve(folder: Path, weights: str, shared_data: Path, server_log: Path):
+def serve(folder: Path, weights: str, shared_data: Path | None, server_log: Path, indexed: list[Path] | None = None,
+          options: tuple[str, ...] = ()):
+    """Index ``indexed`` (default: a few slices of each shared folder, with their labels) and
+    serve them with ``options`` added to ``serve``'s; yields the server's URL."""
     token_file = folder / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     store = ["--db", f"sqlite:///{folder}/db.sqlite", "--index-dir", str(folder / "index"), "--weights", weights]
     command = [sys.executable, "-m", "lungcbir.cli"]
-    md = shared_data / "covid-ct-md"
-    slices = [path for series in sorted(md.glob("*/*")) if series.is_dir()
-              for path in sorted(series.glob("*.dcm"))[8:10]]
-    slices += sorted((shared_data / "kaggle-lungs-2d" / "images").glob("*.tif"))[:6]
-    slices += sorted((shared_data / "covid19-ct-lungmask" / "ct").glob("*.png"))[40:42]  # 8-bit exports
-    subprocess.run([*command, "index-dataset", *map(str, slices), "--quiet", "--labels", str(md / "slice_labels.csv"),
-                    *store], check=True, capture_output=True)
+    if indexed is None:
+        assert shared_data is not None
+        md = shared_data / "covid-ct-md"
+        slices = [path for series in sorted(md.glob("*/*")) if series.is_dir()
+                  for path in sorted(series.glob("*.dcm"))[8:10]]
+        slices += sorted((shared_data / "kaggle-lungs-2d" / "images").glob("*.tif"))[:6]
+        slices += sorted((shared_data / "covid19-ct-lungmask" / "ct").glob("*.png"))[40:42]  # 8-bit exports
+        labels = ["--labels", str(md / "slice_labels.csv")]
+    else:
+        slices, labels = indexed, []
+    subprocess.run([*command, "index-dataset", *map(str, slices), "--quiet", *labels, *store], check=True,
+                   capture_output=True)
     port = free_port()
     log = open(server_log, "wb")
     process = subprocess.Popen([*command, "serve", "--port", str(port), "--token-file", str(token_file),
                                 "--viewer-url", VIEWER_URL, "--header-timeout", str(HEADER_TIMEOUT),
-                                "--body-timeout", str(BODY_TIMEOUT), *store], stdout=log, stderr=subprocess.STDOUT)
+                                "--body-timeout", str(BODY_TIMEOUT), *options, *store], stdout=log,
+                               stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -571,18 +580,20 @@ def test_label_drop_downs_downloads_and_flags(page, shared_data, server):
 def test_accessibility_axe_finds_no_serious_violations(page, shared_data, server):
     search(page, dicom_query(shared_data), k="4")
     page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.naturalWidth > 0)")
-    page.add_script_tag(url=f"{server}/static/vendor/axe.min.js")  # the project's own copy, no CDN
-
-    def violations() -> list:
-        found = page.evaluate("axe.run(document, {resultTypes: ['violations']}).then(r => r.violations)")
-        return [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3]) for v in found
-                if v["impact"] in ("serious", "critical")]
-
-    assert violations() == []
+    assert serious_violations(page, server) == []
     page.locator("#results .card").first.click()
     page.wait_for_selector("#detail[open]")
     page.wait_for_function("document.getElementById('neighbor-canvas').width > 0")
-    assert violations() == []
+    assert serious_violations(page, server) == []
+
+
+def serious_violations(page, server: str) -> list:
+    """What axe-core finds serious or critical on the page as it is."""
+    if not page.evaluate("typeof axe !== 'undefined'"):
+        page.add_script_tag(url=f"{server}/static/vendor/axe.min.js")  # the project's own copy, no CDN
+    found = page.evaluate("axe.run(document, {resultTypes: ['violations']}).then(r => r.violations)")
+    return [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3]) for v in found
+            if v["impact"] in ("serious", "critical")]
 
 
 @pytest.mark.browser
@@ -829,3 +840,131 @@ def test_more_like_this_less_like_that(page, shared_data):
     shown = page.evaluate("[...document.querySelectorAll('#results .card')].map(c => Number(c.dataset.id))")
     assert ids[1] not in shown
     assert "Searched like 2 examples, less like 1" in page.inner_text("#message")
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 27, launched from the viewer: /?study=UID&series=UID fetches the query series from the
+# server's archive (the fake one of test_dicomweb), and the query's SEG goes back into it
+
+
+@pytest.fixture(scope="module")
+def archive(phantom_dir):
+    """A DICOMweb archive holding the phantom's first series (DICOM), which is not indexed."""
+    from test_dicomweb import HostileArchive, _serve
+
+    archive = HostileArchive(sorted((phantom_dir / "dicom" / "phantom01").glob("*.dcm")))
+    server = _serve(archive)
+    yield archive
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def archive_server(tmp_path_factory, bundled_weights, phantom_dir, archive):
+    """`serve --archive URL` over the phantom's PNG exports, with the bundled model (lungs and
+    lesion maps exist, so the SEG has both segments)."""
+    folder = tmp_path_factory.mktemp("live-archive")
+    yield from serve(folder, bundled_weights, None, folder / "server.log", indexed=[phantom_dir / "png"],
+                     options=("--archive", archive.url))
+
+
+def launch_link(server: str, archive) -> str:
+    return f"{server}/?study={archive.study}&series={archive.series}"
+
+
+@pytest.mark.browser
+def test_a_viewer_launch_link_shows_the_archive_series_answer_without_upload(archive_server, archive):
+    """Issue 27 expectation 6: a viewer opens /?study=UID&series=UID; the page signs in, fetches
+    nothing but the answer of /api/query-archive (the server fetched the series) and shows it,
+    without a reload, an export or an upload."""
+    need_chromium()
+    from urllib.parse import urlsplit
+
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors, posted = [], []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("request", lambda request: posted.append(urlsplit(request.url).path) if request.method == "POST"
+                else None)
+        fetched_before = sum("/instances/" in request for request in archive.requests)
+        page.goto(launch_link(archive_server, archive))
+        page.wait_for_selector("#login[open]")
+        page.fill("#token", TOKEN)
+        page.press("#token", "Enter")
+        page.wait_for_selector("#cases .case .card", timeout=90_000)
+        summary = page.inner_text("#series-summary")
+        assert summary.startswith(f"study {archive.study}, series {archive.series}: "
+                                  f"{len(archive.listing)} slices queried as one series"), summary
+        assert set(posted) == {"/api/query-archive"}  # nothing uploaded
+        assert sum("/instances/" in request for request in archive.requests) >= fetched_before + len(archive.listing)
+        answer = page.evaluate("lastAnswer")
+        assert answer["cases"] and answer["seg"]["download"]
+        assert not page.is_visible("#message.error")
+        browser.close()
+    assert not errors, errors
+
+
+@pytest.fixture
+def archive_page(archive_server):
+    yield from signed_in_page(archive_server)
+
+
+@pytest.mark.browser
+def test_the_query_seg_is_downloaded_and_stored_back_from_the_comparison(archive_page, archive_server, archive,
+                                                                         phantom_dir, tmp_path):
+    """Issue 27 expectation 6: in the comparison of an archive query, the query's DICOM SEG
+    (Lung + Lesion) downloads, and a button stores it back in the archive; an uploaded DICOM
+    query's SEG downloads but is not stored back, and an uploaded picture has none: the
+    comparison says why."""
+    import pydicom
+
+    page = archive_page
+    page.goto(launch_link(archive_server, archive))
+    page.wait_for_selector("#cases .case .card", timeout=90_000)
+    page.locator("#cases .case .card").first.click()
+    page.wait_for_selector("#detail[open]")
+    assert page.is_visible("#seg-download") and page.is_visible("#seg-store") and not page.is_visible("#seg-why")
+    assert serious_violations(page, archive_server) == []
+    with page.expect_download(timeout=60_000) as download:
+        page.click("#seg-download")
+    assert download.value.suggested_filename == f"{archive.series}_seg.dcm"
+    seg = pydicom.dcmread(download.value.path())
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Lung", "Lesion"]
+    assert int(seg.NumberOfFrames) == 2 * len(archive.listing)
+    stored_before = len(archive.stored)
+    page.click("#seg-store")
+    page.wait_for_function("document.getElementById('seg-status').textContent.startsWith('Stored')",
+                           timeout=60_000)
+    assert f"SEG {seg.SOPInstanceUID} (Lung + Lesion" in page.inner_text("#seg-status")
+    assert len(archive.stored) == stored_before + 1
+    page.keyboard.press("Escape")
+
+    # an uploaded picture: no SEG buttons, and why
+    page.goto(archive_server)
+    page.wait_for_function("document.getElementById('stats').textContent.includes('slices')")
+    search(page, next((phantom_dir / "png" / "phantom02").glob("*.png")), k="2")
+    page.locator("#results .card").first.click()
+    page.wait_for_selector("#detail[open]")
+    page.wait_for_selector("#seg-why:not(.hidden)")
+    assert not page.is_visible("#seg-download") and not page.is_visible("#seg-store")
+    assert "without DICOM source UIDs" in page.inner_text("#seg-why")
+    assert serious_violations(page, archive_server) == []
+    page.keyboard.press("Escape")
+
+    # an uploaded DICOM slice: its SEG downloads, and why it is not stored back
+    dicom = sorted((phantom_dir / "dicom" / "phantom02").glob("*.dcm"))[2]
+    search(page, dicom, k="2")
+    page.wait_for_function(f"lastAnswer && lastAnswer.query === {dicom.name!r}", timeout=60_000)  # not the last
+    page.locator("#results .card").first.click()
+    page.wait_for_selector("#detail[open]")
+    page.wait_for_selector("#seg-why:not(.hidden)")
+    assert page.is_visible("#seg-download") and not page.is_visible("#seg-store")
+    assert "Not stored back in the archive: this query was uploaded" in page.inner_text("#seg-why")
+    with page.expect_download(timeout=60_000) as download:
+        page.click("#seg-download")
+    uploaded = pydicom.dcmread(download.value.path())
+    assert uploaded.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(dicom).SeriesInstanceUID
+    assert len(archive.stored) == stored_before + 1  # nothing more went to the archive

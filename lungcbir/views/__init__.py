@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from . import images, query, series, stats
+from . import images, query, seg, series, stats
 
 #: Every router of the API, in the order their routes are matched.
-ROUTERS: tuple[APIRouter, ...] = (stats.router, query.router, series.router, images.router)
+ROUTERS: tuple[APIRouter, ...] = (stats.router, query.router, series.router, seg.router, images.router)

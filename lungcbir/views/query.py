@@ -12,6 +12,7 @@ from ..focus import DEFAULT_FOCUS, Focus
 from ..io import CTSlice
 from ..retrieval import label_summary
 from .schemas import ERROR_RESPONSES, QueryAnswer, SegmentAnswer, TogetherAnswer
+from .seg import upload_offer
 from .state import PIXEL_KIND_HEADER, AppState, check_k, result_urls
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -42,7 +43,7 @@ def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[i
     """
     check_k(k)
     filters = web.filters(where, labels)
-    item, count = web.middle_slice(file)
+    item, count, headers = web.middle_slice_and_header(file)
     with web.model_lock:
         result = web.retriever.query_slices([item], k, filters, max(0, per_patient), other_patients, focus)[0]
     token = web.render(item, result.segmentation)
@@ -54,6 +55,7 @@ def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[i
     return {"query": item.path, **result_urls(token), **summary,
             "width": item.shape[1], "height": item.shape[0], "frame": item.frame,
             "slices_in_file": count, "query_tags": query_tags(item), "focus": focus.value,
+            "seg": upload_offer(web, [item], [result.segmentation], headers),
             "neighbors": web.neighbors_json(result.neighbors)}
 
 

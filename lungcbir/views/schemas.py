@@ -145,6 +145,27 @@ class Segmented(BaseModel):
     slices_in_file: int
 
 
+class SegOffer(BaseModel):
+    """Whether the query's masks can be had as a DICOM SEG (segments "Lung" and, with a lesion
+    output, "Lesion") and stored back in the archive, and if not, why."""
+
+    download: str | None = Field(None, description="URL of the query series' DICOM SEG; null: not offered")
+    store: str | None = Field(None, description="URL to POST to store the SEG in the server's archive (STOW-RS); "
+                                                "null: not offered")
+    reason: str | None = Field(None, description="why there is no SEG or no store-back (an uploaded query)")
+
+
+class SegStored(BaseModel):
+    """``POST /api/seg/{token}/stow``: the SEG now stored in the server's archive."""
+
+    sop_instance_uid: str
+    series_instance_uid: str = Field(description="the SEG's own series")
+    study_uid: str
+    referenced_series_uid: str = Field(description="the CT series it segments")
+    frames: int
+    segments: list[str] = Field(examples=[["Lung", "Lesion"]])
+
+
 class QueryAnswer(Segmented):
     """``/api/query``: the query's segmentation and its nearest stored slices."""
 
@@ -154,6 +175,7 @@ class QueryAnswer(Segmented):
     query_tags: QueryTags
     focus: Focus = Field(description=FOCUS_DESCRIPTION)
     label_summary: dict[str, dict[str, int]] = Field(default_factory=dict, description=LABEL_SUMMARY)
+    seg: SegOffer | None = None
     neighbors: list[Neighbor]
 
 
@@ -237,6 +259,7 @@ class SeriesAnswer(BaseModel):
                                                      description=LABEL_SUMMARY + " (of each case's best pair)")
     query_slices: list[SeriesQuerySlice] = Field(default_factory=list, description="every query slice with lungs "
                                                   "(slice order), for viewers that step through the query series")
+    seg: SegOffer | None = None
     cases: list[SeriesCase]
 
 

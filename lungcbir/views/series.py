@@ -8,12 +8,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
+from ..dicom_seg import dicom_headers
 from ..errors import LungCBIRError, ReadError
 from ..focus import DEFAULT_FOCUS, Focus
 from ..io import CTSlice, ReadFailure
-from ..uploads import SeriesLimits, read_series
+from ..uploads import SeriesLimits, expand, read_series
 from ..websecurity import scrub_paths
 from .schemas import ERROR_RESPONSES, SeriesAnswer, SeriesMembers
+from .seg import archive_offer, upload_offer
 from .state import (
     MAX_SERIES_K,
     SERIES_BYTES_FACTOR,
@@ -53,10 +55,12 @@ def api_query_series(web: AppState, files: Annotated[list[UploadFile], File()], 
             if used > most:
                 raise HTTPException(413, f"the upload is larger than {most // 2**20} MiB")
             blobs.append((upload_name(upload), data))
-        slices, failures = read_series(blobs, limits)
+        unpacked = expand(blobs, limits)  # ZIPs unpacked once, for the slices and their DICOM headers
+        slices, failures = read_series(unpacked, limits, unpacked=True)
+        headers = dicom_headers(unpacked, slices)
     uploads = [name for name, _ in blobs]
     return _series_answer(web, slices, failures, uploads[0] if len(uploads) == 1 else f"{len(uploads)} files", k,
-                          filters, other_patients, focus)
+                          filters, other_patients, focus, headers=headers)
 
 
 @router.post("/api/query-archive", response_model=SeriesAnswer, response_model_exclude_unset=True)
@@ -83,13 +87,16 @@ def api_query_archive(web: AppState, study: Annotated[str, Form()], series: Anno
     if not slices:
         raise HTTPException(422, f"no slice of study {study} could be fetched")
     return _series_answer(web, slices, failures, f"study {study}" + (f", series {series}" if series else ""), k,
-                          filters, other_patients, focus)
+                          filters, other_patients, focus, from_archive=True)
 
 
 def _series_answer(web: AppState, slices: list[CTSlice], failures: Sequence[ReadFailure | ReadError], name: str,
-                   k: int, filters: dict, other_patients: bool, focus: Focus) -> dict[str, Any]:
+                   k: int, filters: dict, other_patients: bool, focus: Focus, from_archive: bool = False,
+                   headers: list | None = None) -> dict[str, Any]:
     """A series query's answer, the same for an upload and an archive series (whose slices are
-    named by their instance URLs, as stored archive slices are)."""
+    named by their instance URLs, as stored archive slices are), but for its ``seg``: an
+    archive series' SEG can be downloaded and stored back, a DICOM upload's (``headers``: its
+    slices' DICOM headers) downloaded only, and the answer says why."""
     with web.model_lock:
         try:
             result = web.retriever.query_series(slices, k, filters, pairs=SERIES_PAIRS, focus=focus,
@@ -112,7 +119,11 @@ def _series_answer(web: AppState, slices: list[CTSlice], failures: Sequence[Read
               "pairs": [{"query": query_slices[pair.query_slice], "neighbor": next(shown)} for pair in match.pairs]}
              for match in result.matches]
     note = {"note": result.note} if result.note else {}
-    return {"query": name, "slices": len(slices),
+    segmentations = [answer.segmentation for answer in result.slices]
+    queried = [answer.query for answer in result.slices]
+    seg = archive_offer(web, queried, segmentations) if from_archive else \
+        upload_offer(web, queried, segmentations, headers)
+    return {"query": name, "slices": len(slices), "seg": seg,
             "failed": [{"file": f.path, "reason": scrub_paths(f.reason)} for f in failures], "focus": focus.value,
             **note, "label_summary": result.label_summary(), "query_slices": list(query_slices.values()),
             "cases": cases}

@@ -13,12 +13,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 import cv2
 import numpy as np
 from fastapi import Depends, HTTPException, Request, UploadFile
 
+from ..dicom_seg import SegWritten, dicom_headers
 from ..errors import FilterError, LungCBIRError, ReadError
 from ..inference import Segmentation
 from ..io import MIDDLE, CTSlice, file_suffix, supported_formats, supported_suffixes
@@ -46,6 +47,8 @@ SERIES_PAIRS = 3
 SERIES_BYTES_FACTOR = 4
 #: Most neighbours one slice query returns.
 MAX_K = 100
+#: Archive query series kept for their DICOM SEG (the most recent ones): each holds its slices.
+KEPT_SERIES = 8
 
 
 @dataclass
@@ -76,15 +79,35 @@ class RenderedResult:
         return self._made[name]
 
 
-class ResultCache:
-    """Recent query pictures by random token, so the page can fetch them as URLs."""
+@dataclass
+class QuerySeries:
+    """A DICOM query (a series, or one slice) kept for its DICOM SEG: its slices, the model's
+    lung and lesion masks, the slices' DICOM headers (None for a series fetched from the
+    server's archive, ``from_archive``: they are fetched again when the SEG is made) and the
+    SEG once made (a download and a store-back make it once)."""
+
+    slices: list[CTSlice]
+    masks: list[np.ndarray]
+    lesions: list[np.ndarray | None]
+    headers: list | None
+    from_archive: bool
+    seg: bytes | None = None
+    written: SegWritten | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+T = TypeVar("T")
+
+
+class ResultCache(Generic[T]):
+    """Recent query answers (pictures, series) by random token, so the page can fetch them as URLs."""
 
     def __init__(self, size: int = KEPT_RESULTS) -> None:
-        self._items: OrderedDict[str, RenderedResult] = OrderedDict()
+        self._items: OrderedDict[str, T] = OrderedDict()
         self._lock = threading.Lock()
         self._size = size
 
-    def put(self, item: RenderedResult) -> str:
+    def put(self, item: T) -> str:
         token = secrets.token_urlsafe(12)
         with self._lock:
             self._items[token] = item
@@ -92,7 +115,7 @@ class ResultCache:
                 self._items.popitem(last=False)
         return token
 
-    def get(self, token: str) -> RenderedResult | None:
+    def get(self, token: str) -> T | None:
         with self._lock:
             return self._items.get(token)
 
@@ -194,7 +217,8 @@ class WebState:
     decode: Callable[..., list[CTSlice]]  # (data, name, max_voxels, frame), as lungcbir.io.decode
     # one inference at a time: torch's CPU kernels already use every core
     model_lock: threading.Lock = field(default_factory=threading.Lock)
-    results: ResultCache = field(default_factory=ResultCache)
+    results: ResultCache[RenderedResult] = field(default_factory=ResultCache)
+    series: ResultCache[QuerySeries] = field(default_factory=lambda: ResultCache(KEPT_SERIES))
     decode_slots: threading.BoundedSemaphore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -211,6 +235,10 @@ class WebState:
     def read_upload(self, upload: UploadFile, frame: int | str | None = None) -> list[CTSlice]:
         """Every slice of one uploaded file (a NIfTI volume has many), or the one at ``frame``
         (as :func:`lungcbir.io.decode`), named by its file name; decoded in memory."""
+        return self._read_upload(upload, frame)[0]
+
+    def _read_upload(self, upload: UploadFile, frame: int | str | None = None) -> tuple[list[CTSlice], list | None]:
+        """:meth:`read_upload`, and the slices' DICOM headers (None for another format), for a SEG."""
         filename = upload_name(upload)
         suffix = file_suffix(filename)
         if suffix not in UPLOAD_SUFFIXES:
@@ -224,19 +252,25 @@ class WebState:
                 raise HTTPException(422, f"{filename}: file is empty")
             try:
                 items = self.decode(data, filename, self.retriever.settings.max_voxels, frame)
+                headers = dicom_headers([(filename, data)], items)
             except ReadError as error:
                 raise HTTPException(422, f"{filename}: {error.reason}") from None
             finally:
                 del data
         for item in items:
             item.path = filename
-        return items
+        return items, headers
 
     def middle_slice(self, upload: UploadFile) -> tuple[CTSlice, int]:
         """The slice a single-slice route uses of an upload (a volume's middle one) and how many
         slices the file has."""
-        item = self.read_upload(upload, MIDDLE)[0]  # a volume decodes only that one
-        return item, item.frames_in_file
+        item, count, _ = self.middle_slice_and_header(upload)
+        return item, count
+
+    def middle_slice_and_header(self, upload: UploadFile) -> tuple[CTSlice, int, list | None]:
+        """:meth:`middle_slice`, and its DICOM header in a list (None when it is not DICOM)."""
+        items, headers = self._read_upload(upload, MIDDLE)  # a volume decodes only that one
+        return items[0], items[0].frames_in_file, headers
 
     def render(self, item: CTSlice, segmentation: Segmentation) -> str:
         """Keep a query slice's pictures for the page (made when fetched); the token of their URLs.

@@ -17,6 +17,8 @@ const SERIES_SUFFIXES = [".zip", ".nii", ".nii.gz"];
 let chosenFiles = [];
 let blobUrls = [];  // pictures of the shown answer, freed when the next one arrives
 let lastAnswer = null;  // what the CSV/JSON downloads hold
+// the query's DICOM SEG (answer.seg): its download and store-back URLs, or why there is none
+let segOffer = null;
 // optional form fields this server takes (its OpenAPI schema), and whether the search focus
 // changes anything (/api/stats: a model without a findings part answers the same for every focus)
 let features = { otherPatients: false, focus: false, focusAvailable: true };
@@ -78,6 +80,7 @@ $("login-form").addEventListener("submit", (event) => {
   $("token").value = "";
   $("login").close();
   refreshStats();
+  if (launchWaitsForToken) launchFromArchive();  // the viewer's link goes on, no reload needed
 });
 $("login").addEventListener("cancel", (event) => event.preventDefault());  // no way round it
 
@@ -203,6 +206,7 @@ function clearAnswer() {
   blobUrls.forEach((url) => URL.revokeObjectURL(url));
   blobUrls = [];
   lastAnswer = null;
+  segOffer = null;
   $("results").replaceChildren();
   $("cases").replaceChildren();
   $("answer").classList.add("hidden");
@@ -298,6 +302,7 @@ $("refine").addEventListener("click", async () => {
     const answer = await response.json().catch(() => ({}));
     if (!response.ok) throw new Error(describeDetail(answer.detail, `${response.status} ${response.statusText}`));
     lastAnswer = { ...answer, query: answer.queries[0] };
+    segOffer = null;  // a search with several examples has no one query series
     showNeighbors(answer);
     $("downloads").classList.toggle("hidden", !answer.neighbors.length);
     const unlike = answer.unlike.length ? `, less like ${answer.unlike.length}` : "";
@@ -324,6 +329,7 @@ async function showSliceAnswer(answer) {
   $("mask-link").href = await picture(answer.mask);
   $("mask-link").download = stem(answer.query) + "_mask.png";
   shownQuery = { name: answer.query, pixels: answer.pixels, mask: answer.mask, lesion: answer.lesion };
+  segOffer = answer.seg || null;
   showNeighbors(answer);
   $("answer").classList.remove("hidden");
   // nothing to download over an empty list
@@ -332,6 +338,7 @@ async function showSliceAnswer(answer) {
 }
 
 function showSeriesAnswer(answer) {
+  segOffer = answer.seg || null;
   const failed = (answer.failed || []).length ? ` · ${answer.failed.length} files could not be read: ` +
     answer.failed.slice(0, 3).map((f) => `${f.file} (${f.reason})`).join("; ") : "";
   const focus = focusText(answer.focus);
@@ -890,6 +897,7 @@ async function openDetail(query, neighbor, opener, seriesQueried = null) {
       api(`/api/images/${neighbor.id}/series`).then((r) => r.json()).catch(() => ({ ids: [] }))]);
     detail.series = series.ids || [];
     showQuery(query, queryPixels, queryContour);
+    showSegOffer();
     viewState.zoom = 1; viewState.panX = viewState.panY = 0;
     $("detail-title").textContent = `Query and #${neighbor.rank} side by side`;
     await showNeighbor(neighbor.id, neighbor);
@@ -901,6 +909,59 @@ async function openDetail(query, neighbor, opener, seriesQueried = null) {
   if (!$("detail").open) $("detail").showModal();
   $("detail-close").focus();
 }
+
+// the query's DICOM SEG (lung and lesion segments): downloaded, and stored back in the archive
+// the query series came from; an uploaded query says why it is not stored back (or has none)
+function showSegOffer() {
+  const offer = segOffer || {};
+  $("seg-part").classList.toggle("hidden", !offer.download);
+  $("seg-store").classList.toggle("hidden", !offer.store);
+  $("seg-store").disabled = false;
+  $("seg-status").textContent = "";
+  $("seg-status").classList.remove("error");
+  show($("seg-why"), offer.reason);
+}
+
+function segStatus(textValue, isError = false) {
+  $("seg-status").textContent = textValue;
+  $("seg-status").classList.toggle("error", isError);
+}
+
+async function segFailure(response) {
+  const answer = await response.json().catch(() => ({}));
+  return new Error(describeDetail(answer.detail, `${response.status} ${response.statusText}`));
+}
+
+$("seg-download").addEventListener("click", async () => {
+  if (!segOffer || !segOffer.download) return;
+  segStatus("Making the SEG…");
+  try {
+    const response = await api(segOffer.download);
+    if (!response.ok) throw await segFailure(response);
+    const named = /filename="([0-9.]+_seg\.dcm)"/.exec(response.headers.get("Content-Disposition") || "");
+    save(await response.blob(), named ? named[1] : stem(lastAnswer && lastAnswer.query) + "_seg.dcm", "application/dicom");
+    segStatus("SEG downloaded.");
+  } catch (error) {
+    if (!(error instanceof NeedsToken)) segStatus("SEG download failed: " + (error.message || error), true);
+  }
+});
+
+$("seg-store").addEventListener("click", async () => {
+  if (!segOffer || !segOffer.store) return;
+  $("seg-store").disabled = true;
+  segStatus("Storing the SEG in the archive…");
+  try {
+    const response = await api(segOffer.store, { method: "POST" });
+    if (!response.ok) throw await segFailure(response);
+    const stored = await response.json();
+    segStatus(`Stored in the archive: SEG ${stored.sop_instance_uid} (${stored.segments.join(" + ")}, ` +
+      `${stored.frames} frames) in study ${stored.study_uid}.`);
+  } catch (error) {
+    if (!(error instanceof NeedsToken)) segStatus("Storing the SEG failed: " + (error.message || error), true);
+  } finally {
+    $("seg-store").disabled = false;
+  }
+});
 
 // ---------------------------------------------------------------------------------------------
 // what the server offers: stats, label drop-downs, optional form fields
@@ -944,9 +1005,12 @@ async function detectFeatures() {
 
 // a viewer's launch link, /?study=UID[&series=UID]: the query series comes from the server's
 // DICOMweb archive (serve --archive), nothing is exported or uploaded
+let launchWaitsForToken = false;
+
 async function launchFromArchive() {
   const params = new URLSearchParams(window.location.search);
   const study = params.get("study");
+  launchWaitsForToken = false;
   if (!study) return;
   const body = new FormData();
   body.append("study", study);
@@ -965,7 +1029,8 @@ async function launchFromArchive() {
     showSeriesAnswer(answer);
   } catch (error) {
     clearAnswer();
-    showMessage(error instanceof NeedsToken ? "Enter the access token, then reload the page."
+    launchWaitsForToken = error instanceof NeedsToken;
+    showMessage(launchWaitsForToken ? `Enter the access token to fetch study ${study} from the archive.`
       : String(error.message || error), true);
   }
 }
