@@ -418,7 +418,8 @@ class Retriever:
                       on_total: Callable[[int], None] | None = None, study: str | None = None,
                       since: date | None = None, cache_dir: str | os.PathLike | None = None,
                       case_pattern: str | None = None,
-                      claim_timeout: float = DEFAULT_CLAIM_TIMEOUT_S) -> IndexReport:
+                      claim_timeout: float = DEFAULT_CLAIM_TIMEOUT_S,
+                      regions: str | os.PathLike | None = None, lesion_regions: bool = True) -> IndexReport:
         """Index every image under ``paths``; already indexed files (same sha256) are skipped.
 
         A file whose content is no longer what its rows hold (changed, or swapped with another
@@ -443,14 +444,35 @@ class Retriever:
         a rerun completes it. One run at a time writes to an index folder: a second raises
         :class:`~lungcbir.errors.LockedError` or, with ``wait=True``, waits for the first.
         ``on_total`` may be called more than once: the total grows as series are claimed.
+
+        ``regions``: a folder of region masks (PNG, TIFF or NIfTI; the images' paths relative to
+        the folder they were found in; non-zero = region): each connected region of a slice is
+        stored as a region with its own vector (:func:`lungcbir.regions.region_vector`), for
+        :meth:`query` with ``region=``. An image without a mask is indexed without marked regions
+        (``report.warnings``); one whose mask is unreadable or of another size is not indexed
+        (``report.failures``, naming the mask). ``lesion_regions`` (on by default; a model
+        with a lesion output): the lesions the model finds, of at least
+        :data:`~lungcbir.regions.LESION_REGION_MIN_PIXELS` pixels at its input, are stored as
+        regions too (source "lesion"), so that region queries find lesions nobody marked.
+        Regions are stored with their slice: a slice indexed before is not given regions again.
+
+        Example:
+            >>> import tempfile
+            >>> from lungcbir.phantom import write_phantom
+            >>> folder = tempfile.mkdtemp()
+            >>> _ = write_phantom(folder, slices=2, size=64, patients=1)
+            >>> retriever = Retriever(db_url=f"sqlite:///{folder}/db.sqlite", index_dir=f"{folder}/index")
+            >>> report = retriever.index_dataset([f"{folder}/png"], regions=f"{folder}/masks")
+            >>> report.indexed, report.regions > 0, report.failures
+            (2, True, [])
         """
         pattern = compile_case_pattern(case_pattern)  # a bad pattern fails before anything is read
         store = self.store()
         with store.write_lock(wait):
             indexer = Indexer(self.model, store, self.batch_size, self.files_per_commit, self.workers,
-                              self.settings.max_voxels)
+                              self.settings.max_voxels, lesion_regions)
             return indexer.run(paths, labels, exclude, on_file, on_total, pattern, study, since, cache_dir,
-                               claim_timeout)
+                               claim_timeout, regions)
 
     def query(self, image: str | os.PathLike | CTSlice | np.ndarray, k: int = 5,
               where: dict[str, str] | None = None, per_patient: int = 1,

@@ -123,15 +123,21 @@ class Store:
         list per record, vectors made by ``region_model_id``) go in with their rows, and the
         region index follows. Returns the ids of the rows inserted.
         """
+        return self.add_slices(records, vectors, regions, region_model_id)[0]
+
+    def add_slices(self, records: Sequence[ImageRecord], vectors: np.ndarray,
+                   regions: Sequence[Sequence[NewRegion]] | None = None,
+                   region_model_id: str | None = None) -> tuple[list[int], int]:
+        """:meth:`add`, also saying how many regions were stored (those of the rows inserted)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         committed = self.database.add(records, vectors, regions, region_model_id)
         if committed is None:
-            return []
+            return [], 0
         # as stored (float16): the index holds exactly what the database holds, so a rebuild changes nothing
         self.vectors.added(committed, vectors[committed.positions].astype(VECTOR_DTYPE).astype(np.float32))
         if committed.regions is not None and committed.region_vectors is not None:
             self.region_vectors.added(committed.regions, committed.region_vectors)
-        return committed.ids
+        return committed.ids, len(committed.regions.ids) if committed.regions is not None else 0
 
     def remove(self, ids: Iterable[int]) -> int:
         """Delete rows and their vectors together; returns how many rows were deleted."""
