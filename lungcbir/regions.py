@@ -26,7 +26,7 @@ if exported in that window, which is what an uncalibrated export can offer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import cv2
 import numpy as np
@@ -255,7 +255,7 @@ class RegionBox:
 
 
 #: What a query region may be: a box, or a boolean mask of the query image's size.
-Region = RegionBox | np.ndarray
+Region: TypeAlias = RegionBox | np.ndarray
 
 
 def region_of(region: Region, shape: tuple[int, ...]) -> np.ndarray:
