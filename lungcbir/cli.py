@@ -413,14 +413,17 @@ def _query_region(box: str | None, mask_path: str | None, images, elsewhere: boo
     if elsewhere:
         raise click.UsageError("--region and --region-mask query one slice: not with --together, --by-series "
                                "or --study")
-    if box is not None:
-        return RegionBox.parse(box)
-    from .io import read_file
+    if box is not None or mask_path is None:
+        return RegionBox.parse(box or "")
+    from .io import read_region_mask
 
     try:
-        return read_file(mask_path)[0].pixels
+        planes = read_region_mask(mask_path, _settings().max_voxels)
     except ReadError as error:
         raise RegionError(f"the region mask {error.path}: {error.reason}") from None
+    if len(planes) != 1:
+        raise RegionError(f"the region mask {mask_path} has {len(planes)} planes; give one plane (PNG, TIFF)")
+    return planes[0]
 
 
 def _text(path: Path | None) -> str | None:

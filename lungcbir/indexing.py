@@ -40,7 +40,16 @@ from .database import ImageRecord, NewRegion, encode_mask, unstorable
 from .errors import DicomwebError, LungCBIRError, ReadError
 from .identity import Identity, IdentityResolver
 from .inference import LungModel, Segmentation
-from .io import CTSlice, ReadFailure, dicom_series_positions, find_image_files, read_file, supported_formats
+from .io import (
+    MASK_FORMATS,
+    CTSlice,
+    ReadFailure,
+    dicom_series_positions,
+    find_image_files,
+    read_file,
+    read_region_mask,
+    supported_formats,
+)
 from .regions import (
     SOURCE_LESION,
     SOURCE_MASK,
@@ -63,8 +72,6 @@ FILES_PER_COMMIT = 64
 #: At most this many regions of one source are stored per slice (the largest): a noisy mask
 #: of thousands of specks would otherwise fill the region index with noise.
 MAX_REGIONS_PER_SLICE = 64
-#: Names a region mask may have beside the image's own (same relative path, another format).
-MASK_SUFFIXES = (".png", ".tif", ".tiff", ".nii.gz", ".nii")
 #: A run renews its claim on the series it is indexing this many times per claim timeout,
 #: so a slow batch does not let the claim expire while the run is still working on it.
 CLAIM_RENEWALS_PER_TIMEOUT = 4
@@ -116,10 +123,11 @@ class RegionMasks:
     """The folder of region masks of an indexing run (``--regions MASKS``): the mask of an image
     has the image's path relative to the folder it was found in (a file named directly: its
     name), in MASKS, as the same file name or the same name with a mask format's suffix
-    (:data:`MASK_SUFFIXES`); non-zero pixels are regions."""
+    (:data:`~lungcbir.io.MASK_FORMATS`); non-zero pixels are regions."""
 
-    def __init__(self, folder: str | os.PathLike, roots: Sequence[str]) -> None:
+    def __init__(self, folder: str | os.PathLike, roots: Sequence[str], max_voxels: int | None = None) -> None:
         self.folder = os.path.abspath(folder)
+        self.max_voxels = max_voxels
         if not os.path.isdir(self.folder):
             raise LungCBIRError(f"{folder}: the region masks folder does not exist")
         self.roots = sorted((os.path.abspath(root) for root in roots if os.path.isdir(root)), key=len, reverse=True)
@@ -133,11 +141,11 @@ class RegionMasks:
         root = next((r for r in self.roots if absolute.startswith(os.path.join(r, ""))), None)
         relative = os.path.relpath(absolute, root) if root else os.path.basename(absolute)
         stem = relative
-        for suffix in sorted(MASK_SUFFIXES, key=len, reverse=True):
+        for suffix in sorted(MASK_FORMATS, key=len, reverse=True):
             if relative.lower().endswith(suffix):
                 stem = relative[:-len(suffix)]
                 break
-        names = [relative] + [stem + suffix for suffix in MASK_SUFFIXES if stem + suffix != relative]
+        names = [relative] + [stem + suffix for suffix in MASK_FORMATS if stem + suffix != relative]
         return [os.path.join(self.folder, name) for name in names]
 
     def masks_for(self, items: Sequence[CTSlice]) -> dict[int, np.ndarray] | str | None:
@@ -147,18 +155,18 @@ class RegionMasks:
         if mask_path is None:
             return None
         try:
-            planes = {plane.frame: plane.pixels for plane in read_file(mask_path)}
+            planes = read_region_mask(mask_path, self.max_voxels)
         except ReadError as error:
             return f"region mask {mask_path}: {error.reason}"
         masks = {}
         for item in items:
             plane = planes.get(item.frame)
             if plane is None:
-                continue
-            if plane.shape[:2] != item.shape[:2]:
+                return f"region mask {mask_path} has {len(planes)} plane(s), no plane {item.frame} for this slice"
+            if plane.shape != item.shape[:2]:
                 return (f"region mask {mask_path} is {plane.shape[1]}x{plane.shape[0]} pixels, "
                         f"the image {item.shape[1]}x{item.shape[0]}")
-            masks[item.frame] = plane.reshape(plane.shape[:2]) != 0 if plane.ndim == 2 else plane.any(axis=-1)
+            masks[item.frame] = plane
         return masks
 
 
@@ -396,7 +404,7 @@ class Indexer:
         # by real path: a CSV and an index run may reach the same files through different links
         label_map = {os.path.realpath(k): v for k, v in label_map.items()}
         files = list(find_image_files(folders, exclude)) if folders else []
-        self.region_masks = RegionMasks(regions, folders) if regions is not None else None
+        self.region_masks = RegionMasks(regions, folders, self.max_voxels) if regions is not None else None
         if self.region_masks is not None:  # a masks folder inside an indexed one holds no images
             files = [path for path in files if not self.region_masks.holds(path)]
         if folders and not files:

@@ -21,7 +21,7 @@ from fastapi import Depends, HTTPException, Request, UploadFile
 
 from ..errors import FilterError, LungCBIRError, ReadError
 from ..inference import Segmentation
-from ..io import MIDDLE, CTSlice, file_suffix, supported_formats, supported_suffixes
+from ..io import MASK_FORMATS, MIDDLE, CTSlice, decode_region_mask, file_suffix, supported_formats, supported_suffixes
 from ..quality import Quality
 from ..retrieval import Neighbor, Retriever, parse_filters
 from ..visualize import display_image, mask_png, overlay
@@ -231,6 +231,26 @@ class WebState:
         for item in items:
             item.path = filename
         return items
+
+    def read_mask_upload(self, upload: UploadFile) -> dict[int, np.ndarray]:
+        """An uploaded region mask's planes (:func:`lungcbir.io.decode_region_mask`), read within the
+        same limits as any upload (size, concurrent decodes, voxels)."""
+        filename = upload_name(upload)
+        if file_suffix(filename) not in MASK_FORMATS:
+            raise HTTPException(415, f"{filename}: a region mask is PNG, TIFF, BMP or NIfTI")
+        limit = self.settings.max_upload_bytes
+        with self.decoding():
+            data = upload.file.read(limit + 1)
+            if len(data) > limit:
+                raise HTTPException(413, f"{filename}: file is larger than {limit // 2**20} MiB")
+            if not data:
+                raise HTTPException(422, f"{filename}: file is empty")
+            try:
+                return decode_region_mask(data, filename, self.retriever.settings.max_voxels)
+            except ReadError as error:
+                raise HTTPException(422, f"{filename}: {error.reason}") from None
+            finally:
+                del data
 
     def middle_slice(self, upload: UploadFile) -> tuple[CTSlice, int]:
         """The slice a single-slice route uses of an upload (a volume's middle one) and how many
