@@ -212,9 +212,9 @@ def index_dataset(paths, labels, case_pattern, exclude, batch_size, quiet, wait,
         click.echo(f"warning: {report.unmatched_labels} row(s) of the labels CSV name no file indexed here "
                    "(relative paths are read from the CSV's folder)", err=True)
     rate = report.indexed / report.seconds if report.seconds else 0.0
-    regions_note = f" with {report.regions} region(s)" if report.regions else ""
-    click.echo(f"indexed {report.indexed}{regions_note}, skipped {report.skipped} (already indexed), "
-               f"failed {report.failed} in {report.seconds:.1f} s ({rate:.1f} slices/s)")
+    regions_note = f"; {report.regions} region(s) stored" if report.regions else ""
+    click.echo(f"indexed {report.indexed}, skipped {report.skipped} (already indexed), "
+               f"failed {report.failed} in {report.seconds:.1f} s ({rate:.1f} slices/s){regions_note}")
     if report.failures:
         sys.exit(EXIT_SOME_FAILED)
 
