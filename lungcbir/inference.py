@@ -328,7 +328,12 @@ class LungModel:
         for start in range(0, len(slices), batch_size):
             chunk = slices[start:start + batch_size]
             prepared = [self.prepare(item) for item in chunk]
-            probabilities, vectors, lesions, bottleneck = self._run_with_bottleneck(np.stack([p[0] for p in prepared]))
+            inputs = np.stack([p[0] for p in prepared])
+            bottleneck: torch.Tensor | None = None
+            if keep_maps:
+                probabilities, vectors, lesions, bottleneck = self._run_with_bottleneck(inputs)
+            else:
+                probabilities, vectors, lesions = self.run_all(inputs)
             for index, (item, (image, geometry), raw, vector) in enumerate(zip(chunk, prepared, probabilities,
                                                                                vectors)):
                 probability = clean_probability(raw, image) if self.settings.postprocess else raw
@@ -345,7 +350,7 @@ class LungModel:
                     result.lesion_mask = (probabilities_to_original(lesions[index], geometry) > 0.5) & mask
                     lung_pixels = int(mask.sum())
                     result.lesion_fraction = float(result.lesion_mask.sum() / lung_pixels) if lung_pixels else 0.0
-                if keep_maps:
+                if bottleneck is not None:
                     unit = normalize_intensity(item.pixels, item.intensity, self.settings.preprocess.hu_window)
                     result.maps = SliceMaps(bottleneck[index].float().cpu().numpy(),
                                             None if lesions is None else lesions[index], geometry, unit)

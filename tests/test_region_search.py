@@ -290,18 +290,19 @@ def test_lesion_regions_below_the_minimum_size_are_left_out():
 
 
 def test_the_region_vector_is_a_unit_vector_of_the_documented_length(nodule_dir, bundled_model):
+    centre = np.asarray(bundled_model.settings.centre)
     item = read_file(_query(nodule_dir))[0]
     maps = bundled_model.segment([item], keep_maps=True)[0].maps
     assert maps is not None
     solid = region_of(SOLID_BOX, item.shape)
-    vector = region_vector(maps, solid, np.asarray(bundled_model.settings.centre))
+    vector = region_vector(maps, solid, centre)
     assert vector.shape == (region_dimension(bundled_model.settings.unet.bottleneck_channels),)
     assert abs(float(np.linalg.norm(vector)) - 1) < 1e-5 and sum(REGION_BLOCK_WEIGHTS.values()) == pytest.approx(1)
-    glass = region_vector(maps, region_of(GROUND_GLASS_BOX, item.shape), np.asarray(bundled_model.settings.centre))
+    glass = region_vector(maps, region_of(GROUND_GLASS_BOX, item.shape), centre)
     other = read_file(_query(nodule_dir, patient=2, index=2))[0]
     other_maps = bundled_model.segment([other], keep_maps=True)[0].maps
     assert other_maps is not None
-    other_solid = region_vector(other_maps, region_of(SOLID_BOX, other.shape), np.asarray(bundled_model.settings.centre))
+    other_solid = region_vector(other_maps, region_of(SOLID_BOX, other.shape), centre)
     assert float(vector @ other_solid) > float(vector @ glass)  # like to like
 
 
