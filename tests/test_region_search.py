@@ -480,3 +480,26 @@ def test_outline_region_draws_the_region_and_a_box_around_it():
     assert drawn[20:30, 20:30].any() and drawn[17, 17:33].all() and not drawn[25, 25]
     boxed = outline_region(np.zeros((64, 64, 3), np.uint8), (20, 20, 30, 30))  # no mask: the box alone
     assert (boxed == np.array(REGION_COLOUR, np.uint8)).all(axis=-1)[17, 17:33].all()
+
+
+@pytest.mark.slow
+def test_concurrent_indexers_store_each_region_once(nodule_dir, tiny_weights, backend, store_paths, tmp_path):
+    import subprocess
+    import sys
+
+    if backend != "postgresql":
+        pytest.skip("several machines share a server database; SQLite is the single-machine store")
+    png = nodule_dir / "png"
+    folders = [[png], [png / "phantom02", png / "phantom01"], [png / "phantom03", png]]
+    runs = [subprocess.Popen(
+        [sys.executable, "-m", "lungcbir.cli", "index-dataset", *map(str, inputs), "--regions",
+         str(nodule_dir / "regions"), "--quiet", "--commit-every", "2", "--db", store_paths["db_url"],
+         "--index-dir", str(tmp_path / f"index{number}"), "--weights", tiny_weights],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for number, inputs in enumerate(folders)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], outputs
+    for number in range(3):
+        store = Store(store_paths["db_url"], tmp_path / f"index{number}")
+        store.checkpoint()
+        assert store.database.regions.count() == 24 and store.region_vectors.current().ntotal == 24
+        assert store.check() == []
