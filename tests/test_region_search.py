@@ -489,13 +489,14 @@ def test_concurrent_indexers_store_each_region_once(nodule_dir, tiny_weights, ba
 
     if backend != "postgresql":
         pytest.skip("several machines share a server database; SQLite is the single-machine store")
-    png = nodule_dir / "png"
-    folders = [[png], [png / "phantom02", png / "phantom01"], [png / "phantom03", png]]
+    png, masks = nodule_dir / "png", nodule_dir / "regions"
+    # a mask's name is the image's path relative to the folder indexed: a patient's folder has its own
+    folders = [(png, masks), (png / "phantom02", masks / "phantom02"), (png, masks)]
     runs = [subprocess.Popen(
-        [sys.executable, "-m", "lungcbir.cli", "index-dataset", *map(str, inputs), "--regions",
-         str(nodule_dir / "regions"), "--quiet", "--commit-every", "2", "--db", store_paths["db_url"],
+        [sys.executable, "-m", "lungcbir.cli", "index-dataset", str(images), "--regions", str(regions),
+         "--quiet", "--commit-every", "2", "--db", store_paths["db_url"],
          "--index-dir", str(tmp_path / f"index{number}"), "--weights", tiny_weights],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for number, inputs in enumerate(folders)]
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for number, (images, regions) in enumerate(folders)]
     outputs = [run.communicate(timeout=300) for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], outputs
     for number in range(3):
