@@ -277,6 +277,14 @@ def test_lesions_the_model_finds_are_stored_as_regions_unless_turned_off(phantom
     off = Retriever(weights=findings_weights, db_url=f"sqlite:///{tmp_path}/b.sqlite", index_dir=tmp_path / "b")
     assert off.index_dataset([phantom_dir / "png"], lesion_regions=False).regions == 0
     assert off.store(create=False).database.regions.count() == 0
+    result = CliRunner().invoke(main, ["index-dataset", str(phantom_dir / "png"), "--no-lesion-regions", "--quiet",
+                                       "--db", f"sqlite:///{tmp_path}/c.sqlite", "--index-dir", str(tmp_path / "c"),
+                                       "--weights", findings_weights], catch_exceptions=False)
+    assert result.exit_code == 0 and "region(s) stored" not in result.output
+    on = CliRunner().invoke(main, ["index-dataset", str(phantom_dir / "png"), "--quiet", "--db",
+                                   f"sqlite:///{tmp_path}/d.sqlite", "--index-dir", str(tmp_path / "d"),
+                                   "--weights", findings_weights], catch_exceptions=False)
+    assert on.exit_code == 0 and f"; {report.regions} region(s) stored" in on.output
 
 
 def test_lesion_regions_below_the_minimum_size_are_left_out():
