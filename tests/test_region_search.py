@@ -452,6 +452,8 @@ def test_web_query_takes_a_region_box_or_a_region_mask(indexed, nodule_dir):
     masked = client.post("/api/query", files={"file": ("q.png", png, "image/png"),
                                               "region_mask": ("m.png", mask, "image/png")}, data={"k": "2"})
     assert masked.status_code == 200 and all(n["region"]["bbox"][0] > 48 for n in masked.json()["neighbors"])
+    outlined = cv2.imdecode(np.frombuffer(client.get(masked.json()["overlay"]).content, np.uint8), cv2.IMREAD_COLOR)
+    assert (outlined == np.array(REGION_COLOUR, np.uint8)).all(axis=-1)[40:58, 56:77].any()  # the query's region
     plain = client.post("/api/query", files={"file": ("q.png", png, "image/png")}, data={"k": "2"}).json()
     assert "region" not in plain and all("region" not in n for n in plain["neighbors"])
 

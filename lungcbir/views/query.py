@@ -78,7 +78,7 @@ def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[i
             result = web.retriever.query_region(item, wanted, k, filters, max(0, per_patient), other_patients)
         else:
             result = web.retriever.query_slices([item], k, filters, max(0, per_patient), other_patients, focus)[0]
-    token = web.render(item, result.segmentation)
+    token = web.render(item, result.segmentation, result.region)
     summary = result.summary_json()
     if count > 1:  # one note: which slice of the volume, then the core's (fewer results, and why)
         summary["note"] = " ".join(filter(None, [

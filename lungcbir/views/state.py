@@ -23,8 +23,9 @@ from ..errors import FilterError, LungCBIRError, ReadError
 from ..inference import Segmentation
 from ..io import MASK_FORMATS, MIDDLE, CTSlice, decode_region_mask, file_suffix, supported_formats, supported_suffixes
 from ..quality import Quality
+from ..regions import region_bbox
 from ..retrieval import Neighbor, Retriever, parse_filters
-from ..visualize import display_image, mask_png, overlay
+from ..visualize import display_image, mask_png, outline_region, overlay
 from ..websecurity import WebSettings, viewer_link
 
 #: Largest image id asked for (SQL BIGINT); larger ids are unknown (404), not a database error.
@@ -52,11 +53,13 @@ MAX_K = 100
 class RenderedResult:
     """A query slice's pictures, made when first asked for (a series keeps every slice, the page
     fetches few): its mask (0/255), its overlay (lung contour and lesion map), its raw pixels
-    (:func:`pixel_png`) and its lesion map (0/255; empty without a lesion output)."""
+    (:func:`pixel_png`) and its lesion map (0/255; empty without a lesion output); a region
+    query's overlay outlines its region."""
 
     item: CTSlice
     mask_array: np.ndarray
     lesion_array: np.ndarray | None = None
+    region_array: np.ndarray | None = None
     _made: dict[str, bytes] = field(default_factory=dict)
     kind: str = field(init=False)
 
@@ -69,11 +72,18 @@ class RenderedResult:
             lesion = self.lesion_array
             self._made[name] = {
                 "mask": lambda: png(mask_png(self.mask_array)),
-                "overlay": lambda: png(overlay(self.item, self.mask_array, lesion)),
+                "overlay": lambda: png(self._overlay()),
                 "pixels": lambda: pixel_png(self.item)[0],
                 "lesion": lambda: png(mask_png(lesion if lesion is not None else np.zeros_like(self.mask_array))),
             }[name]()
         return self._made[name]
+
+    def _overlay(self) -> np.ndarray:
+        picture = overlay(self.item, self.mask_array, self.lesion_array)
+        if self.region_array is not None and self.region_array.any():
+            x0, y0, x1, y1 = region_bbox(self.region_array)
+            outline_region(picture, (x0, y0, x1, y1), self.region_array[y0:y1, x0:x1])
+        return picture
 
 
 class ResultCache:
@@ -258,7 +268,7 @@ class WebState:
         item = self.read_upload(upload, MIDDLE)[0]  # a volume decodes only that one
         return item, item.frames_in_file
 
-    def render(self, item: CTSlice, segmentation: Segmentation) -> str:
+    def render(self, item: CTSlice, segmentation: Segmentation, region: np.ndarray | None = None) -> str:
         """Keep a query slice's pictures for the page (made when fetched); the token of their URLs.
 
         A slice judged ``no-lungs`` shows no lungs and no lesions: a contour drawn around a
@@ -266,7 +276,7 @@ class WebState:
         if segmentation.quality == Quality.NO_LUNGS:
             empty = np.zeros_like(segmentation.mask)
             return self.results.put(RenderedResult(item, empty, empty))
-        return self.results.put(RenderedResult(item, segmentation.mask, segmentation.lesion_mask))
+        return self.results.put(RenderedResult(item, segmentation.mask, segmentation.lesion_mask, region))
 
     def neighbors_json(self, neighbors: list[Neighbor]) -> list[dict[str, Any]]:
         """The CLI's neighbour objects plus what a reader of the page needs to identify the slice
