@@ -24,6 +24,7 @@ _EXPORTS = {
     "LungModel": "inference", "Segmentation": "inference",
     "CTSlice": "io", "read_file": "io",
     "IndexReport": "indexing", "Neighbor": "retrieval", "QueryResult": "retrieval", "Retriever": "retrieval",
+    "RegionBox": "regions", "RegionError": "errors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     # ``X as X`` marks an explicit re-export (for type checkers and ruff's F401).
     from .errors import LungCBIRError as LungCBIRError
     from .errors import ReadError as ReadError
+    from .errors import RegionError as RegionError
     from .errors import StoreError as StoreError
     from .errors import WeightsError as WeightsError
     from .indexing import IndexReport as IndexReport
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from .inference import Segmentation as Segmentation
     from .io import CTSlice as CTSlice
     from .io import read_file as read_file
+    from .regions import RegionBox as RegionBox
     from .retrieval import Neighbor as Neighbor
     from .retrieval import QueryResult as QueryResult
     from .retrieval import Retriever as Retriever

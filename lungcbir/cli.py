@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 
 from .config import DB_ENV, DEFAULT_DB_URL, DEFAULT_INDEX_DIR, DEFAULT_RUNTIME, INDEX_DIR_ENV, RUNTIME_ENV, Settings
-from .errors import FilterError, LungCBIRError, ReadError, SegError
+from .errors import FilterError, LungCBIRError, ReadError, RegionError, SegError
 from .focus import DEFAULT_FOCUS, FOCUSES
 from .runtimes import RUNTIMES
 from .vector_index import INDEX_KIND_REGISTRY
@@ -164,11 +164,16 @@ def main(context: click.Context) -> None:
 @click.option("--claim-timeout", default=DEFAULT_CLAIM_TIMEOUT_S, show_default=True, type=click.FloatRange(min=1),
               metavar="SECONDS", help="DICOMweb sources: a series claimed by a run that stopped renewing its "
                                       "claim for this long (it was killed) is taken over by another run.")
+@click.option("--regions", "regions", type=click.Path(file_okay=False), metavar="MASKS",
+              help="A folder of region masks (PNG, TIFF or NIfTI; the images' relative paths; non-zero = region): "
+                   "each connected region is stored as a region for `query --region`.")
+@click.option("--no-lesion-regions", is_flag=True,
+              help="Do not store the lesions the model finds as regions (stored by default).")
 @store_options
 @model_options
 @friendly_errors
 def index_dataset(paths, labels, case_pattern, exclude, batch_size, quiet, wait, workers, commit_every, study,
-                  since, cache_dir, claim_timeout, db_url, index_dir, weights, device):
+                  since, cache_dir, claim_timeout, regions, no_lesion_regions, db_url, index_dir, weights, device):
     """Index every CT image under PATHS (folders are walked recursively).
 
     A PATH starting with http:// or https:// is a DICOMweb service root (a PACS): its CT
@@ -185,6 +190,7 @@ def index_dataset(paths, labels, case_pattern, exclude, batch_size, quiet, wait,
       lungcbir index-dataset ../shared/data/kaggle-lungs-2d/images --labels labels.csv
       lungcbir index-dataset http://localhost:8042/dicom-web --since 2024-01-01
       lungcbir index-dataset exports/ --case-pattern '^(ID_[0-9]+)_Z'
+      lungcbir index-dataset nodules/images --regions nodules/masks
     """
     from tqdm import tqdm
 
@@ -195,16 +201,20 @@ def index_dataset(paths, labels, case_pattern, exclude, batch_size, quiet, wait,
                                      on_total=lambda total: setattr(bar, "total", total),
                                      on_file=lambda _: bar.update(), study=study,
                                      since=since.date() if since else None, cache_dir=cache_dir,
-                                     case_pattern=case_pattern, claim_timeout=claim_timeout)
+                                     case_pattern=case_pattern, claim_timeout=claim_timeout, regions=regions,
+                                     lesion_regions=not no_lesion_regions)
     bar.close()
     for failure in report.failures:
         click.echo(f"failed: {failure.path}: {failure.reason}", err=True)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if report.unmatched_labels:
         click.echo(f"warning: {report.unmatched_labels} row(s) of the labels CSV name no file indexed here "
                    "(relative paths are read from the CSV's folder)", err=True)
     rate = report.indexed / report.seconds if report.seconds else 0.0
+    regions_note = f"; {report.regions} region(s) stored" if report.regions else ""
     click.echo(f"indexed {report.indexed}, skipped {report.skipped} (already indexed), "
-               f"failed {report.failed} in {report.seconds:.1f} s ({rate:.1f} slices/s)")
+               f"failed {report.failed} in {report.seconds:.1f} s ({rate:.1f} slices/s){regions_note}")
     if report.failures:
         sys.exit(EXIT_SOME_FAILED)
 
@@ -281,11 +291,16 @@ def _read_inputs(paths, name: Callable[[str], str] = _same, study: str | None = 
 @click.option("--focus", type=click.Choice(FOCUSES), default=str(DEFAULT_FOCUS), show_default=True,
               help="What similar means: the same level of the lungs (anatomy), the same kind and amount of "
                    "disease (findings), or both (balanced).")
+@click.option("--region", "region_box", metavar="X0,Y0,X1,Y1",
+              help="Search the stored regions (marked or found lesions) for ones like this box of IMAGE "
+                   "(pixels of the image; X1, Y1 exclusive).")
+@click.option("--region-mask", type=click.Path(dir_okay=False), metavar="MASK",
+              help="As --region, the region given as a mask of IMAGE's size (non-zero = region).")
 @store_options
 @model_options
 @friendly_errors
 def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, other_patients, together, unlike,
-          study, series_uid, focus, db_url, index_dir, weights, device):
+          study, series_uid, focus, region_box, region_mask, db_url, index_dir, weights, device):
     """Find the K stored slices most similar to each query IMAGE.
 
     Writes the lung mask (0/255, the image's own size), an overlay of the lung contour and a
@@ -298,12 +313,19 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
       lungcbir query scan.dcm --k 5 --out results/ --json
       lungcbir query scan.dcm --focus findings --other-patients
       lungcbir query https://pacs/dicom-web --study 1.2.3 --series 1.2.3.4 --by-series
+      lungcbir query slice.dcm --region 200,180,240,220 --other-patients --json
+
+    With --region or --region-mask the neighbours are stored regions (each with its slice's
+    fields and "region": {"bbox", "area"} in --json); a box outside the image or empty, or a
+    mask of another size or empty, is bad usage (exit status 2).
     """
-    from .visualize import mask_png, match_strip, overlay, write_png
+    from .regions import region_bbox
+    from .visualize import mask_png, match_strip, outline_region, overlay, write_png
 
     filters = parse_where(where)
     if unlike and not together:
         raise click.UsageError("--unlike goes with --together")
+    region = _query_region(region_box, region_mask, images, together or by_series or bool(study))
     retriever = _retriever(db_url, index_dir, weights, device)
     if together:
         _query_together(retriever, images, unlike, k, filters, per_patient, other_patients, as_json, focus)
@@ -314,8 +336,12 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
         return
     folder = None if no_pictures else _ensure_folder(out)
     inputs, failures = _read_inputs(images, study=study, series=series_uid)
+    if region is not None and (len(inputs) != 1 or len(inputs[0][1]) != 1):
+        raise RegionError("a region query takes one IMAGE of one slice")
     for path, slices in inputs:
-        for result in retriever.query_slices(slices, k, filters, per_patient, other_patients, focus):
+        results = [retriever.query_region(slices[0], region, k, filters, per_patient, other_patients)] \
+            if region is not None else retriever.query_slices(slices, k, filters, per_patient, other_patients, focus)
+        for result in results:
             mask_path = overlay_path = matches_path = lesion_path = None
             written = {}
             if folder is not None:
@@ -327,12 +353,19 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
                     lesion_path = folder / f"{name}_lesion.png"
                     write_png(str(lesion_path), mask_png(lesion))
                 query_overlay = overlay(result.query, result.mask, lesion)
+                if result.region is not None:
+                    x0, y0, x1, y1 = region_bbox(result.region)
+                    outline_region(query_overlay, (x0, y0, x1, y1), result.region[y0:y1, x0:x1])
                 write_png(str(overlay_path), query_overlay)
                 matches_path = folder / f"{name}_matches.png"
                 found = retriever.neighbor_slices(result.neighbors[:MATCH_PICTURE_NEIGHBORS])
                 lesions = retriever.lesion_masks([item for _, item, _ in found])
+                outlines = retriever.region_masks([neighbor for neighbor, _, _ in found])
                 pictures = [(overlay(item, mask, found_lesion), f"#{neighbor.rank}  {neighbor.score:.3f}")
                             for (neighbor, item, mask), found_lesion in zip(found, lesions)]
+                for (neighbor, _, _), (picture, _) in zip(found, pictures):
+                    if neighbor.region is not None:
+                        outline_region(picture, neighbor.region["bbox"], outlines.get(neighbor.region["id"]))
                 write_png(str(matches_path), match_strip(query_overlay, pictures))
                 if result.query.source_format == "dicom":
                     try:
@@ -352,6 +385,9 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
                 shown = f"  mask {mask_path}" if mask_path else ""
                 seg_note = f"  seg {written['seg']}" if "seg" in written else ""
                 lesions = "" if result.lesion_fraction is None else f"  lesion fraction {result.lesion_fraction:.3f}"
+                if result.region is not None:
+                    lesions += f"  region {','.join(str(v) for v in region_bbox(result.region))} " \
+                               f"({int(result.region.sum())} px)"
                 click.echo(f"{path}  lung fraction {result.lung_fraction:.3f}{lesions}  quality {result.quality.value} "
                            f"({result.quality_score:.2f}){shown}{seg_note}")
                 if result.warning:
@@ -363,6 +399,31 @@ def query(images, k, out, as_json, where, per_patient, by_series, no_pictures, o
                 _print_neighbors(result.neighbors)
     if failures:
         sys.exit(EXIT_SOME_FAILED)
+
+
+def _query_region(box: str | None, mask_path: str | None, images, elsewhere: bool):
+    """The query region of ``--region`` or ``--region-mask`` (None without either); a mask is
+    checked against the image's size by the query itself."""
+    from .regions import RegionBox
+
+    if box is None and mask_path is None:
+        return None
+    if box is not None and mask_path is not None:
+        raise click.UsageError("give --region or --region-mask, not both")
+    if elsewhere:
+        raise click.UsageError("--region and --region-mask query one slice: not with --together, --by-series "
+                               "or --study")
+    if box is not None or mask_path is None:
+        return RegionBox.parse(box or "")
+    from .io import read_region_mask
+
+    try:
+        planes = read_region_mask(mask_path, _settings().max_voxels)
+    except ReadError as error:
+        raise RegionError(f"the region mask {error.path}: {error.reason}") from None
+    if len(planes) != 1:
+        raise RegionError(f"the region mask {mask_path} has {len(planes)} planes; give one plane (PNG, TIFF)")
+    return planes[0]
 
 
 def _text(path: Path | None) -> str | None:
@@ -382,6 +443,9 @@ def _print_neighbors(neighbors) -> None:
         labels = ", ".join(f"{key}={value}" for key, value in n.labels.items())
         copies = f"  (+{len(n.copies)} cop{'y' if len(n.copies) == 1 else 'ies'}: " \
                  f"{', '.join(os.path.relpath(c['path']) for c in n.copies)})" if n.copies else ""
+        if n.region is not None:
+            copies += f"  region {','.join(str(v) for v in n.region['bbox'])} ({n.region['area']} px, " \
+                      f"{n.region['source']})"
         click.echo(f"  {n.rank:>4}  {n.score:6.3f}  {number(n.percentile, 5, 1)}  {number(n.anatomy_score)}  "
                    f"{number(n.findings_score)}  {where:<32}  {_shown_path(n)}  {labels}{copies}")
 
@@ -612,6 +676,8 @@ def stats(as_json, db_url, index_dir):
         if key == "identity":  # how the patients were found: one line per source
             value = ", ".join(f"{source} {found['patients']} patient(s) in {found['slices']} slice(s)"
                               for source, found in sorted(value.items())) or None
+        if key == "regions":  # by source: marked (mask) and found by the model (lesion)
+            value = ", ".join(f"{source} {count}" for source, count in sorted((value or {}).items())) or "0"
         click.echo(f"{key:>15}: {value if value is not None else '-'}")
 
 

@@ -1,9 +1,15 @@
 """The database side of a store: the schema, the connection and every read and write of rows.
 
-One row per indexed slice (:class:`ImageRecord`, vector and mask included), the store's
-settings (:class:`StoreSetting`: model, dimension, index kind, generation), the change log
-(:class:`StoreChange`) and the indexing queue of DICOMweb series (:class:`QueueEntry`).
-SQLite and PostgreSQL are supported (:data:`SUPPORTED_BACKENDS`).
+One row per indexed slice (:class:`ImageRecord`, vector and mask included), one per region
+of a slice (:class:`RegionRecord`: a marked or found lesion, with its own vector), the store's
+settings (:class:`StoreSetting`: model, dimension, index kind, generation), the change logs
+(:class:`StoreChange`, :class:`RegionChange`) and the indexing queue of DICOMweb series
+(:class:`QueueEntry`). SQLite and PostgreSQL are supported (:data:`SUPPORTED_BACKENDS`).
+
+Regions follow the same design as slices, with their own generation (``region_generation``)
+and change log, so that their vector index (:class:`RegionRows` is what it reads) knows
+exactly which rows it holds; a transaction that adds or removes both takes the slices'
+generation first, then the regions', so writers never wait on each other in a cycle.
 
 Every transaction that adds or removes rows first takes the next *generation* of the
 database (a counter in ``store_settings``, whose row lock also serialises writers, so
@@ -29,6 +35,7 @@ from sqlalchemy import (
     JSON,
     DateTime,
     Float,
+    ForeignKey,
     Integer,
     LargeBinary,
     String,
@@ -38,6 +45,7 @@ from sqlalchemy import (
     cast,
     create_engine,
     delete,
+    event,
     func,
     insert,
     inspect,
@@ -63,6 +71,10 @@ SCHEMA_LOCK_KEY = 0x6C756E6763626972
 #: Backends lungcbir supports (SQLAlchemy backend names).
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
 GENERATION_KEY = "generation"
+#: The settings of the regions' side: their own generation, model (vector recipe) and dimension.
+REGION_GENERATION_KEY = "region_generation"
+REGION_MODEL_KEY = "region_model_id"
+REGION_DIMENSION_KEY = "region_dimension"
 #: At most this many bound parameters in one INSERT (PostgreSQL allows 65,535, SQLite 32,766).
 INSERT_PARAMETERS = 30_000
 #: What the note records of the database state an index holds.
@@ -145,6 +157,56 @@ class StoreChange(Base):
     changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class RegionRecord(Base):
+    """One region of a stored slice: a marked finding (``source`` "mask") or a lesion the model
+    found itself ("lesion"), with its own vector (:func:`lungcbir.regions.region_vector`).
+
+    Removing the slice removes its regions: explicitly in :meth:`Database.remove` (which logs
+    them), and by the foreign key's ON DELETE CASCADE for any other delete.
+    """
+
+    __tablename__ = "regions"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(Integer, ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    #: bounding box in pixels of the slice as read (x1, y1 exclusive)
+    x0: Mapped[int] = mapped_column(Integer)
+    y0: Mapped[int] = mapped_column(Integer)
+    x1: Mapped[int] = mapped_column(Integer)
+    y1: Mapped[int] = mapped_column(Integer)
+    area: Mapped[int] = mapped_column(Integer)  # pixels of the slice as read
+    source: Mapped[str] = mapped_column(String(8))  # "mask" or "lesion"
+    model_id: Mapped[str] = mapped_column(String(32), index=True)  # the region vector's recipe and model
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    #: the region itself inside its box (:func:`encode_mask` of the box's pixels), for pictures
+    mask_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+
+
+class RegionChange(Base):
+    """One committed change of the region rows, numbered by the region generation it made."""
+
+    __tablename__ = "region_changes"
+
+    generation: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(8))  # "add" or "remove"
+    rows: Mapped[int] = mapped_column(Integer)
+    first_id: Mapped[int] = mapped_column(Integer)
+    last_id: Mapped[int] = mapped_column(Integer)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+@dataclass
+class NewRegion:
+    """A region to store with its slice: box, area, source, vector and the region's mask in its box."""
+
+    bbox: tuple[int, int, int, int]
+    area: int
+    source: str
+    vector: np.ndarray
+    mask: np.ndarray | None = None  # bool, the box's size
+
+
 class QueueEntry(Base):
     """One series of a DICOMweb archive to index with one model: the work shared by runs.
 
@@ -195,6 +257,10 @@ class Committed:
     state: dict  # the database state right after it (:meth:`Database.state`)
     ids: list[int]  # the rows added (ascending) or removed
     positions: list[int]  # for an addition: where each added row was in the records given
+    #: the regions added or removed with these rows, as their own change (None: none)
+    regions: Committed | None = None
+    #: for an addition: the added regions' vectors as stored, in ``regions.ids`` order
+    region_vectors: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -221,7 +287,9 @@ class Database:
         self.db_url = db_url
         self.read_only = read_only
         self._assign_ids = False  # set by _connect for SQLite tables without AUTOINCREMENT
+        self.has_regions = True  # set by _connect: False for a read-only database of an earlier version
         self.engine = self._connect(db_url, create and not read_only)
+        self.regions = RegionRows(self)
 
     def _connect(self, db_url: str, create: bool) -> Engine:
         try:
@@ -243,6 +311,9 @@ class Database:
                     raise StoreError(f"cannot create the database folder {database.parent}: {error.strerror}") from None
         try:
             engine = create_engine(url)
+            if backend == "sqlite":
+                # SQLite enforces foreign keys (the regions' ON DELETE CASCADE) only when asked, per connection
+                event.listen(engine, "connect", _sqlite_foreign_keys)
         except ImportError as error:
             raise StoreError(f"cannot use {safe_url(db_url)}: its driver ({error.name or url.get_driver_name()}) is "
                              f"not installed; SQLite and PostgreSQL are supported "
@@ -256,6 +327,7 @@ class Database:
                     # types at once and collide: one creates them, the others then find them
                     connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})")
                 tables = set(inspect(connection).get_table_names())
+                self.has_regions = RegionRecord.__tablename__ in tables or not self.read_only
                 if ImageRecord.__tablename__ not in tables and not create:
                     raise StoreError(f"no lungcbir database in {safe_url(db_url)}; "
                                      f"create one with `lungcbir index-dataset PATH`")
@@ -372,13 +444,7 @@ class Database:
         self.refuse_if_read_only()
         try:
             with self.engine.begin() as connection:
-                connection.execute(insert_ignoring_duplicates(
-                    self.engine.dialect.name, StoreSetting, [{"key": GENERATION_KEY, "value": "0"}]))
-                generation = int(connection.execute(
-                    update(StoreSetting).where(StoreSetting.key == GENERATION_KEY)
-                    .values(value=cast(cast(StoreSetting.value, Integer) + 1, String))
-                    .returning(StoreSetting.value)).scalar_one())
-                yield connection, generation
+                yield connection, _next_generation(connection, self.engine.dialect.name, GENERATION_KEY)
         except _Unchanged:
             pass
         except SQLAlchemyError as error:
@@ -393,12 +459,16 @@ class Database:
         with Session(self.engine) as session:
             return set(session.scalars(select(ImageRecord.sop_uid).where(*conditions)))
 
-    def add(self, records: Sequence[ImageRecord], vectors: np.ndarray) -> Committed | None:
+    def add(self, records: Sequence[ImageRecord], vectors: np.ndarray,
+            regions: Sequence[Sequence[NewRegion]] | None = None, region_model_id: str | None = None
+            ) -> Committed | None:
         """Insert rows with their vectors in one transaction, logged as one generation.
 
         A row whose (sha256, frame, model) is already stored, by this or a concurrent run, is
-        left alone (the unique constraint decides, not a check-then-insert). Returns what was
-        inserted, or None when nothing was.
+        left alone (the unique constraint decides, not a check-then-insert). ``regions`` (one
+        list per record, made with ``region_model_id``) are stored in the same transaction with
+        the rows inserted, logged as one region generation. Returns what was inserted, or None
+        when nothing was.
         """
         if not records:
             return None
@@ -432,10 +502,41 @@ class Database:
                 raise _Unchanged
             self._log_change(connection, generation, "add", [row[0] for row in inserted])
             state = self.state(connection)
+            added_regions = None
+            if regions:
+                added_regions = self._add_regions(connection, [
+                    (row[0], region) for row in inserted for region in regions[position[(row[1], row[2], row[3])]]],
+                    region_model_id or "")
         if not inserted:
             return None
+        region_part, region_vectors = added_regions or (None, None)
         return Committed(generation, state, [row[0] for row in inserted],
-                         [position[(row[1], row[2], row[3])] for row in inserted])
+                         [position[(row[1], row[2], row[3])] for row in inserted], region_part, region_vectors)
+
+    def _add_regions(self, connection, regions: list[tuple[int, NewRegion]],
+                     model_id: str) -> tuple[Committed, np.ndarray] | None:
+        """Insert regions (image id, region) inside a change transaction, as the next region generation."""
+        if not regions:
+            return None
+        generation = _next_generation(connection, self.engine.dialect.name, REGION_GENERATION_KEY)
+        rows = [{"image_id": image_id, "x0": int(region.bbox[0]), "y0": int(region.bbox[1]),
+                 "x1": int(region.bbox[2]), "y1": int(region.bbox[3]), "area": int(region.area),
+                 "source": region.source, "model_id": model_id, "vector": encode_vector(region.vector),
+                 "mask_png": encode_mask(region.mask) if region.mask is not None and region.mask.size else None}
+                for image_id, region in regions]
+        ids: list[int] = []
+        per_statement = max(1, INSERT_PARAMETERS // len(rows[0]))
+        for start in range(0, len(rows), per_statement):
+            # RETURNING gives no order promise: each row's id is matched back by its place below
+            ids += connection.execute(insert(RegionRecord).values(rows[start:start + per_statement])
+                                      .returning(RegionRecord.id)).scalars().all()
+        order = np.argsort(ids, kind="stable")
+        ids = [int(ids[n]) for n in order]
+        connection.execute(insert(RegionChange).values(generation=generation, kind="add", rows=len(ids),
+                                                       first_id=min(ids), last_id=max(ids),
+                                                       changed_at=datetime.now(timezone.utc)))
+        vectors = np.stack([decode_vector(rows[n]["vector"]) for n in order])
+        return Committed(generation, self.regions.state(connection), ids, [int(n) for n in order]), vectors
 
     def _log_change(self, connection, generation: int, kind: str, ids: list[int]) -> None:
         connection.execute(insert(StoreChange).values(generation=generation, kind=kind, rows=len(ids),
@@ -452,7 +553,9 @@ class Database:
             return None
         removed: list[int] = []
         state: dict = {}
+        regions: Committed | None = None
         with self._change() as (connection, generation):
+            regions = self._remove_regions_of(connection, ids)
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 removed += connection.execute(delete(ImageRecord).where(ImageRecord.id.in_(chunk))
@@ -461,7 +564,28 @@ class Database:
                 raise _Unchanged
             self._log_change(connection, generation, "remove", removed)
             state = self.state(connection)
-        return Committed(generation, state, removed, []) if removed else None
+        return Committed(generation, state, removed, [], regions) if removed else None
+
+    def _remove_regions_of(self, connection, image_ids: list[int]) -> Committed | None:
+        """Delete the regions of these slices inside a change transaction, as the next region
+        generation (deleted here, not left to the cascade, so that the change is logged)."""
+        if not self.has_regions:
+            return None
+        found: list[int] = []
+        for start in range(0, len(image_ids), 500):
+            found += connection.execute(select(RegionRecord.id).where(
+                RegionRecord.image_id.in_(image_ids[start:start + 500]))).scalars().all()
+        if not found:
+            return None
+        generation = _next_generation(connection, self.engine.dialect.name, REGION_GENERATION_KEY)
+        removed: list[int] = []
+        for start in range(0, len(found), 500):
+            removed += connection.execute(delete(RegionRecord).where(RegionRecord.id.in_(found[start:start + 500]))
+                                          .returning(RegionRecord.id)).scalars().all()
+        connection.execute(insert(RegionChange).values(generation=generation, kind="remove", rows=len(removed),
+                                                       first_id=min(removed), last_id=max(removed),
+                                                       changed_at=datetime.now(timezone.utc)))
+        return Committed(generation, self.regions.state(connection), sorted(removed), [])
 
     def ids_for(self, paths: Iterable[str] = (), ids: Iterable[int] = (), under: Iterable[str] = ()) -> list[int]:
         """Row ids of images with these exact paths, these ids, or paths below these folders."""
@@ -727,6 +851,247 @@ class Database:
         if url.get_backend_name() == "sqlite" and url.database and os.path.exists(url.database):
             database_bytes = os.path.getsize(url.database)
         return RowStats(images, patients, series, identity, database_bytes)
+
+
+@dataclass(frozen=True)
+class StoredRegion:
+    """A stored region as read back: its row's fields without the vector."""
+
+    id: int
+    image_id: int
+    bbox: tuple[int, int, int, int]
+    area: int
+    source: str
+
+
+class RegionRows:
+    """The regions of a :class:`Database` as their vector index reads them: the same calls as
+    the database offers for slices (state, generation, change log, vectors), on the regions'
+    table, generation and settings. The index kind setting is shared: one kind for both indexes.
+
+    Example:
+        >>> database = Database("sqlite://")
+        >>> database.regions.state()["count"]
+        0
+    """
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    @property
+    def read_only(self) -> bool:
+        return self.database.read_only
+
+    def setting(self, key: str) -> str | None:
+        return self.database.setting(key)
+
+    def set_setting(self, key: str, value: str) -> None:
+        self.database.set_setting(key, value)
+
+    @property
+    def model_id(self) -> str | None:
+        """The region vectors' recipe and model (:func:`lungcbir.regions.region_model_id`)."""
+        return self.database.setting(REGION_MODEL_KEY)
+
+    @property
+    def dimension(self) -> int | None:
+        value = self.database.setting(REGION_DIMENSION_KEY)
+        return int(value) if value else None
+
+    def check_model(self, model_id: str, dimension: int) -> None:
+        """Raise if the stored regions were made by another recipe or model; claim an unclaimed store."""
+        database = self.database
+        if self.model_id is None:
+            database.refuse_if_read_only()
+            try:
+                with database.engine.begin() as connection:
+                    connection.execute(insert_ignoring_duplicates(
+                        database.engine.dialect.name, StoreSetting,
+                        [{"key": REGION_MODEL_KEY, "value": model_id},
+                         {"key": REGION_DIMENSION_KEY, "value": str(dimension)}]))
+            except SQLAlchemyError as error:
+                raise StoreError(f"cannot write to {safe_url(database.db_url)}: {sql_reason(error)}") from None
+        stored = self.model_id
+        if stored != model_id:
+            raise StoreError(f"this database holds region vectors of {stored}, not of the regions in use "
+                             f"({model_id}); re-index into a new --db and --index-dir")
+
+    def state(self, connection=None) -> dict:
+        """As :meth:`Database.state`, of the regions."""
+        if not self.database.has_regions:
+            return {"model_id": self.model_id, "dimension": self.dimension, "generation": 0, "count": 0,
+                    "min_id": 0, "max_id": 0}
+
+        def setting(key: str):
+            return select(StoreSetting.value).where(StoreSetting.key == key).scalar_subquery()
+
+        statement = select(func.count(RegionRecord.id), func.min(RegionRecord.id), func.max(RegionRecord.id),
+                           setting(REGION_GENERATION_KEY), setting(REGION_MODEL_KEY), setting(REGION_DIMENSION_KEY))
+        if connection is None:
+            with self.database.engine.connect() as own:
+                count, low, high, generation, model_id, dimension = own.execute(statement).one()
+        else:
+            count, low, high, generation, model_id, dimension = connection.execute(statement).one()
+        return {"model_id": model_id, "dimension": int(dimension) if dimension else None,
+                "generation": int(generation or 0), "count": count or 0, "min_id": low or 0, "max_id": high or 0}
+
+    def generation(self) -> int:
+        value = self.database.setting(REGION_GENERATION_KEY)
+        return int(value or 0)
+
+    def changes_between(self, first: int, last: int) -> list[tuple[str, int]] | None:
+        if not self.database.has_regions:
+            return None
+        try:
+            with Session(self.database.engine) as session:
+                return [(kind, rows) for kind, rows in session.execute(
+                    select(RegionChange.kind, RegionChange.rows)
+                    .where(RegionChange.generation > first, RegionChange.generation <= last))]
+        except SQLAlchemyError:
+            return None
+
+    def iter_vectors(self, chunk: int = REBUILD_CHUNK, after: int = -1,
+                     up_to: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if not self.database.has_regions:
+            return
+        last = after
+        with Session(self.database.engine) as session:
+            while True:
+                query = select(RegionRecord.id, RegionRecord.vector).where(RegionRecord.id > last)
+                if up_to is not None:
+                    query = query.where(RegionRecord.id <= up_to)
+                rows = session.execute(query.order_by(RegionRecord.id).limit(chunk)).all()
+                if not rows:
+                    return
+                ids, vectors = _decoded(rows)
+                last = int(ids[-1])
+                yield ids, vectors
+
+    def training_sample(self, size: int) -> np.ndarray:
+        step = max(1, self.count() // max(size, 1))
+        with Session(self.database.engine) as session:
+            rows = session.scalars(select(RegionRecord.vector).where(RegionRecord.id % step == 0).limit(size)).all()
+        if not rows:
+            return np.zeros((0, self.dimension or 1), np.float32)
+        return np.stack([decode_vector(row) for row in rows])
+
+    def vectors_of(self, ids: np.ndarray, chunk: int = 1000) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        with self.database.engine.connect() as connection:
+            for start in range(0, len(ids), chunk):
+                wanted = [int(n) for n in ids[start:start + chunk]]
+                if wanted:
+                    rows = connection.execute(select(RegionRecord.id, RegionRecord.vector)
+                                              .where(RegionRecord.id.in_(wanted))).all()
+                    if rows:
+                        yield _decoded(rows)
+
+    def count(self) -> int:
+        if not self.database.has_regions:
+            return 0
+        with Session(self.database.engine) as session:
+            return session.scalar(select(func.count(RegionRecord.id))) or 0
+
+    def read(self, ids: Iterable[int]) -> dict[int, StoredRegion]:
+        """Stored regions by id (ids since removed are left out)."""
+        ids = [int(i) for i in ids]
+        found: dict[int, StoredRegion] = {}
+        if not ids or not self.database.has_regions:
+            return found
+        with Session(self.database.engine) as session:
+            for start in range(0, len(ids), 5000):
+                for row in session.execute(select(
+                        RegionRecord.id, RegionRecord.image_id, RegionRecord.x0, RegionRecord.y0, RegionRecord.x1,
+                        RegionRecord.y1, RegionRecord.area, RegionRecord.source).where(
+                        RegionRecord.id.in_(ids[start:start + 5000]))):
+                    found[row.id] = StoredRegion(row.id, row.image_id, (row.x0, row.y0, row.x1, row.y1), row.area,
+                                                 row.source)
+        return found
+
+    def masks(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
+        """Each region's own mask inside its box, by region id (regions without one are left out)."""
+        ids = [int(i) for i in ids]
+        found: dict[int, np.ndarray] = {}
+        if not ids or not self.database.has_regions:
+            return found
+        with Session(self.database.engine) as session:
+            for row_id, data in session.execute(select(RegionRecord.id, RegionRecord.mask_png).where(
+                    RegionRecord.id.in_(ids), RegionRecord.mask_png.is_not(None))):
+                if data is not None:
+                    with contextlib.suppress(StoreError):
+                        found[row_id] = decode_mask(data)
+        return found
+
+    def of_images(self, image_ids: Iterable[int]) -> dict[int, list[StoredRegion]]:
+        """The stored regions of these slices, by slice id."""
+        image_ids = [int(i) for i in image_ids]
+        found: dict[int, list[StoredRegion]] = {}
+        if not image_ids or not self.database.has_regions:
+            return found
+        with Session(self.database.engine) as session:
+            for start in range(0, len(image_ids), 5000):
+                ids = session.scalars(select(RegionRecord.id).where(
+                    RegionRecord.image_id.in_(image_ids[start:start + 5000]))).all()
+                for region in self.read(ids).values():
+                    found.setdefault(region.image_id, []).append(region)
+        return found
+
+    def ids_of_images(self, image_ids: np.ndarray) -> np.ndarray:
+        """Sorted ids of the regions of these slices (what a slice filter allows among regions)."""
+        found: list[int] = []
+        if not self.database.has_regions:
+            return np.zeros(0, np.int64)
+        wanted = [int(i) for i in image_ids]
+        with Session(self.database.engine) as session:
+            for start in range(0, len(wanted), 5000):
+                found += session.scalars(select(RegionRecord.id).where(
+                    RegionRecord.image_id.in_(wanted[start:start + 5000]))).all()
+        return np.unique(np.asarray(found, np.int64))
+
+    def counts(self) -> dict[str, int]:
+        """Stored regions by source ("mask", "lesion")."""
+        if not self.database.has_regions:
+            return {}
+        with Session(self.database.engine) as session:
+            return {source: count for source, count in session.execute(
+                select(RegionRecord.source, func.count(RegionRecord.id)).group_by(RegionRecord.source))}
+
+    def check_rows(self, state: dict) -> tuple[list[str], set[int]]:
+        """What is wrong with the region rows (recipe, vector lengths, regions without their
+        slice), one line each, and the ids of every stored region."""
+        if not self.database.has_regions:
+            return [], set()
+        problems = []
+        model_id, dimension = state["model_id"], state["dimension"]
+        with Session(self.database.engine) as session:
+            others = session.scalar(select(func.count(RegionRecord.id)).where(RegionRecord.model_id != model_id))
+            if others:
+                problems.append(f"{others} regions were made by another model or recipe than {model_id}")
+            if dimension:
+                wrong = session.scalar(select(func.count(RegionRecord.id))
+                                       .where(func.length(RegionRecord.vector) != dimension * VECTOR_BYTES))
+                if wrong:
+                    problems.append(f"{wrong} regions hold vectors of the wrong length (dimension {dimension})")
+            orphans = session.scalar(select(func.count(RegionRecord.id)).where(
+                RegionRecord.image_id.not_in(select(ImageRecord.id))))
+            if orphans:
+                problems.append(f"{orphans} regions belong to no stored slice")
+            stored_ids = set(session.scalars(select(RegionRecord.id)))
+        return problems, stored_ids
+
+
+def _next_generation(connection: Connection, dialect: str, key: str) -> int:
+    """Take the next value of the generation counter ``key``; its row stays locked until commit."""
+    connection.execute(insert_ignoring_duplicates(dialect, StoreSetting, [{"key": key, "value": "0"}]))
+    return int(connection.execute(
+        update(StoreSetting).where(StoreSetting.key == key)
+        .values(value=cast(cast(StoreSetting.value, Integer) + 1, String))
+        .returning(StoreSetting.value)).scalar_one())
+
+
+def _sqlite_foreign_keys(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
 
 
 def sql_reason(error: SQLAlchemyError) -> str:

@@ -56,3 +56,8 @@ class FilterError(LungCBIRError):
 
 class UploadRefused(LungCBIRError):
     """An uploaded series is over its limits (files, bytes, a ZIP bomb) or holds no readable slice."""
+
+
+class RegionError(LungCBIRError):
+    """A query region is unusable: a box not ``X0,Y0,X1,Y1``, outside the image or empty, or a
+    region mask of another size than the image, or empty. Bad usage: exit status 2, web 422."""

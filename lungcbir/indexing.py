@@ -36,11 +36,29 @@ from typing import TYPE_CHECKING, Callable, Generator, Iterable, Sequence
 
 import numpy as np
 
-from .database import ImageRecord, encode_mask, unstorable
+from .database import ImageRecord, NewRegion, encode_mask, unstorable
 from .errors import DicomwebError, LungCBIRError, ReadError
 from .identity import Identity, IdentityResolver
 from .inference import LungModel, Segmentation
-from .io import CTSlice, ReadFailure, dicom_series_positions, find_image_files, read_file, supported_formats
+from .io import (
+    MASK_FORMATS,
+    CTSlice,
+    ReadFailure,
+    dicom_series_positions,
+    find_image_files,
+    read_file,
+    read_region_mask,
+    supported_formats,
+)
+from .regions import (
+    SOURCE_LESION,
+    SOURCE_MASK,
+    connected_regions,
+    lesion_regions,
+    region_dimension,
+    region_model_id,
+    region_vector,
+)
 from .store import Store
 from .work_queue import DEFAULT_CLAIM_TIMEOUT_S, SeriesClaim, claimer_name
 
@@ -51,6 +69,9 @@ if TYPE_CHECKING:
 
 #: Files read before a batch goes through the model and into the database.
 FILES_PER_COMMIT = 64
+#: At most this many regions of one source are stored per slice (the largest): a noisy mask
+#: of thousands of specks would otherwise fill the region index with noise.
+MAX_REGIONS_PER_SLICE = 64
 #: A run renews its claim on the series it is indexing this many times per claim timeout,
 #: so a slow batch does not let the claim expire while the run is still working on it.
 CLAIM_RENEWALS_PER_TIMEOUT = 4
@@ -67,6 +88,9 @@ class IndexReport:
     # rows of the labels CSV that name no file of this run: a typo or another path spelling
     # would otherwise leave every slice unlabelled without a word
     unmatched_labels: int = 0
+    regions: int = 0  # regions stored with the slices indexed (marked and found lesions)
+    #: one line per image that has no region mask in the masks folder (indexed without marked regions)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> int:
@@ -93,6 +117,57 @@ def read_labels(csv_path: str | os.PathLike) -> dict[str, dict[str, str]]:
             return labels
     except OSError as error:
         raise LungCBIRError(f"{csv_path}: cannot read labels ({error.strerror})") from None
+
+
+class RegionMasks:
+    """The folder of region masks of an indexing run (``--regions MASKS``): the mask of an image
+    has the image's path relative to the folder it was found in (a file named directly: its
+    name), in MASKS, as the same file name or the same name with a mask format's suffix
+    (:data:`~lungcbir.io.MASK_FORMATS`); non-zero pixels are regions."""
+
+    def __init__(self, folder: str | os.PathLike, roots: Sequence[str], max_voxels: int | None = None) -> None:
+        self.folder = os.path.abspath(folder)
+        self.max_voxels = max_voxels
+        if not os.path.isdir(self.folder):
+            raise LungCBIRError(f"{folder}: the region masks folder does not exist")
+        self.roots = sorted((os.path.abspath(root) for root in roots if os.path.isdir(root)), key=len, reverse=True)
+
+    def holds(self, path: str) -> bool:
+        """Whether ``path`` is inside the masks folder (a mask, not an image to index)."""
+        return os.path.abspath(path).startswith(os.path.join(self.folder, ""))
+
+    def candidates(self, path: str) -> list[str]:
+        absolute = os.path.abspath(path)
+        root = next((r for r in self.roots if absolute.startswith(os.path.join(r, ""))), None)
+        relative = os.path.relpath(absolute, root) if root else os.path.basename(absolute)
+        stem = relative
+        for suffix in sorted(MASK_FORMATS, key=len, reverse=True):
+            if relative.lower().endswith(suffix):
+                stem = relative[:-len(suffix)]
+                break
+        names = [relative] + [stem + suffix for suffix in MASK_FORMATS if stem + suffix != relative]
+        return [os.path.join(self.folder, name) for name in names]
+
+    def masks_for(self, items: Sequence[CTSlice]) -> dict[int, np.ndarray] | str | None:
+        """The region mask of each slice of one file, by frame (a frame the mask lacks has no
+        region); None when there is no mask file; a reason, naming the mask, when it cannot be used."""
+        mask_path = next((c for c in self.candidates(items[0].path) if os.path.isfile(c)), None)
+        if mask_path is None:
+            return None
+        try:
+            planes = read_region_mask(mask_path, self.max_voxels)
+        except ReadError as error:
+            return f"region mask {mask_path}: {error.reason}"
+        masks = {}
+        for item in items:
+            plane = planes.get(item.frame)
+            if plane is None:
+                return f"region mask {mask_path} has {len(planes)} plane(s), no plane {item.frame} for this slice"
+            if plane.shape != item.shape[:2]:
+                return (f"region mask {mask_path} is {plane.shape[1]}x{plane.shape[0]} pixels, "
+                        f"the image {item.shape[1]}x{item.shape[0]}")
+            masks[item.frame] = plane
+        return masks
 
 
 def _read_or_error(path: str, max_voxels: int | None = None) -> list[CTSlice] | ReadError:
@@ -176,6 +251,7 @@ class _Batch:
         self.indexer, self.known, self.label_map, self.report = indexer, known, label_map, report
         self.identities = identities
         self.pending: list[CTSlice] = []
+        self.marked: dict[tuple[str, int], np.ndarray] = {}  # region masks of pending slices, by (path, frame)
         self.refused: set[str] = set()  # files with a slice that cannot be stored: one failure each
         self.stored_at = dict(stored_at or {})
         self.stale: list[tuple[int, str, int]] = []  # (id, sha256, frame) of rows of changed files
@@ -193,6 +269,7 @@ class _Batch:
         now = {(item.sha256 or "", item.frame) for item in outcome}
         self.stale += [row for row in before if (row[1], row[2]) not in now]
         here = {(sha, frame) for _, sha, frame in before}
+        new = []
         for item in outcome:
             key = (item.sha256 or "", item.frame)
             if key in self.known:
@@ -200,7 +277,21 @@ class _Batch:
                 if key not in here:
                     self.held_elsewhere.append((item.path, key))
                 continue
-            self.known.add(key)
+            new.append(item)
+        masks = self.indexer.region_masks
+        if new and masks is not None:
+            found = masks.masks_for(new)
+            if isinstance(found, str):  # not indexed: a rerun with the mask mended indexes it with its regions
+                self.report.failures.append(ReadFailure(new[0].path, found))
+                return
+            if found is None:
+                self.report.warnings.append(f"{new[0].path}: no region mask (looked for "
+                                            f"{masks.candidates(new[0].path)[0]}); indexed without marked regions")
+            for item in new:
+                if found and item.frame in found:
+                    self.marked[(item.path, item.frame)] = found[item.frame]
+        for item in new:
+            self.known.add((item.sha256 or "", item.frame))
             if item.slice_index is None:
                 item.slice_index = slice_index
             self.pending.append(item)
@@ -210,14 +301,16 @@ class _Batch:
     def commit(self) -> None:
         """Store what is pending (a row stored meanwhile by a concurrent run counts as skipped;
         a slice that cannot be stored fails its file, once)."""
-        stored, refused = self.indexer.store_slices(self.pending, self.label_map, self.identities)
+        stored, refused, regions = self.indexer.store_slices(self.pending, self.label_map, self.identities,
+                                                             self.marked)
         for path, reason in refused:
             if path not in self.refused:
                 self.refused.add(path)
                 self.report.failures.append(ReadFailure(path, reason))
         self.report.indexed += stored
+        self.report.regions += regions
         self.report.skipped += len(self.pending) - stored - len(refused)
-        self.pending = []
+        self.pending, self.marked = [], {}
 
     def replace_changed(self, positions: dict[str, int]) -> None:
         """Remove the rows of files whose content changed since they were indexed (the index
@@ -276,20 +369,30 @@ class Indexer:
 
     ``batch_size`` slices go through the model at once; every ``files_per_commit`` slices are
     committed in one transaction; ``workers`` processes read files (1: this process);
-    ``max_voxels`` bounds volumes (:func:`~lungcbir.io.read_file`).
+    ``max_voxels`` bounds volumes (:func:`~lungcbir.io.read_file`). ``lesion_regions``: store
+    the lesions the model's lesion output finds (of at least
+    :data:`~lungcbir.regions.LESION_REGION_MIN_PIXELS` at its input) as regions of their slices.
     """
 
     def __init__(self, model: LungModel, store: Store, batch_size: int = 16,
-                 files_per_commit: int = FILES_PER_COMMIT, workers: int = 1, max_voxels: int | None = None) -> None:
+                 files_per_commit: int = FILES_PER_COMMIT, workers: int = 1, max_voxels: int | None = None,
+                 lesion_regions: bool = True) -> None:
         self.model, self.store = model, store
         self.batch_size, self.files_per_commit, self.workers = batch_size, files_per_commit, workers
         self.max_voxels = max_voxels
+        self.lesion_regions = lesion_regions and model.has_lesion_head
+        self.region_masks: RegionMasks | None = None  # set by run() from its ``regions`` folder
+
+    @property
+    def regions_wanted(self) -> bool:
+        return self.region_masks is not None or self.lesion_regions
 
     def run(self, paths: Iterable[str | os.PathLike], labels: str | os.PathLike | dict | None = None,
             exclude: Iterable[str] = (), on_file: Callable[[str], None] | None = None,
             on_total: Callable[[int], None] | None = None, pattern: re.Pattern | None = None,
             study: str | None = None, since: date | None = None, cache_dir: str | os.PathLike | None = None,
-            claim_timeout: float = DEFAULT_CLAIM_TIMEOUT_S) -> IndexReport:
+            claim_timeout: float = DEFAULT_CLAIM_TIMEOUT_S,
+            regions: str | os.PathLike | None = None) -> IndexReport:
         """Index ``paths`` (folders, files, DICOMweb roots); see :meth:`lungcbir.Retriever.index_dataset`.
         The caller holds the index folder's write lock."""
         from .dicomweb import DicomwebSource, is_dicomweb_url
@@ -301,6 +404,9 @@ class Indexer:
         # by real path: a CSV and an index run may reach the same files through different links
         label_map = {os.path.realpath(k): v for k, v in label_map.items()}
         files = list(find_image_files(folders, exclude)) if folders else []
+        self.region_masks = RegionMasks(regions, folders, self.max_voxels) if regions is not None else None
+        if self.region_masks is not None:  # a masks folder inside an indexed one holds no images
+            files = [path for path in files if not self.region_masks.holds(path)]
         if folders and not files:
             raise LungCBIRError(f"no images found in {', '.join(folders)} "
                                 f"({supported_formats()} files)")
@@ -312,6 +418,9 @@ class Indexer:
             unusable += rejected
         model, store = self.model, self.store
         store.check_model(model.model_id, model.dimension)
+        if self.regions_wanted:
+            store.database.regions.check_model(region_model_id(model.model_id),
+                                               region_dimension(model.settings.unet.bottleneck_channels))
         identities = IdentityResolver(folders, files, pattern)
         report = IndexReport()
         report.failures += [ReadFailure(error.path, error.reason) for error in unusable]
@@ -389,14 +498,18 @@ class Indexer:
         failed = len(report.failures) - failed_before + len(rejected)
         return f"{failed} of {len(todo) + len(rejected)} instances could not be read" if failed else None
 
-    def store_slices(self, slices: list[CTSlice], label_map: dict[str, dict],
-                      identities: IdentityResolver) -> tuple[int, list[tuple[str, str]]]:
-        """Segment and store slices: how many rows were added, and (path, reason) of each slice
-        that cannot be stored (:func:`~lungcbir.database.unstorable`), so that it fails alone."""
+    def store_slices(self, slices: list[CTSlice], label_map: dict[str, dict], identities: IdentityResolver,
+                     marked: dict[tuple[str, int], np.ndarray] | None = None
+                     ) -> tuple[int, list[tuple[str, str]], int]:
+        """Segment and store slices with their regions (``marked``: region masks by (path,
+        frame), and the lesions found when :attr:`lesion_regions`): how many rows were added,
+        (path, reason) of each slice that cannot be stored (:func:`~lungcbir.database.unstorable`),
+        so that it fails alone, and how many regions were stored."""
         if not slices:
-            return 0, []
-        results = self.model.segment(slices, self.batch_size)
-        records, vectors, refused = [], [], []
+            return 0, [], 0
+        wanted = self.regions_wanted
+        results = self.model.segment(slices, self.batch_size, keep_maps=wanted)
+        records, vectors, refused, regions = [], [], [], []
         for item, result in zip(slices, results):
             labels = label_map.get(os.path.realpath(item.path), {})
             record = self._record(item, result, *identities.resolve(item, labels))
@@ -405,7 +518,31 @@ class Indexer:
             else:
                 records.append(record)
                 vectors.append(result.vector)
-        return (len(self.store.add(records, np.stack(vectors))) if records else 0), refused
+                if wanted:
+                    regions.append(self._regions(item, result, (marked or {}).get((item.path, item.frame))))
+        if not records:
+            return 0, refused, 0
+        # regions go in with their rows only: a row stored meanwhile by another run keeps its own
+        ids, stored_regions = self.store.add_slices(records, np.stack(vectors), regions if wanted else None,
+                                                    region_model_id(self.model.model_id))
+        return len(ids), refused, stored_regions
+
+    def _regions(self, item: CTSlice, result: Segmentation, marked: np.ndarray | None) -> list[NewRegion]:
+        """The regions of one slice: the connected parts of its region mask, then the lesions found."""
+        if result.maps is None:
+            return []
+        found = []
+        if marked is not None:
+            found += [(region, SOURCE_MASK) for region in connected_regions(marked)[:MAX_REGIONS_PER_SLICE]]
+        if self.lesion_regions and result.lesion_mask is not None:
+            found += [(region, SOURCE_LESION)
+                      for region in lesion_regions(result.lesion_mask, self.model.input_size)[:MAX_REGIONS_PER_SLICE]]
+        centre = self.model.settings.centre
+        shape = (item.shape[0], item.shape[1])
+        return [NewRegion(region.bbox, region.area, source,
+                          region_vector(result.maps, region.full(shape), None if centre is None else np.asarray(centre),
+                                        self.model.settings.preprocess.hu_window), region.mask)
+                for region, source in found]
 
     def _record(self, item: CTSlice, result: Segmentation, identity: Identity, labels: dict) -> ImageRecord:
         spacing = item.pixel_spacing or (None, None)

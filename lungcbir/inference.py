@@ -52,11 +52,23 @@ class Segmentation:
     lesion_fraction: float | None = None  # lesion pixels / lung pixels (0 without lungs); None: no lesion head
     signals: QualitySignals | None = None  # what the quality verdict was computed from
     lesion_mask: np.ndarray | None = None  # bool, slice size: lesion prob > 0.5 AND lung; None: no lesion head
+    maps: SliceMaps | None = None  # what region vectors are pooled from (``segment(..., keep_maps=True)``)
 
     def summary_json(self) -> dict:
         """The per-slice fields of ``segment --json``, ``query --json`` and the web API."""
         return {"lung_fraction": round(self.lung_fraction, 6), "lesion_fraction": self.lesion_fraction,
                 "quality": self.quality.value, "quality_score": round(self.quality_score, 4)}
+
+
+@dataclass
+class SliceMaps:
+    """What the forward pass of one slice leaves for its regions (:func:`lungcbir.regions.region_vector`):
+    regions of the slice are described from these, with no second run of the network."""
+
+    bottleneck: np.ndarray  # (C, s, s) float32: the encoder's last feature map
+    lesions: np.ndarray | None  # (S, S) lesion probability at the model input; None without a lesion output
+    geometry: Geometry  # where the slice sits in the model input
+    unit: np.ndarray  # the slice as the model's [0, 1] input at its own size (normalize_intensity)
 
 
 @dataclass
@@ -266,9 +278,16 @@ class LungModel:
     @torch.inference_mode()
     def run_all(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """As :meth:`run`, plus lesion probabilities ``(N, S, S)`` (None without a lesion head)."""
-        probabilities, lesions, uncentred = self._forward(inputs)
+        probabilities, vectors, lesions, _ = self._run_with_bottleneck(inputs)
+        return probabilities, vectors, lesions
+
+    def _run_with_bottleneck(self, inputs: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, torch.Tensor]:
+        out = self.outputs(inputs)
+        uncentred = self.uncentred_vectors(out.bottleneck, out.lungs, out.lesions)
         vectors = centre_parts(uncentred, self.settings.centre, self.parts)
-        return probabilities[:, 0].cpu().numpy(), vectors, None if lesions is None else lesions[:, 0].cpu().numpy()
+        lesions = None if out.lesions is None else out.lesions[:, 0].cpu().numpy()
+        return out.lungs[:, 0].cpu().numpy(), vectors, lesions, out.bottleneck
 
     @torch.inference_mode()
     def uncentred(self, inputs: np.ndarray) -> np.ndarray:
@@ -301,13 +320,20 @@ class LungModel:
         findings = findings_vectors(bottleneck, lung_probability, lesion_probability, self.settings.findings)
         return np.concatenate([anatomy, findings], axis=1)
 
-    def segment(self, slices: Sequence[CTSlice], batch_size: int = 16) -> list[Segmentation]:
-        """Masks at each slice's own resolution, lung fractions and feature vectors."""
+    @torch.inference_mode()
+    def segment(self, slices: Sequence[CTSlice], batch_size: int = 16, keep_maps: bool = False) -> list[Segmentation]:
+        """Masks at each slice's own resolution, lung fractions and feature vectors; with
+        ``keep_maps``, also what regions of the slices are described from (:class:`SliceMaps`)."""
         results: list[Segmentation] = []
         for start in range(0, len(slices), batch_size):
             chunk = slices[start:start + batch_size]
             prepared = [self.prepare(item) for item in chunk]
-            probabilities, vectors, lesions = self.run_all(np.stack([p[0] for p in prepared]))
+            inputs = np.stack([p[0] for p in prepared])
+            bottleneck: torch.Tensor | None = None
+            if keep_maps:
+                probabilities, vectors, lesions, bottleneck = self._run_with_bottleneck(inputs)
+            else:
+                probabilities, vectors, lesions = self.run_all(inputs)
             for index, (item, (image, geometry), raw, vector) in enumerate(zip(chunk, prepared, probabilities,
                                                                                vectors)):
                 probability = clean_probability(raw, image) if self.settings.postprocess else raw
@@ -324,5 +350,9 @@ class LungModel:
                     result.lesion_mask = (probabilities_to_original(lesions[index], geometry) > 0.5) & mask
                     lung_pixels = int(mask.sum())
                     result.lesion_fraction = float(result.lesion_mask.sum() / lung_pixels) if lung_pixels else 0.0
+                if bottleneck is not None:
+                    unit = normalize_intensity(item.pixels, item.intensity, self.settings.preprocess.hu_window)
+                    result.maps = SliceMaps(bottleneck[index].float().cpu().numpy(),
+                                            None if lesions is None else lesions[index], geometry, unit)
                 results.append(result)
         return results

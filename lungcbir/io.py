@@ -1231,3 +1231,39 @@ def _short(error: Exception) -> str:
     lines = [" ".join(line.split()) for line in str(error).splitlines()]
     text = "; ".join(line for line in lines if line).replace(":;", ":") or type(error).__name__
     return text if len(text) <= MAX_REASON_CHARACTERS else text[:MAX_REASON_CHARACTERS - 3] + "..."
+
+
+#: Formats a region mask may be in (``index-dataset --regions``, ``query --region-mask``).
+MASK_FORMATS = (".png", ".tif", ".tiff", ".bmp", ".nii", ".nii.gz")
+
+
+def decode_region_mask(data: bytes, name: str, max_voxels: int | None = None) -> dict[int, np.ndarray]:
+    """A region mask file's planes as boolean masks (non-zero = region), by frame: one (frame 0)
+    for PNG, TIFF and BMP, every axial plane of a NIfTI volume, oriented as :func:`read_nifti`
+    orients the planes of a volume of images. Unlike an image, an empty or constant mask is
+    a mask. Raises :class:`ReadError` for anything else.
+
+    Example:
+        >>> import cv2
+        >>> png = cv2.imencode(".png", np.eye(8, dtype=np.uint8) * 255)[1].tobytes()
+        >>> {frame: int(mask.sum()) for frame, mask in decode_region_mask(png, "m.png").items()}
+        {0: 8}
+    """
+    suffix = file_suffix(name)
+    if suffix in (".nii", ".nii.gz"):
+        volume = _NiftiPlanes(name, data, max_voxels)
+        return {z: slice_plane(volume.plane(z)) != 0 for z in range(volume.count)}
+    if suffix not in MASK_FORMATS:
+        raise ReadError(name, f"a region mask is {', '.join(s.lstrip('.').upper() for s in MASK_FORMATS)}")
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    if pixels is None:
+        raise ReadError(name, f"unreadable {suffix.lstrip('.').upper()} mask")
+    return {0: (pixels != 0).any(axis=-1) if pixels.ndim == 3 else pixels != 0}
+
+
+def read_region_mask(path: str | os.PathLike, max_voxels: int | None = None) -> dict[int, np.ndarray]:
+    """:func:`decode_region_mask` of a file."""
+    path = str(path)
+    if not os.path.lexists(path):
+        raise ReadError(path, "file does not exist")
+    return decode_region_mask(read_bytes(path), path, max_voxels)

@@ -1,4 +1,7 @@
-"""Features of one region of a slice (issue 26 item 3): what describes a small lesion.
+"""Regions of a slice: what describes one (issue 26 item 3), the region vector that stored
+regions and region queries share (:func:`region_vector`), query regions (:class:`RegionBox` or
+a mask, :func:`region_of`) and the regions of a mask or of the lesion output
+(:func:`connected_regions`, :func:`lesion_regions`).
 
 A slice vector pools the whole lung, so a 5 mm nodule barely moves it, and the bottleneck of a
 512-pixel slice fed at 256 x 256 is 8 x 8 cells of about 64 pixels (45 mm) each: coarser than
@@ -23,12 +26,17 @@ if exported in that window, which is what an uncalibrated export can offer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
 
 import cv2
 import numpy as np
 import torch
 
+from .errors import RegionError
 from .model import UNet
+
+if TYPE_CHECKING:
+    from .inference import SliceMaps
 
 #: Crop sides (pixels of the slice) whose encoder features are pooled around a region.
 ZOOM_SIDES = (128, 256)
@@ -185,3 +193,201 @@ def region_features(network: UNet, unit: np.ndarray, region: np.ndarray, input_s
         blocks[f"zoom{side}"] = vector
     blocks["context"] = pooled[-1]
     return RegionFeatures(blocks, region_bbox(region), int(region.sum()))
+
+
+# -- regions as stored objects and queries (issue 26 items 1 and 2) ------------------------------
+
+#: The recipe of stored region vectors (:func:`region_vector`); part of their model id, so
+#: regions made by another recipe are refused as vectors of another model are.
+REGION_RECIPE = "r1"
+#: Each block's share of a region score: the score is the weighted sum of the blocks' cosines.
+REGION_BLOCK_WEIGHTS = {"context": 0.4, "intensity": 0.35, "shape": 0.15, "lesion": 0.1}
+#: Smallest lesion stored as a region, in pixels at the model's input (256 x 256 for the bundled
+#: model: 4 x 4 pixels there, about 6 mm on a 512-pixel slice of 0.7 mm pixels); smaller
+#: specks of the lesion output are mostly noise at the lung's edge.
+LESION_REGION_MIN_PIXELS = 16
+#: Region sources: a marked region (``--regions MASKS``) or a lesion the model found.
+SOURCE_MASK, SOURCE_LESION = "mask", "lesion"
+
+
+@dataclass(frozen=True)
+class RegionBox:
+    """A query region as a box in pixels of the input image: x0, y0 inclusive, x1, y1 exclusive.
+
+    Example:
+        >>> RegionBox.parse("10,20,30,40")
+        RegionBox(x0=10, y0=20, x1=30, y1=40)
+        >>> RegionBox(1, 0, 3, 2).mask((3, 4)).astype(int).tolist()
+        [[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
+    """
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @classmethod
+    def parse(cls, text: str) -> "RegionBox":
+        """``X0,Y0,X1,Y1`` (four integers) as a box; :class:`RegionError` if it is not that."""
+        parts = [part.strip() for part in str(text).split(",")]
+        try:
+            numbers = [int(part) for part in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 4 or len(parts) != 4:
+            raise RegionError(f"a region box is X0,Y0,X1,Y1 (four integers, pixels of the image), not {text!r}")
+        return cls(*numbers)
+
+    def mask(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The box as a boolean mask of an image of ``shape`` (after :meth:`check`)."""
+        self.check(shape)
+        return bbox_mask((int(shape[0]), int(shape[1])), (self.x0, self.y0, self.x1, self.y1))
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """Raise :class:`RegionError` unless the box is non-empty and inside an image of ``shape``."""
+        height, width = int(shape[0]), int(shape[1])
+        if self.x1 <= self.x0 or self.y1 <= self.y0:
+            raise RegionError(f"the region box {self.x0},{self.y0},{self.x1},{self.y1} is empty "
+                              f"(X1 must be above X0 and Y1 above Y0)")
+        if self.x0 < 0 or self.y0 < 0 or self.x1 > width or self.y1 > height:
+            raise RegionError(f"the region box {self.x0},{self.y0},{self.x1},{self.y1} is outside the image "
+                              f"({width} x {height} pixels: 0 <= X0 < X1 <= {width}, 0 <= Y0 < Y1 <= {height})")
+
+
+#: What a query region may be: a box, or a boolean mask of the query image's size.
+Region: TypeAlias = RegionBox | np.ndarray
+
+
+def region_of(region: Region, shape: tuple[int, ...]) -> np.ndarray:
+    """The region as a boolean mask of an image of ``shape``; :class:`RegionError` when it is a
+    box outside the image or empty, or a mask of another size or empty.
+
+    Example:
+        >>> region_of(np.eye(3), (3, 3)).sum()
+        np.int64(3)
+    """
+    if isinstance(region, RegionBox):
+        return region.mask(shape)
+    mask = np.asarray(region)
+    if mask.ndim != 2 or mask.shape != tuple(shape[:2]):
+        raise RegionError(f"the region mask is {'x'.join(str(n) for n in mask.shape[::-1])} pixels, "
+                          f"the image {shape[1]}x{shape[0]}: they must be the same size")
+    mask = mask != 0
+    if not mask.any():
+        raise RegionError("the region mask is empty (no non-zero pixel)")
+    return mask
+
+
+@dataclass(frozen=True)
+class FoundRegion:
+    """One connected region of a slice: its box, area and its mask inside the box."""
+
+    bbox: tuple[int, int, int, int]
+    area: int
+    mask: np.ndarray  # bool, the box's size
+
+    def full(self, shape: tuple[int, int]) -> np.ndarray:
+        """The region as a mask of the whole slice."""
+        x0, y0, x1, y1 = self.bbox
+        whole = np.zeros(shape, bool)
+        whole[y0:y1, x0:x1] = self.mask
+        return whole
+
+
+def connected_regions(mask: np.ndarray, min_area: int = 1) -> list[FoundRegion]:
+    """The 8-connected regions of a mask (non-zero = region) of at least ``min_area`` pixels,
+    largest first.
+
+    Example:
+        >>> mask = np.zeros((5, 6), bool); mask[0:2, 0:2] = True; mask[3:5, 3:6] = True
+        >>> [(r.bbox, r.area) for r in connected_regions(mask)]
+        [((3, 3, 6, 5), 6), ((0, 0, 2, 2), 4)]
+    """
+    count, labels, stats, _ = cv2.connectedComponentsWithStats((np.asarray(mask) != 0).astype(np.uint8),
+                                                               connectivity=8)
+    found = []
+    for label in range(1, count):
+        area = int(stats[label, cv2.CC_STAT_AREA])
+        if area < min_area:
+            continue
+        x0, y0 = int(stats[label, cv2.CC_STAT_LEFT]), int(stats[label, cv2.CC_STAT_TOP])
+        x1, y1 = x0 + int(stats[label, cv2.CC_STAT_WIDTH]), y0 + int(stats[label, cv2.CC_STAT_HEIGHT])
+        found.append(FoundRegion((x0, y0, x1, y1), area, labels[y0:y1, x0:x1] == label))
+    return sorted(found, key=lambda r: (-r.area, r.bbox))
+
+
+def lesion_regions(lesion_mask: np.ndarray, input_size: int = 256,
+                   min_pixels: int = LESION_REGION_MIN_PIXELS) -> list[FoundRegion]:
+    """The lesions of a slice's lesion mask (slice size) of at least ``min_pixels`` pixels at the
+    model's ``input_size`` input (the slice's longer side is resized to it)."""
+    scale = (max(lesion_mask.shape) / input_size) ** 2
+    return connected_regions(lesion_mask, max(1, int(np.ceil(min_pixels * scale))))
+
+
+def region_model_id(model_id: str) -> str:
+    """The id of region vectors made by :func:`region_vector` with a model: model id and recipe."""
+    return f"{model_id}/{REGION_RECIPE}"
+
+
+def region_dimension(bottleneck_channels: int) -> int:
+    """The length of a region vector for a model with this many bottleneck channels."""
+    return bottleneck_channels + 11 + 4 + 2  # context, intensity_features, shape_features, lesion
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(vector))
+    return (vector / norm).astype(np.float32) if norm > 0 and np.isfinite(norm) else np.zeros_like(vector, np.float32)
+
+
+def _to_model(region: np.ndarray, geometry, size: int) -> np.ndarray:
+    """A slice-sized mask as each model-input cell's share of the region (``size`` x ``size``)."""
+    square = np.zeros((geometry.side, geometry.side), np.float32)
+    square[geometry.top:geometry.top + geometry.height, geometry.left:geometry.left + geometry.width] = region
+    return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def region_vector(maps: SliceMaps, region: np.ndarray, centre: np.ndarray | None = None,
+                  hu_window: tuple[float, float] = (-1000.0, 400.0)) -> np.ndarray:
+    """The stored and query vector of a region (``region``: bool, the slice's size) of a slice
+    segmented with ``keep_maps`` (:class:`~lungcbir.inference.SliceMaps`): no second network run.
+
+    Four unit blocks joined with the square roots of :data:`REGION_BLOCK_WEIGHTS`, so the cosine
+    of two region vectors is the weighted sum of the blocks' cosines:
+
+    * ``context``: the bottleneck averaged over the region (each cell weighted by its share of
+      the region), minus the slice vectors' centre (``centre``: the mean part of the model's
+      saved centre), what the network sees there;
+    * ``intensity``: :func:`intensity_features` in HU (mean, spread, percentiles, ground-glass,
+      soft-tissue and calcified shares, core minus rim), scaled to about [-1, 1];
+    * ``shape``: :func:`shape_features` (log area, compactness, elongation, solidity);
+    * ``lesion``: the lesion output's mean and maximum in the region (zero without one).
+
+    The bottleneck's cells are coarse (32 pixels of a 256 input), so a small nodule's own
+    look comes from the intensity and shape blocks; item 3 of issue 26 measures better ones.
+    """
+    if not region.any():
+        raise RegionError("the region is empty")
+    channels, cells = maps.bottleneck.shape[0], maps.bottleneck.shape[-1]
+    weights = _to_model(region, maps.geometry, cells)
+    if weights.sum() <= 0:
+        weights = np.ones_like(weights)
+    pooled = (maps.bottleneck * weights).sum((1, 2)) / weights.sum()
+    context = _unit(pooled)
+    if centre is not None and len(centre) >= channels:
+        context = _unit(context - _unit(np.asarray(centre[:channels], np.float32)))
+    hu = hu_window[0] + maps.unit * (hu_window[1] - hu_window[0])
+    stats = intensity_features(hu, region)
+    scaled = np.concatenate([(stats[[0]] + 500) / 500, stats[[1]] / 250 - 0.5, (stats[2:7] + 500) / 500,
+                             2 * stats[7:10] - 1, stats[[10]] / 250])
+    shape = shape_features(region)
+    shape = np.array([(shape[0] - 5.0) / 2.0, *(2 * shape[1:] - 1)], np.float32)
+    lesion = np.zeros(2, np.float32)
+    if maps.lesions is not None:
+        inside = _to_model(region, maps.geometry, maps.lesions.shape[-1])
+        cells_in = inside > 0.5 if (inside > 0.5).any() else inside > 0
+        if cells_in.any():
+            lesion = np.array([2 * float((maps.lesions * inside).sum() / max(inside.sum(), 1e-6)) - 1,
+                               2 * float(maps.lesions[cells_in].max()) - 1], np.float32)
+    blocks = {"context": context, "intensity": _unit(scaled), "shape": _unit(shape), "lesion": _unit(lesion)}
+    vector = np.concatenate([np.sqrt(REGION_BLOCK_WEIGHTS[name]) * block for name, block in blocks.items()])
+    return _unit(vector.astype(np.float32))

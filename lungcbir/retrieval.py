@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .config import Settings
-from .database import FILTER_COLUMNS, ImageRecord, decode_vector, safe_url
+from .database import FILTER_COLUMNS, ImageRecord, StoredRegion, decode_vector, safe_url
 from .errors import FilterError, LungCBIRError, ReadError, StoreError
 from .focus import DEFAULT_FOCUS, Focus
 from .identity import compile_case_pattern
@@ -23,6 +23,7 @@ from .indexing import FILES_PER_COMMIT, Indexer, IndexReport
 from .inference import LungModel, Segmentation
 from .io import CTSlice, SourceFormat, classify_intensity, dicom_series_positions, read_file
 from .quality import Quality
+from .regions import Region, region_bbox, region_model_id, region_of, region_vector
 from .store import Store
 from .work_queue import DEFAULT_CLAIM_TIMEOUT_S
 
@@ -88,6 +89,10 @@ class Neighbor:
     copies: list[dict[str, Any]] = field(default_factory=list, metadata={
         "description": "other stored files of the same pixels (same vector): [{id, path}]; they are not "
                        "listed again"})
+    region: dict[str, Any] | None = field(default=None, metadata={
+        "description": "region queries: the stored region that matched, {id, bbox: [x0, y0, x1, y1] (pixels of "
+                       "the stored slice, x1 and y1 exclusive), area (pixels), source: mask or lesion}; "
+                       "absent for slice queries"})
 
     @property
     def url(self) -> str | None:
@@ -101,6 +106,8 @@ class Neighbor:
         slices indexed from a DICOMweb archive)."""
         url = {"url": self.url} if self.url else {}
         fields = asdict(self)
+        if fields["region"] is None:
+            del fields["region"]
         for key in ("anatomy_score", "findings_score", "level"):
             fields[key] = None if fields[key] is None else round(fields[key], 4)
         if self.percentile is not None:
@@ -180,6 +187,7 @@ class QueryResult:
     neighbors: list[Neighbor]
     warning: str | None = None  # set when the query was not searched (quality no-lungs)
     note: str | None = None  # set when fewer than k neighbours came back, and why
+    region: np.ndarray | None = None  # a region query's region (bool, the slice's size); neighbours are regions
 
     @property
     def mask(self) -> np.ndarray:
@@ -205,6 +213,8 @@ class QueryResult:
         """The per-query fields of ``query --json`` and the web API: the segmentation's
         (:meth:`Segmentation.summary_json`) and ``warning`` only when set."""
         fields = self.segmentation.summary_json()
+        if self.region is not None:
+            fields["region"] = {"bbox": list(region_bbox(self.region)), "area": int(self.region.sum())}
         if self.warning:
             fields["warning"] = self.warning
         if self.note:
@@ -425,7 +435,8 @@ class Retriever:
                       on_total: Callable[[int], None] | None = None, study: str | None = None,
                       since: date | None = None, cache_dir: str | os.PathLike | None = None,
                       case_pattern: str | None = None,
-                      claim_timeout: float = DEFAULT_CLAIM_TIMEOUT_S) -> IndexReport:
+                      claim_timeout: float = DEFAULT_CLAIM_TIMEOUT_S,
+                      regions: str | os.PathLike | None = None, lesion_regions: bool = True) -> IndexReport:
         """Index every image under ``paths``; already indexed files (same sha256) are skipped.
 
         A file whose content is no longer what its rows hold (changed, or swapped with another
@@ -450,18 +461,40 @@ class Retriever:
         a rerun completes it. One run at a time writes to an index folder: a second raises
         :class:`~lungcbir.errors.LockedError` or, with ``wait=True``, waits for the first.
         ``on_total`` may be called more than once: the total grows as series are claimed.
+
+        ``regions``: a folder of region masks (PNG, TIFF or NIfTI; the images' paths relative to
+        the folder they were found in; non-zero = region): each connected region of a slice is
+        stored as a region with its own vector (:func:`lungcbir.regions.region_vector`), for
+        :meth:`query` with ``region=``. An image without a mask is indexed without marked regions
+        (``report.warnings``); one whose mask is unreadable or of another size is not indexed
+        (``report.failures``, naming the mask). ``lesion_regions`` (on by default; a model
+        with a lesion output): the lesions the model finds, of at least
+        :data:`~lungcbir.regions.LESION_REGION_MIN_PIXELS` pixels at its input, are stored as
+        regions too (source "lesion"), so that region queries find lesions nobody marked.
+        Regions are stored with their slice: a slice indexed before is not given regions again.
+
+        Example:
+            >>> import tempfile
+            >>> from lungcbir.phantom import write_phantom
+            >>> folder = tempfile.mkdtemp()
+            >>> _ = write_phantom(folder, slices=2, size=64, patients=1)
+            >>> retriever = Retriever(db_url=f"sqlite:///{folder}/db.sqlite", index_dir=f"{folder}/index")
+            >>> report = retriever.index_dataset([f"{folder}/png"], regions=f"{folder}/masks")
+            >>> report.indexed, report.regions > 0, report.failures
+            (2, True, [])
         """
         pattern = compile_case_pattern(case_pattern)  # a bad pattern fails before anything is read
         store = self.store()
         with store.write_lock(wait):
             indexer = Indexer(self.model, store, self.batch_size, self.files_per_commit, self.workers,
-                              self.settings.max_voxels)
+                              self.settings.max_voxels, lesion_regions)
             return indexer.run(paths, labels, exclude, on_file, on_total, pattern, study, since, cache_dir,
-                               claim_timeout)
+                               claim_timeout, regions)
 
     def query(self, image: str | os.PathLike | CTSlice | np.ndarray, k: int = 5,
               where: dict[str, str] | None = None, per_patient: int = 1,
-              other_patients: bool = False, focus: Focus | str = DEFAULT_FOCUS) -> QueryResult:
+              other_patients: bool = False, focus: Focus | str = DEFAULT_FOCUS,
+              region: Region | None = None) -> QueryResult:
         """Segment one slice and find the ``k`` most similar stored slices.
 
         ``where`` keeps only stored slices whose labels or metadata (``patient_id``,
@@ -472,9 +505,89 @@ class Retriever:
         else the query's own patient id (DICOM); a query with neither drops nothing. ``focus``
         (anatomy, findings or balanced; :class:`lungcbir.focus.Focus`) says what "similar"
         means for a model whose vector has a findings part.
+
+        ``region`` (a :class:`~lungcbir.regions.RegionBox` in pixels of the image, or a boolean
+        mask of its size) searches the stored regions instead of the slices (see
+        :meth:`query_region`); a box outside the image or empty, or a mask of another size or
+        empty, raises :class:`~lungcbir.errors.RegionError`.
+
+        Example:
+            >>> import tempfile
+            >>> from lungcbir.phantom import write_phantom
+            >>> from lungcbir.regions import RegionBox
+            >>> folder = tempfile.mkdtemp()
+            >>> _ = write_phantom(folder, slices=2, size=64, patients=2)
+            >>> retriever = Retriever(db_url=f"sqlite:///{folder}/db.sqlite", index_dir=f"{folder}/index")
+            >>> _ = retriever.index_dataset([f"{folder}/png"], regions=f"{folder}/masks")
+            >>> result = retriever.query(f"{folder}/png/phantom01/phantom01_s001.png", k=2,
+            ...                          region=RegionBox(10, 15, 30, 45), per_patient=0)
+            >>> [sorted(n.region) for n in result.neighbors][0]
+            ['area', 'bbox', 'id', 'source']
         """
         item = as_slice(image, self.settings.max_voxels)
+        if region is not None:
+            return self.query_region(item, region, k, where, per_patient, other_patients)
         return self.query_slices([item], k, where, per_patient, other_patients, focus)[0]
+
+    def query_region(self, image: str | os.PathLike | CTSlice | np.ndarray, region: Region, k: int = 5,
+                     where: dict[str, str] | None = None, per_patient: int = 1,
+                     other_patients: bool = False) -> QueryResult:
+        """The ``k`` stored regions most like ``region`` of ``image`` (marked regions and lesions
+        the model found; :meth:`index_dataset`): each neighbour is the slice holding the region,
+        with the region in ``Neighbor.region``. The region is described by
+        :func:`~lungcbir.regions.region_vector` from the query slice's one forward pass.
+        ``where``, ``per_patient`` and ``other_patients`` are those of :meth:`query`, judged on
+        the regions' slices (``per_patient``: at most that many regions of one case).
+        """
+        if k < 1:
+            raise LungCBIRError("k must be at least 1")
+        item = as_slice(image, self.settings.max_voxels)
+        mask = region_of(region, item.shape)  # a bad region fails before the model runs
+        store = self._searchable_store()
+        regions = store.database.regions
+        wanted = region_model_id(self.model.model_id)
+        if regions.count() == 0:
+            raise StoreError(f"no regions are stored in {safe_url(self.db_url)}; index images with "
+                             f"`lungcbir index-dataset PATH --regions MASKS` (or with a model with a lesion output)")
+        if regions.model_id not in (None, wanted):
+            raise LungCBIRError(f"the stored regions were made by {regions.model_id}, the model in use makes "
+                                f"{wanted}: re-index with this model, or query with the weights they were made with")
+        result = self.model.segment([item], self.batch_size, keep_maps=True)[0]
+        if result.quality == Quality.NO_LUNGS or result.maps is None:
+            return QueryResult(item, result, [], warning=NO_LUNGS_WARNING, region=mask)
+        centre = self.model.settings.centre
+        vector = region_vector(result.maps, mask, None if centre is None else np.asarray(centre),
+                               self.model.settings.preprocess.hu_window)
+        excluded: set[str] = set()
+        if other_patients:
+            excluded = _own_cases(item, store.records_with_content([(item.sha256, item.frame)]))
+        neighbors = self._region_neighbors(store, vector, k, where, per_patient, excluded)
+        note = None
+        if len(neighbors) < k:
+            note = (f"{len(neighbors)} of {k} results: only {len(neighbors)} "
+                    f"{'cases with regions' if per_patient else 'stored regions'}"
+                    f"{' match the filter' if where else ' are stored'}"
+                    f"{' apart from the query patient' if other_patients else ''}"
+                    f"{f' ({per_patient} region(s) per patient: per_patient 0 for more)' if per_patient else ''}")
+        return QueryResult(item, result, neighbors, note=note, region=mask)
+
+    def _region_neighbors(self, store: Store, vector: np.ndarray, k: int, where: dict[str, str] | None,
+                          per_patient: int, excluded: set[str]) -> list[Neighbor]:
+        """The k best stored regions for a region vector among the regions of the slices matching
+        ``where``, at most ``per_patient`` of one case and none of the cases in ``excluded``; the
+        candidate list grows until k are found or the regions are exhausted."""
+        regions = store.database.regions
+        allowed = regions.ids_of_images(store.ids_matching(where)) if where else None
+        collapsing = per_patient or excluded
+        fetch = max(k * CANDIDATES_PER_RESULT, MIN_CANDIDATES) if collapsing else k
+        while True:
+            scores, ids = store.search_regions(vector[None], fetch, restrict_to=allowed)
+            found = regions.read(ids[ids >= 0])
+            rows = store.records({region.image_id for region in found.values()})
+            neighbors = _collapse_regions(scores[0], ids[0], found, rows, k, per_patient, excluded)
+            if len(neighbors) == k or ids.shape[1] < fetch:
+                return neighbors
+            fetch *= 4
 
     def query_together(self, examples: Sequence[str | os.PathLike | CTSlice | np.ndarray],
                        unlike: Sequence[str | os.PathLike | CTSlice | np.ndarray] = (), k: int = 5,
@@ -544,6 +657,11 @@ class Retriever:
                 continue  # the stored file is gone; the table still lists it
         masks = self.stored_masks([(neighbor.id, item) for neighbor, item in found])
         return [(neighbor, item, mask) for (neighbor, item), mask in zip(found, masks)]
+
+    def region_masks(self, neighbors: Sequence[Neighbor]) -> dict[int, np.ndarray]:
+        """The stored masks (inside their boxes) of region neighbours' regions, by region id."""
+        ids = [n.region["id"] for n in neighbors if n.region is not None]
+        return self.store(create=False).database.regions.masks(ids) if ids else {}
 
     def resolve_filters(self, wanted: dict[str, list[str]]) -> dict[str, str | list[str]]:
         """Filter keys and values as typed by a person, matched to the stored ones
@@ -864,6 +982,31 @@ def _collapse(scores: np.ndarray, ids: np.ndarray, rows: dict[int, ImageRecord],
             listed = _neighbor(record, float(score), len(neighbors) + 1)
             neighbors.append(listed)
         seen.append((vector, listed))
+    return neighbors
+
+
+def _collapse_regions(scores: np.ndarray, ids: np.ndarray, regions: dict[int, StoredRegion],
+                      rows: dict[int, ImageRecord], k: int, per_patient: int, leave_out: set[str]) -> list[Neighbor]:
+    """The first k candidate regions (best first) with at most ``per_patient`` of one case (0:
+    any), none of the cases in ``leave_out``; regions or slices removed since are passed over."""
+    neighbors: list[Neighbor] = []
+    per_case: dict[str, int] = {}
+    for score, identifier in zip(scores, ids):
+        region = regions.get(int(identifier))
+        record = rows.get(region.image_id) if region is not None else None
+        if region is None or record is None:
+            continue
+        case = case_key(record)
+        if f"id:{record.id}" in leave_out or case in leave_out:
+            continue
+        if per_patient and per_case.get(case, 0) >= per_patient:
+            continue
+        per_case[case] = per_case.get(case, 0) + 1
+        neighbor = _neighbor(record, float(score), len(neighbors) + 1)
+        neighbor.region = {"id": region.id, "bbox": list(region.bbox), "area": region.area, "source": region.source}
+        neighbors.append(neighbor)
+        if len(neighbors) == k:
+            break
     return neighbors
 
 

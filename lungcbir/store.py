@@ -13,7 +13,8 @@
 
 The Store adds what needs both (adding and removing rows with the index following, ``check``,
 ``stats``); the indexing queue of the same database is :attr:`Store.queue`
-(:class:`lungcbir.work_queue.WorkQueue`).
+(:class:`lungcbir.work_queue.WorkQueue`). Regions of slices (:class:`~lungcbir.database.RegionRecord`)
+have their own vector index, :attr:`Store.region_vectors`, kept by the same rules.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from .database import (
     VECTOR_DTYPE,
     Database,
     ImageRecord,
+    NewRegion,
     safe_url,
 )
 from .vector_index import (
     EXACT_RESTRICTED_SEARCH_MAX,
+    REGION_INDEX_FILE,
     SCORE_TOLERANCE,
     VectorIndex,
     describe_index,
@@ -61,6 +64,9 @@ class StoreStats:
     database: str
     database_bytes: int | None
     index_bytes: int | None
+    #: stored regions by source ("mask": marked, "lesion": found by the model) and their index's size
+    regions: dict[str, int] | None = None
+    region_index_vectors: int = 0
 
 
 class Store:
@@ -89,6 +95,7 @@ class Store:
         self.database = Database(db_url, create=create, read_only=read_only)
         self.engine = self.database.engine
         self.vectors = VectorIndex(self.index_dir, self.database)
+        self.region_vectors = VectorIndex(self.index_dir, self.database.regions, REGION_INDEX_FILE)
         self.queue = WorkQueue(self.database)
 
     # -- settings -----------------------------------------------------------------------------
@@ -107,20 +114,30 @@ class Store:
 
     # -- rows and the index together ----------------------------------------------------------------
 
-    def add(self, records: Sequence[ImageRecord], vectors: np.ndarray) -> list[int]:
+    def add(self, records: Sequence[ImageRecord], vectors: np.ndarray,
+            regions: Sequence[Sequence[NewRegion]] | None = None, region_model_id: str | None = None) -> list[int]:
         """Insert rows with their vectors in one transaction, then the index (its file at the next checkpoint).
 
         A row whose (sha256, frame, model) is already stored, by this or a concurrent run, is
-        left alone (the unique constraint decides, not a check-then-insert). Returns the ids of
-        the rows inserted.
+        left alone (the unique constraint decides, not a check-then-insert). ``regions`` (one
+        list per record, vectors made by ``region_model_id``) go in with their rows, and the
+        region index follows. Returns the ids of the rows inserted.
         """
+        return self.add_slices(records, vectors, regions, region_model_id)[0]
+
+    def add_slices(self, records: Sequence[ImageRecord], vectors: np.ndarray,
+                   regions: Sequence[Sequence[NewRegion]] | None = None,
+                   region_model_id: str | None = None) -> tuple[list[int], int]:
+        """:meth:`add`, also saying how many regions were stored (those of the rows inserted)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        committed = self.database.add(records, vectors)
+        committed = self.database.add(records, vectors, regions, region_model_id)
         if committed is None:
-            return []
+            return [], 0
         # as stored (float16): the index holds exactly what the database holds, so a rebuild changes nothing
         self.vectors.added(committed, vectors[committed.positions].astype(VECTOR_DTYPE).astype(np.float32))
-        return committed.ids
+        if committed.regions is not None and committed.region_vectors is not None:
+            self.region_vectors.added(committed.regions, committed.region_vectors)
+        return committed.ids, len(committed.regions.ids) if committed.regions is not None else 0
 
     def remove(self, ids: Iterable[int]) -> int:
         """Delete rows and their vectors together; returns how many rows were deleted."""
@@ -129,10 +146,14 @@ class Store:
             return 0
         self.database.refuse_if_read_only()
         self.vectors.current()  # up to date first, so that this change can be applied to it in place
+        if self.regions_in_use():
+            self.region_vectors.current()
         committed = self.database.remove(ids)
         if committed is None:
             return 0
         self.vectors.removed(committed)
+        if committed.regions is not None:
+            self.region_vectors.removed(committed.regions)
         return len(committed.ids)
 
     # -- rows (see :class:`Database`) ---------------------------------------------------------------
@@ -195,6 +216,8 @@ class Store:
     def checkpoint(self) -> faiss.Index:
         """The index matching the database now, its file written if behind (end of a run;
         see :meth:`VectorIndex.checkpoint`)."""
+        if self.regions_in_use():
+            self.region_vectors.checkpoint()
         return self.vectors.checkpoint()
 
     def rebuild_index(self, kind: str | None = None) -> faiss.Index:
@@ -204,6 +227,8 @@ class Store:
         """
         if kind is not None:
             self.vectors.set_kind(kind)
+        if self.regions_in_use():
+            self.region_vectors.rebuild()
         return self.vectors.rebuild()
 
     def search(self, vectors: np.ndarray, k: int, restrict_to: np.ndarray | None = None,
@@ -212,6 +237,12 @@ class Store:
         :meth:`VectorIndex.search`); ``restrict_to``, e.g. from :meth:`ids_matching`, searches
         among those rows only."""
         return self.vectors.search(vectors, k, restrict_to, exact_up_to=exact_up_to)
+
+    def search_regions(self, vectors: np.ndarray, k: int,
+                       restrict_to: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and region ids of the ``k`` nearest stored regions (as :meth:`search`, on the
+        regions' index; ``restrict_to``: region ids)."""
+        return self.region_vectors.search(vectors, k, restrict_to)
 
     @contextlib.contextmanager
     def write_lock(self, wait: bool = False) -> Iterator[None]:
@@ -235,9 +266,31 @@ class Store:
                 problems.append(f"{corrupt} rows hold vectors longer than unit length or not finite (corrupt); "
                                 f"remove them and index their files again")
         problems += self.vectors.check(state, stored_ids)
+        problems += self._check_regions()
         if verify_files:
             problems += self._check_files()
         return problems
+
+    def regions_in_use(self) -> bool:
+        """Whether regions were ever stored here (or their index written): a store without them
+        keeps no region index, and reads or writes none."""
+        return bool(self.database.regions.generation()) or self.region_vectors.path.exists()
+
+    def _check_regions(self) -> list[str]:
+        """What is wrong with the regions and their index (nothing to say when none are stored and
+        no region index was ever written)."""
+        regions = self.database.regions
+        state = regions.state()
+        problems, stored_ids = regions.check_rows(state)
+        if not stored_ids and not self.regions_in_use():
+            return problems
+        if state["dimension"] and not problems:
+            corrupt = sum(int((~(np.linalg.norm(vectors, axis=1) <= 1 + SCORE_TOLERANCE)).sum())
+                          for _, vectors in regions.iter_vectors())
+            if corrupt:
+                problems.append(f"{corrupt} regions hold vectors longer than unit length or not finite (corrupt); "
+                                f"remove their slices and index their files again")
+        return problems + [f"regions: {line}" for line in self.region_vectors.check(state, stored_ids)]
 
     def _check_files(self) -> list[str]:
         """Indexed local files that are gone or changed since (re-hashed)."""
@@ -261,8 +314,10 @@ class Store:
         """Counts and sizes for ``lungcbir stats``."""
         rows = self.database.row_stats()
         index = self.index()
+        region_vectors = int(self.region_vectors.current().ntotal) if self.regions_in_use() else 0
         return StoreStats(images=rows.images, patients=rows.patients, series=rows.series, identity=rows.identity,
                           model_id=self.model_id, dimension=self.dimension, index_vectors=int(index.ntotal),
                           index_kind=f"{describe_index(index)}; setting {self.index_kind}",
                           database=safe_url(self.db_url), database_bytes=rows.database_bytes,
-                          index_bytes=self.index_path.stat().st_size if self.index_path.exists() else None)
+                          index_bytes=self.index_path.stat().st_size if self.index_path.exists() else None,
+                          regions=self.database.regions.counts(), region_index_vectors=region_vectors)

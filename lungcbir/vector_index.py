@@ -36,13 +36,15 @@ from typing import Callable, Iterable, Iterator
 import faiss
 import numpy as np
 
-from .database import STATE_KEYS, Committed, Database, same_state
+from .database import STATE_KEYS, Committed, Database, RegionRows, same_state
 from .errors import LockedError, StoreError
 from .fileutils import sha256_of as _sha256_of
 from .fileutils import write_atomically as _write_atomically
 
 INDEX_FILE = "lungcbir.faiss"
 INDEX_META_FILE = "lungcbir.faiss.json"
+#: The regions' index (:class:`lungcbir.database.RegionRows`) beside the slices' in the same folder.
+REGION_INDEX_FILE = "regions.faiss"
 LOCK_FILE = "write.lock"
 #: ``auto`` switches from exact search to the compact kind (IVF, PQ codes, re-ranked) at this
 #: many vectors (see docs/scale.md).
@@ -306,12 +308,16 @@ class VectorIndex:
 
     Read-only when the database is: an index out of step is then brought up to date in
     memory only and no file is written. Catch-up, rebuild and search are serialised, so one
-    VectorIndex may be used from many threads.
+    VectorIndex may be used from many threads. The regions' index is the same class over
+    :class:`~lungcbir.database.RegionRows` (their table, generation and change log), in the
+    file ``file_name`` (:data:`REGION_INDEX_FILE`) of the same folder.
     """
 
-    def __init__(self, index_dir: str | os.PathLike, database: Database) -> None:
+    def __init__(self, index_dir: str | os.PathLike, database: Database | RegionRows,
+                 file_name: str = INDEX_FILE) -> None:
         self.index_dir = Path(index_dir)
         self.database = database
+        self.file_name = file_name
         self._index: faiss.Index | None = None
         self._index_state: dict | None = None  # the database state self._index holds exactly
         self._verified_at = -float("inf")  # time.monotonic() of the last full state check that matched
@@ -327,11 +333,11 @@ class VectorIndex:
 
     @property
     def path(self) -> Path:
-        return self.index_dir / INDEX_FILE
+        return self.index_dir / self.file_name
 
     @property
     def meta_path(self) -> Path:
-        return self.index_dir / INDEX_META_FILE
+        return self.index_dir / (INDEX_META_FILE if self.file_name == INDEX_FILE else f"{self.file_name}.json")
 
     # -- kind ---------------------------------------------------------------------------------
 

@@ -11,6 +11,23 @@ from .preprocess import normalize_intensity
 CONTOUR_COLOUR = (0, 200, 255)  # BGR: amber, visible on grey
 LESION_COLOUR = (60, 60, 255)  # BGR: red, filled half-transparent so the texture below stays visible
 LESION_OPACITY = 0.45
+REGION_COLOUR = (255, 255, 0)  # BGR: cyan, apart from the amber lungs and the red lesions
+
+
+def outline_region(picture: np.ndarray, bbox: tuple[int, int, int, int] | list[int],
+                   mask: np.ndarray | None = None) -> np.ndarray:
+    """Draw a region on an overlay (BGR, the slice's size) in :data:`REGION_COLOUR`: its contour
+    when its mask inside ``bbox`` (x0, y0, x1, y1, exclusive ends) is given, else its box; a
+    box a few pixels larger around it, so a small nodule is found at a glance."""
+    x0, y0, x1, y1 = (int(v) for v in bbox)
+    thickness = max(1, round(max(picture.shape[:2]) / 256))
+    if mask is not None and mask.shape == (y1 - y0, x1 - x0) and mask.any():
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE,
+                                       offset=(x0, y0))
+        cv2.drawContours(picture, contours, -1, REGION_COLOUR, thickness)
+    margin = 3 * thickness
+    cv2.rectangle(picture, (x0 - margin, y0 - margin), (x1 - 1 + margin, y1 - 1 + margin), REGION_COLOUR, thickness)
+    return picture
 
 
 def display_image(item: CTSlice, hu_window: tuple[float, float] = (-1000.0, 400.0)) -> np.ndarray:

@@ -25,7 +25,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .errors import LungCBIRError, ReadError, StoreError, UploadRefused
+from .errors import LungCBIRError, ReadError, RegionError, StoreError, UploadRefused
 from .io import CTSlice, decode
 from .retrieval import Retriever
 from .views import ROUTERS
@@ -77,7 +77,8 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
             return JSONResponse({"detail": "the image database is not available; see the server log"},
                                 status_code=503)
         message = error.reason if isinstance(error, ReadError) else str(error)
-        refused = isinstance(error, (ReadError, UploadRefused))  # the client's file, not its request
+        # the client's file or region, not its request
+        refused = isinstance(error, (ReadError, UploadRefused, RegionError))
         return JSONResponse({"detail": scrub_paths(message)}, status_code=422 if refused else 400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -214,9 +214,9 @@ def segment_calls(monkeypatch):
     calls = []
     original = LungModel.segment
 
-    def counting(self, slices, batch_size=16):
+    def counting(self, slices, batch_size=16, **options):
         calls.append(len(slices))
-        return original(self, slices, batch_size)
+        return original(self, slices, batch_size, **options)
 
     monkeypatch.setattr(LungModel, "segment", counting)
     return calls

@@ -8,14 +8,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from fastapi.responses import Response
 
+from ..errors import RegionError
 from ..focus import DEFAULT_FOCUS, Focus
 from ..io import CTSlice
+from ..regions import Region, RegionBox
 from ..retrieval import label_summary
 from .schemas import ERROR_RESPONSES, QueryAnswer, SegmentAnswer, TogetherAnswer
 from .seg import upload_offer
 from .state import PIXEL_KIND_HEADER, AppState, check_k, result_urls
 
 router = APIRouter(responses=ERROR_RESPONSES)
+#: Longest ``region`` text taken ("X0,Y0,X1,Y1": four numbers of a few digits); more is refused unread.
+MAX_REGION_TEXT = 64
 
 
 def query_tags(item: CTSlice) -> dict[str, Any]:
@@ -26,11 +30,29 @@ def query_tags(item: CTSlice) -> dict[str, Any]:
             "series_description": item.series_description}
 
 
+def query_region(web: AppState, box: str, mask: UploadFile | None) -> Region | None:
+    """The query region of ``/api/query``: ``region`` text "X0,Y0,X1,Y1" or a ``region_mask``
+    upload (read with the same limits as any upload; non-zero pixels are the region)."""
+    if box and mask is not None:
+        raise RegionError("give region or region_mask, not both")
+    if box:
+        if len(box) > MAX_REGION_TEXT:
+            raise RegionError("a region box is X0,Y0,X1,Y1 (four integers, pixels of the image)")
+        return RegionBox.parse(box)
+    if mask is not None:
+        planes = web.read_mask_upload(mask)
+        if len(planes) != 1:
+            raise RegionError(f"the region mask has {len(planes)} planes; send one plane (PNG, TIFF)")
+        return planes[0]
+    return None
+
+
 @router.post("/api/query", response_model=QueryAnswer, response_model_exclude_unset=True)
 def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[int, Form()] = 5,
               where: Annotated[str, Form()] = "", per_patient: Annotated[int, Form()] = 1,
               other_patients: Annotated[bool, Form()] = False, labels: Annotated[str, Form()] = "",
-              focus: Annotated[Focus, Form()] = DEFAULT_FOCUS) -> dict[str, Any]:
+              focus: Annotated[Focus, Form()] = DEFAULT_FOCUS, region: Annotated[str, Form()] = "",
+              region_mask: Annotated[UploadFile | None, File()] = None) -> dict[str, Any]:
     """Upload a slice; get its lung fraction, mask and overlay URLs and the k nearest stored slices.
 
     A volume (NIfTI) is queried by its middle slice, and the answer says so (``frame``,
@@ -40,13 +62,24 @@ def api_query(web: AppState, file: Annotated[UploadFile, File()], k: Annotated[i
     stored copy, or its DICOM PatientID). ``focus`` (anatomy, findings or balanced): what
     "similar" means (:class:`lungcbir.focus.Focus`); a model without a findings part
     (``/api/stats``: ``focus_available`` false) gives the same answer whatever the focus.
+
+    ``region`` ("X0,Y0,X1,Y1", pixels of the uploaded slice, X1 and Y1 exclusive) or
+    ``region_mask`` (an upload of the slice's size, non-zero = region) searches the stored
+    regions instead (:meth:`lungcbir.retrieval.Retriever.query_region`): each neighbour has
+    ``region`` {id, bbox, area, source} and the answer the query's ``region`` {bbox, area};
+    ``focus`` does not apply. A box outside the slice or empty, or a mask of another size or
+    empty: 422.
     """
     check_k(k)
     filters = web.filters(where, labels)
+    wanted = query_region(web, region, region_mask)
     item, count, headers = web.middle_slice_and_header(file)
     with web.model_lock:
-        result = web.retriever.query_slices([item], k, filters, max(0, per_patient), other_patients, focus)[0]
-    token = web.render(item, result.segmentation)
+        if wanted is not None:
+            result = web.retriever.query_region(item, wanted, k, filters, max(0, per_patient), other_patients)
+        else:
+            result = web.retriever.query_slices([item], k, filters, max(0, per_patient), other_patients, focus)[0]
+    token = web.render(item, result.segmentation, result.region)
     summary = result.summary_json()
     if count > 1:  # one note: which slice of the volume, then the core's (fewer results, and why)
         summary["note"] = " ".join(filter(None, [

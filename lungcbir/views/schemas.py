@@ -166,6 +166,13 @@ class SegStored(BaseModel):
     segments: list[str] = Field(examples=[["Lung", "Lesion"]])
 
 
+class QueryRegion(BaseModel):
+    """The region a region query searched with, in pixels of the uploaded slice."""
+
+    bbox: list[int] = Field(description="[x0, y0, x1, y1], x1 and y1 exclusive")
+    area: int = Field(description="pixels")
+
+
 class QueryAnswer(Segmented):
     """``/api/query``: the query's segmentation and its nearest stored slices."""
 
@@ -176,6 +183,8 @@ class QueryAnswer(Segmented):
     focus: Focus = Field(description=FOCUS_DESCRIPTION)
     label_summary: dict[str, dict[str, int]] = Field(default_factory=dict, description=LABEL_SUMMARY)
     seg: SegOffer | None = None
+    region: QueryRegion | None = Field(None, description="only for a region query: the query region; the "
+                                                         "neighbours are then stored regions (their ``region``)")
     neighbors: list[Neighbor]
 
 

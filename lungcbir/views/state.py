@@ -22,10 +22,11 @@ from fastapi import Depends, HTTPException, Request, UploadFile
 from ..dicom_seg import SegWritten, dicom_headers
 from ..errors import FilterError, LungCBIRError, ReadError
 from ..inference import Segmentation
-from ..io import MIDDLE, CTSlice, file_suffix, supported_formats, supported_suffixes
+from ..io import MASK_FORMATS, MIDDLE, CTSlice, decode_region_mask, file_suffix, supported_formats, supported_suffixes
 from ..quality import Quality
+from ..regions import region_bbox
 from ..retrieval import Neighbor, Retriever, parse_filters
-from ..visualize import display_image, mask_png, overlay
+from ..visualize import display_image, mask_png, outline_region, overlay
 from ..websecurity import WebSettings, viewer_link
 
 #: Largest image id asked for (SQL BIGINT); larger ids are unknown (404), not a database error.
@@ -55,11 +56,13 @@ KEPT_SERIES = 8
 class RenderedResult:
     """A query slice's pictures, made when first asked for (a series keeps every slice, the page
     fetches few): its mask (0/255), its overlay (lung contour and lesion map), its raw pixels
-    (:func:`pixel_png`) and its lesion map (0/255; empty without a lesion output)."""
+    (:func:`pixel_png`) and its lesion map (0/255; empty without a lesion output); a region
+    query's overlay outlines its region."""
 
     item: CTSlice
     mask_array: np.ndarray
     lesion_array: np.ndarray | None = None
+    region_array: np.ndarray | None = None
     _made: dict[str, bytes] = field(default_factory=dict)
     kind: str = field(init=False)
 
@@ -72,11 +75,18 @@ class RenderedResult:
             lesion = self.lesion_array
             self._made[name] = {
                 "mask": lambda: png(mask_png(self.mask_array)),
-                "overlay": lambda: png(overlay(self.item, self.mask_array, lesion)),
+                "overlay": lambda: png(self._overlay()),
                 "pixels": lambda: pixel_png(self.item)[0],
                 "lesion": lambda: png(mask_png(lesion if lesion is not None else np.zeros_like(self.mask_array))),
             }[name]()
         return self._made[name]
+
+    def _overlay(self) -> np.ndarray:
+        picture = overlay(self.item, self.mask_array, self.lesion_array)
+        if self.region_array is not None and self.region_array.any():
+            x0, y0, x1, y1 = region_bbox(self.region_array)
+            outline_region(picture, (x0, y0, x1, y1), self.region_array[y0:y1, x0:x1])
+        return picture
 
 
 @dataclass
@@ -261,6 +271,26 @@ class WebState:
             item.path = filename
         return items, headers
 
+    def read_mask_upload(self, upload: UploadFile) -> dict[int, np.ndarray]:
+        """An uploaded region mask's planes (:func:`lungcbir.io.decode_region_mask`), read within the
+        same limits as any upload (size, concurrent decodes, voxels)."""
+        filename = upload_name(upload)
+        if file_suffix(filename) not in MASK_FORMATS:
+            raise HTTPException(415, f"{filename}: a region mask is PNG, TIFF, BMP or NIfTI")
+        limit = self.settings.max_upload_bytes
+        with self.decoding():
+            data = upload.file.read(limit + 1)
+            if len(data) > limit:
+                raise HTTPException(413, f"{filename}: file is larger than {limit // 2**20} MiB")
+            if not data:
+                raise HTTPException(422, f"{filename}: file is empty")
+            try:
+                return decode_region_mask(data, filename, self.retriever.settings.max_voxels)
+            except ReadError as error:
+                raise HTTPException(422, f"{filename}: {error.reason}") from None
+            finally:
+                del data
+
     def middle_slice(self, upload: UploadFile) -> tuple[CTSlice, int]:
         """The slice a single-slice route uses of an upload (a volume's middle one) and how many
         slices the file has."""
@@ -272,7 +302,7 @@ class WebState:
         items, headers = self._read_upload(upload, MIDDLE)  # a volume decodes only that one
         return items[0], items[0].frames_in_file, headers
 
-    def render(self, item: CTSlice, segmentation: Segmentation) -> str:
+    def render(self, item: CTSlice, segmentation: Segmentation, region: np.ndarray | None = None) -> str:
         """Keep a query slice's pictures for the page (made when fetched); the token of their URLs.
 
         A slice judged ``no-lungs`` shows no lungs and no lesions: a contour drawn around a
@@ -280,7 +310,7 @@ class WebState:
         if segmentation.quality == Quality.NO_LUNGS:
             empty = np.zeros_like(segmentation.mask)
             return self.results.put(RenderedResult(item, empty, empty))
-        return self.results.put(RenderedResult(item, segmentation.mask, segmentation.lesion_mask))
+        return self.results.put(RenderedResult(item, segmentation.mask, segmentation.lesion_mask, region))
 
     def neighbors_json(self, neighbors: list[Neighbor]) -> list[dict[str, Any]]:
         """The CLI's neighbour objects plus what a reader of the page needs to identify the slice
