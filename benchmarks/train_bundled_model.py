@@ -5,7 +5,10 @@ Usage: python benchmarks/train_bundled_model.py OUT.pt [--epochs N] [--device cp
            [--workers N] [--init W.pt|bundled] [--learning-rate LR] [--seed S]
            [--infection-head | --lesion-levels N] [--freeze-encoder] [--pathology] [--kaggle-lesion-free]
            [--steps-per-epoch N] [--slice-labels REPEATS] [--threads N]
+           [--pathology-kinds K,K] [--pathology-probability P] [--lung-levels N] [--lesion-lung-weight W]
+           [--teacher W.pt|bundled] [--distillation-weight W] [--synthetic-val]
        python benchmarks/train_bundled_model.py W.pt --centre-only
+       python benchmarks/train_bundled_model.py OUT.pt --graft BRANCH.pt LUNGS.pt
 
 After training, the centre (mean vector of the train split's slices, lungcbir.centring) is
 computed and saved in OUT.pt's settings, for a model with a lesion output together with the
