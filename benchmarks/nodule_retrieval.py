@@ -3,11 +3,14 @@
 How the slices are made, the measures and the choices inside the folds:
 :mod:`lungcbir.research.nodule_benchmark`. Prints one table per input (HU; the same slices as an
 8-bit lung-window export): chance, the baseline (HU histogram inside the region plus its size),
-size alone, and the region features with block weights chosen inside the folds, each with its
-95 % interval from resampling patients.
+size alone, the region features with block weights chosen inside the folds, a distance learnt
+inside the folds, the region vector the product stores and searches (``region_vector``, recipe
+r1, shipped weights, inner product as the region index ranks) and r1's blocks with weights chosen
+inside the folds, each with its 95 % interval from resampling patients.
 
 Usage: python benchmarks/nodule_retrieval.py [--cache runs/nodules] [--limit N] [--resamples 2000]
-(region features are computed once per model and input and kept in the cache folder.)
+(region features and stored region vectors are computed once per model and input and kept in the
+cache folder.)
 """
 
 from __future__ import annotations
@@ -27,9 +30,13 @@ from lungcbir.research.nodule_benchmark import (
     MEASURES,
     Labels,
     cross_validated,
+    cross_validated_cosine,
     cross_validated_learned,
+    cross_validated_r1_weights,
     export_8bit,
     pasted_nodules,
+    product_region_vectors,
+    r1_blocks,
     summary,
 )
 
@@ -66,6 +73,32 @@ def features(model: LungModel, cache: Path, limit: int | None) -> tuple[dict[str
     return blocks, labels
 
 
+def stored_vectors(model: LungModel, cache: Path, limit: int | None, labels: Labels
+                   ) -> dict[str, np.ndarray]:
+    """Per input, the region vector the product stores and searches for each nodule (recipe r1)."""
+    path = cache / f"r1-{model.model_id}-{limit or 'all'}.npz"
+    if not path.exists():
+        started = time.time()
+        cases = pasted_nodules(limit=limit)
+        arrays = {}
+        for kind in INPUTS:
+            images = [case.pixels if kind == "hu" else export_8bit(case.pixels) for case in cases]
+            vectors, usable = product_region_vectors(model, images, [case.region for case in cases])
+            arrays[kind], arrays[f"{kind}-usable"] = vectors, usable
+            print(f"  r1 {kind}: {len(cases)} nodules, {time.time() - started:.0f} s", flush=True)
+        arrays["patient"] = np.array([case.patient for case in cases])
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, **arrays)
+    stored = np.load(path)
+    if not np.array_equal(stored["patient"], labels.patient):
+        raise SystemExit(f"{path} holds other nodules than the features cache: delete it")
+    for kind in INPUTS:
+        unusable = int((~stored[f"{kind}-usable"]).sum())
+        if unusable:
+            print(f"[{kind}] {unusable} slices judged without lungs (a region query would answer nothing)")
+    return {kind: stored[kind] for kind in INPUTS}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", default="runs/nodules")
@@ -76,6 +109,8 @@ def main() -> None:
     torch.set_num_threads(1)
     model = LungModel.load(runtime="torch")
     blocks, labels = features(model, Path(args.cache), args.limit)
+    vectors = stored_vectors(model, Path(args.cache), args.limit, labels)
+    channels = model.settings.unet.bottleneck_channels
     print(f"{len(labels.patient)} nodules, {len(set(labels.patient))} patients, model {model.model_id}")
     for kind in args.inputs:
         found = blocks[kind]
@@ -86,10 +121,18 @@ def main() -> None:
             "size alone": {"size": histogram[:, -1:]},
             "region features (weights chosen in folds)": {name: found[name] for name in CANDIDATE_BLOCKS},
             "learnt distance (fitted in folds)": {name: found[name] for name in CANDIDATE_BLOCKS},
+            "stored region vector r1 (as shipped, cosine)": {},
+            "r1 blocks, weights chosen in folds": {},
         }
         results = {}
         for name, variant in variants.items():
-            if name.startswith("learnt"):
+            if name.startswith("stored"):
+                scores = cross_validated_cosine(vectors[kind], labels)
+            elif name.startswith("r1 blocks"):
+                scores, chosen = cross_validated_r1_weights(r1_blocks(vectors[kind], channels), labels)
+                print(f"[{kind}] r1 block weights per fold: " + "; ".join(
+                    ",".join(f"{block}={w:g}" for block, w in weights.items() if w) for weights in chosen), flush=True)
+            elif name.startswith("learnt"):
                 scores, shrinkages = cross_validated_learned(variant, labels)
                 print(f"[{kind}] shrinkage per fold: {shrinkages}", flush=True)
             else:

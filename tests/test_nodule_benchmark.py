@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import cv2
 import numpy as np
 import pytest
 
+from lungcbir.centring import write_centre
+from lungcbir.inference import LungModel
+from lungcbir.io import read_file
+from lungcbir.phantom import write_phantom
+from lungcbir.regions import REGION_BLOCK_WEIGHTS
 from lungcbir.research.nodule_benchmark import (
+    R1_BLOCKS,
     Labels,
     block_distances,
     choose_weights,
     cross_validated,
+    cross_validated_cosine,
     cross_validated_learned,
+    cross_validated_r1_weights,
     export_8bit,
     pasted_nodules,
     patient_folds,
+    product_region_vectors,
     query_scores,
+    r1_blocks,
     summary,
 )
+from lungcbir.retrieval import Retriever
 
 
 def _toy(count: int = 120, seed: int = 0) -> tuple[dict[str, np.ndarray], Labels]:
@@ -87,3 +101,87 @@ def test_pasted_nodules_lie_in_the_lungs_with_their_own_hu(shared_data):
         ys, xs = np.nonzero(case.region)
         around = case.pixels[max(0, ys.min() - 30):ys.max() + 30, max(0, xs.min() - 30):xs.max() + 30]
         assert -1000 < np.median(case.pixels[case.region]) and np.percentile(around, 10) < -800
+
+
+# -- the stored region vector's column (recipe r1) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def centred_findings_weights(findings_weights, tmp_path_factory) -> str:
+    """The tiny lesion-branch model with a saved centre, so the column must pass the centre on."""
+    model = LungModel.load(findings_weights)
+    path = tmp_path_factory.mktemp("centred") / "centred.pt"
+    centre = np.random.default_rng(3).normal(0, 1, model.dimension).astype(np.float32)
+    write_centre(findings_weights, centre, path)
+    return str(path)
+
+
+def _marked_slices(folder: Path) -> tuple[list[Path], Path]:
+    """Phantom PNG slices, each with a marked disc in its left lung under ``masks/``."""
+    write_phantom(folder, slices=2, size=64, patients=2)
+    images = sorted((folder / "png").rglob("*.png"))
+    for number, image in enumerate(images):
+        mask = np.zeros((64, 64), np.uint8)
+        cv2.circle(mask, (20 + number, 32), 3 + number % 2, 255, -1)
+        target = folder / "masks" / image.relative_to(folder / "png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(target), mask)
+    return images, folder / "masks"
+
+
+def test_the_stored_vector_column_uses_the_vectors_the_product_stores(centred_findings_weights, tmp_path):
+    images, masks = _marked_slices(tmp_path)
+    retriever = Retriever(weights=centred_findings_weights, db_url=f"sqlite:///{tmp_path}/db.sqlite",
+                          index_dir=tmp_path / "index")
+    report = retriever.index_dataset([tmp_path / "png"], regions=masks, lesion_regions=False)
+    assert report.indexed == len(images) and report.regions == len(images)
+    store = retriever.store(create=False)
+    stored = store.database.regions.read(range(1, 100))
+    rows = store.records({region.image_id for region in stored.values()})
+    by_file = {Path(rows[region.image_id].path).name: region_id for region_id, region in stored.items()}
+    ids = np.array([by_file[image.name] for image in images])
+    vectors = dict(pair for found, chunk in store.database.regions.vectors_of(ids) for pair in zip(found, chunk))
+    expected = np.stack([vectors[i] for i in ids])
+
+    pixels = [read_file(image)[0].pixels for image in images]
+    regions = [cv2.imread(str(masks / image.relative_to(tmp_path / "png")), cv2.IMREAD_GRAYSCALE) > 0
+               for image in images]
+    model = retriever.model
+    found, usable = product_region_vectors(model, pixels, regions, batch_size=3)
+    assert usable.all() and found.shape == expected.shape
+    np.testing.assert_allclose(found, expected, atol=2e-3)  # stored vectors are float16
+    # the stored vector, not an uncentred one
+    uncentred = LungModel.load(centred_findings_weights)
+    uncentred.settings.centre = None
+    assert not np.allclose(product_region_vectors(uncentred, pixels, regions)[0], expected, atol=2e-3)
+    # the vector's blocks: context, intensity, shape and lesion, each holding its shipped weight
+    blocks = r1_blocks(found, model.settings.unet.bottleneck_channels)
+    assert tuple(blocks) == R1_BLOCKS
+    for name, block in blocks.items():
+        norms = np.linalg.norm(block, axis=1)
+        assert np.all((np.abs(norms**2 - REGION_BLOCK_WEIGHTS[name]) < 1e-4) | (norms < 1e-6))
+
+
+def test_the_stored_vector_column_ranks_by_inner_product_with_nothing_fitted():
+    """Two large coordinates that say nothing and a small one that knows malignancy: standardised
+    distances (the older columns) would bring the small one up to scale; the inner product of
+    the unit vectors, as the region index ranks, leaves it small."""
+    _, labels = _toy(120, seed=2)
+    rng = np.random.default_rng(2)
+    signal = 3 * np.where(labels.malignancy >= 4, 1.0, -1.0)[:, None] + rng.normal(0, 0.2, (120, 1))
+    raw = np.concatenate([rng.normal(0, 10, (120, 2)), signal], 1)
+    vectors = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    scores = cross_validated_cosine(vectors, labels)
+    expected = query_scores(-vectors @ vectors.T, np.arange(120), np.arange(120), labels)
+    for key in ("malignancy", "ground_glass", "texture", "malignant_share"):
+        np.testing.assert_allclose(scores[key], expected[key], equal_nan=True)
+    standardised, _ = cross_validated({"all": vectors}, labels, choose=False)
+    assert np.nanmean(standardised["malignancy"]) > np.nanmean(scores["malignancy"]) + 0.05
+
+
+def test_r1_block_weights_chosen_in_the_folds_drop_a_block_that_says_nothing():
+    blocks, labels = _toy(120, seed=3)
+    r1 = {"context": blocks["noise"], "intensity": blocks["signal"]}
+    scores, chosen = cross_validated_r1_weights(r1, labels)
+    assert len(chosen) == 5 and all(w["context"] == 0 and w["intensity"] > 0 for w in chosen)
+    assert summary(scores, labels, resamples=50)["malignancy"][0] > 0.9

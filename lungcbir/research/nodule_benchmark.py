@@ -27,6 +27,15 @@ mean of malignancy agreement and ground-glass share on the other folds alone (th
 leave-patient-out retrieval), found by coordinate ascent. A learnt distance (two Fisher
 directions, malignancy and ground glass, over every block) is fitted on the other folds too.
 The neighbours of a query are every other patient's nodules. Intervals: 95 % percentile bootstrap resampling patients.
+
+**The stored region vector** (:func:`lungcbir.regions.region_vector`, recipe ``r1``) is measured
+as the product computes and searches it: :func:`product_region_vectors` runs each slice through
+``as_slice`` and one ``LungModel.segment(..., keep_maps=True)`` pass and calls ``region_vector``
+with the model's saved centre and HU window, as ``Retriever.query_region`` and indexing do; the
+neighbours are ranked by inner product of the unit vectors (the region index's cosine), with its
+shipped block weights and nothing fitted (:func:`cross_validated_cosine`). A separate variant
+(:func:`cross_validated_r1_weights`) keeps r1's four unit blocks and chooses their weights inside
+the folds as above.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import csv
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import cv2
 import numpy as np
@@ -44,6 +53,9 @@ from ..datasets import data_root, kaggle_slices
 from ..io import read_file, read_mask
 from ..metrics import roc_auc
 from .synthetic_disease import paste
+
+if TYPE_CHECKING:
+    from ..inference import LungModel
 
 #: The lung window of an 8-bit export (W 1500, L -600), not the model's own window, as archives do.
 EXPORT_WINDOW = (-1350.0, 150.0)
@@ -267,6 +279,93 @@ def cross_validated(blocks: dict[str, np.ndarray], labels: Labels, choose: bool,
         chosen.append(weights)
         part = query_scores(combined(distances, weights), test, everyone, labels)
         for key, values in part.items():
+            scores.setdefault(key, np.full(len(folds), np.nan))[test] = values
+    return scores, chosen
+
+
+# --- the stored region vector (recipe r1) ----------------------------------------------------
+
+#: The unit blocks of a stored region vector, in its order (:func:`lungcbir.regions.region_vector`).
+R1_BLOCKS = ("context", "intensity", "shape", "lesion")
+
+
+def product_region_vectors(model: LungModel, images: list[np.ndarray], regions: list[np.ndarray],
+                           batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """The region vectors the product stores and searches, for each (slice, region mask): the
+    slice as ``Retriever.query_region`` takes an array (``as_slice``), one
+    ``model.segment(..., keep_maps=True)`` pass, :func:`~lungcbir.regions.region_vector` with the
+    model's saved centre and HU window. Returns the vectors and whether the product would search
+    with each (False where the slice was judged to hold no lungs: ``query_region`` answers
+    nothing there; its vector is still computed when the maps exist, else zero)."""
+    from ..quality import Quality
+    from ..regions import region_vector
+    from ..retrieval import as_slice
+
+    centre = model.settings.centre
+    window = model.settings.preprocess.hu_window
+    vectors, usable = [], []
+    for start in range(0, len(images), batch_size):
+        slices = [as_slice(image) for image in images[start:start + batch_size]]
+        results = model.segment(slices, batch_size, keep_maps=True)
+        for result, region in zip(results, regions[start:start + batch_size]):
+            usable.append(result.quality != Quality.NO_LUNGS and result.maps is not None)
+            if result.maps is None:
+                vectors.append(np.zeros(0, np.float32))
+                continue
+            vectors.append(region_vector(result.maps, region, None if centre is None else np.asarray(centre), window))
+    width = max(len(v) for v in vectors)
+    return (np.stack([v if len(v) else np.zeros(width, np.float32) for v in vectors]).astype(np.float32),
+            np.array(usable, bool))
+
+
+def r1_blocks(vectors: np.ndarray, channels: int) -> dict[str, np.ndarray]:
+    """The four blocks of stored region vectors (bottleneck ``channels`` + 11 + 4 + 2 values),
+    as they are inside the vector (each the unit block times the square root of its weight)."""
+    sizes = (channels, 11, 4, 2)
+    if vectors.shape[1] != sum(sizes):
+        raise ValueError(f"region vectors of length {vectors.shape[1]}, expected {sum(sizes)}")
+    edges = np.cumsum((0,) + sizes)
+    return {name: vectors[:, edges[i]:edges[i + 1]] for i, name in enumerate(R1_BLOCKS)}
+
+
+def cosine_distance(vectors: np.ndarray) -> np.ndarray:
+    """1 - the inner product of every two rows: the region index's ranking for unit vectors."""
+    vectors = vectors.astype(np.float64)
+    return 1.0 - vectors @ vectors.T
+
+
+def cross_validated_cosine(vectors: np.ndarray, labels: Labels) -> dict[str, np.ndarray]:
+    """Every nodule queried once against every other patient's nodules by inner product of the
+    vectors as given (nothing fitted, nothing standardised), in the same patient folds."""
+    folds = patient_folds(labels.patient)
+    everyone = np.arange(len(folds))
+    distance = cosine_distance(vectors)
+    scores: dict[str, np.ndarray] = {}
+    for fold in range(FOLDS):
+        test = everyone[folds == fold]
+        for key, values in query_scores(distance, test, everyone, labels).items():
+            scores.setdefault(key, np.full(len(folds), np.nan))[test] = values
+    return scores
+
+
+def cross_validated_r1_weights(blocks: dict[str, np.ndarray], labels: Labels
+                               ) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """The stored vector's blocks re-weighted: each block's cosine distance (a weighted mean of
+    them ranks as a weighted sum of the blocks' cosines, as r1 does with its shipped weights),
+    the weights chosen on the other folds by :func:`choose_weights`."""
+    distances = {}
+    for name, values in blocks.items():
+        norms = np.linalg.norm(values, axis=1, keepdims=True)
+        distances[name] = cosine_distance(np.where(norms > 0, values / np.maximum(norms, 1e-12), 0.0))
+    folds = patient_folds(labels.patient)
+    everyone = np.arange(len(folds))
+    scores: dict[str, np.ndarray] = {}
+    chosen = []
+    for fold in range(FOLDS):
+        train, test = everyone[folds != fold], everyone[folds == fold]
+        weights = choose_weights(distances, train, labels, tuple(blocks))
+        chosen.append(weights)
+        for key, values in query_scores(combined(distances, weights), test, everyone, labels).items():
             scores.setdefault(key, np.full(len(folds), np.nan))[test] = values
     return scores, chosen
 
