@@ -4,9 +4,11 @@ How the slices are made, the measures and the choices inside the folds:
 :mod:`lungcbir.research.nodule_benchmark`. Prints one table per input (HU; the same slices as an
 8-bit lung-window export): chance, the baseline (HU histogram inside the region plus its size),
 size alone, the region features with block weights chosen inside the folds, a distance learnt
-inside the folds, the region vector the product stores and searches (``region_vector``, recipe
-r1, shipped weights, inner product as the region index ranks) and r1's blocks with weights chosen
-inside the folds, each with its 95 % interval from resampling patients.
+inside the folds, the stored region vector of recipe r1 (``region_vector`` with r1's hand-set
+weights, inner product as the region index ranks), r1's blocks with weights chosen inside the
+folds, and the region vector the product stores and searches now (recipe r2, as shipped), each
+with its 95 % interval from resampling patients. Also prints the block weights the fold
+procedure chooses when run once on all nodules: how r2's weights were chosen (HU input).
 
 Usage: python benchmarks/nodule_retrieval.py [--cache runs/nodules] [--limit N] [--resamples 2000]
 (region features and stored region vectors are computed once per model and input and kept in the
@@ -24,10 +26,11 @@ import torch
 
 from lungcbir.inference import LungModel
 from lungcbir.preprocess import normalize_intensity
-from lungcbir.regions import region_features
+from lungcbir.regions import REGION_BLOCK_WEIGHTS, REGION_RECIPE, region_features
 from lungcbir.research.nodule_benchmark import (
     CANDIDATE_BLOCKS,
     MEASURES,
+    R1_WEIGHTS,
     Labels,
     cross_validated,
     cross_validated_cosine,
@@ -37,6 +40,7 @@ from lungcbir.research.nodule_benchmark import (
     pasted_nodules,
     product_region_vectors,
     r1_blocks,
+    recipe_weights,
     summary,
 )
 
@@ -73,19 +77,24 @@ def features(model: LungModel, cache: Path, limit: int | None) -> tuple[dict[str
     return blocks, labels
 
 
-def stored_vectors(model: LungModel, cache: Path, limit: int | None, labels: Labels
+def stored_vectors(model: LungModel, cache: Path, limit: int | None, labels: Labels, recipe: str
                    ) -> dict[str, np.ndarray]:
-    """Per input, the region vector the product stores and searches for each nodule (recipe r1)."""
-    path = cache / f"r1-{model.model_id}-{limit or 'all'}.npz"
+    """Per input, the region vector the product stores and searches for each nodule: recipe r1
+    (its hand-set weights) or the shipped recipe (``REGION_RECIPE``)."""
+    if recipe not in ("r1", REGION_RECIPE):
+        raise ValueError(f"recipe {recipe!r}: r1 or the shipped {REGION_RECIPE}")
+    weights = R1_WEIGHTS if recipe == "r1" else None
+    path = cache / f"{recipe}-{model.model_id}-{limit or 'all'}.npz"
     if not path.exists():
         started = time.time()
         cases = pasted_nodules(limit=limit)
         arrays = {}
         for kind in INPUTS:
             images = [case.pixels if kind == "hu" else export_8bit(case.pixels) for case in cases]
-            vectors, usable = product_region_vectors(model, images, [case.region for case in cases])
+            vectors, usable = product_region_vectors(model, images, [case.region for case in cases],
+                                                     weights=weights)
             arrays[kind], arrays[f"{kind}-usable"] = vectors, usable
-            print(f"  r1 {kind}: {len(cases)} nodules, {time.time() - started:.0f} s", flush=True)
+            print(f"  {recipe} {kind}: {len(cases)} nodules, {time.time() - started:.0f} s", flush=True)
         arrays["patient"] = np.array([case.patient for case in cases])
         cache.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, **arrays)
@@ -95,7 +104,7 @@ def stored_vectors(model: LungModel, cache: Path, limit: int | None, labels: Lab
     for kind in INPUTS:
         unusable = int((~stored[f"{kind}-usable"]).sum())
         if unusable:
-            print(f"[{kind}] {unusable} slices judged without lungs (a region query would answer nothing)")
+            print(f"[{kind}] {recipe}: {unusable} slices judged without lungs (a region query would answer nothing)")
     return {kind: stored[kind] for kind in INPUTS}
 
 
@@ -109,7 +118,8 @@ def main() -> None:
     torch.set_num_threads(1)
     model = LungModel.load(runtime="torch")
     blocks, labels = features(model, Path(args.cache), args.limit)
-    vectors = stored_vectors(model, Path(args.cache), args.limit, labels)
+    vectors = stored_vectors(model, Path(args.cache), args.limit, labels, "r1")
+    shipped = stored_vectors(model, Path(args.cache), args.limit, labels, REGION_RECIPE)
     channels = model.settings.unet.bottleneck_channels
     print(f"{len(labels.patient)} nodules, {len(set(labels.patient))} patients, model {model.model_id}")
     for kind in args.inputs:
@@ -121,13 +131,22 @@ def main() -> None:
             "size alone": {"size": histogram[:, -1:]},
             "region features (weights chosen in folds)": {name: found[name] for name in CANDIDATE_BLOCKS},
             "learnt distance (fitted in folds)": {name: found[name] for name in CANDIDATE_BLOCKS},
-            "stored region vector r1 (as shipped, cosine)": {},
+            "stored region vector r1 (hand-set weights, cosine)": {},
             "r1 blocks, weights chosen in folds": {},
+            f"stored region vector {REGION_RECIPE} (as shipped)": {},
         }
+        chosen_all, normalised = recipe_weights(r1_blocks(vectors[kind], channels), labels)
+        print(f"[{kind}] r1 block weights chosen by the fold procedure on all {len(labels.patient)} nodules: "
+              + ", ".join(f"{block}={w:g}" for block, w in chosen_all.items())
+              + "; normalised: " + ", ".join(f"{block}={w:.4g}" for block, w in normalised.items())
+              + f" (shipped {REGION_RECIPE}: "
+              + ", ".join(f"{block}={w:.4g}" for block, w in REGION_BLOCK_WEIGHTS.items()) + ")", flush=True)
         results = {}
         for name, variant in variants.items():
-            if name.startswith("stored"):
+            if name.startswith("stored region vector r1"):
                 scores = cross_validated_cosine(vectors[kind], labels)
+            elif name.startswith("stored"):
+                scores = cross_validated_cosine(shipped[kind], labels)
             elif name.startswith("r1 blocks"):
                 scores, chosen = cross_validated_r1_weights(r1_blocks(vectors[kind], channels), labels)
                 print(f"[{kind}] r1 block weights per fold: " + "; ".join(

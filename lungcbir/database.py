@@ -244,6 +244,26 @@ def safe_url(url: str) -> str:
         return "<unparseable database URL>"
 
 
+def other_regions_message(stored: str | None, wanted: str) -> str:
+    """Why stored region vectors made by ``stored`` (``<model id>/<recipe>``,
+    :func:`lungcbir.regions.region_model_id`) cannot be searched or added to with ``wanted``'s,
+    and what to do: re-index, which rebuilds the regions.
+
+    Example:
+        >>> other_regions_message("m1/r1", "m1/r2")[:80]
+        'the stored regions were made with region recipe r1, this version of lungcbir mak'
+    """
+    stored_model, _, stored_recipe = (stored or "").rpartition("/")
+    model, _, recipe = wanted.rpartition("/")
+    if stored_model == model and stored_recipe != recipe:
+        return (f"the stored regions were made with region recipe {stored_recipe}, this version of lungcbir "
+                f"makes {recipe} ({wanted}), and the two cannot be compared: rebuild the regions by "
+                f"re-indexing into a new --db and --index-dir (`lungcbir index-dataset PATH... --regions MASKS`)")
+    return (f"this database holds region vectors of {stored}, not of the regions in use ({wanted}); "
+            f"re-index into a new --db and --index-dir with this model to rebuild the regions, or use the "
+            f"weights they were made with")
+
+
 def same_state(one: dict | None, other: dict | None) -> bool:
     """Whether two database states (:meth:`Database.state`, or an index note) are the same."""
     return one is not None and other is not None and all(one.get(key) == other.get(key) for key in STATE_KEYS)
@@ -913,8 +933,7 @@ class RegionRows:
                 raise StoreError(f"cannot write to {safe_url(database.db_url)}: {sql_reason(error)}") from None
         stored = self.model_id
         if stored != model_id:
-            raise StoreError(f"this database holds region vectors of {stored}, not of the regions in use "
-                             f"({model_id}); re-index into a new --db and --index-dir")
+            raise StoreError(other_regions_message(stored, model_id))
 
     def state(self, connection=None) -> dict:
         """As :meth:`Database.state`, of the regions."""

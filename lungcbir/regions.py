@@ -198,10 +198,18 @@ def region_features(network: UNet, unit: np.ndarray, region: np.ndarray, input_s
 # -- regions as stored objects and queries (issue 26 items 1 and 2) ------------------------------
 
 #: The recipe of stored region vectors (:func:`region_vector`); part of their model id, so
-#: regions made by another recipe are refused as vectors of another model are.
-REGION_RECIPE = "r1"
+#: regions made by another recipe are refused as vectors of another model are. ``r1`` (until
+#: 2026-12-07) weighed context 0.4, intensity 0.35, shape 0.15, lesion 0.1, set by hand.
+REGION_RECIPE = "r2"
 #: Each block's share of a region score: the score is the weighted sum of the blocks' cosines.
-REGION_BLOCK_WEIGHTS = {"context": 0.4, "intensity": 0.35, "shape": 0.15, "lesion": 0.1}
+#: r2's weights are those the nodule benchmark's fold procedure ("r1 blocks, weights chosen in
+#: folds") chooses when run once on all 624 nodules, HU input (context 0, intensity 1, shape 1,
+#: lesion 2 of {0, 1, 2}; ``python benchmarks/nodule_retrieval.py``, docs/retrieval.md, "Similar
+#: nodules"), normalised to sum to 1. A block of weight 0 is left out of the vector, never computed.
+REGION_BLOCK_WEIGHTS = {"context": 0.0, "intensity": 0.25, "shape": 0.25, "lesion": 0.5}
+#: The blocks of a region vector in their order, with their lengths (``context``: the model's
+#: bottleneck channels).
+REGION_BLOCKS = ("context", "intensity", "shape", "lesion")
 #: Smallest lesion stored as a region, in pixels at the model's input (256 x 256 for the bundled
 #: model: 4 x 4 pixels there, about 6 mm on a 512-pixel slice of 0.7 mm pixels); smaller
 #: specks of the lesion output are mostly noise at the lung's edge.
@@ -329,9 +337,12 @@ def region_model_id(model_id: str) -> str:
     return f"{model_id}/{REGION_RECIPE}"
 
 
-def region_dimension(bottleneck_channels: int) -> int:
-    """The length of a region vector for a model with this many bottleneck channels."""
-    return bottleneck_channels + 11 + 4 + 2  # context, intensity_features, shape_features, lesion
+def region_dimension(bottleneck_channels: int, weights: dict[str, float] | None = None) -> int:
+    """The length of a region vector for a model with this many bottleneck channels: the
+    lengths of the blocks of non-zero weight (``weights``: :data:`REGION_BLOCK_WEIGHTS`)."""
+    sizes = {"context": bottleneck_channels, "intensity": 11, "shape": 4, "lesion": 2}
+    weights = REGION_BLOCK_WEIGHTS if weights is None else weights
+    return sum(sizes[name] for name in REGION_BLOCKS if weights.get(name, 0.0) > 0)
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
@@ -347,40 +358,61 @@ def _to_model(region: np.ndarray, geometry, size: int) -> np.ndarray:
 
 
 def region_vector(maps: SliceMaps, region: np.ndarray, centre: np.ndarray | None = None,
-                  hu_window: tuple[float, float] = (-1000.0, 400.0)) -> np.ndarray:
+                  hu_window: tuple[float, float] = (-1000.0, 400.0),
+                  weights: dict[str, float] | None = None) -> np.ndarray:
     """The stored and query vector of a region (``region``: bool, the slice's size) of a slice
     segmented with ``keep_maps`` (:class:`~lungcbir.inference.SliceMaps`): no second network run.
 
-    Four unit blocks joined with the square roots of :data:`REGION_BLOCK_WEIGHTS`, so the cosine
-    of two region vectors is the weighted sum of the blocks' cosines:
+    Unit blocks joined with the square roots of their weights (``weights``, by default
+    :data:`REGION_BLOCK_WEIGHTS`, summing to 1), so the cosine of two region vectors is the
+    weighted sum of the blocks' cosines; a block of weight 0 is left out and not computed:
 
     * ``context``: the bottleneck averaged over the region (each cell weighted by its share of
       the region), minus the slice vectors' centre (``centre``: the mean part of the model's
-      saved centre), what the network sees there;
+      saved centre), what the network sees there (weight 0 in recipe r2: the nodule
+      benchmark's fold procedure dropped it);
     * ``intensity``: :func:`intensity_features` in HU (mean, spread, percentiles, ground-glass,
       soft-tissue and calcified shares, core minus rim), scaled to about [-1, 1];
     * ``shape``: :func:`shape_features` (log area, compactness, elongation, solidity);
     * ``lesion``: the lesion output's mean and maximum in the region (zero without one).
-
-    The bottleneck's cells are coarse (32 pixels of a 256 input), so a small nodule's own
-    look comes from the intensity and shape blocks; item 3 of issue 26 measures better ones.
     """
     if not region.any():
         raise RegionError("the region is empty")
+    weights = REGION_BLOCK_WEIGHTS if weights is None else weights
+    wanted = [name for name in REGION_BLOCKS if weights.get(name, 0.0) > 0]
+    blocks = {}
+    if "context" in wanted:
+        blocks["context"] = _context_block(maps, region, centre)
+    if "intensity" in wanted:
+        hu = hu_window[0] + maps.unit * (hu_window[1] - hu_window[0])
+        stats = intensity_features(hu, region)
+        blocks["intensity"] = _unit(np.concatenate([
+            (stats[[0]] + 500) / 500, stats[[1]] / 250 - 0.5, (stats[2:7] + 500) / 500,
+            2 * stats[7:10] - 1, stats[[10]] / 250]))
+    if "shape" in wanted:
+        shape = shape_features(region)
+        blocks["shape"] = _unit(np.array([(shape[0] - 5.0) / 2.0, *(2 * shape[1:] - 1)], np.float32))
+    if "lesion" in wanted:
+        blocks["lesion"] = _unit(_lesion_stats(maps, region))
+    vector = np.concatenate([np.sqrt(weights[name]) * blocks[name] for name in wanted])
+    return _unit(vector.astype(np.float32))
+
+
+def _context_block(maps: SliceMaps, region: np.ndarray, centre: np.ndarray | None) -> np.ndarray:
+    """The bottleneck averaged over the region, minus the centre's unit mean part, unit length."""
     channels, cells = maps.bottleneck.shape[0], maps.bottleneck.shape[-1]
     weights = _to_model(region, maps.geometry, cells)
     if weights.sum() <= 0:
         weights = np.ones_like(weights)
-    pooled = (maps.bottleneck * weights).sum((1, 2)) / weights.sum()
-    context = _unit(pooled)
+    context = _unit((maps.bottleneck * weights).sum((1, 2)) / weights.sum())
     if centre is not None and len(centre) >= channels:
         context = _unit(context - _unit(np.asarray(centre[:channels], np.float32)))
-    hu = hu_window[0] + maps.unit * (hu_window[1] - hu_window[0])
-    stats = intensity_features(hu, region)
-    scaled = np.concatenate([(stats[[0]] + 500) / 500, stats[[1]] / 250 - 0.5, (stats[2:7] + 500) / 500,
-                             2 * stats[7:10] - 1, stats[[10]] / 250])
-    shape = shape_features(region)
-    shape = np.array([(shape[0] - 5.0) / 2.0, *(2 * shape[1:] - 1)], np.float32)
+    return context
+
+
+def _lesion_stats(maps: SliceMaps, region: np.ndarray) -> np.ndarray:
+    """The lesion output's mean and maximum inside the region, scaled to [-1, 1] (zero without
+    a lesion output)."""
     lesion = np.zeros(2, np.float32)
     if maps.lesions is not None:
         inside = _to_model(region, maps.geometry, maps.lesions.shape[-1])
@@ -388,6 +420,4 @@ def region_vector(maps: SliceMaps, region: np.ndarray, centre: np.ndarray | None
         if cells_in.any():
             lesion = np.array([2 * float((maps.lesions * inside).sum() / max(inside.sum(), 1e-6)) - 1,
                                2 * float(maps.lesions[cells_in].max()) - 1], np.float32)
-    blocks = {"context": context, "intensity": _unit(scaled), "shape": _unit(shape), "lesion": _unit(lesion)}
-    vector = np.concatenate([np.sqrt(REGION_BLOCK_WEIGHTS[name]) * block for name, block in blocks.items()])
-    return _unit(vector.astype(np.float32))
+    return lesion

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .config import Settings
-from .database import FILTER_COLUMNS, ImageRecord, StoredRegion, decode_vector, safe_url
+from .database import FILTER_COLUMNS, ImageRecord, StoredRegion, decode_vector, other_regions_message, safe_url
 from .errors import FilterError, LungCBIRError, ReadError, StoreError
 from .focus import DEFAULT_FOCUS, Focus
 from .identity import compile_case_pattern
@@ -550,8 +550,7 @@ class Retriever:
             raise StoreError(f"no regions are stored in {safe_url(self.db_url)}; index images with "
                              f"`lungcbir index-dataset PATH --regions MASKS` (or with a model with a lesion output)")
         if regions.model_id not in (None, wanted):
-            raise LungCBIRError(f"the stored regions were made by {regions.model_id}, the model in use makes "
-                                f"{wanted}: re-index with this model, or query with the weights they were made with")
+            raise StoreError(other_regions_message(regions.model_id, wanted))
         result = self.model.segment([item], self.batch_size, keep_maps=True)[0]
         if result.quality == Quality.NO_LUNGS or result.maps is None:
             return QueryResult(item, result, [], warning=NO_LUNGS_WARNING, region=mask)

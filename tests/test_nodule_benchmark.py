@@ -15,7 +15,10 @@ from lungcbir.phantom import write_phantom
 from lungcbir.regions import REGION_BLOCK_WEIGHTS
 from lungcbir.research.nodule_benchmark import (
     R1_BLOCKS,
+    R1_WEIGHTS,
+    WEIGHTS,
     Labels,
+    block_cosine_distances,
     block_distances,
     choose_weights,
     cross_validated,
@@ -28,7 +31,9 @@ from lungcbir.research.nodule_benchmark import (
     product_region_vectors,
     query_scores,
     r1_blocks,
+    recipe_weights,
     summary,
+    vector_blocks,
 )
 from lungcbir.retrieval import Retriever
 
@@ -103,7 +108,7 @@ def test_pasted_nodules_lie_in_the_lungs_with_their_own_hu(shared_data):
         assert -1000 < np.median(case.pixels[case.region]) and np.percentile(around, 10) < -800
 
 
-# -- the stored region vector's column (recipe r1) -------------------------------------------------
+# -- the stored region vectors' columns (r1, r2) --------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +155,27 @@ def test_the_stored_vector_column_uses_the_vectors_the_product_stores(centred_fi
     found, usable = product_region_vectors(model, pixels, regions, batch_size=3)
     assert usable.all() and found.shape == expected.shape
     np.testing.assert_allclose(found, expected, atol=2e-3)  # stored vectors are float16
-    # the stored vector, not an uncentred one
+    # the centre only moves the context block, which r2 leaves out; r1's vectors need it
     uncentred = LungModel.load(centred_findings_weights)
     uncentred.settings.centre = None
-    assert not np.allclose(product_region_vectors(uncentred, pixels, regions)[0], expected, atol=2e-3)
-    # the vector's blocks: context, intensity, shape and lesion, each holding its shipped weight
-    blocks = r1_blocks(found, model.settings.unet.bottleneck_channels)
-    assert tuple(blocks) == R1_BLOCKS
+    np.testing.assert_allclose(product_region_vectors(uncentred, pixels, regions)[0], found, atol=1e-6)
+    # the shipped vector's blocks: intensity, shape and lesion (r2 leaves context out), each
+    # holding its shipped weight
+    channels = model.settings.unet.bottleneck_channels
+    blocks = vector_blocks(found, channels)
+    assert tuple(blocks) == ("intensity", "shape", "lesion") and REGION_BLOCK_WEIGHTS["context"] == 0
     for name, block in blocks.items():
         norms = np.linalg.norm(block, axis=1)
         assert np.all((np.abs(norms**2 - REGION_BLOCK_WEIGHTS[name]) < 1e-4) | (norms < 1e-6))
+    # recipe r1's vectors, still measured: context, intensity, shape and lesion with r1's weights
+    r1, _ = product_region_vectors(model, pixels, regions, weights=R1_WEIGHTS)
+    assert not np.allclose(product_region_vectors(uncentred, pixels, regions, weights=R1_WEIGHTS)[0], r1,
+                           atol=2e-3)
+    blocks = r1_blocks(r1, channels)
+    assert tuple(blocks) == R1_BLOCKS
+    for name, block in blocks.items():
+        norms = np.linalg.norm(block, axis=1)
+        assert np.all((np.abs(norms**2 - R1_WEIGHTS[name]) < 1e-4) | (norms < 1e-6))
 
 
 def test_the_stored_vector_column_ranks_by_inner_product_with_nothing_fitted():
@@ -185,3 +201,14 @@ def test_r1_block_weights_chosen_in_the_folds_drop_a_block_that_says_nothing():
     scores, chosen = cross_validated_r1_weights(r1, labels)
     assert len(chosen) == 5 and all(w["context"] == 0 and w["intensity"] > 0 for w in chosen)
     assert summary(scores, labels, resamples=50)["malignancy"][0] > 0.9
+
+
+def test_recipe_weights_are_the_fold_procedure_run_once_on_every_nodule():
+    blocks, labels = _toy(120, seed=3)
+    r1 = {"context": blocks["noise"], "intensity": blocks["signal"], "shape": blocks["signal"][:, ::-1]}
+    chosen, normalised = recipe_weights(r1, labels)
+    everyone = np.arange(120)
+    assert chosen == choose_weights(block_cosine_distances(r1), everyone, labels, tuple(r1))
+    assert chosen["context"] == 0 and set(chosen.values()) <= set(WEIGHTS)
+    assert sum(normalised.values()) == pytest.approx(1)
+    assert all(normalised[name] == pytest.approx(chosen[name] / sum(chosen.values())) for name in chosen)

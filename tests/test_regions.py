@@ -6,16 +6,24 @@ import numpy as np
 import pytest
 import torch
 
+from lungcbir.inference import SliceMaps
 from lungcbir.model import UNet, UNetConfig
+from lungcbir.preprocess import geometry_for
 from lungcbir.regions import (
     HISTOGRAM_BINS,
+    REGION_BLOCK_WEIGHTS,
+    REGION_RECIPE,
     bbox_mask,
     histogram_features,
     intensity_features,
     region_bbox,
+    region_dimension,
     region_features,
+    region_model_id,
+    region_vector,
     shape_features,
 )
+from lungcbir.research.nodule_benchmark import R1_WEIGHTS, r1_blocks
 
 
 def _disc(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
@@ -81,3 +89,46 @@ def test_region_features_follow_the_region_not_the_rest_of_the_slice():
     assert not np.allclose(moved.blocks["zoom32"], first.blocks["zoom32"])
     with pytest.raises(ValueError):
         region_features(network, unit, np.zeros(unit.shape, bool), input_size=64)
+
+
+# -- the stored region vector (recipe r2) ---------------------------------------------------------
+
+
+def _maps(bottleneck: np.ndarray | None = None) -> tuple[SliceMaps, np.ndarray]:
+    rng = np.random.default_rng(1)
+    unit = np.full((48, 64), 0.1, np.float32) + rng.normal(0, 0.01, (48, 64)).astype(np.float32)
+    region = _disc(unit.shape, (20, 30), 5)
+    unit[region] = 0.7
+    lesions = rng.random((32, 32)).astype(np.float32)
+    bottleneck = rng.normal(0, 1, (8, 4, 4)).astype(np.float32) if bottleneck is None else bottleneck
+    return SliceMaps(bottleneck, lesions, geometry_for(unit.shape), unit), region
+
+
+def test_recipe_r2_leaves_out_the_context_block_and_never_pools_the_bottleneck():
+    assert REGION_RECIPE == "r2" and region_model_id("m1") == "m1/r2"
+    # the weights the fold procedure chose on all 624 nodules (HU): 0, 1, 1, 2, normalised
+    assert REGION_BLOCK_WEIGHTS == {"context": 0.0, "intensity": 0.25, "shape": 0.25, "lesion": 0.5}
+    maps, region = _maps()
+    vector = region_vector(maps, region)
+    assert vector.shape == (region_dimension(8),) == (11 + 4 + 2,)
+    assert abs(float(np.linalg.norm(vector)) - 1) < 1e-5
+    # the bottleneck is not read: a NaN one gives the same vector
+    nan_maps, _ = _maps(np.full((8, 4, 4), np.nan, np.float32))
+    np.testing.assert_array_equal(region_vector(nan_maps, region), vector)
+    # each block holds its weight's share of the unit vector
+    edges = np.cumsum([0, 11, 4, 2])
+    for (name, weight), start, stop in zip(list(REGION_BLOCK_WEIGHTS.items())[1:], edges[:-1], edges[1:]):
+        assert float(np.sum(vector[start:stop] ** 2)) == pytest.approx(weight, abs=1e-5)
+
+
+def test_recipe_r1_weights_still_give_r1_vectors_with_their_context_block():
+    maps, region = _maps()
+    r1 = region_vector(maps, region, weights=R1_WEIGHTS)
+    assert r1.shape == (region_dimension(8, R1_WEIGHTS),) == (8 + 11 + 4 + 2,)
+    blocks = r1_blocks(r1[None], 8)
+    for name, block in blocks.items():
+        assert float(np.sum(block**2)) == pytest.approx(R1_WEIGHTS[name], abs=1e-5)
+    # r2's blocks are r1's unit blocks (all but context) with r2's weights
+    rebuilt = np.concatenate([np.sqrt(REGION_BLOCK_WEIGHTS[name]) * blocks[name][0] / np.sqrt(R1_WEIGHTS[name])
+                              for name in ("intensity", "shape", "lesion")])
+    np.testing.assert_allclose(region_vector(maps, region), rebuilt, atol=1e-6)

@@ -28,14 +28,17 @@ leave-patient-out retrieval), found by coordinate ascent. A learnt distance (two
 directions, malignancy and ground glass, over every block) is fitted on the other folds too.
 The neighbours of a query are every other patient's nodules. Intervals: 95 % percentile bootstrap resampling patients.
 
-**The stored region vector** (:func:`lungcbir.regions.region_vector`, recipe ``r1``) is measured
-as the product computes and searches it: :func:`product_region_vectors` runs each slice through
+**The stored region vectors** (:func:`lungcbir.regions.region_vector`) are measured as the
+product computes and searches them: :func:`product_region_vectors` runs each slice through
 ``as_slice`` and one ``LungModel.segment(..., keep_maps=True)`` pass and calls ``region_vector``
 with the model's saved centre and HU window, as ``Retriever.query_region`` and indexing do; the
-neighbours are ranked by inner product of the unit vectors (the region index's cosine), with its
-shipped block weights and nothing fitted (:func:`cross_validated_cosine`). A separate variant
-(:func:`cross_validated_r1_weights`) keeps r1's four unit blocks and chooses their weights inside
-the folds as above.
+neighbours are ranked by inner product of the unit vectors (the region index's cosine), with the
+recipe's block weights and nothing fitted (:func:`cross_validated_cosine`). Two recipes: ``r1``
+(:data:`R1_WEIGHTS`, set by hand, shipped until 2026-12-07) and the shipped ``r2``. A separate
+variant (:func:`cross_validated_r1_weights`) keeps r1's four unit blocks and chooses their
+weights inside the folds as above; that procedure, run once on every nodule
+(:func:`recipe_weights`), chose r2's weights, so its cross-validated figures are the honest
+estimate for r2, while r2's own column is optimistic (its weights saw every query).
 """
 
 from __future__ import annotations
@@ -283,18 +286,23 @@ def cross_validated(blocks: dict[str, np.ndarray], labels: Labels, choose: bool,
     return scores, chosen
 
 
-# --- the stored region vector (recipe r1) ----------------------------------------------------
+# --- the stored region vectors (recipes r1 and r2) --------------------------------------------
 
-#: The unit blocks of a stored region vector, in its order (:func:`lungcbir.regions.region_vector`).
+#: The unit blocks of a region vector, in its order (:func:`lungcbir.regions.region_vector`).
 R1_BLOCKS = ("context", "intensity", "shape", "lesion")
+#: Recipe r1's block weights, set by hand (shipped until 2026-12-07; r2 replaced it): the
+#: benchmark still computes r1 vectors with them (``region_vector(..., weights=R1_WEIGHTS)``).
+R1_WEIGHTS = {"context": 0.4, "intensity": 0.35, "shape": 0.15, "lesion": 0.1}
 
 
 def product_region_vectors(model: LungModel, images: list[np.ndarray], regions: list[np.ndarray],
-                           batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                           batch_size: int = 4, weights: dict[str, float] | None = None
+                           ) -> tuple[np.ndarray, np.ndarray]:
     """The region vectors the product stores and searches, for each (slice, region mask): the
     slice as ``Retriever.query_region`` takes an array (``as_slice``), one
     ``model.segment(..., keep_maps=True)`` pass, :func:`~lungcbir.regions.region_vector` with the
-    model's saved centre and HU window. Returns the vectors and whether the product would search
+    model's saved centre and HU window (and ``weights``: by default the shipped recipe's; r1's
+    with :data:`R1_WEIGHTS`). Returns the vectors and whether the product would search
     with each (False where the slice was judged to hold no lungs: ``query_region`` answers
     nothing there; its vector is still computed when the maps exist, else zero)."""
     from ..quality import Quality
@@ -312,20 +320,35 @@ def product_region_vectors(model: LungModel, images: list[np.ndarray], regions: 
             if result.maps is None:
                 vectors.append(np.zeros(0, np.float32))
                 continue
-            vectors.append(region_vector(result.maps, region, None if centre is None else np.asarray(centre), window))
+            vectors.append(region_vector(result.maps, region, None if centre is None else np.asarray(centre), window,
+                                         weights))
     width = max(len(v) for v in vectors)
     return (np.stack([v if len(v) else np.zeros(width, np.float32) for v in vectors]).astype(np.float32),
             np.array(usable, bool))
 
 
-def r1_blocks(vectors: np.ndarray, channels: int) -> dict[str, np.ndarray]:
-    """The four blocks of stored region vectors (bottleneck ``channels`` + 11 + 4 + 2 values),
-    as they are inside the vector (each the unit block times the square root of its weight)."""
-    sizes = (channels, 11, 4, 2)
+def vector_blocks(vectors: np.ndarray, channels: int, weights: dict[str, float] | None = None
+                  ) -> dict[str, np.ndarray]:
+    """The blocks of region vectors made with ``weights`` (by default the shipped recipe's;
+    blocks of weight 0 are not in the vector; ``context`` has the bottleneck's ``channels``,
+    then 11 + 4 + 2 values), as they are inside the vector (each the unit block times the square
+    root of its weight)."""
+    from ..regions import REGION_BLOCK_WEIGHTS
+
+    weights = REGION_BLOCK_WEIGHTS if weights is None else weights
+    lengths = {"context": channels, "intensity": 11, "shape": 4, "lesion": 2}
+    names = [name for name in R1_BLOCKS if weights.get(name, 0.0) > 0]
+    sizes = tuple(lengths[name] for name in names)
     if vectors.shape[1] != sum(sizes):
         raise ValueError(f"region vectors of length {vectors.shape[1]}, expected {sum(sizes)}")
     edges = np.cumsum((0,) + sizes)
-    return {name: vectors[:, edges[i]:edges[i + 1]] for i, name in enumerate(R1_BLOCKS)}
+    return {name: vectors[:, edges[i]:edges[i + 1]] for i, name in enumerate(names)}
+
+
+def r1_blocks(vectors: np.ndarray, channels: int) -> dict[str, np.ndarray]:
+    """The four blocks of recipe r1's region vectors (:data:`R1_WEIGHTS`: bottleneck
+    ``channels`` + 11 + 4 + 2 values), as :func:`vector_blocks`."""
+    return vector_blocks(vectors, channels, R1_WEIGHTS)
 
 
 def cosine_distance(vectors: np.ndarray) -> np.ndarray:
@@ -348,15 +371,23 @@ def cross_validated_cosine(vectors: np.ndarray, labels: Labels) -> dict[str, np.
     return scores
 
 
-def cross_validated_r1_weights(blocks: dict[str, np.ndarray], labels: Labels
-                               ) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """The stored vector's blocks re-weighted: each block's cosine distance (a weighted mean of
-    them ranks as a weighted sum of the blocks' cosines, as r1 does with its shipped weights),
-    the weights chosen on the other folds by :func:`choose_weights`."""
+def block_cosine_distances(blocks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each block's cosine distance between every two nodules (a weighted mean of them ranks as
+    a weighted sum of the blocks' cosines, as a region vector does with its weights)."""
     distances = {}
     for name, values in blocks.items():
         norms = np.linalg.norm(values, axis=1, keepdims=True)
         distances[name] = cosine_distance(np.where(norms > 0, values / np.maximum(norms, 1e-12), 0.0))
+    return distances
+
+
+def cross_validated_r1_weights(blocks: dict[str, np.ndarray], labels: Labels
+                               ) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """The stored vector's blocks re-weighted: each block's cosine distance
+    (:func:`block_cosine_distances`), the weights chosen on the other folds by
+    :func:`choose_weights`. This is the procedure that chose recipe r2's weights
+    (:func:`recipe_weights`): its cross-validated figures are the estimate for r2."""
+    distances = block_cosine_distances(blocks)
     folds = patient_folds(labels.patient)
     everyone = np.arange(len(folds))
     scores: dict[str, np.ndarray] = {}
@@ -368,6 +399,17 @@ def cross_validated_r1_weights(blocks: dict[str, np.ndarray], labels: Labels
         for key, values in query_scores(combined(distances, weights), test, everyone, labels).items():
             scores.setdefault(key, np.full(len(folds), np.nan))[test] = values
     return scores, chosen
+
+
+def recipe_weights(blocks: dict[str, np.ndarray], labels: Labels) -> tuple[dict[str, float], dict[str, float]]:
+    """The weights :func:`cross_validated_r1_weights` chooses in each fold, chosen once on every
+    nodule (the same :func:`choose_weights` on the blocks' cosine distances, ``train`` = all):
+    how recipe r2's weights were picked. Returns the chosen weights (each of
+    :data:`WEIGHTS`) and the same normalised to sum to 1, as ``REGION_BLOCK_WEIGHTS`` holds them."""
+    everyone = np.arange(len(labels.patient))
+    chosen = choose_weights(block_cosine_distances(blocks), everyone, labels, tuple(blocks))
+    total = sum(chosen.values())
+    return chosen, {name: weight / total for name, weight in chosen.items()}
 
 
 SHRINKAGE = (0.1, 0.5, 0.9)
