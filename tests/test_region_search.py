@@ -514,3 +514,53 @@ def test_concurrent_indexers_store_each_region_once(nodule_dir, tiny_weights, ba
         store.checkpoint()
         assert store.database.regions.count() == 24 and store.region_vectors.current().ntotal == 24
         assert store.check() == []
+
+
+# -- the page's region search (issue 27 expectation 3) ----------------------------------------------
+
+
+def _picture(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return cv2.imdecode(np.frombuffer(response.content, np.uint8), cv2.IMREAD_COLOR)
+
+
+def _cyan(picture: np.ndarray) -> np.ndarray:
+    return (picture == np.array(REGION_COLOUR, np.uint8)).all(axis=-1)
+
+
+def test_web_region_neighbours_thumbnails_outline_their_region(indexed, nodule_dir, tmp_path):
+    client = TestClient(create_app(indexed), base_url="http://localhost", raise_server_exceptions=False)
+    png = Path(_query(nodule_dir)).read_bytes()
+    answer = client.post("/api/query", files={"file": ("q.png", png, "image/png")},
+                         data={"k": "3", "region": "26,43,37,54", "per_patient": "0", "other_patients": "true"}).json()
+    for neighbor in answer["neighbors"]:
+        url = neighbor["thumbnail_url"]
+        assert url == f"/api/images/{neighbor['id']}/thumbnail?region={neighbor['region']['id']}"
+        cyan = _cyan(_picture(client.get(url)))
+        x0, y0, x1, y1 = neighbor["region"]["bbox"]
+        assert cyan[y0:y1, x0:x1].any() and cyan[y0 - 10:y1 + 10, x0 - 10:x1 + 10].sum() == cyan.sum()  # there only
+        plain = client.get(f"/api/images/{neighbor['id']}/thumbnail")
+        assert not _cyan(_picture(plain)).any()  # a slice answer's thumbnail outlines nothing
+    # a region of another slice, an unknown one, or no number: refused in one line, no server path
+    first, second = answer["neighbors"][:2]
+    for query, status in [(f"{first['id']}/thumbnail?region={second['region']['id']}", 404),
+                          (f"{first['id']}/thumbnail?region=999999", 404),
+                          (f"{first['id']}/thumbnail?region=0", 422),
+                          (f"{first['id']}/thumbnail?region={2**70}", 422),
+                          (f"{first['id']}/thumbnail?region=..%2Fetc", 422)]:
+        refused = client.get(f"/api/images/{query}")
+        assert refused.status_code == status, (query, refused.text)
+        assert str(tmp_path.parent) not in refused.text and str(nodule_dir) not in refused.text
+
+
+def test_web_region_query_on_a_store_without_regions_says_how_to_make_them(phantom_dir, tiny_weights, store_paths):
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "png"])
+    client = TestClient(create_app(retriever), base_url="http://localhost", raise_server_exceptions=False)
+    png = (phantom_dir / "png" / "phantom01" / "phantom01_s001.png").read_bytes()
+    answer = client.post("/api/query", files={"file": ("q.png", png, "image/png")}, data={"region": "1,1,9,9"})
+    # not "the image database is not available": the store is fine, it holds no regions
+    assert answer.status_code == 409, answer.text
+    detail = answer.json()["detail"]
+    assert "--regions MASKS" in detail and "\n" not in detail
+    assert "sqlite" not in detail and "postgres" not in detail and "/" not in detail.split("`")[0]
