@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import records, unit
+from conftest import SOLID, disc, records, unit
 from fastapi.testclient import TestClient
 
 from lungcbir.cli import main
@@ -20,7 +20,6 @@ from lungcbir.database import NewRegion
 from lungcbir.errors import RegionError
 from lungcbir.inference import LungModel
 from lungcbir.io import read_file
-from lungcbir.phantom import write_phantom
 from lungcbir.regions import (
     REGION_BLOCK_WEIGHTS,
     RegionBox,
@@ -36,37 +35,8 @@ from lungcbir.vector_index import kind_of
 from lungcbir.visualize import REGION_COLOUR, outline_region
 from lungcbir.web import create_app
 
-#: Where the fixture paints its two findings in every 96-pixel phantom slice (x, y, radius):
-#: a solid nodule in the left lung, a ground-glass patch in the right one.
-SOLID = (31, 48, 4)
-GROUND_GLASS = (66, 48, 5)
 SOLID_BOX = RegionBox(26, 43, 37, 54)
 GROUND_GLASS_BOX = RegionBox(60, 42, 73, 55)
-
-
-def _disc(shape: tuple[int, int], x: int, y: int, radius: int) -> np.ndarray:
-    ys, xs = np.ogrid[:shape[0], :shape[1]]
-    return (ys - y) ** 2 + (xs - x) ** 2 <= radius**2
-
-
-@pytest.fixture(scope="session")
-def nodule_dir(tmp_path_factory) -> Path:
-    """Three synthetic patients of 4 slices (8-bit PNG, 96 pixels), each slice with a solid
-    nodule (HU 40) and a ground-glass patch (about HU -550, textured), and ``regions/``: a
-    mask of both per slice, under the same relative names."""
-    out = tmp_path_factory.mktemp("nodules")
-    write_phantom(out, slices=4, size=96, patients=3)
-    rng = np.random.default_rng(0)
-    for image in sorted((out / "png").rglob("*.png")):
-        pixels = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE)
-        solid, glass = _disc(pixels.shape, *SOLID), _disc(pixels.shape, *GROUND_GLASS)
-        pixels[solid] = 189
-        pixels[glass] = np.clip(82 + rng.normal(0, 6, int(glass.sum())), 0, 255).astype(np.uint8)
-        cv2.imwrite(str(image), pixels)
-        mask = out / "regions" / image.relative_to(out / "png")
-        mask.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(mask), ((solid | glass) * 255).astype(np.uint8))
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +68,7 @@ def test_marked_regions_are_stored_with_their_slice_box_area_and_vector(nodule_d
     stored = regions.read(range(1, 100))
     assert len(stored) == 24 and {region.source for region in stored.values()} == {"mask"}
     solid = [r for r in stored.values() if r.bbox == (27, 44, 36, 53)]
-    assert len(solid) == 12 and all(r.area == int(_disc((96, 96), *SOLID).sum()) for r in solid)
+    assert len(solid) == 12 and all(r.area == int(disc((96, 96), *SOLID).sum()) for r in solid)
     rows = store.records({r.image_id for r in stored.values()})
     assert len(rows) == 12  # every region is linked to a stored slice
     assert regions.state()["dimension"] == region_dimension(retriever.model.settings.unet.bottleneck_channels)
@@ -340,7 +310,7 @@ def test_a_region_query_finds_regions_of_the_same_kind_in_other_patients(indexed
 
 
 def test_a_region_query_finds_its_own_stored_region_first(indexed, nodule_dir):
-    result = indexed.query(_query(nodule_dir), k=1, region=_disc((96, 96), *SOLID))
+    result = indexed.query(_query(nodule_dir), k=1, region=disc((96, 96), *SOLID))
     assert result.neighbors[0].path == _query(nodule_dir) and result.neighbors[0].score > 0.999
 
 
@@ -484,7 +454,7 @@ def test_web_bad_regions_are_refused_with_one_line(indexed, nodule_dir, data, ma
 
 def test_outline_region_draws_the_region_and_a_box_around_it():
     picture = np.zeros((64, 64, 3), np.uint8)
-    mask = _disc((10, 10), 5, 5, 4)
+    mask = disc((10, 10), 5, 5, 4)
     outline_region(picture, (20, 20, 30, 30), mask)
     drawn = (picture == np.array(REGION_COLOUR, np.uint8)).all(axis=-1)
     assert drawn[20:30, 20:30].any() and drawn[17, 17:33].all() and not drawn[25, 25]
