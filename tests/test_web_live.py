@@ -1050,6 +1050,12 @@ def test_a_box_drawn_with_the_mouse_searches_that_region(region_page, nodule_dir
     page.click("#region-search")
     region_answer_shown(page, SOLID_BOX)
     assert "area 121 px" in page.inner_text("#region-used")
+    with page.expect_download() as download:  # the result list names each region found
+        page.click("#download-csv")
+    header, *lines = Path(download.value.path()).read_text().splitlines()
+    columns = header.split(",")
+    assert {"region_id", "region_bbox", "region_area", "region_source"} <= set(columns)
+    assert lines and all(line.split(",")[columns.index("region_source")] == "mask" for line in lines)
     sent = [r for r in requests if r.url.endswith("/api/query") and r.method == "POST"][-1]
     thumbnails = [r.url for r in requests[requests.index(sent):] if "/thumbnail" in r.url]
     assert thumbnails and all("?region=" in url for url in thumbnails)  # the server outlines each region
