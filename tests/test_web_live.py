@@ -1011,10 +1011,11 @@ def cyan_pixels(page, selector: str) -> list[int]:
 
 
 def region_answer_shown(page, box: tuple[int, int, int, int]) -> None:
-    page.wait_for_function(f"document.getElementById('region-used').textContent.includes('{','.join(map(str, box))}')",
+    # the cards and their title come last (after the query's pictures): then the answer is shown
+    page.wait_for_function(f"document.getElementById('region-used').textContent.includes('{','.join(map(str, box))}')"
+                           " && document.getElementById('results-title').textContent === 'Most similar stored regions'",
                            timeout=60_000)
     page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.naturalWidth > 0)")
-    assert page.inner_text("#results-title") == "Most similar stored regions"
     assert page.locator("#results .card").count() >= 2
     assert page.locator("#results .mark").count() == 0 and page.locator("#refine").is_hidden()  # slices only
     # every card names its region and its picture outlines it
@@ -1108,3 +1109,35 @@ def test_a_region_search_on_a_store_without_regions_says_so_and_keeps_the_answer
     assert "no regions are stored here" in message and "--regions MASKS" in message
     assert "sqlite" not in message and "/tmp" not in message  # no database URL, no server folder
     assert page.locator("#results .card").count() == cards and page.is_visible("#answer")
+
+
+@pytest.mark.browser
+def test_a_box_drawn_on_the_zoomed_comparison_searches_that_region(region_page, region_server, nodule_dir):
+    page = region_page
+    search(page, nodule_query(nodule_dir), k="3")
+    page.locator("#results .card").first.click()
+    page.wait_for_selector("#detail[open]")
+    page.wait_for_function("document.getElementById('neighbor-canvas').width > 0")
+    page.click("#zoom-in")
+    page.click("#zoom-in")
+    zoom = float(page.get_attribute("#detail", "data-zoom"))
+    assert zoom > 1.5
+    page.click("#draw-region")
+    assert page.get_attribute("#draw-region", "aria-pressed") == "true"
+    assert serious_violations(page, region_server) == []  # the dialog's region controls
+    canvas = page.locator("#query-canvas").bounding_box()
+
+    def at(x: float, y: float) -> tuple[float, float]:  # slice pixel (x, y) under the zoom about the centre
+        fit = canvas["width"] / 96
+        return (canvas["x"] + ((x + 0.5 - 48) * zoom + 48) * fit, canvas["y"] + ((y + 0.5 - 48) * zoom + 48) * fit)
+
+    window = page.get_attribute("#detail", "data-window")
+    page.mouse.move(*at(26, 43))
+    page.mouse.down()
+    page.mouse.move(*at(36, 53), steps=5)
+    page.mouse.up()
+    assert page.get_attribute("#detail", "data-window") == window  # drawing, not windowing
+    assert [page.input_value(f"#region-{c}") for c in ("x0", "y0", "x1", "y1")] == list(map(str, SOLID_BOX))
+    page.click("#detail-region-search")
+    region_answer_shown(page, SOLID_BOX)
+    assert not page.locator("#detail[open]").count()

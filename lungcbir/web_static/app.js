@@ -869,14 +869,51 @@ $("lesions").addEventListener("change", () => { viewState.lesions = $("lesions")
 $("slice-prev").addEventListener("click", () => step(-1));
 $("slice-next").addEventListener("click", () => step(1));
 
+// a point of a viewer's canvas in pixels of its slice: the canvas is scaled to fit its square box
+// (object-fit: contain), then the view's zoom about the centre and its pan are undone
+function viewerPoint(viewer, event) {
+  const rect = viewer.canvas.getBoundingClientRect();
+  const { width, height } = viewer.canvas;
+  const fit = Math.min(rect.width / width, rect.height / height);
+  const cx = (event.clientX - rect.left - (rect.width - width * fit) / 2) / fit;
+  const cy = (event.clientY - rect.top - (rect.height - height * fit) / 2) / fit;
+  const clamp = (value, size) => Math.max(0, Math.min(size, value));
+  return [clamp((cx - width / 2) / viewState.zoom + width / 2 - viewState.panX, width),
+    clamp((cy - height / 2) / viewState.zoom + height / 2 - viewState.panY, height)];
+}
+
+// "Draw a region" on: a drag on the query side draws the box (in the answer's region fields)
+// instead of changing the window, at whatever zoom and pan the view has
+function drawingRegion(viewer) { return viewer === viewers.query && $("draw-region").getAttribute("aria-pressed") === "true"; }
+
+$("draw-region").addEventListener("click", () => {
+  const on = $("draw-region").getAttribute("aria-pressed") !== "true";
+  $("draw-region").setAttribute("aria-pressed", String(on));
+  $("query-canvas").classList.toggle("drawing", on);
+});
+$("detail-region-search").addEventListener("click", () => {
+  $("detail").close();
+  $("region-search").click();
+});
+
+function updateDetailRegion() { $("detail-region-search").disabled = !typedRegion() || !regionTool.file; }
+
 Object.values(viewers).forEach((viewer) => {
   let drag = null;
   viewer.canvas.addEventListener("pointerdown", (event) => {
+    viewer.canvas.setPointerCapture(event.pointerId);
+    if (drawingRegion(viewer) && viewer.image) {
+      drag = { region: viewerPoint(viewer, event) };
+      viewer.region = dragBox(drag.region, drag.region);
+      renderAll();
+      return;
+    }
     drag = { x: event.clientX, y: event.clientY, pan: event.shiftKey || event.button === 1 };
     viewer.canvas.setPointerCapture(event.pointerId);
   });
   viewer.canvas.addEventListener("pointermove", (event) => {
     if (!drag) return;
+    if (drag.region) { viewer.region = dragBox(drag.region, viewerPoint(viewer, event)); renderAll(); return; }
     const dx = event.clientX - drag.x, dy = event.clientY - drag.y;
     drag.x = event.clientX; drag.y = event.clientY;
     const scale = viewer.canvas.width / viewer.canvas.getBoundingClientRect().width;
@@ -892,7 +929,16 @@ Object.values(viewers).forEach((viewer) => {
     }
     renderAll();
   });
-  viewer.canvas.addEventListener("pointerup", () => { drag = null; });
+  viewer.canvas.addEventListener("pointerup", (event) => {
+    if (drag && drag.region) {  // the box goes to the answer's fields, searched from here or there
+      viewer.region = dragBox(drag.region, viewerPoint(viewer, event));
+      setRegion(viewer.region);
+      openRegionTool();
+      updateDetailRegion();
+      renderAll();
+    }
+    drag = null;
+  });
   viewer.canvas.addEventListener("wheel", (event) => {
     event.preventDefault();
     if (event.ctrlKey) zoomBy(event.deltaY < 0 ? 1.15 : 1 / 1.15);
@@ -1057,6 +1103,12 @@ async function openDetail(query, neighbor, opener, seriesQueried = null) {
     detail.series = series.ids || [];
     showQuery(query, queryPixels, queryContour);
     showSegOffer();
+    // a region is searched in the answer's one query slice, not in a series' slices
+    $("region-draw-part").classList.toggle("hidden", Boolean(seriesQueried) || !regionTool.file);
+    $("draw-region").setAttribute("aria-pressed", "false");
+    $("query-canvas").classList.remove("drawing");
+    if (!seriesQueried && typedRegion()) viewers.query.region = typedRegion();  // the box drawn so far
+    updateDetailRegion();
     viewState.zoom = 1; viewState.panX = viewState.panY = 0;
     $("detail-title").textContent = `Query and #${neighbor.rank} side by side`;
     await showNeighbor(neighbor.id, neighbor);
