@@ -1091,8 +1091,11 @@ def test_a_region_is_typed_with_the_keyboard_and_axe_finds_nothing_serious(regio
     page.keyboard.type("54")
     assert page.locator("#region-box").is_visible() and not page.is_disabled("#region-search")
     assert serious_violations(page, region_server) == []
-    page.keyboard.press("Enter")  # Enter in a corner's field searches
+    page.keyboard.press("Tab")
+    assert focused(page) == "region-search"
+    page.keyboard.press("Enter")
     region_answer_shown(page, SOLID_BOX)
+    assert focused(page) == "region-search"  # the keyboard stays where it was, to search again
     assert serious_violations(page, region_server) == []
 
 
@@ -1103,7 +1106,7 @@ def test_a_region_search_on_a_store_without_regions_says_so_and_keeps_the_answer
     page.click("#region-toggle")
     for corner, value in zip(("x0", "y0", "x1", "y1"), ("10", "10", "60", "60")):
         page.fill(f"#region-{corner}", value)
-    page.click("#region-search")
+    page.press("#region-y1", "Enter")  # Enter in a corner's field searches
     page.wait_for_function("document.getElementById('message').classList.contains('error')")
     message = page.inner_text("#message")
     assert "no regions are stored here" in message and "--regions MASKS" in message

@@ -362,7 +362,7 @@ async function showSliceAnswer(answer) {
 // the region tool: a box drawn on the query picture (or typed), in pixels of the query slice
 // (x1 and y1 exclusive, as /api/query's region), searched with the same file as the answer shown
 
-const regionTool = { file: null, width: 0, height: 0, drag: null };
+const regionTool = { file: null, width: 0, height: 0, drag: null, busy: false };
 const REGION_INPUTS = ["region-x0", "region-y0", "region-x1", "region-y1"];
 
 function boxSize(box) { return `${box[2] - box[0]} × ${box[3] - box[1]} px`; }
@@ -456,14 +456,18 @@ $("region-tool").addEventListener("keydown", (event) => {
 // a box outside the slice) is said in one line and the answer shown stays
 $("region-search").addEventListener("click", async () => {
   const box = typedRegion();
-  if (!box || !regionTool.file) return;
+  if (!box || !regionTool.file || regionTool.busy) return;
+  // busy rather than disabled: a disabled button would drop the keyboard focus during the search
+  regionTool.busy = true;
+  $("region-search").setAttribute("aria-busy", "true");
+  // the answer is hidden while it is replaced, which drops the focus: it goes back where it was
+  const focused = $("region-tool").contains(document.activeElement) ? document.activeElement : null;
   const body = new FormData();
   body.append("file", regionTool.file);
   filterFields(body);
   body.append("per_patient", $("per-patient").checked ? "1" : "0");
   if (features.otherPatients) body.append("other_patients", $("other-patients").checked ? "1" : "0");
   body.append("region", box.join(","));
-  $("region-search").disabled = true;
   showMessage(`Searching the stored regions like the box ${box.join(",")}…`);
   try {
     const response = await api("/api/query", { method: "POST", body });
@@ -477,7 +481,10 @@ $("region-search").addEventListener("click", async () => {
   } catch (error) {
     if (!(error instanceof NeedsToken)) showMessage(String(error.message || error), true);
   } finally {
+    regionTool.busy = false;
+    $("region-search").removeAttribute("aria-busy");
     showRegionBox(typedRegion());
+    if (focused && document.activeElement !== focused) focused.focus();
   }
 });
 
