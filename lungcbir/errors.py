@@ -30,6 +30,15 @@ class StoreError(LungCBIRError):
     exit_code = 4
 
 
+class NoRegionsError(StoreError):
+    """A region query on a store that holds no regions. ``advice`` says how to make them
+    without naming the database, for a client that must not see its URL (the web)."""
+
+    def __init__(self, message: str, advice: str) -> None:
+        super().__init__(message)
+        self.advice = advice
+
+
 class LockedError(StoreError):
     """Another process holds the write lock of an index folder."""
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from .config import Settings
 from .database import FILTER_COLUMNS, ImageRecord, StoredRegion, decode_vector, other_regions_message, safe_url
-from .errors import FilterError, LungCBIRError, ReadError, StoreError
+from .errors import FilterError, LungCBIRError, NoRegionsError, ReadError, StoreError
 from .focus import DEFAULT_FOCUS, Focus
 from .identity import compile_case_pattern
 from .indexing import FILES_PER_COMMIT, Indexer, IndexReport
@@ -547,8 +547,10 @@ class Retriever:
         regions = store.database.regions
         wanted = region_model_id(self.model.model_id)
         if regions.count() == 0:
-            raise StoreError(f"no regions are stored in {safe_url(self.db_url)}; index images with "
-                             f"`lungcbir index-dataset PATH --regions MASKS` (or with a model with a lesion output)")
+            advice = ("index images with `lungcbir index-dataset PATH --regions MASKS` (or with a model with a "
+                      "lesion output)")
+            raise NoRegionsError(f"no regions are stored in {safe_url(self.db_url)}; {advice}",
+                                 f"no regions are stored here; {advice}")
         if regions.model_id not in (None, wanted):
             raise StoreError(other_regions_message(regions.model_id, wanted))
         result = self.model.segment([item], self.batch_size, keep_maps=True)[0]
@@ -656,6 +658,13 @@ class Retriever:
                 continue  # the stored file is gone; the table still lists it
         masks = self.stored_masks([(neighbor.id, item) for neighbor, item in found])
         return [(neighbor, item, mask) for (neighbor, item), mask in zip(found, masks)]
+
+    def stored_region(self, region_id: int) -> tuple[StoredRegion, np.ndarray | None] | None:
+        """A stored region by id and its own mask inside its box (None when it has none kept);
+        None when no such region is stored (or it was removed)."""
+        regions = self.store(create=False).database.regions
+        found = regions.read([region_id]).get(region_id)
+        return None if found is None else (found, regions.masks([region_id]).get(region_id))
 
     def region_masks(self, neighbors: Sequence[Neighbor]) -> dict[int, np.ndarray]:
         """The stored masks (inside their boxes) of region neighbours' regions, by region id."""

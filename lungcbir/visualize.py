@@ -15,12 +15,13 @@ REGION_COLOUR = (255, 255, 0)  # BGR: cyan, apart from the amber lungs and the r
 
 
 def outline_region(picture: np.ndarray, bbox: tuple[int, int, int, int] | list[int],
-                   mask: np.ndarray | None = None) -> np.ndarray:
+                   mask: np.ndarray | None = None, thickness: int | None = None) -> np.ndarray:
     """Draw a region on an overlay (BGR, the slice's size) in :data:`REGION_COLOUR`: its contour
     when its mask inside ``bbox`` (x0, y0, x1, y1, exclusive ends) is given, else its box; a
-    box a few pixels larger around it, so a small nodule is found at a glance."""
+    box a few pixels larger around it, so a small nodule is found at a glance. ``thickness``:
+    of the lines in pixels (default: one per 256 pixels of the picture's side)."""
     x0, y0, x1, y1 = (int(v) for v in bbox)
-    thickness = max(1, round(max(picture.shape[:2]) / 256))
+    thickness = thickness or max(1, round(max(picture.shape[:2]) / 256))
     if mask is not None and mask.shape == (y1 - y0, x1 - x0) and mask.any():
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE,
                                        offset=(x0, y0))

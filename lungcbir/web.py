@@ -25,7 +25,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .errors import LungCBIRError, ReadError, RegionError, StoreError, UploadRefused
+from .errors import LungCBIRError, NoRegionsError, ReadError, RegionError, StoreError, UploadRefused
 from .io import CTSlice, decode
 from .retrieval import Retriever
 from .views import ROUTERS
@@ -72,6 +72,8 @@ def create_app(retriever: Retriever, settings: WebSettings | None = None) -> Fas
 
     @app.exception_handler(LungCBIRError)
     async def our_error(_: Request, error: LungCBIRError) -> JSONResponse:
+        if isinstance(error, NoRegionsError):  # the store is fine, it holds no regions: say how to make them
+            return JSONResponse({"detail": error.advice}, status_code=409)
         if isinstance(error, StoreError):  # its message names files and URLs: keep it in the log
             log.error("%s", error)
             return JSONResponse({"detail": "the image database is not available; see the server log"},

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -68,6 +69,37 @@ def findings_weights(tmp_path_factory) -> str:
     save_weights(path, network, ModelSettings(unet=config, preprocess=PreprocessConfig(input_size=64), quality=False,
                                               postprocess=False, findings=FindingsConfig(balanced_anatomy_weight=0.4)))
     return str(path)
+
+
+#: Where the fixture paints its two findings in every 96-pixel phantom slice (x, y, radius):
+#: a solid nodule in the left lung, a ground-glass patch in the right one.
+SOLID = (31, 48, 4)
+GROUND_GLASS = (66, 48, 5)
+
+
+def disc(shape: tuple[int, int], x: int, y: int, radius: int) -> np.ndarray:
+    ys, xs = np.ogrid[:shape[0], :shape[1]]
+    return (ys - y) ** 2 + (xs - x) ** 2 <= radius**2
+
+
+@pytest.fixture(scope="session")
+def nodule_dir(tmp_path_factory) -> Path:
+    """Three synthetic patients of 4 slices (8-bit PNG, 96 pixels), each slice with a solid
+    nodule (HU 40) and a ground-glass patch (about HU -550, textured), and ``regions/``: a
+    mask of both per slice, under the same relative names."""
+    out = tmp_path_factory.mktemp("nodules")
+    write_phantom(out, slices=4, size=96, patients=3)
+    rng = np.random.default_rng(0)
+    for image in sorted((out / "png").rglob("*.png")):
+        pixels = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE)
+        solid, glass = disc(pixels.shape, *SOLID), disc(pixels.shape, *GROUND_GLASS)
+        pixels[solid] = 189
+        pixels[glass] = np.clip(82 + rng.normal(0, 6, int(glass.sum())), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(image), pixels)
+        mask = out / "regions" / image.relative_to(out / "png")
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(mask), ((solid | glass) * 255).astype(np.uint8))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import records, unit
+from conftest import SOLID, disc, records, unit
 from fastapi.testclient import TestClient
 
 from lungcbir.cli import main
@@ -20,7 +20,6 @@ from lungcbir.database import NewRegion
 from lungcbir.errors import RegionError
 from lungcbir.inference import LungModel
 from lungcbir.io import read_file
-from lungcbir.phantom import write_phantom
 from lungcbir.regions import (
     REGION_BLOCK_WEIGHTS,
     RegionBox,
@@ -36,37 +35,8 @@ from lungcbir.vector_index import kind_of
 from lungcbir.visualize import REGION_COLOUR, outline_region
 from lungcbir.web import create_app
 
-#: Where the fixture paints its two findings in every 96-pixel phantom slice (x, y, radius):
-#: a solid nodule in the left lung, a ground-glass patch in the right one.
-SOLID = (31, 48, 4)
-GROUND_GLASS = (66, 48, 5)
 SOLID_BOX = RegionBox(26, 43, 37, 54)
 GROUND_GLASS_BOX = RegionBox(60, 42, 73, 55)
-
-
-def _disc(shape: tuple[int, int], x: int, y: int, radius: int) -> np.ndarray:
-    ys, xs = np.ogrid[:shape[0], :shape[1]]
-    return (ys - y) ** 2 + (xs - x) ** 2 <= radius**2
-
-
-@pytest.fixture(scope="session")
-def nodule_dir(tmp_path_factory) -> Path:
-    """Three synthetic patients of 4 slices (8-bit PNG, 96 pixels), each slice with a solid
-    nodule (HU 40) and a ground-glass patch (about HU -550, textured), and ``regions/``: a
-    mask of both per slice, under the same relative names."""
-    out = tmp_path_factory.mktemp("nodules")
-    write_phantom(out, slices=4, size=96, patients=3)
-    rng = np.random.default_rng(0)
-    for image in sorted((out / "png").rglob("*.png")):
-        pixels = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE)
-        solid, glass = _disc(pixels.shape, *SOLID), _disc(pixels.shape, *GROUND_GLASS)
-        pixels[solid] = 189
-        pixels[glass] = np.clip(82 + rng.normal(0, 6, int(glass.sum())), 0, 255).astype(np.uint8)
-        cv2.imwrite(str(image), pixels)
-        mask = out / "regions" / image.relative_to(out / "png")
-        mask.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(mask), ((solid | glass) * 255).astype(np.uint8))
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +68,7 @@ def test_marked_regions_are_stored_with_their_slice_box_area_and_vector(nodule_d
     stored = regions.read(range(1, 100))
     assert len(stored) == 24 and {region.source for region in stored.values()} == {"mask"}
     solid = [r for r in stored.values() if r.bbox == (27, 44, 36, 53)]
-    assert len(solid) == 12 and all(r.area == int(_disc((96, 96), *SOLID).sum()) for r in solid)
+    assert len(solid) == 12 and all(r.area == int(disc((96, 96), *SOLID).sum()) for r in solid)
     rows = store.records({r.image_id for r in stored.values()})
     assert len(rows) == 12  # every region is linked to a stored slice
     assert regions.state()["dimension"] == region_dimension(retriever.model.settings.unet.bottleneck_channels)
@@ -364,7 +334,7 @@ def test_a_region_query_finds_regions_of_the_same_kind_in_other_patients(indexed
 
 
 def test_a_region_query_finds_its_own_stored_region_first(indexed, nodule_dir):
-    result = indexed.query(_query(nodule_dir), k=1, region=_disc((96, 96), *SOLID))
+    result = indexed.query(_query(nodule_dir), k=1, region=disc((96, 96), *SOLID))
     assert result.neighbors[0].path == _query(nodule_dir) and result.neighbors[0].score > 0.999
 
 
@@ -508,7 +478,7 @@ def test_web_bad_regions_are_refused_with_one_line(indexed, nodule_dir, data, ma
 
 def test_outline_region_draws_the_region_and_a_box_around_it():
     picture = np.zeros((64, 64, 3), np.uint8)
-    mask = _disc((10, 10), 5, 5, 4)
+    mask = disc((10, 10), 5, 5, 4)
     outline_region(picture, (20, 20, 30, 30), mask)
     drawn = (picture == np.array(REGION_COLOUR, np.uint8)).all(axis=-1)
     assert drawn[20:30, 20:30].any() and drawn[17, 17:33].all() and not drawn[25, 25]
@@ -538,3 +508,53 @@ def test_concurrent_indexers_store_each_region_once(nodule_dir, tiny_weights, ba
         store.checkpoint()
         assert store.database.regions.count() == 24 and store.region_vectors.current().ntotal == 24
         assert store.check() == []
+
+
+# -- the page's region search (issue 27 expectation 3) ----------------------------------------------
+
+
+def _picture(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return cv2.imdecode(np.frombuffer(response.content, np.uint8), cv2.IMREAD_COLOR)
+
+
+def _cyan(picture: np.ndarray) -> np.ndarray:
+    return (picture == np.array(REGION_COLOUR, np.uint8)).all(axis=-1)
+
+
+def test_web_region_neighbours_thumbnails_outline_their_region(indexed, nodule_dir, tmp_path):
+    client = TestClient(create_app(indexed), base_url="http://localhost", raise_server_exceptions=False)
+    png = Path(_query(nodule_dir)).read_bytes()
+    answer = client.post("/api/query", files={"file": ("q.png", png, "image/png")},
+                         data={"k": "3", "region": "26,43,37,54", "per_patient": "0", "other_patients": "true"}).json()
+    for neighbor in answer["neighbors"]:
+        url = neighbor["thumbnail_url"]
+        assert url == f"/api/images/{neighbor['id']}/thumbnail?region={neighbor['region']['id']}"
+        cyan = _cyan(_picture(client.get(url)))
+        x0, y0, x1, y1 = neighbor["region"]["bbox"]
+        assert cyan[y0:y1, x0:x1].any() and cyan[y0 - 10:y1 + 10, x0 - 10:x1 + 10].sum() == cyan.sum()  # there only
+        plain = client.get(f"/api/images/{neighbor['id']}/thumbnail")
+        assert not _cyan(_picture(plain)).any()  # a slice answer's thumbnail outlines nothing
+    # a region of another slice, an unknown one, or no number: refused in one line, no server path
+    first, second = answer["neighbors"][:2]
+    for query, status in [(f"{first['id']}/thumbnail?region={second['region']['id']}", 404),
+                          (f"{first['id']}/thumbnail?region=999999", 404),
+                          (f"{first['id']}/thumbnail?region=0", 422),
+                          (f"{first['id']}/thumbnail?region={2**70}", 422),
+                          (f"{first['id']}/thumbnail?region=..%2Fetc", 422)]:
+        refused = client.get(f"/api/images/{query}")
+        assert refused.status_code == status, (query, refused.text)
+        assert str(tmp_path.parent) not in refused.text and str(nodule_dir) not in refused.text
+
+
+def test_web_region_query_on_a_store_without_regions_says_how_to_make_them(phantom_dir, tiny_weights, store_paths):
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "png"])
+    client = TestClient(create_app(retriever), base_url="http://localhost", raise_server_exceptions=False)
+    png = (phantom_dir / "png" / "phantom01" / "phantom01_s001.png").read_bytes()
+    answer = client.post("/api/query", files={"file": ("q.png", png, "image/png")}, data={"region": "1,1,9,9"})
+    # not "the image database is not available": the store is fine, it holds no regions
+    assert answer.status_code == 409, answer.text
+    detail = answer.json()["detail"]
+    assert "--regions MASKS" in detail and "\n" not in detail
+    assert "sqlite" not in detail and "postgres" not in detail and "/" not in detail.split("`")[0]

@@ -50,9 +50,9 @@ def real_server(tmp_path_factory, bundled_weights, shared_data):
 
 
 def serve(folder: Path, weights: str, shared_data: Path | None, server_log: Path, indexed: list[Path] | None = None,
-          options: tuple[str, ...] = ()):
-    """Index ``indexed`` (default: a few slices of each shared folder, with their labels) and
-    serve them with ``options`` added to ``serve``'s; yields the server's URL."""
+          options: tuple[str, ...] = (), index_options: tuple[str, ...] = ()):
+    """Index ``indexed`` (default: a few slices of each shared folder, with their labels) with
+    ``index_options`` and serve them with ``options`` added to ``serve``'s; yields the server's URL."""
     token_file = folder / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
@@ -68,7 +68,8 @@ def serve(folder: Path, weights: str, shared_data: Path | None, server_log: Path
         labels = ["--labels", str(md / "slice_labels.csv")]
     else:
         slices, labels = indexed, []
-    subprocess.run([*command, "index-dataset", *map(str, slices), "--quiet", *labels, *store], check=True,
+    subprocess.run([*command, "index-dataset", *map(str, slices), "--quiet", *labels, *index_options, *store],
+                   check=True,
                    capture_output=True)
     port = free_port()
     log = open(server_log, "wb")
@@ -968,3 +969,178 @@ def test_the_query_seg_is_downloaded_and_stored_back_from_the_comparison(archive
     uploaded = pydicom.dcmread(download.value.path())
     assert uploaded.ReferencedSeriesSequence[0].SeriesInstanceUID == pydicom.dcmread(dicom).SeriesInstanceUID
     assert len(archive.stored) == stored_before + 1  # nothing more went to the archive
+
+
+# -- region search on the page (issue 27 expectation 3) -------------------------------------------
+
+#: the solid nodule every nodule_dir slice has (tests/conftest.py SOLID: centre 31,48, radius 4),
+#: as /api/query's region box (x1, y1 exclusive)
+SOLID_BOX = (26, 43, 37, 54)
+
+
+@pytest.fixture(scope="module")
+def region_server(tmp_path_factory, bundled_weights, nodule_dir):
+    """Three synthetic patients whose slices each hold a solid nodule and a ground-glass patch,
+    indexed with their marked regions (``--regions``)."""
+    folder = tmp_path_factory.mktemp("live-regions")
+    yield from serve(folder, bundled_weights, None, folder / "server.log", indexed=[nodule_dir / "png"],
+                     index_options=("--regions", str(nodule_dir / "regions")))
+
+
+@pytest.fixture
+def region_page(region_server):
+    yield from signed_in_page(region_server)
+
+
+def nodule_query(nodule_dir) -> Path:
+    return nodule_dir / "png" / "phantom01" / "phantom01_s001.png"
+
+
+def cyan_pixels(page, selector: str) -> list[int]:
+    """How many pixels of each picture matching ``selector`` are the region outline's cyan."""
+    return page.evaluate("""(selector) => [...document.querySelectorAll(selector)].map((image) => {
+      const canvas = document.createElement("canvas");
+      canvas.width = image.naturalWidth; canvas.height = image.naturalHeight;
+      const context = canvas.getContext("2d");
+      context.drawImage(image, 0, 0);
+      const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+      let count = 0;
+      for (let i = 0; i < data.length; i += 4) count += data[i] < 40 && data[i + 1] > 215 && data[i + 2] > 215;
+      return count;
+    })""", selector)
+
+
+def region_answer_shown(page, box: tuple[int, int, int, int]) -> None:
+    # the cards and their title come last (after the query's pictures): then the answer is shown
+    page.wait_for_function(f"document.getElementById('region-used').textContent.includes('{','.join(map(str, box))}')"
+                           " && document.getElementById('results-title').textContent === 'Most similar stored regions'",
+                           timeout=60_000)
+    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.naturalWidth > 0)")
+    assert page.locator("#results .card").count() >= 2
+    assert page.locator("#results .mark").count() == 0 and page.locator("#refine").is_hidden()  # slices only
+    # every card names its region and its picture outlines it
+    texts = page.locator("#results .region-text").all_inner_texts()
+    assert len(texts) == page.locator("#results .card").count() and all("marked region" in t for t in texts)
+    assert all(count > 10 for count in cyan_pixels(page, "#results img")), cyan_pixels(page, "#results img")
+
+
+@pytest.mark.browser
+def test_a_box_drawn_with_the_mouse_searches_that_region(region_page, nodule_dir):
+    page = region_page
+    requests = []
+    page.on("request", lambda request: requests.append(request))
+    search(page, nodule_query(nodule_dir), k="3")
+    assert page.inner_text("#results-title") == "Most similar stored slices" and page.locator("#region-box").is_hidden()
+    picture = page.locator("#query-overlay").bounding_box()
+    assert picture["width"] > 200  # shown larger than the 96-pixel slice: display pixels are not slice pixels
+
+    def at(x: float, y: float) -> tuple[float, float]:  # the centre of slice pixel (x, y) on the screen
+        return picture["x"] + (x + 0.5) * picture["width"] / 96, picture["y"] + (y + 0.5) * picture["height"] / 96
+
+    page.mouse.move(*at(36, 53))  # drawn from the lower right corner up: the box is the same
+    page.mouse.down()
+    page.mouse.move(*at(30, 47), steps=4)
+    # the box shows while it is drawn
+    assert page.locator("#region-box.drawing").is_visible() and page.input_value("#region-x0") == "30"
+    page.mouse.move(*at(26, 43), steps=4)
+    page.mouse.up()
+    assert [page.input_value(f"#region-{c}") for c in ("x0", "y0", "x1", "y1")] == list(map(str, SOLID_BOX))
+    shown = page.locator("#region-box").bounding_box()  # over the pixels it names
+    assert abs(shown["x"] - at(26, 43)[0] + 0.5 * picture["width"] / 96) < 2
+    assert abs(shown["width"] - 11 * picture["width"] / 96) < 3
+    page.click("#region-search")
+    region_answer_shown(page, SOLID_BOX)
+    assert "area 121 px" in page.inner_text("#region-used")
+    with page.expect_download() as download:  # the result list names each region found
+        page.click("#download-csv")
+    header, *lines = Path(download.value.path()).read_text().splitlines()
+    columns = header.split(",")
+    assert {"region_id", "region_bbox", "region_area", "region_source"} <= set(columns)
+    assert lines and all(line.split(",")[columns.index("region_source")] == "mask" for line in lines)
+    sent = [r for r in requests if r.url.endswith("/api/query") and r.method == "POST"][-1]
+    thumbnails = [r.url for r in requests[requests.index(sent):] if "/thumbnail" in r.url]
+    assert thumbnails and all("?region=" in url for url in thumbnails)  # the server outlines each region
+    # the comparison outlines the query's box and the region found on their slices
+    page.locator("#results .card").first.click()
+    page.wait_for_selector("#detail[open]")
+    page.wait_for_function("document.getElementById('neighbor-canvas').width > 0")
+    found = page.evaluate("lastAnswer.neighbors[0].region.bbox")
+    for canvas, (x0, y0, _, y1) in (("query-canvas", SOLID_BOX), ("neighbor-canvas", found)):
+        red, green, blue = page.evaluate(f"[...document.getElementById('{canvas}').getContext('2d')"
+                                         f".getImageData({x0 - 1}, {(y0 + y1) // 2}, 1, 1).data].slice(0, 3)")
+        assert red < 60 and green > 200 and blue > 200, (canvas, red, green, blue)  # cyan, left of the region
+    page.keyboard.press("Escape")
+    # cleared: no box, nothing to search
+    page.click("#region-clear")
+    assert page.locator("#region-box").is_hidden() and page.is_disabled("#region-search")
+
+
+@pytest.mark.browser
+def test_a_region_is_typed_with_the_keyboard_and_axe_finds_nothing_serious(region_page, region_server, nodule_dir):
+    page = region_page
+    search(page, nodule_query(nodule_dir), k="3")
+    tab_to(page, "e.id === 'region-toggle'")
+    page.keyboard.press("Enter")
+    assert page.get_attribute("#region-toggle", "aria-expanded") == "true" and focused(page) == "region-x0"
+    for value in ("26", "43", "37", "540"):  # y1 beyond the 96-pixel slice: not searchable
+        page.keyboard.type(value)
+        page.keyboard.press("Tab")
+    assert page.is_disabled("#region-search") and page.locator("#region-box").is_hidden()
+    page.focus("#region-y1")
+    page.keyboard.press("Control+a")
+    page.keyboard.type("54")
+    assert page.locator("#region-box").is_visible() and not page.is_disabled("#region-search")
+    assert serious_violations(page, region_server) == []
+    page.keyboard.press("Tab")
+    assert focused(page) == "region-search"
+    page.keyboard.press("Enter")
+    region_answer_shown(page, SOLID_BOX)
+    assert focused(page) == "region-search"  # the keyboard stays where it was, to search again
+    assert serious_violations(page, region_server) == []
+
+
+@pytest.mark.browser
+def test_a_region_search_on_a_store_without_regions_says_so_and_keeps_the_answer(page, shared_data):
+    search(page, query_file(shared_data), k="3")
+    cards = page.locator("#results .card").count()
+    page.click("#region-toggle")
+    for corner, value in zip(("x0", "y0", "x1", "y1"), ("10", "10", "60", "60")):
+        page.fill(f"#region-{corner}", value)
+    page.press("#region-y1", "Enter")  # Enter in a corner's field searches
+    page.wait_for_function("document.getElementById('message').classList.contains('error')")
+    message = page.inner_text("#message")
+    assert "no regions are stored here" in message and "--regions MASKS" in message
+    assert "sqlite" not in message and "/tmp" not in message  # no database URL, no server folder
+    assert page.locator("#results .card").count() == cards and page.is_visible("#answer")
+
+
+@pytest.mark.browser
+def test_a_box_drawn_on_the_zoomed_comparison_searches_that_region(region_page, region_server, nodule_dir):
+    page = region_page
+    search(page, nodule_query(nodule_dir), k="3")
+    page.locator("#results .card").first.click()
+    page.wait_for_selector("#detail[open]")
+    page.wait_for_function("document.getElementById('neighbor-canvas').width > 0")
+    page.click("#zoom-in")
+    page.click("#zoom-in")
+    zoom = float(page.get_attribute("#detail", "data-zoom"))
+    assert zoom > 1.5
+    page.click("#draw-region")
+    assert page.get_attribute("#draw-region", "aria-pressed") == "true"
+    assert serious_violations(page, region_server) == []  # the dialog's region controls
+    canvas = page.locator("#query-canvas").bounding_box()
+
+    def at(x: float, y: float) -> tuple[float, float]:  # slice pixel (x, y) under the zoom about the centre
+        fit = canvas["width"] / 96
+        return (canvas["x"] + ((x + 0.5 - 48) * zoom + 48) * fit, canvas["y"] + ((y + 0.5 - 48) * zoom + 48) * fit)
+
+    window = page.get_attribute("#detail", "data-window")
+    page.mouse.move(*at(26, 43))
+    page.mouse.down()
+    page.mouse.move(*at(36, 53), steps=5)
+    page.mouse.up()
+    assert page.get_attribute("#detail", "data-window") == window  # drawing, not windowing
+    assert [page.input_value(f"#region-{c}") for c in ("x0", "y0", "x1", "y1")] == list(map(str, SOLID_BOX))
+    page.click("#detail-region-search")
+    region_answer_shown(page, SOLID_BOX)
+    assert not page.locator("#detail[open]").count()

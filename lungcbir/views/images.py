@@ -4,22 +4,24 @@ metadata, thumbnail, overlay, pixels, mask and original file."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import cv2
 import numpy as np
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import Response
 
 from ..dicomweb import is_dicomweb_url
 from ..errors import ReadError
 from ..io import read_bytes
-from ..visualize import display_image, mask_png, overlay
+from ..visualize import display_image, mask_png, outline_region, overlay
 from ..websecurity import viewer_link
 from .schemas import ERROR_RESPONSES, ImageMetadata
 from .state import (
+    MAX_IMAGE_ID,
     PIXEL_KIND_HEADER,
     THUMBNAIL_SIDE,
     AppState,
@@ -55,10 +57,21 @@ def image_metadata(web: AppState, image_id: int) -> dict[str, Any]:
 
 
 @router.get("/api/images/{image_id}/thumbnail", response_class=Response, responses=PNG_RESPONSE)
-def thumbnail(web: AppState, image_id: int) -> Response:
-    """The stored slice in the lung window, at most 192 pixels wide."""
-    picture = display_image(web.stored_slice(image_id))
-    scale = THUMBNAIL_SIDE / max(picture.shape)
+def thumbnail(web: AppState, image_id: int,
+              region: Annotated[int | None, Query(ge=1, le=MAX_IMAGE_ID)] = None) -> Response:
+    """The stored slice in the lung window, at most 192 pixels wide; with ``region`` (the id of
+    one of its stored regions, a region neighbour's ``region.id``) that region outlined in cyan."""
+    item = web.stored_slice(image_id)
+    picture = display_image(item)
+    scale = min(1.0, THUMBNAIL_SIDE / max(picture.shape))
+    if region is not None:
+        found = web.retriever.stored_region(region)
+        if found is None or found[0].image_id != image_id:
+            raise HTTPException(404, f"image {image_id} has no stored region {region}")
+        stored, mask = found
+        picture = cv2.cvtColor(picture, cv2.COLOR_GRAY2BGR)
+        # drawn before shrinking, thick enough to stay a visible line at the thumbnail's size
+        outline_region(picture, stored.bbox, mask, thickness=max(1, math.ceil(1.5 / scale)))
     if scale < 1:
         picture = cv2.resize(picture, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     return Response(png(picture), media_type="image/png")

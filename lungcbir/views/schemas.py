@@ -38,6 +38,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorDetail, "description": "Bad request (a filter, a Host header)"},
     401: {"model": ErrorDetail, "description": "Missing or wrong bearer token (when the server has one)"},
     404: {"model": ErrorDetail, "description": "Unknown image id or result"},
+    409: {"model": ErrorDetail, "description": "A region query on a store that holds no regions"},
     413: {"model": ErrorDetail, "description": "Upload larger than the limit"},
     415: {"model": ErrorDetail, "description": "Unsupported file type"},
     422: {"model": ErrorDetail, "description": "Unreadable file, bad parameter or unknown filter key"},
@@ -55,7 +56,8 @@ class StoredImageLinks(BaseModel):
     """How a stored slice is named and fetched: its file name (non-DICOM) and picture/file URLs."""
 
     file_name: str | None
-    thumbnail_url: str
+    thumbnail_url: str = Field(description="the slice in the lung window, at most 192 pixels; for a region "
+                                           "neighbour with its region outlined in cyan (``?region=ID``)")
     overlay_url: str
     pixels_url: str
     mask_url: str

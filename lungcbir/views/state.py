@@ -330,8 +330,11 @@ class WebState:
             link = viewer_link(self.settings.viewer_url, {"study_uid": neighbor.study_uid, "sop_uid": neighbor.sop_uid,
                                                          "series_uid": neighbor.series_uid,
                                                          "patient_id": neighbor.patient_id})
+            urls = image_urls(neighbor.id)
+            if neighbor.region is not None:  # the card shows which part of the slice was found
+                urls["thumbnail_url"] += f"?region={int(neighbor.region['id'])}"
             out.append({**extra, **public_json(neighbor.to_json()),
-                        "file_name": public_name(neighbor.path), **image_urls(neighbor.id),
+                        "file_name": public_name(neighbor.path), **urls,
                         **({"viewer_url": link} if link else {})})
         return out
 

@@ -167,6 +167,15 @@ function summaryText(summary, total) {
     .map((item) => `${item.count} of ${total}: ${item.key} ${item.value}`).join(" · ");
 }
 
+const REGION_SOURCES = { mask: "marked region", lesion: "lesion found by the model" };
+
+// a stored region as a reader checks it: what it is, its box (slice pixels) and its size
+function regionText(region) {
+  const [x0, y0, x1, y1] = region.bbox;
+  return `${REGION_SOURCES[region.source] || "region"} · ${x1 - x0} × ${y1 - y0} px at (${x0}, ${y0}) · ` +
+    `area ${region.area} px`;
+}
+
 function card(neighbor, open, queryLevel) {
   const element = document.createElement("div");
   element.className = "card";
@@ -188,6 +197,7 @@ function card(neighbor, open, queryLevel) {
   info.append(head, line("where", place));
   const why = explainText(neighbor, queryLevel);
   if (why) info.append(line("explain", why));
+  if (neighbor.region) info.append(line("region-text", regionText(neighbor.region)));
   if (known(neighbor.slice_location)) info.append(line("location", `location ${Number(neighbor.slice_location).toFixed(1)} mm`));
   const study = [studyDate(neighbor.study_date), neighbor.series_description].filter(known).join(" · ");
   if (study) info.append(line("study", study));
@@ -239,9 +249,14 @@ let shownQuery = null;  // the query slice the shown cards are compared with
 // the result cards, each with "more like this" / "less like this" (a search with several examples)
 function showNeighbors(answer) {
   show($("label-summary"), summaryText(answer.label_summary, answer.neighbors.length) || null);
+  // "more like this" searches whole slices together: it has no meaning for stored regions
+  const regions = Boolean(answer.region);
+  $("refine").parentElement.classList.toggle("hidden", regions);
+  $("results-title").textContent = regions ? "Most similar stored regions" : "Most similar stored slices";
   $("results").replaceChildren(...answer.neighbors.map((neighbor) => {
     const element = card(neighbor, (from) => openDetail(shownQuery, neighbor, from));
     const item = document.createElement("div"); item.setAttribute("role", "listitem"); item.className = "result";
+    if (regions) { item.append(element); return item; }
     const marks = document.createElement("div"); marks.className = "marks";
     [["like", "More like this"], ["unlike", "Less like this"]].forEach(([kind, label]) => {
       const button = document.createElement("button");
@@ -325,10 +340,16 @@ async function showSliceAnswer(answer) {
   show($("quality"), qualityText(answer));
   show($("warning"), answer.warning);
   $("query-tags").textContent = queryTags(answer.query_tags);
-  show($("focus-used"), focusText(answer.focus));
+  // the focus does not apply to a region search (the API says which was asked, not used)
+  show($("focus-used"), answer.region ? null : focusText(answer.focus));
+  show($("region-used"), answer.region ? `Region search: the box ${answer.region.bbox.join(",")} ` +
+    `(${boxSize(answer.region.bbox)}, area ${answer.region.area} px) of the query slice, outlined in cyan; ` +
+    "the results are stored regions like it." : null);
+  setRegionSlice(answer);
   $("mask-link").href = await picture(answer.mask);
   $("mask-link").download = stem(answer.query) + "_mask.png";
-  shownQuery = { name: answer.query, pixels: answer.pixels, mask: answer.mask, lesion: answer.lesion };
+  shownQuery = { name: answer.query, pixels: answer.pixels, mask: answer.mask, lesion: answer.lesion,
+    region: answer.region ? answer.region.bbox : null };
   segOffer = answer.seg || null;
   showNeighbors(answer);
   $("answer").classList.remove("hidden");
@@ -336,6 +357,136 @@ async function showSliceAnswer(answer) {
   $("downloads").classList.toggle("hidden", !answer.neighbors.length);
   showMessage(answer.warning || (answer.neighbors.length ? "" : answer.note || emptyText()));
 }
+
+// ---------------------------------------------------------------------------------------------
+// the region tool: a box drawn on the query picture (or typed), in pixels of the query slice
+// (x1 and y1 exclusive, as /api/query's region), searched with the same file as the answer shown
+
+const regionTool = { file: null, width: 0, height: 0, drag: null, busy: false };
+const REGION_INPUTS = ["region-x0", "region-y0", "region-x1", "region-y1"];
+
+function boxSize(box) { return `${box[2] - box[0]} × ${box[3] - box[1]} px`; }
+
+function setRegionSlice(answer) {
+  regionTool.width = answer.width; regionTool.height = answer.height;
+  $("region-size").textContent = `the slice is ${answer.width} × ${answer.height} pixels`;
+  REGION_INPUTS.forEach((id, i) => { $(id).max = String(i % 2 ? answer.height : answer.width); });
+  showRegionBox(typedRegion());
+}
+
+// the typed box when it is one /api/query takes (integers inside the slice, not empty), else null
+function typedRegion() {
+  const values = REGION_INPUTS.map((id) => $(id).value.trim());
+  if (values.some((value) => !/^\d+$/.test(value))) return null;
+  const [x0, y0, x1, y1] = values.map(Number);
+  const inside = x0 < x1 && y0 < y1 && x1 <= regionTool.width && y1 <= regionTool.height;
+  return inside ? [x0, y0, x1, y1] : null;
+}
+
+function showRegionBox(box, drawing = false) {
+  const element = $("region-box");
+  element.classList.toggle("hidden", !box);
+  element.classList.toggle("drawing", drawing);
+  $("region-search").disabled = !box || !regionTool.file;
+  if (!box) return;
+  // in shares of the slice, so the box stays on its pixels whatever size the picture is shown at
+  const [x0, y0, x1, y1] = box;
+  Object.assign(element.style, { left: `${100 * x0 / regionTool.width}%`, top: `${100 * y0 / regionTool.height}%`,
+    width: `${100 * (x1 - x0) / regionTool.width}%`, height: `${100 * (y1 - y0) / regionTool.height}%` });
+}
+
+function setRegion(box, drawing = false) {
+  REGION_INPUTS.forEach((id, i) => { $(id).value = box ? String(box[i]) : ""; });
+  showRegionBox(box, drawing);
+}
+
+function clearRegion() { setRegion(null); }
+
+function openRegionTool(open = true) {
+  $("region-tool").classList.toggle("hidden", !open);
+  $("region-toggle").setAttribute("aria-expanded", String(open));
+}
+
+// a point of the picture in slice pixels: the picture is scaled to its box (any zoom of the page),
+// so the shares of its shown size are shares of the slice's
+function slicePoint(event) {
+  const rect = $("query-overlay").getBoundingClientRect();
+  const share = (value, start, size) => Math.max(0, Math.min(1, (value - start) / Math.max(size, 1e-6)));
+  return [share(event.clientX, rect.left, rect.width) * regionTool.width,
+    share(event.clientY, rect.top, rect.height) * regionTool.height];
+}
+
+// the pixels the drag covers: from the pixel under its start to the one under its end, inclusive
+function dragBox(start, end) {
+  const x0 = Math.floor(Math.min(start[0], end[0])), y0 = Math.floor(Math.min(start[1], end[1]));
+  const x1 = Math.min(regionTool.width, Math.floor(Math.max(start[0], end[0])) + 1);
+  const y1 = Math.min(regionTool.height, Math.floor(Math.max(start[1], end[1])) + 1);
+  return [Math.min(x0, x1 - 1), Math.min(y0, y1 - 1), x1, y1];
+}
+
+const queryFrame = $("query-frame");
+queryFrame.addEventListener("pointerdown", (event) => {
+  if (event.button !== 0 || !regionTool.width || !$("query-overlay").src) return;
+  event.preventDefault();
+  queryFrame.setPointerCapture(event.pointerId);
+  regionTool.drag = slicePoint(event);
+  openRegionTool();
+  setRegion(dragBox(regionTool.drag, regionTool.drag), true);
+});
+queryFrame.addEventListener("pointermove", (event) => {
+  if (regionTool.drag) setRegion(dragBox(regionTool.drag, slicePoint(event)), true);
+});
+["pointerup", "pointercancel"].forEach((name) => queryFrame.addEventListener(name, (event) => {
+  if (!regionTool.drag) return;
+  setRegion(dragBox(regionTool.drag, slicePoint(event)));
+  regionTool.drag = null;
+}));
+REGION_INPUTS.forEach((id) => $(id).addEventListener("input", () => showRegionBox(typedRegion())));
+$("region-toggle").addEventListener("click", () => {
+  const open = $("region-tool").classList.contains("hidden");
+  openRegionTool(open);
+  if (open) $("region-x0").focus();
+});
+$("region-clear").addEventListener("click", () => { clearRegion(); $("region-x0").focus(); });
+$("region-tool").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && event.target.tagName === "INPUT") { event.preventDefault(); $("region-search").click(); }
+});
+
+// the same file again with the box as /api/query's region; a refusal (a store without regions,
+// a box outside the slice) is said in one line and the answer shown stays
+$("region-search").addEventListener("click", async () => {
+  const box = typedRegion();
+  if (!box || !regionTool.file || regionTool.busy) return;
+  // busy rather than disabled: a disabled button would drop the keyboard focus during the search
+  regionTool.busy = true;
+  $("region-search").setAttribute("aria-busy", "true");
+  // the answer is hidden while it is replaced, which drops the focus: it goes back where it was
+  const focused = $("region-tool").contains(document.activeElement) ? document.activeElement : null;
+  const body = new FormData();
+  body.append("file", regionTool.file);
+  filterFields(body);
+  body.append("per_patient", $("per-patient").checked ? "1" : "0");
+  if (features.otherPatients) body.append("other_patients", $("other-patients").checked ? "1" : "0");
+  body.append("region", box.join(","));
+  showMessage(`Searching the stored regions like the box ${box.join(",")}…`);
+  try {
+    const response = await api("/api/query", { method: "POST", body });
+    const answer = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(describeDetail(answer.detail, `${response.status} ${response.statusText}`));
+    clearAnswer();
+    lastAnswer = answer;
+    await showSliceAnswer(answer);
+    if (!answer.warning) showMessage(`Searched the region ${box.join(",")}: ${answer.neighbors.length} stored ` +
+      `region${answer.neighbors.length === 1 ? "" : "s"} found.` + (answer.neighbors.length ? "" : " " + emptyText()));
+  } catch (error) {
+    if (!(error instanceof NeedsToken)) showMessage(String(error.message || error), true);
+  } finally {
+    regionTool.busy = false;
+    $("region-search").removeAttribute("aria-busy");
+    showRegionBox(typedRegion());
+    if (focused && document.activeElement !== focused) focused.focus();
+  }
+});
 
 function showSeriesAnswer(answer) {
   segOffer = answer.seg || null;
@@ -437,6 +588,8 @@ $("query-form").addEventListener("submit", async (event) => {
     if (!response.ok) throw new Error(describeDetail(answer.detail, `${response.status} ${response.statusText}`));
     clearAnswer();
     lastAnswer = answer;
+    clearRegion();
+    regionTool.file = series ? null : chosenFiles[0];
     if (series) showSeriesAnswer(answer); else await showSliceAnswer(answer);
     timing.clickToAnswer = performance.now() - started;
     const images = [...document.querySelectorAll("#results img, #cases img")];
@@ -456,7 +609,9 @@ $("query-form").addEventListener("submit", async (event) => {
 function rows() {
   if (!lastAnswer) return [];
   const focus = lastAnswer.focus;  // the search focus each row was found with
-  if (lastAnswer.neighbors) return lastAnswer.neighbors.map((n) => ({ ...n, query: lastAnswer.query, focus }));
+  if (lastAnswer.neighbors) return lastAnswer.neighbors.map((n) => ({ ...n, query: lastAnswer.query, focus,
+    ...(n.region ? { region_id: n.region.id, region_bbox: n.region.bbox.join(" "), region_area: n.region.area,
+      region_source: n.region.source } : {}) }));
   return lastAnswer.cases.flatMap((match) => match.pairs.map((pair) => ({ case_rank: match.rank, case_score: match.score,
     query: pair.query.name, focus, query_slice: pair.query.query_slice, ...pair.neighbor })));
 }
@@ -478,7 +633,8 @@ function csvCell(value) {
 
 $("download-csv").addEventListener("click", () => {
   const columns = ["query", "focus", "case_rank", "case_score", "query_slice", "rank", "score", "id", "patient_id", "study_uid",
-    "series_uid", "instance_number", "slice_index", "slice_location", "file_name", "labels"];
+    "series_uid", "instance_number", "slice_index", "slice_location", "file_name", "region_id", "region_bbox",
+    "region_area", "region_source", "labels"];
   const list = rows();
   const used = columns.filter((column) => list.some((row) => column in row));
   save([used.join(","), ...list.map((row) => used.map((c) => csvCell(row[c])).join(","))].join("\n") + "\n",
@@ -599,6 +755,7 @@ class Viewer {
     this.contour = null;
     this.grey = null;  // the image in the current window, native size
     this.lesionUrl = null; this.lesion = null;  // the lesion map: fetched when first shown
+    this.region = null;  // [x0, y0, x1, y1] in pixels of the slice, or null
   }
 
   setLesion(url) { this.lesionUrl = url || null; this.lesion = null; }
@@ -658,6 +815,13 @@ class Viewer {
     context.drawImage(this.grey.canvas, 0, 0);
     if (viewState.contours && this.contour) context.drawImage(this.contour, 0, 0, width, height);
     if (viewState.lesions && this.lesion) context.drawImage(this.lesion, 0, 0, width, height);
+    if (this.region) {  // the query's box, or the stored region found: cyan, as on the server's pictures
+      const [x0, y0, x1, y1] = this.region;
+      context.strokeStyle = "#00e5ff";
+      const line = Math.max(1, Math.max(width, height) / 256) / viewState.zoom;
+      context.lineWidth = line;
+      context.strokeRect(x0 - line / 2, y0 - line / 2, x1 - x0 + line, y1 - y0 + line);  // around, not over, it
+    }
   }
 }
 
@@ -712,14 +876,51 @@ $("lesions").addEventListener("change", () => { viewState.lesions = $("lesions")
 $("slice-prev").addEventListener("click", () => step(-1));
 $("slice-next").addEventListener("click", () => step(1));
 
+// a point of a viewer's canvas in pixels of its slice: the canvas is scaled to fit its square box
+// (object-fit: contain), then the view's zoom about the centre and its pan are undone
+function viewerPoint(viewer, event) {
+  const rect = viewer.canvas.getBoundingClientRect();
+  const { width, height } = viewer.canvas;
+  const fit = Math.min(rect.width / width, rect.height / height);
+  const cx = (event.clientX - rect.left - (rect.width - width * fit) / 2) / fit;
+  const cy = (event.clientY - rect.top - (rect.height - height * fit) / 2) / fit;
+  const clamp = (value, size) => Math.max(0, Math.min(size, value));
+  return [clamp((cx - width / 2) / viewState.zoom + width / 2 - viewState.panX, width),
+    clamp((cy - height / 2) / viewState.zoom + height / 2 - viewState.panY, height)];
+}
+
+// "Draw a region" on: a drag on the query side draws the box (in the answer's region fields)
+// instead of changing the window, at whatever zoom and pan the view has
+function drawingRegion(viewer) { return viewer === viewers.query && $("draw-region").getAttribute("aria-pressed") === "true"; }
+
+$("draw-region").addEventListener("click", () => {
+  const on = $("draw-region").getAttribute("aria-pressed") !== "true";
+  $("draw-region").setAttribute("aria-pressed", String(on));
+  $("query-canvas").classList.toggle("drawing", on);
+});
+$("detail-region-search").addEventListener("click", () => {
+  $("detail").close();
+  $("region-search").click();
+});
+
+function updateDetailRegion() { $("detail-region-search").disabled = !typedRegion() || !regionTool.file; }
+
 Object.values(viewers).forEach((viewer) => {
   let drag = null;
   viewer.canvas.addEventListener("pointerdown", (event) => {
+    viewer.canvas.setPointerCapture(event.pointerId);
+    if (drawingRegion(viewer) && viewer.image) {
+      drag = { region: viewerPoint(viewer, event) };
+      viewer.region = dragBox(drag.region, drag.region);
+      renderAll();
+      return;
+    }
     drag = { x: event.clientX, y: event.clientY, pan: event.shiftKey || event.button === 1 };
     viewer.canvas.setPointerCapture(event.pointerId);
   });
   viewer.canvas.addEventListener("pointermove", (event) => {
     if (!drag) return;
+    if (drag.region) { viewer.region = dragBox(drag.region, viewerPoint(viewer, event)); renderAll(); return; }
     const dx = event.clientX - drag.x, dy = event.clientY - drag.y;
     drag.x = event.clientX; drag.y = event.clientY;
     const scale = viewer.canvas.width / viewer.canvas.getBoundingClientRect().width;
@@ -735,7 +936,16 @@ Object.values(viewers).forEach((viewer) => {
     }
     renderAll();
   });
-  viewer.canvas.addEventListener("pointerup", () => { drag = null; });
+  viewer.canvas.addEventListener("pointerup", (event) => {
+    if (drag && drag.region) {  // the box goes to the answer's fields, searched from here or there
+      viewer.region = dragBox(drag.region, viewerPoint(viewer, event));
+      setRegion(viewer.region);
+      openRegionTool();
+      updateDetailRegion();
+      renderAll();
+    }
+    drag = null;
+  });
   viewer.canvas.addEventListener("wheel", (event) => {
     event.preventDefault();
     if (event.ctrlKey) zoomBy(event.deltaY < 0 ? 1.15 : 1 / 1.15);
@@ -788,6 +998,7 @@ async function showNeighbor(id, neighbor) {
   viewers.neighbor.set(pixels, contour);
   viewers.neighbor.setLesion(meta.lesion_url);
   const ranked = neighbor && neighbor.id === id ? neighbor : null;
+  viewers.neighbor.region = ranked && ranked.region ? ranked.region.bbox : null;  // not on adjacent slices
   $("detail-meta").replaceChildren(...metaRows(meta, ranked).map(([k, v]) => {
     const row = document.createElement("tr");
     const key = document.createElement("th"); key.scope = "row"; key.textContent = k;
@@ -843,6 +1054,7 @@ function level(value) { return typeof value === "number" ? value.toFixed(2) : "�
 function showQuery(query, pixels, contour) {
   viewers.query.set(pixels, contour);
   viewers.query.setLesion(query.lesion);
+  viewers.query.region = query.region || null;
   $("query-caption").textContent = `Query: ${query.name}${known(query.slice) ? " · slice " + (query.slice + 1) : ""}` +
     (typeof query.level === "number" ? ` · level ${level(query.level)}` : "");
   $("detail").dataset.querySlice = known(query.slice) ? String(query.slice) : "";
@@ -898,6 +1110,12 @@ async function openDetail(query, neighbor, opener, seriesQueried = null) {
     detail.series = series.ids || [];
     showQuery(query, queryPixels, queryContour);
     showSegOffer();
+    // a region is searched in the answer's one query slice, not in a series' slices
+    $("region-draw-part").classList.toggle("hidden", Boolean(seriesQueried) || !regionTool.file);
+    $("draw-region").setAttribute("aria-pressed", "false");
+    $("query-canvas").classList.remove("drawing");
+    if (!seriesQueried && typedRegion()) viewers.query.region = typedRegion();  // the box drawn so far
+    updateDetailRegion();
     viewState.zoom = 1; viewState.panX = viewState.panY = 0;
     $("detail-title").textContent = `Query and #${neighbor.rank} side by side`;
     await showNeighbor(neighbor.id, neighbor);
