@@ -31,8 +31,9 @@ class StoreError(LungCBIRError):
 
 
 class NoRegionsError(StoreError):
-    """A region query on a store that holds no regions. ``advice`` says how to make them
-    without naming the database, for a client that must not see its URL (the web)."""
+    """A region query on a store that holds no regions, or none this version can search (made
+    by another model or region recipe). ``advice`` says how to make them without naming the
+    database, for a client that must not see its URL (the web)."""
 
     def __init__(self, message: str, advice: str) -> None:
         super().__init__(message)

@@ -551,8 +551,9 @@ class Retriever:
                       "lesion output)")
             raise NoRegionsError(f"no regions are stored in {safe_url(self.db_url)}; {advice}",
                                  f"no regions are stored here; {advice}")
-        if regions.model_id not in (None, wanted):
-            raise StoreError(other_regions_message(regions.model_id, wanted))
+        if regions.model_id not in (None, wanted):  # none this version can search: as if none were stored
+            message = other_regions_message(regions.model_id, wanted)
+            raise NoRegionsError(message, message)
         result = self.model.segment([item], self.batch_size, keep_maps=True)[0]
         if result.quality == Quality.NO_LUNGS or result.maps is None:
             return QueryResult(item, result, [], warning=NO_LUNGS_WARNING, region=mask)

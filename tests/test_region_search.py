@@ -286,6 +286,10 @@ def test_regions_stored_with_another_recipe_are_refused_with_a_message_to_re_ind
                                        "--weights", tiny_weights])
     assert result.exit_code == 4 and "region recipe r1" in result.output and "index-dataset" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    client = TestClient(create_app(retriever), base_url="http://localhost", raise_server_exceptions=False)
+    png = Path(_query(nodule_dir)).read_bytes()
+    answer = client.post("/api/query", files={"file": ("q.png", png, "image/png")}, data={"region": "26,43,37,54"})
+    assert answer.status_code == 409 and "region recipe r1" in answer.json()["detail"], answer.text
 
 
 # -- the region vector ------------------------------------------------------------------------------
