@@ -107,6 +107,10 @@ class IndexKind:
     search_parameters: Callable[[faiss.Index, faiss.IDSelector], faiss.SearchParameters]
     supports_remove: bool = True
     rerank: int = 0
+    # fewer vectors than FAISS needs to train this kind (a clustering of N centroids needs N
+    # points): such an index is built exact (flat) instead, as ``auto`` does below its threshold,
+    # and becomes this kind at its next rebuild (a small region index of a compact store, say)
+    min_vectors: int = 0
 
 
 def _filled(index: faiss.Index, stream: Stream) -> faiss.Index:
@@ -153,8 +157,13 @@ def _build_flat(count: int, dimension: int, stream: Stream, sample: Sample) -> f
     return _filled(faiss.IndexIDMap2(faiss.IndexFlatIP(dimension)), stream)
 
 
+#: The fewest inverted lists an IVF index gets, and the codes of one PQ code book (8 bits):
+#: each is a k-means that FAISS cannot train on fewer points.
+MIN_IVF_LISTS, PQ_CODES = 16, 256
+
+
 def _ivf_lists(count: int) -> int:
-    return int(min(max(16, 2 * np.sqrt(count)), 65536, max(16, count // 39)))
+    return int(min(max(MIN_IVF_LISTS, 2 * np.sqrt(count)), 65536, max(MIN_IVF_LISTS, count // 39)))
 
 
 def _build_ivf(count: int, dimension: int, stream: Stream, sample: Sample) -> faiss.Index:
@@ -223,7 +232,8 @@ _IVF = IndexKind(
     _build_ivf, holds=lambda index: _ivf_of(index) is not None and not _is_pq(_ivf_of(index)), tune=_set_nprobe,
     describe=lambda index: f"ivf (lists={_ivf(index).nlist}, nprobe={_ivf(index).nprobe}, float16)",
     search_parameters=lambda index, selector: faiss.SearchParametersIVF(  # type: ignore[call-arg]
-        sel=selector, nprobe=_ivf(index).nprobe))
+        sel=selector, nprobe=_ivf(index).nprobe),
+    min_vectors=MIN_IVF_LISTS)
 _HNSW = IndexKind(
     "hnsw", "a graph index (HNSW32), fast but as large as flat, no removal", _build_hnsw,
     holds=lambda index: _hnsw_of(index) is not None, tune=_set_ef_search,
@@ -239,7 +249,7 @@ _COMPACT = IndexKind(
                            f"PQ {_pq(index).pq.M} bytes, re-ranks {COMPACT_RERANK})",
     search_parameters=lambda index, selector: faiss.SearchParametersIVF(  # type: ignore[call-arg]
         sel=selector, nprobe=_ivf(index).nprobe),
-    rerank=COMPACT_RERANK)
+    rerank=COMPACT_RERANK, min_vectors=PQ_CODES)
 # a choice, not a kind of index: what it builds is flat or compact, so it holds no index itself
 _AUTO = IndexKind(
     "auto", f"flat below {AUTO_IVF_FROM:,} vectors, compact from there on", _build_auto, holds=_never,
@@ -263,10 +273,11 @@ def kind_of(index: faiss.Index) -> IndexKind:
 
 def build_index(kind: str, count: int, dimension: int, stream: Stream, sample: Sample) -> faiss.Index:
     """A tuned FAISS inner-product index of the given kind (see :data:`INDEX_KIND_REGISTRY`),
-    filled from ``stream()`` chunks; an empty one is flat, whatever the kind."""
-    name = "flat" if count == 0 else kind
-    if name not in INDEX_KIND_REGISTRY:
+    filled from ``stream()`` chunks; an empty one, or one with fewer vectors than its kind can be
+    trained on (:attr:`IndexKind.min_vectors`), is flat, whatever the kind."""
+    if kind not in INDEX_KIND_REGISTRY:
         raise StoreError(f"unknown index kind {kind!r}")
+    name = "flat" if count == 0 or count < INDEX_KIND_REGISTRY[kind].min_vectors else kind
     index = INDEX_KIND_REGISTRY[name].build(count, dimension, stream, sample)
     tune_index(index)
     return index

@@ -562,3 +562,14 @@ def test_web_region_query_on_a_store_without_regions_says_how_to_make_them(phant
     detail = answer.json()["detail"]
     assert "--regions MASKS" in detail and "\n" not in detail
     assert "sqlite" not in detail and "postgres" not in detail and "/" not in detail.split("`")[0]
+
+
+def test_regions_index_into_a_compact_store_with_few_regions(nodule_dir, tiny_weights, store_paths):
+    """The region index takes the store's index kind; a compact store's first regions are too few
+    to train a compact index on (indexing stopped with a FAISS traceback): they are searched exactly."""
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.store().rebuild_index("compact")
+    report = retriever.index_dataset([nodule_dir / "png"], regions=nodule_dir / "regions")
+    assert (report.indexed, report.regions, report.failures) == (12, 24, [])
+    store = retriever.store(create=False)
+    assert store.stats().region_index_vectors == 24 and store.check() == []

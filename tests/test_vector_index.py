@@ -258,3 +258,17 @@ def test_index_dataset_leaves_a_current_index_file(store_paths, tiny_weights, ph
     retriever.index_dataset([phantom_dir / "png"])
     store = Store(**store_paths)
     assert store.count() == 12 and store.check() == []
+
+
+@pytest.mark.parametrize("kind", ["ivf", "compact"])
+def test_a_kind_too_few_vectors_can_train_is_built_exact(store_paths, kind):
+    """FAISS cannot train an IVF or PQ k-means on fewer points than centroids (it raised, and the
+    indexing run stopped with a traceback): so few vectors are searched exactly until a rebuild."""
+    store = Store(**store_paths)
+    store.check_model("m1", 16)
+    vectors = _clustered(12, 16)
+    ids = store.add(records(12), vectors)
+    index = store.rebuild_index(kind)
+    assert kind_of(index) is INDEX_KIND_REGISTRY["flat"] and index.ntotal == 12
+    assert store.index_kind == kind and store.search(vectors[:1], 1)[1][0, 0] == ids[0]
+    assert store.check() == []
