@@ -144,10 +144,9 @@ class StoreSetting(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
-class StoreChange(Base):
-    """One committed change of the image rows, numbered by the database generation it made."""
-
-    __tablename__ = "store_changes"
+class _ChangeLog:
+    """The columns of a change log: one committed change of some rows, numbered by the
+    generation it made."""
 
     generation: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     kind: Mapped[str] = mapped_column(String(8))  # "add" or "remove"
@@ -155,6 +154,12 @@ class StoreChange(Base):
     first_id: Mapped[int] = mapped_column(Integer)
     last_id: Mapped[int] = mapped_column(Integer)
     changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StoreChange(_ChangeLog, Base):
+    """One committed change of the image rows, numbered by the database generation it made."""
+
+    __tablename__ = "store_changes"
 
 
 class RegionRecord(Base):
@@ -183,17 +188,10 @@ class RegionRecord(Base):
     mask_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
 
-class RegionChange(Base):
+class RegionChange(_ChangeLog, Base):
     """One committed change of the region rows, numbered by the region generation it made."""
 
     __tablename__ = "region_changes"
-
-    generation: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
-    kind: Mapped[str] = mapped_column(String(8))  # "add" or "remove"
-    rows: Mapped[int] = mapped_column(Integer)
-    first_id: Mapped[int] = mapped_column(Integer)
-    last_id: Mapped[int] = mapped_column(Integer)
-    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 @dataclass
@@ -520,7 +518,7 @@ class Database:
             inserted.sort()
             if not inserted:
                 raise _Unchanged
-            self._log_change(connection, generation, "add", [row[0] for row in inserted])
+            _log_change(connection, StoreChange, generation, "add", [row[0] for row in inserted])
             state = self.state(connection)
             added_regions = None
             if regions:
@@ -552,16 +550,9 @@ class Database:
                                       .returning(RegionRecord.id)).scalars().all()
         order = np.argsort(ids, kind="stable")
         ids = [int(ids[n]) for n in order]
-        connection.execute(insert(RegionChange).values(generation=generation, kind="add", rows=len(ids),
-                                                       first_id=min(ids), last_id=max(ids),
-                                                       changed_at=datetime.now(timezone.utc)))
+        _log_change(connection, RegionChange, generation, "add", ids)
         vectors = np.stack([decode_vector(rows[n]["vector"]) for n in order])
         return Committed(generation, self.regions.state(connection), ids, [int(n) for n in order]), vectors
-
-    def _log_change(self, connection, generation: int, kind: str, ids: list[int]) -> None:
-        connection.execute(insert(StoreChange).values(generation=generation, kind=kind, rows=len(ids),
-                                                      first_id=min(ids), last_id=max(ids),
-                                                      changed_at=datetime.now(timezone.utc)))
 
     def remove(self, ids: Iterable[int]) -> Committed | None:
         """Delete rows (vectors included) in one transaction, logged as one generation.
@@ -582,7 +573,7 @@ class Database:
                                               .returning(ImageRecord.id)).scalars().all()
             if not removed:
                 raise _Unchanged
-            self._log_change(connection, generation, "remove", removed)
+            _log_change(connection, StoreChange, generation, "remove", removed)
             state = self.state(connection)
         return Committed(generation, state, removed, [], regions) if removed else None
 
@@ -602,9 +593,7 @@ class Database:
         for start in range(0, len(found), 500):
             removed += connection.execute(delete(RegionRecord).where(RegionRecord.id.in_(found[start:start + 500]))
                                           .returning(RegionRecord.id)).scalars().all()
-        connection.execute(insert(RegionChange).values(generation=generation, kind="remove", rows=len(removed),
-                                                       first_id=min(removed), last_id=max(removed),
-                                                       changed_at=datetime.now(timezone.utc)))
+        _log_change(connection, RegionChange, generation, "remove", removed)
         return Committed(generation, self.regions.state(connection), sorted(removed), [])
 
     def ids_for(self, paths: Iterable[str] = (), ids: Iterable[int] = (), under: Iterable[str] = ()) -> list[int]:
@@ -817,13 +806,7 @@ class Database:
     def changes_between(self, first: int, last: int) -> list[tuple[str, int]] | None:
         """(kind, rows) of each logged change after generation ``first`` up to ``last``; None
         when the database has no change log (made by an earlier version)."""
-        try:
-            with Session(self.engine) as session:
-                return [(kind, rows) for kind, rows in session.execute(
-                    select(StoreChange.kind, StoreChange.rows)
-                    .where(StoreChange.generation > first, StoreChange.generation <= last))]
-        except SQLAlchemyError:
-            return None
+        return _changes_between(self.engine, StoreChange, first, last)
 
     # -- checks and summary -----------------------------------------------------------------------
 
@@ -961,13 +944,7 @@ class RegionRows:
     def changes_between(self, first: int, last: int) -> list[tuple[str, int]] | None:
         if not self.database.has_regions:
             return None
-        try:
-            with Session(self.database.engine) as session:
-                return [(kind, rows) for kind, rows in session.execute(
-                    select(RegionChange.kind, RegionChange.rows)
-                    .where(RegionChange.generation > first, RegionChange.generation <= last))]
-        except SQLAlchemyError:
-            return None
+        return _changes_between(self.database.engine, RegionChange, first, last)
 
     def iter_vectors(self, chunk: int = REBUILD_CHUNK, after: int = -1,
                      up_to: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -1111,6 +1088,25 @@ def _sqlite_foreign_keys(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys = ON")
     cursor.close()
+
+
+def _log_change(connection: Connection, table: type[_ChangeLog], generation: int, kind: str,
+                ids: list[int]) -> None:
+    """Log one change (``kind`` "add" or "remove" of ``ids``) in a change-log table."""
+    connection.execute(insert(table).values(generation=generation, kind=kind, rows=len(ids), first_id=min(ids),
+                                            last_id=max(ids), changed_at=datetime.now(timezone.utc)))
+
+
+def _changes_between(engine: Engine, table: type[_ChangeLog], first: int, last: int
+                     ) -> list[tuple[str, int]] | None:
+    """(kind, rows) of each change logged in ``table`` after generation ``first`` up to ``last``;
+    None when the database has no such table (made by an earlier version)."""
+    try:
+        with Session(engine) as session:
+            return [(kind, rows) for kind, rows in session.execute(
+                select(table.kind, table.rows).where(table.generation > first, table.generation <= last))]
+    except SQLAlchemyError:
+        return None
 
 
 def sql_reason(error: SQLAlchemyError) -> str:
