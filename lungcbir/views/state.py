@@ -253,13 +253,8 @@ class WebState:
         suffix = file_suffix(filename)
         if suffix not in UPLOAD_SUFFIXES:
             raise HTTPException(415, f"{filename}: unsupported file type; send {supported_formats()}")
-        limit = self.settings.max_upload_bytes
         with self.decoding():  # the bytes too: a waiting request keeps its upload on disk, not in memory
-            data = upload.file.read(limit + 1)
-            if len(data) > limit:
-                raise HTTPException(413, f"{filename}: file is larger than {limit // 2**20} MiB")
-            if not data:
-                raise HTTPException(422, f"{filename}: file is empty")
+            data = self._upload_bytes(upload, filename)
             try:
                 items = self.decode(data, filename, self.retriever.settings.max_voxels, frame)
                 headers = dicom_headers([(filename, data)], items)
@@ -271,19 +266,25 @@ class WebState:
             item.path = filename
         return items, headers
 
+    def _upload_bytes(self, upload: UploadFile, filename: str) -> bytes:
+        """An upload's bytes, at most the upload limit (413 above it, 422 when empty); read
+        while holding a decode slot (:meth:`decoding`)."""
+        limit = self.settings.max_upload_bytes
+        data = upload.file.read(limit + 1)
+        if len(data) > limit:
+            raise HTTPException(413, f"{filename}: file is larger than {limit // 2**20} MiB")
+        if not data:
+            raise HTTPException(422, f"{filename}: file is empty")
+        return data
+
     def read_mask_upload(self, upload: UploadFile) -> dict[int, np.ndarray]:
         """An uploaded region mask's planes (:func:`lungcbir.io.decode_region_mask`), read within the
         same limits as any upload (size, concurrent decodes, voxels)."""
         filename = upload_name(upload)
         if file_suffix(filename) not in MASK_FORMATS:
             raise HTTPException(415, f"{filename}: a region mask is PNG, TIFF, BMP or NIfTI")
-        limit = self.settings.max_upload_bytes
         with self.decoding():
-            data = upload.file.read(limit + 1)
-            if len(data) > limit:
-                raise HTTPException(413, f"{filename}: file is larger than {limit // 2**20} MiB")
-            if not data:
-                raise HTTPException(422, f"{filename}: file is empty")
+            data = self._upload_bytes(upload, filename)
             try:
                 return decode_region_mask(data, filename, self.retriever.settings.max_voxels)
             except ReadError as error:
