@@ -1,0 +1,222 @@
+"""Making a store's regions again in place (lungcbir.region_rebuild, ``lungcbir rebuild-regions``):
+lesions for slices indexed without them, marked regions taken back from the store, a store of
+an earlier region recipe made searchable again, files gone or changed, a run that stops half
+way, and the command line."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import lungcbir.regions
+from lungcbir.errors import StoreError
+from lungcbir.regions import RegionBox, region_dimension
+from lungcbir.research.nodule_benchmark import R1_WEIGHTS
+from lungcbir.retrieval import Retriever
+from lungcbir.store import Store
+
+SOLID_BOX = RegionBox(26, 43, 37, 54)
+
+
+def _regions(store: Store) -> dict[tuple[str, int, tuple[int, int, int, int], str], tuple[int, np.ndarray]]:
+    """Every stored region by (file name, frame, box, source): its area and vector."""
+    database = store.database.regions
+    vectors = {int(i): v for ids, chunk in database.iter_vectors() for i, v in zip(ids, chunk)}
+    found = database.read(vectors)
+    rows = store.records({region.image_id for region in found.values()})
+    keyed = {}
+    for region in found.values():
+        row = rows[region.image_id]
+        key = (Path(row.path).name, row.frame, region.bbox, region.source)
+        assert key not in keyed  # one region per box and source on a slice
+        keyed[key] = (region.area, vectors[region.id])
+    return keyed
+
+
+def _assert_same_regions(rebuilt: dict, fresh: dict) -> None:
+    assert sorted(rebuilt) == sorted(fresh)
+    for key, (area, vector) in fresh.items():
+        assert rebuilt[key][0] == area
+        np.testing.assert_allclose(rebuilt[key][1], vector, atol=2e-3)  # float16 as stored
+
+
+def _slice_side(store: Store) -> tuple[int, bytes]:
+    """The slices' generation and index file: what a rebuild of the regions must not touch."""
+    store.checkpoint()
+    return store.database.generation(), store.index_path.read_bytes()
+
+
+@pytest.fixture
+def copied(nodule_dir, tmp_path) -> Path:
+    """The nodule phantom's images and masks, in a folder of this test's own (files change here)."""
+    out = tmp_path / "nodules"
+    shutil.copytree(nodule_dir / "png", out / "png")
+    shutil.copytree(nodule_dir / "regions", out / "regions")
+    return out
+
+
+def _index_with_recipe_r1(retriever: Retriever, folder: Path, monkeypatch) -> None:
+    """Index as the version that made recipe r1 did: r1's weights (a context block: another
+    vector length) and r1 in the regions' model id."""
+    with monkeypatch.context() as patched:
+        patched.setattr(lungcbir.regions, "REGION_RECIPE", "r1")
+        patched.setattr(lungcbir.regions, "REGION_BLOCK_WEIGHTS", R1_WEIGHTS)
+        report = retriever.index_dataset([folder / "png"], regions=folder / "regions")
+    assert (report.indexed, report.regions) == (12, 24)
+    assert retriever.store().database.regions.model_id.endswith("/r1")
+
+
+def test_a_store_indexed_without_lesion_regions_gets_those_index_dataset_stores(phantom_dir, findings_weights,
+                                                                              store_paths, tmp_path):
+    retriever = Retriever(weights=findings_weights, **store_paths)
+    assert retriever.index_dataset([phantom_dir / "png"], lesion_regions=False).regions == 0
+    store = retriever.store()
+    assert store.database.regions.count() == 0
+    before = _slice_side(store)
+    report = retriever.rebuild_regions()
+    fresh = Retriever(weights=findings_weights, db_url=f"sqlite:///{tmp_path}/fresh.sqlite",
+                      index_dir=tmp_path / "fresh")
+    expected = fresh.index_dataset([phantom_dir / "png"]).regions
+    assert expected > 0 and (report.slices, report.rebuilt, report.unreadable) == (12, 12, 0)
+    assert report.regions == {"lesion": expected} and report.warnings == []
+    _assert_same_regions(_regions(store), _regions(fresh.store()))
+    assert _slice_side(store) == before  # the slices and their index are as they were
+    assert store.check() == [] and store.stats().region_index_vectors == expected
+    again = retriever.rebuild_regions(lesion_regions=False)  # and turned off again: none
+    assert again.stored == 0 and store.database.regions.count() == 0 and store.check() == []
+
+
+def test_marked_regions_survive_a_rebuild_without_the_masks_folder(nodule_dir, tiny_weights, store_paths):
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([nodule_dir / "png"], regions=nodule_dir / "regions")
+    store = retriever.store()
+    fresh = _regions(store)
+    first_ids = set(store.database.regions.read(range(1, 100)))
+    assert len(fresh) == 24
+    report = retriever.rebuild_regions()
+    assert (report.rebuilt, report.regions, report.warnings) == (12, {"mask": 24}, [])
+    _assert_same_regions(_regions(store), fresh)  # same boxes, areas and vectors
+    assert not first_ids & set(store.database.regions.read(range(1, 100)))  # made again, not left alone
+    assert store.check() == [] and Store(**store_paths, read_only=True).check() == []
+    answer = retriever.query(str(nodule_dir / "png" / "phantom01" / "phantom01_s001.png"), k=3,
+                             region=SOLID_BOX, per_patient=0)
+    assert len(answer.neighbors) == 3 and answer.note is None
+
+
+def test_a_store_of_another_region_recipe_is_refused_then_answers_after_the_rebuild(copied, tiny_weights,
+                                                                                    store_paths, monkeypatch, tmp_path):
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    _index_with_recipe_r1(retriever, copied, monkeypatch)
+    query = str(copied / "png" / "phantom02" / "phantom02_s001.png")
+    with pytest.raises(StoreError, match="made with region recipe r1.*`lungcbir rebuild-regions`"):
+        retriever.query(query, region=SOLID_BOX)
+    before = _slice_side(retriever.store())
+    report = retriever.rebuild_regions()
+    assert (report.set_aside, report.rebuilt, report.regions, report.warnings) == (24, 12, {"mask": 24}, [])
+    store = retriever.store()
+    model_id = retriever.model.model_id
+    assert store.database.regions.model_id == f"{model_id}/r2"
+    assert store.database.regions.dimension == region_dimension(retriever.model.settings.unet.bottleneck_channels)
+    assert _slice_side(store) == before and store.check() == []
+    fresh = Retriever(weights=tiny_weights, db_url=f"sqlite:///{tmp_path}/fresh.sqlite", index_dir=tmp_path / "fresh")
+    fresh.index_dataset([copied / "png"], regions=copied / "regions")
+    _assert_same_regions(_regions(store), _regions(fresh.store()))  # marked regions taken back from the r1 rows
+    answer = Retriever(weights=tiny_weights, **store_paths).query(query, k=2, region=SOLID_BOX, per_patient=0)
+    assert len(answer.neighbors) == 2 and answer.note is None
+
+
+def test_a_file_gone_or_changed_is_one_warning_and_the_other_slices_are_rebuilt(copied, tiny_weights, store_paths,
+                                                                               monkeypatch):
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    _index_with_recipe_r1(retriever, copied, monkeypatch)
+    gone = copied / "png" / "phantom01" / "phantom01_s000.png"
+    changed = copied / "png" / "phantom02" / "phantom02_s003.png"
+    store = retriever.store()
+    gone_id, changed_id = store.ids_for([str(gone)])[0], store.ids_for([str(changed)])[0]
+    gone.unlink()
+    pixels = cv2.imread(str(changed), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(changed), 255 - pixels)
+    report = retriever.rebuild_regions()
+    assert (report.slices, report.rebuilt, report.unreadable, report.removed) == (12, 10, 2, 4)
+    assert report.regions == {"mask": 20} and len(report.warnings) == 2
+    assert report.warnings[0].startswith(f"{gone}: cannot be read again (file does not exist)")
+    assert report.warnings[1].startswith(f"{changed}: changed since it was indexed")
+    assert all("2 region(s) of another recipe were removed" in line for line in report.warnings)
+    regions = store.database.regions
+    assert regions.of_images([gone_id, changed_id]) == {} and regions.pending_slices() == 0
+    assert regions.count() == 20 and store.count() == 12 and store.check() == []
+    # once the regions are of the recipe in use, a slice that cannot be read keeps them
+    shutil.copy(copied / "png" / "phantom01" / "phantom01_s001.png", gone)  # another content
+    again = retriever.rebuild_regions()
+    assert (again.unreadable, again.removed, again.regions) == (2, 0, {"mask": 20})
+    assert "has no regions" in again.warnings[0]
+    third = copied / "png" / "phantom03" / "phantom03_s002.png"
+    third.unlink()
+    last = retriever.rebuild_regions()
+    assert any(line.startswith(f"{third}:") and "its 2 region(s) were kept as they were" in line
+               for line in last.warnings)
+    assert regions.count() == 20 and store.check() == []
+
+
+def test_a_rebuild_stopped_half_way_never_answers_with_two_recipes_and_a_rerun_finishes_it(
+        copied, tiny_weights, store_paths, monkeypatch):
+    retriever = Retriever(weights=tiny_weights, files_per_commit=4, **store_paths)
+    _index_with_recipe_r1(retriever, copied, monkeypatch)
+    query = str(copied / "png" / "phantom02" / "phantom02_s001.png")
+    replace = Store.replace_regions
+
+    def stop_at(batch: int):
+        calls = []
+
+        def replacing(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == batch:
+                raise KeyboardInterrupt  # Ctrl-C, or a crash, before this batch's transaction
+            return replace(self, *args, **kwargs)
+        return replacing
+
+    with monkeypatch.context() as patched:  # stopped before its first batch was stored
+        patched.setattr(Store, "replace_regions", stop_at(1))
+        with pytest.raises(KeyboardInterrupt):
+            retriever.rebuild_regions()
+    reader = Retriever(weights=tiny_weights, **store_paths)  # another process
+    with pytest.raises(StoreError, match=r"regions of 12 slice\(s\) are being made again: run `lungcbir "
+                                         r"rebuild-regions`"):
+        reader.query(query, region=SOLID_BOX)
+    with monkeypatch.context() as patched:  # stopped after its first batch
+        patched.setattr(Store, "replace_regions", stop_at(2))
+        with pytest.raises(KeyboardInterrupt):
+            retriever.rebuild_regions()
+    reader = Retriever(weights=tiny_weights, **store_paths)
+    answer = reader.query(query, k=10, region=SOLID_BOX, per_patient=0)
+    store = reader.store(create=False)
+    dimension = region_dimension(reader.model.settings.unet.bottleneck_channels)
+    assert store.database.regions.count() == 8 and store.region_vectors.current().d == dimension
+    assert len(answer.neighbors) == 8 and "regions of 8 slice(s) are not searched" in answer.note
+    assert {n.path for n in answer.neighbors} <= {str(p) for p in sorted((copied / "png").rglob("*.png"))[:4]}
+    assert any("8 slices wait for their regions" in problem for problem in store.check())
+    report = retriever.rebuild_regions()  # the rerun finishes it
+    assert (report.set_aside, report.rebuilt, report.regions) == (0, 12, {"mask": 24})
+    store = Store(**store_paths, read_only=True)
+    assert store.database.regions.pending_slices() == 0 and store.check() == []
+    answer = Retriever(weights=tiny_weights, **store_paths).query(query, k=3, region=SOLID_BOX, per_patient=0)
+    assert answer.note is None and len(answer.neighbors) == 3
+
+
+def test_marked_regions_come_from_a_masks_folder_when_given(nodule_dir, tiny_weights, store_paths, tmp_path):
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([nodule_dir / "png"])  # indexed without --regions: no regions
+    masks = tmp_path / "masks"
+    shutil.copytree(nodule_dir / "regions", masks)
+    (masks / "phantom03" / "phantom03_s000.png").unlink()
+    report = retriever.rebuild_regions(regions=masks)
+    assert (report.rebuilt, report.regions) == (12, {"mask": 22})
+    assert len(report.warnings) == 1 and "phantom03_s000.png: no region mask in" in report.warnings[0]
+    fresh = Retriever(weights=tiny_weights, db_url=f"sqlite:///{tmp_path}/fresh.sqlite", index_dir=tmp_path / "fresh")
+    fresh.index_dataset([nodule_dir / "png"], regions=nodule_dir / "regions")
+    expected = {key: value for key, value in _regions(fresh.store()).items() if key[0] != "phantom03_s000.png"}
+    _assert_same_regions(_regions(retriever.store()), expected)
