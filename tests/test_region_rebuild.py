@@ -11,8 +11,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import lungcbir.regions
+from lungcbir.cli import main
 from lungcbir.errors import StoreError
 from lungcbir.regions import RegionBox, region_dimension
 from lungcbir.research.nodule_benchmark import R1_WEIGHTS
@@ -220,3 +222,29 @@ def test_marked_regions_come_from_a_masks_folder_when_given(nodule_dir, tiny_wei
     fresh.index_dataset([nodule_dir / "png"], regions=nodule_dir / "regions")
     expected = {key: value for key, value in _regions(fresh.store()).items() if key[0] != "phantom03_s000.png"}
     _assert_same_regions(_regions(retriever.store()), expected)
+
+
+def test_cli_rebuild_regions_summary_exit_status_and_bad_masks_folder(copied, tiny_weights, store_paths,
+                                                                      monkeypatch):
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    _index_with_recipe_r1(retriever, copied, monkeypatch)
+    args = ["--db", store_paths["db_url"], "--index-dir", store_paths["index_dir"], "--weights", tiny_weights]
+    runner = CliRunner()
+    refused = runner.invoke(main, ["query", str(copied / "png" / "phantom01" / "phantom01_s001.png"), "--region",
+                                   "26,43,37,54", "--no-pictures", *args])
+    assert refused.exit_code == 4 and "`lungcbir rebuild-regions`" in refused.output
+    bad = runner.invoke(main, ["rebuild-regions", "--regions", str(copied / "no-such-folder"), "--quiet", *args])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert bad.output.strip().splitlines() == [f"error: {copied / 'no-such-folder'}: the region masks folder "
+                                               f"does not exist"]
+    assert retriever.store().database.regions.model_id.endswith("/r1")  # refused before anything was written
+    (copied / "png" / "phantom01" / "phantom01_s002.png").unlink()
+    result = runner.invoke(main, ["rebuild-regions", "--quiet", *args])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("warning: ") and "phantom01_s002.png: cannot be read again" in lines[0]
+    assert lines[1].startswith("rebuilt the regions of 11 of 12 slice(s), 1 unreadable or changed: 22 region(s) "
+                               "stored (mask 22); 24 region(s) of another recipe replaced in ")
+    answer = runner.invoke(main, ["query", str(copied / "png" / "phantom02" / "phantom02_s001.png"), "--region",
+                                  "26,43,37,54", "--no-pictures", *args])
+    assert answer.exit_code == 0, answer.output
