@@ -214,18 +214,21 @@ def _read_or_error(path: str, max_voxels: int | None = None) -> list[CTSlice] | 
         return error
 
 
-def read_files(files: Sequence[str], workers: int = 1,
-               max_voxels: int | None = None) -> Generator[tuple[str, list[CTSlice] | ReadError], None, None]:
+def read_files(files: Iterable[str], workers: int = 1, max_voxels: int | None = None,
+               read: Callable[[str, int | None], list[CTSlice] | ReadError] = _read_or_error
+               ) -> Generator[tuple[str, list[CTSlice] | ReadError], None, None]:
     """Read files in order, in ``workers`` processes when above 1, so decoding overlaps inference
-    (``max_voxels``: as :func:`~lungcbir.io.read_file`).
+    (``max_voxels``: as :func:`~lungcbir.io.read_file`; ``read``: what reads one, a module-level
+    function that returns its ReadError, which a worker process can be given).
 
-    At most a few files per worker are read ahead, to keep memory bounded. Workers ignore
-    Ctrl-C (it reaches the whole process group): only this process reports the interrupt,
-    and closing the generator cancels what was queued.
+    At most a few files per worker are read ahead, to keep memory bounded (``files`` may be a
+    generator: it is drawn from as they are read). Workers ignore Ctrl-C (it reaches the whole
+    process group): only this process reports the interrupt, and closing the generator cancels
+    what was queued.
     """
     if workers <= 1:
         for path in files:
-            yield path, _read_or_error(path, max_voxels)
+            yield path, read(path, max_voxels)
         return
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
@@ -236,7 +239,7 @@ def read_files(files: Sequence[str], workers: int = 1,
         pending: deque[tuple[str, Future[list[CTSlice] | ReadError]]] = deque()
         for path in files:
             with _interrupts_inherited_as_ignored():
-                pending.append((path, pool.submit(_read_or_error, path, max_voxels)))  # may start a worker
+                pending.append((path, pool.submit(read, path, max_voxels)))  # may start a worker
             if len(pending) >= window:
                 done_path, future = pending.popleft()
                 yield done_path, future.result()

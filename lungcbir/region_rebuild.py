@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -43,7 +43,7 @@ from .database import NewRegion, SliceSource
 from .errors import LungCBIRError, ReadError
 from .indexing import FILES_PER_COMMIT, RegionMasks, read_files, slice_regions
 from .inference import LungModel
-from .io import CTSlice
+from .io import CTSlice, read_file
 from .regions import FoundRegion, connected_regions, region_dimension, region_model_id
 from .store import Store
 
@@ -72,11 +72,44 @@ class RegionRebuildReport:
 
 @dataclass
 class _Batch:
-    """One batch of stored slices: those read back (by id) and what went wrong with the others."""
+    """Stored slices read back, not yet stored: the slices read (by id) and the files that could
+    not be read as indexed (path -> reason, once per file)."""
 
-    sources: list[SliceSource]
+    sources: list[SliceSource] = field(default_factory=list)
     read: dict[int, CTSlice] = field(default_factory=dict)
-    problems: dict[str, str] = field(default_factory=dict)  # path -> reason, once per file
+    problems: dict[str, str] = field(default_factory=dict)
+
+    def take(self, path: str, sources: list[SliceSource], outcome: list[CTSlice] | ReadError) -> None:
+        """One file's (or archive instance's) stored slices and what reading it again gave: a slice
+        is used only when the file's content is the one indexed (same SHA-256)."""
+        self.sources += sources
+        if isinstance(outcome, ReadError):
+            self.problems[path] = f"cannot be read again ({outcome.reason})"
+            return
+        frames = {item.frame: item for item in outcome}
+        found = {}
+        for source in sources:
+            item = frames.get(source.frame)
+            if item is None or item.sha256 != source.sha256:  # none of the file's slices is used then
+                self.problems[path] = "changed since it was indexed (another SHA-256)"
+                return
+            found[source.id] = item
+        self.read.update(found)
+
+
+def read_source(path: str, max_voxels: int | None = None) -> list[CTSlice] | ReadError:
+    """A stored slice's source read again: a file, or an archive instance fetched by its WADO-RS
+    URL (the row's path) from its archive, as ``query`` shows it; its ReadError when it cannot be."""
+    from .dicomweb import fetch_slice, is_dicomweb_url
+
+    try:
+        if is_dicomweb_url(path):
+            return [fetch_slice(path)]
+        return read_file(path, max_voxels=max_voxels)
+    except ReadError as error:
+        return error
+    except LungCBIRError as error:  # an archive that cannot be reached, say: one line, as a read error
+        return ReadError(path, str(error).removeprefix(f"{path}: "))
 
 
 class RegionRebuilder:
@@ -129,21 +162,43 @@ class RegionRebuilder:
             self.region_model_id, region_dimension(model.settings.unet.bottleneck_channels))
         if on_total:
             on_total(store.count())
-        after = -1
-        while sources := store.database.slice_sources(after, self.files_per_commit):
-            after = sources[-1].id
-            self._rebuild(_Batch(sources), masks, report)
-            if on_slice:
-                for source in sources:
-                    on_slice(source.path)
-        store.checkpoint()  # the region index catches up with (or is rebuilt from) the database, and is saved
+        waiting: deque[tuple[str, list[SliceSource]]] = deque()  # files handed to the readers, in order
+
+        def files() -> Iterator[str]:
+            # the stored slices page by page in id order, each file once per page (its slices together)
+            after = -1
+            while page := store.database.slice_sources(after, self.files_per_commit):
+                after = page[-1].id
+                by_path: dict[str, list[SliceSource]] = {}
+                for source in page:
+                    by_path.setdefault(source.path, []).append(source)
+                for path, sources in by_path.items():
+                    waiting.append((path, sources))
+                    yield path
+
+        batch = _Batch()
+        # closing: an interrupt stops the readers too
+        with closing(read_files(files(), self.workers, self.max_voxels, read_source)) as outcomes:
+            for path, outcome in outcomes:
+                done, sources = waiting.popleft()
+                assert done == path  # read_files answers in the order it was given
+                batch.take(path, sources, outcome)
+                if len(batch.sources) >= self.files_per_commit:
+                    self._rebuild(batch, masks, report, on_slice)
+                    batch = _Batch()
+        self._rebuild(batch, masks, report, on_slice)
+        # the region index catches up with (or is rebuilt from) the database and is saved; the
+        # slices' index is left as it is
+        store.region_vectors.checkpoint()
         report.seconds = time.perf_counter() - began
         return report
 
-    def _rebuild(self, batch: _Batch, masks: RegionMasks | None, report: RegionRebuildReport) -> None:
-        """Read, segment and replace the regions of one batch, in one transaction."""
+    def _rebuild(self, batch: _Batch, masks: RegionMasks | None, report: RegionRebuildReport,
+                 on_slice: Callable[[str], None] | None) -> None:
+        """Segment one batch of slices read back and replace their regions, in one transaction."""
+        if not batch.sources:
+            return
         report.slices += len(batch.sources)
-        self._read(batch)
         ready = [source for source in batch.sources if source.id in batch.read]
         marked = self._marked(ready, batch, masks, report)
         results = self.model.segment([batch.read[source.id] for source in ready], self.batch_size,
@@ -171,39 +226,9 @@ class RegionRebuilder:
             outcome = (f"its {dropped} region(s) of another recipe were removed" if dropped else
                        f"its {left} region(s) were kept as they were" if left else "it has no regions")
             report.warnings.append(f"{path}: {reason}; {outcome}")
-
-    def _read(self, batch: _Batch) -> None:
-        """Read the batch's slices again, each file once; a slice whose file is gone, unreadable or
-        changed since it was indexed (another SHA-256) is left out, its file in ``batch.problems``."""
-        from .dicomweb import fetch_slice, is_dicomweb_url
-
-        by_path: dict[str, list[SliceSource]] = {}
-        for source in batch.sources:
-            by_path.setdefault(source.path, []).append(source)
-        urls = [path for path in by_path if is_dicomweb_url(path)]
-        files = [path for path in by_path if not is_dicomweb_url(path)]
-        outcomes: list[tuple[str, list[CTSlice] | ReadError]] = []
-        for url in urls:  # an archive's instance: fetched again from its archive, as `query` shows it
-            try:
-                outcomes.append((url, [fetch_slice(url)]))
-            except LungCBIRError as error:
-                outcomes.append((url, ReadError(url, str(error).removeprefix(f"{url}: "))))
-        with closing(read_files(files, self.workers, self.max_voxels)) as read:
-            outcomes += list(read)
-        for path, outcome in outcomes:
-            if isinstance(outcome, ReadError):
-                batch.problems[path] = f"cannot be read again ({outcome.reason})"
-                continue
-            frames = {item.frame: item for item in outcome}
-            for source in by_path[path]:
-                item = frames.get(source.frame) if not is_dicomweb_url(path) else outcome[0]
-                if item is None or item.sha256 != source.sha256:
-                    batch.problems[path] = "changed since it was indexed (another SHA-256)"
-                    continue
-                batch.read[source.id] = item
-        for path in batch.problems:  # one frame changed: the file changed, none of its slices is used
-            for source in by_path[path]:
-                batch.read.pop(source.id, None)
+        if on_slice:
+            for source in batch.sources:
+                on_slice(source.path)
 
     def _marked(self, ready: Sequence[SliceSource], batch: _Batch, masks: RegionMasks | None,
                 report: RegionRebuildReport) -> dict[int, list[FoundRegion]]:
@@ -223,7 +248,7 @@ class RegionRebuilder:
                         found[source.id] = connected_regions(planes[source.frame])
                     continue
                 reason = planes if isinstance(planes, str) else f"no region mask in {masks.folder}"
-                report.warnings.append(f"{path}: {reason}; its stored marked regions were kept")
+                report.warnings.append(f"{path}: {reason}; its stored marked regions were used")
                 from_store += sources
         stored = self.store.database.regions.marked_of([source.id for source in from_store])
         shapes = {source.id: (source.height, source.width) for source in from_store}

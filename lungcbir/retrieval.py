@@ -187,7 +187,9 @@ class QueryResult:
     segmentation: Segmentation  # of the query slice (mask, lung and lesion fractions, quality)
     neighbors: list[Neighbor]
     warning: str | None = None  # set when the query was not searched (quality no-lungs)
-    note: str | None = None  # set when fewer than k neighbours came back, and why
+    #: set when fewer than k neighbours came back, and why; for a region query also when an
+    #: unfinished rebuild-regions leaves slices whose regions are not searched
+    note: str | None = None
     region: np.ndarray | None = None  # a region query's region (bool, the slice's size); neighbours are regions
 
     @property
@@ -472,7 +474,8 @@ class Retriever:
         with a lesion output): the lesions the model finds, of at least
         :data:`~lungcbir.regions.LESION_REGION_MIN_PIXELS` pixels at its input, are stored as
         regions too (source "lesion"), so that region queries find lesions nobody marked.
-        Regions are stored with their slice: a slice indexed before is not given regions again.
+        Regions are stored with their slice: a slice indexed before is not given regions again
+        (:meth:`rebuild_regions` gives every stored slice its regions again).
 
         Example:
             >>> import tempfile

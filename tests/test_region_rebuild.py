@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from fastapi.testclient import TestClient
 
 import lungcbir.regions
 from lungcbir.cli import main
@@ -20,6 +21,7 @@ from lungcbir.regions import RegionBox, region_dimension
 from lungcbir.research.nodule_benchmark import R1_WEIGHTS
 from lungcbir.retrieval import Retriever
 from lungcbir.store import Store
+from lungcbir.web import create_app
 
 SOLID_BOX = RegionBox(26, 43, 37, 54)
 
@@ -201,8 +203,16 @@ def test_a_rebuild_stopped_half_way_never_answers_with_two_recipes_and_a_rerun_f
     assert len(answer.neighbors) == 8 and "regions of 8 slice(s) are not searched" in answer.note
     assert {n.path for n in answer.neighbors} <= {str(p) for p in sorted((copied / "png").rglob("*.png"))[:4]}
     assert any("8 slices wait for their regions" in problem for problem in store.check())
+    client = TestClient(create_app(reader), base_url="http://localhost", raise_server_exceptions=False)
+    web = client.post("/api/query", files={"file": ("q.png", Path(query).read_bytes(), "image/png")},
+                      data={"region": "26,43,37,54", "k": "10", "per_patient": "0"})
+    assert web.status_code == 200 and len(web.json()["neighbors"]) == 8, web.text
+    assert "regions of 8 slice(s) are not searched" in web.json()["note"]
+    writer = Store(**store_paths)  # a slice not rebuilt yet is removed meanwhile: its pending regions go with it
+    last = str(sorted((copied / "png").rglob("*.png"))[-1])
+    assert writer.remove(writer.ids_for([last])) == 1 and writer.database.regions.pending_slices() == 7
     report = retriever.rebuild_regions()  # the rerun finishes it
-    assert (report.set_aside, report.rebuilt, report.regions) == (0, 12, {"mask": 24})
+    assert (report.set_aside, report.rebuilt, report.regions) == (0, 11, {"mask": 22})
     store = Store(**store_paths, read_only=True)
     assert store.database.regions.pending_slices() == 0 and store.check() == []
     answer = Retriever(weights=tiny_weights, **store_paths).query(query, k=3, region=SOLID_BOX, per_patient=0)
@@ -215,6 +225,7 @@ def test_marked_regions_come_from_a_masks_folder_when_given(nodule_dir, tiny_wei
     masks = tmp_path / "masks"
     shutil.copytree(nodule_dir / "regions", masks)
     (masks / "phantom03" / "phantom03_s000.png").unlink()
+    retriever.workers = 2  # files read in worker processes, as index-dataset --workers
     report = retriever.rebuild_regions(regions=masks)
     assert (report.rebuilt, report.regions) == (12, {"mask": 22})
     assert len(report.warnings) == 1 and "phantom03_s000.png: no region mask in" in report.warnings[0]
@@ -248,3 +259,59 @@ def test_cli_rebuild_regions_summary_exit_status_and_bad_masks_folder(copied, ti
     answer = runner.invoke(main, ["query", str(copied / "png" / "phantom02" / "phantom02_s001.png"), "--region",
                                   "26,43,37,54", "--no-pictures", *args])
     assert answer.exit_code == 0, answer.output
+
+
+def test_slices_of_a_dicomweb_archive_are_fetched_again_from_it(phantom_dir, findings_weights, store_paths,
+                                                                monkeypatch):
+    from sqlalchemy import update
+
+    import lungcbir.dicomweb
+    from lungcbir.database import ImageRecord
+    from lungcbir.errors import ReadError
+    from lungcbir.io import read_file
+
+    retriever = Retriever(weights=findings_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "dicom"], lesion_regions=False)
+    store = retriever.store()
+    files = {}
+    with store.engine.begin() as connection:  # as if indexed from an archive: each row's path its WADO-RS URL
+        for row_id, path in connection.execute(ImageRecord.__table__.select().with_only_columns(
+                ImageRecord.id, ImageRecord.path)).all():
+            url = f"http://pacs.invalid/dicom-web/studies/1.2/series/1.3/instances/1.4.{row_id}"
+            files[url] = path
+            connection.execute(update(ImageRecord).where(ImageRecord.id == row_id).values(path=url))
+    unreachable = sorted(files)[0]
+
+    def fetch(url: str):
+        if url == unreachable:
+            raise ReadError(url, "HTTP 404 from the archive")
+        item = read_file(files[url])[0]
+        item.path = url
+        return item
+
+    monkeypatch.setattr(lungcbir.dicomweb, "fetch_slice", fetch)
+    report = retriever.rebuild_regions()
+    assert (report.slices, report.rebuilt, report.unreadable) == (12, 11, 1) and report.stored > 0
+    assert report.warnings == [f"{unreachable}: cannot be read again (HTTP 404 from the archive); it has no regions"]
+    assert store.check() == []
+
+
+def test_a_store_of_the_version_before_gains_the_pending_table_and_reads_without_it(nodule_dir, tiny_weights,
+                                                                                   store_paths):
+    from sqlalchemy import text
+
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([nodule_dir / "png"], regions=nodule_dir / "regions")
+    store = retriever.store()
+    store.checkpoint()
+    with store.engine.begin() as connection:  # as the version before this one made it
+        connection.execute(text("DROP TABLE regions_pending"))
+    store.engine.dispose()
+    old = Store(**store_paths, create=False, read_only=True)
+    assert old.database.regions.pending_slices() == 0 and old.check() == []
+    answer = Retriever(weights=tiny_weights, **store_paths).query(
+        str(nodule_dir / "png" / "phantom01" / "phantom01_s001.png"), k=2, region=SOLID_BOX, per_patient=0)
+    assert len(answer.neighbors) == 2 and answer.note is None
+    old.engine.dispose()
+    report = Retriever(weights=tiny_weights, **store_paths).rebuild_regions()  # a writer creates the table
+    assert report.regions == {"mask": 24} and Store(**store_paths, read_only=True).check() == []
