@@ -3,13 +3,17 @@
 One row per indexed slice (:class:`ImageRecord`, vector and mask included), one per region
 of a slice (:class:`RegionRecord`: a marked or found lesion, with its own vector), the store's
 settings (:class:`StoreSetting`: model, dimension, index kind, generation), the change logs
-(:class:`StoreChange`, :class:`RegionChange`) and the indexing queue of DICOMweb series
+(:class:`StoreChange`, :class:`RegionChange`), the regions set aside by an unfinished
+``rebuild-regions`` (:class:`PendingRegion`) and the indexing queue of DICOMweb series
 (:class:`QueueEntry`). SQLite and PostgreSQL are supported (:data:`SUPPORTED_BACKENDS`).
 
 Regions follow the same design as slices, with their own generation (``region_generation``)
 and change log, so that their vector index (:class:`RegionRows` is what it reads) knows
 exactly which rows it holds; a transaction that adds or removes both takes the slices'
-generation first, then the regions', so writers never wait on each other in a cycle.
+generation first, then the regions', so writers never wait on each other in a cycle. A
+transaction of regions alone (``rebuild-regions``: :meth:`RegionRows.begin_rebuild`,
+:meth:`Database.replace_regions`) takes the regions' generation only, so the slices' index
+does not see a change.
 
 Every transaction that adds or removes rows first takes the next *generation* of the
 database (a counter in ``store_settings``, whose row lock also serialises writers, so

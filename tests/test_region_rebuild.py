@@ -87,6 +87,7 @@ def test_a_store_indexed_without_lesion_regions_gets_those_index_dataset_stores(
     expected = fresh.index_dataset([phantom_dir / "png"]).regions
     assert expected > 0 and (report.slices, report.rebuilt, report.unreadable) == (12, 12, 0)
     assert report.regions == {"lesion": expected} and report.warnings == []
+    assert store.database.regions.model_id == f"{retriever.model.model_id}/r2"  # claimed by the rebuild
     _assert_same_regions(_regions(store), _regions(fresh.store()))
     assert _slice_side(store) == before  # the slices and their index are as they were
     assert store.check() == [] and store.stats().region_index_vectors == expected
