@@ -316,3 +316,17 @@ def test_a_store_of_the_version_before_gains_the_pending_table_and_reads_without
     old.engine.dispose()
     report = Retriever(weights=tiny_weights, **store_paths).rebuild_regions()  # a writer creates the table
     assert report.regions == {"mask": 24} and Store(**store_paths, read_only=True).check() == []
+
+
+def test_slices_of_another_model_are_refused_with_the_advice_to_re_index(nodule_dir, tiny_weights,
+                                                                       other_tiny_weights, store_paths, tmp_path):
+    Retriever(weights=other_tiny_weights, **store_paths).index_dataset([nodule_dir / "png"],
+                                                                       regions=nodule_dir / "regions")
+    with pytest.raises(StoreError, match="re-index into a new --db and --index-dir with this model"):
+        Retriever(weights=tiny_weights, **store_paths).rebuild_regions()
+    store = Store(**store_paths, read_only=True)
+    assert store.database.regions.count() == 24 and store.database.regions.pending_slices() == 0  # untouched
+    missing = CliRunner().invoke(main, ["rebuild-regions", "--quiet", "--db", f"sqlite:///{tmp_path}/none.sqlite",
+                                        "--index-dir", str(tmp_path / "none"), "--weights", tiny_weights])
+    assert missing.exit_code == 4 and missing.output.startswith("error: no database at ")
+    assert len(missing.output.strip().splitlines()) == 1
