@@ -3,7 +3,8 @@
 Exit status (every command):
 
 * 0: success;
-* 1: some input files could not be read (they are listed; everything else was done);
+* 1: some input files could not be read (they are listed; everything else was done; for
+  ``rebuild-regions``: stored slices whose files are gone, unreadable or changed);
 * 2: bad usage or no usable input;
 * 3: model weights missing or unusable;
 * 4: database or index problem;
@@ -702,7 +703,8 @@ def check(verify_files, db_url, index_dir):
     if problems:
         click.echo(f"{len(problems)} problem(s); `lungcbir rebuild-index` repairs problems of the index, "
                    f"`lungcbir index-dataset PATH` indexes changed files again, `lungcbir remove PATH` "
-                   f"forgets files that are gone", err=True)
+                   f"forgets files that are gone, `lungcbir rebuild-regions` makes regions of another recipe "
+                   f"again", err=True)
         sys.exit(4)
     click.echo("ok: database and index agree")
 
@@ -728,6 +730,58 @@ def rebuild_index(kind, wait, db_url, index_dir):
     with store.write_lock(wait):
         index = store.rebuild_index(kind)
     click.echo(f"rebuilt index: {index.ntotal} vectors of dimension {index.d}, {describe_index(index)}")
+
+
+@main.command("rebuild-regions")
+@click.option("--regions", "regions", type=click.Path(file_okay=False), metavar="MASKS",
+              help="Take the marked regions from this folder of region masks (as index-dataset --regions; each "
+                   "image's path relative to any folder above it) instead of those stored with the slices.")
+@click.option("--no-lesion-regions", is_flag=True,
+              help="Do not store the lesions the model finds as regions (stored by default).")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--wait", is_flag=True, help="Wait for another indexing run on the same index instead of failing.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Processes that read and decode files while the model runs.")
+@click.option("--commit-every", default=64, show_default=True, type=click.IntRange(1),
+              help="Slices per database transaction; a killed run loses at most this many.")
+@store_options
+@model_options
+@friendly_errors
+def rebuild_regions(regions, no_lesion_regions, batch_size, quiet, wait, workers, commit_every, db_url, index_dir,
+                    weights, device):
+    """Make every stored slice's regions again with this model and region recipe, in place.
+
+    For a store whose regions were made with an earlier region recipe (refused for region
+    queries until then), and for slices indexed without regions (before --regions, or with
+    --no-lesion-regions). The slices and their index are not touched. Each slice is read again
+    from its file and must be unchanged: a file gone, unreadable or changed is a warning (its
+    regions are kept if of this recipe, else removed) and exit status 1. Marked regions come
+    from MASKS, else from those stored; a stopped run is finished by running it again.
+
+    \b
+    Example:
+      lungcbir rebuild-regions
+      lungcbir rebuild-regions --regions nodules/masks --no-lesion-regions
+    """
+    from tqdm import tqdm
+
+    retriever = _retriever(db_url, index_dir, weights, device, batch_size, files_per_commit=commit_every,
+                           workers=workers)
+    bar = tqdm(unit="slice", disable=not _show_progress(quiet), file=sys.stderr)
+    report = retriever.rebuild_regions(regions, lesion_regions=not no_lesion_regions, wait=wait,
+                                       on_total=lambda total: setattr(bar, "total", total),
+                                       on_slice=lambda _: bar.update())
+    bar.close()
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    sources = ", ".join(f"{source} {count}" for source, count in sorted(report.regions.items()))
+    aside = f"; {report.set_aside} region(s) of another recipe replaced" if report.set_aside else ""
+    click.echo(f"rebuilt the regions of {report.rebuilt} of {report.slices} slice(s), {report.unreadable} "
+               f"unreadable or changed: {report.stored} region(s) stored{f' ({sources})' if sources else ''}"
+               f"{aside} in {report.seconds:.1f} s")
+    if report.unreadable:
+        sys.exit(EXIT_SOME_FAILED)
 
 
 @main.command()

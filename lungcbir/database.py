@@ -3,13 +3,17 @@
 One row per indexed slice (:class:`ImageRecord`, vector and mask included), one per region
 of a slice (:class:`RegionRecord`: a marked or found lesion, with its own vector), the store's
 settings (:class:`StoreSetting`: model, dimension, index kind, generation), the change logs
-(:class:`StoreChange`, :class:`RegionChange`) and the indexing queue of DICOMweb series
+(:class:`StoreChange`, :class:`RegionChange`), the regions set aside by an unfinished
+``rebuild-regions`` (:class:`PendingRegion`) and the indexing queue of DICOMweb series
 (:class:`QueueEntry`). SQLite and PostgreSQL are supported (:data:`SUPPORTED_BACKENDS`).
 
 Regions follow the same design as slices, with their own generation (``region_generation``)
 and change log, so that their vector index (:class:`RegionRows` is what it reads) knows
 exactly which rows it holds; a transaction that adds or removes both takes the slices'
-generation first, then the regions', so writers never wait on each other in a cycle.
+generation first, then the regions', so writers never wait on each other in a cycle. A
+transaction of regions alone (``rebuild-regions``: :meth:`RegionRows.begin_rebuild`,
+:meth:`Database.replace_regions`) takes the regions' generation only, so the slices' index
+does not see a change.
 
 Every transaction that adds or removes rows first takes the next *generation* of the
 database (a counter in ``store_settings``, whose row lock also serialises writers, so
@@ -194,6 +198,26 @@ class RegionChange(_ChangeLog, Base):
     __tablename__ = "region_changes"
 
 
+class PendingRegion(Base):
+    """A region made with an earlier region recipe, set aside while ``lungcbir rebuild-regions``
+    makes its slice's regions again (:meth:`RegionRows.begin_rebuild`): not searchable, no
+    vector. A marked region's mask is what the rebuild takes it back from; a slice with pending
+    rows has not been rebuilt yet. Removed with its slice (ON DELETE CASCADE) or once rebuilt.
+    """
+
+    __tablename__ = "regions_pending"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(Integer, ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    x0: Mapped[int] = mapped_column(Integer)
+    y0: Mapped[int] = mapped_column(Integer)
+    x1: Mapped[int] = mapped_column(Integer)
+    y1: Mapped[int] = mapped_column(Integer)
+    area: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(8))
+    mask_png: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
 @dataclass
 class NewRegion:
     """A region to store with its slice: box, area, source, vector and the region's mask in its box."""
@@ -245,7 +269,8 @@ def safe_url(url: str) -> str:
 def other_regions_message(stored: str | None, wanted: str) -> str:
     """Why stored region vectors made by ``stored`` (``<model id>/<recipe>``,
     :func:`lungcbir.regions.region_model_id`) cannot be searched or added to with ``wanted``'s,
-    and what to do: re-index, which rebuilds the regions.
+    and what to do: ``lungcbir rebuild-regions`` makes them again in place when only the recipe
+    differs; another model's regions belong to slices of that model, which must be re-indexed.
 
     Example:
         >>> other_regions_message("m1/r1", "m1/r2")[:80]
@@ -255,11 +280,12 @@ def other_regions_message(stored: str | None, wanted: str) -> str:
     model, _, recipe = wanted.rpartition("/")
     if stored_model == model and stored_recipe != recipe:
         return (f"the stored regions were made with region recipe {stored_recipe}, this version of lungcbir "
-                f"makes {recipe} ({wanted}), and the two cannot be compared: rebuild the regions by "
-                f"re-indexing into a new --db and --index-dir (`lungcbir index-dataset PATH... --regions MASKS`)")
+                f"makes {recipe} ({wanted}), and the two cannot be compared: rebuild the regions in place with "
+                f"`lungcbir rebuild-regions` (the slices stay as they are; marked regions are kept)")
     return (f"this database holds region vectors of {stored}, not of the regions in use ({wanted}); "
-            f"re-index into a new --db and --index-dir with this model to rebuild the regions, or use the "
-            f"weights they were made with")
+            f"re-index into a new --db and --index-dir with this model to rebuild the slices and their regions "
+            f"(`lungcbir index-dataset PATH...`), or use the weights they were made with; when the slices "
+            f"themselves were indexed with this model, `lungcbir rebuild-regions` rebuilds the regions alone")
 
 
 def same_state(one: dict | None, other: dict | None) -> bool:
@@ -306,6 +332,7 @@ class Database:
         self.read_only = read_only
         self._assign_ids = False  # set by _connect for SQLite tables without AUTOINCREMENT
         self.has_regions = True  # set by _connect: False for a read-only database of an earlier version
+        self.has_pending = True  # the same for the table of regions waiting for a rebuild
         self.engine = self._connect(db_url, create and not read_only)
         self.regions = RegionRows(self)
 
@@ -346,6 +373,7 @@ class Database:
                     connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})")
                 tables = set(inspect(connection).get_table_names())
                 self.has_regions = RegionRecord.__tablename__ in tables or not self.read_only
+                self.has_pending = PendingRegion.__tablename__ in tables or not self.read_only
                 if ImageRecord.__tablename__ not in tables and not create:
                     raise StoreError(f"no lungcbir database in {safe_url(db_url)}; "
                                      f"create one with `lungcbir index-dataset PATH`")
@@ -595,6 +623,43 @@ class Database:
                                           .returning(RegionRecord.id)).scalars().all()
         _log_change(connection, RegionChange, generation, "remove", removed)
         return Committed(generation, self.regions.state(connection), sorted(removed), [])
+
+    def replace_regions(self, image_ids: Sequence[int], regions: Sequence[tuple[int, NewRegion]], model_id: str
+                        ) -> tuple[Committed | None, tuple[Committed, np.ndarray] | None]:
+        """Replace every region of these slices, stored or pending, by ``regions`` ((image id,
+        region), vectors made by ``model_id``) in one transaction: the stored ones are deleted as
+        one region generation, the new ones inserted as the next; the slices' rows and their
+        generation are not touched. Regions of a slice removed meanwhile are left out. Returns
+        the removal and the addition (None where there was none), for the region index.
+        """
+        ids = sorted({int(i) for i in image_ids})
+        self.refuse_if_read_only()
+        if not ids:
+            return None, None
+        try:
+            with self.engine.begin() as connection:
+                removed = self._remove_regions_of(connection, ids)
+                present: set[int] = set()
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start:start + 500]
+                    if self.has_pending:
+                        connection.execute(delete(PendingRegion).where(PendingRegion.image_id.in_(chunk)))
+                    present.update(connection.execute(select(ImageRecord.id).where(ImageRecord.id.in_(chunk)))
+                                   .scalars().all())
+                added = self._add_regions(connection, [(image_id, region) for image_id, region in regions
+                                                       if image_id in present], model_id)
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot write to {safe_url(self.db_url)}: {sql_reason(error)}") from None
+        return removed, added
+
+    def slice_sources(self, after: int = -1, limit: int = 1000) -> list[SliceSource]:
+        """Where the stored slices with ids above ``after`` came from, at most ``limit`` of them
+        in id order (what ``rebuild-regions`` reads again)."""
+        with Session(self.engine) as session:
+            rows = session.execute(select(ImageRecord.id, ImageRecord.path, ImageRecord.frame, ImageRecord.sha256,
+                                          ImageRecord.width, ImageRecord.height)
+                                   .where(ImageRecord.id > after).order_by(ImageRecord.id).limit(limit)).all()
+        return [SliceSource(row.id, row.path, row.frame, row.sha256, row.width, row.height) for row in rows]
 
     def ids_for(self, paths: Iterable[str] = (), ids: Iterable[int] = (), under: Iterable[str] = ()) -> list[int]:
         """Row ids of images with these exact paths, these ids, or paths below these folders."""
@@ -857,6 +922,30 @@ class Database:
 
 
 @dataclass(frozen=True)
+class SliceSource:
+    """Where a stored slice came from (:meth:`Database.slice_sources`): its file or WADO-RS URL,
+    frame, the content's SHA-256 and its size."""
+
+    id: int
+    path: str
+    frame: int
+    sha256: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class MarkedRegion:
+    """A stored marked region as a rebuild takes it back (:meth:`RegionRows.marked_of`): its
+    slice, box, area and its mask inside the box (None when none was kept)."""
+
+    image_id: int
+    bbox: tuple[int, int, int, int]
+    area: int
+    mask: np.ndarray | None
+
+
+@dataclass(frozen=True)
 class StoredRegion:
     """A stored region as read back: its row's fields without the vector."""
 
@@ -917,6 +1006,98 @@ class RegionRows:
         stored = self.model_id
         if stored != model_id:
             raise StoreError(other_regions_message(stored, model_id))
+
+    def begin_rebuild(self, model_id: str, dimension: int) -> int:
+        """Start making the regions again with ``model_id`` (model and recipe, vectors of
+        ``dimension``), in one transaction: every stored region made otherwise is set aside as
+        pending (:class:`PendingRegion`: no longer searched; a marked one keeps its mask), logged
+        as a removal, and the regions' model and dimension become these. Nothing changes when
+        every region is of ``model_id`` already. Returns how many regions were set aside.
+
+        The regions table thus never holds vectors of two recipes, whenever the rebuild stops:
+        slices with pending rows are those still to rebuild (:meth:`pending_slices`).
+        """
+        database = self.database
+        database.refuse_if_read_only()
+        dialect = database.engine.dialect.name
+        wanted = {REGION_MODEL_KEY: model_id, REGION_DIMENSION_KEY: str(dimension)}
+        moved: list[int] = []
+        columns = ("image_id", "x0", "y0", "x1", "y1", "area", "source", "mask_png")
+        try:
+            with database.engine.begin() as connection:
+                generation = _next_generation(connection, dialect, REGION_GENERATION_KEY)  # locks: one writer
+                stored = {key: value for key, value in connection.execute(
+                    select(StoreSetting.key, StoreSetting.value).where(StoreSetting.key.in_(list(wanted))))}
+                other = RegionRecord.model_id != model_id
+                connection.execute(insert(PendingRegion).from_select(
+                    list(columns), select(*(getattr(RegionRecord, name) for name in columns)).where(other)))
+                moved = list(connection.execute(delete(RegionRecord).where(other).returning(RegionRecord.id))
+                             .scalars().all())
+                if not moved and stored == wanted:
+                    raise _Unchanged  # rolled back: the generation is not used up
+                if moved:
+                    _log_change(connection, RegionChange, generation, "remove", moved)
+                for key, value in wanted.items():
+                    connection.execute(insert_ignoring_duplicates(dialect, StoreSetting,
+                                                                  [{"key": key, "value": value}]))
+                    connection.execute(update(StoreSetting).where(StoreSetting.key == key).values(value=value))
+        except _Unchanged:
+            return 0
+        except SQLAlchemyError as error:
+            raise StoreError(f"cannot write to {safe_url(database.db_url)}: {sql_reason(error)}") from None
+        return len(moved)
+
+    def pending_slices(self) -> int:
+        """How many slices have regions set aside by an unfinished ``rebuild-regions``."""
+        if not self.database.has_pending:
+            return 0
+        with Session(self.database.engine) as session:
+            return session.scalar(select(func.count(func.distinct(PendingRegion.image_id)))) or 0
+
+    def pending_of(self, image_ids: Iterable[int]) -> dict[int, int]:
+        """How many regions of each of these slices are set aside (pending a rebuild), by slice id."""
+        wanted = [int(i) for i in image_ids]
+        found: dict[int, int] = {}
+        if not wanted or not self.database.has_pending:
+            return found
+        with Session(self.database.engine) as session:
+            for start in range(0, len(wanted), 5000):
+                found.update({image_id: count for image_id, count in session.execute(
+                    select(PendingRegion.image_id, func.count(PendingRegion.id))
+                    .where(PendingRegion.image_id.in_(wanted[start:start + 5000]))
+                    .group_by(PendingRegion.image_id))})
+        return found
+
+    def marked_of(self, image_ids: Iterable[int]) -> dict[int, list[MarkedRegion]]:
+        """The marked regions (source "mask") of these slices, by slice id, in the order they
+        were stored: a slice's stored regions, or, for a slice with none stored, those set aside
+        for a rebuild (:meth:`begin_rebuild`). Each mask inside its box gives the region back
+        exactly, so that a rebuild needs no masks folder."""
+        wanted = [int(i) for i in image_ids]
+        found: dict[int, list[MarkedRegion]] = {}
+        if not wanted or not self.database.has_regions:
+            return found
+        tables: list[type[RegionRecord] | type[PendingRegion]] = [RegionRecord]
+        if self.database.has_pending:
+            tables.append(PendingRegion)
+        with Session(self.database.engine) as session:
+            for table in tables:
+                taken: dict[int, list[MarkedRegion]] = {}
+                for start in range(0, len(wanted), 5000):
+                    rows = session.execute(select(
+                        table.image_id, table.x0, table.y0, table.x1, table.y1, table.area, table.mask_png).where(
+                        table.image_id.in_(wanted[start:start + 5000]), table.source == "mask")
+                        .order_by(table.id))
+                    for row in rows:
+                        mask = None
+                        if row.mask_png is not None:
+                            with contextlib.suppress(StoreError):
+                                mask = decode_mask(row.mask_png)
+                        taken.setdefault(row.image_id, []).append(
+                            MarkedRegion(row.image_id, (row.x0, row.y0, row.x1, row.y1), row.area, mask))
+                for image_id, marked in taken.items():
+                    found.setdefault(image_id, marked)  # stored regions first: a rebuilt slice has no pending ones
+        return found
 
     def state(self, connection=None) -> dict:
         """As :meth:`Database.state`, of the regions."""
@@ -1072,6 +1253,9 @@ class RegionRows:
             if orphans:
                 problems.append(f"{orphans} regions belong to no stored slice")
             stored_ids = set(session.scalars(select(RegionRecord.id)))
+        if pending := self.pending_slices():
+            problems.append(f"{pending} slices wait for their regions to be made again with {model_id} (an "
+                            f"unfinished `lungcbir rebuild-regions`; run it again to finish)")
         return problems, stored_ids
 
 

@@ -32,6 +32,7 @@ from collections import deque
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import date
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Generator, Iterable, Sequence
 
 import numpy as np
@@ -53,6 +54,7 @@ from .io import (
 from .regions import (
     SOURCE_LESION,
     SOURCE_MASK,
+    FoundRegion,
     connected_regions,
     lesion_regions,
     region_dimension,
@@ -123,29 +125,43 @@ class RegionMasks:
     """The folder of region masks of an indexing run (``--regions MASKS``): the mask of an image
     has the image's path relative to the folder it was found in (a file named directly: its
     name), in MASKS, as the same file name or the same name with a mask format's suffix
-    (:data:`~lungcbir.io.MASK_FORMATS`); non-zero pixels are regions."""
+    (:data:`~lungcbir.io.MASK_FORMATS`); non-zero pixels are regions.
 
-    def __init__(self, folder: str | os.PathLike, roots: Sequence[str], max_voxels: int | None = None) -> None:
+    ``roots`` None (``rebuild-regions``, which does not know the folders the images were
+    indexed from): the image's path relative to any folder above it, the longest such path
+    that names a mask first (``MASKS/p01/s1.png`` before ``MASKS/s1.png`` for ``.../p01/s1.png``).
+    """
+
+    def __init__(self, folder: str | os.PathLike, roots: Sequence[str] | None,
+                 max_voxels: int | None = None) -> None:
         self.folder = os.path.abspath(folder)
         self.max_voxels = max_voxels
         if not os.path.isdir(self.folder):
             raise LungCBIRError(f"{folder}: the region masks folder does not exist")
-        self.roots = sorted((os.path.abspath(root) for root in roots if os.path.isdir(root)), key=len, reverse=True)
+        self.roots = None if roots is None else sorted(
+            (os.path.abspath(root) for root in roots if os.path.isdir(root)), key=len, reverse=True)
 
     def holds(self, path: str) -> bool:
         """Whether ``path`` is inside the masks folder (a mask, not an image to index)."""
         return os.path.abspath(path).startswith(os.path.join(self.folder, ""))
 
-    def candidates(self, path: str) -> list[str]:
-        absolute = os.path.abspath(path)
+    def _relative_paths(self, absolute: str) -> list[str]:
+        if self.roots is None:
+            parts = Path(absolute).parts
+            return [os.path.join(*parts[start:]) for start in range(1, len(parts))]
         root = next((r for r in self.roots if absolute.startswith(os.path.join(r, ""))), None)
-        relative = os.path.relpath(absolute, root) if root else os.path.basename(absolute)
-        stem = relative
-        for suffix in sorted(MASK_FORMATS, key=len, reverse=True):
-            if relative.lower().endswith(suffix):
-                stem = relative[:-len(suffix)]
-                break
-        names = [relative] + [stem + suffix for suffix in MASK_FORMATS if stem + suffix != relative]
+        return [os.path.relpath(absolute, root) if root else os.path.basename(absolute)]
+
+    def candidates(self, path: str) -> list[str]:
+        """The mask files that would be ``path``'s, in the order they are looked for."""
+        names = []
+        for relative in self._relative_paths(os.path.abspath(path)):
+            stem = relative
+            for suffix in sorted(MASK_FORMATS, key=len, reverse=True):
+                if relative.lower().endswith(suffix):
+                    stem = relative[:-len(suffix)]
+                    break
+            names += [relative] + [stem + suffix for suffix in MASK_FORMATS if stem + suffix != relative]
         return [os.path.join(self.folder, name) for name in names]
 
     def masks_for(self, items: Sequence[CTSlice]) -> dict[int, np.ndarray] | str | None:
@@ -170,6 +186,27 @@ class RegionMasks:
         return masks
 
 
+def slice_regions(model: LungModel, result: Segmentation, shape: tuple[int, int], marked: Sequence[FoundRegion],
+                  lesions: bool) -> list[NewRegion]:
+    """The regions to store for one slice segmented with ``keep_maps`` (``shape``: its size):
+    the ``marked`` regions (of a region mask, or kept from the store), then, when ``lesions``
+    and the model has a lesion output, the lesions it found (of at least
+    :data:`~lungcbir.regions.LESION_REGION_MIN_PIXELS` at its input); at most
+    :data:`MAX_REGIONS_PER_SLICE` of each source, the first (largest) ones, each with its
+    :func:`~lungcbir.regions.region_vector`. What indexing and ``rebuild-regions`` both store."""
+    if result.maps is None:
+        return []
+    found = [(region, SOURCE_MASK) for region in marked[:MAX_REGIONS_PER_SLICE]]
+    if lesions and result.lesion_mask is not None:
+        found += [(region, SOURCE_LESION)
+                  for region in lesion_regions(result.lesion_mask, model.input_size)[:MAX_REGIONS_PER_SLICE]]
+    centre = model.settings.centre
+    return [NewRegion(region.bbox, region.area, source,
+                      region_vector(result.maps, region.full(shape), None if centre is None else np.asarray(centre),
+                                    model.settings.preprocess.hu_window), region.mask)
+            for region, source in found]
+
+
 def _read_or_error(path: str, max_voxels: int | None = None) -> list[CTSlice] | ReadError:
     try:
         return read_file(path, max_voxels=max_voxels)
@@ -177,18 +214,21 @@ def _read_or_error(path: str, max_voxels: int | None = None) -> list[CTSlice] | 
         return error
 
 
-def read_files(files: Sequence[str], workers: int = 1,
-               max_voxels: int | None = None) -> Generator[tuple[str, list[CTSlice] | ReadError], None, None]:
+def read_files(files: Iterable[str], workers: int = 1, max_voxels: int | None = None,
+               read: Callable[[str, int | None], list[CTSlice] | ReadError] = _read_or_error
+               ) -> Generator[tuple[str, list[CTSlice] | ReadError], None, None]:
     """Read files in order, in ``workers`` processes when above 1, so decoding overlaps inference
-    (``max_voxels``: as :func:`~lungcbir.io.read_file`).
+    (``max_voxels``: as :func:`~lungcbir.io.read_file`; ``read``: what reads one, a module-level
+    function that returns its ReadError, which a worker process can be given).
 
-    At most a few files per worker are read ahead, to keep memory bounded. Workers ignore
-    Ctrl-C (it reaches the whole process group): only this process reports the interrupt,
-    and closing the generator cancels what was queued.
+    At most a few files per worker are read ahead, to keep memory bounded (``files`` may be a
+    generator: it is drawn from as they are read). Workers ignore Ctrl-C (it reaches the whole
+    process group): only this process reports the interrupt, and closing the generator cancels
+    what was queued.
     """
     if workers <= 1:
         for path in files:
-            yield path, _read_or_error(path, max_voxels)
+            yield path, read(path, max_voxels)
         return
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
@@ -199,7 +239,7 @@ def read_files(files: Sequence[str], workers: int = 1,
         pending: deque[tuple[str, Future[list[CTSlice] | ReadError]]] = deque()
         for path in files:
             with _interrupts_inherited_as_ignored():
-                pending.append((path, pool.submit(_read_or_error, path, max_voxels)))  # may start a worker
+                pending.append((path, pool.submit(read, path, max_voxels)))  # may start a worker
             if len(pending) >= window:
                 done_path, future = pending.popleft()
                 yield done_path, future.result()
@@ -529,20 +569,8 @@ class Indexer:
 
     def _regions(self, item: CTSlice, result: Segmentation, marked: np.ndarray | None) -> list[NewRegion]:
         """The regions of one slice: the connected parts of its region mask, then the lesions found."""
-        if result.maps is None:
-            return []
-        found = []
-        if marked is not None:
-            found += [(region, SOURCE_MASK) for region in connected_regions(marked)[:MAX_REGIONS_PER_SLICE]]
-        if self.lesion_regions and result.lesion_mask is not None:
-            found += [(region, SOURCE_LESION)
-                      for region in lesion_regions(result.lesion_mask, self.model.input_size)[:MAX_REGIONS_PER_SLICE]]
-        centre = self.model.settings.centre
-        shape = (item.shape[0], item.shape[1])
-        return [NewRegion(region.bbox, region.area, source,
-                          region_vector(result.maps, region.full(shape), None if centre is None else np.asarray(centre),
-                                        self.model.settings.preprocess.hu_window), region.mask)
-                for region, source in found]
+        return slice_regions(self.model, result, (item.shape[0], item.shape[1]),
+                             connected_regions(marked) if marked is not None else [], self.lesion_regions)
 
     def _record(self, item: CTSlice, result: Segmentation, identity: Identity, labels: dict) -> ImageRecord:
         spacing = item.pixel_spacing or (None, None)

@@ -29,6 +29,7 @@ from .work_queue import DEFAULT_CLAIM_TIMEOUT_S
 
 if TYPE_CHECKING:
     from .dicom_seg import SegWritten
+    from .region_rebuild import RegionRebuildReport
 
 #: Per-patient collapsing first looks at this many candidates per result (at least
 #: MIN_CANDIDATES), four times more on each round until k cases are found or none are left.
@@ -186,7 +187,9 @@ class QueryResult:
     segmentation: Segmentation  # of the query slice (mask, lung and lesion fractions, quality)
     neighbors: list[Neighbor]
     warning: str | None = None  # set when the query was not searched (quality no-lungs)
-    note: str | None = None  # set when fewer than k neighbours came back, and why
+    #: set when fewer than k neighbours came back, and why; for a region query also when an
+    #: unfinished rebuild-regions leaves slices whose regions are not searched
+    note: str | None = None
     region: np.ndarray | None = None  # a region query's region (bool, the slice's size); neighbours are regions
 
     @property
@@ -471,7 +474,8 @@ class Retriever:
         with a lesion output): the lesions the model finds, of at least
         :data:`~lungcbir.regions.LESION_REGION_MIN_PIXELS` pixels at its input, are stored as
         regions too (source "lesion"), so that region queries find lesions nobody marked.
-        Regions are stored with their slice: a slice indexed before is not given regions again.
+        Regions are stored with their slice: a slice indexed before is not given regions again
+        (:meth:`rebuild_regions` gives every stored slice its regions again).
 
         Example:
             >>> import tempfile
@@ -490,6 +494,46 @@ class Retriever:
                               self.settings.max_voxels, lesion_regions)
             return indexer.run(paths, labels, exclude, on_file, on_total, pattern, study, since, cache_dir,
                                claim_timeout, regions)
+
+    def rebuild_regions(self, regions: str | os.PathLike | None = None, lesion_regions: bool = True,
+                        wait: bool = False, on_slice: Callable[[str], None] | None = None,
+                        on_total: Callable[[int], None] | None = None) -> RegionRebuildReport:
+        """Make every stored slice's regions again with the model and region recipe in use, in
+        place: the slices' rows and their index are not touched (see :mod:`lungcbir.region_rebuild`).
+
+        What a store of regions of an earlier recipe needs before it answers region queries
+        again, and how slices indexed without regions get them. Each slice is read again from
+        its file (or DICOMweb archive) and must be unchanged (same SHA-256): a file gone,
+        unreadable or changed is one line of ``report.warnings`` and its slices keep their
+        regions when they are of the recipe in use, else lose them (they cannot be searched).
+        Marked regions (source "mask") come from ``regions``, a folder of region masks as
+        :meth:`index_dataset` takes it (each image's path relative to any folder above it; a
+        slice without a usable mask there keeps its stored ones), else from the masks stored
+        with the slices; the lesions the model finds (source "lesion") are stored unless
+        ``lesion_regions`` is False. A run that stops half way leaves a store that answers from
+        the slices rebuilt so far (and says so); a rerun finishes it. One run at a time writes
+        to an index folder (``wait``: as :meth:`index_dataset`). Raises
+        :class:`~lungcbir.errors.StoreError` when the slices were indexed with another model
+        (re-index them instead) or the database does not exist.
+
+        Example:
+            >>> import tempfile
+            >>> from lungcbir.phantom import write_phantom
+            >>> folder = tempfile.mkdtemp()
+            >>> _ = write_phantom(folder, slices=2, size=64, patients=1)
+            >>> retriever = Retriever(db_url=f"sqlite:///{folder}/db.sqlite", index_dir=f"{folder}/index")
+            >>> _ = retriever.index_dataset([f"{folder}/png"])   # indexed without marked regions
+            >>> report = retriever.rebuild_regions(regions=f"{folder}/masks")
+            >>> report.rebuilt, report.regions["mask"] > 0, report.warnings
+            (2, True, [])
+        """
+        from .region_rebuild import RegionRebuilder
+
+        store = self.store(create=False, read_only=False)
+        with store.write_lock(wait):
+            rebuilder = RegionRebuilder(self.model, store, self.batch_size, self.files_per_commit, self.workers,
+                                        self.settings.max_voxels, lesion_regions)
+            return rebuilder.run(regions, on_slice, on_total)
 
     def query(self, image: str | os.PathLike | CTSlice | np.ndarray, k: int = 5,
               where: dict[str, str] | None = None, per_patient: int = 1,
@@ -546,9 +590,13 @@ class Retriever:
         store = self._searchable_store()
         regions = store.database.regions
         wanted = region_model_id(self.model.model_id)
+        pending = regions.pending_slices()  # slices an unfinished rebuild-regions has not reached
         if regions.count() == 0:
             advice = ("index images with `lungcbir index-dataset PATH --regions MASKS` (or with a model with a "
                       "lesion output)")
+            if pending:
+                advice = (f"the regions of {pending} slice(s) are being made again: run `lungcbir rebuild-regions` "
+                          f"(again) to finish")
             raise NoRegionsError(f"no regions are stored in {safe_url(self.db_url)}; {advice}",
                                  f"no regions are stored here; {advice}")
         if regions.model_id not in (None, wanted):  # none this version can search: as if none were stored
@@ -571,6 +619,10 @@ class Retriever:
                     f"{' match the filter' if where else ' are stored'}"
                     f"{' apart from the query patient' if other_patients else ''}"
                     f"{f' ({per_patient} region(s) per patient: per_patient 0 for more)' if per_patient else ''}")
+        if pending:
+            unfinished = (f"the regions of {pending} slice(s) are not searched: `lungcbir rebuild-regions` has not "
+                          f"made them again yet (run it again to finish)")
+            note = f"{note}; {unfinished}" if note else unfinished
         return QueryResult(item, result, neighbors, note=note, region=mask)
 
     def _region_neighbors(self, store: Store, vector: np.ndarray, k: int, where: dict[str, str] | None,

@@ -156,6 +156,26 @@ class Store:
             self.region_vectors.removed(committed.regions)
         return len(committed.ids)
 
+    def begin_region_rebuild(self, region_model_id: str, dimension: int) -> int:
+        """Switch the regions to ``region_model_id`` (vectors of ``dimension``), setting aside the
+        regions made otherwise (:meth:`RegionRows.begin_rebuild
+        <lungcbir.database.RegionRows.begin_rebuild>`); returns how many were set aside. The region
+        index follows at the next :meth:`checkpoint` or search (the change log says what changed)."""
+        return self.database.regions.begin_rebuild(region_model_id, dimension)
+
+    def replace_regions(self, image_ids: Sequence[int], regions: Sequence[tuple[int, NewRegion]],
+                        region_model_id: str) -> int:
+        """Replace every region of these slices by ``regions`` in one transaction
+        (:meth:`Database.replace_regions`); the slices and their index are not touched. Returns
+        how many regions were stored.
+
+        The region index is not changed here: a rebuild replaces every slice's regions, batch
+        after batch, and applying each batch's removal would write the whole region index each
+        time; it catches up (or is rebuilt) once, at the next :meth:`checkpoint` or search.
+        """
+        _, added = self.database.replace_regions(image_ids, regions, region_model_id)
+        return len(added[0].ids) if added is not None else 0
+
     # -- rows (see :class:`Database`) ---------------------------------------------------------------
 
     def known_keys(self, model_id: str) -> set[tuple[str, int]]:

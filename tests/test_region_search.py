@@ -264,8 +264,8 @@ def test_lesion_regions_below_the_minimum_size_are_left_out():
     assert [region.area for region in lesion_regions(lesions, 256)] == [64]
 
 
-def test_regions_stored_with_another_recipe_are_refused_with_a_message_to_re_index(nodule_dir, tiny_weights,
-                                                                                  store_paths, monkeypatch):
+def test_regions_stored_with_another_recipe_are_refused_with_a_message_to_rebuild_them(nodule_dir, tiny_weights,
+                                                                                      store_paths, monkeypatch):
     import lungcbir.regions
     from lungcbir.errors import StoreError
 
@@ -276,7 +276,7 @@ def test_regions_stored_with_another_recipe_are_refused_with_a_message_to_re_ind
     retriever = Retriever(weights=tiny_weights, **store_paths)
     model_id = retriever.model.model_id
     assert retriever.store(create=False).database.regions.model_id == f"{model_id}/r1"
-    expected = "made with region recipe r1, this version of lungcbir makes r2 .*rebuild the regions by re-indexing"
+    expected = "made with region recipe r1, this version of lungcbir makes r2 .*`lungcbir rebuild-regions`"
     with pytest.raises(StoreError, match=expected):  # a query
         retriever.query(_query(nodule_dir), region=SOLID_BOX)
     with pytest.raises(StoreError, match=expected):  # adding to the store
@@ -284,7 +284,7 @@ def test_regions_stored_with_another_recipe_are_refused_with_a_message_to_re_ind
     result = CliRunner().invoke(main, ["query", _query(nodule_dir), "--region", "26,43,37,54", "--no-pictures",
                                        "--db", store_paths["db_url"], "--index-dir", str(store_paths["index_dir"]),
                                        "--weights", tiny_weights])
-    assert result.exit_code == 4 and "region recipe r1" in result.output and "index-dataset" in result.output
+    assert result.exit_code == 4 and "region recipe r1" in result.output and "rebuild-regions" in result.output
     assert len(result.output.strip().splitlines()) == 1
     client = TestClient(create_app(retriever), base_url="http://localhost", raise_server_exceptions=False)
     png = Path(_query(nodule_dir)).read_bytes()

@@ -180,7 +180,8 @@ class QueryAnswer(Segmented):
 
     warning: str | None = Field(None, description="only when the slice was not searched (no lungs)")
     note: str | None = Field(None, description="only when there is something to say: fewer than k results and "
-                                                "why, which slice of a volume was queried")
+                                                "why, which slice of a volume was queried, slices whose regions "
+                                                "an unfinished `rebuild-regions` has not made again")
     query_tags: QueryTags
     focus: Focus = Field(description=FOCUS_DESCRIPTION)
     label_summary: dict[str, dict[str, int]] = Field(default_factory=dict, description=LABEL_SUMMARY)
