@@ -592,8 +592,9 @@ class Retriever:
         wanted = region_model_id(self.model.model_id)
         pending = regions.pending_slices()  # slices an unfinished rebuild-regions has not reached
         if regions.count() == 0:
-            advice = ("index images with `lungcbir index-dataset PATH --regions MASKS` (or with a model with a "
-                      "lesion output)")
+            # the slices are stored: index-dataset would skip them as already indexed
+            advice = ("give the stored slices regions with `lungcbir rebuild-regions --regions MASKS` (marked "
+                      "regions; without --regions, the lesions a model with a lesion output finds)")
             if pending:
                 advice = (f"the regions of {pending} slice(s) are being made again: run `lungcbir rebuild-regions` "
                           f"(again) to finish")

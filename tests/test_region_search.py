@@ -376,8 +376,11 @@ def test_a_region_query_of_a_store_without_regions_says_how_to_make_them(phantom
 
     retriever = Retriever(weights=tiny_weights, **store_paths)
     retriever.index_dataset([phantom_dir / "png"])
-    with pytest.raises(StoreError, match="--regions MASKS"):
+    with pytest.raises(StoreError) as refused:
         retriever.query(phantom_dir / "png" / "phantom01" / "phantom01_s001.png", region=RegionBox(1, 1, 9, 9))
+    # the slices are stored already: index-dataset would skip them, rebuild-regions gives them regions
+    assert "lungcbir rebuild-regions --regions MASKS" in str(refused.value)
+    assert "index-dataset" not in str(refused.value)
 
 
 # -- the CLI ----------------------------------------------------------------------------------------
@@ -560,7 +563,7 @@ def test_web_region_query_on_a_store_without_regions_says_how_to_make_them(phant
     # not "the image database is not available": the store is fine, it holds no regions
     assert answer.status_code == 409, answer.text
     detail = answer.json()["detail"]
-    assert "--regions MASKS" in detail and "\n" not in detail
+    assert "rebuild-regions --regions MASKS" in detail and "\n" not in detail
     assert "sqlite" not in detail and "postgres" not in detail and "/" not in detail.split("`")[0]
 
 

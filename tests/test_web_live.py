@@ -1109,7 +1109,7 @@ def test_a_region_search_on_a_store_without_regions_says_so_and_keeps_the_answer
     page.press("#region-y1", "Enter")  # Enter in a corner's field searches
     page.wait_for_function("document.getElementById('message').classList.contains('error')")
     message = page.inner_text("#message")
-    assert "no regions are stored here" in message and "--regions MASKS" in message
+    assert "no regions are stored here" in message and "rebuild-regions --regions MASKS" in message
     assert "sqlite" not in message and "/tmp" not in message  # no database URL, no server folder
     assert page.locator("#results .card").count() == cards and page.is_visible("#answer")
 
