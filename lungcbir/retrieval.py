@@ -83,7 +83,8 @@ class Neighbor:
                        "without a findings part"})
     percentile: float | None = field(default=None, metadata={
         "description": "0-100: the share of pairs of stored slices (a sample) less similar than this pair, "
-                       "with the same focus: 99 = among the 1 % most alike"})
+                       "with the same focus: 99 = among the 1 % most alike; region queries: of pairs of "
+                       "stored regions, as a region's score runs otherwise"})
     level: float | None = field(default=None, metadata={
         "description": "relative lung level of the stored slice in its series (0 = first slice with lungs, "
                        "1 = last; series order); null when unknown or outside the lungs"})
@@ -382,7 +383,7 @@ class Retriever:
         self.workers = workers
         self._model: LungModel | None = None
         self._store: Store | None = None
-        self._pair_cache: dict[tuple, np.ndarray] = {}  # _pair_scores' last answer
+        self._pair_cache: dict[tuple, np.ndarray] = {}  # _reference's last answer of each kind
 
     @property
     def model(self) -> LungModel:
@@ -584,7 +585,8 @@ class Retriever:
         ``where``, ``per_patient`` and ``other_patients`` are those of :meth:`query`, judged on
         the regions' slices (``per_patient``: at most that many regions of one case). As for
         slices, the same region on stored copies of the same pixels comes once (the others in
-        ``Neighbor.copies``).
+        ``Neighbor.copies``), and each neighbour has its score's ``percentile``, among pairs of
+        stored regions.
         """
         if k < 1:
             raise LungCBIRError("k must be at least 1")
@@ -634,7 +636,8 @@ class Retriever:
         ``where``, at most ``per_patient`` of one case and none of the cases in ``excluded``: the
         candidate list grows until k are found or the regions are exhausted. The same region on
         stored copies of the same pixels comes once, listing the others (``copies``; see
-        :func:`_region_candidates`), as a slice query's copies do."""
+        :func:`_region_candidates`), as a slice query's copies do; each neighbour has its score's
+        percentile among pairs of stored regions."""
         regions = store.database.regions
         allowed = regions.ids_of_images(store.ids_matching(where)) if where else None
         fetch = _first_fetch(k, bool(per_patient or excluded))
@@ -650,6 +653,10 @@ class Retriever:
             if len(neighbors) == k or ids.shape[1] < fetch:
                 break
             fetch *= 4
+        if neighbors:
+            reference = self._region_pair_scores(store)
+            for neighbor in neighbors:
+                neighbor.percentile = _percentile(reference, neighbor.score)
         return neighbors
 
     def query_together(self, examples: Sequence[str | os.PathLike | CTSlice | np.ndarray],
@@ -991,12 +998,28 @@ class Retriever:
     def _pair_scores(self, store: Store, focus: Focus | str) -> np.ndarray:
         """Sorted scores of the pairs of up to :data:`PERCENTILE_SAMPLE` stored slices spread over
         the store, with this focus: what a score is compared with (kept until the store changes)."""
-        key = (store.count(), self.model.model_id, str(focus))
+        return self._reference(("slices", store.count(), self.model.model_id, str(focus)), store.iter_vectors,
+                               lambda sample: self.model.focused(sample, focus))
+
+    def _region_pair_scores(self, store: Store) -> np.ndarray:
+        """:meth:`_pair_scores` of the stored regions: a region score is compared with pairs of
+        stored regions, not of slices, as region vectors are another space (pooled features of
+        a finding) whose scores run otherwise. Kept until the regions change: their generation,
+        not their count, as ``rebuild-regions`` replaces every vector and may keep the count."""
+        regions = store.database.regions
+        return self._reference(("regions", regions.generation(), regions.model_id), regions.iter_vectors,
+                               lambda sample: sample)
+
+    def _reference(self, key: tuple, chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]],
+                   weigh: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Sorted scores of the pairs of a sample of the vectors ``chunks`` reads (the first
+        :data:`PERCENTILE_READ_LIMIT`, :data:`PERCENTILE_SAMPLE` spread over them), the query
+        side weighed by ``weigh`` (a focus); one answer kept per kind (``key[0]``) until its key changes."""
         cached = self._pair_cache.get(key)
         if cached is not None:
             return cached
         vectors, read = [], 0
-        for _, chunk in store.iter_vectors():
+        for _, chunk in chunks():
             vectors.append(chunk)
             read += len(chunk)
             if read >= PERCENTILE_READ_LIMIT:  # a huge store: its first rows stand for it
@@ -1005,11 +1028,13 @@ class Retriever:
             return np.zeros(0, np.float32)
         every = np.concatenate(vectors)
         sample = every[np.linspace(0, len(every) - 1, min(len(every), PERCENTILE_SAMPLE)).astype(int)]
-        sample = np.unique(sample, axis=0)  # copies of the same pixels are not pairs of slices
-        scores = np.clip(self.model.focused(sample, focus) @ sample.T, -1, 1)
-        upper = scores[np.triu_indices(len(sample), 1)]
-        self._pair_cache = {key: np.sort(upper).astype(np.float32)}
-        return self._pair_cache[key]
+        sample = np.unique(sample, axis=0)  # copies of the same pixels are not pairs
+        scores = np.clip(weigh(sample) @ sample.T, -1, 1)
+        upper = np.sort(scores[np.triu_indices(len(sample), 1)]).astype(np.float32)
+        # replaced, not changed in place: a web server's threads read it meanwhile
+        self._pair_cache = {**{other: value for other, value in self._pair_cache.items() if other[0] != key[0]},
+                            key: upper}
+        return upper
 
 
 #: Two stored vectors this close (largest difference of a component) are copies of the same

@@ -641,3 +641,30 @@ def test_region_copies_keep_per_patient_and_other_patients(copied, nodule_dir):
     two_each = retriever.query(_query(nodule_dir), k=6, region=solid, per_patient=2, other_patients=True)
     assert sorted(n.patient_id for n in two_each.neighbors) == ["phantom02", "phantom02", "phantom03", "phantom03"]
 
+
+def test_region_neighbours_carry_their_percentile_among_pairs_of_stored_regions(indexed, nodule_dir, store_paths,
+                                                                               bundled_weights):
+    solid = disc((96, 96), *SOLID)
+    result = indexed.query(_query(nodule_dir), k=24, region=solid, per_patient=0)
+    percentiles = [n.percentile for n in result.neighbors]
+    assert len(percentiles) == 24 and all(p is not None and 0 <= p <= 100 for p in percentiles)
+    best, worst = result.neighbors[0], result.neighbors[-1]
+    assert best.percentile is not None and worst.percentile is not None
+    assert best.percentile > 90 and best.percentile > worst.percentile  # a strong match, a weak one
+    assert percentiles == sorted(percentiles, reverse=True)  # the same order as the scores
+    # query --json and the web API carry it
+    args = ["--db", store_paths["db_url"], "--index-dir", store_paths["index_dir"], "--weights", bundled_weights]
+    printed = CliRunner().invoke(main, ["query", _query(nodule_dir), "--region", "26,43,37,54", "--k", "24",
+                                        "--per-patient", "0", "--json", "--no-pictures", *args],
+                                 catch_exceptions=False)
+    assert printed.exit_code == 0, printed.output
+    neighbors = json.loads(printed.output.splitlines()[-1])["neighbors"]
+    assert all(0 <= n["percentile"] <= 100 for n in neighbors)
+    assert neighbors[0]["percentile"] > neighbors[-1]["percentile"]
+    client = TestClient(create_app(indexed), base_url="http://localhost", raise_server_exceptions=False)
+    answer = client.post("/api/query", files={"file": ("q.png", Path(_query(nodule_dir)).read_bytes(), "image/png")},
+                         data={"k": "24", "region": "26,43,37,54", "per_patient": "0"})
+    assert answer.status_code == 200, answer.text
+    served = answer.json()["neighbors"]
+    assert all(0 <= n["percentile"] <= 100 for n in served) and served[0]["percentile"] > served[-1]["percentile"]
+    assert [n["percentile"] for n in served] == [n["percentile"] for n in neighbors]  # one core, two shells
