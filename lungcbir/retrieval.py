@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import date
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -83,13 +83,15 @@ class Neighbor:
                        "without a findings part"})
     percentile: float | None = field(default=None, metadata={
         "description": "0-100: the share of pairs of stored slices (a sample) less similar than this pair, "
-                       "with the same focus: 99 = among the 1 % most alike"})
+                       "with the same focus: 99 = among the 1 % most alike; region queries: of pairs of "
+                       "stored regions, as a region's score runs otherwise"})
     level: float | None = field(default=None, metadata={
         "description": "relative lung level of the stored slice in its series (0 = first slice with lungs, "
                        "1 = last; series order); null when unknown or outside the lungs"})
     copies: list[dict[str, Any]] = field(default_factory=list, metadata={
         "description": "other stored files of the same pixels (same vector): [{id, path}]; they are not "
-                       "listed again"})
+                       "listed again; region queries: the slices (id, path) holding the same region of "
+                       "those pixels (same box, same region vector)"})
     region: dict[str, Any] | None = field(default=None, metadata={
         "description": "region queries: the stored region that matched, {id, bbox: [x0, y0, x1, y1] (pixels of "
                        "the stored slice, x1 and y1 exclusive), area (pixels), source: mask or lesion}; "
@@ -381,7 +383,7 @@ class Retriever:
         self.workers = workers
         self._model: LungModel | None = None
         self._store: Store | None = None
-        self._pair_cache: dict[tuple, np.ndarray] = {}  # _pair_scores' last answer
+        self._pair_cache: dict[tuple, np.ndarray] = {}  # _reference's last answer of each kind
 
     @property
     def model(self) -> LungModel:
@@ -581,7 +583,10 @@ class Retriever:
         with the region in ``Neighbor.region``. The region is described by
         :func:`~lungcbir.regions.region_vector` from the query slice's one forward pass.
         ``where``, ``per_patient`` and ``other_patients`` are those of :meth:`query`, judged on
-        the regions' slices (``per_patient``: at most that many regions of one case).
+        the regions' slices (``per_patient``: at most that many regions of one case). As for
+        slices, the same region on stored copies of the same pixels comes once (the others in
+        ``Neighbor.copies``), and each neighbour has its score's ``percentile``, among pairs of
+        stored regions.
         """
         if k < 1:
             raise LungCBIRError("k must be at least 1")
@@ -629,20 +634,31 @@ class Retriever:
     def _region_neighbors(self, store: Store, vector: np.ndarray, k: int, where: dict[str, str] | None,
                           per_patient: int, excluded: set[str]) -> list[Neighbor]:
         """The k best stored regions for a region vector among the regions of the slices matching
-        ``where``, at most ``per_patient`` of one case and none of the cases in ``excluded``; the
-        candidate list grows until k are found or the regions are exhausted."""
+        ``where``, at most ``per_patient`` of one case and none of the cases in ``excluded``: the
+        candidate list grows until k are found or the regions are exhausted. The same region on
+        stored copies of the same pixels comes once, listing the others (``copies``; see
+        :func:`_region_candidates`), as a slice query's copies do; each neighbour has its score's
+        percentile among pairs of stored regions."""
         regions = store.database.regions
         allowed = regions.ids_of_images(store.ids_matching(where)) if where else None
-        collapsing = per_patient or excluded
-        fetch = max(k * CANDIDATES_PER_RESULT, MIN_CANDIDATES) if collapsing else k
+        fetch = _first_fetch(k, bool(per_patient or excluded))
         while True:
             scores, ids = store.search_regions(vector[None], fetch, restrict_to=allowed)
-            found = regions.read(ids[ids >= 0])
+            hits = ids[0][ids[0] >= 0]
+            found = regions.read(hits)
+            vectors = {int(number): stored for numbers, chunk in regions.vectors_of(hits)
+                       for number, stored in zip(numbers, chunk)}
             rows = store.records({region.image_id for region in found.values()})
-            neighbors = _collapse_regions(scores[0], ids[0], found, rows, k, per_patient, excluded)
+            neighbors = _collapse(_region_candidates(scores[0], ids[0], found, vectors, rows), k, per_patient,
+                                  excluded)
             if len(neighbors) == k or ids.shape[1] < fetch:
-                return neighbors
+                break
             fetch *= 4
+        if neighbors:
+            reference = self._region_pair_scores(store)
+            for neighbor in neighbors:
+                neighbor.percentile = _percentile(reference, neighbor.score)
+        return neighbors
 
     def query_together(self, examples: Sequence[str | os.PathLike | CTSlice | np.ndarray],
                        unlike: Sequence[str | os.PathLike | CTSlice | np.ndarray] = (), k: int = 5,
@@ -941,9 +957,7 @@ class Retriever:
         except ValueError as error:
             raise LungCBIRError(str(error)) from None
         allowed = store.ids_matching(where) if where else None
-        collapsing = per_patient or any(excluded)
-        # beyond k: copies of the same pixels among them come once (more are fetched if needed)
-        fetch = max(k * CANDIDATES_PER_RESULT, MIN_CANDIDATES) if collapsing else 2 * k
+        fetch = _first_fetch(k, bool(per_patient or any(excluded)))
         answers: list[list[Neighbor] | None] = [None] * len(vectors)
         pending = list(range(len(vectors)))
         while pending:
@@ -952,7 +966,8 @@ class Retriever:
             exhausted = ids.shape[1] < fetch  # every (allowed) stored vector was a candidate
             still = []
             for number, row_scores, row_ids in zip(pending, scores, ids):
-                neighbors = _collapse(row_scores, row_ids, rows, k, per_patient, excluded[number])
+                neighbors = _collapse(_slice_candidates(row_scores, row_ids, rows), k, per_patient,
+                                      excluded[number])
                 if len(neighbors) == k or exhausted:
                     answers[number] = neighbors
                 else:
@@ -974,8 +989,7 @@ class Retriever:
         stored = {row.id: decode_vector(row.vector) for row in store.records([n.id for n in neighbors]).values()}
         for vector, answer in zip(vectors, answers):
             for neighbor in answer:
-                if len(reference):
-                    neighbor.percentile = 100.0 * float(np.searchsorted(reference, neighbor.score)) / len(reference)
+                neighbor.percentile = _percentile(reference, neighbor.score)
                 other = stored.get(neighbor.id)
                 if len(parts) > 1 and other is not None:
                     # vectors are [anatomy | findings] / sqrt(2) with unit parts: 2 x a part's dot is its cosine
@@ -985,12 +999,28 @@ class Retriever:
     def _pair_scores(self, store: Store, focus: Focus | str) -> np.ndarray:
         """Sorted scores of the pairs of up to :data:`PERCENTILE_SAMPLE` stored slices spread over
         the store, with this focus: what a score is compared with (kept until the store changes)."""
-        key = (store.count(), self.model.model_id, str(focus))
+        return self._reference(("slices", store.count(), self.model.model_id, str(focus)), store.iter_vectors,
+                               lambda sample: self.model.focused(sample, focus))
+
+    def _region_pair_scores(self, store: Store) -> np.ndarray:
+        """:meth:`_pair_scores` of the stored regions: a region score is compared with pairs of
+        stored regions, not of slices, as region vectors are another space (pooled features of
+        a finding) whose scores run otherwise. Kept until the regions change: their generation,
+        not their count, as ``rebuild-regions`` replaces every vector and may keep the count."""
+        regions = store.database.regions
+        return self._reference(("regions", regions.generation(), regions.model_id), regions.iter_vectors,
+                               lambda sample: sample)
+
+    def _reference(self, key: tuple, chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]],
+                   weigh: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Sorted scores of the pairs of a sample of the vectors ``chunks`` reads (the first
+        :data:`PERCENTILE_READ_LIMIT`, :data:`PERCENTILE_SAMPLE` spread over them), the query
+        side weighed by ``weigh`` (a focus); one answer kept per kind (``key[0]``) until its key changes."""
         cached = self._pair_cache.get(key)
         if cached is not None:
             return cached
         vectors, read = [], 0
-        for _, chunk in store.iter_vectors():
+        for _, chunk in chunks():
             vectors.append(chunk)
             read += len(chunk)
             if read >= PERCENTILE_READ_LIMIT:  # a huge store: its first rows stand for it
@@ -999,11 +1029,13 @@ class Retriever:
             return np.zeros(0, np.float32)
         every = np.concatenate(vectors)
         sample = every[np.linspace(0, len(every) - 1, min(len(every), PERCENTILE_SAMPLE)).astype(int)]
-        sample = np.unique(sample, axis=0)  # copies of the same pixels are not pairs of slices
-        scores = np.clip(self.model.focused(sample, focus) @ sample.T, -1, 1)
-        upper = scores[np.triu_indices(len(sample), 1)]
-        self._pair_cache = {key: np.sort(upper).astype(np.float32)}
-        return self._pair_cache[key]
+        sample = np.unique(sample, axis=0)  # copies of the same pixels are not pairs
+        scores = np.clip(weigh(sample) @ sample.T, -1, 1)
+        upper = np.sort(scores[np.triu_indices(len(sample), 1)]).astype(np.float32)
+        # replaced, not changed in place: a web server's threads read it meanwhile
+        self._pair_cache = {**{other: value for other, value in self._pair_cache.items() if other[0] != key[0]},
+                            key: upper}
+        return upper
 
 
 #: Two stored vectors this close (largest difference of a component) are copies of the same
@@ -1012,64 +1044,134 @@ class Retriever:
 COPY_TOLERANCE = 2e-4
 
 
-def _collapse(scores: np.ndarray, ids: np.ndarray, rows: dict[int, ImageRecord], k: int,
-              per_patient: int, leave_out: set[str]) -> list[Neighbor]:
-    """The first k candidates (best first) with at most ``per_patient`` of one case (0: any),
-    none of the rows or cases in ``leave_out``; a candidate with the same pixels as one seen
-    before (:data:`COPY_TOLERANCE`) is a copy of it: listed in its ``copies``, or left out with
-    it, never shown twice."""
-    neighbors: list[Neighbor] = []
-    per_case: dict[str, int] = {}
-    seen: list[tuple[np.ndarray, Neighbor | None]] = []  # vectors met, and their neighbour when listed
+@dataclass
+class _Candidate:
+    """One search hit as :func:`_collapse` walks them: the stored slice, the score, and what
+    says whether it is a copy of an earlier hit (:meth:`copy_of`)."""
+
+    record: ImageRecord
+    score: float
+    #: compared within :data:`COPY_TOLERANCE`, component by component (empty: never a copy)
+    vectors: tuple[np.ndarray, ...]
+    #: must be equal as well (a region's box)
+    same: tuple = ()
+    #: region queries: the stored region hit
+    region: StoredRegion | None = None
+
+    def copy_of(self, other: _Candidate) -> bool:
+        """Whether this hit shows the same thing as ``other``: the equal parts first (cheap)."""
+        return self.same == other.same and len(self.vectors) == len(other.vectors) and all(
+            len(mine) > 0 and mine.shape == theirs.shape and float(np.abs(mine - theirs).max()) <= COPY_TOLERANCE
+            for mine, theirs in zip(self.vectors, other.vectors))
+
+
+def _slice_candidates(scores: np.ndarray, ids: np.ndarray, rows: dict[int, ImageRecord]) -> Iterator[_Candidate]:
+    """A slice search's hits, best first; rows removed since the index was read are passed
+    over. A copy is a stored slice whose vector is within :data:`COPY_TOLERANCE`: the same pixels."""
     for score, identifier in zip(scores, ids):
         record = rows.get(int(identifier))
-        if record is None:
-            continue  # removed since the index was read
-        vector = decode_vector(record.vector) if record.vector else np.zeros(0, np.float32)
-        original = next((item for item in seen if len(vector) and item[0].shape == vector.shape
-                         and float(np.abs(item[0] - vector).max()) <= COPY_TOLERANCE), None)
-        if original is not None:
-            if original[1] is not None:
-                original[1].copies.append({"id": record.id, "path": record.path})
-            continue
-        listed = None
-        if leave_out and (f"id:{record.id}" in leave_out or case_key(record) in leave_out):
-            seen.append((vector, None))
-            continue
-        if len(neighbors) == k:
-            break
-        case = case_key(record)
-        if not per_patient or per_case.get(case, 0) < per_patient:
-            per_case[case] = per_case.get(case, 0) + 1
-            listed = _neighbor(record, float(score), len(neighbors) + 1)
-            neighbors.append(listed)
-        seen.append((vector, listed))
-    return neighbors
+        if record is not None:
+            vector = decode_vector(record.vector) if record.vector else np.zeros(0, np.float32)
+            yield _Candidate(record, float(score), (vector,))
 
 
-def _collapse_regions(scores: np.ndarray, ids: np.ndarray, regions: dict[int, StoredRegion],
-                      rows: dict[int, ImageRecord], k: int, per_patient: int, leave_out: set[str]) -> list[Neighbor]:
-    """The first k candidate regions (best first) with at most ``per_patient`` of one case (0:
-    any), none of the cases in ``leave_out``; regions or slices removed since are passed over."""
-    neighbors: list[Neighbor] = []
-    per_case: dict[str, int] = {}
+def _region_candidates(scores: np.ndarray, ids: np.ndarray, regions: dict[int, StoredRegion],
+                       vectors: dict[int, np.ndarray], rows: dict[int, ImageRecord]) -> Iterator[_Candidate]:
+    """A region search's hits, best first; regions or slices removed since are passed over.
+
+    A region is a copy of an earlier one when its slice is a copy of that one's slice (slice
+    vectors within :data:`COPY_TOLERANCE`, the slices' own rule), its box is the same and its
+    region vector is within the same tolerance. The slice condition alone would merge the
+    different regions of one slice's copies; the region vector alone could merge like findings
+    of two different slices (a region vector sees only its neighbourhood); the box, exact,
+    because copies of the same pixels with the same mask give the same box, while a region
+    vector is pooled and could stay within the tolerance for a box one pixel off. The three
+    together say: the same finding on the same pixels."""
     for score, identifier in zip(scores, ids):
         region = regions.get(int(identifier))
         record = rows.get(region.image_id) if region is not None else None
-        if region is None or record is None:
+        vector = vectors.get(int(identifier))
+        if region is None or record is None or vector is None:
             continue
+        image = decode_vector(record.vector) if record.vector else np.zeros(0, np.float32)
+        yield _Candidate(record, float(score), (image, vector), (region.bbox,), region)
+
+
+@dataclass
+class _Met:
+    """A thing :func:`_collapse` met: its first candidate, its neighbour while listed, and the
+    cases its copies are of (all count towards ``per_patient``)."""
+
+    candidate: _Candidate
+    neighbor: Neighbor | None
+    cases: set[str] = field(default_factory=set)
+
+
+def _collapse(candidates: Iterable[_Candidate], k: int, per_patient: int, leave_out: set[str]) -> list[Neighbor]:
+    """The first k candidates (best first) with at most ``per_patient`` of one case (0: any),
+    none of the rows or cases in ``leave_out``; a candidate that is a copy of one met before
+    (:meth:`_Candidate.copy_of`: the same pixels; for regions, the same region of them) is listed
+    in its ``copies`` (slice id and path), or left out with it, never shown twice. Slice and
+    region queries walk their hits here, so both treat copies, cases and ``leave_out`` alike.
+
+    Copies score alike, and which of them the index ranks first is chance: a copy under another
+    case (a TIFF export without a patient) may come before the query's own stored slice. So the
+    same pixels are one thing whichever comes first: left out when any copy is (``--other-patients``
+    never shows the query's own pixels under another name), and counted against the case of
+    every copy (one per patient is not one per patient plus its exports). A copy ranked after
+    the k-th answer's next distinct candidate is not met; copies score within about 1e-3, so
+    they come together."""
+    neighbors: list[Neighbor] = []
+    per_case: dict[str, int] = {}
+    met: list[_Met] = []
+    for candidate in candidates:
+        record = candidate.record
         case = case_key(record)
-        if f"id:{record.id}" in leave_out or case in leave_out:
+        left_out = bool(leave_out) and (f"id:{record.id}" in leave_out or case in leave_out)
+        original = next((item for item in met if candidate.copy_of(item.candidate)), None)
+        if original is not None:
+            if original.neighbor is not None and left_out:  # a copy of what is left out: left out with it
+                neighbors.remove(original.neighbor)
+                for other in original.cases:
+                    per_case[other] -= 1
+                original.neighbor = None
+            elif original.neighbor is not None:
+                original.neighbor.copies.append({"id": record.id, "path": record.path})
+                if case not in original.cases:
+                    original.cases.add(case)
+                    per_case[case] = per_case.get(case, 0) + 1
             continue
-        if per_patient and per_case.get(case, 0) >= per_patient:
+        if left_out:
+            met.append(_Met(candidate, None))
             continue
-        per_case[case] = per_case.get(case, 0) + 1
-        neighbor = _neighbor(record, float(score), len(neighbors) + 1)
-        neighbor.region = {"id": region.id, "bbox": list(region.bbox), "area": region.area, "source": region.source}
-        neighbors.append(neighbor)
         if len(neighbors) == k:
             break
+        neighbor = None
+        if not per_patient or per_case.get(case, 0) < per_patient:
+            per_case[case] = per_case.get(case, 0) + 1
+            neighbor = _neighbor(record, candidate.score, 0)
+            if candidate.region is not None:
+                region = candidate.region
+                neighbor.region = {"id": region.id, "bbox": list(region.bbox), "area": region.area,
+                                   "source": region.source}
+            neighbors.append(neighbor)
+        met.append(_Met(candidate, neighbor, {case}))
+    for rank, neighbor in enumerate(neighbors, 1):
+        neighbor.rank = rank
     return neighbors
+
+
+def _first_fetch(k: int, collapsing: bool) -> int:
+    """How many hits a search first asks for: many when cases are collapsed or left out, else
+    twice k, as copies of the same pixels among them come once (more are fetched if needed)."""
+    return max(k * CANDIDATES_PER_RESULT, MIN_CANDIDATES) if collapsing else 2 * k
+
+
+def _percentile(reference: np.ndarray, score: float) -> float | None:
+    """The share (0-100) of the reference pairs' scores (sorted) below ``score``; None without any."""
+    if not len(reference):
+        return None
+    return 100.0 * float(np.searchsorted(reference, score)) / len(reference)
 
 
 def _neighbor(record: ImageRecord, score: float, rank: int) -> Neighbor:

@@ -576,3 +576,98 @@ def test_regions_index_into_a_compact_store_with_few_regions(nodule_dir, tiny_we
     assert (report.indexed, report.regions, report.failures) == (12, 24, [])
     store = retriever.store(create=False)
     assert store.stats().region_index_vectors == 24 and store.check() == []
+
+
+# -- copies of the same pixels and score percentiles (region answers as slice answers) -----------------
+
+
+@pytest.fixture
+def copied(nodule_dir, bundled_weights, store_paths, tmp_path) -> tuple[Retriever, list[str]]:
+    """The nodule store plus two more files of phantom01_s001's pixels (a PNG written otherwise
+    and a TIFF: other bytes, the same pixels), each with the same marked regions; neither has a
+    patient (a file of its own), so each copy is another case than phantom01. Returns the
+    retriever and the three files of those pixels."""
+    source = Path(_query(nodule_dir))
+    pixels = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+    marked = cv2.imread(str(nodule_dir / "regions" / "phantom01" / "phantom01_s001.png"), cv2.IMREAD_UNCHANGED)
+    masks = tmp_path / "masks"
+    shutil.copytree(nodule_dir / "regions", masks)
+    for name in ("a", "b"):
+        (tmp_path / "copies" / name).mkdir(parents=True)
+        (masks / name).mkdir()
+        cv2.imwrite(str(masks / name / "x.png"), marked)
+    cv2.imwrite(str(tmp_path / "copies" / "a" / "x.png"), pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    cv2.imwrite(str(tmp_path / "copies" / "b" / "x.tif"), pixels)
+    retriever = Retriever(weights=bundled_weights, **store_paths)
+    report = retriever.index_dataset([nodule_dir / "png", tmp_path / "copies"], regions=masks)
+    assert report.failures == [] and report.indexed == 14
+    return retriever, [str(source), str(tmp_path / "copies" / "a" / "x.png"), str(tmp_path / "copies" / "b" / "x.tif")]
+
+
+def _shown(neighbors) -> list[tuple[str, tuple]]:
+    """Every (file, region box) an answer shows, neighbours and their copies."""
+    return [(n.path, tuple(n.region["bbox"])) for n in neighbors] + \
+        [(c["path"], tuple(n.region["bbox"])) for n in neighbors for c in n.copies]
+
+
+def test_the_same_region_on_copies_of_a_slice_comes_once_with_its_copies(copied, nodule_dir):
+    # the solid nodule of phantom01_s001 on its three files filled ranks 1-3 of a region query
+    retriever, files = copied
+    result = retriever.query(_query(nodule_dir), k=5, region=disc((96, 96), *SOLID), per_patient=0)
+    assert len(result.neighbors) == 5 and result.note is None  # k distinct regions: more are stored
+    shown = _shown(result.neighbors)
+    assert len(set(shown)) == len(shown)  # no region twice
+    first = result.neighbors[0]  # whichever file of those pixels the index ranks first
+    assert first.score > 0.999 and first.path in files and sum(n.path in files for n in result.neighbors) == 1
+    assert sorted([first.path] + [c["path"] for c in first.copies]) == sorted(files)
+    stored = retriever.store(create=False).records([c["id"] for c in first.copies])
+    assert sorted(row.path for row in stored.values()) == sorted(c["path"] for c in first.copies)  # slice ids
+    # the other regions of those slices (the ground-glass patch) are not copies of the nodule
+    glass = retriever.query(_query(nodule_dir), k=24, region=disc((96, 96), *SOLID), per_patient=0)
+    patches = [n for n in glass.neighbors if n.path in files]
+    assert len(patches) == 2 and {tuple(n.region["bbox"]) for n in patches} == {(27, 44, 36, 53), (61, 43, 72, 54)}
+    assert all(len(n.copies) == 2 for n in patches)
+
+
+def test_region_copies_keep_per_patient_and_other_patients(copied, nodule_dir):
+    retriever, files = copied
+    solid = disc((96, 96), *SOLID)
+    one_each = retriever.query(_query(nodule_dir), k=5, region=solid)  # per_patient 1
+    assert len(one_each.neighbors) == 3  # phantom01 (with its copies), phantom02, phantom03
+    own = [n for n in one_each.neighbors if n.path in files]
+    assert len(own) == 1 and len(own[0].copies) == 2  # the copies, other cases, are not more cases
+    assert {n.patient_id for n in one_each.neighbors} - {own[0].patient_id} == {"phantom02", "phantom03"}
+    others = retriever.query(_query(nodule_dir), k=4, region=solid, per_patient=0, other_patients=True)
+    # the query's own patient is left out, and the copies of its pixels with it (as for slices)
+    assert len(others.neighbors) == 4 and "phantom01" not in {n.patient_id for n in others.neighbors}
+    assert not {path for path, _ in _shown(others.neighbors)} & set(files)
+    two_each = retriever.query(_query(nodule_dir), k=6, region=solid, per_patient=2, other_patients=True)
+    assert sorted(n.patient_id for n in two_each.neighbors) == ["phantom02", "phantom02", "phantom03", "phantom03"]
+
+
+def test_region_neighbours_carry_their_percentile_among_pairs_of_stored_regions(indexed, nodule_dir, store_paths,
+                                                                               bundled_weights):
+    solid = disc((96, 96), *SOLID)
+    result = indexed.query(_query(nodule_dir), k=24, region=solid, per_patient=0)
+    percentiles = [n.percentile for n in result.neighbors]
+    assert len(percentiles) == 24 and all(p is not None and 0 <= p <= 100 for p in percentiles)
+    best, worst = result.neighbors[0], result.neighbors[-1]
+    assert best.percentile is not None and worst.percentile is not None
+    assert best.percentile > 90 and best.percentile > worst.percentile  # a strong match, a weak one
+    assert percentiles == sorted(percentiles, reverse=True)  # the same order as the scores
+    # query --json and the web API carry it
+    args = ["--db", store_paths["db_url"], "--index-dir", store_paths["index_dir"], "--weights", bundled_weights]
+    printed = CliRunner().invoke(main, ["query", _query(nodule_dir), "--region", "26,43,37,54", "--k", "24",
+                                        "--per-patient", "0", "--json", "--no-pictures", *args],
+                                 catch_exceptions=False)
+    assert printed.exit_code == 0, printed.output
+    neighbors = json.loads(printed.output.splitlines()[-1])["neighbors"]
+    assert all(0 <= n["percentile"] <= 100 for n in neighbors)
+    assert neighbors[0]["percentile"] > neighbors[-1]["percentile"]
+    client = TestClient(create_app(indexed), base_url="http://localhost", raise_server_exceptions=False)
+    answer = client.post("/api/query", files={"file": ("q.png", Path(_query(nodule_dir)).read_bytes(), "image/png")},
+                         data={"k": "24", "region": "26,43,37,54", "per_patient": "0"})
+    assert answer.status_code == 200, answer.text
+    served = answer.json()["neighbors"]
+    assert all(0 <= n["percentile"] <= 100 for n in served) and served[0]["percentile"] > served[-1]["percentile"]
+    assert [n["percentile"] for n in served] == [n["percentile"] for n in neighbors]  # one core, two shells

@@ -252,11 +252,11 @@ def test_focus_weighs_the_anatomy_and_findings_parts_of_the_stored_vectors(phant
 def test_scores_are_clipped_to_minus_one_one():
     """A self-match's float16 vector gives an inner product of 1.000047; a similarity is never above 1."""
     from lungcbir.database import ImageRecord
-    from lungcbir.retrieval import _collapse
+    from lungcbir.retrieval import _collapse, _slice_candidates
 
     rows = {1: ImageRecord(id=1, path="a.png"), 2: ImageRecord(id=2, path="b.png")}
-    neighbors = _collapse(np.array([1.000047, -1.00002], np.float32), np.array([1, 2]), rows, k=2,
-                          per_patient=0, leave_out=set())
+    neighbors = _collapse(_slice_candidates(np.array([1.000047, -1.00002], np.float32), np.array([1, 2]), rows),
+                          k=2, per_patient=0, leave_out=set())
     assert [n.score for n in neighbors] == [1.0, -1.0]
 
 
@@ -408,6 +408,28 @@ def test_the_same_pixels_stored_twice_come_once_with_their_copies(phantom_dir, t
     assert len(first.copies) == 2 and {os.path.basename(c["path"]) for c in first.copies} | \
         {os.path.basename(first.path)} == {"phantom01_s002.png", "x.png", "x.tif"}
     assert sum(n.score > 0.999 for n in result.neighbors) == 1
+
+
+def test_copies_are_one_answer_whichever_the_index_ranks_first():
+    # a copy under another case (a TIFF export without a patient) ranked above the query's own
+    # stored slice was shown under --other-patients, and counted as one more case under --per-patient
+    from lungcbir.database import ImageRecord, encode_vector
+    from lungcbir.retrieval import _collapse, _slice_candidates
+
+    vectors = np.eye(8, dtype=np.float32)
+    rows = {number: ImageRecord(id=number, path=path, patient_id=patient, vector=encode_vector(vectors[vector]))
+            for number, path, patient, vector in [(1, "/export/x.tif", None, 0), (2, "/p1/s1.dcm", "P1", 0),
+                                                  (3, "/p1/s2.dcm", "P1", 1), (4, "/p2/s1.dcm", "P2", 2)]}
+    ids, scores = np.array([1, 2, 3, 4]), np.array([1.0, 0.9999, 0.8, 0.7])
+
+    def walk(per_patient: int, leave_out: set[str]) -> list[tuple[str, list[str]]]:
+        found = _collapse(_slice_candidates(scores, ids, rows), 5, per_patient, leave_out)
+        assert [n.rank for n in found] == list(range(1, len(found) + 1))
+        return [(n.path, [c["path"] for c in n.copies]) for n in found]
+
+    assert walk(0, set()) == [("/export/x.tif", ["/p1/s1.dcm"]), ("/p1/s2.dcm", []), ("/p2/s1.dcm", [])]
+    assert walk(0, {"patient:P1"}) == [("/p2/s1.dcm", [])]  # the export is P1's pixels: left out with them
+    assert walk(1, set()) == [("/export/x.tif", ["/p1/s1.dcm"]), ("/p2/s1.dcm", [])]  # P1 once, with its copy
 
 
 def test_neighbours_explain_themselves(phantom_dir, findings_weights, store_paths, tmp_path):
