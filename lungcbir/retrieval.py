@@ -998,8 +998,11 @@ class Retriever:
 
     def _pair_scores(self, store: Store, focus: Focus | str) -> np.ndarray:
         """Sorted scores of the pairs of up to :data:`PERCENTILE_SAMPLE` stored slices spread over
-        the store, with this focus: what a score is compared with (kept until the store changes)."""
-        return self._reference(("slices", store.count(), self.model.model_id, str(focus)), store.iter_vectors,
+        the store, with this focus: what a score is compared with (kept until the store changes:
+        its generation, one row read, where a count reads every row and misses a removal matched
+        by as many additions)."""
+        return self._reference(("slices", store.database.generation(), self.model.model_id, str(focus)),
+                               store.iter_vectors,
                                lambda sample: self.model.focused(sample, focus))
 
     def _region_pair_scores(self, store: Store) -> np.ndarray:

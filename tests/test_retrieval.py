@@ -461,3 +461,22 @@ def test_lung_levels_and_pairs():
     scores = np.array([[0.9, 0.1, 0.95], [0.1, 0.9, 0.2]])
     # the most similar slice is at another level: the pair is the one at the same level
     assert level_pairs([0.0, 1.0], [True, True], [0.0, 1.0, 0.5], [True] * 3, scores) == [0, 1]
+
+
+def test_percentiles_follow_a_store_whose_rows_changed_but_not_their_number(phantom_dir, findings_weights,
+                                                                            store_paths):
+    """The reference sample of pair scores was kept while the row count stayed the same: slices
+    removed and as many others indexed left percentiles taken among pairs no longer stored."""
+    retriever = Retriever(weights=findings_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "png" / "phantom01"])
+    store = retriever.store()
+    query = sorted((phantom_dir / "png" / "phantom02").glob("*.png"))[1]
+    before = retriever._pair_scores(store, "balanced")
+    store.remove(store.ids_for(under=[str(phantom_dir / "png" / "phantom01")]))
+    retriever.index_dataset([phantom_dir / "png" / "phantom02"])
+    assert store.count() == len(sorted((phantom_dir / "png" / "phantom01").glob("*.png")))  # the same number
+    fresh = Retriever(weights=findings_weights, **store_paths)
+    expected = fresh._pair_scores(fresh.store(), "balanced")
+    assert not np.array_equal(before, expected)  # the stored pairs did change
+    assert np.array_equal(retriever._pair_scores(store, "balanced"), expected)
+    assert retriever.query(query, k=2).neighbors[0].percentile is not None
