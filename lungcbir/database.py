@@ -679,9 +679,14 @@ class Database:
             return list(session.scalars(select(ImageRecord.id).where(or_(*conditions)).order_by(ImageRecord.id)))
 
     def count(self) -> int:
-        """How many rows are stored."""
+        """How many rows are stored (every row is read: :meth:`is_empty` where that is the question)."""
         with Session(self.engine) as session:
             return session.scalar(select(func.count(ImageRecord.id))) or 0
+
+    def is_empty(self) -> bool:
+        """Whether no row is stored: one row looked up, where :meth:`count` reads them all."""
+        with Session(self.engine) as session:
+            return session.scalar(select(ImageRecord.id).limit(1)) is None
 
     def records(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
         """Rows by id (vectors included)."""
@@ -1167,6 +1172,13 @@ class RegionRows:
             return 0
         with Session(self.database.engine) as session:
             return session.scalar(select(func.count(RegionRecord.id))) or 0
+
+    def is_empty(self) -> bool:
+        """Whether no region is stored (one row looked up, as :meth:`Database.is_empty`)."""
+        if not self.database.has_regions:
+            return True
+        with Session(self.database.engine) as session:
+            return session.scalar(select(RegionRecord.id).limit(1)) is None
 
     def read(self, ids: Iterable[int]) -> dict[int, StoredRegion]:
         """Stored regions by id (ids since removed are left out)."""

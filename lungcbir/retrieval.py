@@ -596,7 +596,7 @@ class Retriever:
         regions = store.database.regions
         wanted = region_model_id(self.model.model_id)
         pending = regions.pending_slices()  # slices an unfinished rebuild-regions has not reached
-        if regions.count() == 0:
+        if regions.is_empty():
             # the slices are stored: index-dataset would skip them as already indexed
             advice = ("give the stored slices regions with `lungcbir rebuild-regions --regions MASKS` (marked "
                       "regions; without --regions, the lesions a model with a lesion output finds)")
@@ -931,7 +931,7 @@ class Retriever:
 
     def _searchable_store(self) -> Store:
         store = self.store(create=False)
-        if store.count() == 0:
+        if store.is_empty():  # not a count: that reads every row, on every query
             raise StoreError(f"no images are indexed in {safe_url(self.db_url)}; "
                              f"add some with `lungcbir index-dataset PATH`")
         if store.model_id not in (None, self.model.model_id):

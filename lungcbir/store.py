@@ -193,6 +193,9 @@ class Store:
     def count(self) -> int:
         return self.database.count()
 
+    def is_empty(self) -> bool:
+        return self.database.is_empty()
+
     def records(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
         return self.database.records(ids)
 
