@@ -81,6 +81,21 @@ def store_options(command):
     return command
 
 
+def indexing_run_options(command):
+    """What every run that reads files and writes the store takes (index-dataset, rebuild-regions)."""
+    for option in reversed((
+            click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024)),
+            click.option("--quiet", is_flag=True, help="No progress bar."),
+            click.option("--wait", is_flag=True,
+                         help="Wait for another indexing run on the same index instead of failing."),
+            click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+                         help="Processes that read and decode files while the model runs."),
+            click.option("--commit-every", default=64, show_default=True, type=click.IntRange(1),
+                         help="Slices per database transaction; a killed run loses at most this many."))):
+        command = option(command)
+    return command
+
+
 def _set_runtime(context: click.Context, parameter: click.Parameter, value: str | None) -> None:
     """``--runtime``: kept in the invocation's Settings, which every model of it is loaded with."""
     if value is not None:
@@ -150,13 +165,7 @@ def main(context: click.Context) -> None:
               help="For files without DICOM or labels identity: a regex searched in the path relative to the "
                    "indexed folder; group 1 = patient, group 2 (optional) = series.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out matching files or folders (repeatable).")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--wait", is_flag=True, help="Wait for another indexing run on the same index instead of failing.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="Processes that read and decode files while the model runs.")
-@click.option("--commit-every", default=64, show_default=True, type=click.IntRange(1),
-              help="Slices per database transaction; a killed run loses at most this many.")
+@indexing_run_options
 @click.option("--study", metavar="UID", help="DICOMweb sources: only this study.")
 @click.option("--since", type=click.DateTime(["%Y-%m-%d"]), metavar="YYYY-MM-DD",
               help="DICOMweb sources: only studies dated on or after this day.")
@@ -738,13 +747,7 @@ def rebuild_index(kind, wait, db_url, index_dir):
                    "image's path relative to any folder above it) instead of those stored with the slices.")
 @click.option("--no-lesion-regions", is_flag=True,
               help="Do not store the lesions the model finds as regions (stored by default).")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, 1024))
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--wait", is_flag=True, help="Wait for another indexing run on the same index instead of failing.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="Processes that read and decode files while the model runs.")
-@click.option("--commit-every", default=64, show_default=True, type=click.IntRange(1),
-              help="Slices per database transaction; a killed run loses at most this many.")
+@indexing_run_options
 @store_options
 @model_options
 @friendly_errors
