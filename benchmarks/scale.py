@@ -28,15 +28,18 @@ fitted to the 640 real ones, the ``compact`` kind, SQLite), interleaved ``--repe
 model shared (its start-up is the same for both). Each run is a fresh ``Retriever`` and
 ``Store``, as a new ``lungcbir index-dataset`` process would be: it loads the index file, adds its
 batches and checkpoints at the end; its rows are removed again after each run on the large store.
-Then query latency (``Store.search``, batch 1, 200 queries, the generation check included) and
-the index's memory at that size. ``--store-dir`` keeps the large store for a later run (its
-build is most of the time: ~30 s insert and ~150 s index on 2 cores).
+Then query latency (``Store.search``, batch 1, 200 queries, the generation check included), a
+whole ``Retriever.query`` of real slices (segmentation, search, per-patient collapse, percentiles)
+and the index's memory at that size; ``--queries-only`` measures these alone on a kept store.
+``--store-dir`` keeps the large store for a later run (its build is most of the time: ~30 s
+insert and ~150 s index on 2 cores).
 
 Usage: python benchmarks/scale.py [--sizes 10000,100000,1000000] [--kinds flat,ivf,hnsw,compact,sq8]
                                   [--dimension 773] [--repeats 3] [--nprobes 8,16,32,64,128] [--reranks 100,200]
                                   [--rebuild-rows 1000000] [--weights W.pt]
        python benchmarks/scale.py --incremental [--incremental-rows 1000000] [--repeats 3] [--store-dir DIR]
                                   [--runtime auto] [--weights W.pt]
+       python benchmarks/scale.py --queries-only --store-dir DIR   (the query latencies alone)
 """
 
 from __future__ import annotations
@@ -292,6 +295,53 @@ def large_store(folder: str, rows: int, model: LungModel, real: np.ndarray) -> t
     return db_url, index_dir
 
 
+def query_latency(model: LungModel, db_url: str, index_dir: str, real: np.ndarray, slices: int = 24) -> None:
+    """Query latency at the large store's size: ``Store.search`` (batch 1, 200 synthetic queries
+    fitted to ``real``, the generation check included) and a whole ``Retriever.query`` (default
+    options: one real Kaggle test slice read beforehand, segmented, searched, its neighbours
+    collapsed per patient and explained; ``slices`` of them, twice); and the index's memory."""
+    store = Store(db_url, index_dir)
+    index = store.index()
+    memory = len(faiss.serialize_index(index)) / 2**20
+    queries = synthetic(real, 400, seed=77)
+    for query in queries[:200]:  # the database's pages into the page cache: not counted
+        store.search(query[None], 10)
+    latencies = []
+    for query in queries[200:]:
+        began = time.perf_counter()
+        store.search(query[None], 10)
+        latencies.append((time.perf_counter() - began) * 1000)
+    print(f"  query through Store.search at {index.ntotal} rows ({describe_index(index)}): p50 "
+          f"{np.percentile(latencies, 50):.2f} ms, p95 {np.percentile(latencies, 95):.2f} ms; index memory "
+          f"{memory:.1f} MiB", flush=True)
+    store.engine.dispose()
+    retriever = Retriever(db_url=db_url, index_dir=index_dir, settings=Settings.from_environment())
+    items = [read_file(case.image)[0] for case in kaggle_slices()["test"][:slices]]
+    retriever.query(items[0], k=5)  # the model's session and the percentile reference: not counted
+    whole = []
+    for _ in range(2):
+        for item in items:
+            began = time.perf_counter()
+            retriever.query(item, k=5)
+            whole.append((time.perf_counter() - began) * 1000)
+    print(f"  whole query through Retriever.query (k 5, one case per patient) at {index.ntotal} rows: p50 "
+          f"{np.percentile(whole, 50):.0f} ms, p95 {np.percentile(whole, 95):.0f} ms ({len(whole)} queries of "
+          f"{slices} real slices)", flush=True)
+
+
+def queries_only(model: LungModel, store_dir: str) -> None:
+    """:func:`query_latency` on a large store kept by an earlier ``--incremental --store-dir``
+    run (its synthetic queries fitted to the store's first 640 rows)."""
+    db_url, index_dir = f"sqlite:///{store_dir}/large.sqlite", f"{store_dir}/index"
+    store = Store(db_url, index_dir)
+    if store.model_id != model.model_id:
+        raise SystemExit(f"{store_dir} holds no large store of model {model.model_id}: make one with "
+                         f"--incremental --store-dir {store_dir}")
+    real = next(store.iter_vectors(chunk=640))[1]
+    store.engine.dispose()
+    query_latency(model, db_url, index_dir, real)
+
+
 def incremental(model: LungModel, rows: int, repeats: int, store_dir: str | None, slices: int = 640) -> None:
     """Index the same real slices into an empty and into a large store, interleaved (see the module note)."""
     files = incremental_files(slices)
@@ -328,21 +378,7 @@ def incremental(model: LungModel, rows: int, repeats: int, store_dir: str | None
     print(f"incremental: empty {empty_rate:.1f} slices/s, 1M {large_rate:.1f} slices/s, ratio {ratio:.2f} "
           f"(median of {repeats}; ratios {', '.join(f'{r:.2f}' for r in ratios)}; {rows} rows)")
     assert large is not None
-    store = Store(*large)
-    index = store.index()
-    memory = len(faiss.serialize_index(index)) / 2**20
-    queries = synthetic(real, 400, seed=77)
-    for query in queries[:200]:  # the database's pages into the page cache: not counted
-        store.search(query[None], 10)
-    latencies = []
-    for query in queries[200:]:
-        began = time.perf_counter()
-        store.search(query[None], 10)
-        latencies.append((time.perf_counter() - began) * 1000)
-    print(f"  query through Store.search at {index.ntotal} rows ({describe_index(index)}): p50 "
-          f"{np.percentile(latencies, 50):.2f} ms, p95 {np.percentile(latencies, 95):.2f} ms; index memory "
-          f"{memory:.1f} MiB", flush=True)
-    store.engine.dispose()
+    query_latency(model, *large, real)
     shutil.rmtree(scratch, ignore_errors=True)  # 2 GB at 1 M rows, unless kept in --store-dir
 
 
@@ -353,6 +389,8 @@ def main() -> None:
     parser.add_argument("--incremental-rows", type=int, default=1_000_000, help="rows of the large store")
     parser.add_argument("--incremental-slices", type=int, default=640, help="real slices indexed (a smoke test: fewer)")
     parser.add_argument("--store-dir", help="--incremental: keep (and reuse) the large store in this folder")
+    parser.add_argument("--queries-only", action="store_true",
+                        help="only the query latencies, on the large store kept in --store-dir")
     parser.add_argument("--runtime", help="where the network runs (default: the settings', auto)")
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--kinds", default="flat,ivf,hnsw,compact")
@@ -365,6 +403,11 @@ def main() -> None:
     parser.add_argument("--weights")
     args = parser.parse_args()
     model = LungModel.load(args.weights, runtime=args.runtime)
+    if args.queries_only:
+        if not args.store_dir:
+            raise SystemExit("--queries-only needs --store-dir (a large store kept by --incremental)")
+        queries_only(model, args.store_dir)
+        return
     if args.incremental:
         incremental(model, args.incremental_rows, args.repeats, args.store_dir, args.incremental_slices)
         return
