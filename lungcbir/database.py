@@ -701,6 +701,20 @@ class Database:
                 session.expunge(row)
         return {row.id: row for row in rows}
 
+    def neighbor_rows(self, ids: Iterable[int]) -> dict[int, NeighborRow]:
+        """:class:`NeighborRow` of these rows by id (rows since removed are left out)."""
+        wanted = [int(i) for i in ids]
+        found: dict[int, NeighborRow] = {}
+        columns = (ImageRecord.id, ImageRecord.path, ImageRecord.patient_id, ImageRecord.study_uid,
+                   ImageRecord.series_uid, ImageRecord.sop_uid, ImageRecord.slice_index, ImageRecord.labels,
+                   ImageRecord.vector)
+        with self.engine.connect() as connection:
+            for start in range(0, len(wanted), 5000):  # bound the statement's parameter count
+                for row in connection.execute(select(*columns).where(ImageRecord.id.in_(wanted[start:start + 5000]))):
+                    found[row.id] = NeighborRow(row.id, row.path, row.patient_id, row.study_uid, row.series_uid,
+                                                row.sop_uid, row.slice_index, dict(row.labels or {}), row.vector)
+        return found
+
     def masks(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
         """The lung masks kept in these rows, by id (rows without one are left out)."""
         ids = [int(i) for i in ids]
@@ -924,6 +938,24 @@ class Database:
         if url.get_backend_name() == "sqlite" and url.database and os.path.exists(url.database):
             database_bytes = os.path.getsize(url.database)
         return RowStats(images, patients, series, identity, database_bytes)
+
+
+@dataclass(frozen=True)
+class NeighborRow:
+    """What a search's candidates need of a stored slice (:meth:`Database.neighbor_rows`): who
+    it is, what an answer shows of it and its vector (copies of the same pixels are told by it);
+    a tenth of what reading the whole :class:`ImageRecord` costs a search that starts from
+    hundreds of candidates."""
+
+    id: int
+    path: str
+    patient_id: str | None
+    study_uid: str | None
+    series_uid: str | None
+    sop_uid: str | None
+    slice_index: int | None
+    labels: dict
+    vector: bytes
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .config import Settings
-from .database import FILTER_COLUMNS, ImageRecord, StoredRegion, decode_vector, other_regions_message, safe_url
+from .database import (
+    FILTER_COLUMNS,
+    ImageRecord,
+    NeighborRow,
+    StoredRegion,
+    decode_vector,
+    other_regions_message,
+    safe_url,
+)
 from .errors import FilterError, LungCBIRError, NoRegionsError, ReadError, StoreError
 from .focus import DEFAULT_FOCUS, Focus
 from .identity import compile_case_pattern
@@ -648,7 +656,7 @@ class Retriever:
             found = regions.read(hits)
             vectors = {int(number): stored for numbers, chunk in regions.vectors_of(hits)
                        for number, stored in zip(numbers, chunk)}
-            rows = store.records({region.image_id for region in found.values()})
+            rows = store.neighbor_rows({region.image_id for region in found.values()})
             neighbors = _collapse(_region_candidates(scores[0], ids[0], found, vectors, rows), k, per_patient,
                                   excluded)
             if len(neighbors) == k or ids.shape[1] < fetch:
@@ -962,7 +970,7 @@ class Retriever:
         pending = list(range(len(vectors)))
         while pending:
             scores, ids = store.search(focused[pending], fetch, restrict_to=allowed)
-            rows = store.records(np.unique(ids[ids >= 0]))
+            rows = store.neighbor_rows(np.unique(ids[ids >= 0]))
             exhausted = ids.shape[1] < fetch  # every (allowed) stored vector was a candidate
             still = []
             for number, row_scores, row_ids in zip(pending, scores, ids):
@@ -986,7 +994,7 @@ class Retriever:
             return
         reference = self._pair_scores(store, focus)
         parts = self.model.parts
-        stored = {row.id: decode_vector(row.vector) for row in store.records([n.id for n in neighbors]).values()}
+        stored = {row.id: decode_vector(row.vector) for row in store.neighbor_rows([n.id for n in neighbors]).values()}
         for vector, answer in zip(vectors, answers):
             for neighbor in answer:
                 neighbor.percentile = _percentile(reference, neighbor.score)
@@ -1052,7 +1060,7 @@ class _Candidate:
     """One search hit as :func:`_collapse` walks them: the stored slice, the score, and what
     says whether it is a copy of an earlier hit (:meth:`copy_of`)."""
 
-    record: ImageRecord
+    record: NeighborRow
     score: float
     #: compared within :data:`COPY_TOLERANCE`, component by component (empty: never a copy)
     vectors: tuple[np.ndarray, ...]
@@ -1068,7 +1076,7 @@ class _Candidate:
             for mine, theirs in zip(self.vectors, other.vectors))
 
 
-def _slice_candidates(scores: np.ndarray, ids: np.ndarray, rows: dict[int, ImageRecord]) -> Iterator[_Candidate]:
+def _slice_candidates(scores: np.ndarray, ids: np.ndarray, rows: dict[int, NeighborRow]) -> Iterator[_Candidate]:
     """A slice search's hits, best first; rows removed since the index was read are passed
     over. A copy is a stored slice whose vector is within :data:`COPY_TOLERANCE`: the same pixels."""
     for score, identifier in zip(scores, ids):
@@ -1079,7 +1087,7 @@ def _slice_candidates(scores: np.ndarray, ids: np.ndarray, rows: dict[int, Image
 
 
 def _region_candidates(scores: np.ndarray, ids: np.ndarray, regions: dict[int, StoredRegion],
-                       vectors: dict[int, np.ndarray], rows: dict[int, ImageRecord]) -> Iterator[_Candidate]:
+                       vectors: dict[int, np.ndarray], rows: dict[int, NeighborRow]) -> Iterator[_Candidate]:
     """A region search's hits, best first; regions or slices removed since are passed over.
 
     A region is a copy of an earlier one when its slice is a copy of that one's slice (slice
@@ -1177,7 +1185,7 @@ def _percentile(reference: np.ndarray, score: float) -> float | None:
     return 100.0 * float(np.searchsorted(reference, score)) / len(reference)
 
 
-def _neighbor(record: ImageRecord, score: float, rank: int) -> Neighbor:
+def _neighbor(record: ImageRecord | NeighborRow, score: float, rank: int) -> Neighbor:
     """A stored row as a neighbour with this score and rank."""
     # a score is a (weighted) cosine; float16 vectors and float32 sums overshoot 1 slightly
     return Neighbor(rank=rank, id=record.id, path=record.path, score=float(np.clip(score, -1.0, 1.0)),
@@ -1238,7 +1246,7 @@ def _natural(text: str) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
 
 
-def case_key(record: ImageRecord | Neighbor) -> str:
+def case_key(record: ImageRecord | NeighborRow | Neighbor) -> str:
     """What counts as one case: the patient, else the series, else the file (a NIfTI volume)."""
     if record.patient_id:
         return f"patient:{record.patient_id}"

@@ -35,6 +35,7 @@ from .database import (
     VECTOR_DTYPE,
     Database,
     ImageRecord,
+    NeighborRow,
     NewRegion,
     safe_url,
 )
@@ -198,6 +199,9 @@ class Store:
 
     def records(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
         return self.database.records(ids)
+
+    def neighbor_rows(self, ids: Iterable[int]) -> dict[int, NeighborRow]:
+        return self.database.neighbor_rows(ids)
 
     def masks(self, ids: Iterable[int]) -> dict[int, np.ndarray]:
         return self.database.masks(ids)
