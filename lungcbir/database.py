@@ -288,6 +288,16 @@ def other_regions_message(stored: str | None, wanted: str) -> str:
             f"themselves were indexed with this model, `lungcbir rebuild-regions` rebuilds the regions alone")
 
 
+#: Ids per ``IN (...)`` list: bounds a statement's parameter count (SQLite's limit, PostgreSQL's plan size).
+IN_LIST_CHUNK = 5000
+
+
+def _in_chunks(ids: Sequence[int]) -> Iterator[Sequence[int]]:
+    """``ids`` in slices of at most :data:`IN_LIST_CHUNK`, one ``IN (...)`` list each."""
+    for start in range(0, len(ids), IN_LIST_CHUNK):
+        yield ids[start:start + IN_LIST_CHUNK]
+
+
 def same_state(one: dict | None, other: dict | None) -> bool:
     """Whether two database states (:meth:`Database.state`, or an index note) are the same."""
     return one is not None and other is not None and all(one.get(key) == other.get(key) for key in STATE_KEYS)
@@ -695,8 +705,8 @@ class Database:
             return {}
         rows: list[ImageRecord] = []
         with Session(self.engine, expire_on_commit=False) as session:
-            for start in range(0, len(ids), 5000):  # bound the statement's parameter count
-                rows += session.scalars(select(ImageRecord).where(ImageRecord.id.in_(ids[start:start + 5000]))).all()
+            for chunk in _in_chunks(ids):
+                rows += session.scalars(select(ImageRecord).where(ImageRecord.id.in_(chunk))).all()
             for row in rows:
                 session.expunge(row)
         return {row.id: row for row in rows}
@@ -709,8 +719,8 @@ class Database:
                    ImageRecord.series_uid, ImageRecord.sop_uid, ImageRecord.slice_index, ImageRecord.labels,
                    ImageRecord.vector)
         with self.engine.connect() as connection:
-            for start in range(0, len(wanted), 5000):  # bound the statement's parameter count
-                for row in connection.execute(select(*columns).where(ImageRecord.id.in_(wanted[start:start + 5000]))):
+            for chunk in _in_chunks(wanted):
+                for row in connection.execute(select(*columns).where(ImageRecord.id.in_(chunk))):
                     found[row.id] = NeighborRow(row.id, row.path, row.patient_id, row.study_uid, row.series_uid,
                                                 row.sop_uid, row.slice_index, dict(row.labels or {}), row.vector)
         return found
@@ -721,9 +731,9 @@ class Database:
         found: dict[int, np.ndarray] = {}
         try:
             with Session(self.engine) as session:
-                for start in range(0, len(ids), 5000):
+                for chunk in _in_chunks(ids):
                     rows = session.execute(select(ImageRecord.id, ImageRecord.mask_png).where(
-                        ImageRecord.id.in_(ids[start:start + 5000]), ImageRecord.mask_png.is_not(None)))
+                        ImageRecord.id.in_(chunk), ImageRecord.mask_png.is_not(None)))
                     for row_id, data in rows:
                         if data is None:  # excluded by the query; this only tells the type checker
                             continue
@@ -1098,10 +1108,10 @@ class RegionRows:
         if not wanted or not self.database.has_pending:
             return found
         with Session(self.database.engine) as session:
-            for start in range(0, len(wanted), 5000):
+            for chunk in _in_chunks(wanted):
                 found.update({image_id: count for image_id, count in session.execute(
                     select(PendingRegion.image_id, func.count(PendingRegion.id))
-                    .where(PendingRegion.image_id.in_(wanted[start:start + 5000]))
+                    .where(PendingRegion.image_id.in_(chunk))
                     .group_by(PendingRegion.image_id))})
         return found
 
@@ -1120,10 +1130,10 @@ class RegionRows:
         with Session(self.database.engine) as session:
             for table in tables:
                 taken: dict[int, list[MarkedRegion]] = {}
-                for start in range(0, len(wanted), 5000):
+                for chunk in _in_chunks(wanted):
                     rows = session.execute(select(
                         table.image_id, table.x0, table.y0, table.x1, table.y1, table.area, table.mask_png).where(
-                        table.image_id.in_(wanted[start:start + 5000]), table.source == "mask")
+                        table.image_id.in_(chunk), table.source == "mask")
                         .order_by(table.id))
                     for row in rows:
                         mask = None
@@ -1219,11 +1229,11 @@ class RegionRows:
         if not ids or not self.database.has_regions:
             return found
         with Session(self.database.engine) as session:
-            for start in range(0, len(ids), 5000):
+            for chunk in _in_chunks(ids):
                 for row in session.execute(select(
                         RegionRecord.id, RegionRecord.image_id, RegionRecord.x0, RegionRecord.y0, RegionRecord.x1,
                         RegionRecord.y1, RegionRecord.area, RegionRecord.source).where(
-                        RegionRecord.id.in_(ids[start:start + 5000]))):
+                        RegionRecord.id.in_(chunk))):
                     found[row.id] = StoredRegion(row.id, row.image_id, (row.x0, row.y0, row.x1, row.y1), row.area,
                                                  row.source)
         return found
@@ -1249,9 +1259,9 @@ class RegionRows:
         if not image_ids or not self.database.has_regions:
             return found
         with Session(self.database.engine) as session:
-            for start in range(0, len(image_ids), 5000):
+            for chunk in _in_chunks(image_ids):
                 ids = session.scalars(select(RegionRecord.id).where(
-                    RegionRecord.image_id.in_(image_ids[start:start + 5000]))).all()
+                    RegionRecord.image_id.in_(chunk))).all()
                 for region in self.read(ids).values():
                     found.setdefault(region.image_id, []).append(region)
         return found
@@ -1263,9 +1273,9 @@ class RegionRows:
             return np.zeros(0, np.int64)
         wanted = [int(i) for i in image_ids]
         with Session(self.database.engine) as session:
-            for start in range(0, len(wanted), 5000):
+            for chunk in _in_chunks(wanted):
                 found += session.scalars(select(RegionRecord.id).where(
-                    RegionRecord.image_id.in_(wanted[start:start + 5000]))).all()
+                    RegionRecord.image_id.in_(chunk))).all()
         return np.unique(np.asarray(found, np.int64))
 
     def counts(self) -> dict[str, int]:
