@@ -36,6 +36,10 @@ class UNetConfig:
     # channel after the ``out_channels`` ones; trained on frozen lung weights it cannot change the
     # lung output or the bottleneck
     lesion_levels: int = 0
+    # the lesion branch's levels have 1/``lesion_width_divisor`` of the channels of the lung levels
+    # they copy (the skips they read keep their width): a lesion map needs less than a lung
+    # boundary, and the branch's cost falls about threefold at 2
+    lesion_width_divisor: int = 1
 
     @property
     def lesion_branch(self) -> bool:
@@ -94,9 +98,13 @@ class UNet(nn.Module):
             raise ValueError(f"lesion_levels must be between 0 and depth ({config.depth})")
         if config.lesion_branch:
             copied = list(reversed(widths[:-1]))[config.depth - config.lesion_levels:]
-            self.lesion_up_convs = nn.ModuleList(nn.ConvTranspose2d(w * 2, w, 2, stride=2) for w in copied)
-            self.lesion_up_blocks = nn.ModuleList(DoubleConv(w * 2, w) for w in copied)
-            self.lesion_head = nn.Conv2d(widths[0], 1, 1)
+            if config.lesion_width_divisor < 1 or any(w % config.lesion_width_divisor for w in copied):
+                raise ValueError(f"lesion_width_divisor must divide the branch's widths {copied}")
+            narrow = [w // config.lesion_width_divisor for w in copied]
+            inputs = [copied[0] * 2] + narrow[:-1]  # the shared decoder's output, then the branch's own
+            self.lesion_up_convs = nn.ModuleList(nn.ConvTranspose2d(i, n, 2, stride=2) for i, n in zip(inputs, narrow))
+            self.lesion_up_blocks = nn.ModuleList(DoubleConv(n + w, n) for n, w in zip(narrow, copied))
+            self.lesion_head = nn.Conv2d(narrow[-1], 1, 1)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Run the encoder; returns the skip tensors followed by the bottleneck (last)."""
@@ -109,20 +117,31 @@ class UNet(nn.Module):
 
     def decode(self, encoded: list[torch.Tensor]) -> torch.Tensor:
         """Turn the encoder outputs into per-pixel logits."""
+        shared, skips = self.shared_decode(encoded)
+        lungs = shared
+        first = self.config.depth - self.config.lesion_levels
+        for up_conv, block, skip in zip(self.up_convs[first:], self.up_blocks[first:], skips):
+            lungs = block(torch.cat([up_conv(lungs), skip], dim=1))
+        if not self.config.lesion_branch:
+            return self.head(lungs)
+        return torch.cat([self.head(lungs), self.lesion_logits(shared, skips)], dim=1)
+
+    def shared_decode(self, encoded: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The decoder levels the lung and lesion outputs share, and the skips of the levels after
+        them (coarsest first): everything the lesion branch reads."""
         *skips, x = encoded
         levels = list(zip(self.up_convs, self.up_blocks, reversed(skips)))
         shared = len(levels) - self.config.lesion_levels
         for up_conv, block, skip in levels[:shared]:
             x = block(torch.cat([up_conv(x), skip], dim=1))
-        lungs = x
-        for up_conv, block, skip in levels[shared:]:
-            lungs = block(torch.cat([up_conv(lungs), skip], dim=1))
-        if not self.config.lesion_branch:
-            return self.head(lungs)
-        lesions = x
-        for up_conv, block, (_, _, skip) in zip(self.lesion_up_convs, self.lesion_up_blocks, levels[shared:]):
+        return x, [skip for _, _, skip in levels[shared:]]
+
+    def lesion_logits(self, shared: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """The lesion branch alone, on what :meth:`shared_decode` returns."""
+        lesions = shared
+        for up_conv, block, skip in zip(self.lesion_up_convs, self.lesion_up_blocks, skips):
             lesions = block(torch.cat([up_conv(lesions), skip], dim=1))
-        return torch.cat([self.head(lungs), self.lesion_head(lesions)], dim=1)
+        return self.lesion_head(lesions)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -136,6 +155,8 @@ class UNet(nn.Module):
     def copy_decoder_into_lesion_branch(self) -> None:
         """Start the lesion branch from the lung decoder's last levels (the head stays as it is):
         features that already know the lungs learn lesions far faster than fresh ones."""
+        if self.config.lesion_width_divisor != 1:
+            raise ValueError("a narrower lesion branch cannot start as a copy of the lung decoder")
         shared = self.config.depth - self.config.lesion_levels
         for index in range(self.config.lesion_levels):
             self.lesion_up_convs[index].load_state_dict(self.up_convs[shared + index].state_dict())

@@ -454,7 +454,7 @@ def _train_mode(network: UNet, freeze_encoder: bool, lung_levels: int = 0) -> No
             module.eval()
 
 
-def _validate(network: UNet, samples: Sequence[TrainingSample], hu_window, device: str,
+def validate(network: UNet, samples: Sequence[TrainingSample], hu_window, device: str,
               freeze_encoder: bool = False, lung_levels: int = 0) -> tuple[list[float], float]:
     """Lung Dice per val slice, and the pooled lesion Dice (lesion = channel 1 AND lung) over the
     val slices with lesion labels (NaN without a lesion head or such slices)."""
@@ -558,7 +558,7 @@ def _train(train_samples: Sequence[TrainingSample], val_samples: Sequence[Traini
                 loss_sum += _train_step(run, [tensor.to(device) for tensor in batch], config)
                 if on_step:
                     on_step(step + 1, steps_per_epoch, float(loss_sum) / (step + 1))
-            scores, lesion_dice = (_validate(run.network, val_samples, preprocess.hu_window, device,
+            scores, lesion_dice = (validate(run.network, val_samples, preprocess.hu_window, device,
                                              config.freeze_encoder, config.lung_levels)
                                    if val_samples else ([float("nan")], float("nan")))
             mean_dice = float(np.mean(scores))

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from lungcbir.features import POOLINGS, pool_bottleneck, pooled_vectors
@@ -78,3 +79,13 @@ def test_bad_weights_file(tmp_path):
         LungModel.load(bad)
     with pytest.raises(WeightsError, match="does not exist"):
         LungModel.load(tmp_path / "none.pt")
+
+
+def test_a_narrower_lesion_branch_has_fewer_channels_and_cannot_start_as_a_lung_decoder_copy():
+    full = UNet(UNetConfig(base_channels=4, depth=3, lesion_levels=2))
+    narrow = UNet(UNetConfig(base_channels=4, depth=3, lesion_levels=2, lesion_width_divisor=2))
+    assert [c.out_channels for c in narrow.lesion_up_convs] == [4, 2]
+    assert [c.out_channels for c in full.lesion_up_convs] == [8, 4]
+    assert narrow(torch.rand(1, 1, 32, 32)).shape == (1, 2, 32, 32)
+    with pytest.raises(ValueError, match="copy of the lung decoder"):
+        narrow.copy_decoder_into_lesion_branch()
