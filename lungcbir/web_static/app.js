@@ -962,7 +962,11 @@ $("detail").addEventListener("keydown", (event) => {
   else if (event.key === "0") $("zoom-reset").click();
 });
 $("detail").addEventListener("close", () => {
-  if (detail.opener && detail.opener.isConnected) detail.opener.focus();  // back where the reader was
+  // back where the reader was, but only from nowhere: the close event comes a task after the
+  // dialog shut, by when the browser may have restored the focus and the reader tabbed on
+  const dialog = $("detail");
+  const lost = document.activeElement === document.body || dialog.contains(document.activeElement);
+  if (lost && detail.opener && detail.opener.isConnected) detail.opener.focus();
 });
 
 const LABELS = [["file_name", "File"], ["patient_id", "Patient"], ["identity_source", "Patient from"],
