@@ -6,8 +6,9 @@ levels the branch reads are frozen, so what they give for a training view is com
 (:func:`distil`), several times cheaper a step than a full forward pass on two CPU cores. The
 student starts as the teacher's branch with each level's weakest channels dropped
 (:func:`narrowed`): a fresh narrow branch found no lesion at all after two epochs, the narrowed
-one learns from its first. The only target is the teacher's lesion probability at every pixel
-of every view: adding the lesion masks and slice labels the teacher learnt from (lungcbir.train)
+one learns from its first. The targets are the teacher's: its lesion probability at every pixel
+of every view and, weighted by ``DistillationConfig.share_weight``, its lesion share of the lungs
+per view. Adding the lesion masks and slice labels the teacher learnt from (lungcbir.train)
 pulled the student below the teacher on val, as later epochs pulled the teacher itself.
 
 Example:
@@ -49,6 +50,7 @@ class BranchInputs:
     shared: torch.Tensor  # (N, C, h, w): the shared decoder levels' output
     skips: list[torch.Tensor]  # the skips of the branch's levels, coarsest first
     taught: torch.Tensor  # (N, 1, S, S): the teacher's lesion logits
+    lungs: torch.Tensor  # (N, 1, S, S) bool: the teacher's lung mask, which a lesion share is of
 
     def __len__(self) -> int:
         return int(self.taught.shape[0])
@@ -63,6 +65,10 @@ class DistillationConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
     seed: int = 1
+    # weight of |sqrt(student's lesion share of the lungs) - sqrt(the teacher's)| per view, beside
+    # the per-pixel term: the burden ranks slices of different scans, where the pixels' small
+    # errors add up to a shift of the whole slice's share
+    share_weight: float = 0.0
 
 
 @dataclass
@@ -90,13 +96,15 @@ def branch_inputs(teacher: UNet, samples: Sequence[TrainingSample], count: int, 
         views = [augment_view(sample, random.Random(rng.randrange(2**31)), hu_window) for sample in chosen]
         images = torch.from_numpy(np.stack([view.image for view in views])[:, None])
         with torch.inference_mode():
-            shared, skips = teacher.shared_decode(teacher.encode(images))
-            taught = teacher.lesion_logits(shared, skips)
+            encoded = teacher.encode(images)
+            shared, skips = teacher.shared_decode(encoded)
+            logits = teacher.decode(encoded)
+        taught, lungs = logits[:, 1:], logits[:, :1] > 0
         if inputs is None:
             inputs = BranchInputs(_empty(shared, count), [_empty(skip, count) for skip in skips],
-                                  _empty(taught, count))
+                                  _empty(taught, count), _empty(lungs, count, torch.bool))
         end = start + len(chosen)
-        inputs.shared[start:end], inputs.taught[start:end] = shared, taught
+        inputs.shared[start:end], inputs.taught[start:end], inputs.lungs[start:end] = shared, taught, lungs
         for cache, skip in zip(inputs.skips, skips):
             cache[start:end] = skip
         if progress is not None:
@@ -106,8 +114,8 @@ def branch_inputs(teacher: UNet, samples: Sequence[TrainingSample], count: int, 
     return inputs
 
 
-def _empty(like: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.empty((count, *like.shape[1:]), dtype=torch.float16)
+def _empty(like: torch.Tensor, count: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    return torch.empty((count, *like.shape[1:]), dtype=dtype)
 
 
 def narrowed(teacher: UNet, divisor: int, inputs: BranchInputs, count: int = 256) -> UNet:
@@ -205,7 +213,7 @@ def distil(student: UNet, inputs: BranchInputs, config: DistillationConfig,
         order = torch.randperm(len(inputs))
         for step in range(steps):
             views = order[step * config.batch_size:(step + 1) * config.batch_size]
-            losses.append(_step(student, inputs, views, optimizer))
+            losses.append(_step(student, inputs, views, optimizer, config.share_weight))
             scheduler.step()
         student.eval()
         dice = validate(student)
@@ -219,9 +227,17 @@ def distil(student: UNet, inputs: BranchInputs, config: DistillationConfig,
         student.load_state_dict(best_state, strict=False)
 
 
-def _step(student: UNet, inputs: BranchInputs, views: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
+def _step(student: UNet, inputs: BranchInputs, views: torch.Tensor, optimizer: torch.optim.Optimizer,
+          share_weight: float) -> float:
     logits = student.lesion_logits(inputs.shared[views].float(), [skip[views].float() for skip in inputs.skips])
-    loss = F.binary_cross_entropy_with_logits(logits, torch.sigmoid(inputs.taught[views].float()))
+    taught = torch.sigmoid(inputs.taught[views].float())
+    loss = F.binary_cross_entropy_with_logits(logits, taught)
+    if share_weight:
+        lungs = inputs.lungs[views].float()
+        area = lungs.sum((1, 2, 3)).clamp(min=1.0)
+        mine = ((torch.sigmoid(logits) * lungs).sum((1, 2, 3)) / area).clamp(min=1e-6).sqrt()
+        theirs = ((taught * lungs).sum((1, 2, 3)) / area).clamp(min=1e-6).sqrt()
+        loss = loss + share_weight * (mine - theirs).abs().mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

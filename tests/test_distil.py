@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
-from lungcbir.distil import DistillationConfig, branch_inputs, distil, narrowed
+from lungcbir.distil import DistillationConfig, _step, branch_inputs, distil, narrowed
 from lungcbir.model import UNet, UNetConfig
 from lungcbir.train import TrainingSample
 
@@ -45,6 +47,39 @@ def test_the_cached_inputs_give_the_teachers_lesion_output(teacher, inputs):
     logits = teacher.lesion_logits(inputs.shared.float(), [skip.float() for skip in inputs.skips])
     assert len(inputs) == 20
     assert torch.allclose(logits, inputs.taught.float(), atol=2e-2)  # float16 cache
+
+
+def test_the_cached_lungs_are_the_teachers_lung_mask(teacher):
+    samples = [_sample(i, i % 2 == 0) for i in range(4)]
+    first = teacher.config.depth - teacher.config.lesion_levels
+
+    def lung_logits(network: UNet, cached) -> torch.Tensor:
+        lungs = cached.shared.float()
+        with torch.no_grad():
+            for up_conv, block, skip in zip(network.up_convs[first:], network.up_blocks[first:], cached.skips):
+                lungs = block(torch.cat([up_conv(lungs), skip.float()], 1))
+            return network.head(lungs)
+
+    mixed = copy.deepcopy(teacher)  # its head moved so that about half of the pixels are lungs
+    with torch.no_grad():
+        mixed.head.bias -= lung_logits(mixed, branch_inputs(mixed, samples, 8, 0, HU_WINDOW)).median()
+    cached = branch_inputs(mixed, samples, 8, 0, HU_WINDOW)
+    expected = lung_logits(mixed, cached) > 0
+    assert cached.lungs.dtype == torch.bool and 0.2 < float(expected.float().mean()) < 0.8
+    assert (expected == cached.lungs).float().mean() > 0.99  # float16 cache: a pixel near 0 may flip
+
+
+def test_the_share_term_adds_only_a_gap_between_the_lesion_shares(teacher, inputs):
+    views = torch.arange(8)
+
+    def losses(network: UNet) -> tuple[float, float]:
+        still = torch.optim.SGD([p for m in network.lesion_modules() for p in m.parameters()], lr=0.0)
+        return _step(network, inputs, views, still, 0.0), _step(network, inputs, views, still, 1.0)
+
+    plain, with_share = losses(narrowed(teacher, 2, inputs))
+    assert with_share > plain + 1e-3  # a student unlike its teacher pays for the gap
+    plain, with_share = losses(narrowed(teacher, 1, inputs))
+    assert with_share == pytest.approx(plain, abs=1e-3)  # the teacher itself pays nothing
 
 
 def test_narrowing_by_one_gives_the_teacher_back_exactly(teacher, inputs):
