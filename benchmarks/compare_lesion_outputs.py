@@ -20,7 +20,8 @@ import re
 from collections import defaultdict
 
 import numpy as np
-from scipy.stats import spearmanr
+
+from lungcbir.metrics import spearman
 
 SECTION = "covid19-ct-lungmask test lesions"
 
@@ -39,7 +40,7 @@ def per_slice(path: str) -> dict[str, tuple[str, float, float, float]]:
 
 def figures(dice_difference: np.ndarray, truth: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Dice difference and rho difference (B - A) of the slices given."""
-    return np.array([dice_difference.mean(), spearmanr(truth, b)[0] - spearmanr(truth, a)[0]])
+    return np.array([dice_difference.mean(), spearman(truth, b) - spearman(truth, a)])
 
 
 def main() -> None:
@@ -64,7 +65,7 @@ def main() -> None:
     for who, rows in sorted(groups.items()) + [("all", list(range(len(names))))]:
         rows_ = np.array(rows)
         print(f"{who:>22} {dice_a[rows_].mean():7.3f} {dice_b[rows_].mean():7.3f} "
-              f"{spearmanr(truth[rows_], pred_a[rows_])[0]:7.3f} {spearmanr(truth[rows_], pred_b[rows_])[0]:7.3f}"
+              f"{spearman(truth[rows_], pred_a[rows_]):7.3f} {spearman(truth[rows_], pred_b[rows_]):7.3f}"
               f"  {len(rows)}")
     observed = figures(dice_b - dice_a, truth, pred_a, pred_b)
     generator = np.random.default_rng(args.seed)
