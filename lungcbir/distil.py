@@ -96,10 +96,8 @@ def branch_inputs(teacher: UNet, samples: Sequence[TrainingSample], count: int, 
         views = [augment_view(sample, random.Random(rng.randrange(2**31)), hu_window) for sample in chosen]
         images = torch.from_numpy(np.stack([view.image for view in views])[:, None])
         with torch.inference_mode():
-            encoded = teacher.encode(images)
-            shared, skips = teacher.shared_decode(encoded)
-            logits = teacher.decode(encoded)
-        taught, lungs = logits[:, 1:], logits[:, :1] > 0
+            shared, skips = teacher.shared_decode(teacher.encode(images))
+            taught, lungs = teacher.lesion_logits(shared, skips), teacher.lung_logits(shared, skips) > 0
         if inputs is None:
             inputs = BranchInputs(_empty(shared, count), [_empty(skip, count) for skip in skips],
                                   _empty(taught, count), _empty(lungs, count, torch.bool))

@@ -118,13 +118,9 @@ class UNet(nn.Module):
     def decode(self, encoded: list[torch.Tensor]) -> torch.Tensor:
         """Turn the encoder outputs into per-pixel logits."""
         shared, skips = self.shared_decode(encoded)
-        lungs = shared
-        first = self.config.depth - self.config.lesion_levels
-        for up_conv, block, skip in zip(self.up_convs[first:], self.up_blocks[first:], skips):
-            lungs = block(torch.cat([up_conv(lungs), skip], dim=1))
         if not self.config.lesion_branch:
-            return self.head(lungs)
-        return torch.cat([self.head(lungs), self.lesion_logits(shared, skips)], dim=1)
+            return self.lung_logits(shared, skips)
+        return torch.cat([self.lung_logits(shared, skips), self.lesion_logits(shared, skips)], dim=1)
 
     def shared_decode(self, encoded: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The decoder levels the lung and lesion outputs share, and the skips of the levels after
@@ -135,6 +131,14 @@ class UNet(nn.Module):
         for up_conv, block, skip in levels[:shared]:
             x = block(torch.cat([up_conv(x), skip], dim=1))
         return x, [skip for _, _, skip in levels[shared:]]
+
+    def lung_logits(self, shared: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """The lung decoder's last levels and head alone, on what :meth:`shared_decode` returns."""
+        lungs = shared
+        first = self.config.depth - self.config.lesion_levels
+        for up_conv, block, skip in zip(self.up_convs[first:], self.up_blocks[first:], skips):
+            lungs = block(torch.cat([up_conv(lungs), skip], dim=1))
+        return self.head(lungs)
 
     def lesion_logits(self, shared: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         """The lesion branch alone, on what :meth:`shared_decode` returns."""
