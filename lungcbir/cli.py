@@ -698,7 +698,9 @@ def stats(as_json, db_url, index_dir):
 def check(verify_files, db_url, index_dir):
     """Verify that the database and the index agree (ids, count, dimension, model).
 
-    Prints each problem; exit status 4 if there is any.
+    Prints each problem; exit status 4 if there is any. An index file behind the
+    database only by rows added since its last checkpoint is a note, not a problem:
+    searches add those rows from the database.
 
     \b
     Example:
@@ -706,7 +708,10 @@ def check(verify_files, db_url, index_dir):
     """
     from .store import Store
 
-    problems = Store(db_url, index_dir, create=False, read_only=True).check(verify_files)
+    store = Store(db_url, index_dir, create=False, read_only=True)
+    problems = store.check(verify_files)
+    for note in store.notes():
+        click.echo(f"note: {note}")
     for problem in problems:
         click.echo(f"problem: {problem}")
     if problems:

@@ -282,7 +282,9 @@ class Store:
     def check(self, verify_files: bool = False) -> list[str]:
         """Everything wrong with the store, one line each; an empty list means all is well.
 
-        Reads only: nothing is written, not even an index out of date (that is a problem).
+        Reads only: nothing is written, not even an index out of date (that is a problem). An
+        index file behind the database by additions only is not a problem: it is the last
+        checkpoint of an indexing run, and :meth:`notes` says so.
         """
         state = self.database.state()
         problems, stored_ids = self.database.check_rows(state)
@@ -297,6 +299,20 @@ class Store:
         if verify_files:
             problems += self._check_files()
         return problems
+
+    def notes(self) -> list[str]:
+        """What is worth knowing about the store but not wrong, one line each: index files that
+        lack the rows added since their last checkpoint (an indexing run in progress, or one
+        stopped between checkpoints). Searches add those rows from the database."""
+        lines = []
+        for prefix, vectors, database in (("", self.vectors, self.database),
+                                          ("regions: ", self.region_vectors, self.database.regions)):
+            behind = vectors.rows_behind(database.state()) if vectors.meta_path.exists() else 0
+            if behind:
+                lines.append(f"{prefix}the index file lacks the {behind} rows added since its last checkpoint; "
+                             f"searches add them from the database, the next checkpoint (at the latest at the "
+                             f"end of an indexing run) writes them")
+        return lines
 
     def regions_in_use(self) -> bool:
         """Whether regions were ever stored here (or their index written): a store without them

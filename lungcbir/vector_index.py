@@ -678,7 +678,9 @@ class VectorIndex:
 
     def check(self, state: dict, stored_ids: set[int]) -> list[str]:
         """What is wrong with the index file and its note against the database ``state`` and
-        its row ids, one line each. Reads only: an index out of date is a problem, not fixed."""
+        its row ids, one line each. Reads only: nothing is fixed. A file behind the database by
+        additions only is not wrong (:meth:`rows_behind`): it is a checkpoint, and a search adds
+        those rows from the database."""
         if not self.path.exists():
             return [f"index file {self.path} is missing"]
         try:
@@ -689,22 +691,44 @@ class VectorIndex:
         dimension = state["dimension"]
         if dimension and index.d != dimension:
             problems.append(f"index dimension {index.d} differs from the database's {dimension}")
+        note = self._note()
+        behind = self.rows_behind(state, note)
         indexed = set(index_ids(index).tolist())
-        if indexed != stored_ids:
+        expected = {i for i in stored_ids if i <= note["max_id"]} if behind and note else stored_ids
+        if indexed != expected:
             problems.append(f"index and database disagree: {len(indexed - stored_ids)} vectors without "
-                            f"a row, {len(stored_ids - indexed)} rows without a vector")
-        try:
-            note = json.loads(self.meta_path.read_text())
-        except (OSError, ValueError):
-            note = None
-        if isinstance(note, dict):
-            problems.extend(self._check_note(note, state))
+                            f"a row, {len(expected - indexed)} rows without a vector")
+        if note is not None:
+            problems.extend(self._check_note(note, state, behind))
         else:
             problems.append(f"index note {self.meta_path} is missing or unreadable")
         return problems
 
-    def _check_note(self, note: dict, state: dict) -> list[str]:
-        """What is wrong between the index note, the index file and the database state."""
+    def rows_behind(self, state: dict, note: dict | None = None) -> int:
+        """How many rows added to the database since the index file's checkpoint it lacks, when
+        every change since was an addition (0 otherwise: then the file is current, or wrong)."""
+        note = self._note() if note is None else note
+        if note is None or note.get("model_id") != state["model_id"] or same_state(note, state):
+            return 0
+        first, last = note.get("generation"), state["generation"]
+        if not isinstance(first, int) or first >= last:
+            return 0
+        changes = self.database.changes_between(first, last)
+        if changes is None or len(changes) != last - first or any(kind != "add" for kind, _ in changes):
+            return 0
+        added = sum(rows for _, rows in changes)
+        return added if added and note.get("count", -1) + added == state["count"] else 0
+
+    def _note(self) -> dict | None:
+        try:
+            note = json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return note if isinstance(note, dict) else None
+
+    def _check_note(self, note: dict, state: dict, behind: int) -> list[str]:
+        """What is wrong between the index note, the index file and the database state
+        (``behind``: rows the file lacks by additions only, which is not wrong)."""
         if note.get("format") != INDEX_NOTE_FORMAT or not note.get("sha256"):
             return [f"index note {self.meta_path} has no checksum (written by an earlier version)"]
         problems = []
@@ -717,7 +741,7 @@ class VectorIndex:
             problems.append(f"index file {self.path} cannot be read: {error.strerror}")
         if note.get("model_id") != state["model_id"]:
             problems.append(f"index was built for model {note.get('model_id')}, database holds {state['model_id']}")
-        elif not same_state(note, state):
+        elif not same_state(note, state) and not behind:
             problems.append(f"index is out of date: it holds the rows of database generation {note.get('generation')}"
                             f", the database is at generation {state['generation']}")
         return problems

@@ -38,7 +38,7 @@ def test_three_concurrent_indexers_on_overlapping_folders(tmp_path, tiny_weights
     assert indexed == 72  # every image counted as indexed by exactly one run
     for number in range(3):
         # a run that ended before another machine's last commit left its file at its own last
-        # checkpoint (check calls that out of date); the next run's checkpoint brings it up
+        # checkpoint (check notes the rows it lacks); the next run's checkpoint brings it up
         store = Store(store_paths["db_url"], tmp_path / f"index{number}")
         assert store.checkpoint().ntotal == 72 and store.check() == []
 

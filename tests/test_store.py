@@ -269,7 +269,8 @@ def test_read_only_commands_write_nothing(store_paths, tmp_path):
     before = {name: os.stat(os.path.join(index_dir, name)).st_mtime_ns for name in os.listdir(index_dir)}
     result = CliRunner().invoke(main, ["stats", "--json", *options])
     assert result.exit_code == 0 and '"images": 6' in result.output and '"index_vectors": 6' in result.output
-    assert CliRunner().invoke(main, ["check", *options]).exit_code == 4  # out of date, and says so
+    result = CliRunner().invoke(main, ["check", *options])  # behind by additions: a note, not a problem
+    assert result.exit_code == 0 and "note: the index file lacks the 2 rows added" in result.output, result.output
     reader = Store(url, index_dir, create=False, read_only=True)
     assert reader.search(unit(1), 6)[1].shape == (1, 6)
     after = {name: os.stat(os.path.join(index_dir, name)).st_mtime_ns for name in os.listdir(index_dir)}

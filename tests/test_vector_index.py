@@ -221,8 +221,9 @@ def test_a_run_killed_between_checkpoints_is_caught_up_from_the_database_not_reb
     late = unit(3, seed=7)
     late_ids = writer.add(records(3, start=500), late)
     assert _note_generation(writer) < writer.database.generation()  # as a killed run leaves it
-    problems = Store(**store_paths).check()
-    assert any("out of date" in problem for problem in problems)  # check says so, and writes nothing
+    reader = Store(**store_paths, read_only=True)
+    # not a problem: the file is a checkpoint; check says what it lacks, and writes nothing
+    assert reader.check() == [] and "lacks the 3 rows added since its last checkpoint" in reader.notes()[0]
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("rebuilt, where adding the rows since the checkpoint is enough")
@@ -272,3 +273,20 @@ def test_a_kind_too_few_vectors_can_train_is_built_exact(store_paths, kind):
     assert kind_of(index) is INDEX_KIND_REGISTRY["flat"] and index.ntotal == 12
     assert store.index_kind == kind and store.search(vectors[:1], 1)[1][0, 0] == ids[0]
     assert store.check() == []
+
+
+def test_a_file_behind_by_additions_still_has_a_problem_when_it_lacks_older_rows(store_paths, monkeypatch):
+    from lungcbir import vector_index
+
+    monkeypatch.setattr(vector_index, "CHECKPOINT_SHARE", 100.0)  # additions are not written
+    writer = Store(**store_paths)
+    writer.check_model("m1", 8)
+    writer.add(records(10), unit(10))
+    writer.checkpoint()
+    writer.add(records(2, start=50), unit(2, seed=3))
+    index = faiss.read_index(str(writer.vectors.path))
+    index.remove_ids(np.array([1], np.int64))  # a row of the checkpoint itself gone from the file
+    faiss.write_index(index, str(writer.vectors.path))
+    reader = Store(**store_paths, read_only=True)
+    assert any("1 rows without a vector" in problem for problem in reader.check())
+    # (a removal since a file's checkpoint is a problem: test_store's remove-then-add test)
