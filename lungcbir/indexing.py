@@ -285,10 +285,12 @@ class _Batch:
     changed since, and :meth:`replace_changed` indexes it again.
     """
 
-    def __init__(self, indexer: Indexer, known: set[tuple[str, int]], label_map: dict,
-                 identities: IdentityResolver, report: IndexReport,
+    def __init__(self, indexer: Indexer, label_map: dict, identities: IdentityResolver, report: IndexReport,
                  stored_at: dict[str, list[tuple[int, str, int]]] | None = None):
-        self.indexer, self.known, self.label_map, self.report = indexer, known, label_map, report
+        self.indexer, self.label_map, self.report = indexer, label_map, report
+        # (sha256, frame) taken by this run; stored ones are looked up per file, so a run's start
+        # and memory do not grow with the store
+        self.taken: set[tuple[str, int]] = set()
         self.identities = identities
         self.pending: list[CTSlice] = []
         self.marked: dict[tuple[str, int], np.ndarray] = {}  # region masks of pending slices, by (path, frame)
@@ -309,10 +311,11 @@ class _Batch:
         now = {(item.sha256 or "", item.frame) for item in outcome}
         self.stale += [row for row in before if (row[1], row[2]) not in now]
         here = {(sha, frame) for _, sha, frame in before}
+        stored = self.indexer.store.stored_keys(self.indexer.model.model_id, now - self.taken) if now else set()
         new = []
         for item in outcome:
             key = (item.sha256 or "", item.frame)
-            if key in self.known:
+            if key in self.taken or key in stored:
                 self.report.skipped += 1
                 if key not in here:
                     self.held_elsewhere.append((item.path, key))
@@ -331,7 +334,7 @@ class _Batch:
                 if found and item.frame in found:
                     self.marked[(item.path, item.frame)] = found[item.frame]
         for item in new:
-            self.known.add((item.sha256 or "", item.frame))
+            self.taken.add((item.sha256 or "", item.frame))
             if item.slice_index is None:
                 item.slice_index = slice_index
             self.pending.append(item)
@@ -360,7 +363,7 @@ class _Batch:
             return
         self.indexer.store.remove([row_id for row_id, _, _ in self.stale])
         gone = {(sha, frame) for _, sha, frame in self.stale}
-        self.known -= gone
+        self.taken -= gone
         wanted: dict[str, set[tuple[str, int]]] = {}
         for path, key in self.held_elsewhere:
             if key in gone:
@@ -466,7 +469,7 @@ class Indexer:
         report.failures += [ReadFailure(error.path, error.reason) for error in unusable]
         found = {os.path.realpath(path) for path in files}
         report.unmatched_labels = sum(path not in found for path in label_map)
-        batch = _Batch(self, store.known_keys(model.model_id), label_map, identities, report,
+        batch = _Batch(self, label_map, identities, report,
                        store.contents_at([os.path.abspath(path) for path in files], model.model_id))
         progress = _Progress(on_file, on_total, len(files))
         positions = dicom_series_positions(files)

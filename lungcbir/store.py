@@ -179,8 +179,8 @@ class Store:
 
     # -- rows (see :class:`Database`) ---------------------------------------------------------------
 
-    def known_keys(self, model_id: str) -> set[tuple[str, int]]:
-        return self.database.known_keys(model_id)
+    def stored_keys(self, model_id: str, keys: Iterable[tuple[str, int]]) -> set[tuple[str, int]]:
+        return self.database.stored_keys(model_id, keys)
 
     def contents_at(self, paths: Iterable[str], model_id: str) -> dict[str, list[tuple[int, str, int]]]:
         return self.database.contents_at(paths, model_id)

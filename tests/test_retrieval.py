@@ -34,6 +34,28 @@ def test_reindex_skips_and_bad_files_continue(phantom_dir, tiny_weights, store_p
     assert [os.path.basename(f.path) for f in report.failures] == ["broken.png"]
 
 
+def test_a_run_looks_up_only_its_own_files_among_the_stored_slices(phantom_dir, tiny_weights, store_paths,
+                                                                   monkeypatch):
+    # loading every stored key at a run's start took 4.6 s and 356 MiB at a million rows
+    from lungcbir.database import Database
+
+    retriever = Retriever(weights=tiny_weights, **store_paths)
+    retriever.index_dataset([phantom_dir / "png" / "phantom01"])
+    asked: list[tuple[str, int]] = []
+    lookup = Database.stored_keys
+
+    def spy(self, model_id, keys):
+        keys = set(keys)
+        asked.extend(keys)
+        return lookup(self, model_id, keys)
+
+    monkeypatch.setattr(Database, "stored_keys", spy)
+    report = retriever.index_dataset([phantom_dir / "png"])  # phantom01 again, and phantom02
+    assert (report.indexed, report.skipped) == (6, 6)
+    run_keys = {(read_file(path)[0].sha256, 0) for path in sorted((phantom_dir / "png").rglob("*.png"))}
+    assert set(asked) == run_keys and len(asked) == len(run_keys)  # each file's key once, nothing else
+
+
 def _labels_csv(tmp_path, rows):
     """A labels CSV of ``(path, diagnosis)`` rows."""
     labels = tmp_path / "labels.csv"

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from conftest import records, unit
 
-from lungcbir.database import ImageRecord, safe_url
+from lungcbir.database import ImageRecord, RegionRows, safe_url
 from lungcbir.errors import StoreError
 from lungcbir.store import Store
 
@@ -439,3 +439,36 @@ def test_a_postgresql_database_with_128_character_identifiers_is_widened_on_open
     rows = records(1)
     rows[0].patient_id = "p" * 200
     assert len(reopened.add(rows, unit(1))) == 1
+
+
+def test_a_commit_right_after_a_known_state_adds_its_rows_to_it_instead_of_counting_every_row(store_paths,
+                                                                                              monkeypatch):
+    # counting every row took 0.2-0.3 s at a million rows on SQLite, at every commit
+    from lungcbir.database import Database, NewRegion
+
+    store = Store(**store_paths)
+    store.check_model("m1", 8)
+    store.database.regions.check_model("m1/r1", 8)
+    store.add(records(5), unit(5), [[NewRegion((0, 0, 1, 1), 1, "mask", v)] for v in unit(5, seed=9)], "m1/r1")
+    counted: list[str] = []
+    state, region_state = Database.state, RegionRows.state
+
+    def counting(kind, original):
+        def spy(self, connection=None):
+            if connection is not None:  # a count inside a writing transaction
+                counted.append(kind)
+            return original(self, connection)
+        return spy
+
+    monkeypatch.setattr(Database, "state", counting("slices", state))
+    monkeypatch.setattr(RegionRows, "state", counting("regions", region_state))
+    committed = store.database.add(records(3, start=10), unit(3, seed=1),
+                                   [[NewRegion((0, 0, 1, 1), 1, "mask", v)] for v in unit(3, seed=8)], "m1/r1")
+    assert counted == []
+    assert committed.state == state(store.database) and committed.state["count"] == 8
+    assert committed.regions.state == region_state(store.database.regions) and committed.regions.state["count"] == 8
+    # another process wrote in between: the next commit cannot add to what it knew, counts, and is right
+    Database(store_paths["db_url"]).add(records(2, start=20), unit(2, seed=2))
+    committed = store.database.add(records(1, start=30), unit(1, seed=3))
+    assert counted == ["slices", "slices"]  # the other writer's first commit, then this one's
+    assert committed.state == state(store.database) and committed.state["count"] == 11
