@@ -30,7 +30,9 @@ model shared (its start-up is the same for both). Each run is a fresh ``Retrieve
 batches and checkpoints at the end; its rows are removed again after each run on the large store.
 Then query latency (``Store.search``, batch 1, 200 queries, the generation check included), a
 whole ``Retriever.query`` of real slices (segmentation, search, per-patient collapse, percentiles)
-and the index's memory at that size; ``--queries-only`` measures these alone on a kept store.
+and the index's memory at that size; ``--queries-only`` measures these alone on a kept store, and
+with ``--far-queries`` the recall@10 of real slices of sources the store is not fitted to
+(:func:`far_queries`) at each ``--nprobes`` and ``--reranks``.
 ``--store-dir`` keeps the large store for a later run (its build is most of the time: ~30 s
 insert and ~150 s index on 2 cores).
 
@@ -40,6 +42,7 @@ Usage: python benchmarks/scale.py [--sizes 10000,100000,1000000] [--kinds flat,i
        python benchmarks/scale.py --incremental [--incremental-rows 1000000] [--repeats 3] [--store-dir DIR]
                                   [--runtime auto] [--weights W.pt]
        python benchmarks/scale.py --queries-only --store-dir DIR   (the query latencies alone)
+                                  [--far-queries --nprobes 16,24,32 --reranks 100,200]
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from lungcbir.database import ImageRecord, encode_vector
 from lungcbir.datasets import covid_slices, data_root, kaggle_slices
 from lungcbir.features import centre_vectors
 from lungcbir.inference import LungModel
-from lungcbir.io import find_image_files, read_file
+from lungcbir.io import CTSlice, find_image_files, read_file
 from lungcbir.retrieval import Retriever
 from lungcbir.store import Store
 from lungcbir.vector_index import COMPACT_RERANK, INDEX_KIND_REGISTRY, _ivf_lists, build_index, describe_index
@@ -342,6 +345,50 @@ def queries_only(model: LungModel, store_dir: str) -> None:
     query_latency(model, db_url, index_dir, real)
 
 
+def far_queries(model: LungModel) -> np.ndarray:
+    """Vectors of real slices from sources the large store's vectors are not fitted to
+    (covid-ct-md's DICOM series, tcga-ct-slices' TIFFs), each also turned a quarter and, for HU
+    slices, exported as an 8-bit lung-window picture: queries an archive's neighbours lie
+    further from than the fitted ones."""
+    root = data_root()
+    files = list(find_image_files([root / "tcga-ct-slices" / "tiff", root / "covid-ct-md"]))
+    slices = [read_file(path)[0] for path in files]
+    slices += [dataclasses.replace(item, pixels=np.ascontiguousarray(np.rot90(item.pixels))) for item in slices]
+    slices += [CTSlice((np.clip((item.pixels + 1350) / 1500, 0, 1) * 255).astype(np.uint8), "uint8", item.path,
+                       "png") for item in slices if item.intensity == "hu"]
+    return np.stack([result.vector for result in model.segment(slices)]).astype(np.float32)
+
+
+def far_query_recall(model: LungModel, store_dir: str, nprobes: list[int], reranks: list[int]) -> None:
+    """recall@10 against exact search of :func:`far_queries` on a large store kept by an earlier
+    ``--incremental --store-dir`` run, for each nprobe and re-rank depth, through the store's
+    own index and re-ranking."""
+    store = Store(f"sqlite:///{store_dir}/large.sqlite", f"{store_dir}/index")
+    queries = far_queries(model)
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_ids = np.zeros((len(queries), 0), np.int64)
+    for ids, vectors in store.iter_vectors(chunk=100_000):
+        scores = queries @ vectors.T
+        best_scores = np.hstack([best_scores, scores])
+        best_ids = np.hstack([best_ids, np.broadcast_to(ids, scores.shape)])
+        keep = np.argpartition(-best_scores, 9, axis=1)[:, :10]
+        best_scores, best_ids = np.take_along_axis(best_scores, keep, 1), np.take_along_axis(best_ids, keep, 1)
+    index = store.index()
+    ivf = faiss.extract_index_ivf(index)
+    print(f"  {len(queries)} far queries (covid-ct-md, tcga-ct-slices, turned, 8-bit exports) on {index.ntotal} rows, "
+          f"median best similarity {np.median(best_scores.max(1)):.3f}", flush=True)
+    for nprobe in nprobes:
+        ivf.nprobe = nprobe
+        for rerank in reranks:
+            found = 0
+            for query, truth in zip(queries, best_ids):
+                candidates = index.search(query[None], rerank)[1]
+                answer = store.vectors._reranked(query[None], candidates, 10)[1][0]
+                found += len(set(truth.tolist()) & set(answer.tolist()))
+            print(f"  far queries, compact/{nprobe}/{rerank}: recall@10 {found / (10 * len(queries)):.4f}", flush=True)
+    store.engine.dispose()
+
+
 def incremental(model: LungModel, rows: int, repeats: int, store_dir: str | None, slices: int = 640) -> None:
     """Index the same real slices into an empty and into a large store, interleaved (see the module note)."""
     files = incremental_files(slices)
@@ -391,6 +438,9 @@ def main() -> None:
     parser.add_argument("--store-dir", help="--incremental: keep (and reuse) the large store in this folder")
     parser.add_argument("--queries-only", action="store_true",
                         help="only the query latencies, on the large store kept in --store-dir")
+    parser.add_argument("--far-queries", action="store_true",
+                        help="--queries-only: also recall@10 of real slices of other sources at each --nprobes and "
+                             "--reranks")
     parser.add_argument("--runtime", help="where the network runs (default: the settings', auto)")
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--kinds", default="flat,ivf,hnsw,compact")
@@ -407,6 +457,9 @@ def main() -> None:
         if not args.store_dir:
             raise SystemExit("--queries-only needs --store-dir (a large store kept by --incremental)")
         queries_only(model, args.store_dir)
+        if args.far_queries:
+            far_query_recall(model, args.store_dir, [int(n) for n in args.nprobes.split(",")],
+                             [int(n) for n in args.reranks.split(",")] if args.reranks else [COMPACT_RERANK])
         return
     if args.incremental:
         incremental(model, args.incremental_rows, args.repeats, args.store_dir, args.incremental_slices)
