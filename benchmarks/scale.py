@@ -33,8 +33,10 @@ whole ``Retriever.query`` of real slices (segmentation, search, per-patient coll
 and the index's memory at that size; ``--queries-only`` measures these alone on a kept store, and
 with ``--far-queries`` the recall@10 of real slices of sources the store is not fitted to
 (:func:`far_queries`) at each ``--nprobes`` and ``--reranks``.
-``--store-dir`` keeps the large store for a later run (its build is most of the time: ~30 s
-insert and ~150 s index on 2 cores).
+``--store-dir`` keeps the large store for a later run (its build is most of the time: ~2 min
+insert and ~3-7 min index on 2 cores). Its rows carry the lung mask PNGs of the first empty
+run's real rows, in turn, as real rows carry theirs (so a row fills a database page, as in a
+real store: 4.3 GB at 1 M rows, where rows without masks made 2.2 GB).
 
 Usage: python benchmarks/scale.py [--sizes 10000,100000,1000000] [--kinds flat,ivf,hnsw,compact,sq8]
                                   [--dimension 773] [--repeats 3] [--nprobes 8,16,32,64,128] [--reranks 100,200]
@@ -53,10 +55,12 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import faiss
 import numpy as np
+from sqlalchemy import select
 
 from lungcbir.config import Settings
 from lungcbir.database import ImageRecord, encode_vector
@@ -224,15 +228,19 @@ def measure_in_store(kind: str, vectors: np.ndarray, query_sets: list[tuple[np.n
     return rows
 
 
-def insert_rows(store: Store, vectors: np.ndarray, model_id: str = "synthetic") -> None:
-    """Rows as lungcbir stores them (float16 vectors), ids 1..n, in one transaction."""
+def insert_rows(store: Store, vectors: np.ndarray, model_id: str = "synthetic",
+                masks: Sequence[bytes] = ()) -> None:
+    """Rows as lungcbir stores them (float16 vectors), ids 1..n, in one transaction; with
+    ``masks`` (lung mask PNGs of real rows, taken in turn) each row carries one, as real rows do
+    (a row then fills about a whole database page, as in a real store)."""
     now = datetime.now(timezone.utc)
     with store.engine.begin() as connection:
         for start in range(0, len(vectors), 20_000):
             connection.execute(ImageRecord.__table__.insert(), [
                 {"id": n + 1, "path": f"/synthetic/{n}.dcm", "sha256": f"{n:064d}", "frame": 0,
                  "source_format": "dicom", "width": 512, "height": 512, "labels": {}, "lung_fraction": 0.2,
-                 "model_id": model_id, "indexed_at": now, "vector": encode_vector(vectors[n])}
+                 "model_id": model_id, "indexed_at": now, "vector": encode_vector(vectors[n]),
+                 "mask_png": masks[n % len(masks)] if masks else None}
                 for n in range(start, min(start + 20_000, len(vectors)))])
 
 
@@ -275,20 +283,26 @@ def timed_run(model: LungModel, db_url: str, index_dir: str, files: list[str]) -
     return seconds, report.indexed
 
 
-def large_store(folder: str, rows: int, model: LungModel, real: np.ndarray) -> tuple[str, str]:
-    """A store of ``rows`` synthetic rows of ``model``'s id and dimension, compact index built
-    and saved; reused when ``folder`` holds one already."""
+def large_store(folder: str, rows: int, model: LungModel, real: np.ndarray,
+                masks: Sequence[bytes] = ()) -> tuple[str, str]:
+    """A store of ``rows`` synthetic rows of ``model``'s id and dimension (with ``masks``, see
+    :func:`insert_rows`), compact index built and saved; reused when ``folder`` holds one already."""
     db_url, index_dir = f"sqlite:///{folder}/large.sqlite", f"{folder}/index"
     store = Store(db_url, index_dir)
     if store.count() == rows and store.model_id == model.model_id and store.index_kind == "compact":
-        print(f"  reusing the {rows}-row store in {folder}", flush=True)
+        with store.engine.connect() as connection:
+            with_masks = connection.execute(select(ImageRecord.mask_png).where(ImageRecord.id == 1)).scalar()
         store.engine.dispose()
+        if masks and with_masks is None:
+            raise SystemExit(f"{folder} holds a store whose rows carry no lung mask, as real rows do (made by an "
+                             f"earlier version of this script); give an empty or new folder")
+        print(f"  reusing the {rows}-row store in {folder}", flush=True)
         return db_url, index_dir
     if store.count():
         raise SystemExit(f"{folder} holds another store; give an empty or new folder")
     store.check_model(model.model_id, model.dimension)
     began = time.perf_counter()
-    insert_rows(store, synthetic(real, rows), model.model_id)
+    insert_rows(store, synthetic(real, rows), model.model_id, masks)
     inserted = time.perf_counter() - began
     began = time.perf_counter()
     store.rebuild_index("compact")
@@ -407,10 +421,13 @@ def incremental(model: LungModel, rows: int, repeats: int, store_dir: str | None
             if name == "empty":
                 db_url, index_dir = f"sqlite:///{scratch}/empty{repeat}.sqlite", f"{scratch}/empty{repeat}-index"
             else:
-                if large is None:  # fitted to the first empty run's real vectors
-                    real = np.concatenate([v for _, v in Store(f"sqlite:///{scratch}/empty0.sqlite",
-                                                               f"{scratch}/empty0-index").iter_vectors()])
-                    large = large_store(folder, rows, model, real)
+                if large is None:  # fitted to the first empty run's real vectors, with its real masks
+                    first = Store(f"sqlite:///{scratch}/empty0.sqlite", f"{scratch}/empty0-index")
+                    real = np.concatenate([v for _, v in first.iter_vectors()])
+                    with first.engine.connect() as connection:
+                        masks = connection.execute(select(ImageRecord.mask_png).where(
+                            ImageRecord.mask_png.is_not(None)).order_by(ImageRecord.id)).scalars().all()
+                    large = large_store(folder, rows, model, real, masks)
                 db_url, index_dir = large
             seconds, count = timed_run(model, db_url, index_dir, files)
             rates[name].append(count / seconds)
