@@ -474,18 +474,25 @@ class VectorIndex:
                     return index
             return self.rebuild()
 
+    def _rows_added_since(self, saved: dict, meta: dict) -> int:
+        """How many rows were added between the database state ``saved`` (an index's, or its
+        note's) and ``meta`` when every change between them was an addition; 0 otherwise."""
+        first, last = saved.get("generation"), meta["generation"]
+        if any(saved.get(key) != meta[key] for key in ("model_id", "dimension")) \
+                or not isinstance(first, int) or first >= last:
+            return 0  # nothing since, or other rows under the same generation: a version without the log
+        changes = self.database.changes_between(first, last)
+        if changes is None or len(changes) != last - first or any(kind != "add" for kind, _ in changes):
+            return 0  # no change log (a database of an earlier version), or removals since
+        added = sum(rows for _, rows in changes)
+        return added if saved.get("count", -1) + added == meta["count"] else 0
+
     def _catch_up(self, index: faiss.Index, state: dict, meta: dict) -> bool:
         """Add the rows added since ``state`` to ``index`` if every change since was an addition."""
-        first, last = state.get("generation"), meta["generation"]
-        if any(state.get(key) != meta[key] for key in ("model_id", "dimension")) or first is None \
-                or first >= last or index.ntotal != state.get("count"):
-            return False  # same generation but other rows: changed by a version without the log
-        changes = self.database.changes_between(first, last)
-        if changes is None:
-            return False  # no change log (a database of an earlier version)
-        expected = sum(rows for _, rows in changes)
-        if len(changes) != last - first or any(kind != "add" for kind, _ in changes) \
-                or state["count"] + expected != meta["count"]:
+        if index.ntotal != state.get("count"):
+            return False
+        expected = self._rows_added_since(state, meta)
+        if not expected:
             return False
         if self._index is index:
             self._index, self._index_state = None, None  # untrusted until caught up
@@ -708,16 +715,7 @@ class VectorIndex:
         """How many rows added to the database since the index file's checkpoint it lacks, when
         every change since was an addition (0 otherwise: then the file is current, or wrong)."""
         note = self._note() if note is None else note
-        if note is None or note.get("model_id") != state["model_id"] or same_state(note, state):
-            return 0
-        first, last = note.get("generation"), state["generation"]
-        if not isinstance(first, int) or first >= last:
-            return 0
-        changes = self.database.changes_between(first, last)
-        if changes is None or len(changes) != last - first or any(kind != "add" for kind, _ in changes):
-            return 0
-        added = sum(rows for _, rows in changes)
-        return added if added and note.get("count", -1) + added == state["count"] else 0
+        return 0 if note is None else self._rows_added_since(note, state)
 
     def _note(self) -> dict | None:
         try:
